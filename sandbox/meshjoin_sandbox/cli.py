@@ -1,0 +1,240 @@
+"""`meshjoin sandbox ...`: start/stop the local world and act in it as a person (or a test) would.
+
+Plugged into the `meshjoin` CLI through the `meshjoin.cli` entry point. The VM verbs go through the
+real google-cloud-compute client against the Compute emulator, so they exercise the same wire format.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import click
+
+from . import launcher
+from .config import SandboxConfig
+
+STATE_DIR_OPTION = click.option(
+    "--state-dir", type=click.Path(path_type=Path), show_default=True,
+    default=lambda: os.environ.get("MESHJOIN_SANDBOX_DIR", ".sandbox"),
+    help="Directory holding the sandbox's state, logs and env file.",
+)
+
+
+def parse_pairs(pairs: tuple[str, ...], what: str) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{what} must be KEY=VALUE, got {pair!r}")
+        out[key] = value
+    return out
+
+
+class SandboxClients:
+    """Real Google clients pointed at one sandbox, authenticated with its operator token."""
+
+    def __init__(self, state_dir: Path):
+        self.cfg = SandboxConfig.load(state_dir)
+
+    def _credentials(self):
+        from google.oauth2.credentials import Credentials
+
+        return Credentials(self.cfg.admin_token)
+
+    def compute(self):
+        from google.cloud import compute_v1
+
+        opts = {"api_endpoint": self.cfg.url("compute")}
+        return (compute_v1.InstancesClient(transport="rest", client_options=opts, credentials=self._credentials()),
+                compute_v1.ZoneOperationsClient(transport="rest", client_options=opts,
+                                                credentials=self._credentials()))
+
+    def wait(self, ops, operation, zone: str) -> None:
+        result = ops.wait(project=self.cfg.project, zone=zone, operation=operation.name)
+        if result.error and result.error.errors:
+            raise click.ClickException(f"operation failed: {result.error.errors[0].message}")
+
+    def metadata(self, no_event: bool):
+        return [("x-sandbox-no-event", "1")] if no_event else []
+
+    def get_json(self, path: str) -> dict:
+        from google.auth.transport.requests import AuthorizedSession
+
+        session = AuthorizedSession(self._credentials())
+        response = session.get(self.cfg.url("compute") + path)
+        if response.status_code == 404:
+            raise click.ClickException(f"not found: {path}")
+        response.raise_for_status()
+        return response.json()
+
+
+@click.group()
+def sandbox():
+    """The local sandbox: Pub/Sub emulator, the functions, and emulators of Compute, Secret Manager,
+    GKE, the Kubernetes API and the metadata server, all on loopback."""
+
+
+@sandbox.command()
+@STATE_DIR_OPTION
+@click.option("--ca-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Istio plug-in CA directory (ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem) "
+                   "to seed Secret Manager with; default: a fresh two-level CA.")
+@click.option("--function-env", multiple=True, metavar="KEY=VALUE",
+              help="Extra setting for both functions (e.g. MESHJOIN_CERT_TTL=2m).")
+def up(state_dir: Path, ca_dir: Path | None, function_env: tuple[str, ...]):
+    """Start the sandbox in the background; return when everything answers."""
+    try:
+        cfg = launcher.up(state_dir, ca_dir, parse_pairs(function_env, "--function-env"))
+    except launcher.SandboxError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"sandbox up in {cfg.state_dir}; use it with: source {cfg.state_dir}/env")
+
+
+@sandbox.command()
+@STATE_DIR_OPTION
+def down(state_dir: Path):
+    """Stop every process the sandbox started (by process group)."""
+    names = launcher.down(state_dir)
+    click.echo(f"sandbox down ({', '.join(names) or 'nothing was running'})")
+
+
+@sandbox.command("create-vm")
+@click.argument("name")
+@STATE_DIR_OPTION
+@click.option("--zone", help="Zone (default: the sandbox's zone).")
+@click.option("--label", "labels", multiple=True, metavar="K=V")
+@click.option("--metadata", "metadata", multiple=True, metavar="K=V")
+@click.option("--service-account", help="VM service account (default: the project's default compute SA).")
+@click.option("--no-event", is_flag=True, help="Publish no audit entry (a lost event).")
+def create_vm(name, state_dir, zone, labels, metadata, service_account, no_event):
+    """Create a VM through the Compute API."""
+    from google.cloud import compute_v1
+
+    clients = SandboxClients(state_dir)
+    zone = zone or clients.cfg.zone
+    instances, ops = clients.compute()
+    items = [compute_v1.Items(key=k, value=v) for k, v in parse_pairs(metadata, "--metadata").items()]
+    body = compute_v1.Instance(
+        name=name,
+        machine_type=f"zones/{zone}/machineTypes/e2-small",
+        labels=parse_pairs(labels, "--label"),
+        metadata=compute_v1.Metadata(items=items),
+        network_interfaces=[compute_v1.NetworkInterface(network="global/networks/default")],
+    )
+    if service_account:
+        body.service_accounts = [compute_v1.ServiceAccount(
+            email=service_account, scopes=["https://www.googleapis.com/auth/cloud-platform"])]
+    op = instances.insert_unary(project=clients.cfg.project, zone=zone, instance_resource=body,
+                                metadata=clients.metadata(no_event))
+    clients.wait(ops, op, zone)
+    click.echo(f"created {zone}/{name}")
+
+
+@sandbox.command("delete-vm")
+@click.argument("name")
+@STATE_DIR_OPTION
+@click.option("--zone")
+@click.option("--no-event", is_flag=True, help="Publish no audit entry (a lost event).")
+def delete_vm(name, state_dir, zone, no_event):
+    """Delete a VM through the Compute API."""
+    clients = SandboxClients(state_dir)
+    zone = zone or clients.cfg.zone
+    instances, ops = clients.compute()
+    op = instances.delete_unary(project=clients.cfg.project, zone=zone, instance=name,
+                                metadata=clients.metadata(no_event))
+    clients.wait(ops, op, zone)
+    click.echo(f"deleted {zone}/{name}")
+
+
+@sandbox.command("set-labels")
+@click.argument("name")
+@click.argument("labels", nargs=-1, metavar="K=V...")
+@STATE_DIR_OPTION
+@click.option("--zone")
+@click.option("--remove", "remove", multiple=True, metavar="KEY", help="Label key to remove.")
+@click.option("--no-event", is_flag=True, help="Publish no audit entry (a lost event).")
+def set_labels(name, labels, state_dir, zone, remove, no_event):
+    """Merge labels into a VM's labels (setLabels with the current fingerprint)."""
+    from google.cloud import compute_v1
+
+    clients = SandboxClients(state_dir)
+    zone = zone or clients.cfg.zone
+    instances, ops = clients.compute()
+    current = instances.get(project=clients.cfg.project, zone=zone, instance=name)
+    merged = {**dict(current.labels), **parse_pairs(labels, "label")}
+    for key in remove:
+        merged.pop(key, None)
+    request = compute_v1.InstancesSetLabelsRequest(labels=merged, label_fingerprint=current.label_fingerprint)
+    op = instances.set_labels_unary(project=clients.cfg.project, zone=zone, instance=name,
+                                    instances_set_labels_request_resource=request,
+                                    metadata=clients.metadata(no_event))
+    clients.wait(ops, op, zone)
+    click.echo(f"labels of {zone}/{name}: {json.dumps(merged, sort_keys=True)}")
+
+
+@sandbox.command()
+@click.argument("name")
+@STATE_DIR_OPTION
+@click.option("--zone")
+@click.option("--json", "as_json", is_flag=True, help="The instance as the Compute API returns it.")
+def vm(name, state_dir, zone, as_json):
+    """Show a VM (its labels, address and meshjoin metadata)."""
+    clients = SandboxClients(state_dir)
+    zone = zone or clients.cfg.zone
+    body = clients.get_json(f"/compute/v1/projects/{clients.cfg.project}/zones/{zone}/instances/{name}")
+    if as_json:
+        click.echo(json.dumps(body, indent=2))
+        return
+    items = {i["key"]: i.get("value", "") for i in body.get("metadata", {}).get("items", [])}
+    click.echo(f"{zone}/{name} id={body['id']} ip={body['networkInterfaces'][0]['networkIP']}")
+    click.echo(f"labels: {json.dumps(body.get('labels', {}), sort_keys=True)}")
+    if "meshjoin-status" in items:
+        click.echo(f"meshjoin-status: {items['meshjoin-status']}")
+
+
+@sandbox.command("access-secret")
+@click.argument("name")
+@STATE_DIR_OPTION
+@click.option("--version", default="latest", show_default=True)
+def access_secret(name, state_dir, version):
+    """Print the payload of a secret version (the sandbox's Secret Manager)."""
+    from google.cloud import secretmanager_v1
+
+    clients = SandboxClients(state_dir)
+    client = secretmanager_v1.SecretManagerServiceClient(
+        transport="rest", credentials=clients._credentials(),
+        client_options={"api_endpoint": clients.cfg.url("secretmanager")})
+    if not name.startswith("projects/"):
+        name = f"projects/{clients.cfg.project}/secrets/{name}/versions/{version}"
+    click.echo(client.access_secret_version(name=name).payload.data.decode())
+
+
+@sandbox.command()
+@STATE_DIR_OPTION
+def tick(state_dir):
+    """Publish what Cloud Scheduler publishes to the schedule topic (one maintenance sweep)."""
+    cfg = SandboxConfig.load(state_dir)
+    publisher, _ = launcher.pubsub_clients(cfg)
+    payload = json.dumps({"source": "cloud-scheduler", "job": "meshjoin-sweep"}).encode()
+    message_id = publisher.publish(publisher.topic_path(cfg.project, cfg.schedule_topic), payload).result()
+    click.echo(f"published tick {message_id}")
+
+
+@sandbox.command()
+@STATE_DIR_OPTION
+@click.option("--emulator", required=True, type=click.Choice(["compute", "secretmanager"]))
+@click.option("--method", required=True, help="e.g. instances.aggregatedList")
+@click.option("--status", default=503, show_default=True)
+@click.option("--count", default=1, show_default=True)
+def fault(state_dir, emulator, method, status, count):
+    """Make the next COUNT calls of an emulated API method fail with STATUS."""
+    import urllib.request
+
+    cfg = SandboxConfig.load(state_dir)
+    body = json.dumps({"emulator": emulator, "method": method, "status": status, "count": count}).encode()
+    request = urllib.request.Request(cfg.url("control") + "/faults", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=5).read()
+    click.echo(f"next {count} {emulator} {method} call(s) answer {status}")

@@ -1,0 +1,542 @@
+"""Compute Engine v1 emulator: the instances and zoneOperations calls meshjoin makes, over REST.
+
+The unmodified google-cloud-compute REST transport talks to it through
+`client_options={"api_endpoint": "http://127.0.0.1:PORT"}`. It keeps real GCE's sharp edges the
+product must cope with: fingerprints on labels and metadata (412 when stale), operations that are
+still RUNNING when the mutation returns, paged listings, labels absent from audit entries, and the
+Admin Activity audit entries (first + last) a Log Router sink would publish for insert, delete and
+setLabels.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import ipaddress
+import json
+import re
+import secrets
+from datetime import datetime, timedelta, timezone
+
+from werkzeug.routing import Map, Rule
+
+from .web import GOOGLE_STATUS, ApiError, RoutedApp, json_response, read_json
+
+API = "https://www.googleapis.com/compute/v1"
+# Who the audit log names when the admin (operator) token made the call.
+OPERATOR_EMAIL = "operator@example.com"
+# us-central1's zones: aggregatedList reports every zone of the project, empty ones with a warning.
+ZONE_SUFFIXES = ("a", "b", "c", "f")
+# The scopes gcloud gives a VM's service account by default.
+DEFAULT_SCOPES = [
+    "https://www.googleapis.com/auth/devstorage.read_only",
+    "https://www.googleapis.com/auth/logging.write",
+    "https://www.googleapis.com/auth/monitoring.write",
+    "https://www.googleapis.com/auth/servicecontrol",
+    "https://www.googleapis.com/auth/service.management.readonly",
+    "https://www.googleapis.com/auth/trace.append",
+]
+MAX_RESULTS = 500
+# GCE's documented limits, so a product that writes too much metadata fails here as it would there.
+METADATA_VALUE_LIMIT = 256 * 1024
+METADATA_TOTAL_LIMIT = 512 * 1024
+MAX_LABELS = 64
+
+_NAME = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
+_ZONE = re.compile(r"[a-z]+-[a-z]+[0-9]+-[a-z]")
+_LABEL_KEY = re.compile(r"[a-z][a-z0-9_-]{0,62}")
+_LABEL_VALUE = re.compile(r"[a-z0-9_-]{0,63}")
+_METADATA_KEY = re.compile(r"[a-zA-Z0-9_-]{1,128}")
+# Compute's error dialect: `errors[].reason` is a lowerCamel word per status.
+_REASONS = {
+    400: "invalid", 401: "authError", 403: "forbidden", 404: "notFound", 405: "badRequest",
+    409: "alreadyExists", 412: "conditionNotMet", 429: "rateLimitExceeded",
+}
+_FILTER_TERM = re.compile(r'\s*([A-Za-z][\w.-]*)\s*(!=|=|:)\s*("(?:[^"\\]|\\.)*"|[^\s()"]+)\s*')
+_FILTER_GROUP = re.compile(r"\s*(?:AND\s*)?\(([^()]*)\)\s*")
+_FILTER_FIELDS = {"name", "status", "id", "zone", "machineType", "creationTimestamp", "labelFingerprint",
+                  "cpuPlatform", "description", "selfLink"}
+_AUDITED = {"insert", "delete", "setLabels"}
+
+
+def render_error(err: ApiError):
+    body = {
+        "error": {
+            "code": err.status,
+            "message": err.message,
+            "status": GOOGLE_STATUS.get(err.status, "UNKNOWN"),
+            "errors": [{"message": err.message, "domain": "global", "reason": _REASONS.get(err.status, "backendError")}],
+        }
+    }
+    return json_response(body, err.status)
+
+
+def _fingerprint() -> str:
+    return base64.b64encode(secrets.token_bytes(8)).decode()
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _gce_time(when: datetime) -> str:
+    """GCE's resource timestamps: millisecond RFC 3339 in Pacific-style local offset."""
+    return when.astimezone(timezone(timedelta(hours=-7))).isoformat(timespec="milliseconds")
+
+
+def _log_time(when: datetime) -> str:
+    return when.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _unquote(value: str) -> str:
+    if value.startswith('"'):
+        return re.sub(r"\\(.)", r"\1", value[1:-1])
+    return value
+
+
+class _Term:
+    """One `field op value` comparison of a Compute list filter."""
+
+    def __init__(self, text: str):
+        match = _FILTER_TERM.fullmatch(text)
+        if match is None:
+            raise ApiError(400, f"Invalid value for field 'filter': '{text}'. Invalid list filter expression.")
+        self.field, self.op, raw = match.groups()
+        self.has_any = self.op == ":" and raw == "*"
+        self.value = _unquote(raw)
+        if not (self.field in _FILTER_FIELDS or (self.field.startswith("labels.") and len(self.field) > 7)):
+            raise ApiError(400, f"Invalid value for field 'filter': '{text}'. Invalid field name '{self.field}'.")
+
+    def matches(self, instance: dict) -> bool:
+        if self.field.startswith("labels."):
+            actual = instance.get("labels", {}).get(self.field[7:])
+        else:
+            actual = instance.get(self.field)
+        if self.has_any:
+            return actual is not None
+        if self.op == ":":
+            return actual is not None and self.value in str(actual)
+        equal = actual is not None and str(actual) == self.value
+        return equal if self.op == "=" else not equal
+
+
+def parse_filter(text: str) -> list[_Term]:
+    """A conjunction of terms: one bare term, or parenthesised terms optionally joined by AND."""
+    text = text.strip()
+    if not text:
+        return []
+    if not text.startswith("("):
+        return [_Term(text)]
+    terms, pos = [], 0
+    while pos < len(text):
+        match = _FILTER_GROUP.match(text, pos)
+        if match is None:
+            raise ApiError(400, f"Invalid value for field 'filter': '{text}'. Only AND of parenthesised terms is supported.")
+        terms.append(_Term(match.group(1)))
+        pos = match.end()
+    return terms
+
+
+def _encode_token(cursor: tuple[str, str]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(cursor).encode()).decode()
+
+
+def _decode_token(token: str) -> tuple[str, str]:
+    try:
+        zone, name = json.loads(base64.urlsafe_b64decode(token.encode()))
+        return str(zone), str(name)
+    except (ValueError, TypeError) as exc:
+        raise ApiError(400, f"Invalid value for field 'pageToken': '{token}'.") from exc
+
+
+def _check_labels(labels: dict) -> None:
+    if not isinstance(labels, dict) or len(labels) > MAX_LABELS:
+        raise ApiError(400, "Invalid value for field 'labels': at most 64 labels are allowed.")
+    for key, value in labels.items():
+        if not _LABEL_KEY.fullmatch(key) or not isinstance(value, str) or not _LABEL_VALUE.fullmatch(value):
+            raise ApiError(400, f"Invalid value for field 'labels': '{key}={value}'. Label keys and values "
+                                "must be lowercase letters, digits, '_' or '-' (keys start with a letter, <= 63).")
+
+
+def _check_metadata_items(items: list) -> None:
+    seen, total = set(), 0
+    for index, item in enumerate(items):
+        key, value = item.get("key", ""), item.get("value", "")
+        if not _METADATA_KEY.fullmatch(key):
+            raise ApiError(400, f"Invalid value for field 'metadata.items[{index}].key': '{key}'.")
+        if key in seen:
+            raise ApiError(400, f"Invalid value for field 'metadata.items[{index}].key': duplicate key '{key}'.")
+        seen.add(key)
+        size = len(value.encode())
+        if size > METADATA_VALUE_LIMIT:
+            raise ApiError(400, f"Value for field 'metadata.items[{index}].value' is too large: {size} bytes "
+                                f"(maximum {METADATA_VALUE_LIMIT}).")
+        total += size + len(key)
+    if total > METADATA_TOTAL_LIMIT:
+        raise ApiError(400, f"Metadata is too large: {total} bytes in total (maximum {METADATA_TOTAL_LIMIT}).")
+
+
+class ComputeEmulator:
+    """Instances and zonal operations of one project, kept in memory under `world.lock`."""
+
+    def __init__(self, world, subnet: str = "10.128.0.0/20"):
+        self.world = world
+        # method name ("instances.get") -> HTTP statuses the next calls answer with.
+        self.faults: dict[str, list[int]] = {}
+        self._instances: dict[tuple[str, str], dict] = {}
+        self._operations: dict[tuple[str, str], dict] = {}
+        self._subnet = ipaddress.ip_network(subnet)
+        # The first two and last two addresses of a GCE subnet are reserved.
+        self._ip_first = int(self._subnet.network_address) + 2
+        self._ip_count = self._subnet.num_addresses - 4
+        self._ip_next = 0
+        self._ips_in_use: set[str] = set()
+        self._next_id = 10**18 + secrets.randbelow(8 * 10**18)
+        prefix = "/compute/v1/projects/<project>"
+        instance = prefix + "/zones/<zone>/instances/<instance>"
+        operation = prefix + "/zones/<zone>/operations/<operation>"
+        rules = [
+            Rule(prefix + "/aggregated/instances", endpoint="instances.aggregatedList", methods=["GET"]),
+            Rule(prefix + "/zones/<zone>/instances", endpoint="instances.list", methods=["GET"]),
+            Rule(prefix + "/zones/<zone>/instances", endpoint="instances.insert", methods=["POST"]),
+            Rule(instance, endpoint="instances.get", methods=["GET"]),
+            Rule(instance, endpoint="instances.delete", methods=["DELETE"]),
+            Rule(instance + "/setLabels", endpoint="instances.setLabels", methods=["POST"]),
+            Rule(instance + "/setMetadata", endpoint="instances.setMetadata", methods=["POST"]),
+            Rule(operation, endpoint="zoneOperations.get", methods=["GET"]),
+            Rule(operation + "/wait", endpoint="zoneOperations.wait", methods=["POST"]),
+        ]
+        handlers = {
+            "instances.aggregatedList": self._aggregated_list,
+            "instances.list": self._list,
+            "instances.insert": self._insert,
+            "instances.get": self._get,
+            "instances.delete": self._delete,
+            "instances.setLabels": self._set_labels,
+            "instances.setMetadata": self._set_metadata,
+            "zoneOperations.get": self._operation,
+            "zoneOperations.wait": self._operation,
+        }
+        self.app = RoutedApp(Map(rules), handlers, render_error=render_error, before=self._before)
+        world.emulators["compute"] = self
+
+    # ---- Python access for tests, tools and the other emulators --------------------------------------
+
+    def instance(self, zone: str, name: str) -> dict | None:
+        with self.world.lock:
+            found = self._instances.get((zone, name))
+            return copy.deepcopy(found) if found is not None else None
+
+    def instances(self) -> list[dict]:
+        with self.world.lock:
+            return [copy.deepcopy(self._instances[key]) for key in sorted(self._instances)]
+
+    def seed_instance(self, zone: str, name: str, labels: dict | None = None, metadata: dict | None = None,
+                      service_account: str | None = None) -> dict:
+        """Create a VM directly, with no operation and no audit entry (benchmarks seed thousands)."""
+        body = {
+            "name": name,
+            "labels": labels or {},
+            "metadata": {"items": [{"key": k, "value": v} for k, v in (metadata or {}).items()]},
+        }
+        if service_account is not None:
+            body["serviceAccounts"] = [{"email": service_account, "scopes": DEFAULT_SCOPES}]
+        with self.world.lock:
+            return copy.deepcopy(self._create(zone, body))
+
+    def fail_next(self, method: str, status: int, count: int = 1) -> None:
+        """Make the next `count` calls of `method` (e.g. "instances.aggregatedList") answer `status`."""
+        with self.world.lock:
+            self.faults.setdefault(method, []).extend([status] * count)
+
+    # ---- request plumbing ----------------------------------------------------------------------------
+
+    def _before(self, request, endpoint: str) -> None:
+        self.world.check_bearer(request)
+        with self.world.lock:
+            pending = self.faults.get(endpoint)
+            status = pending.pop(0) if pending else None
+        if status is not None:
+            raise ApiError(status, f"Injected failure of {endpoint} (sandbox fault).")
+
+    def _check_scope(self, project: str, zone: str | None = None) -> None:
+        if project != self.world.project:
+            raise ApiError(404, f"The resource 'projects/{project}' was not found")
+        if zone is not None and not _ZONE.fullmatch(zone):
+            raise ApiError(400, f"Invalid value for field 'zone': '{zone}'. Unknown zone.")
+
+    def _principal(self, request) -> str:
+        token = request.headers.get("Authorization", "").partition(" ")[2]
+        return self.world.service_account if token == self.world.sa_token else OPERATOR_EMAIL
+
+    def _zone_url(self, zone: str) -> str:
+        return f"{API}/projects/{self.world.project}/zones/{zone}"
+
+    def _must_get(self, zone: str, name: str) -> dict:
+        found = self._instances.get((zone, name))
+        if found is None:
+            raise ApiError(404, f"The resource 'projects/{self.world.project}/zones/{zone}/instances/{name}' was not found")
+        return found
+
+    # ---- instances -----------------------------------------------------------------------------------
+
+    def _allocate_ip(self) -> str:
+        for step in range(self._ip_count):
+            index = (self._ip_next + step) % self._ip_count
+            address = str(ipaddress.ip_address(self._ip_first + index))
+            if address not in self._ips_in_use:
+                self._ip_next = index + 1
+                self._ips_in_use.add(address)
+                return address
+        raise ApiError(400, f"IP space of subnetwork '{self._subnet}' is exhausted.")
+
+    def _create(self, zone: str, body: dict) -> dict:
+        """Build and store the Instance resource GCE would report for an insert `body` (lock held)."""
+        name = body.get("name", "")
+        if not _NAME.fullmatch(name):
+            raise ApiError(400, f"Invalid value for field 'resource.name': '{name}'. Must be a match of regex "
+                                "'(?:[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?)'")
+        if (zone, name) in self._instances:
+            raise ApiError(409, f"The resource 'projects/{self.world.project}/zones/{zone}/instances/{name}' already exists")
+        labels = dict(body.get("labels") or {})
+        _check_labels(labels)
+        items = [{"key": i.get("key", ""), "value": i.get("value", "")} for i in (body.get("metadata") or {}).get("items", [])]
+        _check_metadata_items(items)
+        project, region = self.world.project, zone.rsplit("-", 1)[0]
+        machine_type = (body.get("machineType") or "e2-medium").rsplit("/", 1)[-1]
+        nic = (body.get("networkInterfaces") or [{}])[0]
+        network = (nic.get("network") or "default").rsplit("/", 1)[-1]
+        subnetwork = (nic.get("subnetwork") or network).rsplit("/", 1)[-1]
+        accounts = body.get("serviceAccounts") or [{}]
+        now = _gce_time(_now())
+        self._next_id += 1
+        instance = {
+            "kind": "compute#instance",
+            "id": str(self._next_id),
+            "creationTimestamp": now,
+            "name": name,
+            "tags": {"fingerprint": _fingerprint()},
+            "machineType": f"{self._zone_url(zone)}/machineTypes/{machine_type}",
+            "status": "RUNNING",
+            "zone": self._zone_url(zone),
+            "canIpForward": False,
+            "networkInterfaces": [{
+                "kind": "compute#networkInterface",
+                "network": f"{API}/projects/{project}/global/networks/{network}",
+                "subnetwork": f"{API}/projects/{project}/regions/{region}/subnetworks/{subnetwork}",
+                "networkIP": self._allocate_ip(),
+                "name": "nic0",
+                "fingerprint": _fingerprint(),
+                "stackType": "IPV4_ONLY",
+            }],
+            "disks": body.get("disks") or [],
+            "metadata": {"kind": "compute#metadata", "fingerprint": _fingerprint(), "items": items},
+            "serviceAccounts": [{
+                "email": a.get("email") if a.get("email") not in (None, "", "default") else self.world.default_compute_sa,
+                "scopes": a.get("scopes") or DEFAULT_SCOPES,
+            } for a in accounts],
+            "selfLink": f"{self._zone_url(zone)}/instances/{name}",
+            "scheduling": {"onHostMaintenance": "MIGRATE", "automaticRestart": True, "preemptible": False},
+            "cpuPlatform": "Intel Broadwell",
+            "labels": labels,
+            "labelFingerprint": _fingerprint(),
+            "startRestricted": False,
+            "deletionProtection": False,
+            "fingerprint": _fingerprint(),
+            "lastStartTimestamp": now,
+        }
+        self._instances[(zone, name)] = instance
+        return instance
+
+    @staticmethod
+    def _render(instance: dict) -> dict:
+        """GCE omits empty `labels` and empty `metadata.items` from its answers."""
+        out = copy.deepcopy(instance)
+        if not out["labels"]:
+            del out["labels"]
+        if not out["metadata"]["items"]:
+            del out["metadata"]["items"]
+        return out
+
+    def _get(self, request, project, zone, instance):
+        self._check_scope(project, zone)
+        with self.world.lock:
+            return json_response(self._render(self._must_get(zone, instance)))
+
+    def _page(self, request, keys: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], str | None]:
+        """Filter, order by (zone, name) and cut one page out of `keys` (lock held)."""
+        args = request.args
+        terms = parse_filter(args.get("filter", ""))
+        if args.get("orderBy", "name") not in ("", "name"):
+            raise ApiError(400, f"Invalid value for field 'orderBy': '{args['orderBy']}'. Only 'name' is supported.")
+        try:
+            limit = int(args.get("maxResults", MAX_RESULTS)) or MAX_RESULTS
+        except ValueError as exc:
+            raise ApiError(400, f"Invalid value for field 'maxResults': '{args['maxResults']}'.") from exc
+        if not 0 < limit <= MAX_RESULTS:
+            raise ApiError(400, f"Invalid value for field 'maxResults': '{limit}'. Must be less than or equal to 500")
+        cursor = _decode_token(args["pageToken"]) if args.get("pageToken") else None
+        matching = [key for key in sorted(keys)
+                    if (cursor is None or key > cursor) and all(t.matches(self._instances[key]) for t in terms)]
+        page = matching[:limit]
+        token = _encode_token(page[-1]) if len(matching) > limit else None
+        return page, token
+
+    def _list(self, request, project, zone):
+        self._check_scope(project, zone)
+        with self.world.lock:
+            page, token = self._page(request, [k for k in self._instances if k[0] == zone])
+            items = [self._render(self._instances[key]) for key in page]
+        body = {"kind": "compute#instanceList", "id": f"projects/{project}/zones/{zone}/instances",
+                "selfLink": f"{self._zone_url(zone)}/instances"}
+        if items:
+            body["items"] = items
+        if token:
+            body["nextPageToken"] = token
+        return json_response(body)
+
+    def _aggregated_list(self, request, project):
+        self._check_scope(project)
+        region = self.world.region
+        with self.world.lock:
+            page, token = self._page(request, list(self._instances))
+            zones = {f"{region}-{s}" for s in ZONE_SUFFIXES} | {self.world.zone} | {z for z, _ in self._instances}
+            items = {f"zones/{zone}": {"instances": []} for zone in sorted(zones)}
+            for zone, name in page:
+                items[f"zones/{zone}"]["instances"].append(self._render(self._instances[(zone, name)]))
+        for scope, scoped in items.items():
+            if not scoped["instances"]:
+                items[scope] = {"warning": {
+                    "code": "NO_RESULTS_ON_PAGE",
+                    "message": f"There are no results for scope '{scope}' on this page.",
+                    "data": [{"key": "scope", "value": scope}],
+                }}
+        body = {"kind": "compute#instanceAggregatedList", "id": f"projects/{project}/aggregated/instances",
+                "items": items, "selfLink": f"{API}/projects/{project}/aggregated/instances"}
+        if token:
+            body["nextPageToken"] = token
+        return json_response(body)
+
+    def _insert(self, request, project, zone):
+        self._check_scope(project, zone)
+        body = read_json(request)
+        with self.world.lock:
+            instance = self._create(zone, body)
+            operation, entries = self._record(request, zone, "insert", instance)
+        return self._answer(operation, entries)
+
+    def _delete(self, request, project, zone, instance):
+        self._check_scope(project, zone)
+        with self.world.lock:
+            found = self._must_get(zone, instance)
+            del self._instances[(zone, instance)]
+            self._ips_in_use.discard(found["networkInterfaces"][0]["networkIP"])
+            operation, entries = self._record(request, zone, "delete", found)
+        return self._answer(operation, entries)
+
+    def _set_labels(self, request, project, zone, instance):
+        self._check_scope(project, zone)
+        body = read_json(request)
+        with self.world.lock:
+            found = self._must_get(zone, instance)
+            if body.get("labelFingerprint") != found["labelFingerprint"]:
+                raise ApiError(412, "Labels fingerprint either invalid or resource labels have changed")
+            labels = dict(body.get("labels") or {})
+            _check_labels(labels)
+            found["labels"] = labels
+            found["labelFingerprint"] = _fingerprint()
+            operation, entries = self._record(request, zone, "setLabels", found)
+        return self._answer(operation, entries)
+
+    def _set_metadata(self, request, project, zone, instance):
+        self._check_scope(project, zone)
+        body = read_json(request)
+        with self.world.lock:
+            found = self._must_get(zone, instance)
+            if body.get("fingerprint") != found["metadata"]["fingerprint"]:
+                raise ApiError(412, "Supplied fingerprint does not match current metadata fingerprint.")
+            items = [{"key": i.get("key", ""), "value": i.get("value", "")} for i in body.get("items", [])]
+            _check_metadata_items(items)
+            found["metadata"] = {"kind": "compute#metadata", "fingerprint": _fingerprint(), "items": items}
+            operation, entries = self._record(request, zone, "setMetadata", found)
+        return self._answer(operation, entries)
+
+    # ---- operations and audit ------------------------------------------------------------------------
+
+    def _record(self, request, zone: str, verb: str, instance: dict) -> tuple[dict, list[dict]]:
+        """Store the RUNNING operation of a mutation just applied, and build its audit entries (lock held)."""
+        started = _now()
+        op_name = f"operation-{int(started.timestamp() * 1000)}-{secrets.token_hex(7)}-{secrets.token_hex(4)}-{secrets.token_hex(4)}"
+        operation = {
+            "kind": "compute#operation",
+            "id": str(10**18 + secrets.randbelow(8 * 10**18)),
+            "name": op_name,
+            "zone": self._zone_url(zone),
+            "operationType": verb,
+            "targetLink": instance["selfLink"],
+            "targetId": instance["id"],
+            "status": "RUNNING",
+            "user": self._principal(request),
+            "progress": 0,
+            "insertTime": _gce_time(started),
+            "startTime": _gce_time(started),
+            "selfLink": f"{self._zone_url(zone)}/operations/{op_name}",
+        }
+        self._operations[(zone, op_name)] = operation
+        entries = []
+        if verb in _AUDITED and request.headers.get("X-Sandbox-No-Event") != "1":
+            entries = self._audit_entries(request, zone, verb, instance, operation)
+        return copy.deepcopy(operation), entries
+
+    def _answer(self, operation: dict, entries: list[dict]):
+        """Publish the audit entries outside the world lock (the sink calls out to Pub/Sub, and a
+        subscriber may call back into this emulator), yet before the caller sees the operation."""
+        for entry in entries:
+            self.world.publish_audit(entry)
+        return json_response(operation)
+
+    def _audit_entries(self, request, zone: str, verb: str, instance: dict, operation: dict) -> list[dict]:
+        """The two Admin Activity entries (`first`, then `last`) Cloud Logging writes for one operation."""
+        project = self.world.project
+        version = request.headers.get("X-Sandbox-Method-Prefix", "v1")
+        principal = operation["user"]
+        entries = []
+        for phase in ("first", "last"):
+            now = _now()
+            payload = {
+                "@type": "type.googleapis.com/google.cloud.audit.AuditLog",
+                "authenticationInfo": {"principalEmail": principal},
+                "requestMetadata": {"callerIp": request.remote_addr or "127.0.0.1",
+                                    "callerSuppliedUserAgent": request.headers.get("User-Agent", "")},
+                "serviceName": "compute.googleapis.com",
+                "methodName": f"{version}.compute.instances.{verb}",
+                "resourceName": f"projects/{project}/zones/{zone}/instances/{instance['name']}",
+            }
+            if phase == "first":
+                payload["request"] = {"@type": f"type.googleapis.com/compute.instances.{verb}"}
+                payload["response"] = {"@type": "type.googleapis.com/operation", **{
+                    k: operation[k] for k in ("id", "name", "operationType", "progress", "selfLink", "status",
+                                              "targetId", "targetLink", "user", "zone", "insertTime", "startTime")}}
+            entries.append({
+                "protoPayload": payload,
+                "insertId": secrets.token_hex(6),
+                "resource": {"type": "gce_instance",
+                             "labels": {"instance_id": instance["id"], "project_id": project, "zone": zone}},
+                "timestamp": _log_time(now),
+                "receiveTimestamp": _log_time(now + timedelta(milliseconds=40)),
+                "severity": "NOTICE",
+                "logName": f"projects/{project}/logs/cloudaudit.googleapis.com%2Factivity",
+                "operation": {"id": operation["name"], "producer": "compute.googleapis.com", phase: True},
+            })
+        return entries
+
+    def _operation(self, request, project, zone, operation):
+        """An operation reads RUNNING in the mutation's answer and DONE from its first get or wait on."""
+        self._check_scope(project, zone)
+        with self.world.lock:
+            found = self._operations.get((zone, operation))
+            if found is None:
+                raise ApiError(404, f"The resource 'projects/{project}/zones/{zone}/operations/{operation}' was not found")
+            if found["status"] != "DONE":
+                found.update(status="DONE", progress=100, endTime=_gce_time(_now()))
+            return json_response(found)

@@ -1,0 +1,58 @@
+"""The sandbox's own configuration, written by `sandbox up` to STATE_DIR/sandbox.json."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+PORT_NAMES = (
+    "pubsub", "compute", "secretmanager", "container", "metadata", "kube", "control",
+    "events_fn", "maintenance_fn",
+)
+
+
+@dataclass
+class SandboxConfig:
+    state_dir: str
+    ports: dict[str, int]
+    sa_token: str
+    admin_token: str
+    ca_dir: str
+    kube_ca_file: str
+    kube_cert_file: str
+    kube_key_file: str
+    crd_path: str
+    project: str = "meshjoin-sandbox"
+    project_number: str = "123456789012"
+    region: str = "us-central1"
+    zone: str = "us-central1-a"
+    cluster_name: str = "mesh"
+    service_account: str = "meshjoin@meshjoin-sandbox.iam.gserviceaccount.com"
+    events_topic: str = "meshjoin-events"
+    schedule_topic: str = "meshjoin-schedule"
+    dead_letter_topic: str = "meshjoin-dead-letter"
+    ca_secrets: tuple[str, ...] = ("istio-ca-cert", "istio-ca-key", "istio-cert-chain", "istio-root-cert")
+    # Extra settings for the functions (e.g. a short cert TTL in a test), merged into their env.
+    function_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def cluster_path(self) -> str:
+        return f"projects/{self.project}/locations/{self.region}/clusters/{self.cluster_name}"
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.ports[name]}"
+
+    def save(self) -> None:
+        path = Path(self.state_dir) / "sandbox.json"
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, state_dir: Path | str) -> "SandboxConfig":
+        path = Path(state_dir) / "sandbox.json"
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise SystemExit(f"no sandbox in {state_dir}: run `meshjoin sandbox up` first") from None
+        data["ca_secrets"] = tuple(data["ca_secrets"])
+        return cls(**data)

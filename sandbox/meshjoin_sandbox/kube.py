@@ -1,0 +1,1113 @@
+"""Kubernetes API server emulator: the GKE cluster's control plane, as far as meshjoin touches it.
+
+Serves discovery (enough for real `kubectl`), Namespaces, Services, ServiceAccounts and Istio's
+WorkloadEntry / WorkloadGroup / ServiceEntry, with the semantics a client can observe: Status errors,
+resourceVersion conflicts, label/field selectors, paging, merge and JSON patches, dry runs, pruning of
+unknown fields, and CRD validation (openAPIV3Schema + `x-kubernetes-validations` CEL rules) straight
+from Istio's own CRD file — so an object the product writes here is one the real cluster would accept.
+
+Deliberately absent: watch, server-side apply, finalizers/graceful deletion (deletes are immediate;
+deleting a namespace deletes its contents at once), Table output, protobuf, strategic-merge list
+merging (a strategic merge patch is applied as a JSON merge patch, minus its `$` directives).
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import ipaddress
+import json
+import re
+import secrets
+import threading
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import celpy
+import yaml
+from celpy import celtypes
+from jsonschema import Draft7Validator
+from werkzeug.routing import Map, Rule
+from werkzeug.wrappers import Request, Response
+
+from .web import ApiError, RoutedApp, json_response, read_json
+
+SERVER_VERSION = {
+    "major": "1",
+    "minor": "32",
+    "gitVersion": "v1.32.4-gke.1415000",
+    "gitCommit": "0000000000000000000000000000000000000000",
+    "gitTreeState": "clean",
+    "buildDate": "2025-04-01T00:00:00Z",
+    "goVersion": "go1.23.6",
+    "compiler": "gc",
+    "platform": "linux/amd64",
+}
+VERBS = ["create", "delete", "get", "list", "patch", "update"]
+SEED_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease", "istio-system")
+SERVICE_CIDR_START = "10.96.0.1"  # the first address goes to default/kubernetes, as in a real cluster
+
+# Status reasons by HTTP code, for errors raised without a Kubernetes reason of their own.
+REASON_BY_CODE = {
+    400: "BadRequest",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    409: "Conflict",
+    415: "UnsupportedMediaType",
+    422: "Invalid",
+    500: "InternalError",
+}
+STATUS_REASONS = {*REASON_BY_CODE.values(), "AlreadyExists"}
+NOT_FOUND_MESSAGE = "the server could not find the requested resource"
+
+
+# --- names and labels: the apimachinery validators every object's metadata goes through -------------
+
+_DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_DNS_LABEL_RE = re.compile(_DNS_LABEL)
+_DNS_SUBDOMAIN_RE = re.compile(rf"{_DNS_LABEL}(\.{_DNS_LABEL})*")
+_DNS_1035_RE = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+_QUALIFIED_NAME_RE = re.compile(r"([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]")
+
+
+def dns_label_error(value: str) -> str | None:
+    if len(value) <= 63 and _DNS_LABEL_RE.fullmatch(value):
+        return None
+    return (
+        "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', "
+        "and must start and end with an alphanumeric character (at most 63 characters)"
+    )
+
+
+def dns_subdomain_error(value: str) -> str | None:
+    if len(value) <= 253 and _DNS_SUBDOMAIN_RE.fullmatch(value):
+        return None
+    return (
+        "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', "
+        "and must start and end with an alphanumeric character (at most 253 characters)"
+    )
+
+
+def dns_1035_error(value: str) -> str | None:
+    if len(value) <= 63 and _DNS_1035_RE.fullmatch(value):
+        return None
+    return (
+        "a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an "
+        "alphabetic character, and end with an alphanumeric character (at most 63 characters)"
+    )
+
+
+def qualified_name_error(key: str) -> str | None:
+    """Label and annotation keys: an optional DNS-subdomain prefix, '/', then a 63-char name."""
+    prefix, slash, name = key.rpartition("/")
+    if slash and (not prefix or dns_subdomain_error(prefix)):
+        return "prefix part must be a lowercase RFC 1123 subdomain"
+    if len(name) > 63 or not _QUALIFIED_NAME_RE.fullmatch(name):
+        return (
+            "name part must consist of alphanumeric characters, '-', '_' or '.', and must start and "
+            "end with an alphanumeric character (at most 63 characters)"
+        )
+    return None
+
+
+def label_value_error(value: str) -> str | None:
+    if value == "" or (len(value) <= 63 and _QUALIFIED_NAME_RE.fullmatch(value)):
+        return None
+    return (
+        "a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', "
+        "and must start and end with an alphanumeric character (at most 63 characters)"
+    )
+
+
+def cause(fieldpath: str, reason: str, message: str) -> dict[str, str]:
+    return {"reason": reason, "message": message, "field": fieldpath}
+
+
+def join_path(path: str, key: Any) -> str:
+    """Kubernetes field paths: `spec.ports.http` for object keys, `spec.ports[0]` for list items."""
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else str(key)
+
+
+def json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return "null"
+
+
+# --- CRD schemas ---------------------------------------------------------------------------------------
+
+
+def _cel_substring(text, start, end=None):
+    """Kubernetes' CEL strings extension `substring`, which celpy lacks; out of range is an error."""
+    text, start = str(text), int(start)
+    end = len(text) if end is None else int(end)
+    if not 0 <= start <= end <= len(text):
+        raise ValueError(f"index out of range: {start}..{end} of a {len(text)}-character string")
+    return celtypes.StringType(text[start:end])
+
+
+class CelRules:
+    """`x-kubernetes-validations` rules compiled once with celpy, plus the Kubernetes CEL extras they use.
+
+    A rule that errors while running (e.g. substring out of range) counts as failed, as in the real
+    apiserver; a rule that does not compile fails at load time rather than being skipped.
+    """
+
+    FUNCTIONS = {"substring": _cel_substring}
+
+    def __init__(self):
+        self._env = celpy.Environment()
+        self._programs: dict[str, Any] = {}
+
+    def add(self, rule: str) -> None:
+        if rule not in self._programs:
+            self._programs[rule] = self._env.program(self._env.compile(rule), functions=self.FUNCTIONS)
+
+    def holds(self, rule: str, value: Any) -> bool:
+        try:
+            result = self._programs[rule].evaluate({"self": celpy.json_to_cel(value)})
+        except celpy.CELEvalError:
+            return False
+        return isinstance(result, celtypes.BoolType) and bool(result)
+
+
+_TYPE_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+}
+
+# How the apiserver words a failed OpenAPI constraint ("spec.weight in body should be ...").
+_CONSTRAINT_TEXT = {
+    "maximum": "should be less than or equal to {}",
+    "minimum": "should be greater than or equal to {}",
+    "maxLength": "may not be longer than {}",
+    "minLength": "should be at least {} chars long",
+    "maxItems": "must have at most {} items",
+    "minItems": "should have at least {} items",
+    "maxProperties": "must have at most {} properties",
+    "pattern": "should match '{}'",
+}
+
+
+class CrdSchema:
+    """One served version's openAPIV3Schema: prunes unknown fields, validates structure and CEL rules.
+
+    Structure goes through jsonschema (Draft 7), which ignores the `x-kubernetes-*` keywords and, with
+    no format checker, treats `format: int32/int64/date-time` leniently as the apiserver does.
+    """
+
+    def __init__(self, schema: dict, cel: CelRules):
+        schema = copy.deepcopy(schema)
+        # Every object carries these beside its own schema; metadata is validated separately.
+        schema.setdefault("properties", {}).update(
+            apiVersion={"type": "string"}, kind={"type": "string"}, metadata={"type": "object"}
+        )
+        Draft7Validator.check_schema(schema)
+        self.schema = schema
+        self._validator = Draft7Validator(schema)
+        self._cel = cel
+        self._compile_rules(schema)
+
+    def _compile_rules(self, node: Any) -> None:
+        if isinstance(node, dict):
+            for check in node.get("x-kubernetes-validations", ()):
+                unsupported = set(check) - {"rule", "message"}
+                if unsupported:
+                    raise ValueError(f"x-kubernetes-validations keys not supported: {sorted(unsupported)}")
+                self._cel.add(check["rule"])
+            for value in node.values():
+                self._compile_rules(value)
+        elif isinstance(node, list):
+            for value in node:
+                self._compile_rules(value)
+
+    def prune(self, obj: dict) -> list[str]:
+        """Drop fields the schema does not declare (as the apiserver does) and return their paths."""
+        unknown: list[str] = []
+        self._prune(self.schema, obj, "", unknown)
+        return unknown
+
+    def _prune(self, schema: dict, value: Any, path: str, unknown: list[str]) -> None:
+        if isinstance(value, dict):
+            props = schema.get("properties")
+            extra = schema.get("additionalProperties")
+            closed = props is not None and extra is None and not schema.get("x-kubernetes-preserve-unknown-fields")
+            for key in list(value):
+                if closed and key not in props:
+                    unknown.append(join_path(path, key))
+                    del value[key]
+                    continue
+                sub = (props or {}).get(key, extra)
+                if isinstance(sub, dict):
+                    self._prune(sub, value[key], join_path(path, key), unknown)
+        elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+            for index, item in enumerate(value):
+                self._prune(schema["items"], item, join_path(path, index), unknown)
+
+    def causes(self, obj: dict) -> list[dict]:
+        found = [c for err in self._validator.iter_errors(obj) for c in self._schema_causes(err)]
+        self._cel_causes(self.schema, obj, "", found)
+        unique = {(c["field"], c["message"]): c for c in found}
+        return list(unique.values())
+
+    @staticmethod
+    def _schema_causes(err) -> list[dict]:
+        path = ""
+        for key in err.absolute_path:
+            path = join_path(path, key)
+        if err.validator == "required":
+            missing = [p for p in err.validator_value if p not in err.instance]
+            return [cause(join_path(path, p), "FieldValueRequired", "Required value") for p in missing]
+        if err.validator == "enum":
+            supported = ", ".join(json.dumps(v) for v in err.validator_value)
+            message = f"Unsupported value: {json.dumps(err.instance)}: supported values: {supported}"
+            return [cause(path, "FieldValueNotSupported", message)]
+        if err.validator == "type":
+            actual = json_type(err.instance)
+            message = f'Invalid value: "{actual}": {path} in body must be of type {err.validator_value}: "{actual}"'
+            return [cause(path, "FieldValueTypeInvalid", message)]
+        template = _CONSTRAINT_TEXT.get(err.validator)
+        detail = f"{path} in body " + template.format(err.validator_value) if template else err.message
+        shown = json.dumps(err.instance) if not isinstance(err.instance, (dict, list)) else f'"{json_type(err.instance)}"'
+        return [cause(path, "FieldValueInvalid", f"Invalid value: {shown}: {detail}")]
+
+    def _cel_causes(self, schema: dict, value: Any, path: str, found: list[dict]) -> None:
+        """Run each node's CEL rules with `self` bound to the value there; ill-typed nodes are skipped
+        (the structural error is already reported)."""
+        declared = schema.get("type")
+        if declared and not _TYPE_CHECKS[declared](value):
+            return
+        for check in schema.get("x-kubernetes-validations", ()):
+            if not self._cel.holds(check["rule"], value):
+                shown = declared or json_type(value)
+                found.append(cause(path or "<root>", "FieldValueInvalid", f'Invalid value: "{shown}": {check["message"]}'))
+        if isinstance(value, dict):
+            props = schema.get("properties") or {}
+            extra = schema.get("additionalProperties")
+            for key, item in value.items():
+                sub = props.get(key, extra)
+                if isinstance(sub, dict):
+                    self._cel_causes(sub, item, join_path(path, key), found)
+        elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+            for index, item in enumerate(value):
+                self._cel_causes(schema["items"], item, join_path(path, index), found)
+
+
+# --- kinds ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Kind:
+    """One resource type as discovery and the REST paths name it."""
+
+    kind: str
+    plural: str
+    singular: str
+    group: str = ""  # "" is the core group, served under /api
+    versions: tuple[str, ...] = ("v1",)  # preferred (and storage) version first
+    namespaced: bool = True
+    short_names: tuple[str, ...] = ()
+    categories: tuple[str, ...] = ()
+    schemas: dict[str, CrdSchema] = field(default_factory=dict)  # by version; CRDs only
+    status_subresource: bool = False  # writes to the object keep the stored status, /status only status
+    unconditional_update: bool = True  # custom resources insist on metadata.resourceVersion in a PUT
+    name_error: Callable[[str], str | None] = dns_subdomain_error
+
+    @property
+    def resource(self) -> str:
+        """The qualified resource name errors use: `services`, `workloadentries.networking.istio.io`."""
+        return f"{self.plural}.{self.group}" if self.group else self.plural
+
+    @property
+    def qualified_kind(self) -> str:
+        return f"{self.kind}.{self.group}" if self.group else self.kind
+
+    def api_version(self, version: str) -> str:
+        return f"{self.group}/{version}" if self.group else version
+
+    def details(self, name: str, **extra: Any) -> dict:
+        details = {"name": name, "group": self.group, "kind": self.plural, **extra}
+        return {k: v for k, v in details.items() if v != ""}
+
+
+CORE_KINDS = (
+    Kind("Namespace", "namespaces", "namespace", namespaced=False, short_names=("ns",),
+         status_subresource=True, name_error=dns_label_error),
+    Kind("Service", "services", "service", short_names=("svc",), categories=("all",),
+         status_subresource=True, name_error=dns_1035_error),
+    Kind("ServiceAccount", "serviceaccounts", "serviceaccount", short_names=("sa",)),
+)
+
+
+def _version_priority(version: str) -> tuple:
+    """Kubernetes' version ordering: GA before beta before alpha, higher numbers first."""
+    match = re.fullmatch(r"v(\d+)(?:(alpha|beta)(\d+))?", version)
+    if not match:
+        return (3, 0, 0, version)
+    major, stability, minor = match.groups()
+    rank = {None: 0, "beta": 1, "alpha": 2}[stability]
+    return (rank, -int(major), -int(minor or 0), version)
+
+
+def load_crd_kinds(crd_path: str, cel: CelRules) -> list[Kind]:
+    """The kinds a CRD file defines, each with the schema of every served version."""
+    with open(crd_path, encoding="utf-8") as handle:
+        crds = [doc for doc in yaml.safe_load_all(handle) if doc]
+    kinds = []
+    for crd in crds:
+        spec, names = crd["spec"], crd["spec"]["names"]
+        served = [v for v in spec["versions"] if v.get("served")]
+        storage = next(v["name"] for v in served if v.get("storage"))
+        versions = sorted((v["name"] for v in served), key=lambda name: (name != storage, _version_priority(name)))
+        kinds.append(
+            Kind(
+                kind=names["kind"],
+                plural=names["plural"],
+                singular=names.get("singular", names["kind"].lower()),
+                group=spec["group"],
+                versions=tuple(versions),
+                namespaced=spec.get("scope") == "Namespaced",
+                short_names=tuple(names.get("shortNames", ())),
+                categories=tuple(names.get("categories", ())),
+                schemas={v["name"]: CrdSchema(v["schema"]["openAPIV3Schema"], cel) for v in served},
+                status_subresource="status" in (served[0].get("subresources") or {}),
+                unconditional_update=False,
+            )
+        )
+    return kinds
+
+
+# --- selectors, patches, paging ------------------------------------------------------------------------
+
+_SELECTOR_SPLIT = re.compile(r",(?![^()]*\))")  # commas outside `in (...)` lists
+_SELECTOR_KEY = r"[A-Za-z0-9][-A-Za-z0-9_./]*"
+_EXISTS_RE = re.compile(rf"(!?)\s*({_SELECTOR_KEY})")
+_EQUALITY_RE = re.compile(rf"({_SELECTOR_KEY})\s*(==|=|!=)\s*([-A-Za-z0-9_.]*)")
+_SET_RE = re.compile(rf"({_SELECTOR_KEY})\s+(in|notin)\s*\(([^()]*)\)")
+
+
+def parse_selector(text: str, set_based: bool = True) -> list[tuple[str, str, frozenset[str]]]:
+    """Parse a label selector (or, with set_based=False, a field selector) into (op, key, values)."""
+    requirements = []
+    for part in filter(None, (p.strip() for p in _SELECTOR_SPLIT.split(text or ""))):
+        if match := _EQUALITY_RE.fullmatch(part):
+            key, op, value = match.groups()
+            requirements.append(("!=" if op == "!=" else "=", key, frozenset([value])))
+        elif set_based and (match := _SET_RE.fullmatch(part)):
+            key, op, values = match.groups()
+            requirements.append((op, key, frozenset(v.strip() for v in values.split(",") if v.strip())))
+        elif set_based and (match := _EXISTS_RE.fullmatch(part)):
+            bang, key = match.groups()
+            requirements.append(("!" if bang else "exists", key, frozenset()))
+        else:
+            raise ApiError(400, f"unable to parse requirement: {part!r}", "BadRequest")
+    return requirements
+
+
+def selector_matches(requirements: list[tuple[str, str, frozenset[str]]], values: dict[str, str]) -> bool:
+    for op, key, wanted in requirements:
+        present = key in values
+        if op == "exists":
+            ok = present
+        elif op == "!":
+            ok = not present
+        elif op in ("=", "in"):
+            ok = present and values[key] in wanted
+        else:  # "!=" and "notin" also match objects without the key
+            ok = not present or values[key] not in wanted
+        if not ok:
+            return False
+    return True
+
+
+FIELD_SELECTABLE = ("metadata.name", "metadata.namespace")
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def strip_directives(patch: Any) -> Any:
+    """A strategic merge patch without its `$patch`/`$setElementOrder/...` directive keys."""
+    if isinstance(patch, dict):
+        return {k: strip_directives(v) for k, v in patch.items() if not k.startswith("$")}
+    if isinstance(patch, list):
+        return [strip_directives(v) for v in patch]
+    return patch
+
+
+class PatchFailed(Exception):
+    """A JSON patch operation that does not apply to the object (422, as the apiserver answers)."""
+
+
+def _pointer(path: Any) -> list[str]:
+    if not isinstance(path, str) or (path and not path.startswith("/")):
+        raise PatchFailed(f"invalid JSON pointer {path!r}")
+    return [token.replace("~1", "/").replace("~0", "~") for token in path.split("/")[1:]]
+
+
+def _index(token: str, size: int) -> int:
+    if not token.isdigit() or int(token) >= size:
+        raise PatchFailed(f"array index {token!r} out of range")
+    return int(token)
+
+
+def _resolve(doc: Any, tokens: list[str]) -> Any:
+    for token in tokens:
+        if isinstance(doc, dict) and token in doc:
+            doc = doc[token]
+        elif isinstance(doc, list):
+            doc = doc[_index(token, len(doc))]
+        else:
+            raise PatchFailed(f"path /{'/'.join(tokens)} does not exist")
+    return doc
+
+
+def _add(doc: Any, tokens: list[str], value: Any) -> Any:
+    if not tokens:
+        return value
+    parent, last = _resolve(doc, tokens[:-1]), tokens[-1]
+    if isinstance(parent, dict):
+        parent[last] = value
+    elif isinstance(parent, list):
+        parent.insert(len(parent) if last == "-" else _index(last, len(parent) + 1), value)
+    else:
+        raise PatchFailed(f"cannot add below a {json_type(parent)}")
+    return doc
+
+
+def _remove(doc: Any, tokens: list[str]) -> Any:
+    if not tokens:
+        raise PatchFailed("cannot remove the whole object")
+    parent, last = _resolve(doc, tokens[:-1]), tokens[-1]
+    if isinstance(parent, dict) and last in parent:
+        return parent.pop(last)
+    if isinstance(parent, list):
+        return parent.pop(_index(last, len(parent)))
+    raise PatchFailed(f"path /{'/'.join(tokens)} does not exist")
+
+
+def json_patch(doc: Any, operations: Any) -> Any:
+    """RFC 6902 JSON patch: add, remove, replace, move, copy, test."""
+    if not isinstance(operations, list) or not all(isinstance(op, dict) for op in operations):
+        raise ApiError(400, "a JSON patch must be a list of operations", "BadRequest")
+    doc = copy.deepcopy(doc)
+    for op in operations:
+        name, path = op.get("op"), _pointer(op.get("path"))
+        if name in ("add", "replace", "test") and "value" not in op:
+            raise ApiError(400, f"JSON patch operation {name!r} needs a value", "BadRequest")
+        if name == "add":
+            doc = _add(doc, path, copy.deepcopy(op["value"]))
+        elif name == "remove":
+            _remove(doc, path)
+        elif name == "replace":
+            _resolve(doc, path)
+            if path:
+                _remove(doc, path)
+            doc = _add(doc, path, copy.deepcopy(op["value"]))
+        elif name in ("move", "copy"):
+            source = _pointer(op.get("from"))
+            value = copy.deepcopy(_resolve(doc, source))
+            if name == "move":
+                _remove(doc, source)
+            doc = _add(doc, path, value)
+        elif name == "test":
+            if _resolve(doc, path) != op["value"]:
+                raise PatchFailed(f"testing value {op.get('path')} failed")
+        else:
+            raise ApiError(400, f"unknown JSON patch operation {name!r}", "BadRequest")
+    return doc
+
+
+def encode_continue(namespace: str, name: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([namespace, name]).encode()).decode()
+
+
+def decode_continue(token: str) -> tuple[str, str]:
+    try:
+        namespace, name = json.loads(base64.urlsafe_b64decode(token.encode()))
+        return str(namespace), str(name)
+    except (ValueError, TypeError) as exc:
+        raise ApiError(400, "continue key is not valid: " + str(exc), "BadRequest") from exc
+
+
+def now_rfc3339() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _is_true(value: str | None) -> bool:
+    return (value or "").lower() in ("1", "true")
+
+
+def _dry_run(request: Request) -> bool:
+    return request.args.get("dryRun") == "All"
+
+
+# --- service specifics ---------------------------------------------------------------------------------
+
+
+def service_causes(spec: dict) -> list[dict]:
+    """The Service checks a client can trip: port ranges, port names, protocol, type."""
+    causes = []
+    if spec.get("type", "ClusterIP") not in ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName"):
+        causes.append(cause("spec.type", "FieldValueNotSupported",
+                            f'Unsupported value: {json.dumps(spec.get("type"))}: supported values: '
+                            '"ClusterIP", "ExternalName", "LoadBalancer", "NodePort"'))
+    ports = spec.get("ports") or []
+    names = set()
+    for index, port in enumerate(ports):
+        path = f"spec.ports[{index}]"
+        if not isinstance(port, dict):
+            causes.append(cause(path, "FieldValueTypeInvalid", 'Invalid value: "port": must be an object'))
+            continue
+        number = port.get("port")
+        if not (isinstance(number, int) and not isinstance(number, bool) and 1 <= number <= 65535):
+            causes.append(cause(f"{path}.port", "FieldValueInvalid",
+                                f"Invalid value: {json.dumps(number)}: must be between 1 and 65535, inclusive"))
+        name = port.get("name", "")
+        if not name and len(ports) > 1:
+            causes.append(cause(f"{path}.name", "FieldValueRequired", "Required value"))
+        elif name and dns_label_error(name):
+            causes.append(cause(f"{path}.name", "FieldValueInvalid", f'Invalid value: "{name}": {dns_label_error(name)}'))
+        elif name in names:
+            causes.append(cause(f"{path}.name", "FieldValueDuplicate", f'Duplicate value: "{name}"'))
+        names.add(name)
+        if port.get("protocol", "TCP") not in ("TCP", "UDP", "SCTP"):
+            causes.append(cause(f"{path}.protocol", "FieldValueNotSupported",
+                                f'Unsupported value: {json.dumps(port.get("protocol"))}: supported values: '
+                                '"SCTP", "TCP", "UDP"'))
+        target = port.get("targetPort", number)
+        if isinstance(target, str):
+            bad_target = len(target) > 15 or dns_label_error(target) is not None
+        else:
+            bad_target = not (isinstance(target, int) and 1 <= target <= 65535)
+        if bad_target:
+            causes.append(cause(f"{path}.targetPort", "FieldValueInvalid",
+                                f"Invalid value: {json.dumps(target)}: must be a port number 1-65535 or an IANA service name"))
+    return causes
+
+
+# --- the emulator --------------------------------------------------------------------------------------
+
+
+class KubeEmulator:
+    """The cluster's API server. Objects live in dicts keyed by resource and (namespace, name)."""
+
+    def __init__(self, world, crd_path: str):
+        self.world = world
+        self._lock = threading.RLock()
+        self._rv = 0  # the cluster-wide resourceVersion counter, bumped by every write
+        self._next_ip = ipaddress.IPv4Address(SERVICE_CIDR_START)
+        self._kinds: dict[tuple[str, str], Kind] = {}
+        for kind in (*CORE_KINDS, *load_crd_kinds(crd_path, CelRules())):
+            self._kinds[(kind.group, kind.plural)] = kind
+        self._objects: dict[str, dict[tuple[str, str], dict]] = {k.resource: {} for k in self._kinds.values()}
+        self._seed()
+        self.app = RoutedApp(self._url_map(), self._handlers(), render_error=render_status, before=self._authenticate)
+
+    # -- wiring
+
+    @staticmethod
+    def _url_map() -> Map:
+        rules = [
+            Rule("/version", endpoint="version", methods=["GET"]),
+            Rule("/api", endpoint="core_versions", methods=["GET"]),
+            Rule("/apis", endpoint="groups", methods=["GET"]),
+            Rule("/apis/<group>", endpoint="group", methods=["GET"]),
+            Rule("/openapi/<path:rest>", endpoint="openapi", methods=["GET"]),
+        ]
+        for prefix in ("/api/<version>", "/apis/<group>/<version>"):
+            rules.append(Rule(prefix, endpoint="resources", methods=["GET"]))
+            for base in (prefix, prefix + "/namespaces/<namespace>"):
+                rules += [
+                    Rule(base + "/<plural>", endpoint="list", methods=["GET"]),
+                    Rule(base + "/<plural>", endpoint="create", methods=["POST"]),
+                    Rule(base + "/<plural>/<name>", endpoint="get", methods=["GET"]),
+                    Rule(base + "/<plural>/<name>", endpoint="replace", methods=["PUT"]),
+                    Rule(base + "/<plural>/<name>", endpoint="patch", methods=["PATCH"]),
+                    Rule(base + "/<plural>/<name>", endpoint="delete", methods=["DELETE"]),
+                ]
+            status = prefix + "/namespaces/<namespace>/<plural>/<name>/<any(status):subresource>"
+            rules += [
+                Rule(status, endpoint="get", methods=["GET"]),
+                Rule(status, endpoint="replace", methods=["PUT"]),
+                Rule(status, endpoint="patch", methods=["PATCH"]),
+            ]
+        return Map(rules, strict_slashes=False)
+
+    def _handlers(self) -> dict[str, Callable[..., Response]]:
+        return {
+            "version": lambda request: json_response(SERVER_VERSION),
+            "core_versions": self._core_versions,
+            "groups": self._groups,
+            "group": self._group,
+            "openapi": self._openapi,
+            "resources": self._resources,
+            "list": self._list,
+            "create": self._create,
+            "get": self._get,
+            "replace": self._replace,
+            "patch": self._patch,
+            "delete": self._delete,
+        }
+
+    def _authenticate(self, request: Request, endpoint: str) -> None:
+        try:
+            self.world.check_bearer(request)
+        except ApiError as exc:
+            raise ApiError(401, "Unauthorized", "Unauthorized") from exc
+
+    def _seed(self) -> None:
+        """What a fresh GKE cluster with Istio installed shows: system namespaces, default/kubernetes."""
+        for name in SEED_NAMESPACES:
+            namespace = {"metadata": {"name": name}}
+            self._admit(self._kinds[("", "namespaces")], "v1", namespace, None)
+            self._insert(self._kinds[("", "namespaces")], namespace)
+        kubernetes = {
+            "metadata": {"name": "kubernetes", "namespace": "default",
+                         "labels": {"component": "apiserver", "provider": "kubernetes"}},
+            "spec": {"ports": [{"name": "https", "port": 443, "targetPort": 443}]},
+        }
+        self._admit(self._kinds[("", "services")], "v1", kubernetes, None)
+        self._insert(self._kinds[("", "services")], kubernetes)
+
+    # -- discovery
+
+    def _kinds_in(self, group: str, version: str) -> list[Kind]:
+        return [k for k in self._kinds.values() if k.group == group and version in k.versions]
+
+    def _core_versions(self, request: Request) -> Response:
+        return json_response({
+            "kind": "APIVersions",
+            "versions": ["v1"],
+            "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": request.host}],
+        })
+
+    def _group_info(self, group: str) -> dict:
+        versions = sorted({v for k in self._kinds.values() if k.group == group for v in k.versions},
+                          key=_version_priority)
+        entries = [{"groupVersion": f"{group}/{v}", "version": v} for v in versions]
+        return {"name": group, "versions": entries, "preferredVersion": entries[0]}
+
+    def _groups(self, request: Request) -> Response:
+        groups = sorted({k.group for k in self._kinds.values() if k.group})
+        return json_response({"kind": "APIGroupList", "apiVersion": "v1",
+                              "groups": [self._group_info(g) for g in groups]})
+
+    def _group(self, request: Request, group: str) -> Response:
+        if not any(k.group == group for k in self._kinds.values()):
+            raise ApiError(404, NOT_FOUND_MESSAGE, "NotFound")
+        return json_response({"kind": "APIGroup", "apiVersion": "v1", **self._group_info(group)})
+
+    def _resources(self, request: Request, version: str, group: str = "") -> Response:
+        kinds = self._kinds_in(group, version)
+        if not kinds:
+            raise ApiError(404, NOT_FOUND_MESSAGE, "NotFound")
+        resources = []
+        for kind in kinds:
+            entry = {"name": kind.plural, "singularName": kind.singular, "namespaced": kind.namespaced,
+                     "kind": kind.kind, "verbs": VERBS}
+            if kind.short_names:
+                entry["shortNames"] = list(kind.short_names)
+            if kind.categories:
+                entry["categories"] = list(kind.categories)
+            resources.append(entry)
+            if kind.status_subresource:
+                resources.append({"name": f"{kind.plural}/status", "singularName": "", "namespaced": kind.namespaced,
+                                  "kind": kind.kind, "verbs": ["get", "patch", "update"]})
+        return json_response({"kind": "APIResourceList", "apiVersion": "v1",
+                              "groupVersion": kind.api_version(version), "resources": resources})
+
+    def _openapi(self, request: Request, rest: str) -> Response:
+        """An empty OpenAPI v2 document (protobuf), v3 absent: kubectl then skips client-side schema
+        validation for these kinds and relies on the server, which validates every write."""
+        if rest == "v2":
+            return Response(b"", content_type="application/com.github.proto-openapi.spec.v2@v1.0+protobuf")
+        raise ApiError(404, NOT_FOUND_MESSAGE, "NotFound")
+
+    # -- object plumbing
+
+    def _kind(self, group: str, version: str, plural: str, namespace: str | None,
+              item: bool = False, subresource: str | None = None) -> Kind:
+        """The kind a path names; 404 for unknown resources and for paths of the wrong scope."""
+        kind = self._kinds.get((group, plural))
+        if (
+            kind is None
+            or version not in kind.versions
+            or (namespace is not None and not kind.namespaced)
+            or (item and kind.namespaced and namespace is None)
+            or (subresource and not kind.status_subresource)
+        ):
+            raise ApiError(404, NOT_FOUND_MESSAGE, "NotFound")
+        return kind
+
+    def _stored(self, kind: Kind, namespace: str | None, name: str) -> dict:
+        obj = self._objects[kind.resource].get((namespace or "", name))
+        if obj is None:
+            raise ApiError(404, f'{kind.resource} "{name}" not found', "NotFound", kind.details(name))
+        return obj
+
+    @staticmethod
+    def _render(kind: Kind, obj: dict, version: str, in_list: bool = False) -> dict:
+        """The stored object as the requested version shows it (core list items carry no type)."""
+        out = copy.deepcopy(obj)
+        if in_list and not kind.group:
+            out.pop("apiVersion", None)
+            out.pop("kind", None)
+        else:
+            out["apiVersion"] = kind.api_version(version)
+        return out
+
+    @staticmethod
+    def _read_object(request: Request, kind: Kind, version: str, namespace: str | None) -> dict:
+        """The request body as an object of `kind`, its type and namespace reconciled with the URL."""
+        body = read_json(request)
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object", "BadRequest")
+        expected = kind.api_version(version)
+        if body.setdefault("apiVersion", expected) != expected:
+            raise ApiError(400, f"the API version in the data ({body['apiVersion']}) does not match the "
+                                f"expected API version ({expected})", "BadRequest")
+        if body.setdefault("kind", kind.kind) != kind.kind:
+            raise ApiError(400, f"the kind in the data ({body['kind']}) does not match the expected kind "
+                                f"({kind.kind})", "BadRequest")
+        if body.get("metadata") is None:
+            body["metadata"] = {}
+        meta = body["metadata"]
+        if not isinstance(meta, dict):
+            raise ApiError(400, "metadata must be an object", "BadRequest")
+        if kind.namespaced:
+            if meta.get("namespace") not in (None, "", namespace):
+                raise ApiError(400, "the namespace of the provided object does not match the namespace sent "
+                                    "on the request", "BadRequest")
+            meta["namespace"] = namespace
+        else:
+            meta.pop("namespace", None)
+        return body
+
+    def _invalid(self, kind: Kind, name: str, causes: list[dict]) -> ApiError:
+        lines = [f"{c['field']}: {c['message']}" for c in causes]
+        summary = lines[0] if len(lines) == 1 else "[" + ", ".join(lines) + "]"
+        return ApiError(422, f'{kind.qualified_kind} "{name}" is invalid: {summary}', "Invalid",
+                        {**kind.details(name), "kind": kind.kind, "causes": causes})
+
+    def _admit(self, kind: Kind, version: str, obj: dict, old: dict | None,
+               field_validation: str = "Warn") -> dict[str, str]:
+        """Defaulting, pruning and validation of a create or update; returns Warning headers.
+
+        `field_validation` is the request's fieldValidation: unknown fields are dropped, and either
+        refused (Strict, kubectl's default), reported as warnings (Warn, the API default) or not (Ignore).
+        """
+        meta = obj["metadata"]
+        warnings: list[str] = []
+        causes = self._metadata_causes(kind, meta)
+        schema = kind.schemas.get(version)
+        if schema is not None:
+            unknown = schema.prune(obj)
+            if unknown and field_validation == "Strict":
+                raise ApiError(400, "strict decoding error: " + ", ".join(f'unknown field "{p}"' for p in unknown),
+                               "BadRequest")
+            if field_validation == "Warn":
+                warnings += [f'unknown field "{p}"' for p in unknown]
+            causes += schema.causes(obj)
+        if kind.kind == "Namespace":
+            self._default_namespace(obj)
+        elif kind.kind == "Service":
+            causes += self._default_service(obj, old) + service_causes(obj["spec"])
+        if causes:
+            raise self._invalid(kind, meta.get("name") or "", causes)
+        if not warnings:
+            return {}
+        return {"Warning": ", ".join('299 - "{}"'.format(w.replace('"', '\\"')) for w in warnings)}
+
+    @staticmethod
+    def _metadata_causes(kind: Kind, meta: dict) -> list[dict]:
+        causes = []
+        name = meta.get("name")
+        if not name:
+            causes.append(cause("metadata.name", "FieldValueRequired", "Required value: name or generateName is required"))
+        elif not isinstance(name, str) or kind.name_error(name):
+            causes.append(cause("metadata.name", "FieldValueInvalid", f"Invalid value: {json.dumps(name)}: "
+                                f"{kind.name_error(name) if isinstance(name, str) else 'must be a string'}"))
+        for section in ("labels", "annotations"):
+            entries = meta.get(section) or {}
+            if not isinstance(entries, dict):
+                causes.append(cause(f"metadata.{section}", "FieldValueTypeInvalid", "Invalid value: must be a map"))
+                continue
+            for key, value in entries.items():
+                path = f"metadata.{section}"
+                if qualified_name_error(key):
+                    causes.append(cause(path, "FieldValueInvalid", f'Invalid value: "{key}": {qualified_name_error(key)}'))
+                if not isinstance(value, str):
+                    causes.append(cause(f"{path}.{key}", "FieldValueTypeInvalid", "Invalid value: must be a string"))
+                elif section == "labels" and label_value_error(value):
+                    causes.append(cause(path, "FieldValueInvalid", f'Invalid value: "{value}": {label_value_error(value)}'))
+        return causes
+
+    @staticmethod
+    def _default_namespace(obj: dict) -> None:
+        name = obj["metadata"].get("name") or ""
+        obj["metadata"].setdefault("labels", {})["kubernetes.io/metadata.name"] = name
+        obj.setdefault("spec", {}).setdefault("finalizers", ["kubernetes"])
+        obj.setdefault("status", {"phase": "Active"})
+
+    def _default_service(self, obj: dict, old: dict | None) -> list[dict]:
+        """Apiserver defaults for a Service; the cluster IP is allocated once and then immutable."""
+        spec = obj.setdefault("spec", {})
+        if not isinstance(spec, dict):
+            raise ApiError(400, "spec must be an object", "BadRequest")
+        spec.setdefault("type", "ClusterIP")
+        spec.setdefault("sessionAffinity", "None")
+        for port in spec.get("ports") or []:
+            if isinstance(port, dict):
+                port.setdefault("protocol", "TCP")
+                port.setdefault("targetPort", port.get("port"))
+        obj.setdefault("status", {"loadBalancer": {}})
+        if spec["type"] == "ExternalName":
+            return []
+        previous = old["spec"].get("clusterIP") if old else None
+        wanted = spec.get("clusterIP") or previous
+        if previous and wanted != previous:
+            return [cause("spec.clusterIP", "FieldValueInvalid", f'Invalid value: "{wanted}": field is immutable')]
+        if not wanted:
+            wanted = str(self._next_ip)
+            self._next_ip += 1
+        spec.update(clusterIP=wanted, clusterIPs=[wanted])
+        if wanted != "None":
+            spec.setdefault("ipFamilies", ["IPv4"])
+            spec.setdefault("ipFamilyPolicy", "SingleStack")
+            spec.setdefault("internalTrafficPolicy", "Cluster")
+        return []
+
+    def _bump(self) -> str:
+        self._rv += 1
+        return str(self._rv)
+
+    def _insert(self, kind: Kind, obj: dict) -> dict:
+        """Stamp a new object's server-owned metadata and store it (the tail of every create)."""
+        obj["apiVersion"], obj["kind"] = kind.api_version(kind.versions[0]), kind.kind
+        meta = obj["metadata"]
+        meta.update(uid=str(uuid.uuid4()), creationTimestamp=now_rfc3339(), generation=1,
+                    resourceVersion=self._bump())
+        self._objects[kind.resource][(meta.get("namespace") or "", meta["name"])] = obj
+        if kind.kind == "Namespace":  # the serviceaccount controller's work, done at once
+            sa = {"metadata": {"name": "default", "namespace": meta["name"]}}
+            self._insert(self._kinds[("", "serviceaccounts")], sa)
+        return obj
+
+    # -- verbs
+
+    def _list(self, request: Request, version: str, plural: str, group: str = "",
+              namespace: str | None = None) -> Response:
+        kind = self._kind(group, version, plural, namespace)
+        if _is_true(request.args.get("watch")):
+            raise ApiError(405, "watch is not supported by the sandbox API server", "MethodNotAllowed")
+        labels = parse_selector(request.args.get("labelSelector", ""))
+        fields = parse_selector(request.args.get("fieldSelector", ""), set_based=False)
+        for _, key, _ in fields:
+            if key not in FIELD_SELECTABLE:
+                raise ApiError(400, f'field label not supported: "{key}"', "BadRequest")
+        try:
+            limit = int(request.args.get("limit") or 0)
+        except ValueError as exc:
+            raise ApiError(400, "limit must be an integer", "BadRequest") from exc
+        token = request.args.get("continue")
+        after = decode_continue(token) if token else None
+        with self._lock:
+            matched = []
+            for key, obj in sorted(self._objects[kind.resource].items()):
+                meta = obj["metadata"]
+                if (
+                    (namespace is None or key[0] == namespace)
+                    and (after is None or key > after)
+                    and selector_matches(labels, meta.get("labels") or {})
+                    and selector_matches(fields, {"metadata.name": key[1], "metadata.namespace": key[0]})
+                ):
+                    matched.append(obj)
+            page = matched[:limit] if limit > 0 else matched
+            items = [self._render(kind, obj, version, in_list=True) for obj in page]
+            list_meta: dict[str, Any] = {"resourceVersion": str(self._rv)}
+        if len(page) < len(matched):
+            last = page[-1]["metadata"]
+            list_meta["continue"] = encode_continue(last.get("namespace") or "", last["name"])
+            list_meta["remainingItemCount"] = len(matched) - len(page)
+        return json_response({"kind": f"{kind.kind}List", "apiVersion": kind.api_version(version),
+                              "metadata": list_meta, "items": items})
+
+    def _create(self, request: Request, version: str, plural: str, group: str = "",
+                namespace: str | None = None) -> Response:
+        kind = self._kind(group, version, plural, namespace)
+        if kind.namespaced and namespace is None:
+            raise ApiError(405, "the server does not allow this method on the requested resource", "MethodNotAllowed")
+        obj = self._read_object(request, kind, version, namespace)
+        meta = obj["metadata"]
+        if not meta.get("name") and meta.get("generateName"):
+            meta["name"] = f"{meta['generateName']}{secrets.token_hex(3)[:5]}"
+        with self._lock:
+            if kind.namespaced and ("", namespace) not in self._objects["namespaces"]:
+                raise ApiError(404, f'namespaces "{namespace}" not found', "NotFound",
+                               {"name": namespace, "kind": "namespaces"})
+            if kind.status_subresource:
+                obj.pop("status", None)  # status is the server's (or the /status subresource's) to set
+            headers = self._admit(kind, version, obj, None, request.args.get("fieldValidation", "Warn"))
+            if (namespace or "", meta["name"]) in self._objects[kind.resource]:
+                raise ApiError(409, f'{kind.resource} "{meta["name"]}" already exists', "AlreadyExists",
+                               kind.details(meta["name"]))
+            if _dry_run(request):
+                meta.update(uid=str(uuid.uuid4()), creationTimestamp=now_rfc3339(), generation=1,
+                            resourceVersion=str(self._rv))
+            else:
+                self._insert(kind, obj)
+            return json_response(self._render(kind, obj, version), 201, headers)
+
+    def _get(self, request: Request, version: str, plural: str, name: str, group: str = "",
+             namespace: str | None = None, subresource: str | None = None) -> Response:
+        kind = self._kind(group, version, plural, namespace, item=True, subresource=subresource)
+        with self._lock:
+            return json_response(self._render(kind, self._stored(kind, namespace, name), version))
+
+    def _replace(self, request: Request, version: str, plural: str, name: str, group: str = "",
+                 namespace: str | None = None, subresource: str | None = None) -> Response:
+        kind = self._kind(group, version, plural, namespace, item=True, subresource=subresource)
+        body = self._read_object(request, kind, version, namespace)
+        with self._lock:
+            old = self._stored(kind, namespace, name)
+            return self._update(request, kind, version, old, body, name, subresource)
+
+    def _patch(self, request: Request, version: str, plural: str, name: str, group: str = "",
+               namespace: str | None = None, subresource: str | None = None) -> Response:
+        kind = self._kind(group, version, plural, namespace, item=True, subresource=subresource)
+        patch = read_json(request)
+        content_type = request.mimetype
+        with self._lock:
+            old = self._stored(kind, namespace, name)
+            current = self._render(kind, old, version)
+            try:
+                if content_type == "application/json-patch+json":
+                    patched = json_patch(current, patch)
+                elif content_type == "application/merge-patch+json":
+                    patched = merge_patch(current, patch)
+                elif content_type == "application/strategic-merge-patch+json":
+                    patched = merge_patch(current, strip_directives(patch))
+                else:
+                    raise ApiError(415, f"the body of the request was in an unknown format - accepted media types "
+                                        "include: application/json-patch+json, application/merge-patch+json, "
+                                        "application/strategic-merge-patch+json", "UnsupportedMediaType")
+            except PatchFailed as exc:
+                raise ApiError(422, str(exc), "Invalid") from exc
+            if not isinstance(patched, dict) or not isinstance(patched.get("metadata"), dict):
+                raise ApiError(400, "the patched object is not a valid object", "BadRequest")
+            if patched.get("apiVersion") != current["apiVersion"] or patched.get("kind") != kind.kind:
+                raise ApiError(400, "a patch may not change apiVersion or kind", "BadRequest")
+            if kind.namespaced and patched["metadata"].get("namespace") != namespace:
+                raise ApiError(400, "the namespace of the provided object does not match the namespace sent "
+                                    "on the request", "BadRequest")
+            return self._update(request, kind, version, old, patched, name, subresource)
+
+    def _update(self, request: Request, kind: Kind, version: str, old: dict, new: dict, name: str,
+                subresource: str | None) -> Response:
+        """The shared tail of PUT and PATCH: preconditions, status split, admission, commit."""
+        old_meta = old["metadata"]
+        if new["metadata"].get("name") != name:
+            raise ApiError(400, f"the name of the object ({new['metadata'].get('name')}) does not match the name "
+                                f"on the URL ({name})", "BadRequest")
+        wanted_rv = new["metadata"].get("resourceVersion")
+        if not wanted_rv and not kind.unconditional_update:
+            raise self._invalid(kind, name, [cause("metadata.resourceVersion", "FieldValueInvalid",
+                                                   "Invalid value: 0x0: must be specified for an update")])
+        if wanted_rv and wanted_rv != old_meta["resourceVersion"]:
+            raise ApiError(409, f'Operation cannot be fulfilled on {kind.resource} "{name}": the object has been '
+                                "modified; please apply your changes to the latest version and try again",
+                           "Conflict", kind.details(name))
+        if subresource == "status":
+            status = new.get("status")
+            new = self._render(kind, old, version)
+            new["status"] = status
+        elif kind.status_subresource:
+            new["status"] = copy.deepcopy(old.get("status"))
+        if new.get("status") is None:
+            new.pop("status", None)
+        meta = new["metadata"]
+        for key in ("uid", "creationTimestamp", "generation"):
+            meta[key] = old_meta[key]
+        headers = self._admit(kind, version, new, old, request.args.get("fieldValidation", "Warn"))
+        body_of = lambda obj: {k: v for k, v in obj.items() if k not in ("apiVersion", "kind", "metadata", "status")}
+        if body_of(new) != body_of(old):
+            meta["generation"] = old_meta["generation"] + 1
+        if _dry_run(request):
+            meta["resourceVersion"] = old_meta["resourceVersion"]
+        else:
+            meta["resourceVersion"] = self._bump()
+            new["apiVersion"] = kind.api_version(kind.versions[0])
+            self._objects[kind.resource][(old_meta.get("namespace") or "", name)] = new
+        return json_response(self._render(kind, new, version), 200, headers)
+
+    def _delete(self, request: Request, version: str, plural: str, name: str, group: str = "",
+                namespace: str | None = None) -> Response:
+        kind = self._kind(group, version, plural, namespace, item=True)
+        options = read_json(request)
+        preconditions = (options.get("preconditions") if isinstance(options, dict) else None) or {}
+        with self._lock:
+            obj = self._stored(kind, namespace, name)
+            meta = obj["metadata"]
+            for key, label in (("uid", "UID"), ("resourceVersion", "ResourceVersion")):
+                if preconditions.get(key) and preconditions[key] != meta[key]:
+                    raise ApiError(409, f"Precondition failed: {label} in precondition: {preconditions[key]}, "
+                                        f"{label} in object meta: {meta[key]}", "Conflict", kind.details(name))
+            if not _dry_run(request):
+                del self._objects[kind.resource][(namespace or "", name)]
+                self._bump()
+                if kind.kind == "Namespace":
+                    for objects in self._objects.values():
+                        for key in [k for k in objects if k[0] == name]:
+                            del objects[key]
+            rendered = self._render(kind, obj, version)
+        if kind.group:  # custom resources answer with a Status; built-in kinds with the object
+            return json_response({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+                                  "details": kind.details(name, uid=meta["uid"])})
+        return json_response(rendered)
+
+
+def render_status(err: ApiError) -> Response:
+    """Errors as the apiserver sends them: a `Status` object that every Kubernetes client parses."""
+    body = {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": err.message,
+        "reason": err.reason if err.reason in STATUS_REASONS else REASON_BY_CODE.get(err.status, "Unknown"),
+        "code": err.status,
+    }
+    if err.details:
+        body["details"] = err.details
+    return json_response(body, err.status)

@@ -1,0 +1,320 @@
+"""`sandbox up` / `sandbox down`: start the local world in the background and stop all of it.
+
+Every process is started in its own session (so its process group id = its pid) and recorded in
+STATE_DIR/pids.json; `down` signals each group, so children (the Java behind the Pub/Sub emulator,
+gunicorn workers behind functions-framework) go too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .config import PORT_NAMES, SandboxConfig
+
+REPO = Path(__file__).resolve().parents[2]
+PUBSUB_EMULATOR = "platform/pubsub-emulator/bin/cloud-pubsub-emulator"
+CA_FILES = ("ca-cert.pem", "ca-key.pem", "cert-chain.pem", "root-cert.pem")
+# The functions: (port name, source dir, target, subscription suffix, topic attribute).
+FUNCTIONS = (
+    ("events_fn", "events", "on_vm_event", "events"),
+    ("maintenance_fn", "maintenance", "on_schedule", "schedule"),
+)
+
+
+class SandboxError(RuntimeError):
+    pass
+
+
+def free_ports(count: int) -> list[int]:
+    socks = []
+    for _ in range(count):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def pubsub_emulator_path() -> Path:
+    gcloud = shutil.which("gcloud")
+    candidates = [Path("/usr/lib/google-cloud-sdk") / PUBSUB_EMULATOR]
+    if gcloud:
+        candidates.append(Path(os.path.realpath(gcloud)).parents[1] / PUBSUB_EMULATOR)
+    for path in candidates:
+        if path.exists():
+            return path
+    raise SandboxError("the Pub/Sub emulator is not installed: apt-get install google-cloud-cli-pubsub-emulator")
+
+
+def wait_for_port(port: int, what: str, deadline: float, proc: subprocess.Popen, log: Path) -> None:
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SandboxError(f"{what} exited with {proc.returncode}; its log: {log}\n{tail(log)}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise SandboxError(f"{what} did not answer on port {port} in time; its log: {log}\n{tail(log)}")
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return ""
+
+
+def product_env(cfg: SandboxConfig) -> dict[str, str]:
+    """The settings the product reads, pointed at the sandbox (also what DIR/env exports)."""
+    return {
+        "MESHJOIN_PROJECT": cfg.project,
+        "MESHJOIN_CLUSTER": cfg.cluster_path,
+        "MESHJOIN_COMPUTE_ENDPOINT": cfg.url("compute"),
+        "MESHJOIN_SECRETMANAGER_ENDPOINT": cfg.url("secretmanager"),
+        "MESHJOIN_CONTAINER_ENDPOINT": cfg.url("container"),
+        "MESHJOIN_CA_CERT_SECRET": cfg.ca_secrets[0],
+        "MESHJOIN_CA_KEY_SECRET": cfg.ca_secrets[1],
+        "MESHJOIN_CA_CHAIN_SECRET": cfg.ca_secrets[2],
+        "MESHJOIN_CA_ROOT_SECRET": cfg.ca_secrets[3],
+        "MESHJOIN_EVENTS_TOPIC": cfg.events_topic,
+        "MESHJOIN_SCHEDULE_TOPIC": cfg.schedule_topic,
+        "MESHJOIN_ALLOWED_NAMESPACES": "default,apps,payments",
+        "MESHJOIN_ISTIOD_ADDRESS": "istiod.istio-system.svc:15012",
+        "MESHJOIN_ISTIOD_IP": "10.128.15.250",
+        "GCE_METADATA_HOST": f"127.0.0.1:{cfg.ports['metadata']}",
+        "GCE_METADATA_IP": f"127.0.0.1:{cfg.ports['metadata']}",
+        "PUBSUB_EMULATOR_HOST": f"127.0.0.1:{cfg.ports['pubsub']}",
+        **cfg.function_env,
+    }
+
+
+def tool_env(cfg: SandboxConfig) -> dict[str, str]:
+    """What a person needs for real gcloud and kubectl against the sandbox."""
+    state = Path(cfg.state_dir)
+    return {
+        "CLOUDSDK_CORE_PROJECT": cfg.project,
+        "CLOUDSDK_API_ENDPOINT_OVERRIDES_PUBSUB": cfg.url("pubsub") + "/",
+        "CLOUDSDK_AUTH_DISABLE_CREDENTIALS": "true",
+        "CLOUDSDK_CONFIG": str(state / "gcloud"),
+        "KUBECONFIG": str(state / "kubeconfig"),
+        "MESHJOIN_SANDBOX_DIR": str(state),
+    }
+
+
+def write_env_file(cfg: SandboxConfig) -> Path:
+    env = {**tool_env(cfg), **product_env(cfg)}
+    path = Path(cfg.state_dir) / "env"
+    lines = ["# meshjoin sandbox: `source` this file to point gcloud, kubectl and meshjoin at it"]
+    lines += [f"export {key}={shlex.quote(value)}" for key, value in env.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_kubeconfig(cfg: SandboxConfig) -> None:
+    import base64
+
+    ca = base64.b64encode(Path(cfg.kube_ca_file).read_bytes()).decode()
+    kubeconfig = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "sandbox", "cluster": {
+            "server": f"https://127.0.0.1:{cfg.ports['kube']}", "certificate-authority-data": ca}}],
+        "users": [{"name": "operator", "user": {"token": cfg.admin_token}}],
+        "contexts": [{"name": "sandbox", "context": {"cluster": "sandbox", "user": "operator"}}],
+        "current-context": "sandbox",
+    }
+    path = Path(cfg.state_dir) / "kubeconfig"
+    path.write_text(json.dumps(kubeconfig, indent=2))
+    path.chmod(0o600)
+
+
+class Processes:
+    """The processes of one sandbox, recorded in STATE_DIR/pids.json as they start."""
+
+    def __init__(self, state_dir: Path):
+        self.path = state_dir / "pids.json"
+        self.logs = state_dir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.pids: dict[str, int] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def start(self, name: str, argv: list[str], env: dict[str, str], cwd: Path | None = None):
+        log = self.logs / f"{name}.log"
+        with open(log, "ab") as out:
+            proc = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=env, cwd=cwd, start_new_session=True,
+            )
+        self.pids[name] = proc.pid
+        self.path.write_text(json.dumps(self.pids))
+        return proc, log
+
+    def alive(self) -> dict[str, int]:
+        return {name: pid for name, pid in self.pids.items() if group_alive(pid)}
+
+    def stop_all(self, grace: float = 5.0) -> None:
+        for pid in self.pids.values():
+            signal_group(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while self.alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in self.alive().values():
+            signal_group(pid, signal.SIGKILL)
+        deadline = time.monotonic() + grace
+        while self.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.path.unlink(missing_ok=True)
+
+
+def signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def group_alive(pgid: int) -> bool:
+    """True while any process of the group exists (zombies of ours are reaped first)."""
+    try:
+        os.waitpid(pgid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def up(state_dir: Path, ca_dir: Path | None = None, function_env: dict[str, str] | None = None,
+       timeout: float = 60.0) -> SandboxConfig:
+    state_dir = state_dir.resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    procs = Processes(state_dir)
+    if procs.alive():
+        raise SandboxError(f"a sandbox is already running in {state_dir}: `meshjoin sandbox down` first")
+    procs.pids = {}
+    from .ca import make_plugin_ca, make_tls_ca_and_server
+
+    plugin_ca = state_dir / "ca"
+    plugin_ca.mkdir(exist_ok=True)
+    if ca_dir is not None:
+        for filename in CA_FILES:
+            shutil.copyfile(Path(ca_dir) / filename, plugin_ca / filename)
+    else:
+        make_plugin_ca(plugin_ca)
+    kube_ca, kube_cert, kube_key = make_tls_ca_and_server(state_dir / "kube-tls")
+    cfg = SandboxConfig(
+        state_dir=str(state_dir),
+        ports=dict(zip(PORT_NAMES, free_ports(len(PORT_NAMES)))),
+        sa_token="ya29.sandbox-sa-" + secrets.token_hex(12),
+        admin_token="ya29.sandbox-admin-" + secrets.token_hex(12),
+        ca_dir=str(plugin_ca),
+        kube_ca_file=str(kube_ca),
+        kube_cert_file=str(kube_cert),
+        kube_key_file=str(kube_key),
+        crd_path=str(find_crds()),
+        function_env=dict(function_env or {}),
+    )
+    cfg.save()
+    (state_dir / "world-ready").unlink(missing_ok=True)
+    (state_dir / "gcloud").mkdir(exist_ok=True)
+    write_kubeconfig(cfg)
+    write_env_file(cfg)
+    deadline = time.monotonic() + timeout
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("MESHJOIN_", "GCE_METADATA"))}
+    try:
+        proc, log = procs.start(
+            "pubsub", [str(pubsub_emulator_path()), "--host=127.0.0.1", f"--port={cfg.ports['pubsub']}"], base_env)
+        wait_for_port(cfg.ports["pubsub"], "the Pub/Sub emulator", deadline, proc, log)
+        create_topics(cfg)
+        proc, log = procs.start("world", [sys.executable, "-m", "meshjoin_sandbox.server", str(state_dir)], base_env)
+        while not (state_dir / "world-ready").exists():
+            wait_for_port(cfg.ports["control"], "the emulators", deadline, proc, log)
+            if time.monotonic() > deadline:
+                raise SandboxError(f"the emulators did not become ready; log {log}\n{tail(log)}")
+            time.sleep(0.05)
+        fn_env = {**base_env, **product_env(cfg), "PYTHONUNBUFFERED": "1"}
+        for port_name, source, target, _ in FUNCTIONS:
+            proc, log = procs.start(port_name, [
+                str(Path(sys.executable).with_name("functions-framework")),
+                "--source", str(REPO / "functions" / source / "main.py"), "--target", target,
+                "--signature-type", "cloudevent", "--host", "127.0.0.1", "--port", str(cfg.ports[port_name]),
+            ], fn_env, cwd=REPO / "functions" / source)
+            wait_for_port(cfg.ports[port_name], f"the {source} function", deadline, proc, log)
+        create_push_subscriptions(cfg)
+    except BaseException:
+        procs.stop_all()
+        raise
+    return cfg
+
+
+def find_crds() -> Path:
+    """Istio's CRDs, handed to the project beside the checkout (../shared/reference)."""
+    for base in (REPO, Path.cwd()):
+        path = base.parent / "shared" / "reference" / "istio" / "vm-crds.yaml"
+        if path.exists():
+            return path
+    raise SandboxError("Istio CRDs not found at ../shared/reference/istio/vm-crds.yaml")
+
+
+def pubsub_clients(cfg: SandboxConfig):
+    os.environ["PUBSUB_EMULATOR_HOST"] = f"127.0.0.1:{cfg.ports['pubsub']}"
+    from google.cloud import pubsub_v1
+
+    return pubsub_v1.PublisherClient(), pubsub_v1.SubscriberClient()
+
+
+def create_topics(cfg: SandboxConfig) -> None:
+    publisher, _ = pubsub_clients(cfg)
+    for topic in (cfg.events_topic, cfg.schedule_topic, cfg.dead_letter_topic):
+        publisher.create_topic(name=publisher.topic_path(cfg.project, topic))
+
+
+def create_push_subscriptions(cfg: SandboxConfig) -> None:
+    """Push subscriptions like production's: retry with backoff, dead-letter after 5 attempts."""
+    from google.protobuf import duration_pb2
+
+    publisher, subscriber = pubsub_clients(cfg)
+    topics = {"events": cfg.events_topic, "schedule": cfg.schedule_topic}
+    for port_name, _, _, kind in FUNCTIONS:
+        subscriber.create_subscription(request={
+            "name": subscriber.subscription_path(cfg.project, f"meshjoin-{kind}-push"),
+            "topic": publisher.topic_path(cfg.project, topics[kind]),
+            "push_config": {"push_endpoint": f"{cfg.url(port_name)}/"},
+            "ack_deadline_seconds": 60,
+            "retry_policy": {
+                "minimum_backoff": duration_pb2.Duration(seconds=1),
+                "maximum_backoff": duration_pb2.Duration(seconds=10),
+            },
+            "dead_letter_policy": {
+                "dead_letter_topic": publisher.topic_path(cfg.project, cfg.dead_letter_topic),
+                "max_delivery_attempts": 5,
+            },
+        })
+    # A pull subscription on the dead-letter topic so what lands there can be inspected.
+    subscriber.create_subscription(request={
+        "name": subscriber.subscription_path(cfg.project, "meshjoin-dead-letter-pull"),
+        "topic": publisher.topic_path(cfg.project, cfg.dead_letter_topic),
+    })
+
+
+def down(state_dir: Path) -> list[str]:
+    procs = Processes(state_dir.resolve())
+    names = sorted(procs.pids)
+    procs.stop_all()
+    (state_dir / "world-ready").unlink(missing_ok=True)
+    return names

@@ -1,0 +1,195 @@
+"""GCE metadata server emulator: lets `google.auth.default()` work unchanged in the sandbox.
+
+Point google-auth at it with `GCE_METADATA_HOST=127.0.0.1:PORT` and `GCE_METADATA_IP=127.0.0.1:PORT`.
+Unbound, it is the functions' view (project, zone, the meshjoin service account and its token).
+Bound to one Compute instance, it is that VM's view: name, id, IP and live `instance/attributes/`
+read from the Compute emulator, with `wait_for_change` long-polls as the startup script uses them.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import secrets
+import time
+
+from werkzeug.routing import Map, Rule
+from werkzeug.wrappers import Response
+
+from .web import ApiError, RoutedApp
+
+HEADERS = {"Metadata-Flavor": "Google", "Server": "Metadata Server for VM"}
+TOKEN_LIFETIME = 3599
+# How often a `wait_for_change` request re-reads the world, and its longest wait without timeout_sec.
+POLL_INTERVAL = 0.05
+MAX_WAIT = 300.0
+_TOKEN_PATH = re.compile(r"instance/service-accounts/([^/]+)/(token|identity)")
+
+
+class _Data(dict):
+    """A directory whose keys are data (attribute names, account emails), kept as-is in JSON.
+
+    Every other directory's kebab-case keys become camelCase in recursive JSON, as on GCE.
+    """
+
+
+def _camel(key: str) -> str:
+    head, *rest = key.split("-")
+    return head + "".join(part.capitalize() for part in rest)
+
+
+def _to_json(node):
+    if isinstance(node, _Data):
+        return {key: _to_json(value) for key, value in node.items()}
+    if isinstance(node, dict):
+        return {_camel(key): _to_json(value) for key, value in node.items()}
+    return node
+
+
+def _flatten(node, prefix: str = "") -> list[str]:
+    """`recursive=true&alt=text`: one `path value` line per leaf."""
+    if not isinstance(node, dict):
+        return [f"{prefix} {node}"]
+    lines = []
+    for key, value in node.items():
+        lines += _flatten(value, f"{prefix}/{key}" if prefix else key)
+    return lines
+
+
+def _render_error(err: ApiError) -> Response:
+    return Response(err.message + "\n", status=err.status, mimetype="text/html", headers=HEADERS)
+
+
+def _b64(data: dict) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+class MetadataEmulator:
+    def __init__(self, world, instance: tuple[str, str] | None = None):
+        self.world = world
+        self.bound = instance
+        url_map = Map([
+            Rule("/", endpoint="root"),
+            Rule("/computeMetadata/v1/", endpoint="get", defaults={"path": ""}),
+            Rule("/computeMetadata/v1/<path:path>", endpoint="get"),
+        ], strict_slashes=False)
+        self.app = RoutedApp(url_map, {"root": self._root, "get": self._get},
+                             render_error=_render_error, before=self._before)
+
+    def _before(self, request, endpoint: str) -> None:
+        """The real server refuses requests without the flavor header, or proxied ones."""
+        if request.headers.get("Metadata-Flavor") != "Google" or "X-Forwarded-For" in request.headers:
+            raise ApiError(403, "Missing required header: Metadata-Flavor: Google")
+
+    def _root(self, request) -> Response:
+        return Response("computeMetadata/\n", mimetype="application/text", headers=HEADERS)
+
+    # ---- the metadata tree -------------------------------------------------------------------------
+
+    def _tree(self) -> dict:
+        """Everything this server knows right now, as nested directories of string leaves."""
+        world = self.world
+        instance = None
+        if self.bound is not None:
+            instance = world.emulators["compute"].instance(*self.bound)
+        zone = self.bound[0] if self.bound else world.zone
+        tree = {
+            "project": {"project-id": world.project, "numeric-project-id": world.project_number,
+                        "attributes": _Data()},
+            "instance": {"zone": f"projects/{world.project_number}/zones/{zone}",
+                         "service-accounts": _Data()},
+            "universe": {"universe-domain": "googleapis.com"},
+        }
+        if self.bound is None:
+            accounts = [{"email": world.service_account, "scopes": ["https://www.googleapis.com/auth/cloud-platform"]}]
+        elif instance is None:
+            return tree
+        else:
+            accounts = instance.get("serviceAccounts", [])
+            name = instance["name"]
+            nic = instance["networkInterfaces"][0]
+            tree["instance"].update({
+                "id": instance["id"],
+                "name": name,
+                "hostname": f"{name}.{zone}.c.{world.project}.internal",
+                "attributes": _Data((i["key"], i["value"]) for i in instance["metadata"].get("items", [])),
+                "network-interfaces": {"0": {
+                    "ip": nic["networkIP"],
+                    "network": f"projects/{world.project_number}/networks/{nic['network'].rsplit('/', 1)[-1]}",
+                }},
+            })
+        for account in accounts[:1]:
+            info = {"aliases": ["default"], "email": account["email"], "scopes": list(account["scopes"])}
+            tree["instance"]["service-accounts"].update({"default": info, account["email"]: info})
+        return tree
+
+    def _lookup(self, path: str):
+        node = self._tree()
+        for part in [p for p in path.split("/") if p]:
+            if not isinstance(node, dict) or part not in node:
+                raise ApiError(404, f"{path} was not found on this server.")
+            node = node[part]
+        return node
+
+    # ---- answers -----------------------------------------------------------------------------------
+
+    def _get(self, request, path: str) -> Response:
+        token_path = _TOKEN_PATH.fullmatch(path.rstrip("/"))
+        if token_path:
+            return self._credential(request, token_path.group(1), token_path.group(2))
+        if request.method not in ("GET", "HEAD"):
+            raise ApiError(405, f"method {request.method} not allowed")
+        node = self._lookup(path)
+        if request.args.get("wait_for_change") == "true":
+            node = self._wait_for_change(request, path, node)
+        recursive = request.args.get("recursive") == "true"
+        alt = request.args.get("alt", "json" if recursive else "text")
+        if alt not in ("json", "text"):
+            raise ApiError(400, f"Invalid alt parameter: {alt}")
+        if alt == "json":
+            body = json.dumps(_to_json(node) if recursive or not isinstance(node, dict) else _listing(node))
+            mimetype = "application/json"
+        else:
+            body = "\n".join(_flatten(node) if recursive else _listing(node)) if isinstance(node, dict) else node
+            mimetype = "application/text"
+        return Response(body, mimetype=mimetype, headers={**HEADERS, "ETag": _etag(node)})
+
+    def _wait_for_change(self, request, path: str, node):
+        """Block until the value's ETag differs from `last_etag` (or the current one), or time runs out."""
+        last = request.args.get("last_etag") or _etag(node)
+        try:
+            timeout = float(request.args.get("timeout_sec", MAX_WAIT))
+        except ValueError as exc:
+            raise ApiError(400, "timeout_sec must be a number") from exc
+        deadline = time.monotonic() + min(timeout, MAX_WAIT)
+        while _etag(node) == last and time.monotonic() < deadline:
+            time.sleep(POLL_INTERVAL)
+            node = self._lookup(path)
+        return node
+
+    def _credential(self, request, account: str, kind: str) -> Response:
+        """The account's access token (google-auth may GET or POST for it), or an ID token."""
+        info = self._lookup(f"instance/service-accounts/{account}")
+        if kind == "token":
+            body = {"access_token": self.world.sa_token, "expires_in": TOKEN_LIFETIME, "token_type": "Bearer"}
+            return Response(json.dumps(body), mimetype="application/json", headers=HEADERS)
+        audience = request.args.get("audience")
+        if not audience:
+            raise ApiError(400, "non-empty audience parameter required")
+        # Shaped as a JWT so google-auth can read its expiry, but not signed: nothing here verifies it.
+        now = int(time.time())
+        claims = {"iss": "https://accounts.google.com", "aud": audience, "azp": info["email"],
+                  "email": info["email"], "email_verified": True, "sub": str(int(hashlib.sha256(
+                      info["email"].encode()).hexdigest()[:15], 16)), "iat": now, "exp": now + 3600}
+        token = f"{_b64({'alg': 'RS256', 'typ': 'JWT'})}.{_b64(claims)}.{secrets.token_urlsafe(32)}"
+        return Response(token, mimetype="application/text", headers=HEADERS)
+
+
+def _listing(directory: dict) -> list[str]:
+    return sorted(f"{key}/" if isinstance(value, dict) else key for key, value in directory.items())
+
+
+def _etag(node) -> str:
+    return hashlib.sha256(json.dumps(node, sort_keys=True).encode()).hexdigest()[:16]

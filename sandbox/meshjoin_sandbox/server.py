@@ -1,0 +1,102 @@
+"""The world process: hosts every Google/Kubernetes emulator of the sandbox on its own loopback port.
+
+Started by `meshjoin sandbox up` as `python -m meshjoin_sandbox.server STATE_DIR`; reads
+STATE_DIR/sandbox.json (ports, tokens, names), seeds the plug-in CA into Secret Manager and writes
+STATE_DIR/world-ready when every server answers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from .compute import ComputeEmulator
+from .config import SandboxConfig
+from .container import ContainerEmulator
+from .control import ControlEmulator
+from .kube import KubeEmulator
+from .metadata import MetadataEmulator
+from .secretmanager import SecretManagerEmulator
+from .web import serve
+from .world import World
+
+CA_FILES = ("ca-cert.pem", "ca-key.pem", "cert-chain.pem", "root-cert.pem")
+
+
+def audit_publisher(cfg: SandboxConfig):
+    """The Log Router sink: publish each audit LogEntry JSON to the events topic."""
+    os.environ["PUBSUB_EMULATOR_HOST"] = f"127.0.0.1:{cfg.ports['pubsub']}"
+    from google.cloud import pubsub_v1
+
+    publisher = pubsub_v1.PublisherClient()
+    topic = publisher.topic_path(cfg.project, cfg.events_topic)
+    log = logging.getLogger("sandbox.sink")
+
+    def publish(entry: dict) -> None:
+        future = publisher.publish(topic, json.dumps(entry).encode())
+        future.add_done_callback(lambda f: f.exception() and log.error("sink publish failed: %s", f.exception()))
+
+    return publish
+
+
+def build_world(cfg: SandboxConfig) -> World:
+    world = World(
+        project=cfg.project,
+        project_number=cfg.project_number,
+        region=cfg.region,
+        zone=cfg.zone,
+        cluster_name=cfg.cluster_name,
+        service_account=cfg.service_account,
+        sa_token=cfg.sa_token,
+        admin_token=cfg.admin_token,
+        kube_endpoint=f"127.0.0.1:{cfg.ports['kube']}",
+        kube_ca_pem=Path(cfg.kube_ca_file).read_text(),
+    )
+    world.publish_audit = audit_publisher(cfg)
+    return world
+
+
+def seed_plugin_ca(secrets: SecretManagerEmulator, cfg: SandboxConfig) -> None:
+    """The operator's upload of Istio's plug-in CA files, one secret per file."""
+    for filename, secret_id in zip(CA_FILES, cfg.ca_secrets):
+        data = (Path(cfg.ca_dir) / filename).read_bytes()
+        secrets.put(secret_id, data, labels={"meshjoin-role": "plugin-ca"})
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    state_dir = Path(argv[0])
+    cfg = SandboxConfig.load(state_dir)
+    world = build_world(cfg)
+    apps = {
+        "compute": ComputeEmulator(world).app,
+        "secretmanager": SecretManagerEmulator(world).app,
+        "container": ContainerEmulator(world).app,
+        "metadata": MetadataEmulator(world).app,
+        "control": ControlEmulator(world).app,
+    }
+    servers = [serve(app, "127.0.0.1", cfg.ports[name], name=name) for name, app in apps.items()]
+    kube = KubeEmulator(world, cfg.crd_path)
+    servers.append(
+        serve(kube.app, "127.0.0.1", cfg.ports["kube"], ssl_context=(cfg.kube_cert_file, cfg.kube_key_file), name="kube")
+    )
+    seed_plugin_ca(world.emulators["secretmanager"], cfg)
+    (state_dir / "world-ready").write_text(str(os.getpid()))
+    logging.info("sandbox world serving on %s", cfg.ports)
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    for server in servers:
+        server.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

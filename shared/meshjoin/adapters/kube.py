@@ -1,0 +1,197 @@
+"""The GKE cluster: find it with ClusterManager, then talk to its Kubernetes API with the
+`kubernetes` client, authenticated by the functions' own Google token (as on GKE).
+
+Objects travel as plain dicts (raw JSON through `ApiClient`), so the core never sees SDK models.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import tempfile
+import threading
+from typing import Iterator
+
+from .. import names
+from ..errors import ApiPermissionError, ConflictError, PermanentError, TransientError
+from ..settings import Settings
+from .retry import call
+
+ISTIO = "/apis/networking.istio.io/v1"
+# Kinds meshjoin writes: (path under the namespace, cluster-wide list path).
+PATHS = {
+    "WorkloadEntry": (ISTIO, "workloadentries"),
+    "Service": ("/api/v1", "services"),
+    "ServiceAccount": ("/api/v1", "serviceaccounts"),
+}
+RBAC_VERBS = {"GET": "get", "POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
+
+
+class KubeApiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(f"{status}: {message}")
+        self.status = status
+
+
+class KubeAdapter:
+    def __init__(self, settings: Settings, credentials):
+        self._settings = settings
+        self._credentials = credentials
+        self._api = None
+        self._lock = threading.Lock()
+
+    # --- connection ------------------------------------------------------------------------------
+
+    def _client(self):
+        """Build the Kubernetes client once: clusters.get for endpoint + CA, Google token as bearer."""
+        with self._lock:
+            if self._api is None:
+                self._api = self._connect()
+            return self._api
+
+    def _connect(self):
+        from google.cloud import container_v1
+        from kubernetes import client as k8s
+
+        s = self._settings
+        options = {"api_endpoint": s.container_endpoint} if s.container_endpoint else None
+        manager = container_v1.ClusterManagerClient(transport="rest", credentials=self._credentials,
+                                                    client_options=options)
+        cluster = call(lambda: manager.get_cluster(name=s.cluster), what=f"clusters.get {s.cluster}",
+                       permission="container.clusters.get", attempts=s.api_attempts)
+        ca_file = tempfile.NamedTemporaryFile("wb", prefix="meshjoin-cluster-ca-", suffix=".pem", delete=False)
+        with ca_file:
+            ca_file.write(base64.b64decode(cluster.master_auth.cluster_ca_certificate))
+        config = k8s.Configuration()
+        config.host = f"https://{cluster.endpoint}"
+        config.ssl_ca_cert = ca_file.name
+        config.api_key_prefix = {"authorization": "Bearer"}
+        config.api_key = {"authorization": ""}
+        config.refresh_api_key_hook = self._refresh_token
+        return k8s.ApiClient(config)
+
+    def _refresh_token(self, config) -> None:
+        if not self._credentials.valid:
+            import google.auth.transport.requests
+
+            self._credentials.refresh(google.auth.transport.requests.Request())
+        config.api_key["authorization"] = self._credentials.token
+
+    def _request(self, method: str, path: str, *, query: dict | None = None, body: dict | list | None = None,
+                 content_type: str = "application/json") -> tuple[int, dict]:
+        api = self._client()
+        headers = {"Accept": "application/json"}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        serialized = api.param_serialize(method=method, resource_path=path, query_params=list((query or {}).items()),
+                                         header_params=headers, body=body, auth_settings=["BearerToken"])
+        response = api.call_api(*serialized, _request_timeout=30)
+        raw = response.read()
+        try:
+            data = json.loads(raw) if raw else {}
+        except ValueError:
+            data = {"message": raw[:200].decode(errors="replace")}
+        return response.status, data
+
+    def _do(self, method: str, path: str, *, ok: tuple[int, ...] = (200, 201), **kwargs) -> tuple[int, dict]:
+        """One API call with retry of transient failures; non-`ok` statuses become errors."""
+
+        def attempt():
+            try:
+                status, data = self._request(method, path, **kwargs)
+            except Exception as exc:  # urllib3 connection/timeout errors surface as various types
+                raise TransientError(f"kubernetes {method} {path}: {type(exc).__name__}: {exc}") from exc
+            if status == 429 or status >= 500:
+                raise TransientError(f"kubernetes {method} {path}: {status} {data.get('message', '')}")
+            return status, data
+
+        status, data = call(attempt, what=f"kubernetes {method} {path}",
+                            permission="", attempts=self._settings.api_attempts)
+        if status in ok:
+            return status, data
+        message = str(data.get("message", ""))[:500]
+        if status in (401, 403):
+            raise ApiPermissionError(
+                f"kubernetes {method} {path}: {status}; grant RBAC verb {RBAC_VERBS.get(method, method)} "
+                f"on this resource to meshjoin's service account ({message})")
+        raise KubeApiError(status, f"kubernetes {method} {path}: {message}")
+
+    # --- reads -----------------------------------------------------------------------------------
+
+    def get(self, kind: str, namespace: str, name: str) -> dict | None:
+        base, plural = PATHS[kind]
+        status, data = self._do("GET", f"{base}/namespaces/{namespace}/{plural}/{name}", ok=(200, 404))
+        return None if status == 404 else data
+
+    def list(self, kind: str, label_selector: str, namespace: str | None = None,
+             page_size: int = 500) -> Iterator[dict]:
+        """All objects matching the selector, following `continue` tokens (cluster-wide by default)."""
+        base, plural = PATHS[kind]
+        path = f"{base}/namespaces/{namespace}/{plural}" if namespace else f"{base}/{plural}"
+        token = None
+        while True:
+            query = {"labelSelector": label_selector, "limit": str(page_size)}
+            if token:
+                query["continue"] = token
+            _, data = self._do("GET", path, query=query)
+            yield from data.get("items", [])
+            token = (data.get("metadata") or {}).get("continue")
+            if not token:
+                return
+
+    # --- writes ----------------------------------------------------------------------------------
+
+    def create_if_missing(self, obj: dict) -> dict:
+        """Create `obj` unless an object of that name exists; return what is there now."""
+        kind, meta = obj["kind"], obj["metadata"]
+        existing = self.get(kind, meta["namespace"], meta["name"])
+        if existing is not None:
+            return existing
+        base, plural = PATHS[kind]
+        try:
+            _, data = self._do("POST", f"{base}/namespaces/{meta['namespace']}/{plural}", body=obj, ok=(201, 200))
+        except KubeApiError as exc:
+            if exc.status == 409:  # a concurrent reconcile made it first: fine
+                return self.get(kind, meta["namespace"], meta["name"]) or obj
+            raise self._permanent(exc) from None
+        return data
+
+    def apply_owned(self, obj: dict, existing: dict | None) -> dict:
+        """Create or replace an object meshjoin owns; refuse to touch one it does not."""
+        kind, meta = obj["kind"], obj["metadata"]
+        base, plural = PATHS[kind]
+        collection = f"{base}/namespaces/{meta['namespace']}/{plural}"
+        try:
+            if existing is None:
+                _, data = self._do("POST", collection, body=obj, ok=(201, 200))
+                return data
+            if not names.owned(existing.get("metadata")):
+                raise ConflictError(f"{kind} {meta['namespace']}/{meta['name']} exists and is not managed by "
+                                    "meshjoin; remove it or rename the VM")
+            body = {**obj, "metadata": {**meta, "resourceVersion": existing["metadata"]["resourceVersion"]}}
+            _, data = self._do("PUT", f"{collection}/{meta['name']}", body=body)
+            return data
+        except KubeApiError as exc:
+            if exc.status == 409:
+                raise TransientError(f"{kind} {meta['namespace']}/{meta['name']} changed concurrently") from None
+            raise self._permanent(exc) from None
+
+    def delete_owned(self, kind: str, namespace: str, name: str, expected: dict | None = None) -> bool:
+        """Delete an object meshjoin owns (404 is success); the uid precondition guards races."""
+        base, plural = PATHS[kind]
+        obj = expected if expected is not None else self.get(kind, namespace, name)
+        if obj is None:
+            return False
+        if not names.owned(obj.get("metadata")):
+            return False
+        body = {"kind": "DeleteOptions", "apiVersion": "v1",
+                "preconditions": {"uid": obj["metadata"]["uid"]}}
+        status, _ = self._do("DELETE", f"{base}/namespaces/{namespace}/{plural}/{name}", body=body,
+                             ok=(200, 202, 404, 409))
+        return status in (200, 202)
+
+    @staticmethod
+    def _permanent(exc: KubeApiError) -> PermanentError:
+        if exc.status == 404:
+            return PermanentError(f"{exc} (does the namespace exist?)")
+        return PermanentError(str(exc))

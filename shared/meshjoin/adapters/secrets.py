@@ -1,0 +1,152 @@
+"""Secret Manager: the plug-in CA (read, cached) and the per-VM secrets (write, IAM, delete).
+
+A per-VM secret holds `{"key.pem", "cert-chain.pem", "root-cert.pem"}` as JSON; its IAM policy
+grants secretAccessor to the VM's own service account and nobody else.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+
+from .. import names, pki
+from ..errors import CaMaterialError
+from ..model import VmKey
+from ..settings import Settings
+from .retry import call
+
+ACCESSOR_ROLE = "roles/secretmanager.secretAccessor"
+
+
+@dataclass(frozen=True)
+class PluginCa:
+    bundle: pki.CaBundle
+    versions: tuple[str, ...]  # the four secret versions it was read from
+    fingerprint: str
+
+
+class SecretsAdapter:
+    def __init__(self, settings: Settings, credentials):
+        from google.cloud import secretmanager_v1
+
+        self._sm = secretmanager_v1
+        self._settings = settings
+        options = {"api_endpoint": settings.secretmanager_endpoint} if settings.secretmanager_endpoint else None
+        self._client = secretmanager_v1.SecretManagerServiceClient(
+            transport="rest", credentials=credentials, client_options=options)
+        self._ca: PluginCa | None = None
+        self._ca_read_at = float("-inf")
+        self._ca_lock = threading.Lock()
+
+    def _call(self, fn, what: str, permission: str, passthrough=()):
+        return call(fn, what=what, permission=permission, attempts=self._settings.api_attempts,
+                    passthrough=passthrough)
+
+    def _secret_path(self, secret_id: str) -> str:
+        return f"projects/{self._settings.project}/secrets/{secret_id}"
+
+    # --- the plug-in CA -------------------------------------------------------------------------
+
+    def plugin_ca(self) -> PluginCa:
+        """The CA, re-read at most every `ca_cache`; rebuilt only when a secret version changed."""
+        with self._ca_lock:
+            if self._ca is not None and time.monotonic() - self._ca_read_at < self._settings.ca_cache.total_seconds():
+                return self._ca
+            s = self._settings
+            parts = [self._access_latest(name) for name in
+                     (s.ca_cert_secret, s.ca_key_secret, s.ca_chain_secret, s.ca_root_secret)]
+            versions = tuple(name for name, _ in parts)
+            if self._ca is None or self._ca.versions != versions:
+                try:
+                    bundle = pki.load_ca_bundle(*(data for _, data in parts))
+                except CaMaterialError as exc:
+                    raise CaMaterialError(f"plug-in CA in Secret Manager ({', '.join(versions)}): {exc}") from None
+                self._ca = PluginCa(bundle, versions, pki.ca_fingerprint(bundle))
+            self._ca_read_at = time.monotonic()
+            return self._ca
+
+    def _access_latest(self, secret_id: str) -> tuple[str, bytes]:
+        name = f"{self._secret_path(secret_id)}/versions/latest"
+        response = self._call(lambda: self._client.access_secret_version(name=name),
+                              f"access {secret_id}", "secretmanager.versions.access")
+        return response.name, response.payload.data
+
+    # --- per-VM secrets -------------------------------------------------------------------------
+
+    def store_vm_material(self, key: VmKey, cert: pki.WorkloadCert, reader_service_account: str) -> str:
+        """Add a version holding the VM's key and chain; returns the version's resource name."""
+        # The REST transport maps ALREADY_EXISTS to its HTTP status: Conflict (409).
+        from google.api_core.exceptions import Conflict
+
+        secret_id = self.vm_secret_id(key)
+        parent = self._secret_path(secret_id)
+        secret = self._sm.Secret(
+            replication=self._sm.Replication(automatic=self._sm.Replication.Automatic()),
+            labels={names.SECRET_OWNER_LABEL: names.MANAGED_BY, "meshjoin-zone": key.zone,
+                    "meshjoin-instance": key.instance},
+        )
+        try:
+            self._call(lambda: self._client.create_secret(
+                parent=f"projects/{self._settings.project}", secret_id=secret_id, secret=secret),
+                f"create secret {secret_id}", "secretmanager.secrets.create", passthrough=(Conflict,))
+        except Conflict:
+            pass
+        self._restrict_access(parent, reader_service_account)
+        payload = json.dumps({"key.pem": cert.key_pem, "cert-chain.pem": cert.chain_pem,
+                              "root-cert.pem": cert.root_pem}).encode()
+        version = self._call(lambda: self._client.add_secret_version(
+            parent=parent, payload=self._sm.SecretPayload(data=payload)),
+            f"add version to {secret_id}", "secretmanager.versions.add")
+        return version.name
+
+    def _restrict_access(self, secret: str, reader_service_account: str) -> None:
+        """Exactly one binding: the VM's own service account may access; set only if different."""
+        from google.iam.v1 import iam_policy_pb2, policy_pb2
+
+        wanted = [(ACCESSOR_ROLE, (f"serviceAccount:{reader_service_account}",))]
+        policy = self._call(lambda: self._client.get_iam_policy(
+            request=iam_policy_pb2.GetIamPolicyRequest(resource=secret)),
+            f"getIamPolicy {secret}", "secretmanager.secrets.getIamPolicy")
+        current = [(b.role, tuple(sorted(b.members))) for b in policy.bindings]
+        if current == wanted:
+            return
+        new_policy = policy_pb2.Policy(
+            bindings=[policy_pb2.Binding(role=role, members=list(members)) for role, members in wanted],
+            etag=policy.etag)
+        self._call(lambda: self._client.set_iam_policy(
+            request=iam_policy_pb2.SetIamPolicyRequest(resource=secret, policy=new_policy)),
+            f"setIamPolicy {secret}", "secretmanager.secrets.setIamPolicy")
+
+    def vm_secret_id(self, key: VmKey) -> str:
+        return names.secret_id(key, self._settings.secret_prefix)
+
+    def destroy_version(self, version_name: str) -> None:
+        # Over REST, FAILED_PRECONDITION (already destroyed) arrives as BadRequest (400).
+        from google.api_core.exceptions import BadRequest, NotFound
+
+        try:
+            self._call(lambda: self._client.destroy_secret_version(name=version_name),
+                       f"destroy {version_name}", "secretmanager.versions.destroy",
+                       passthrough=(NotFound, BadRequest))
+        except (NotFound, BadRequest):
+            pass  # already gone or destroyed: the goal holds
+
+    def delete_vm_secret(self, key: VmKey) -> bool:
+        """Delete the VM's secret; False when there was none (404 is success)."""
+        from google.api_core.exceptions import NotFound
+
+        secret_id = self.vm_secret_id(key)
+        try:
+            self._call(lambda: self._client.delete_secret(name=self._secret_path(secret_id)),
+                       f"delete secret {secret_id}", "secretmanager.secrets.delete", passthrough=(NotFound,))
+        except NotFound:
+            return False
+        return True
+
+    def read_vm_material(self, version_name: str) -> dict[str, str]:
+        """The delivered JSON (tests and `meshjoin explain`); callers must not log it."""
+        response = self._call(lambda: self._client.access_secret_version(name=version_name),
+                              f"access {version_name}", "secretmanager.versions.access")
+        return json.loads(response.payload.data)

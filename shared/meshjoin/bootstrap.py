@@ -1,0 +1,136 @@
+"""What a VM needs to become a mesh workload, rendered into instance metadata items. Pure.
+
+Nothing here ever sees the private key: the VM fetches key + chain from its own secret version,
+named by `meshjoin-secret`. Every value that reaches a file on the VM is either validated by
+policy (DNS names, ports) or comes from settings, and is still quoted/encoded for its format,
+so no label or metadata value can add a line to cluster.env, /etc/hosts or the script.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from datetime import datetime
+from functools import lru_cache
+
+from . import names
+from .model import Identity, VmKey
+from .settings import Settings
+
+CERT_DIR = "/etc/certs"
+# Ports istio-agent and envoy use on the VM itself (istioctl writes the same list).
+LOCAL_EXCLUDE_PORTS = "15090,15021,15020"
+
+
+def cluster_env(key: VmKey, identity: Identity, settings: Settings) -> str:
+    """`/var/lib/istio/envoy/cluster.env`, with the keys `istioctl x workload entry configure` writes."""
+    workload_labels = {
+        "app": identity.app,
+        "version": identity.version,
+        "service.istio.io/canonical-name": identity.app,
+        "service.istio.io/canonical-revision": identity.version,
+    }
+    values = {
+        "CANONICAL_REVISION": identity.version,
+        "CANONICAL_SERVICE": identity.app,
+        "ISTIO_INBOUND_PORTS": ",".join(str(p) for p in identity.ports.values()) or "*",
+        "ISTIO_LOCAL_EXCLUDE_PORTS": LOCAL_EXCLUDE_PORTS,
+        "ISTIO_METAJSON_LABELS": json.dumps(workload_labels, separators=(",", ":")),
+        "ISTIO_META_CLUSTER_ID": settings.cluster_id,
+        "ISTIO_META_DNS_CAPTURE": "true",
+        "ISTIO_META_MESH_ID": settings.mesh_id,
+        "ISTIO_META_NETWORK": settings.network,
+        "ISTIO_META_WORKLOAD_NAME": identity.app,
+        "ISTIO_NAMESPACE": identity.namespace,
+        "ISTIO_SERVICE": f"{identity.app}.{identity.namespace}",
+        "ISTIO_SERVICE_CIDR": "*",
+        "POD_NAMESPACE": identity.namespace,
+        "SERVICE_ACCOUNT": identity.service_account,
+        "TRUST_DOMAIN": settings.trust_domain,
+        # istio-agent authenticates to istiod with the provisioned cert, then rotates it itself.
+        "PROV_CERT": CERT_DIR,
+        "OUTPUT_CERTS": CERT_DIR,
+    }
+    return "".join(f"{name}={_shell_value(value)}\n" for name, value in values.items())
+
+
+def _shell_value(value: str) -> str:
+    if "\n" in value or "\r" in value or "\0" in value:
+        raise ValueError("cluster.env values are single lines")  # policy validation makes this unreachable
+    return shlex.quote(value)
+
+
+def mesh_config(settings: Settings) -> str:
+    """`/etc/istio/config/mesh` (JSON is YAML, and json.dumps cannot be tricked into a new key)."""
+    default_config = {
+        "discoveryAddress": settings.istiod_address,
+        "proxyMetadata": {"CANONICAL_SERVICE_FROM_CLUSTER_ENV": "true"},
+    }
+    if settings.mesh_id:
+        default_config["meshId"] = settings.mesh_id
+    return json.dumps({"defaultConfig": default_config}, indent=2) + "\n"
+
+
+def hosts_lines(settings: Settings) -> str:
+    """Lines for /etc/hosts so the VM resolves istiod (through the east-west gateway IP)."""
+    if not settings.istiod_ip:
+        return ""
+    host = settings.istiod_address.rsplit(":", 1)[0]
+    return f"{settings.istiod_ip} {host}\n"
+
+
+@lru_cache(maxsize=1)
+def startup_script() -> str:
+    import jinja2  # only the join path needs it; keeps cold start of other paths lean
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("meshjoin", "templates"),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    keys = {
+        "cluster_env": names.CLUSTER_ENV_KEY,
+        "mesh_config": names.MESH_CONFIG_KEY,
+        "root_cert": names.ROOT_CERT_KEY,
+        "hosts": names.HOSTS_KEY,
+        "secret": names.SECRET_KEY,
+        "sidecar_url": names.SIDECAR_URL_KEY,
+        "sidecar_sha256": names.SIDECAR_SHA256_KEY,
+        "status": names.STATUS_KEY,
+    }
+    return env.get_template("startup-script.sh.j2").render(marker=names.STARTUP_SCRIPT_MARKER, keys=keys)
+
+
+def bootstrap_items(key: VmKey, identity: Identity, settings: Settings, *, root_pem: str,
+                    secret_version: str) -> dict[str, str]:
+    """The metadata items the VM agent reads (all but the status)."""
+    items = {
+        names.CLUSTER_ENV_KEY: cluster_env(key, identity, settings),
+        names.MESH_CONFIG_KEY: mesh_config(settings),
+        names.ROOT_CERT_KEY: root_pem,
+        names.HOSTS_KEY: hosts_lines(settings),
+        names.SECRET_KEY: secret_version,
+        names.STARTUP_SCRIPT_KEY: startup_script(),
+    }
+    if settings.sidecar_url:
+        items[names.SIDECAR_URL_KEY] = settings.sidecar_url
+        items[names.SIDECAR_SHA256_KEY] = settings.sidecar_sha256
+    return items
+
+
+def status_value(state: str, reason: str, now: datetime, **fields) -> str:
+    """`meshjoin-status`: what the VM owner reads with `gcloud compute instances describe`."""
+    status = {"state": state, "reason": reason, **{k: v for k, v in fields.items() if v is not None},
+              "updated": now.isoformat().replace("+00:00", "Z")}
+    return json.dumps(status, sort_keys=True)
+
+
+def parse_status(raw: str | None) -> dict:
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return {}  # the owner may have overwritten it; treat as absent
+    return value if isinstance(value, dict) else {}

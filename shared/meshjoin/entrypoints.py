@@ -1,0 +1,64 @@
+"""What the two Cloud Functions do with a CloudEvent; `functions/*/main.py` only forward here.
+
+Contract with Pub/Sub: return → ack; raise → HTTP 500 → redelivery (with backoff, then the
+dead-letter topic). Only transient failures raise; a bad message or a permanent failure is logged
+and acked, so nothing loops.
+"""
+
+from __future__ import annotations
+
+from .errors import BadMessage, SettingsError, TransientError
+from .events import Ignored, decode_push
+from .logs import configure, log
+from .runtime import runtime, utc_now
+
+configure()
+
+
+def handle_vm_event(cloud_event) -> None:
+    message_id = _message_id(cloud_event)
+    try:
+        rt = runtime()
+    except SettingsError as exc:
+        # Redelivery cannot fix configuration; ack and shout (every event will say the same).
+        log("CRITICAL", f"invalid settings: {exc}", outcome="failed", message_id=message_id)
+        return
+    try:
+        key = decode_push(cloud_event.data, now=utc_now(), max_age=rt.settings.max_event_age)
+    except BadMessage as exc:
+        log("WARNING", f"message rejected: {exc}", outcome="rejected", message_id=message_id)
+        return
+    except Ignored as exc:
+        log("INFO", f"message ignored: {exc}", outcome="ignored", message_id=message_id)
+        return
+    if key.project != rt.settings.project:
+        log("WARNING", f"message rejected: project {key.project} is not MESHJOIN_PROJECT", key=key,
+            outcome="rejected", message_id=message_id)
+        return
+    try:
+        outcome = rt.reconciler.reconcile(key)
+    except TransientError as exc:
+        log("WARNING", f"transient failure, Pub/Sub will redeliver: {exc}", key=key, outcome="retrying",
+            message_id=message_id)
+        raise
+    log("INFO", f"{outcome.verb}: {outcome.reason}", key=key, outcome=outcome.verb, state=outcome.state,
+        message_id=message_id, **_public(outcome.details))
+
+
+def handle_schedule(cloud_event) -> None:
+    log("INFO", "schedule tick received (maintenance sweep arrives with the maintenance release)",
+        outcome="ignored", message_id=_message_id(cloud_event))
+
+
+def _message_id(cloud_event) -> str | None:
+    data = getattr(cloud_event, "data", None)
+    if isinstance(data, dict) and isinstance(data.get("message"), dict):
+        value = data["message"].get("messageId")
+        return str(value)[:64] if value is not None else None
+    return None
+
+
+def _public(details: dict) -> dict:
+    """Outcome facts safe for a log line (names, times; never material)."""
+    keep = ("identity", "workloadEntry", "secret", "certNotAfter", "address")
+    return {k: details[k] for k in keep if k in details}

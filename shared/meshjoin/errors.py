@@ -1,0 +1,39 @@
+"""meshjoin's error vocabulary: each error says whether trying again can help.
+
+Entry points act on the kind alone: a `TransientError` is raised out of the function so Pub/Sub
+redelivers; a `PermanentError` is logged and the message acked (redelivery would loop forever).
+"""
+
+from __future__ import annotations
+
+
+class MeshjoinError(Exception):
+    """Base of meshjoin's own errors. Messages never carry key material."""
+
+
+class PermanentError(MeshjoinError):
+    """Trying again with the same input cannot succeed: log it, report it, ack."""
+
+
+class TransientError(MeshjoinError):
+    """A passing failure (429, 5xx, deadline, connection): retry with backoff, then redeliver."""
+
+
+class SettingsError(PermanentError):
+    """A setting is missing or invalid; the message names the environment variable."""
+
+
+class BadMessage(PermanentError):
+    """A Pub/Sub message that names no VM meshjoin should look at."""
+
+
+class CaMaterialError(PermanentError, ValueError):
+    """The plug-in CA material in Secret Manager is unusable (mismatched key, broken chain)."""
+
+
+class ApiPermissionError(PermanentError):
+    """An API refused for lack of permission; the message names the permission to grant."""
+
+
+class ConflictError(PermanentError):
+    """An object meshjoin would write exists and belongs to someone else."""

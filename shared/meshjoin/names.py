@@ -1,0 +1,40 @@
+"""Deterministic names and ownership marks: any step can be repeated, pruning touches only ours."""
+
+from __future__ import annotations
+
+from .model import VmKey
+
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+MANAGED_BY = "meshjoin"
+ANNOTATION_PREFIX = "meshjoin.dev/"
+SECRET_OWNER_LABEL = "managed-by"  # Secret Manager label keys allow no dots or slashes
+VM_LABEL = "meshjoin.dev/instance"  # on WorkloadEntries: lets a selector find one VM's entry
+
+# Instance metadata items meshjoin writes; the VM agent reads the bootstrap ones.
+STATUS_KEY = "meshjoin-status"
+SECRET_KEY = "meshjoin-secret"  # resource name of the secret VERSION the VM must fetch
+CLUSTER_ENV_KEY = "meshjoin-cluster-env"
+MESH_CONFIG_KEY = "meshjoin-mesh-config"
+ROOT_CERT_KEY = "meshjoin-root-cert"
+HOSTS_KEY = "meshjoin-hosts"
+SIDECAR_URL_KEY = "meshjoin-sidecar-url"
+SIDECAR_SHA256_KEY = "meshjoin-sidecar-sha256"
+STARTUP_SCRIPT_KEY = "startup-script"
+STARTUP_SCRIPT_MARKER = "# meshjoin-startup-script"
+MESHJOIN_KEYS = (STATUS_KEY, SECRET_KEY, CLUSTER_ENV_KEY, MESH_CONFIG_KEY, ROOT_CERT_KEY, HOSTS_KEY,
+                 SIDECAR_URL_KEY, SIDECAR_SHA256_KEY)
+
+
+def entry_name(key: VmKey) -> str:
+    """WorkloadEntry name: one per (zone, instance); a recreated VM gets the same name."""
+    return f"{key.instance}-{key.zone}"
+
+
+def secret_id(key: VmKey, prefix: str) -> str:
+    """Per-VM secret id ([a-zA-Z0-9_-]{1,255}): prefix-zone-instance."""
+    return f"{prefix}-{key.zone}-{key.instance}"
+
+
+def owned(metadata: dict | None) -> bool:
+    labels = (metadata or {}).get("labels") or {}
+    return labels.get(MANAGED_BY_LABEL) == MANAGED_BY

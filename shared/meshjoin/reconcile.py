@@ -1,0 +1,282 @@
+"""Reconcile one VM: make the mesh match what Compute says about it now.
+
+The same code serves the event function, the scheduled sweep and the CLI. It is level-triggered:
+whatever event arrived, it reads the VM and decides join / refresh / leave / deny from the truth,
+so duplicates and reordering converge to the same end state.
+
+Write order makes every prefix of a join safe to repeat: per-VM secret version → cluster
+objects → instance metadata (bootstrap + `meshjoin-status`). The status is written last, so
+`joined` is only ever claimed once everything it names exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Callable
+
+from . import bootstrap, names, pki, registration
+from .adapters.compute import ComputeAdapter, StaleFingerprint
+from .adapters.kube import KubeAdapter
+from .adapters.secrets import SecretsAdapter
+from .errors import PermanentError, TransientError
+from .logs import log
+from .model import Denial, Identity, Vm, VmKey
+from .policy import decide_identity
+from .settings import Settings
+
+MAX_METADATA_RACES = 5
+
+
+@dataclass
+class Outcome:
+    """What one reconcile did: a past-tense verb plus facts for the log line and the CLI."""
+
+    verb: str  # registered | renewed | unchanged | left | denied | ignored | failed
+    reason: str = ""
+    state: str | None = None
+    details: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """What the VM currently has, as recorded in its `meshjoin-status` by the last successful join."""
+
+    spiffe: str
+    instance_id: str
+    ca_fingerprint: str
+    secret_version: str
+    not_before: datetime
+    not_after: datetime
+
+    @classmethod
+    def from_status(cls, status: dict) -> "Delivered | None":
+        try:
+            return cls(
+                spiffe=status["identity"], instance_id=status["instanceId"], ca_fingerprint=status["caFingerprint"],
+                secret_version=status["secret"],
+                not_before=_parse_time(status["certNotBefore"]), not_after=_parse_time(status["certNotAfter"]))
+        except (KeyError, TypeError, ValueError):
+            return None
+
+
+def _parse_time(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def _rfc3339(value: datetime) -> str:
+    return value.isoformat().replace("+00:00", "Z")
+
+
+def needs_new_cert(delivered: Delivered | None, *, vm: Vm, spiffe: str, ca_fingerprint: str, now: datetime,
+                   settings: Settings, force: bool = False) -> str | None:
+    """Why the VM needs a freshly minted certificate, or None. Pure."""
+    if force:
+        return "forced"
+    if delivered is None:
+        return "no certificate delivered yet"
+    if delivered.instance_id != vm.instance_id:
+        return "the VM was recreated"
+    if delivered.spiffe != spiffe:
+        return "the identity changed"
+    if delivered.ca_fingerprint != ca_fingerprint:
+        return "the CA changed"
+    if pki.needs_renewal(delivered.not_before, delivered.not_after, now,
+                         renew_fraction=settings.renew_fraction,
+                         jitter_fraction=settings.renew_jitter_fraction, jitter_key=str(vm.key)):
+        return "the certificate reached its renewal point"
+    return None
+
+
+def has_traces(vm: Vm) -> bool:
+    """Whether meshjoin left anything on this VM that a leave must clean up."""
+    if any(k in vm.metadata for k in names.MESHJOIN_KEYS if k != names.STATUS_KEY):
+        return True
+    state = bootstrap.parse_status(vm.metadata.get(names.STATUS_KEY)).get("state")
+    return state in ("joined", "error")
+
+
+class Reconciler:
+    def __init__(self, settings: Settings, compute: ComputeAdapter, secrets: SecretsAdapter, kube: KubeAdapter,
+                 clock: Callable[[], datetime]):
+        self.settings = settings
+        self.compute = compute
+        self.secrets = secrets
+        self.kube = kube
+        self.clock = clock
+
+    def reconcile(self, key: VmKey, *, force_new_cert: bool = False, vm: Vm | None = None) -> Outcome:
+        """Converge one VM. A concurrent writer (412 on metadata) makes it re-read and decide again."""
+        minted: list[str] = []
+        try:
+            for _ in range(MAX_METADATA_RACES):
+                current = vm if vm is not None else self.compute.get_vm(key)
+                vm = None  # a given VM is only trusted for the first pass
+                try:
+                    outcome = self._decide_and_act(key, current, force_new_cert, minted)
+                except StaleFingerprint:
+                    continue
+                self._discard_unused(minted, keep=outcome.details.get("secret"))
+                return outcome
+            raise TransientError(f"{key}: metadata kept changing during reconcile")
+        except PermanentError as exc:
+            return self._fail(key, exc)
+
+    def _decide_and_act(self, key: VmKey, vm: Vm | None, force: bool, minted: list[str]) -> Outcome:
+        if vm is None:
+            self._remove_registration(key)
+            return Outcome("left", "the VM no longer exists")
+        if not vm.wants_mesh:
+            if not has_traces(vm):
+                return Outcome("ignored", "the VM is not labelled mesh=join")
+            self._remove_registration(key)
+            self._write_status(vm, "left", "the label mesh=join was removed", remove_bootstrap=True)
+            return Outcome("left", "the label mesh=join was removed", state="left")
+        decision = decide_identity(vm, self.settings)
+        if isinstance(decision, Denial):
+            return self._deny(vm, decision)
+        return self._join(vm, decision, force, minted)
+
+    # --- join -----------------------------------------------------------------------------------
+
+    def _join(self, vm: Vm, identity: Identity, force: bool, minted: list[str]) -> Outcome:
+        now = self.clock()
+        ca = self.secrets.plugin_ca()
+        spiffe = identity.spiffe(self.settings.trust_domain)
+        status = bootstrap.parse_status(vm.metadata.get(names.STATUS_KEY))
+        delivered = Delivered.from_status(status)
+        why_new = needs_new_cert(delivered, vm=vm, spiffe=spiffe, ca_fingerprint=ca.fingerprint, now=now,
+                                 settings=self.settings, force=force and not minted)
+        if why_new:
+            cert = pki.issue_workload_cert(ca.bundle, spiffe, now=now, ttl=self.settings.cert_ttl,
+                                           key_algorithm=self.settings.key_algorithm)
+            version = self.secrets.store_vm_material(vm.key, cert, vm.service_account)
+            minted.append(version)
+            delivered = Delivered(spiffe, vm.instance_id, ca.fingerprint, version, cert.not_before, cert.not_after)
+
+        entry = self._register(vm, identity, delivered.not_after, previous=status.get("workloadEntry"))
+        warnings = []
+        if vm.service_account == default_compute_account(vm):
+            warnings.append("the VM runs as the project's default compute service account, which other VMs "
+                            "share: they could read this VM's key; give it a dedicated service account")
+        items = bootstrap.bootstrap_items(vm.key, identity, self.settings, root_pem=ca.bundle.root_certs_pem,
+                                          secret_version=delivered.secret_version)
+        if names.STARTUP_SCRIPT_KEY in vm.metadata and \
+                names.STARTUP_SCRIPT_MARKER not in vm.metadata[names.STARTUP_SCRIPT_KEY]:
+            items.pop(names.STARTUP_SCRIPT_KEY)  # the owner's own script: never overwritten
+            warnings.append("startup-script belongs to the VM owner and was kept; run the meshjoin agent from it")
+        reason = f"joined as {spiffe}" + (f" ({why_new})" if why_new else "")
+        status_fields = dict(
+            identity=spiffe, workloadEntry=entry, secret=delivered.secret_version,
+            certNotBefore=_rfc3339(delivered.not_before), certNotAfter=_rfc3339(delivered.not_after),
+            caFingerprint=delivered.ca_fingerprint, instanceId=vm.instance_id, address=vm.network_ip,
+            warnings=warnings or None)
+        changed = self._write_metadata(vm, items, "joined", reason, status_fields)
+        verb = ("registered" if (delivered is None or why_new in ("no certificate delivered yet", "the VM was recreated",
+                                                                     "the identity changed", "forced"))
+                else "renewed" if why_new else "refreshed" if changed else "unchanged")
+        return Outcome(verb, reason, state="joined", details={**status_fields, "secret": delivered.secret_version})
+
+    def _register(self, vm: Vm, identity: Identity, cert_not_after: datetime, previous: str | None) -> str:
+        """Cluster side: ServiceAccount and Service if missing, then the VM's own WorkloadEntry."""
+        self.kube.create_if_missing(registration.service_account(identity))
+        service = registration.service(identity)
+        if service is not None:
+            self.kube.create_if_missing(service)
+        desired = registration.workload_entry(vm, identity, self.settings.network, cert_not_after)
+        meta = desired["metadata"]
+        existing = self.kube.get("WorkloadEntry", meta["namespace"], meta["name"])
+        if existing is None or not registration.entry_matches(existing, desired):
+            self.kube.apply_owned(desired, existing)
+            log("INFO", f"WorkloadEntry {meta['namespace']}/{meta['name']} applied", key=vm.key,
+                outcome="registered", address=vm.network_ip)
+        ref = f"{meta['namespace']}/{meta['name']}"
+        if previous and previous != ref:  # the identity moved to another namespace
+            old_namespace, _, old_name = previous.partition("/")
+            self._delete_entry(vm.key, old_namespace, old_name)
+        return ref
+
+    # --- deny / leave ---------------------------------------------------------------------------
+
+    def _deny(self, vm: Vm, denial: Denial) -> Outcome:
+        if has_traces(vm):
+            self._remove_registration(vm.key)
+        self._write_status(vm, "denied", denial.reason, remove_bootstrap=True)
+        log("WARNING", f"join denied: {denial.reason}", key=vm.key, outcome="denied")
+        return Outcome("denied", denial.reason, state="denied")
+
+    def _remove_registration(self, key: VmKey) -> None:
+        """Delete the VM's entries (any namespace), orphaned Services meshjoin made, and its secret."""
+        selector = f"{names.MANAGED_BY_LABEL}={names.MANAGED_BY},{names.VM_LABEL}={key.instance}"
+        for entry in list(self.kube.list("WorkloadEntry", selector)):
+            meta = entry["metadata"]
+            annotations = meta.get("annotations") or {}
+            if annotations.get(names.ANNOTATION_PREFIX + "zone") != key.zone or \
+                    annotations.get(names.ANNOTATION_PREFIX + "project") != key.project:
+                continue  # same instance name in another zone or project
+            self._delete_entry(key, meta["namespace"], meta["name"], entry)
+        if self.secrets.delete_vm_secret(key):
+            log("INFO", "per-VM secret deleted", key=key, outcome="pruned")
+
+    def _delete_entry(self, key: VmKey, namespace: str, name: str, entry: dict | None = None) -> None:
+        entry = entry or self.kube.get("WorkloadEntry", namespace, name)
+        if entry is None or not self.kube.delete_owned("WorkloadEntry", namespace, name, entry):
+            return
+        log("INFO", f"WorkloadEntry {namespace}/{name} deleted", key=key, outcome="unregistered")
+        app = (entry["metadata"].get("labels") or {}).get("app")
+        if app:
+            self._delete_service_if_unused(namespace, app)
+
+    def _delete_service_if_unused(self, namespace: str, app: str) -> None:
+        remaining = self.kube.list("WorkloadEntry", f"app={app}", namespace=namespace, page_size=1)
+        if next(iter(remaining), None) is None:
+            if self.kube.delete_owned("Service", namespace, app):
+                log("INFO", f"Service {namespace}/{app} deleted: no entry selects it", outcome="pruned")
+
+    # --- metadata -------------------------------------------------------------------------------
+
+    def _write_metadata(self, vm: Vm, items: dict[str, str], state: str, reason: str, fields: dict,
+                        remove: frozenset[str] = frozenset()) -> bool:
+        """Write bootstrap items + status unless nothing but the timestamp would change."""
+        old_status = bootstrap.parse_status(vm.metadata.get(names.STATUS_KEY))
+        new_status = bootstrap.status_value(state, reason, self.clock(), **fields)
+        same_status = {k: v for k, v in old_status.items() if k not in ("updated", "reason")} == \
+            {k: v for k, v in bootstrap.parse_status(new_status).items() if k not in ("updated", "reason")}
+        present = [k for k in remove if k in vm.metadata]
+        if same_status and not present and all(vm.metadata.get(k) == v for k, v in items.items()):
+            return False
+        self.compute.set_metadata(vm, {**items, names.STATUS_KEY: new_status}, remove=remove)
+        return True
+
+    def _write_status(self, vm: Vm, state: str, reason: str, remove_bootstrap: bool = False, **fields) -> None:
+        remove = set(names.MESHJOIN_KEYS) - {names.STATUS_KEY} if remove_bootstrap else set()
+        script = vm.metadata.get(names.STARTUP_SCRIPT_KEY, "")
+        if remove_bootstrap and names.STARTUP_SCRIPT_MARKER in script:
+            remove.add(names.STARTUP_SCRIPT_KEY)
+        self._write_metadata(vm, {}, state, reason, fields, remove=frozenset(remove))
+
+    # --- failure --------------------------------------------------------------------------------
+
+    def _fail(self, key: VmKey, exc: PermanentError) -> Outcome:
+        """A permanent failure: tell the VM owner in its status (best effort) and give up."""
+        reason = str(exc)
+        try:
+            vm = self.compute.get_vm(key)
+            if vm is not None and vm.wants_mesh:
+                self._write_status(vm, "error", reason)
+        except (TransientError, PermanentError, StaleFingerprint) as status_exc:
+            log("WARNING", f"could not record the error in meshjoin-status: {status_exc}", key=key)
+        log("ERROR", f"reconcile failed: {reason}", key=key, outcome="failed", error_kind=type(exc).__name__)
+        return Outcome("failed", reason, state="error")
+
+    def _discard_unused(self, minted: list[str], keep: str | None) -> None:
+        """Versions minted by a pass that lost a race are destroyed: one current version per VM."""
+        for version in minted:
+            if version != keep:
+                self.secrets.destroy_version(version)
+
+
+def default_compute_account(vm: Vm) -> str | None:
+    """`NUMBER-compute@developer.gserviceaccount.com` is the project default; shared by every VM using it."""
+    account = vm.service_account or ""
+    return account if account.endswith("-compute@developer.gserviceaccount.com") else None

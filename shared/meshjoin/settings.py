@@ -1,0 +1,153 @@
+"""Settings: one frozen object built from environment variables once per process.
+
+Every invalid value fails at cold start with a message naming the variable, so a bad deployment
+shows up in its first log line instead of as odd behaviour later.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Mapping
+
+from .errors import SettingsError
+from .pki import KEY_ALGORITHMS
+
+# Namespaces no VM may claim unless an operator lists them explicitly (a `*` does not count).
+PROTECTED_NAMESPACES = frozenset({"istio-system", "kube-system", "kube-public", "kube-node-lease"})
+_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+_CLUSTER = re.compile(r"^projects/[^/]+/locations/[^/]+/clusters/[^/]+$")
+
+
+def parse_duration(value: str) -> timedelta:
+    match = _DURATION.match(value.strip())
+    if not value.strip() or not match:
+        raise ValueError(f"not a duration like 24h, 90m or 1h30m: {value!r}")
+    days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
+    return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+@dataclass(frozen=True)
+class Settings:
+    project: str
+    cluster: str  # projects/P/locations/L/clusters/C
+    compute_endpoint: str | None = None
+    secretmanager_endpoint: str | None = None
+    container_endpoint: str | None = None
+    ca_cert_secret: str = "istio-ca-cert"
+    ca_key_secret: str = "istio-ca-key"
+    ca_chain_secret: str = "istio-cert-chain"
+    ca_root_secret: str = "istio-root-cert"
+    ca_cache: timedelta = timedelta(seconds=60)
+    trust_domain: str = "cluster.local"
+    allowed_namespaces: tuple[str, ...] = ("default",)
+    allowed_service_accounts: tuple[str, ...] = ("*/*",)  # fnmatch patterns on "namespace/name"
+    default_namespace: str = "default"
+    default_service_account: str = "default"
+    cert_ttl: timedelta = timedelta(hours=24)
+    renew_fraction: float = 0.5
+    renew_jitter_fraction: float = 0.1
+    key_algorithm: str = "ecdsa-p256"
+    istiod_address: str = "istiod.istio-system.svc:15012"
+    istiod_ip: str = ""
+    mesh_id: str = ""
+    cluster_id: str = "Kubernetes"
+    network: str = ""
+    max_event_age: timedelta = timedelta(hours=1)
+    secret_prefix: str = "meshjoin-vm"
+    api_attempts: int = 4
+    sidecar_url: str = ""
+    sidecar_sha256: str = ""
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def cluster_location(self) -> str:
+        return self.cluster.split("/")[3]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> "Settings":
+        """Build and validate from `MESHJOIN_*` variables; `SettingsError` names the bad one."""
+        values: dict = {}
+
+        def text(name: str, attr: str, required: bool = False) -> None:
+            value = env.get(name, "").strip()
+            if value:
+                values[attr] = value
+            elif required:
+                raise SettingsError(f"{name} is required but not set")
+
+        def convert(name: str, attr: str, parse) -> None:
+            raw = env.get(name, "").strip()
+            if not raw:
+                return
+            try:
+                values[attr] = parse(raw)
+            except ValueError as exc:
+                raise SettingsError(f"{name}={raw!r} is invalid: {exc}") from None
+
+        text("MESHJOIN_PROJECT", "project", required=True)
+        text("MESHJOIN_CLUSTER", "cluster", required=True)
+        if not _CLUSTER.match(values["cluster"]):
+            raise SettingsError(
+                f"MESHJOIN_CLUSTER={values['cluster']!r} is invalid: want projects/P/locations/L/clusters/C")
+        for name, attr in [
+            ("MESHJOIN_COMPUTE_ENDPOINT", "compute_endpoint"),
+            ("MESHJOIN_SECRETMANAGER_ENDPOINT", "secretmanager_endpoint"),
+            ("MESHJOIN_CONTAINER_ENDPOINT", "container_endpoint"),
+            ("MESHJOIN_CA_CERT_SECRET", "ca_cert_secret"),
+            ("MESHJOIN_CA_KEY_SECRET", "ca_key_secret"),
+            ("MESHJOIN_CA_CHAIN_SECRET", "ca_chain_secret"),
+            ("MESHJOIN_CA_ROOT_SECRET", "ca_root_secret"),
+            ("MESHJOIN_TRUST_DOMAIN", "trust_domain"),
+            ("MESHJOIN_DEFAULT_NAMESPACE", "default_namespace"),
+            ("MESHJOIN_DEFAULT_SERVICE_ACCOUNT", "default_service_account"),
+            ("MESHJOIN_ISTIOD_ADDRESS", "istiod_address"),
+            ("MESHJOIN_ISTIOD_IP", "istiod_ip"),
+            ("MESHJOIN_MESH_ID", "mesh_id"),
+            ("MESHJOIN_CLUSTER_ID", "cluster_id"),
+            ("MESHJOIN_NETWORK", "network"),
+            ("MESHJOIN_SECRET_PREFIX", "secret_prefix"),
+            ("MESHJOIN_SIDECAR_URL", "sidecar_url"),
+            ("MESHJOIN_SIDECAR_SHA256", "sidecar_sha256"),
+        ]:
+            text(name, attr)
+        convert("MESHJOIN_ALLOWED_NAMESPACES", "allowed_namespaces", _csv)
+        convert("MESHJOIN_ALLOWED_SERVICE_ACCOUNTS", "allowed_service_accounts", _csv)
+        convert("MESHJOIN_CERT_TTL", "cert_ttl", parse_duration)
+        convert("MESHJOIN_CA_CACHE", "ca_cache", parse_duration)
+        convert("MESHJOIN_MAX_EVENT_AGE", "max_event_age", parse_duration)
+        convert("MESHJOIN_RENEW_FRACTION", "renew_fraction", _fraction)
+        convert("MESHJOIN_RENEW_JITTER", "renew_jitter_fraction", _fraction)
+        convert("MESHJOIN_API_ATTEMPTS", "api_attempts", _positive_int)
+        convert("MESHJOIN_KEY_ALGORITHM", "key_algorithm", _key_algorithm)
+        settings = cls(**values)
+        if settings.cert_ttl < timedelta(minutes=1):
+            raise SettingsError(f"MESHJOIN_CERT_TTL must be at least 1m, got {settings.cert_ttl}")
+        if settings.renew_fraction + settings.renew_jitter_fraction >= 1:
+            raise SettingsError("MESHJOIN_RENEW_FRACTION + MESHJOIN_RENEW_JITTER must stay below 1")
+        return settings
+
+
+def _fraction(raw: str) -> float:
+    value = float(raw)
+    if not 0 <= value < 1:
+        raise ValueError("must be a fraction in [0, 1)")
+    return value
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _key_algorithm(raw: str) -> str:
+    if raw not in KEY_ALGORITHMS:
+        raise ValueError(f"must be one of {', '.join(KEY_ALGORITHMS)}")
+    return raw
