@@ -65,7 +65,8 @@ def render_error(err: ApiError):
             "code": err.status,
             "message": err.message,
             "status": GOOGLE_STATUS.get(err.status, "UNKNOWN"),
-            "errors": [{"message": err.message, "domain": "global", "reason": _REASONS.get(err.status, "backendError")}],
+            "errors": [{"message": err.message, "domain": "global",
+                        "reason": _REASONS.get(err.status, "backendError")}],
         }
     }
     return json_response(body, err.status)
@@ -131,7 +132,8 @@ def parse_filter(text: str) -> list[_Term]:
     while pos < len(text):
         match = _FILTER_GROUP.match(text, pos)
         if match is None:
-            raise ApiError(400, f"Invalid value for field 'filter': '{text}'. Only AND of parenthesised terms is supported.")
+            raise ApiError(400, f"Invalid value for field 'filter': '{text}'. "
+                                "Only an AND of parenthesised terms is supported.")
         terms.append(_Term(match.group(1)))
         pos = match.end()
     return terms
@@ -158,10 +160,16 @@ def _check_labels(labels: dict) -> None:
                                 "must be lowercase letters, digits, '_' or '-' (keys start with a letter, <= 63).")
 
 
-def _check_metadata_items(items: list) -> None:
+def _not_found(path: str) -> ApiError:
+    return ApiError(404, f"The resource '{path}' was not found")
+
+
+def _metadata_items(metadata: dict) -> list[dict]:
+    """The `items` of a Metadata body, checked against GCE's key syntax and size limits."""
+    items = [{"key": i.get("key", ""), "value": i.get("value", "")} for i in metadata.get("items", [])]
     seen, total = set(), 0
     for index, item in enumerate(items):
-        key, value = item.get("key", ""), item.get("value", "")
+        key, value = item["key"], item["value"]
         if not _METADATA_KEY.fullmatch(key):
             raise ApiError(400, f"Invalid value for field 'metadata.items[{index}].key': '{key}'.")
         if key in seen:
@@ -174,6 +182,7 @@ def _check_metadata_items(items: list) -> None:
         total += size + len(key)
     if total > METADATA_TOTAL_LIMIT:
         raise ApiError(400, f"Metadata is too large: {total} bytes in total (maximum {METADATA_TOTAL_LIMIT}).")
+    return items
 
 
 class ComputeEmulator:
@@ -275,7 +284,7 @@ class ComputeEmulator:
     def _must_get(self, zone: str, name: str) -> dict:
         found = self._instances.get((zone, name))
         if found is None:
-            raise ApiError(404, f"The resource 'projects/{self.world.project}/zones/{zone}/instances/{name}' was not found")
+            raise _not_found(f"projects/{self.world.project}/zones/{zone}/instances/{name}")
         return found
 
     # ---- instances -----------------------------------------------------------------------------------
@@ -297,11 +306,11 @@ class ComputeEmulator:
             raise ApiError(400, f"Invalid value for field 'resource.name': '{name}'. Must be a match of regex "
                                 "'(?:[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?)'")
         if (zone, name) in self._instances:
-            raise ApiError(409, f"The resource 'projects/{self.world.project}/zones/{zone}/instances/{name}' already exists")
+            path = f"projects/{self.world.project}/zones/{zone}/instances/{name}"
+            raise ApiError(409, f"The resource '{path}' already exists")
         labels = dict(body.get("labels") or {})
         _check_labels(labels)
-        items = [{"key": i.get("key", ""), "value": i.get("value", "")} for i in (body.get("metadata") or {}).get("items", [])]
-        _check_metadata_items(items)
+        items = _metadata_items(body.get("metadata") or {})
         project, region = self.world.project, zone.rsplit("-", 1)[0]
         machine_type = (body.get("machineType") or "e2-medium").rsplit("/", 1)[-1]
         nic = (body.get("networkInterfaces") or [{}])[0]
@@ -332,7 +341,7 @@ class ComputeEmulator:
             "disks": body.get("disks") or [],
             "metadata": {"kind": "compute#metadata", "fingerprint": _fingerprint(), "items": items},
             "serviceAccounts": [{
-                "email": a.get("email") if a.get("email") not in (None, "", "default") else self.world.default_compute_sa,
+                "email": self.world.default_compute_sa if a.get("email") in (None, "", "default") else a["email"],
                 "scopes": a.get("scopes") or DEFAULT_SCOPES,
             } for a in accounts],
             "selfLink": f"{self._zone_url(zone)}/instances/{name}",
@@ -455,8 +464,7 @@ class ComputeEmulator:
             found = self._must_get(zone, instance)
             if body.get("fingerprint") != found["metadata"]["fingerprint"]:
                 raise ApiError(412, "Supplied fingerprint does not match current metadata fingerprint.")
-            items = [{"key": i.get("key", ""), "value": i.get("value", "")} for i in body.get("items", [])]
-            _check_metadata_items(items)
+            items = _metadata_items(body)
             found["metadata"] = {"kind": "compute#metadata", "fingerprint": _fingerprint(), "items": items}
             operation, entries = self._record(request, zone, "setMetadata", found)
         return self._answer(operation, entries)
@@ -466,7 +474,8 @@ class ComputeEmulator:
     def _record(self, request, zone: str, verb: str, instance: dict) -> tuple[dict, list[dict]]:
         """Store the RUNNING operation of a mutation just applied, and build its audit entries (lock held)."""
         started = _now()
-        op_name = f"operation-{int(started.timestamp() * 1000)}-{secrets.token_hex(7)}-{secrets.token_hex(4)}-{secrets.token_hex(4)}"
+        op_name = "-".join(["operation", str(int(started.timestamp() * 1000)),
+                            secrets.token_hex(7), secrets.token_hex(4), secrets.token_hex(4)])
         operation = {
             "kind": "compute#operation",
             "id": str(10**18 + secrets.randbelow(8 * 10**18)),
@@ -536,7 +545,7 @@ class ComputeEmulator:
         with self.world.lock:
             found = self._operations.get((zone, operation))
             if found is None:
-                raise ApiError(404, f"The resource 'projects/{project}/zones/{zone}/operations/{operation}' was not found")
+                raise _not_found(f"projects/{project}/zones/{zone}/operations/{operation}")
             if found["status"] != "DONE":
                 found.update(status="DONE", progress=100, endTime=_gce_time(_now()))
             return json_response(found)

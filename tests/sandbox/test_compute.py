@@ -83,7 +83,8 @@ def list_names(gce, filter_="", max_results=None, zone=ZONE):
 # ---- instances and operations -----------------------------------------------------------------------
 
 def test_insert_returns_running_operation_then_done_and_instance_looks_like_gce(gce):
-    resource = compute_v1.Instance(name="vm-1", labels={"mesh": "join"}, machine_type=f"zones/{ZONE}/machineTypes/e2-small",
+    resource = compute_v1.Instance(name="vm-1", labels={"mesh": "join"},
+                                   machine_type=f"zones/{ZONE}/machineTypes/e2-small",
                                    metadata=compute_v1.Metadata(items=[compute_v1.Items(key="a", value="b")]))
     op = gce.instances.insert_unary(project=gce.project, zone=ZONE, instance_resource=resource)
     assert op.status == Status.RUNNING and op.name.startswith("operation-")
@@ -154,7 +155,8 @@ def test_delete_then_get_is_not_found(gce):
 def test_network_ips_are_unique_and_sequential(gce):
     seeded = [gce.emulator.seed_instance(ZONE, f"vm-{n}") for n in range(20)]
     insert(gce, "vm-api")
-    ips = [i["networkInterfaces"][0]["networkIP"] for i in seeded] + [get(gce, "vm-api").network_interfaces[0].network_i_p]
+    ips = [i["networkInterfaces"][0]["networkIP"] for i in seeded]
+    ips.append(get(gce, "vm-api").network_interfaces[0].network_i_p)
     assert len(set(ips)) == 21
     assert ips[:3] == ["10.128.0.2", "10.128.0.3", "10.128.0.4"]
 
@@ -248,7 +250,8 @@ def test_list_filters(fleet, filter_, expected):
 
 
 def test_list_pages_in_name_order(fleet):
-    request = compute_v1.ListInstancesRequest(project=fleet.project, zone=ZONE, filter="labels.mesh=join", max_results=3)
+    request = compute_v1.ListInstancesRequest(project=fleet.project, zone=ZONE, filter="labels.mesh=join",
+                                              max_results=3)
     pager = fleet.instances.list(request=request)
     pages = [[i.name for i in page.items] for page in pager.pages]
     assert pages == [JOINED[:3], JOINED[3:6], JOINED[6:]]
@@ -263,7 +266,9 @@ def test_unsupported_filters_are_rejected(fleet, filter_):
 def test_aggregated_list_filters_and_pages_across_zones(fleet):
     request = compute_v1.AggregatedListInstancesRequest(project=fleet.project, filter="labels.mesh=join", max_results=3)
     pages = list(fleet.instances.aggregated_list(request=request).pages)
-    found = [sorted((scope, i.name) for scope, scoped in page.items.items() for i in scoped.instances) for page in pages]
+    # Map order within a page is not preserved by the proto map, so compare each page sorted.
+    found = [sorted((scope, i.name) for scope, scoped in page.items.items() for i in scoped.instances)
+             for page in pages]
     everything = [(f"zones/{ZONE}", n) for n in JOINED] + [(f"zones/{OTHER_ZONE}", "joined-b")]
     assert found == [everything[:3], everything[3:6], everything[6:]]
     # Zones without results on a page carry GCE's warning instead of instances.
@@ -290,7 +295,8 @@ def test_insert_set_labels_and_delete_log_first_and_last_entries(gce):
                                      metadata_resource=compute_v1.Metadata(fingerprint=vm.metadata.fingerprint))
     gce.instances.delete_unary(project=gce.project, zone=ZONE, instance="vm-1")
 
-    methods = [(e["protoPayload"]["methodName"], "first" if e["operation"].get("first") else "last") for e in gce.events]
+    methods = [(e["protoPayload"]["methodName"], "first" if e["operation"].get("first") else "last")
+               for e in gce.events]
     assert methods == [
         ("v1.compute.instances.insert", "first"), ("v1.compute.instances.insert", "last"),
         ("v1.compute.instances.setLabels", "first"), ("v1.compute.instances.setLabels", "last"),

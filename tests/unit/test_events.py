@@ -1,0 +1,129 @@
+"""Event decoding: table of push bodies (shapes from ../shared/DESIGN.md) → VM key or a clear refusal."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from meshjoin.errors import BadMessage
+from meshjoin.events import MAX_MESSAGE_BYTES, Ignored, decode_push
+from meshjoin.model import VmKey
+
+NOW = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
+MAX_AGE = timedelta(hours=1)
+KEY = VmKey("my-project", "us-central1-a", "vm-1")
+
+
+def audit_entry(method="v1.compute.instances.insert", *, first=False, last=True,
+                resource="projects/my-project/zones/us-central1-a/instances/vm-1",
+                service="compute.googleapis.com", project_label="my-project") -> dict:
+    """A Cloud Audit Log LogEntry as the Log Router sink publishes it (see DESIGN.md)."""
+    operation = {"id": "operation-1700000000000-abc", "producer": "compute.googleapis.com"}
+    if first:
+        operation["first"] = True
+    if last:
+        operation["last"] = True
+    return {
+        "protoPayload": {
+            "@type": "type.googleapis.com/google.cloud.audit.AuditLog",
+            "serviceName": service,
+            "methodName": method,
+            "resourceName": resource,
+            "authenticationInfo": {"principalEmail": "owner@example.com"},
+            "request": {"@type": "type.googleapis.com/compute.instances.insert"},
+        },
+        "insertId": "abc123",
+        "resource": {"type": "gce_instance",
+                     "labels": {"instance_id": "4242", "project_id": project_label, "zone": "us-central1-a"}},
+        "timestamp": "2026-11-21T11:59:58Z",
+        "severity": "NOTICE",
+        "logName": "projects/my-project/logs/cloudaudit.googleapis.com%2Factivity",
+        "operation": operation,
+    }
+
+
+def push(payload, *, raw: bytes | None = None, publish_time="2026-11-21T11:59:59.123Z") -> dict:
+    data = raw if raw is not None else json.dumps(payload).encode()
+    message = {"data": base64.b64encode(data).decode(), "attributes": {}, "messageId": "1"}
+    if publish_time:
+        message["publishTime"] = publish_time
+    return {"message": message}
+
+
+def decode(body):
+    return decode_push(body, now=NOW, max_age=MAX_AGE)
+
+
+@pytest.mark.parametrize("body", [
+    pytest.param(push(audit_entry("v1.compute.instances.insert")), id="v1-insert-last"),
+    pytest.param(push(audit_entry("beta.compute.instances.insert")), id="beta-insert-last (Console)"),
+    pytest.param(push(audit_entry("v1.compute.instances.delete")), id="v1-delete-last"),
+    pytest.param(push(audit_entry("beta.compute.instances.delete")), id="beta-delete-last"),
+    pytest.param(push(audit_entry("v1.compute.instances.setLabels")), id="v1-setLabels-last"),
+    pytest.param(push(audit_entry("v1.compute.instances.setLabels", first=True, last=True)),
+                 id="single entry both first and last"),
+    pytest.param(push(audit_entry("v1.compute.instances.insert", first=False, last=False)),
+                 id="entry without operation markers"),
+    pytest.param(push(audit_entry(resource="projects/123456/zones/us-central1-a/instances/vm-1")),
+                 id="project by number, id from resource labels"),
+    pytest.param(push({"project": "my-project", "zone": "us-central1-a", "instance": "vm-1"}),
+                 id="operator message"),
+    pytest.param(push({"project": "my-project", "zone": "us-central1-a", "instance": "vm-1", "note": "x"}),
+                 id="operator message with extra field"),
+    pytest.param(push({"project": "my-project", "zone": "us-central1-a", "instance": "vm-1"}, publish_time=None),
+                 id="no publishTime"),
+])
+def test_decodes_to_vm_key(body):
+    assert decode(body) == KEY
+
+
+@pytest.mark.parametrize("body, words", [
+    pytest.param(push(audit_entry("v1.compute.instances.insert", first=True, last=False)),
+                 "first entry", id="first entry waits for last"),
+    pytest.param(push(audit_entry("v1.compute.instances.stop")), "compute.instances.stop", id="other method"),
+    pytest.param(push(audit_entry("v1.compute.disks.insert")), "disks.insert", id="other resource"),
+    pytest.param(push(audit_entry(service="storage.googleapis.com")), "storage.googleapis.com",
+                 id="other service"),
+    pytest.param(push({"project": "my-project", "zone": "us-central1-a", "instance": "vm-1"},
+                      publish_time="2026-11-21T10:00:00Z"), "older than", id="stale event"),
+])
+def test_ignored(body, words):
+    with pytest.raises(Ignored, match=words):
+        decode(body)
+
+
+@pytest.mark.parametrize("body, words", [
+    pytest.param({}, "no `message`", id="empty envelope"),
+    pytest.param([], "no `message`", id="envelope is a list"),
+    pytest.param({"message": "x"}, "no `message`", id="message not an object"),
+    pytest.param({"message": {"data": ""}}, "no data", id="empty data"),
+    pytest.param({"message": {}}, "no data", id="missing data"),
+    pytest.param({"message": {"data": 12}}, "base64 string", id="data not a string"),
+    pytest.param({"message": {"data": "!!notbase64!!"}}, "not valid base64", id="garbage base64"),
+    pytest.param(push(None, raw=b"\xff\xfe garbage"), "not JSON", id="binary garbage"),
+    pytest.param(push(None, raw=b"hello"), "not JSON", id="plain text"),
+    pytest.param(push(None, raw=b"{}"), "neither", id="empty json object"),
+    pytest.param(push([1, 2]), "neither", id="json list"),
+    pytest.param(push("just a string"), "neither", id="json string"),
+    pytest.param(push(None, raw=b"x" * (MAX_MESSAGE_BYTES + 10)), "exceeds", id="huge payload"),
+    pytest.param(push({"project": "my-project", "zone": "us-central1-a", "instance": 7}), "must be strings",
+                 id="operator instance not a string"),
+    pytest.param(push({"project": "my-project", "zone": "us-central1-a", "instance": "VM_1"}), "instance",
+                 id="operator instance invalid"),
+    pytest.param(push({"project": "my-project", "zone": "../etc", "instance": "vm-1"}), "zone",
+                 id="operator zone path traversal"),
+    pytest.param(push({"project": "x", "zone": "us-central1-a", "instance": "vm-1"}), "project",
+                 id="operator project too short"),
+    pytest.param(push({"project": "my-project", "zone": "us-central1-a", "instance": "vm-1\nX"}), "instance",
+                 id="newline in instance"),
+    pytest.param(push(audit_entry(resource="projects/p/global/networks/n")), "resourceName", id="bad resource"),
+    pytest.param(push({"protoPayload": "x"}), "protoPayload", id="protoPayload not object"),
+    pytest.param(push({"project": "my-project", "zone": "us-central1-a", "instance": "vm-1"},
+                      publish_time="yesterday"), "RFC 3339", id="bad publishTime"),
+])
+def test_rejected(body, words):
+    with pytest.raises(BadMessage, match=words):
+        decode(body)
