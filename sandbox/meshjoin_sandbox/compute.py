@@ -60,6 +60,7 @@ _AUDITED = {"insert", "delete", "setLabels"}
 
 
 def render_error(err: ApiError):
+    """Compute's flavour of the Google JSON error (api_core maps the HTTP status to an exception)."""
     body = {
         "error": {
             "code": err.status,

@@ -33,6 +33,7 @@ class SandboxConfig:
     schedule_topic: str = "meshjoin-schedule"
     dead_letter_topic: str = "meshjoin-dead-letter"
     ca_secrets: tuple[str, ...] = ("istio-ca-cert", "istio-ca-key", "istio-cert-chain", "istio-root-cert")
+    app_namespaces: tuple[str, ...] = ("apps", "payments")
     # Extra settings for the functions (e.g. a short cert TTL in a test), merged into their env.
     function_env: dict[str, str] = field(default_factory=dict)
 
@@ -55,4 +56,5 @@ class SandboxConfig:
         except FileNotFoundError:
             raise SystemExit(f"no sandbox in {state_dir}: run `meshjoin sandbox up` first") from None
         data["ca_secrets"] = tuple(data["ca_secrets"])
+        data["app_namespaces"] = tuple(data["app_namespaces"])
         return cls(**data)

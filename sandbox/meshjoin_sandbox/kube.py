@@ -63,6 +63,9 @@ REASON_BY_CODE = {
 }
 STATUS_REASONS = {*REASON_BY_CODE.values(), "AlreadyExists"}
 NOT_FOUND_MESSAGE = "the server could not find the requested resource"
+OBJECT_MEDIA_TYPES = ("application/json", "application/yaml")
+PATCH_MEDIA_TYPES = ("application/json-patch+json", "application/merge-patch+json",
+                     "application/strategic-merge-patch+json")
 
 
 # --- names and labels: the apimachinery validators every object's metadata goes through -------------
@@ -560,8 +563,26 @@ def decode_continue(token: str) -> tuple[str, str]:
         raise ApiError(400, "continue key is not valid: " + str(exc), "BadRequest") from exc
 
 
+def read_body(request: Request, media_types: tuple[str, ...]) -> Any:
+    """The request body in one of `media_types` (JSON or YAML); 415 for anything else, e.g. protobuf."""
+    if request.mimetype not in media_types:
+        raise ApiError(415, f"the body of the request was in an unknown format - accepted media types include: "
+                            f"{', '.join(media_types)}", "UnsupportedMediaType")
+    if request.mimetype != "application/yaml":
+        return read_json(request)
+    try:
+        return yaml.safe_load(request.get_data(as_text=True)) or {}
+    except yaml.YAMLError as exc:
+        raise ApiError(400, f"request body is not YAML: {exc}", "BadRequest") from exc
+
+
 def now_rfc3339() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _content(obj: dict) -> dict:
+    """What metadata.generation tracks: everything but type, metadata and status."""
+    return {k: v for k, v in obj.items() if k not in ("apiVersion", "kind", "metadata", "status")}
 
 
 def _is_true(value: str | None) -> bool:
@@ -751,7 +772,7 @@ class KubeEmulator:
         """An empty OpenAPI v2 document (protobuf), v3 absent: kubectl then skips client-side schema
         validation for these kinds and relies on the server, which validates every write."""
         if rest == "v2":
-            return Response(b"", content_type="application/com.github.proto-openapi.spec.v2@v1.0+protobuf")
+            return Response(b"", content_type="application/com.github.proto-openapi.spec.v2.v1.0+protobuf")
         raise ApiError(404, NOT_FOUND_MESSAGE, "NotFound")
 
     # -- object plumbing
@@ -790,7 +811,7 @@ class KubeEmulator:
     @staticmethod
     def _read_object(request: Request, kind: Kind, version: str, namespace: str | None) -> dict:
         """The request body as an object of `kind`, its type and namespace reconciled with the URL."""
-        body = read_json(request)
+        body = read_body(request, OBJECT_MEDIA_TYPES)
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object", "BadRequest")
         expected = kind.api_version(version)
@@ -1006,22 +1027,17 @@ class KubeEmulator:
     def _patch(self, request: Request, version: str, plural: str, name: str, group: str = "",
                namespace: str | None = None, subresource: str | None = None) -> Response:
         kind = self._kind(group, version, plural, namespace, item=True, subresource=subresource)
-        patch = read_json(request)
-        content_type = request.mimetype
+        patch = read_body(request, PATCH_MEDIA_TYPES)
         with self._lock:
             old = self._stored(kind, namespace, name)
             current = self._render(kind, old, version)
             try:
-                if content_type == "application/json-patch+json":
+                if request.mimetype == "application/json-patch+json":
                     patched = json_patch(current, patch)
-                elif content_type == "application/merge-patch+json":
+                elif request.mimetype == "application/merge-patch+json":
                     patched = merge_patch(current, patch)
-                elif content_type == "application/strategic-merge-patch+json":
-                    patched = merge_patch(current, strip_directives(patch))
                 else:
-                    raise ApiError(415, f"the body of the request was in an unknown format - accepted media types "
-                                        "include: application/json-patch+json, application/merge-patch+json, "
-                                        "application/strategic-merge-patch+json", "UnsupportedMediaType")
+                    patched = merge_patch(current, strip_directives(patch))
             except PatchFailed as exc:
                 raise ApiError(422, str(exc), "Invalid") from exc
             if not isinstance(patched, dict) or not isinstance(patched.get("metadata"), dict):
@@ -1060,8 +1076,7 @@ class KubeEmulator:
         for key in ("uid", "creationTimestamp", "generation"):
             meta[key] = old_meta[key]
         headers = self._admit(kind, version, new, old, request.args.get("fieldValidation", "Warn"))
-        body_of = lambda obj: {k: v for k, v in obj.items() if k not in ("apiVersion", "kind", "metadata", "status")}
-        if body_of(new) != body_of(old):
+        if _content(new) != _content(old):
             meta["generation"] = old_meta["generation"] + 1
         if _dry_run(request):
             meta["resourceVersion"] = old_meta["resourceVersion"]
@@ -1074,7 +1089,7 @@ class KubeEmulator:
     def _delete(self, request: Request, version: str, plural: str, name: str, group: str = "",
                 namespace: str | None = None) -> Response:
         kind = self._kind(group, version, plural, namespace, item=True)
-        options = read_json(request)
+        options = read_body(request, OBJECT_MEDIA_TYPES) if request.get_data() else {}
         preconditions = (options.get("preconditions") if isinstance(options, dict) else None) or {}
         with self._lock:
             obj = self._stored(kind, namespace, name)

@@ -90,7 +90,8 @@ def product_env(cfg: SandboxConfig) -> dict[str, str]:
         "MESHJOIN_CA_ROOT_SECRET": cfg.ca_secrets[3],
         "MESHJOIN_EVENTS_TOPIC": cfg.events_topic,
         "MESHJOIN_SCHEDULE_TOPIC": cfg.schedule_topic,
-        "MESHJOIN_ALLOWED_NAMESPACES": "default,apps,payments",
+        "MESHJOIN_ALLOWED_NAMESPACES": ",".join(("default", *cfg.app_namespaces)),
+        "MESHJOIN_ALLOWED_SERVICE_ACCOUNTS": "*/default,apps/*,payments/checkout",
         "MESHJOIN_ISTIOD_ADDRESS": "istiod.istio-system.svc:15012",
         "MESHJOIN_ISTIOD_IP": "10.128.15.250",
         "GCE_METADATA_HOST": f"127.0.0.1:{cfg.ports['metadata']}",
@@ -247,6 +248,7 @@ def up(state_dir: Path, ca_dir: Path | None = None, function_env: dict[str, str]
             if time.monotonic() > deadline:
                 raise SandboxError(f"the emulators did not become ready; log {log}\n{tail(log)}")
             time.sleep(0.05)
+        create_app_namespaces(cfg)
         fn_env = {**base_env, **product_env(cfg), "PYTHONUNBUFFERED": "1"}
         for port_name, source, target, _ in FUNCTIONS:
             proc, log = procs.start(port_name, [
@@ -269,6 +271,19 @@ def find_crds() -> Path:
         if path.exists():
             return path
     raise SandboxError("Istio CRDs not found at ../shared/reference/istio/vm-crds.yaml")
+
+
+def create_app_namespaces(cfg: SandboxConfig) -> None:
+    """The namespaces an operator would have made for VM workloads (meshjoin never creates namespaces)."""
+    import requests
+
+    for namespace in cfg.app_namespaces:
+        response = requests.post(
+            f"https://127.0.0.1:{cfg.ports['kube']}/api/v1/namespaces", verify=cfg.kube_ca_file, timeout=10,
+            headers={"Authorization": f"Bearer {cfg.admin_token}"},
+            json={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+        if response.status_code not in (200, 201, 409):
+            raise SandboxError(f"creating namespace {namespace}: {response.status_code} {response.text[:200]}")
 
 
 def pubsub_clients(cfg: SandboxConfig):

@@ -22,7 +22,7 @@ from .web import ApiError, RoutedApp
 
 HEADERS = {"Metadata-Flavor": "Google", "Server": "Metadata Server for VM"}
 TOKEN_LIFETIME = 3599
-# How often a `wait_for_change` request re-reads the world, and its longest wait without timeout_sec.
+# How often a `wait_for_change` request re-reads the world, and the longest it ever waits.
 POLL_INTERVAL = 0.05
 MAX_WAIT = 300.0
 _TOKEN_PATH = re.compile(r"instance/service-accounts/([^/]+)/(token|identity)")
@@ -49,7 +49,9 @@ def _to_json(node):
 
 
 def _flatten(node, prefix: str = "") -> list[str]:
-    """`recursive=true&alt=text`: one `path value` line per leaf."""
+    """`recursive=true&alt=text`: one `path value` line per leaf (per item of a list leaf)."""
+    if isinstance(node, list):
+        return [f"{prefix} {item}" for item in node]
     if not isinstance(node, dict):
         return [f"{prefix} {node}"]
     lines = []
@@ -67,6 +69,8 @@ def _b64(data: dict) -> str:
 
 
 class MetadataEmulator:
+    """One metadata server: the functions' view, or with `instance=(zone, name)` that VM's view."""
+
     def __init__(self, world, instance: tuple[str, str] | None = None):
         self.world = world
         self.bound = instance
@@ -91,9 +95,6 @@ class MetadataEmulator:
     def _tree(self) -> dict:
         """Everything this server knows right now, as nested directories of string leaves."""
         world = self.world
-        instance = None
-        if self.bound is not None:
-            instance = world.emulators["compute"].instance(*self.bound)
         zone = self.bound[0] if self.bound else world.zone
         tree = {
             "project": {"project-id": world.project, "numeric-project-id": world.project_number,
@@ -104,9 +105,10 @@ class MetadataEmulator:
         }
         if self.bound is None:
             accounts = [{"email": world.service_account, "scopes": ["https://www.googleapis.com/auth/cloud-platform"]}]
-        elif instance is None:
-            return tree
         else:
+            instance = world.emulators["compute"].instance(*self.bound)
+            if instance is None:  # the VM is gone: only project-level facts remain
+                return tree
             accounts = instance.get("serviceAccounts", [])
             name = instance["name"]
             nic = instance["networkInterfaces"][0]
@@ -152,7 +154,7 @@ class MetadataEmulator:
             body = json.dumps(_to_json(node) if recursive or not isinstance(node, dict) else _listing(node))
             mimetype = "application/json"
         else:
-            body = "\n".join(_flatten(node) if recursive else _listing(node)) if isinstance(node, dict) else node
+            body = "\n".join(_flatten(node) if recursive else _listing(node)) if isinstance(node, dict) else _text(node)
             mimetype = "application/text"
         return Response(body, mimetype=mimetype, headers={**HEADERS, "ETag": _etag(node)})
 
@@ -180,11 +182,16 @@ class MetadataEmulator:
             raise ApiError(400, "non-empty audience parameter required")
         # Shaped as a JWT so google-auth can read its expiry, but not signed: nothing here verifies it.
         now = int(time.time())
-        claims = {"iss": "https://accounts.google.com", "aud": audience, "azp": info["email"],
-                  "email": info["email"], "email_verified": True, "sub": str(int(hashlib.sha256(
-                      info["email"].encode()).hexdigest()[:15], 16)), "iat": now, "exp": now + 3600}
+        subject = str(int.from_bytes(hashlib.sha256(info["email"].encode()).digest()[:8], "big"))
+        claims = {"iss": "https://accounts.google.com", "aud": audience, "azp": subject, "sub": subject,
+                  "email": info["email"], "email_verified": True, "iat": now, "exp": now + 3600}
         token = f"{_b64({'alg': 'RS256', 'typ': 'JWT'})}.{_b64(claims)}.{secrets.token_urlsafe(32)}"
         return Response(token, mimetype="application/text", headers=HEADERS)
+
+
+def _text(leaf) -> str:
+    """A leaf as alt=text shows it: lists (scopes, aliases) one item per line."""
+    return "\n".join(leaf) if isinstance(leaf, list) else leaf
 
 
 def _listing(directory: dict) -> list[str]:

@@ -140,6 +140,8 @@ def test_project_zone_and_service_account(sandbox):
     info = md(sandbox.functions, "instance/service-accounts/default/", recursive="true")
     assert info.headers["Content-Type"] == "application/json"
     assert info.json()["email"] == world.service_account and "default" in info.json()["aliases"]
+    scopes = md(sandbox.functions, "instance/service-accounts/default/scopes").text
+    assert scopes == "https://www.googleapis.com/auth/cloud-platform"
     accounts = md(sandbox.functions, "instance/service-accounts/").text.splitlines()
     assert accounts == ["default/", f"{world.service_account}/"]
     # Not a VM: no instance attributes.

@@ -1,0 +1,144 @@
+"""One sandbox for the end-to-end tests: started with the real `meshjoin sandbox up`, used through
+the real CLIs and client libraries, stopped (and checked to be gone) at the end of the session."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+MESHJOIN = str(Path(sys.executable).with_name("meshjoin"))
+
+
+def wait_for(predicate, timeout: float = 20.0, interval: float = 0.2, what: str = "condition"):
+    """Poll until `predicate()` returns something truthy; return it, or fail saying what we waited for."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    env = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("export "):
+            name, _, value = line[len("export "):].partition("=")
+            env[name] = shlex.split(value)[0] if value else ""
+    return env
+
+
+class Sandbox:
+    def __init__(self, state_dir: Path):
+        self.state_dir = state_dir
+        self.env_vars = read_env_file(state_dir / "env")
+        self.config = json.loads((state_dir / "sandbox.json").read_text())
+        self.project = self.config["project"]
+        self.zone = self.config["zone"]
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The process environment a person gets after `source DIR/env`."""
+        return {**os.environ, **self.env_vars}
+
+    def meshjoin(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run([MESHJOIN, *args], env=self.env, capture_output=True, text=True, timeout=60)
+        if check and result.returncode != 0:
+            raise AssertionError(f"meshjoin {' '.join(args)} failed: {result.stdout}{result.stderr}")
+        return result
+
+    def run(self, *argv: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+        result = subprocess.run(list(argv), env=self.env, capture_output=True, text=True, timeout=60, **kwargs)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{' '.join(argv)} failed: {result.stdout}{result.stderr}")
+        return result
+
+    # --- observations through the real clients ---------------------------------------------------
+
+    def vm(self, name: str) -> dict | None:
+        result = self.meshjoin("sandbox", "vm", name, "--json", check=False)
+        if result.returncode != 0:
+            if "not found" in result.stderr:
+                return None
+            raise AssertionError(result.stderr)
+        return json.loads(result.stdout)
+
+    def metadata(self, name: str) -> dict[str, str]:
+        vm = self.vm(name) or {}
+        return {i["key"]: i.get("value", "") for i in vm.get("metadata", {}).get("items", [])}
+
+    def status(self, name: str) -> dict:
+        raw = self.metadata(name).get("meshjoin-status")
+        return json.loads(raw) if raw else {}
+
+    def kubectl_json(self, *args: str) -> dict | None:
+        result = self.run("kubectl", *args, "-o", "json", check=False)
+        if result.returncode != 0:
+            if "NotFound" in result.stderr or "not found" in result.stderr:
+                return None
+            raise AssertionError(result.stderr)
+        return json.loads(result.stdout)
+
+    def entries(self) -> list[dict]:
+        return self.kubectl_json("get", "workloadentries", "-A")["items"]
+
+    def entries_for(self, name: str) -> list[dict]:
+        return [e for e in self.entries() if e["metadata"]["annotations"].get("meshjoin.dev/instance") == name]
+
+    def secret_payload(self, version_name: str) -> dict:
+        result = self.meshjoin("sandbox", "access-secret", version_name)
+        return json.loads(result.stdout)
+
+    def function_log(self, name: str = "events_fn") -> list[dict]:
+        lines = (self.state_dir / "logs" / f"{name}.log").read_text(errors="replace").splitlines()
+        out = []
+        for line in lines:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict):
+                out.append(entry)
+        return out
+
+    def raw_logs(self) -> str:
+        return "".join(p.read_text(errors="replace") for p in (self.state_dir / "logs").glob("*.log"))
+
+    def logged(self, instance: str, outcome: str) -> list[dict]:
+        return [e for e in self.function_log() if e.get("instance") == instance and e.get("outcome") == outcome]
+
+    def publish(self, payload: dict | str) -> None:
+        message = payload if isinstance(payload, str) else json.dumps(payload)
+        self.run("gcloud", "pubsub", "topics", "publish", self.env_vars["MESHJOIN_EVENTS_TOPIC"],
+                 "--message", message)
+
+    def ca_file(self, name: str) -> Path:
+        return Path(self.config["ca_dir"]) / name
+
+
+@pytest.fixture(scope="session")
+def sandbox(tmp_path_factory) -> Sandbox:
+    state_dir = tmp_path_factory.mktemp("sandbox")
+    up = subprocess.run([MESHJOIN, "sandbox", "up", "--state-dir", str(state_dir)],
+                        capture_output=True, text=True, timeout=120)
+    assert up.returncode == 0, up.stdout + up.stderr
+    try:
+        yield Sandbox(state_dir)
+    finally:
+        subprocess.run([MESHJOIN, "sandbox", "down", "--state-dir", str(state_dir)], capture_output=True,
+                       timeout=60)
+
+
+def b64(data: dict) -> str:
+    return base64.b64encode(json.dumps(data).encode()).decode()
