@@ -291,7 +291,8 @@ class CrdSchema:
             return [cause(path, "FieldValueTypeInvalid", message)]
         template = _CONSTRAINT_TEXT.get(err.validator)
         detail = f"{path} in body " + template.format(err.validator_value) if template else err.message
-        shown = json.dumps(err.instance) if not isinstance(err.instance, (dict, list)) else f'"{json_type(err.instance)}"'
+        composite = isinstance(err.instance, (dict, list))
+        shown = f'"{json_type(err.instance)}"' if composite else json.dumps(err.instance)
         return [cause(path, "FieldValueInvalid", f"Invalid value: {shown}: {detail}")]
 
     def _cel_causes(self, schema: dict, value: Any, path: str, found: list[dict]) -> None:
@@ -303,7 +304,8 @@ class CrdSchema:
         for check in schema.get("x-kubernetes-validations", ()):
             if not self._cel.holds(check["rule"], value):
                 shown = declared or json_type(value)
-                found.append(cause(path or "<root>", "FieldValueInvalid", f'Invalid value: "{shown}": {check["message"]}'))
+                message = f'Invalid value: "{shown}": {check["message"]}'
+                found.append(cause(path or "<root>", "FieldValueInvalid", message))
         if isinstance(value, dict):
             props = schema.get("properties") or {}
             extra = schema.get("additionalProperties")
@@ -564,11 +566,13 @@ def decode_continue(token: str) -> tuple[str, str]:
 
 
 def read_body(request: Request, media_types: tuple[str, ...]) -> Any:
-    """The request body in one of `media_types` (JSON or YAML); 415 for anything else, e.g. protobuf."""
-    if request.mimetype not in media_types:
+    """The request body in one of `media_types`; 415 for anything else (e.g. protobuf). Like the
+    apiserver, a body without a Content-Type (the generated Python client sends none) is JSON."""
+    mimetype = request.mimetype or "application/json"
+    if mimetype not in media_types:
         raise ApiError(415, f"the body of the request was in an unknown format - accepted media types include: "
                             f"{', '.join(media_types)}", "UnsupportedMediaType")
-    if request.mimetype != "application/yaml":
+    if mimetype != "application/yaml":
         return read_json(request)
     try:
         return yaml.safe_load(request.get_data(as_text=True)) or {}
@@ -618,7 +622,8 @@ def service_causes(spec: dict) -> list[dict]:
         if not name and len(ports) > 1:
             causes.append(cause(f"{path}.name", "FieldValueRequired", "Required value"))
         elif name and dns_label_error(name):
-            causes.append(cause(f"{path}.name", "FieldValueInvalid", f'Invalid value: "{name}": {dns_label_error(name)}'))
+            causes.append(cause(f"{path}.name", "FieldValueInvalid",
+                                f'Invalid value: "{name}": {dns_label_error(name)}'))
         elif name in names:
             causes.append(cause(f"{path}.name", "FieldValueDuplicate", f'Duplicate value: "{name}"'))
         names.add(name)
@@ -633,7 +638,8 @@ def service_causes(spec: dict) -> list[dict]:
             bad_target = not (isinstance(target, int) and 1 <= target <= 65535)
         if bad_target:
             causes.append(cause(f"{path}.targetPort", "FieldValueInvalid",
-                                f"Invalid value: {json.dumps(target)}: must be a port number 1-65535 or an IANA service name"))
+                                f"Invalid value: {json.dumps(target)}: "
+                                "must be a port number 1-65535 or an IANA service name"))
     return causes
 
 
@@ -875,7 +881,8 @@ class KubeEmulator:
         causes = []
         name = meta.get("name")
         if not name:
-            causes.append(cause("metadata.name", "FieldValueRequired", "Required value: name or generateName is required"))
+            causes.append(cause("metadata.name", "FieldValueRequired",
+                                "Required value: name or generateName is required"))
         elif not isinstance(name, str) or kind.name_error(name):
             causes.append(cause("metadata.name", "FieldValueInvalid", f"Invalid value: {json.dumps(name)}: "
                                 f"{kind.name_error(name) if isinstance(name, str) else 'must be a string'}"))
@@ -887,11 +894,13 @@ class KubeEmulator:
             for key, value in entries.items():
                 path = f"metadata.{section}"
                 if qualified_name_error(key):
-                    causes.append(cause(path, "FieldValueInvalid", f'Invalid value: "{key}": {qualified_name_error(key)}'))
+                    causes.append(cause(path, "FieldValueInvalid",
+                                        f'Invalid value: "{key}": {qualified_name_error(key)}'))
                 if not isinstance(value, str):
                     causes.append(cause(f"{path}.{key}", "FieldValueTypeInvalid", "Invalid value: must be a string"))
                 elif section == "labels" and label_value_error(value):
-                    causes.append(cause(path, "FieldValueInvalid", f'Invalid value: "{value}": {label_value_error(value)}'))
+                    causes.append(cause(path, "FieldValueInvalid",
+                                        f'Invalid value: "{value}": {label_value_error(value)}'))
         return causes
 
     @staticmethod

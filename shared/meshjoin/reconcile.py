@@ -202,7 +202,6 @@ class Reconciler:
         if has_traces(vm):
             self._remove_registration(vm.key)
         self._write_status(vm, "denied", denial.reason, remove_bootstrap=True)
-        log("WARNING", f"join denied: {denial.reason}", key=vm.key, outcome="denied")
         return Outcome("denied", denial.reason, state="denied")
 
     def _remove_registration(self, key: VmKey) -> None:
