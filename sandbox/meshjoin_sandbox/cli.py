@@ -222,19 +222,56 @@ def tick(state_dir):
     click.echo(f"published tick {message_id}")
 
 
-@sandbox.command()
-@STATE_DIR_OPTION
-@click.option("--emulator", required=True, type=click.Choice(["compute", "secretmanager"]))
-@click.option("--method", required=True, help="e.g. instances.aggregatedList")
-@click.option("--status", default=503, show_default=True)
-@click.option("--count", default=1, show_default=True)
-def fault(state_dir, emulator, method, status, count):
-    """Make the next COUNT calls of an emulated API method fail with STATUS."""
+def control(state_dir: Path, method: str, path: str, body: dict | None = None) -> dict:
+    """Call the sandbox's own control plane (not a Google API)."""
     import urllib.request
 
     cfg = SandboxConfig.load(state_dir)
-    body = json.dumps({"emulator": emulator, "method": method, "status": status, "count": count}).encode()
-    request = urllib.request.Request(cfg.url("control") + "/faults", data=body, method="POST",
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(cfg.url("control") + path, data=data, method=method,
                                      headers={"Content-Type": "application/json"})
-    urllib.request.urlopen(request, timeout=5).read()
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read() or b"{}")
+
+
+@sandbox.command()
+@STATE_DIR_OPTION
+@click.option("--emulator", type=click.Choice(["compute", "secretmanager"]))
+@click.option("--method", help="e.g. instances.aggregatedList")
+@click.option("--status", default=503, show_default=True)
+@click.option("--count", default=1, show_default=True)
+@click.option("--clear", is_flag=True, help="Forget every pending injected failure.")
+def fault(state_dir, emulator, method, status, count, clear):
+    """Make the next COUNT calls of an emulated API method fail with STATUS."""
+    if clear:
+        control(state_dir, "DELETE", "/faults")
+        click.echo("pending faults cleared")
+        return
+    if not emulator or not method:
+        raise click.UsageError("--emulator and --method are required (or --clear)")
+    control(state_dir, "POST", "/faults", {"emulator": emulator, "method": method, "status": status, "count": count})
     click.echo(f"next {count} {emulator} {method} call(s) answer {status}")
+
+
+@sandbox.command("vm-metadata")
+@click.argument("name")
+@STATE_DIR_OPTION
+@click.option("--zone", help="Zone (default: the sandbox's zone).")
+def vm_metadata(name, state_dir, zone):
+    """Print HOST:PORT of a metadata server with VM NAME's own view (started on first use): run the
+    VM agent with GCE_METADATA_HOST set to it."""
+    import urllib.error
+
+    try:
+        result = control(state_dir, "POST", "/vm-metadata", {"zone": zone, "name": name})
+    except urllib.error.HTTPError as exc:
+        raise click.ClickException(f"no metadata server for {name}: {exc.read().decode(errors='replace')}") from exc
+    click.echo(result["host"])
+
+
+@sandbox.command("rotate-ca")
+@STATE_DIR_OPTION
+def rotate_ca(state_dir):
+    """Rotate the plug-in CA to a new root: new versions of the four CA secrets (old root stays trusted)."""
+    result = control(state_dir, "POST", "/rotate-ca")
+    click.echo(f"CA rotated; new files in {result['ca_dir']}")

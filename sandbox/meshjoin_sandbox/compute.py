@@ -254,6 +254,10 @@ class ComputeEmulator:
         with self.world.lock:
             return copy.deepcopy(self._create(zone, body))
 
+    def clear_faults(self) -> None:
+        with self.world.lock:
+            self.faults.clear()
+
     def fail_next(self, method: str, status: int, count: int = 1) -> None:
         """Make the next `count` calls of `method` (e.g. "instances.aggregatedList") answer `status`."""
         with self.world.lock:

@@ -1,14 +1,20 @@
 """Control plane of the sandbox itself (not a Google API): health and fault injection.
 
 `POST /faults {"emulator": "compute", "method": "instances.aggregatedList", "status": 503, "count": 1}`
-makes the next `count` calls of that method answer `status`.
+makes the next `count` calls of that method answer `status`; `DELETE /faults` forgets pending ones.
+`POST /rotate-ca` rotates the plug-in CA to a new root (see rotation.py).
+`POST /vm-metadata {"zone", "name"}` starts (once per VM) a metadata server with that VM's own view on a
+free loopback port and answers its `{"host": "127.0.0.1:PORT"}`, the GCE_METADATA_HOST of a VM agent.
 """
 
 from __future__ import annotations
 
+import threading
+
 from werkzeug.routing import Map, Rule
 
-from .web import ApiError, RoutedApp, json_response, read_json
+from .metadata import MetadataEmulator
+from .web import ApiError, RoutedApp, json_response, read_json, serve
 
 
 class ControlEmulator:
@@ -17,11 +23,43 @@ class ControlEmulator:
         url_map = Map([
             Rule("/healthz", endpoint="healthz", methods=["GET"]),
             Rule("/faults", endpoint="faults", methods=["POST"]),
+            Rule("/faults", endpoint="clear_faults", methods=["DELETE"]),
+            Rule("/rotate-ca", endpoint="rotate_ca", methods=["POST"]),
+            Rule("/vm-metadata", endpoint="vm_metadata", methods=["POST"]),
         ])
-        self.app = RoutedApp(url_map, {"healthz": self.healthz, "faults": self.faults})
+        self.app = RoutedApp(url_map, {"healthz": self.healthz, "faults": self.faults,
+                                       "clear_faults": self.clear_faults, "rotate_ca": self.rotate_ca,
+                                       "vm_metadata": self.vm_metadata})
+        self._vm_servers: dict[tuple[str, str], object] = {}
+        self._vm_servers_lock = threading.Lock()
 
     def healthz(self, request):
         return json_response({"ok": True, "emulators": sorted(self.world.emulators)})
+
+    def clear_faults(self, request):
+        for emulator in self.world.emulators.values():
+            if hasattr(emulator, "clear_faults"):
+                emulator.clear_faults()
+        return json_response({"ok": True})
+
+    def rotate_ca(self, request):
+        """A new root + intermediate, added as new versions of the four plug-in CA secrets."""
+        from .rotation import rotate_plugin_ca
+
+        return json_response(rotate_plugin_ca(self.world))
+
+    def vm_metadata(self, request):
+        body = read_json(request)
+        zone, name = body.get("zone") or self.world.zone, body.get("name", "")
+        if self.world.emulators["compute"].instance(zone, name) is None:
+            raise ApiError(404, f"no VM {zone}/{name}")
+        with self._vm_servers_lock:  # one server per VM: asking again answers the same port
+            server = self._vm_servers.get((zone, name))
+            if server is None:
+                server = serve(MetadataEmulator(self.world, instance=(zone, name)).app, "127.0.0.1", 0,
+                               name=f"metadata-{name}")
+                self._vm_servers[(zone, name)] = server
+        return json_response({"host": f"127.0.0.1:{server.server_port}"})
 
     def faults(self, request):
         body = read_json(request)

@@ -313,6 +313,10 @@ class SecretManagerEmulator:
         with self.world.lock:
             return self._usable(self.world.project, secret_id, version).data
 
+    def clear_faults(self) -> None:
+        with self.world.lock:
+            self._faults.clear()
+
     def fail_next(self, method: str, status: int, count: int = 1) -> None:
         """Make the next `count` calls of `method` (e.g. "secrets.versions.access") answer `status`."""
         if method not in self.app.handlers:

@@ -51,6 +51,7 @@ def build_world(cfg: SandboxConfig) -> World:
         region=cfg.region,
         zone=cfg.zone,
         cluster_name=cfg.cluster_name,
+        state_dir=cfg.state_dir,
         service_account=cfg.service_account,
         sa_token=cfg.sa_token,
         admin_token=cfg.admin_token,

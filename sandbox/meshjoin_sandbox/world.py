@@ -23,6 +23,7 @@ class World:
     region: str = "us-central1"
     zone: str = "us-central1-a"
     cluster_name: str = "mesh"
+    state_dir: str = ""
     # The functions' own identity, handed out by the metadata server.
     service_account: str = "meshjoin@meshjoin-sandbox.iam.gserviceaccount.com"
     # Bearer tokens the emulators accept: the metadata server's and the operator's (kubeconfig, CLI).

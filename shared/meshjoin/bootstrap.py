@@ -99,7 +99,8 @@ def startup_script() -> str:
         "sidecar_sha256": names.SIDECAR_SHA256_KEY,
         "status": names.STATUS_KEY,
     }
-    return env.get_template("startup-script.sh.j2").render(marker=names.STARTUP_SCRIPT_MARKER, keys=keys)
+    return env.get_template("startup-script.sh.j2").render(marker=names.STARTUP_SCRIPT_MARKER, keys=keys,
+                                                           cert_dir=CERT_DIR)
 
 
 def bootstrap_items(key: VmKey, identity: Identity, settings: Settings, *, root_pem: str,

@@ -46,8 +46,15 @@ def handle_vm_event(cloud_event) -> None:
 
 
 def handle_schedule(cloud_event) -> None:
-    log("INFO", "schedule tick received (maintenance sweep arrives with the maintenance release)",
-        outcome="ignored", message_id=_message_id(cloud_event))
+    """One sweep per tick. Always acked: the next tick is the retry, and a redelivered tick would
+    only pile sweeps on top of each other."""
+    message_id = _message_id(cloud_event)
+    try:
+        rt = runtime()
+    except SettingsError as exc:
+        log("CRITICAL", f"invalid settings: {exc}", outcome="failed", message_id=message_id)
+        return
+    rt.sweeper.sweep()
 
 
 def _message_id(cloud_event) -> str | None:

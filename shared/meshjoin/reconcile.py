@@ -12,7 +12,7 @@ objects → instance metadata (bootstrap + `meshjoin-status`). The status is wri
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Callable
 
 from . import bootstrap, names, pki, registration
@@ -26,13 +26,14 @@ from .policy import decide_identity
 from .settings import Settings
 
 MAX_METADATA_RACES = 5
+MAX_BACKDATE = timedelta(minutes=5)  # tolerate VM clock skew without eating short test TTLs
 
 
 @dataclass
 class Outcome:
     """What one reconcile did: a past-tense verb plus facts for the log line and the CLI."""
 
-    verb: str  # registered | renewed | unchanged | left | denied | ignored | failed
+    verb: str  # registered | renewed | reissued | refreshed | unchanged | left | denied | ignored | failed
     reason: str = ""
     state: str | None = None
     details: dict = field(default_factory=dict)
@@ -68,6 +69,11 @@ def _rfc3339(value: datetime) -> str:
     return value.isoformat().replace("+00:00", "Z")
 
 
+RENEWAL_DUE = "the certificate reached its renewal point"
+CA_CHANGED = "the CA changed"
+VERB_BY_CAUSE = {RENEWAL_DUE: "renewed", CA_CHANGED: "reissued"}
+
+
 def needs_new_cert(delivered: Delivered | None, *, vm: Vm, spiffe: str, ca_fingerprint: str, now: datetime,
                    settings: Settings, force: bool = False) -> str | None:
     """Why the VM needs a freshly minted certificate, or None. Pure."""
@@ -80,11 +86,11 @@ def needs_new_cert(delivered: Delivered | None, *, vm: Vm, spiffe: str, ca_finge
     if delivered.spiffe != spiffe:
         return "the identity changed"
     if delivered.ca_fingerprint != ca_fingerprint:
-        return "the CA changed"
+        return CA_CHANGED
     if pki.needs_renewal(delivered.not_before, delivered.not_after, now,
                          renew_fraction=settings.renew_fraction,
                          jitter_fraction=settings.renew_jitter_fraction, jitter_key=str(vm.key)):
-        return "the certificate reached its renewal point"
+        return RENEWAL_DUE
     return None
 
 
@@ -105,15 +111,20 @@ class Reconciler:
         self.kube = kube
         self.clock = clock
 
-    def reconcile(self, key: VmKey, *, force_new_cert: bool = False, vm: Vm | None = None) -> Outcome:
-        """Converge one VM. A concurrent writer (412 on metadata) makes it re-read and decide again."""
+    def reconcile(self, key: VmKey, *, force_new_cert: bool = False, vm: Vm | None = None,
+                  cleanup: bool = False) -> Outcome:
+        """Converge one VM. A concurrent writer (412 on metadata) makes it re-read and decide again.
+
+        `vm` (from a listing) saves the first read; `cleanup` (the sweep's prune) removes cluster
+        objects and secrets of an unlabelled VM even when its metadata shows no trace of a join.
+        """
         minted: list[str] = []
         try:
             for _ in range(MAX_METADATA_RACES):
                 current = vm if vm is not None else self.compute.get_vm(key)
                 vm = None  # a given VM is only trusted for the first pass
                 try:
-                    outcome = self._decide_and_act(key, current, force_new_cert, minted)
+                    outcome = self._decide_and_act(key, current, force_new_cert, minted, cleanup)
                 except StaleFingerprint:
                     continue
                 self._discard_unused(minted, keep=outcome.details.get("secret"))
@@ -122,12 +133,15 @@ class Reconciler:
         except PermanentError as exc:
             return self._fail(key, exc)
 
-    def _decide_and_act(self, key: VmKey, vm: Vm | None, force: bool, minted: list[str]) -> Outcome:
+    def _decide_and_act(self, key: VmKey, vm: Vm | None, force: bool, minted: list[str], cleanup: bool) -> Outcome:
         if vm is None:
             self._remove_registration(key)
             return Outcome("left", "the VM no longer exists")
         if not vm.wants_mesh:
             if not has_traces(vm):
+                if cleanup:
+                    self._remove_registration(key)
+                    return Outcome("left", "the VM is not labelled mesh=join")
                 return Outcome("ignored", "the VM is not labelled mesh=join")
             self._remove_registration(key)
             self._write_status(vm, "left", "the label mesh=join was removed", remove_bootstrap=True)
@@ -149,10 +163,14 @@ class Reconciler:
                                  settings=self.settings, force=force and not minted)
         if why_new:
             cert = pki.issue_workload_cert(ca.bundle, spiffe, now=now, ttl=self.settings.cert_ttl,
-                                           key_algorithm=self.settings.key_algorithm)
+                                           key_algorithm=self.settings.key_algorithm,
+                                           backdate=min(MAX_BACKDATE, self.settings.cert_ttl / 10))
             version = self.secrets.store_vm_material(vm.key, cert, vm.service_account)
             minted.append(version)
+            superseded = delivered.secret_version if delivered else None
             delivered = Delivered(spiffe, vm.instance_id, ca.fingerprint, version, cert.not_before, cert.not_after)
+        else:
+            superseded = status.get("previousSecret")
 
         entry = self._register(vm, identity, delivered.not_after, previous=status.get("workloadEntry"))
         warnings = []
@@ -170,11 +188,16 @@ class Reconciler:
             identity=spiffe, workloadEntry=entry, secret=delivered.secret_version,
             certNotBefore=_rfc3339(delivered.not_before), certNotAfter=_rfc3339(delivered.not_after),
             caFingerprint=delivered.ca_fingerprint, instanceId=vm.instance_id, address=vm.network_ip,
+            previousSecret=superseded if _same_secret(superseded, delivered.secret_version) else None,
             warnings=warnings or None)
         changed = self._write_metadata(vm, items, "joined", reason, status_fields)
-        verb = ("registered" if (delivered is None or why_new in ("no certificate delivered yet", "the VM was recreated",
-                                                                     "the identity changed", "forced"))
-                else "renewed" if why_new else "refreshed" if changed else "unchanged")
+        retired = status.get("previousSecret")
+        if why_new and retired and retired != status_fields["previousSecret"] and \
+                _same_secret(retired, delivered.secret_version):
+            # Grace period: the version before this one stays readable for one renewal cycle,
+            # the one before that is destroyed now.
+            self.secrets.destroy_version(retired)
+        verb = VERB_BY_CAUSE.get(why_new, "registered") if why_new else "refreshed" if changed else "unchanged"
         return Outcome(verb, reason, state="joined", details={**status_fields, "secret": delivered.secret_version})
 
     def _register(self, vm: Vm, identity: Identity, cert_not_after: datetime, previous: str | None) -> str:
@@ -224,13 +247,17 @@ class Reconciler:
         log("INFO", f"WorkloadEntry {namespace}/{name} deleted", key=key, outcome="unregistered")
         app = (entry["metadata"].get("labels") or {}).get("app")
         if app:
-            self._delete_service_if_unused(namespace, app)
+            self.prune_service(namespace, app)
 
-    def _delete_service_if_unused(self, namespace: str, app: str) -> None:
+    def prune_service(self, namespace: str, app: str) -> bool:
+        """Delete a Service meshjoin made once no WorkloadEntry selects it (checked live, not from a listing)."""
         remaining = self.kube.list("WorkloadEntry", f"app={app}", namespace=namespace, page_size=1)
-        if next(iter(remaining), None) is None:
-            if self.kube.delete_owned("Service", namespace, app):
-                log("INFO", f"Service {namespace}/{app} deleted: no entry selects it", outcome="pruned")
+        if next(iter(remaining), None) is not None:
+            return False
+        if self.kube.delete_owned("Service", namespace, app):
+            log("INFO", f"Service {namespace}/{app} deleted: no entry selects it", outcome="pruned")
+            return True
+        return False
 
     # --- metadata -------------------------------------------------------------------------------
 
@@ -273,6 +300,11 @@ class Reconciler:
         for version in minted:
             if version != keep:
                 self.secrets.destroy_version(version)
+
+
+def _same_secret(version: str | None, other: str) -> bool:
+    """Whether two version names belong to the same secret (a recreated VM's old one may not)."""
+    return bool(version) and version.rsplit("/versions/", 1)[0] == other.rsplit("/versions/", 1)[0]
 
 
 def default_compute_account(vm: Vm) -> str | None:

@@ -63,6 +63,12 @@ class Runtime:
         with self._lock:
             return Reconciler(self.settings, self.compute, self.secrets, self.kube, clock=utc_now)
 
+    @cached_property
+    def sweeper(self):
+        from .sweep import Sweeper
+
+        return Sweeper(self.settings, self.reconciler, clock=utc_now)
+
 
 _runtime: Runtime | None = None
 _runtime_lock = threading.Lock()

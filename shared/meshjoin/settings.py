@@ -61,6 +61,10 @@ class Settings:
     max_event_age: timedelta = timedelta(hours=1)
     secret_prefix: str = "meshjoin-vm"
     api_attempts: int = 4
+    prune_cap: int = 50
+    sweep_renewals: int = 200
+    sweep_seconds: timedelta = timedelta(minutes=4)
+    sweep_workers: int = 8
     sidecar_url: str = ""
     sidecar_sha256: str = ""
     extra: Mapping[str, str] = field(default_factory=dict)
@@ -125,6 +129,10 @@ class Settings:
         convert("MESHJOIN_RENEW_JITTER", "renew_jitter_fraction", _fraction)
         convert("MESHJOIN_API_ATTEMPTS", "api_attempts", _positive_int)
         convert("MESHJOIN_KEY_ALGORITHM", "key_algorithm", _key_algorithm)
+        convert("MESHJOIN_PRUNE_CAP", "prune_cap", _positive_int)
+        convert("MESHJOIN_SWEEP_RENEWALS", "sweep_renewals", _positive_int)
+        convert("MESHJOIN_SWEEP_SECONDS", "sweep_seconds", parse_duration)
+        convert("MESHJOIN_SWEEP_WORKERS", "sweep_workers", _positive_int)
         settings = cls(**values)
         if settings.cert_ttl < timedelta(minutes=1):
             raise SettingsError(f"MESHJOIN_CERT_TTL must be at least 1m, got {settings.cert_ttl}")

@@ -127,17 +127,29 @@ class Sandbox:
         return Path(self.config["ca_dir"]) / name
 
 
+def running_sandbox(state_dir: Path, function_env: dict[str, str] | None = None):
+    """Context: `meshjoin sandbox up` with extra function settings, always `down` afterwards."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def manage():
+        extra = [arg for k, v in (function_env or {}).items() for arg in ("--function-env", f"{k}={v}")]
+        up = subprocess.run([MESHJOIN, "sandbox", "up", "--state-dir", str(state_dir), *extra],
+                            capture_output=True, text=True, timeout=120)
+        assert up.returncode == 0, up.stdout + up.stderr
+        try:
+            yield Sandbox(state_dir)
+        finally:
+            subprocess.run([MESHJOIN, "sandbox", "down", "--state-dir", str(state_dir)], capture_output=True,
+                           timeout=60)
+
+    return manage()
+
+
 @pytest.fixture(scope="session")
 def sandbox(tmp_path_factory) -> Sandbox:
-    state_dir = tmp_path_factory.mktemp("sandbox")
-    up = subprocess.run([MESHJOIN, "sandbox", "up", "--state-dir", str(state_dir)],
-                        capture_output=True, text=True, timeout=120)
-    assert up.returncode == 0, up.stdout + up.stderr
-    try:
-        yield Sandbox(state_dir)
-    finally:
-        subprocess.run([MESHJOIN, "sandbox", "down", "--state-dir", str(state_dir)], capture_output=True,
-                       timeout=60)
+    with running_sandbox(tmp_path_factory.mktemp("sandbox")) as world:
+        yield world
 
 
 def b64(data: dict) -> str:

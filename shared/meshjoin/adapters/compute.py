@@ -1,5 +1,8 @@
 """Compute Engine: read VMs, write their metadata with the fingerprint. Returns `Vm`, never SDK types.
 
+Calls pass `retry=None`: `retry.call` is the one retry policy, so a failing API costs a bounded
+number of attempts instead of the library's minute-long default on top of ours.
+
 `google.cloud.compute_v1` costs over a second to import (it loads every type), so it is imported
 when the first client is built, not with this module.
 """
@@ -39,7 +42,7 @@ class ComputeAdapter:
 
         try:
             instance = self._call(
-                lambda: self._instances.get(project=key.project, zone=key.zone, instance=key.instance),
+                lambda: self._instances.get(project=key.project, zone=key.zone, instance=key.instance, retry=None),
                 f"instances.get {key}", "compute.instances.get", passthrough=(NotFound,))
         except NotFound:
             return None
@@ -49,7 +52,7 @@ class ComputeAdapter:
         """Every VM of the project matching `label_filter` (server-side), across zones, paged."""
         request = self._compute_v1.AggregatedListInstancesRequest(
             project=self._settings.project, filter=label_filter, max_results=page_size)
-        pager = self._call(lambda: self._instances.aggregated_list(request=request),
+        pager = self._call(lambda: self._instances.aggregated_list(request=request, retry=None),
                            "instances.aggregatedList", "compute.instances.list")
         # Each further page is fetched lazily by the pager; a failure mid-listing surfaces here.
         iterator = iter(pager)
@@ -77,7 +80,7 @@ class ComputeAdapter:
         try:
             operation = self._call(
                 lambda: self._instances.set_metadata_unary(
-                    project=key.project, zone=key.zone, instance=key.instance, metadata_resource=body),
+                    project=key.project, zone=key.zone, instance=key.instance, metadata_resource=body, retry=None),
                 f"instances.setMetadata {key}", "compute.instances.setMetadata",
                 passthrough=(PreconditionFailed,))
         except PreconditionFailed as exc:
@@ -87,7 +90,7 @@ class ComputeAdapter:
     def _wait(self, key: VmKey, operation: str) -> None:
         for _ in range(30):  # `wait` returns after ~2 minutes at most; a stuck operation is transient
             result = self._call(
-                lambda: self._operations.wait(project=key.project, zone=key.zone, operation=operation),
+                lambda: self._operations.wait(project=key.project, zone=key.zone, operation=operation, retry=None),
                 f"zoneOperations.wait {operation}", "compute.zoneOperations.get")
             if result.status == self._compute_v1.Operation.Status.DONE:
                 if result.error and result.error.errors:

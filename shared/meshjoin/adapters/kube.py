@@ -27,7 +27,7 @@ PATHS = {
 RBAC_VERBS = {"GET": "get", "POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
 
 
-class KubeApiError(Exception):
+class KubeApiError(PermanentError):
     def __init__(self, status: int, message: str):
         super().__init__(f"{status}: {message}")
         self.status = status

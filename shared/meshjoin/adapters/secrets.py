@@ -6,10 +6,12 @@ grants secretAccessor to the VM's own service account and nobody else.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
 from dataclasses import dataclass
+from typing import Iterator
 
 from .. import names, pki
 from ..errors import CaMaterialError
@@ -50,27 +52,48 @@ class SecretsAdapter:
     # --- the plug-in CA -------------------------------------------------------------------------
 
     def plugin_ca(self) -> PluginCa:
-        """The CA, re-read at most every `ca_cache`; rebuilt only when a secret version changed."""
+        """The CA, re-read at most every `ca_cache`; rebuilt only when a secret version changed.
+
+        Trusted roots are every ENABLED version of the root secret: during a root rotation the
+        operator adds the new root as a new version and VMs trust both; disabling the old version
+        retires the old root. The fingerprint covers the signing CA and the roots, so either change
+        re-issues every VM's certificate.
+        """
         with self._ca_lock:
             if self._ca is not None and time.monotonic() - self._ca_read_at < self._settings.ca_cache.total_seconds():
                 return self._ca
             s = self._settings
-            parts = [self._access_latest(name) for name in
-                     (s.ca_cert_secret, s.ca_key_secret, s.ca_chain_secret, s.ca_root_secret)]
-            versions = tuple(name for name, _ in parts)
+            parts = [self._access_latest(name) for name in (s.ca_cert_secret, s.ca_key_secret, s.ca_chain_secret)]
+            roots = self._enabled_versions(s.ca_root_secret)
+            versions = tuple(name for name, _ in parts) + tuple(roots)
             if self._ca is None or self._ca.versions != versions:
+                root_pems = [self._access(name)[1].decode() for name in roots]
                 try:
-                    bundle = pki.load_ca_bundle(*(data for _, data in parts))
+                    bundle = pki.load_ca_bundle(*(data for _, data in parts), pki.bundle_roots(*root_pems).encode())
                 except CaMaterialError as exc:
                     raise CaMaterialError(f"plug-in CA in Secret Manager ({', '.join(versions)}): {exc}") from None
-                self._ca = PluginCa(bundle, versions, pki.ca_fingerprint(bundle))
+                fingerprint = hashlib.sha256(
+                    (pki.ca_fingerprint(bundle) + bundle.root_certs_pem).encode()).hexdigest()[:16]
+                self._ca = PluginCa(bundle, versions, fingerprint)
             self._ca_read_at = time.monotonic()
             return self._ca
 
+    def _enabled_versions(self, secret_id: str) -> list[str]:
+        """Names of the ENABLED versions of a secret, newest first."""
+        request = self._sm.ListSecretVersionsRequest(parent=self._secret_path(secret_id), filter="state:ENABLED")
+        pager = self._call(lambda: self._client.list_secret_versions(request=request, retry=None),
+                           f"list versions of {secret_id}", "secretmanager.versions.list")
+        names_ = [v.name for v in pager if v.state == self._sm.SecretVersion.State.ENABLED]
+        if not names_:
+            raise CaMaterialError(f"secret {secret_id} has no enabled version")
+        return names_
+
     def _access_latest(self, secret_id: str) -> tuple[str, bytes]:
-        name = f"{self._secret_path(secret_id)}/versions/latest"
-        response = self._call(lambda: self._client.access_secret_version(name=name),
-                              f"access {secret_id}", "secretmanager.versions.access")
+        return self._access(f"{self._secret_path(secret_id)}/versions/latest")
+
+    def _access(self, name: str) -> tuple[str, bytes]:
+        response = self._call(lambda: self._client.access_secret_version(name=name, retry=None),
+                              f"access {name}", "secretmanager.versions.access")
         return response.name, response.payload.data
 
     # --- per-VM secrets -------------------------------------------------------------------------
@@ -89,7 +112,7 @@ class SecretsAdapter:
         )
         try:
             self._call(lambda: self._client.create_secret(
-                parent=f"projects/{self._settings.project}", secret_id=secret_id, secret=secret),
+                parent=f"projects/{self._settings.project}", secret_id=secret_id, secret=secret, retry=None),
                 f"create secret {secret_id}", "secretmanager.secrets.create", passthrough=(Conflict,))
         except Conflict:
             pass
@@ -97,7 +120,7 @@ class SecretsAdapter:
         payload = json.dumps({"key.pem": cert.key_pem, "cert-chain.pem": cert.chain_pem,
                               "root-cert.pem": cert.root_pem}).encode()
         version = self._call(lambda: self._client.add_secret_version(
-            parent=parent, payload=self._sm.SecretPayload(data=payload)),
+            parent=parent, payload=self._sm.SecretPayload(data=payload), retry=None),
             f"add version to {secret_id}", "secretmanager.versions.add")
         return version.name
 
@@ -107,7 +130,7 @@ class SecretsAdapter:
 
         wanted = [(ACCESSOR_ROLE, (f"serviceAccount:{reader_service_account}",))]
         policy = self._call(lambda: self._client.get_iam_policy(
-            request=iam_policy_pb2.GetIamPolicyRequest(resource=secret)),
+            request=iam_policy_pb2.GetIamPolicyRequest(resource=secret), retry=None),
             f"getIamPolicy {secret}", "secretmanager.secrets.getIamPolicy")
         current = [(b.role, tuple(sorted(b.members))) for b in policy.bindings]
         if current == wanted:
@@ -116,7 +139,7 @@ class SecretsAdapter:
             bindings=[policy_pb2.Binding(role=role, members=list(members)) for role, members in wanted],
             etag=policy.etag)
         self._call(lambda: self._client.set_iam_policy(
-            request=iam_policy_pb2.SetIamPolicyRequest(resource=secret, policy=new_policy)),
+            request=iam_policy_pb2.SetIamPolicyRequest(resource=secret, policy=new_policy), retry=None),
             f"setIamPolicy {secret}", "secretmanager.secrets.setIamPolicy")
 
     def vm_secret_id(self, key: VmKey) -> str:
@@ -127,7 +150,7 @@ class SecretsAdapter:
         from google.api_core.exceptions import BadRequest, NotFound
 
         try:
-            self._call(lambda: self._client.destroy_secret_version(name=version_name),
+            self._call(lambda: self._client.destroy_secret_version(name=version_name, retry=None),
                        f"destroy {version_name}", "secretmanager.versions.destroy",
                        passthrough=(NotFound, BadRequest))
         except (NotFound, BadRequest):
@@ -139,14 +162,33 @@ class SecretsAdapter:
 
         secret_id = self.vm_secret_id(key)
         try:
-            self._call(lambda: self._client.delete_secret(name=self._secret_path(secret_id)),
+            self._call(lambda: self._client.delete_secret(name=self._secret_path(secret_id), retry=None),
                        f"delete secret {secret_id}", "secretmanager.secrets.delete", passthrough=(NotFound,))
         except NotFound:
             return False
         return True
 
+    def list_vm_secrets(self) -> Iterator[tuple[VmKey, str]]:
+        """(VM key, secret name) of every per-VM secret meshjoin made, found by label (paged)."""
+        request = self._sm.ListSecretsRequest(
+            parent=f"projects/{self._settings.project}", page_size=500,
+            filter=f"labels.{names.SECRET_OWNER_LABEL}={names.MANAGED_BY}")
+        pager = self._call(lambda: self._client.list_secrets(request=request, retry=None), "list secrets",
+                           "secretmanager.secrets.list")
+        iterator = iter(pager)
+        while True:
+            try:
+                secret = self._call(lambda: next(iterator), "list secrets page", "secretmanager.secrets.list",
+                                    passthrough=(StopIteration,))
+            except StopIteration:
+                return
+            labels = dict(secret.labels)
+            zone, instance = labels.get("meshjoin-zone"), labels.get("meshjoin-instance")
+            if zone and instance:
+                yield VmKey(self._settings.project, zone, instance), secret.name
+
     def read_vm_material(self, version_name: str) -> dict[str, str]:
         """The delivered JSON (tests and `meshjoin explain`); callers must not log it."""
-        response = self._call(lambda: self._client.access_secret_version(name=version_name),
+        response = self._call(lambda: self._client.access_secret_version(name=version_name, retry=None),
                               f"access {version_name}", "secretmanager.versions.access")
         return json.loads(response.payload.data)

@@ -1,0 +1,290 @@
+# Inputs. Optional settings of the functions default to null: the variable is then not set at
+# all and the product applies its own documented default (README, "Settings"), so the two can
+# never drift apart. Values are checked here with the same rules the functions apply at cold
+# start, so a typo fails `terraform plan` instead of the first event.
+
+# --- where -----------------------------------------------------------------------------------
+
+variable "project_id" {
+  description = "Project whose VMs meshjoin manages; the functions, topics and secrets live here too."
+  type        = string
+}
+
+variable "region" {
+  description = "Region of the functions, the Cloud Scheduler job and the source bucket."
+  type        = string
+  default     = "us-central1"
+}
+
+variable "cluster" {
+  description = "The mesh's GKE cluster as projects/P/locations/L/clusters/C (MESHJOIN_CLUSTER); it may live in another project."
+  type        = string
+
+  validation {
+    condition     = can(regex("^projects/[^/]+/locations/[^/]+/clusters/[^/]+$", var.cluster))
+    error_message = "cluster must look like projects/P/locations/L/clusters/C."
+  }
+}
+
+variable "name" {
+  description = "Prefix of every resource name (topics, functions, service accounts, custom roles)."
+  type        = string
+  default     = "meshjoin"
+
+  validation {
+    # Service account ids allow 6-30 characters and the longest suffix is "-functions".
+    condition     = can(regex("^[a-z][a-z0-9-]{2,18}[a-z0-9]$", var.name))
+    error_message = "name must be 4-20 characters of lowercase letters, digits and hyphens."
+  }
+}
+
+variable "build_dir" {
+  description = "Directory holding the packaged function sources (one subdirectory per function); empty means build/functions at the repository root, where `make package` writes them."
+  type        = string
+  default     = ""
+}
+
+# --- who may join ----------------------------------------------------------------------------
+
+variable "allowed_namespaces" {
+  description = "Namespaces VMs may join (MESHJOIN_ALLOWED_NAMESPACES). The functions get write RBAC in exactly these; \"*\" grants it cluster-wide."
+  type        = list(string)
+  default     = ["default"]
+
+  validation {
+    condition     = length(var.allowed_namespaces) > 0
+    error_message = "allowed_namespaces must name at least one namespace."
+  }
+}
+
+variable "allowed_service_accounts" {
+  description = "namespace/name patterns (fnmatch) a VM may claim (MESHJOIN_ALLOWED_SERVICE_ACCOUNTS)."
+  type        = list(string)
+  default     = ["*/*"]
+}
+
+variable "default_namespace" {
+  description = "Namespace of a VM without a mesh-namespace label (MESHJOIN_DEFAULT_NAMESPACE); null keeps the product default."
+  type        = string
+  default     = null
+}
+
+variable "default_service_account" {
+  description = "Service account of a VM without a mesh-service-account label (MESHJOIN_DEFAULT_SERVICE_ACCOUNT); null keeps the product default."
+  type        = string
+  default     = null
+}
+
+# --- the CA and the per-VM secrets -----------------------------------------------------------
+
+variable "create_ca_secrets" {
+  description = "Create the four (empty) CA secrets; set false when they already exist. Versions are added with deploy/upload_ca.py, never by Terraform, so the CA key stays out of the state."
+  type        = bool
+  default     = true
+}
+
+variable "ca_cert_secret" {
+  description = "Secret holding ca-cert.pem (MESHJOIN_CA_CERT_SECRET)."
+  type        = string
+  default     = "istio-ca-cert"
+}
+
+variable "ca_key_secret" {
+  description = "Secret holding ca-key.pem (MESHJOIN_CA_KEY_SECRET)."
+  type        = string
+  default     = "istio-ca-key"
+}
+
+variable "ca_chain_secret" {
+  description = "Secret holding cert-chain.pem (MESHJOIN_CA_CHAIN_SECRET)."
+  type        = string
+  default     = "istio-cert-chain"
+}
+
+variable "ca_root_secret" {
+  description = "Secret holding root-cert.pem (MESHJOIN_CA_ROOT_SECRET)."
+  type        = string
+  default     = "istio-root-cert"
+}
+
+variable "secret_prefix" {
+  description = "Prefix of the per-VM secret ids (MESHJOIN_SECRET_PREFIX); the functions may manage only secrets starting with \"<prefix>-\"."
+  type        = string
+  default     = "meshjoin-vm"
+
+  validation {
+    condition     = can(regex("^[a-zA-Z0-9_-]{1,100}$", var.secret_prefix))
+    error_message = "secret_prefix must be letters, digits, underscores and hyphens."
+  }
+}
+
+variable "ca_cache" {
+  description = "How long a function instance trusts its cached CA (MESHJOIN_CA_CACHE), e.g. 60s; null keeps the product default."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.ca_cache == null || can(regex("^([0-9]+d)?([0-9]+h)?([0-9]+m)?([0-9]+s)?$", var.ca_cache))
+    error_message = "ca_cache must be a duration like 60s, 5m or 1h30m."
+  }
+}
+
+# --- certificates and bootstrap --------------------------------------------------------------
+
+variable "trust_domain" {
+  description = "SPIFFE trust domain (MESHJOIN_TRUST_DOMAIN); null keeps the product default (cluster.local)."
+  type        = string
+  default     = null
+}
+
+variable "cert_ttl" {
+  description = "Workload certificate lifetime (MESHJOIN_CERT_TTL), e.g. 24h; null keeps the product default."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.cert_ttl == null || can(regex("^([0-9]+d)?([0-9]+h)?([0-9]+m)?([0-9]+s)?$", var.cert_ttl))
+    error_message = "cert_ttl must be a duration like 24h or 90m."
+  }
+}
+
+variable "renew_fraction" {
+  description = "Renew at this fraction of a certificate's life (MESHJOIN_RENEW_FRACTION); null keeps the product default."
+  type        = number
+  default     = null
+
+  validation {
+    condition     = var.renew_fraction == null || try(var.renew_fraction >= 0 && var.renew_fraction < 1, false)
+    error_message = "renew_fraction must be in [0, 1)."
+  }
+}
+
+variable "renew_jitter" {
+  description = "Per-VM jitter subtracted from the renewal point, as a fraction of life (MESHJOIN_RENEW_JITTER); null keeps the product default."
+  type        = number
+  default     = null
+
+  validation {
+    condition     = var.renew_jitter == null || try(var.renew_jitter >= 0 && var.renew_jitter < 1, false)
+    error_message = "renew_jitter must be in [0, 1)."
+  }
+}
+
+variable "key_algorithm" {
+  description = "Workload key algorithm (MESHJOIN_KEY_ALGORITHM): ecdsa-p256 or rsa-2048; null keeps the product default."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.key_algorithm == null || contains(["ecdsa-p256", "rsa-2048"], coalesce(var.key_algorithm, "ecdsa-p256"))
+    error_message = "key_algorithm must be ecdsa-p256 or rsa-2048."
+  }
+}
+
+variable "istiod_address" {
+  description = "discoveryAddress written for the VMs (MESHJOIN_ISTIOD_ADDRESS); null keeps the product default."
+  type        = string
+  default     = null
+}
+
+variable "istiod_ip" {
+  description = "Address of the east-west gateway for the VMs' istiod hosts line (MESHJOIN_ISTIOD_IP)."
+  type        = string
+  default     = null
+}
+
+variable "mesh_id" {
+  description = "Mesh id for cluster.env (MESHJOIN_MESH_ID)."
+  type        = string
+  default     = null
+}
+
+variable "cluster_id" {
+  description = "Istio cluster id for cluster.env (MESHJOIN_CLUSTER_ID); null keeps the product default (Kubernetes)."
+  type        = string
+  default     = null
+}
+
+variable "network" {
+  description = "Istio network of the VMs (MESHJOIN_NETWORK), for multi-network meshes."
+  type        = string
+  default     = null
+}
+
+variable "sidecar_url" {
+  description = "Where the VM agent downloads the Istio sidecar package (MESHJOIN_SIDECAR_URL)."
+  type        = string
+  default     = null
+}
+
+variable "sidecar_sha256" {
+  description = "SHA-256 the sidecar package must have (MESHJOIN_SIDECAR_SHA256)."
+  type        = string
+  default     = null
+}
+
+# --- event handling --------------------------------------------------------------------------
+
+variable "max_event_age" {
+  description = "Events published longer ago are dropped, the sweep covers them (MESHJOIN_MAX_EVENT_AGE); null keeps the product default."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.max_event_age == null || can(regex("^([0-9]+d)?([0-9]+h)?([0-9]+m)?([0-9]+s)?$", var.max_event_age))
+    error_message = "max_event_age must be a duration like 1h."
+  }
+}
+
+variable "api_attempts" {
+  description = "Attempts per API call on transient errors (MESHJOIN_API_ATTEMPTS); null keeps the product default."
+  type        = number
+  default     = null
+
+  validation {
+    condition     = var.api_attempts == null || try(var.api_attempts >= 1 && floor(var.api_attempts) == var.api_attempts, false)
+    error_message = "api_attempts must be a positive integer."
+  }
+}
+
+variable "extra_settings" {
+  description = "Further MESHJOIN_* environment variables for both functions (a setting newer than this module); they override the ones above."
+  type        = map(string)
+  default     = {}
+
+  validation {
+    condition     = alltrue([for k in keys(var.extra_settings) : can(regex("^MESHJOIN_[A-Z0-9_]+$", k))])
+    error_message = "extra_settings keys must be MESHJOIN_* variable names."
+  }
+}
+
+variable "sweep_interval_minutes" {
+  description = "Minutes between maintenance sweeps (Cloud Scheduler). A divisor of 60, so sweeps stay evenly spaced across the hour."
+  type        = number
+  default     = 10
+
+  validation {
+    condition     = contains([1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30], var.sweep_interval_minutes)
+    error_message = "sweep_interval_minutes must divide 60: 1, 2, 3, 4, 5, 6, 10, 12, 15, 20 or 30."
+  }
+}
+
+variable "events_max_instances" {
+  description = "Upper bound on concurrent event-function instances: caps the burst of API calls (and Secret Manager writes) a mass VM creation can cause."
+  type        = number
+  default     = 20
+}
+
+variable "function_memory" {
+  description = "Memory of each function instance."
+  type        = string
+  default     = "512Mi"
+}
+
+# --- cluster RBAC ----------------------------------------------------------------------------
+
+variable "manage_kubernetes_rbac" {
+  description = "Create the functions' Kubernetes RBAC with Terraform. Set false when cluster RBAC is managed elsewhere (GitOps): apply the kubernetes_rbac_manifest output there instead."
+  type        = bool
+  default     = true
+}

@@ -1,0 +1,245 @@
+"""The maintenance sweep: bring the whole fleet to the truth with the per-VM reconcile.
+
+Inventory is three paged listings, never a call per VM: labelled VMs (Compute aggregatedList with
+a server-side label filter; their metadata carries `meshjoin-status`), meshjoin's WorkloadEntries
+and Services (label selector), and per-VM secrets (label filter). A pure `plan_sweep` turns the
+inventory into actions; only VMs with something to do cost further calls. Pruning happens only
+from complete listings, through a reconcile that sees a definitive 404 or a missing label, and at
+most `prune_cap` per sweep.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Callable
+
+from . import bootstrap, names, pki
+from .errors import MeshjoinError, TransientError
+from .logs import log
+from .model import JOIN_LABEL, JOIN_VALUE, Denial, Vm, VmKey
+from .policy import decide_identity
+from .reconcile import Delivered, Reconciler, needs_new_cert
+from .settings import Settings
+
+LABEL_FILTER = f"labels.{JOIN_LABEL}={JOIN_VALUE}"
+OWNED_SELECTOR = f"{names.MANAGED_BY_LABEL}={names.MANAGED_BY}"
+
+# Action kinds, in the order a sweep spends its budget on them.
+JOIN, REISSUE, RENEW, PRUNE, PRUNE_SERVICE = "join", "reissue", "renew", "prune", "prune-service"
+
+
+@dataclass
+class Inventory:
+    vms: dict[VmKey, Vm]
+    entries: list[dict]
+    services: list[dict]
+    secrets: dict[VmKey, str]
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return not self.errors
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str
+    key: VmKey | None
+    reason: str
+    target: str = ""  # namespace/name for a Service prune
+
+    def describe(self) -> str:
+        subject = str(self.key) if self.key else self.target
+        return f"{self.kind} {subject}: {self.reason}"
+
+
+@dataclass
+class SweepPlan:
+    actions: list[Action]
+    denied: int
+    healthy: int
+    prune_candidates: int
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SweepSummary:
+    counts: dict[str, int]
+    duration_s: float
+    dry_run: bool
+    plan: SweepPlan
+    errors: list[str]
+
+    def as_log_fields(self) -> dict:
+        return {**self.counts, "duration_s": round(self.duration_s, 3), "dry_run": self.dry_run,
+                "actions_planned": len(self.plan.actions)}
+
+
+def entry_key(entry: dict) -> VmKey | None:
+    annotations = entry.get("metadata", {}).get("annotations") or {}
+    parts = [annotations.get(names.ANNOTATION_PREFIX + k) for k in ("project", "zone", "instance")]
+    return VmKey(*parts) if all(parts) else None
+
+
+def plan_sweep(inventory: Inventory, settings: Settings, ca_fingerprint: str, now: datetime) -> SweepPlan:
+    """Decide, from listings alone, what each VM needs. Pure."""
+    actions: list[Action] = []
+    denied = healthy = 0
+    entry_refs = {f"{e['metadata']['namespace']}/{e['metadata']['name']}" for e in inventory.entries}
+    for key in sorted(inventory.vms):
+        vm = inventory.vms[key]
+        status = bootstrap.parse_status(vm.metadata.get(names.STATUS_KEY))
+        decision = decide_identity(vm, settings)
+        if isinstance(decision, Denial):
+            if status.get("state") != "denied" or status.get("reason") != decision.reason:
+                actions.append(Action(JOIN, key, f"to be denied: {decision.reason}"))
+            denied += 1
+            continue
+        delivered = Delivered.from_status(status)
+        if status.get("state") != "joined" or delivered is None:
+            actions.append(Action(JOIN, key, f"labelled but {status.get('state') or 'never handled'}"))
+            continue
+        if status.get("workloadEntry") not in entry_refs and inventory.complete:
+            actions.append(Action(JOIN, key, f"its WorkloadEntry {status.get('workloadEntry')} is missing"))
+            continue
+        why = needs_new_cert(delivered, vm=vm, spiffe=decision.spiffe(settings.trust_domain),
+                             ca_fingerprint=ca_fingerprint, now=now, settings=settings)
+        if why is None:
+            healthy += 1
+        else:
+            kind = REISSUE if delivered.ca_fingerprint != ca_fingerprint else RENEW if "renewal" in why else JOIN
+            actions.append(Action(kind, key, why))
+    # Renewals due first are renewed first when the budget runs short.
+    actions.sort(key=lambda a: ([JOIN, REISSUE, RENEW].index(a.kind), _renewal_order(inventory, a, settings)))
+
+    notes: list[str] = []
+    prunes: list[Action] = []
+    if inventory.complete:
+        orphans = {entry_key(e) for e in inventory.entries} | set(inventory.secrets)
+        for key in sorted(k for k in orphans if k is not None and k not in inventory.vms):
+            prunes.append(Action(PRUNE, key, "no labelled VM by that name (404 or label removed)"))
+        selected = {(e["metadata"]["namespace"], (e["metadata"].get("labels") or {}).get("app"))
+                    for e in inventory.entries}
+        for svc in inventory.services:
+            meta = svc["metadata"]
+            if (meta["namespace"], meta["name"]) not in selected:
+                prunes.append(Action(PRUNE_SERVICE, None, "no WorkloadEntry selects it",
+                                     target=f"{meta['namespace']}/{meta['name']}"))
+    else:
+        notes.append("listing incomplete, nothing pruned: " + "; ".join(inventory.errors))
+    if len(prunes) > settings.prune_cap:
+        notes.append(f"{len(prunes)} objects to prune exceed MESHJOIN_PRUNE_CAP={settings.prune_cap}: "
+                     f"pruning {settings.prune_cap} this sweep; check that VMs were really deleted")
+    return SweepPlan(actions + prunes[:settings.prune_cap], denied, healthy, len(prunes), notes)
+
+
+def _renewal_order(inventory: Inventory, action: Action, settings: Settings) -> float:
+    vm = inventory.vms.get(action.key) if action.key else None
+    delivered = Delivered.from_status(bootstrap.parse_status(vm.metadata.get(names.STATUS_KEY))) if vm else None
+    if delivered is None:
+        return 0.0
+    return pki.renewal_time(delivered.not_before, delivered.not_after, renew_fraction=settings.renew_fraction,
+                            jitter_fraction=settings.renew_jitter_fraction, jitter_key=str(vm.key)).timestamp()
+
+
+class Sweeper:
+    def __init__(self, settings: Settings, reconciler: Reconciler, clock: Callable[[], datetime]):
+        self.settings = settings
+        self.reconciler = reconciler
+        self.clock = clock
+
+    def inventory(self) -> Inventory:
+        """The three listings; a failed one is recorded, so the plan knows not to prune."""
+        r = self.reconciler
+        errors: list[str] = []
+
+        def listing(what: str, produce):
+            try:
+                return produce()
+            except MeshjoinError as exc:
+                errors.append(f"{what}: {exc}")
+                return None
+
+        vms = listing("Compute instances", lambda: {vm.key: vm for vm in r.compute.list_vms(LABEL_FILTER)})
+        entries = listing("WorkloadEntries", lambda: list(r.kube.list("WorkloadEntry", OWNED_SELECTOR)))
+        services = listing("Services", lambda: list(r.kube.list("Service", OWNED_SELECTOR)))
+        secrets = listing("per-VM secrets", lambda: dict(r.secrets.list_vm_secrets()))
+        return Inventory(vms or {}, entries or [], services or [], secrets or {}, errors)
+
+    def sweep(self, *, dry_run: bool = False, progress: Callable[[int, int], None] | None = None) -> SweepSummary:
+        started = time.monotonic()
+        counts = dict.fromkeys(("joined", "renewed", "reissued", "pruned", "denied", "errors", "deferred"), 0)
+        inventory = self.inventory()
+        errors = list(inventory.errors)
+        if "Compute instances" in " ".join(inventory.errors):
+            plan = SweepPlan([], 0, 0, 0, ["no VM listing: nothing to do this sweep"])
+        else:
+            try:
+                ca_fingerprint = self.reconciler.secrets.plugin_ca().fingerprint
+            except MeshjoinError as exc:
+                errors.append(f"plug-in CA: {exc}")
+                ca_fingerprint = ""
+            plan = plan_sweep(inventory, self.settings, ca_fingerprint, self.clock()) if ca_fingerprint else \
+                SweepPlan([], 0, 0, 0, ["no CA: nothing to do this sweep"])
+        counts["denied"] = plan.denied
+        counts["errors"] = len(errors)
+        for note in plan.notes:
+            log("ERROR" if "exceed" in note or "incomplete" in note else "WARNING", note, outcome="deferred")
+        if not dry_run:
+            self._execute(plan, inventory, counts, errors, started, progress)
+        summary = SweepSummary(counts, time.monotonic() - started, dry_run, plan, errors)
+        log("ERROR" if errors else "INFO", "sweep finished" + (" (dry run)" if dry_run else ""),
+            outcome="swept", **summary.as_log_fields())
+        return summary
+
+    def _execute(self, plan: SweepPlan, inventory: Inventory, counts: dict, errors: list[str], started: float,
+                 progress) -> None:
+        budget_renewals = self.settings.sweep_renewals
+        deadline = started + self.settings.sweep_seconds.total_seconds()
+        runnable: list[Action] = []
+        for action in plan.actions:
+            if action.kind in (RENEW, REISSUE):
+                if budget_renewals <= 0:
+                    counts["deferred"] += 1
+                    continue
+                budget_renewals -= 1
+            runnable.append(action)
+        if counts["deferred"]:
+            log("WARNING", f"{counts['deferred']} renewals deferred to the next sweep "
+                           f"(MESHJOIN_SWEEP_RENEWALS={self.settings.sweep_renewals})", outcome="deferred")
+        done = 0
+
+        def run(action: Action) -> tuple[Action, str]:
+            if time.monotonic() > deadline:
+                return action, "deferred"
+            try:
+                if action.kind == PRUNE_SERVICE:
+                    namespace, _, name = action.target.partition("/")
+                    return action, "pruned" if self.reconciler.prune_service(namespace, name) else "unchanged"
+                outcome = self.reconciler.reconcile(action.key, vm=inventory.vms.get(action.key),
+                                                    cleanup=action.kind == PRUNE)
+                return action, outcome.verb
+            except TransientError as exc:
+                return action, f"error: {exc}"
+
+        with ThreadPoolExecutor(max_workers=self.settings.sweep_workers) as pool:
+            for action, verb in pool.map(run, runnable):
+                done += 1
+                if progress:
+                    progress(done, len(runnable))
+                if verb.startswith("error"):
+                    counts["errors"] += 1
+                    errors.append(f"{action.describe()}: {verb}")
+                    log("WARNING", f"sweep action failed: {verb}", key=action.key, outcome="failed")
+                elif verb == "failed":
+                    counts["errors"] += 1
+                elif verb in SWEEP_COUNTER:
+                    counts[SWEEP_COUNTER[verb]] += 1
+
+
+# Reconcile verbs → summary counters (denials are counted from the plan, once per denied VM).
+SWEEP_COUNTER = {"registered": "joined", "renewed": "renewed", "reissued": "reissued", "left": "pruned",
+                 "pruned": "pruned", "deferred": "deferred"}

@@ -1,0 +1,154 @@
+"""The maintenance sweep through the sandbox: `meshjoin sandbox tick` → Pub/Sub → the function."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from datetime import datetime, timezone
+
+import pytest
+
+from meshjoin import pki
+
+from .conftest import running_sandbox, wait_for
+
+TTL_SETTINGS = {
+    "MESHJOIN_CERT_TTL": "1m",
+    "MESHJOIN_RENEW_FRACTION": "0.5",
+    "MESHJOIN_RENEW_JITTER": "0.05",
+    "MESHJOIN_PRUNE_CAP": "2",
+    "MESHJOIN_CA_CACHE": "1s",
+}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    with running_sandbox(tmp_path_factory.mktemp("maintenance"), TTL_SETTINGS) as sandbox:
+        yield sandbox
+
+
+def sweeps(world) -> list[dict]:
+    return [e for e in world.function_log("maintenance_fn") if e.get("outcome") == "swept"]
+
+
+def tick(world) -> dict:
+    """Publish a tick and return the summary line of the sweep it caused."""
+    before = len(sweeps(world))
+    world.meshjoin("sandbox", "tick")
+    wait_for(lambda: len(sweeps(world)) > before, timeout=60, what="the sweep's summary line")
+    return sweeps(world)[before]
+
+
+def create(world, name: str, *args: str) -> None:
+    world.meshjoin("sandbox", "create-vm", name, "--service-account",
+                   f"{name}@meshjoin-sandbox.iam.gserviceaccount.com", *args)
+
+
+def joined(world, name: str) -> dict:
+    return wait_for(lambda: (s := world.status(name)).get("state") == "joined" and s, what=f"{name} joined")
+
+
+def secret_gone(world, name: str) -> bool:
+    result = world.meshjoin("sandbox", "access-secret", f"meshjoin-vm-{world.zone}-{name}", check=False)
+    return result.returncode != 0
+
+
+def verify_chain(world, material: dict, root_pem: str, tmp_path) -> None:
+    chain = material["cert-chain.pem"]
+    leaf = chain.split("-----END CERTIFICATE-----")[0] + "-----END CERTIFICATE-----\n"
+    (tmp_path / "leaf.pem").write_text(leaf)
+    (tmp_path / "chain.pem").write_text(chain)
+    (tmp_path / "root.pem").write_text(root_pem)
+    result = subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "root.pem"), "-untrusted",
+                             str(tmp_path / "chain.pem"), str(tmp_path / "leaf.pem")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_missed_join_and_lost_delete_are_caught_by_the_next_tick(world):
+    create(world, "m-lost", "--label", "mesh=join", "--no-event")
+    create(world, "m-gone", "--label", "mesh=join", "--metadata", "mesh-ports=http:8080")
+    joined(world, "m-gone")
+    world.meshjoin("sandbox", "delete-vm", "m-gone", "--no-event")
+    assert world.entries_for("m-gone") and not secret_gone(world, "m-gone")
+
+    summary = tick(world)
+    assert summary["joined"] >= 1 and summary["pruned"] >= 1, summary
+    joined(world, "m-lost")
+    assert len(world.entries_for("m-lost")) == 1
+    assert world.entries_for("m-gone") == []
+    assert secret_gone(world, "m-gone")
+    assert world.kubectl_json("get", "service", "-n", "default", "m-gone") is None
+    for key in ("joined", "renewed", "reissued", "pruned", "denied", "errors", "deferred", "duration_s"):
+        assert key in summary
+
+
+def test_renewal_only_after_the_renewal_point(world, tmp_path):
+    create(world, "m-renew", "--label", "mesh=join")
+    first = joined(world, "m-renew")
+    not_before = datetime.fromisoformat(first["certNotBefore"].replace("Z", "+00:00"))
+    not_after = datetime.fromisoformat(first["certNotAfter"].replace("Z", "+00:00"))
+    due = pki.renewal_time(not_before, not_after, renew_fraction=0.5, jitter_fraction=0.05,
+                           jitter_key=f"{world.project}/{world.zone}/m-renew")
+    assert datetime.now(timezone.utc) < due, "the test needs to tick before the renewal point"
+    tick(world)
+    assert world.status("m-renew")["secret"] == first["secret"], "renewed before its renewal point"
+
+    time.sleep(max(0.0, (due - datetime.now(timezone.utc)).total_seconds()) + 0.5)
+    tick(world)
+    second = world.status("m-renew")
+    assert second["certNotAfter"] > first["certNotAfter"]
+    assert second["secret"] != first["secret"]
+    assert second["previousSecret"] == first["secret"]
+    verify_chain(world, world.secret_payload(second["secret"]), world.ca_file("root-cert.pem").read_text(), tmp_path)
+
+
+def test_ca_rotation_reissues_every_vm_and_bundles_both_roots(world, tmp_path):
+    create(world, "m-rot", "--label", "mesh=join")
+    before = joined(world, "m-rot")
+    old_root = world.ca_file("root-cert.pem").read_text()
+    new_dir = world.meshjoin("sandbox", "rotate-ca").stdout.strip().rsplit(" ", 1)[-1]
+    time.sleep(1.2)  # MESHJOIN_CA_CACHE=1s in this sandbox
+    summary = tick(world)
+    assert summary["reissued"] >= 1, summary
+    after = world.status("m-rot")
+    assert after["caFingerprint"] != before["caFingerprint"]
+    material = world.secret_payload(after["secret"])
+    roots = material["root-cert.pem"]
+    assert roots.count("BEGIN CERTIFICATE") == 2 and old_root.strip() in roots
+    new_root = open(f"{new_dir}/root-cert.pem").read()
+    verify_chain(world, material, new_root, tmp_path)
+    assert world.metadata("m-rot")["meshjoin-root-cert"] == roots
+    # Every joined VM of the fleet now carries the new CA.
+    fingerprints = {world.status(n).get("caFingerprint") for n in ("m-lost", "m-renew", "m-rot")}
+    assert fingerprints == {after["caFingerprint"]}
+
+
+def test_listing_failure_prunes_nothing(world):
+    create(world, "m-fail", "--label", "mesh=join")
+    joined(world, "m-fail")
+    world.meshjoin("sandbox", "delete-vm", "m-fail", "--no-event")
+    world.meshjoin("sandbox", "fault", "--emulator", "compute", "--method", "instances.aggregatedList",
+                   "--status", "503", "--count", "50")
+    try:
+        summary = tick(world)
+    finally:
+        world.meshjoin("sandbox", "fault", "--clear")
+    assert summary["severity"] == "ERROR" and summary["pruned"] == 0, summary
+    assert len(world.entries_for("m-fail")) == 1 and not secret_gone(world, "m-fail")
+    assert tick(world)["pruned"] >= 1
+    assert world.entries_for("m-fail") == []
+
+
+def test_prune_cap_limits_deletions_per_sweep(world):
+    names = ["m-cap-1", "m-cap-2", "m-cap-3"]
+    for name in names:
+        create(world, name, "--label", "mesh=join")
+    for name in names:
+        joined(world, name)
+        world.meshjoin("sandbox", "delete-vm", name, "--no-event")
+    summary = tick(world)
+    assert summary["pruned"] == 2, summary
+    assert any("exceed MESHJOIN_PRUNE_CAP=2" in e["message"] for e in world.function_log("maintenance_fn"))
+    assert sum(1 for n in names if world.entries_for(n)) == 1
+    assert tick(world)["pruned"] == 1
+    assert all(world.entries_for(n) == [] for n in names)

@@ -1,0 +1,381 @@
+"""The VM agent (the rendered startup-script) run for real, as root, in a throw-away root directory.
+
+Only what would change the host is a PATH shim that records its calls (systemctl, dpkg, dpkg-query,
+useradd, id, chown, logger); the rest is real: curl against the VM's own metadata server and the sandbox's
+Secret Manager, python3, openssl, flock, sha256sum, and dpkg-deb reading a package packed here.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import threading
+from datetime import datetime, timedelta, timezone
+from functools import partial
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from meshjoin import bootstrap
+from meshjoin.model import Identity, VmKey
+from meshjoin.settings import Settings
+
+from .conftest import wait_for
+
+IN_CI = bool(os.environ.get("CI"))
+PROXY_UID = 1337  # what the chown/id shims map istio-proxy to: ownership is then real and checkable
+SIDECAR_VERSION = "1.24.0-meshjoin-test"
+AGENT = "usr/local/sbin/meshjoin-agent"
+ISTIOD_HOST_LINE = "10.128.15.250 istiod.istio-system.svc"  # MESHJOIN_ISTIOD_IP/ADDRESS of the sandbox
+
+
+def need(*tools: str) -> None:
+    """Skip without a tool, except in CI, where a missing tool is a broken image and must fail."""
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if missing and not IN_CI:
+        pytest.skip(f"not installed: {', '.join(missing)}")
+    assert not missing, f"CI image lacks {missing}"
+
+
+# --- fixtures -------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def script(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("agent") / "startup-script"
+    path.write_text(bootstrap.startup_script())
+    return path
+
+
+class Served:
+    """A loopback HTTP server (files of a directory by default), counting the requests it answered."""
+
+    def __init__(self, directory: Path | None = None, handler=None):
+        self.gets: list[str] = []
+        served = self
+
+        class Files(SimpleHTTPRequestHandler):
+            def log_message(self, *args):
+                served.gets.append(self.path)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler or partial(Files, directory=str(directory)))
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.base = f"http://127.0.0.1:{self.server.server_port}"
+
+    def url(self, name: str) -> str:
+        return f"{self.base}/{name}"
+
+
+@pytest.fixture(scope="module")
+def sidecar(tmp_path_factory) -> dict:
+    """A tiny istio-sidecar.deb packed with dpkg-deb, served from loopback like the operator's mirror."""
+    need("dpkg-deb")
+    work = tmp_path_factory.mktemp("sidecar")
+    package = work / "pkg"
+    (package / "DEBIAN").mkdir(parents=True)
+    (package / "DEBIAN" / "control").write_text(
+        f"Package: istio-sidecar\nVersion: {SIDECAR_VERSION}\nArchitecture: all\n"
+        "Maintainer: meshjoin tests <tests@example.invalid>\nDescription: stand-in for Istio's VM sidecar\n")
+    (package / "usr" / "local" / "bin").mkdir(parents=True)
+    (package / "usr" / "local" / "bin" / "istio-start.sh").write_text("#!/bin/sh\nexit 0\n")
+    served_dir = work / "www"
+    served_dir.mkdir()
+    deb = served_dir / "istio-sidecar.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", "--build", str(package), str(deb)], check=True,
+                   capture_output=True)
+    served = Served(served_dir)
+    yield {"url": served.url("istio-sidecar.deb"), "sha256": hashlib.sha256(deb.read_bytes()).hexdigest(),
+           "served": served}
+    served.server.shutdown()
+
+
+def join(sandbox, name: str, *labels: str) -> dict:
+    sandbox.meshjoin("sandbox", "create-vm", name, "--label", "mesh=join", "--label", "mesh-namespace=apps",
+                     *[arg for label in labels for arg in ("--label", label)], "--metadata", "mesh-ports=http:8080",
+                     "--service-account", f"{name}@meshjoin-sandbox.iam.gserviceaccount.com")
+    return wait_for(lambda: (s := sandbox.status(name)).get("state") == "joined" and s, what=f"{name} joined")
+
+
+SHIMS = {
+    "systemctl": 'echo "$*" >> "$LOG/systemctl"',
+    "dpkg": 'echo "$*" >> "$LOG/dpkg"\n'
+            'if [ "$1" = -i ]; then dpkg-deb -f "$2" Version > "$LOG/installed-version"; fi',
+    "dpkg-query": '[ -f "$LOG/installed-version" ] || exit 1\nprintf "installed %s" "$(cat "$LOG/installed-version")"',
+    "useradd": 'echo "$*" >> "$LOG/useradd"\ntouch "$LOG/user-exists"',
+    "id": f'if [ "$1" = -u ] && [ "$2" = istio-proxy ]; then\n'
+          f'  [ -f "$LOG/user-exists" ] && echo {PROXY_UID}; exit\nfi\nexec {{id}} "$@"',
+    "chown": f'owner="$(echo "$1" | sed "s/istio-proxy/{PROXY_UID}/g")"\nshift\nexec {{chown}} "$owner" "$@"',
+    "logger": 'echo "$*" >> "$LOG/journal"',
+}
+
+
+class FakeVm:
+    """A throw-away root plus shims; runs the agent as root against one VM's metadata server."""
+
+    def __init__(self, base: Path, sandbox, name: str, sidecar: dict):
+        self.root, self.bin, self.log = base / "root", base / "bin", base / "log"
+        for path in (self.root / "etc", self.bin, self.log):
+            path.mkdir(parents=True)
+        (self.root / "etc" / "hosts").write_text("127.0.0.1 localhost\n::1 localhost ip6-localhost\n")
+        real = {"id": shutil.which("id"), "chown": shutil.which("chown")}
+        for tool, body in SHIMS.items():
+            shim = self.bin / tool
+            shim.write_text(f"#!/bin/sh\nLOG={self.log}\n" + body.replace("{id}", real["id"])
+                            .replace("{chown}", real["chown"]) + "\n")
+            shim.chmod(0o755)
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("MESHJOIN_", "GCE_METADATA"))},
+            "PATH": f"{self.bin}:{os.environ['PATH']}",
+            "MESHJOIN_ROOT": str(self.root),
+            "GCE_METADATA_HOST": sandbox.meshjoin("sandbox", "vm-metadata", name).stdout.strip(),
+            "MESHJOIN_SECRETMANAGER_URL": sandbox.env_vars["MESHJOIN_SECRETMANAGER_ENDPOINT"],
+            "MESHJOIN_SIDECAR_URL": sidecar["url"],
+            "MESHJOIN_SIDECAR_SHA256": sidecar["sha256"],
+            "MESHJOIN_WAIT_SECONDS": "10",  # a watcher that finds no change gives up quickly
+        }
+
+    def run(self, script: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(script), *args], env={**self.env, **env}, capture_output=True,
+                              text=True, timeout=120)
+
+    def boot(self, script: Path, **env: str) -> subprocess.CompletedProcess:
+        result = self.run(script, **env)
+        assert result.returncode == 0, result.stderr
+        return result
+
+    def watch_once(self, **env: str) -> subprocess.CompletedProcess:
+        return self.run(self.root / AGENT, "watch", "--once", **env)
+
+    def calls(self, tool: str) -> list[str]:
+        path = self.log / tool
+        return path.read_text().splitlines() if path.exists() else []
+
+    def file(self, path: str) -> Path:
+        return self.root / path
+
+    def tree(self) -> dict[str, tuple]:
+        """Every file with what a rewrite would change: content, mode, owner, inode, mtime."""
+        out = {}
+        for path in sorted(p for p in self.root.rglob("*") if p.is_file()):
+            if path.name == "etag":
+                continue  # bookkeeping of the last metadata seen; other VMs' reconciles move it
+            st = path.stat()
+            out[str(path.relative_to(self.root))] = (path.read_bytes(), st.st_mode, st.st_uid, st.st_ino,
+                                                     st.st_mtime_ns)
+        return out
+
+
+@pytest.fixture
+def fake_vm(tmp_path, sandbox, sidecar):
+    need("curl", "python3", "openssl", "flock", "sha256sum")
+    if os.geteuid() != 0:
+        if IN_CI:
+            pytest.fail("the VM agent test runs the script as root; CI must run it as root")
+        pytest.skip("the VM agent runs as root (chown); run the suite as root")
+    return lambda name: FakeVm(tmp_path, sandbox, name, sidecar)
+
+
+def leaf_matches_key(chain_pem: bytes, key_pem: bytes) -> bool:
+    leaf = x509.load_pem_x509_certificate(chain_pem)
+    key = serialization.load_pem_private_key(key_pem, None)
+    spki = (serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return leaf.public_key().public_bytes(*spki) == key.public_key().public_bytes(*spki)
+
+
+def assert_certs_are(vm: FakeVm, material: dict) -> None:
+    for name, mode in (("key.pem", 0o600), ("cert-chain.pem", 0o644), ("root-cert.pem", 0o644)):
+        path = vm.file(f"etc/certs/{name}")
+        assert path.read_text() == material[name], name
+        assert (path.stat().st_mode & 0o777, path.stat().st_uid) == (mode, PROXY_UID), name
+    assert leaf_matches_key(vm.file("etc/certs/cert-chain.pem").read_bytes(), vm.file("etc/certs/key.pem").read_bytes())
+
+
+# --- the script as text -------------------------------------------------------------------------------------------
+
+
+def test_rendered_script_is_shellcheck_clean(script):
+    need("shellcheck")
+    result = subprocess.run(["shellcheck", "--shell=bash", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_metadata_values_cannot_add_lines_to_the_script_or_cluster_env(sandbox):
+    """The script is the same text for every VM; a value with quotes or newlines is denied, not rendered."""
+    for name, ports in (("inject-nl", "http:8080\nEVIL=1"), ("inject-q", "http:8080,x'$(reboot)':1"),
+                        ("inject-dq", 'http:"8080"\n')):
+        sandbox.meshjoin("sandbox", "create-vm", name, "--label", "mesh=join", "--metadata", f"mesh-ports={ports}",
+                         "--service-account", f"{name}@meshjoin-sandbox.iam.gserviceaccount.com")
+        status = wait_for(lambda: (s := sandbox.status(name)).get("state") == "denied" and s, what=f"{name} denied")
+        assert "mesh-ports" in status["reason"]
+        metadata = sandbox.metadata(name)
+        assert "meshjoin-cluster-env" not in metadata and "startup-script" not in metadata
+
+    join(sandbox, "inject-ok", "mesh-version=v1")
+    metadata = sandbox.metadata("inject-ok")
+    template_lines = (Path(bootstrap.__file__).parent / "templates" / "startup-script.sh.j2").read_text().count("\n")
+    assert metadata["startup-script"] == bootstrap.startup_script()
+    assert metadata["startup-script"].count("\n") == template_lines
+    expected_keys = bootstrap.cluster_env(
+        VmKey("p", "z", "i"), Identity("ns", "sa", "app", "v1", {"http": 1}),
+        Settings(project="p", cluster="projects/p/locations/l/clusters/c")).count("\n")
+    env_lines = metadata["meshjoin-cluster-env"].splitlines()
+    assert len(env_lines) == expected_keys
+    assert all(re.fullmatch(r"[A-Z][A-Z0-9_]*=\S*", line) for line in env_lines), env_lines
+
+
+# --- the script run ---------------------------------------------------------------------------------------------
+
+
+def test_vm_metadata_verb_serves_one_vms_own_view(sandbox):
+    join(sandbox, "agent-md")
+    host = sandbox.meshjoin("sandbox", "vm-metadata", "agent-md").stdout.strip()
+    assert re.fullmatch(r"127\.0\.0\.1:\d+", host)
+    assert sandbox.meshjoin("sandbox", "vm-metadata", "agent-md").stdout.strip() == host  # started once
+    missing = sandbox.meshjoin("sandbox", "vm-metadata", "no-such-vm", check=False)
+    assert missing.returncode != 0 and "no-such-vm" in missing.stderr
+
+
+def test_boot_lays_down_the_vm_files_and_a_rerun_changes_nothing(sandbox, fake_vm, script, sidecar):
+    status = join(sandbox, "agent-boot", "mesh-service-account=boot")
+    vm = fake_vm("agent-boot")
+    gets_before = len(sidecar["served"].gets)
+
+    vm.boot(script)
+    material = sandbox.secret_payload(status["secret"])
+    metadata = sandbox.metadata("agent-boot")
+    assert_certs_are(vm, material)
+    assert vm.file("etc/certs").stat().st_uid == PROXY_UID  # istio-agent writes its rotated certs there
+    assert vm.file("var/lib/istio/envoy/cluster.env").read_text() == metadata["meshjoin-cluster-env"]
+    assert vm.file("etc/istio/config/mesh").read_text() == metadata["meshjoin-mesh-config"]
+    assert vm.file(AGENT).read_text() == script.read_text() and vm.file(AGENT).stat().st_mode & 0o777 == 0o755
+    assert f"ExecStart=/{AGENT} watch" in vm.file("etc/systemd/system/meshjoin-watch.service").read_text()
+    assert [call.split()[0] for call in vm.calls("dpkg")] == ["-i"]
+    assert vm.calls("systemctl") == ["daemon-reload", "enable meshjoin-watch.service",
+                                     "restart meshjoin-watch.service", "enable istio.service",
+                                     "restart istio.service"]
+    first = vm.tree()
+
+    vm.boot(script)
+    assert vm.tree() == first  # nothing rewritten: same inodes and mtimes
+    vm.boot(script)
+    assert vm.tree() == first
+    hosts = vm.file("etc/hosts").read_text().splitlines()
+    assert hosts[:2] == ["127.0.0.1 localhost", "::1 localhost ip6-localhost"]
+    assert hosts.count(ISTIOD_HOST_LINE) == 1 and len(hosts) == 5  # kept lines + one marked block
+    assert len(vm.calls("dpkg")) == 1 and len(sidecar["served"].gets) == gets_before + 1  # no re-download
+    assert vm.calls("systemctl")[5:] == ["enable meshjoin-watch.service", "start meshjoin-watch.service",
+                                         "enable istio.service", "start istio.service"] * 2
+    assert len(vm.calls("useradd")) == 1
+    journal = "\n".join(vm.calls("journal"))
+    for said in (f"installed {status['secret']}", "cluster.env and mesh config in place", "meshjoin's block",
+                 f"installed istio-sidecar {SIDECAR_VERSION} (sha256 verified)", "already installed from this package",
+                 "istio.service restarted", "istio.service started", "boot done"):
+        assert said in journal, said
+    assert "PRIVATE KEY" not in journal
+
+
+def expired_cert_pem() -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "expired")])
+    now = datetime.now(timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now - timedelta(days=3)).not_valid_after(now - timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def test_boot_refreshes_an_expired_certificate_before_starting_the_sidecar(sandbox, fake_vm, script):
+    """After a long power-off the files are still there, but the provisioned cert could not bootstrap."""
+    status = join(sandbox, "agent-off")
+    vm = fake_vm("agent-off")
+    vm.boot(script)
+    vm.file("etc/certs/cert-chain.pem").write_bytes(expired_cert_pem())
+    starts = len(vm.calls("systemctl"))
+
+    vm.boot(script)
+    assert_certs_are(vm, sandbox.secret_payload(status["secret"]))
+    assert any("the installed certificate has expired" in line for line in vm.calls("journal"))
+    assert vm.calls("systemctl")[starts:][-1] == "start istio.service"  # after the refresh, in the same run
+
+
+def bad_secret_manager(payload: bytes) -> str:
+    """The URL of a Secret Manager that answers every access with this payload."""
+    answer = json.dumps({"name": "x", "payload": {"data": base64.b64encode(payload).decode()}}).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args):
+            pass
+
+    return Served(handler=Handler).base
+
+
+def test_watcher_swaps_in_a_renewed_version_and_keeps_the_old_files_on_a_bad_one(sandbox, fake_vm, script):
+    old = join(sandbox, "agent-watch", "mesh-service-account=watch")
+    vm = fake_vm("agent-watch")
+    vm.boot(script)
+    before = vm.tree()
+
+    # A new identity makes meshjoin issue a new secret version and a new cluster.env.
+    sandbox.meshjoin("sandbox", "set-labels", "agent-watch", "mesh-service-account=watch-b")
+    new = wait_for(lambda: (s := sandbox.status("agent-watch")).get("identity", "").endswith("/sa/watch-b") and s,
+                   what="re-issued for the new identity")
+    assert new["secret"] != old["secret"]
+
+    other_key = sandbox.secret_payload(old["secret"]) | {
+        "key.pem": ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()}
+    failures = {
+        "unreachable": ({"MESHJOIN_SECRETMANAGER_URL": "http://127.0.0.1:9"}, "did not answer"),
+        "not JSON": ({"MESHJOIN_SECRETMANAGER_URL": bad_secret_manager(b"\x00garbage")},
+                     "payload is not meshjoin's JSON"),
+        "foreign key": ({"MESHJOIN_SECRETMANAGER_URL": bad_secret_manager(json.dumps(other_key).encode())},
+                        "key.pem does not match its certificate"),
+    }
+    for what, (env, reason) in failures.items():
+        result = vm.watch_once(**env)
+        assert result.returncode == 1, what
+        assert vm.tree() == before, what  # the old certificates stay in place
+        said = vm.calls("journal")[-1]
+        assert "install the workload certificate failed" in said and reason in said and "Remedy:" in said, said
+
+    result = vm.watch_once()
+    assert result.returncode == 0, result.stderr
+    assert_certs_are(vm, sandbox.secret_payload(new["secret"]))
+    cluster_env = vm.file("var/lib/istio/envoy/cluster.env").read_text()
+    assert cluster_env == sandbox.metadata("agent-watch")["meshjoin-cluster-env"]
+    assert "SERVICE_ACCOUNT=watch-b" in cluster_env
+    assert vm.calls("systemctl")[-1] == "restart istio.service"  # a new identity needs a fresh bootstrap
+
+    quiet = vm.watch_once(MESHJOIN_WAIT_SECONDS="1")  # nothing changed since: waits, then does nothing
+    assert quiet.returncode == 0 and vm.calls("systemctl")[-1] == "restart istio.service"
+
+
+def test_checksum_gate_refuses_a_package_that_does_not_match(sandbox, fake_vm, script, sidecar):
+    join(sandbox, "agent-sum")
+    vm = fake_vm("agent-sum")
+    result = vm.run(script, MESHJOIN_SIDECAR_SHA256="0" * 64)
+    assert result.returncode == 1
+    assert vm.calls("dpkg") == [] and not any("istio.service" in call for call in vm.calls("systemctl"))
+    said = vm.calls("journal")[-1]
+    assert f"checksum mismatch for {sidecar['url']}: expected sha256 {'0' * 64}, got {sidecar['sha256']}" in said
+    assert "nothing was installed" in said and "Remedy:" in said
+
+    unverified = vm.run(script, MESHJOIN_SIDECAR_SHA256="")
+    assert unverified.returncode == 1 and vm.calls("dpkg") == []
+    assert "refusing to install an unverified package" in vm.calls("journal")[-1]
