@@ -1,0 +1,189 @@
+# Identities and grants. Principle: each grant on the narrowest resource that can carry it, with
+# custom roles holding exactly the permissions the code calls for (the adapters in
+# shared/meshjoin/adapters/ name each permission in their error messages). Only non-authoritative
+# *_iam_member resources are used, so applying this never removes anybody else's access.
+
+locals {
+  functions_member = "serviceAccount:${google_service_account.functions.email}"
+  # Custom role ids allow letters, digits, underscores and dots only.
+  role_prefix = replace(var.name, "-", "_")
+  # Google-managed identity that delivers pushes and forwards dead letters.
+  pubsub_agent = "serviceAccount:service-${data.google_project.this.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
+}
+
+# What the functions run as. No key is ever created for it.
+resource "google_service_account" "functions" {
+  account_id   = "${var.name}-functions"
+  display_name = "meshjoin functions"
+  description  = "Reconciles labelled VMs into the Istio mesh: reads VMs, writes their metadata, mints per-VM secrets, writes WorkloadEntries."
+  depends_on   = [google_project_service.apis]
+}
+
+# What Pub/Sub signs push requests as; it may do nothing but invoke the two functions.
+resource "google_service_account" "push" {
+  account_id   = "${var.name}-push"
+  display_name = "meshjoin Pub/Sub push"
+  description  = "Identity of meshjoin's push subscriptions: invokes the meshjoin functions, nothing else."
+  depends_on   = [google_project_service.apis]
+}
+
+# --- Compute Engine --------------------------------------------------------------------------
+
+# No predefined role fits: compute.viewer reads far more than instances, and the only predefined
+# roles with setMetadata (instanceAdmin) can also create, stop and delete VMs. Note what
+# setMetadata means: the functions write `startup-script`, so this identity can run code on any
+# VM of the project. That is the product's job; it is why the identity must stay this narrow.
+resource "google_project_iam_custom_role" "compute" {
+  role_id     = "${local.role_prefix}.compute"
+  title       = "meshjoin: read VMs, write their metadata"
+  description = "Read VMs (get, aggregatedList) and write the bootstrap and status metadata meshjoin owns."
+  permissions = [
+    "compute.instances.get",
+    "compute.instances.list",        # instances.aggregatedList in the sweep
+    "compute.instances.setMetadata", # bootstrap items + meshjoin-status
+    "compute.zoneOperations.get",    # waiting for the setMetadata operation
+  ]
+}
+
+resource "google_project_iam_member" "functions_compute" {
+  project = var.project_id
+  role    = google_project_iam_custom_role.compute.id
+  member  = local.functions_member
+}
+
+# --- Secret Manager --------------------------------------------------------------------------
+
+resource "google_secret_manager_secret" "ca" {
+  for_each = var.create_ca_secrets ? local.ca_secrets : {}
+
+  secret_id = each.value
+  # Deliberately NOT managed-by=meshjoin: that label marks per-VM secrets, which the sweep prunes.
+  labels = { "meshjoin-role" = "plugin-ca" }
+
+  replication {
+    auto {}
+  }
+
+  depends_on = [google_project_service.apis]
+}
+
+# The CA: read-only, on the four secrets themselves.
+resource "google_secret_manager_secret_iam_member" "ca_accessor" {
+  for_each = local.ca_secrets
+
+  project   = var.project_id
+  secret_id = var.create_ca_secrets ? google_secret_manager_secret.ca[each.key].secret_id : each.value
+  role      = "roles/secretmanager.secretAccessor"
+  member    = local.functions_member
+}
+
+# Per-VM secrets do not exist until a VM joins, so they cannot be granted one by one. Two parts:
+#
+# 1. Creating and listing are authorized against the project (the parent), where a condition on
+#    the secret's name cannot apply. Neither reveals or writes any payload: create makes an empty
+#    secret, list returns names and labels (the sweep's inventory by label).
+resource "google_project_iam_custom_role" "secret_inventory" {
+  role_id     = "${local.role_prefix}.secretInventory"
+  title       = "meshjoin: create and list secrets"
+  description = "Create (empty) per-VM secrets and list secrets by label. Grants no access to any payload."
+  permissions = [
+    "secretmanager.secrets.create",
+    "secretmanager.secrets.list",
+  ]
+}
+
+resource "google_project_iam_member" "functions_secret_inventory" {
+  project = var.project_id
+  role    = google_project_iam_custom_role.secret_inventory.id
+  member  = local.functions_member
+}
+
+# 2. Everything else on a secret, only where its name starts with the per-VM prefix (an IAM
+#    condition on resource.name, which Secret Manager supports). roles/secretmanager.admin under
+#    the same condition would also work but carries access to payloads and more; this role has
+#    no versions.access at all: the functions mint a VM's key and never need to read it back.
+#    A precondition keeps the CA secrets outside the prefix, so this can never touch them.
+resource "google_project_iam_custom_role" "vm_secrets" {
+  role_id     = "${local.role_prefix}.vmSecrets"
+  title       = "meshjoin: manage per-VM secrets"
+  description = "Add, retire and delete versions of per-VM secrets and restrict who may read them. No payload access."
+  permissions = [
+    "secretmanager.secrets.get",
+    "secretmanager.secrets.delete",       # the VM left or is gone
+    "secretmanager.secrets.getIamPolicy", # only the VM's own service account may read its secret
+    "secretmanager.secrets.setIamPolicy",
+    "secretmanager.versions.add",     # a new key + chain for the VM
+    "secretmanager.versions.get",     # state of a version before retiring it
+    "secretmanager.versions.list",    # old versions after a renewal
+    "secretmanager.versions.disable", # retired after a renewal's grace period ...
+    "secretmanager.versions.destroy", # ... and destroyed
+  ]
+}
+
+resource "google_project_iam_member" "functions_vm_secrets" {
+  project = var.project_id
+  role    = google_project_iam_custom_role.vm_secrets.id
+  member  = local.functions_member
+
+  condition {
+    title       = "meshjoin per-VM secrets only"
+    description = "Secrets (and their versions) whose id starts with ${var.secret_prefix}-"
+    # Secret Manager names resources by project number in IAM checks; the project-id form is
+    # kept as well so the grant holds whichever form a request carries. Versions are named
+    # .../secrets/ID/versions/N and so match the same prefix.
+    expression = "resource.name.startsWith(\"projects/${data.google_project.this.number}/secrets/${var.secret_prefix}-\") || resource.name.startsWith(\"projects/${var.project_id}/secrets/${var.secret_prefix}-\")"
+  }
+
+  lifecycle {
+    precondition {
+      condition     = alltrue([for id in values(local.ca_secrets) : !startswith(id, "${var.secret_prefix}-")])
+      error_message = "A CA secret id starts with \"${var.secret_prefix}-\": the per-VM grant (setIamPolicy, destroy) would cover the CA. Choose another secret_prefix."
+    }
+  }
+}
+
+# --- GKE -------------------------------------------------------------------------------------
+
+# container.clusters.get: the functions read the cluster's endpoint and CA, and GKE admits a
+# Google identity to the Kubernetes API only with it. Everything inside the cluster is then
+# decided by RBAC (kubernetes.tf). Granted in the cluster's project, which may differ.
+resource "google_project_iam_member" "functions_cluster_viewer" {
+  project = local.cluster_project
+  role    = "roles/container.clusterViewer"
+  member  = local.functions_member
+}
+
+# --- Pub/Sub plumbing ------------------------------------------------------------------------
+
+# The sink's own writer identity may publish to the events topic, and nowhere else.
+resource "google_pubsub_topic_iam_member" "sink_publisher" {
+  topic  = google_pubsub_topic.events.id
+  role   = "roles/pubsub.publisher"
+  member = google_logging_project_sink.vm_events.writer_identity
+}
+
+# Dead-lettering: Pub/Sub's service agent publishes the failed message to the dead-letter topic
+# and must be able to ack it on the source subscription.
+resource "google_pubsub_topic_iam_member" "dead_letter_publisher" {
+  topic  = google_pubsub_topic.dead_letter.id
+  role   = "roles/pubsub.publisher"
+  member = local.pubsub_agent
+
+  depends_on = [google_pubsub_topic.dead_letter] # the agent exists once Pub/Sub has been used
+}
+
+resource "google_pubsub_subscription_iam_member" "dead_letter_subscriber" {
+  for_each = local.functions
+
+  subscription = google_pubsub_subscription.push[each.key].id
+  role         = "roles/pubsub.subscriber"
+  member       = local.pubsub_agent
+}
+
+# Pub/Sub signs the push OIDC tokens as the push identity. Projects created before April 2021
+# need this grant explicitly; newer ones have it implicitly, so it is harmless there.
+resource "google_service_account_iam_member" "push_token_creator" {
+  service_account_id = google_service_account.push.name
+  role               = "roles/iam.serviceAccountTokenCreator"
+  member             = local.pubsub_agent
+}
