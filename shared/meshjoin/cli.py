@@ -1,14 +1,24 @@
 """The `meshjoin` command: operators' view of the fleet, and one reconcile on demand.
 
-Command groups from other installed packages (the sandbox's `meshjoin sandbox ...`) are found
-through the `meshjoin.cli` entry point group, so this module never imports them by name.
+It uses the same settings (`MESHJOIN_*` environment) and the same reconcile as the functions, against
+the real APIs or, with `source .sandbox/env`, the sandbox. Command groups from other installed
+packages (the sandbox's `meshjoin sandbox ...`) are found through the `meshjoin.cli` entry point
+group, so this module never imports them by name.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import sys
+from datetime import datetime, timezone
+from functools import wraps
 from importlib.metadata import entry_points
 
 import click
+
+from .errors import ApiPermissionError, MeshjoinError, SettingsError, TransientError
 
 
 class PluginGroup(click.Group):
@@ -27,10 +37,240 @@ class PluginGroup(click.Group):
         return command
 
 
+def friendly_errors(fn):
+    """meshjoin's errors become one clear line (exit 1), never a traceback."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SettingsError as exc:
+            raise click.ClickException(f"settings: {exc} (source .sandbox/env for the sandbox)") from None
+        except ApiPermissionError as exc:
+            raise click.ClickException(str(exc)) from None
+        except TransientError as exc:
+            raise click.ClickException(f"API unavailable, try again: {exc}") from None
+        except MeshjoinError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    return wrapper
+
+
+def _runtime():
+    from .runtime import Runtime
+
+    return Runtime.from_env()
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _resolve(rt, name: str, zone: str | None):
+    """The VM key for NAME: in --zone, or the one zone where the project has a VM of that name."""
+    from .model import VmKey
+
+    if zone:
+        return VmKey(rt.settings.project, zone, name)
+    found = rt.compute.find(name)
+    if not found:
+        raise click.ClickException(f"no VM named {name!r} in project {rt.settings.project}; "
+                                   "pass --zone for one that was deleted")
+    if len(found) > 1:
+        zones = ", ".join(vm.key.zone for vm in found)
+        raise click.ClickException(f"VMs named {name!r} exist in several zones ({zones}): pass --zone")
+    return found[0].key
+
+
+def _console():
+    from rich.console import Console
+
+    # Piped output keeps whole rows instead of wrapping at rich's default 80 columns.
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
+ZONE_OPTION = click.option("--zone", help="The VM's zone (default: the one zone that has a VM of that name).")
+
+
 @click.group(cls=PluginGroup)
 @click.version_option(package_name="meshjoin")
-def cli():
-    """meshjoin: join labelled GCE VMs into the Istio mesh on GKE, and keep them healthy."""
+@click.option("-v", "--verbose", is_flag=True, help="Show meshjoin's INFO log lines (JSON, on stderr).")
+def cli(verbose: bool):
+    """meshjoin: join labelled GCE VMs into the Istio mesh on GKE, and keep them healthy.
+
+    Settings come from MESHJOIN_* environment variables (see README); against the local sandbox,
+    `source .sandbox/env` first.
+    """
+    from .logs import configure
+
+    configure(logging.INFO if verbose else logging.WARNING, stream=sys.stderr)
+
+
+STATE_STYLE = {"joined": "green", "denied": "red", "error": "red", "pending": "yellow",
+               "orphaned": "magenta", "expiring": "yellow", "left": "dim"}
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output (a JSON list).")
+@friendly_errors
+def status(as_json: bool):
+    """Every VM that is labelled mesh=join or registered: identity, address, state, certificate."""
+    from .fleet import fleet_rows
+
+    rt = _runtime()
+    inventory = rt.sweeper.inventory()
+    if not inventory.vms and "Compute" in " ".join(inventory.errors):
+        raise click.ClickException("; ".join(inventory.errors))
+    rows = fleet_rows(inventory, _now())
+    if as_json:
+        click.echo(json.dumps([r.as_dict() for r in rows], indent=2))
+    else:
+        from rich.table import Table
+
+        table = Table(title=f"meshjoin fleet in {rt.settings.project}")
+        for column in ("VM", "zone", "namespace/SA", "address", "state", "cert expires", "time left", "updated"):
+            table.add_column(column)
+        for r in rows:
+            left = "" if r.cert_seconds_left is None else _duration(r.cert_seconds_left)
+            identity = f"{r.namespace}/{r.service_account}" if r.namespace else ""
+            state = f"[{STATE_STYLE.get(r.state, 'white')}]{r.state}[/]"
+            table.add_row(r.name, r.zone, identity, r.address, state, r.cert_not_after, left, r.updated[:19])
+        console = _console()
+        console.print(table)
+        attention = [r for r in rows if r.state in ("denied", "error", "pending", "orphaned", "expiring")]
+        for r in attention:
+            console.print(f"[{STATE_STYLE.get(r.state, 'white')}]{r.name}[/]: {r.reason}")
+    for error in inventory.errors:
+        click.echo(f"warning: incomplete listing: {error}", err=True)
+
+
+def _duration(seconds: int) -> str:
+    if seconds <= 0:
+        return "expired"
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+@cli.command()
+@click.argument("vm")
+@ZONE_OPTION
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def explain(vm: str, zone: str | None, as_json: bool):
+    """Why VM is (or is not) in the mesh: facts, policy decision, last status, what to do."""
+    from . import names
+    from .fleet import explain as explain_vm
+
+    rt = _runtime()
+    key = _resolve(rt, vm, zone)
+    observed = rt.compute.get_vm(key)
+    entries = list(rt.kube.list("WorkloadEntry", f"{names.MANAGED_BY_LABEL}={names.MANAGED_BY},"
+                                                 f"{names.VM_LABEL}={key.instance}"))
+    result = explain_vm(key, observed, rt.settings, entry_exists=bool(entries), now=_now())
+    if as_json:
+        click.echo(json.dumps(result.__dict__, indent=2, default=str))
+        return
+    console = _console()
+    console.print(f"[bold]{result.vm}[/]")
+    for fact, value in result.facts.items():
+        console.print(f"  {fact}: {value}")
+    console.print(f"[bold]decision:[/] {result.decision}")
+    if result.status:
+        console.print(f"[bold]last status:[/] {result.status.get('state')} — {result.status.get('reason', '')} "
+                      f"(updated {result.status.get('updated', '?')})")
+    for advice in result.advice:
+        console.print(f"[bold]→[/] {advice}")
+
+
+@cli.command()
+@click.argument("vm")
+@ZONE_OPTION
+@friendly_errors
+def join(vm: str, zone: str | None):
+    """Reconcile VM now, minting a fresh certificate."""
+    rt = _runtime()
+    outcome = rt.reconciler.reconcile(_resolve(rt, vm, zone), force_new_cert=True)
+    click.echo(f"{vm}: {outcome.verb}: {outcome.reason}")
+    if outcome.verb == "failed":
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("vm")
+@ZONE_OPTION
+@friendly_errors
+def leave(vm: str, zone: str | None):
+    """Take VM out of the mesh now: its WorkloadEntry, secret and bootstrap metadata."""
+    rt = _runtime()
+    key = _resolve(rt, vm, zone)
+    outcome = rt.reconciler.leave(key)
+    click.echo(f"{vm}: {outcome.verb}: {outcome.reason}")
+    observed = rt.compute.get_vm(key)
+    if observed is not None and observed.wants_mesh:
+        click.echo(f"note: {vm} still carries mesh=join, so the next event or sweep joins it again; "
+                   "remove the label to keep it out", err=True)
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Report what the sweep would do, change nothing.")
+@click.option("--json", "as_json", is_flag=True)
+@friendly_errors
+def reconcile(dry_run: bool, as_json: bool):
+    """One maintenance sweep now: missed joins, renewals, CA re-issue, pruning."""
+    rt = _runtime()
+    if as_json:
+        summary = rt.sweeper.sweep(dry_run=dry_run)
+    else:
+        from rich.progress import Progress
+
+        with Progress(transient=True, console=_console()) as progress:
+            task = progress.add_task("reconciling", total=None)
+            summary = rt.sweeper.sweep(
+                dry_run=dry_run, progress=lambda done, total: progress.update(task, completed=done, total=total))
+    planned = [a.describe() for a in summary.plan.actions]
+    if as_json:
+        click.echo(json.dumps({**summary.as_log_fields(), "planned": planned, "notes": summary.plan.notes,
+                               "errors": summary.errors}, indent=2))
+        return
+    console = _console()
+    console.print(f"[bold]{'would do' if dry_run else 'did'}[/] {len(planned)} action(s):")
+    for line in planned:
+        console.print(f"  {line}")
+    if not dry_run:
+        counts = ", ".join(f"{k}={v}" for k, v in summary.counts.items())
+        console.print(f"[bold]summary:[/] {counts} in {summary.duration_s:.1f}s")
+    for note in summary.plan.notes + summary.errors:
+        console.print(f"[red]{note}[/]")
+
+
+@cli.command()
+@click.argument("vm")
+@ZONE_OPTION
+@friendly_errors
+def render(vm: str, zone: str | None):
+    """The bootstrap meshjoin would write for VM (no key material: the key only travels in the secret)."""
+    from . import bootstrap, names
+    from .model import Denial
+    from .policy import decide_identity
+
+    rt = _runtime()
+    key = _resolve(rt, vm, zone)
+    observed = rt.compute.get_vm(key)
+    if observed is None:
+        raise click.ClickException(f"{key} does not exist")
+    identity = decide_identity(observed, rt.settings)
+    if isinstance(identity, Denial):
+        raise click.ClickException(f"{vm} would be denied: {identity.reason}")
+    status = bootstrap.parse_status(observed.metadata.get(names.STATUS_KEY))
+    items = bootstrap.bootstrap_items(
+        key, identity, rt.settings, root_pem=rt.secrets.plugin_ca().bundle.root_certs_pem,
+        secret_version=status.get("secret", f"(a new version of {rt.secrets.vm_secret_id(key)})"))
+    for title, item in (("cluster.env", names.CLUSTER_ENV_KEY), ("/etc/istio/config/mesh", names.MESH_CONFIG_KEY),
+                        ("/etc/hosts lines", names.HOSTS_KEY), ("secret version", names.SECRET_KEY),
+                        ("root-cert.pem", names.ROOT_CERT_KEY), ("startup-script", names.STARTUP_SCRIPT_KEY)):
+        click.echo(f"==> {title} (metadata {item})")
+        click.echo(items.get(item, "").rstrip("\n") or "(empty)")
+        click.echo()
 
 
 def main() -> None:

@@ -32,11 +32,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def configure(level: int = logging.INFO) -> None:
-    """Route meshjoin's logger to stdout as JSON lines (idempotent)."""
+def configure(level: int = logging.INFO, stream=None) -> None:
+    """Route meshjoin's logger to stdout (Cloud Logging reads it) as JSON lines (idempotent)."""
     logger = logging.getLogger(_LOGGER_NAME)
     if not any(isinstance(h.formatter, JsonFormatter) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stdout)
+        handler = logging.StreamHandler(stream or sys.stdout)
         handler.setFormatter(JsonFormatter())
         logger.addHandler(handler)
     logger.setLevel(level)

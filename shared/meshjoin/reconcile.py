@@ -133,6 +133,24 @@ class Reconciler:
         except PermanentError as exc:
             return self._fail(key, exc)
 
+    def leave(self, key: VmKey) -> Outcome:
+        """Take a VM out of the mesh now, whatever its labels say (the operator's `meshjoin leave`)."""
+        try:
+            self._remove_registration(key)
+            vm = self.compute.get_vm(key)
+            if vm is not None:
+                for _ in range(MAX_METADATA_RACES):
+                    try:
+                        self._write_status(vm, "left", "removed by an operator", remove_bootstrap=True)
+                        break
+                    except StaleFingerprint:
+                        vm = self.compute.get_vm(key)
+                        if vm is None:
+                            break
+            return Outcome("left", "removed by an operator", state="left")
+        except PermanentError as exc:
+            return self._fail(key, exc)
+
     def _decide_and_act(self, key: VmKey, vm: Vm | None, force: bool, minted: list[str], cleanup: bool) -> Outcome:
         if vm is None:
             self._remove_registration(key)

@@ -66,6 +66,10 @@ class ComputeAdapter:
             for instance in scoped.instances:
                 yield to_vm(VmKey(self._settings.project, zone, instance.name), instance)
 
+    def find(self, name: str) -> list[Vm]:
+        """VMs of the project with this name, in any zone."""
+        return list(self.list_vms(f'name = "{name}"'))
+
     def set_metadata(self, vm: Vm, items: Mapping[str, str], remove: frozenset[str] = frozenset()) -> None:
         """Write `items` and drop `remove` keys, keeping the owner's other items; 412 → StaleFingerprint."""
         from google.api_core.exceptions import PreconditionFailed

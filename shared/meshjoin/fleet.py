@@ -1,0 +1,127 @@
+"""The operator's view of the fleet: rows for `meshjoin status`, reasons for `meshjoin explain`. Pure."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+
+from . import bootstrap, names
+from .model import Denial, Vm, VmKey
+from .policy import decide_identity
+from .reconcile import Delivered
+from .settings import Settings
+from .sweep import Inventory, entry_key
+
+ATTENTION = {"denied", "error", "pending", "orphaned", "expiring"}
+
+
+@dataclass
+class FleetRow:
+    name: str
+    zone: str
+    state: str  # joined | denied | error | pending | orphaned | left | expiring
+    namespace: str = ""
+    service_account: str = ""
+    address: str = ""
+    cert_not_after: str = ""
+    cert_seconds_left: int | None = None
+    updated: str = ""
+    reason: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def fleet_rows(inventory: Inventory, now: datetime) -> list[FleetRow]:
+    """Every VM that is labelled or registered, with the state an operator needs to see."""
+    rows: list[FleetRow] = []
+    for key in sorted(inventory.vms):
+        vm = inventory.vms[key]
+        status = bootstrap.parse_status(vm.metadata.get(names.STATUS_KEY))
+        state = status.get("state") or "pending"
+        row = FleetRow(key.instance, key.zone, state, address=vm.network_ip, updated=status.get("updated", ""),
+                       reason=status.get("reason", "" if status else "no event handled yet"))
+        namespace, _, account = _identity_parts(status.get("identity", ""))
+        row.namespace, row.service_account = namespace, account
+        delivered = Delivered.from_status(status)
+        if delivered and state == "joined":
+            row.cert_not_after = status["certNotAfter"]
+            row.cert_seconds_left = int((delivered.not_after - now).total_seconds())
+            if row.cert_seconds_left <= 0:
+                row.state, row.reason = "expiring", "certificate expired; the next sweep renews it"
+        rows.append(row)
+    registered = {entry_key(e): e for e in inventory.entries} | {k: None for k in inventory.secrets}
+    for key in sorted(k for k in registered if k is not None and k not in inventory.vms):
+        entry = registered.get(key)
+        namespace = entry["metadata"]["namespace"] if entry else ""
+        rows.append(FleetRow(key.instance, key.zone, "orphaned", namespace=namespace,
+                             address=(entry or {}).get("spec", {}).get("address", ""),
+                             reason="registered but no labelled VM: the next sweep prunes it"))
+    return rows
+
+
+def _identity_parts(spiffe: str) -> tuple[str, str, str]:
+    # spiffe://TD/ns/NS/sa/SA
+    parts = spiffe.split("/")
+    if len(parts) == 7 and parts[3] == "ns" and parts[5] == "sa":
+        return parts[4], "", parts[6]
+    return "", "", ""
+
+
+@dataclass
+class Explanation:
+    vm: str
+    facts: dict = field(default_factory=dict)
+    decision: str = ""
+    status: dict = field(default_factory=dict)
+    advice: list[str] = field(default_factory=list)
+
+
+def explain(key: VmKey, vm: Vm | None, settings: Settings, *, entry_exists: bool, now: datetime) -> Explanation:
+    """Why this VM is, or is not, in the mesh, and what to do about it."""
+    out = Explanation(str(key))
+    if vm is None:
+        out.decision = "absent: the VM does not exist"
+        out.advice.append(f"check the name and zone (looked for {key})")
+        if entry_exists:
+            out.advice.append("a WorkloadEntry still exists for it: the next sweep prunes it, or run "
+                              f"`meshjoin leave {key.instance} --zone {key.zone}`")
+        return out
+    status = bootstrap.parse_status(vm.metadata.get(names.STATUS_KEY))
+    out.status = status
+    out.facts = {
+        "labels": dict(vm.labels), "address": vm.network_ip, "instance id": vm.instance_id,
+        "service account": vm.service_account or "(none)",
+        "mesh-ports": vm.metadata.get("mesh-ports", "(none)"),
+        "WorkloadEntry present": entry_exists,
+    }
+    if not vm.wants_mesh:
+        out.decision = "not requested: the VM has no label mesh=join"
+        out.advice.append(f"gcloud compute instances add-labels {key.instance} --zone {key.zone} --labels mesh=join")
+        return out
+    decision = decide_identity(vm, settings)
+    if isinstance(decision, Denial):
+        out.decision = f"denied: {decision.reason}"
+        out.advice.append("change the VM's mesh-* labels/metadata, or have an operator extend "
+                          "MESHJOIN_ALLOWED_NAMESPACES / MESHJOIN_ALLOWED_SERVICE_ACCOUNTS")
+        return out
+    out.decision = f"allowed as {decision.spiffe(settings.trust_domain)}"
+    state = status.get("state")
+    if state is None:
+        out.advice.append(f"no event has been handled for it yet: run `meshjoin join {key.instance}` "
+                          "or wait for the next sweep")
+    elif state == "error":
+        out.advice.append(f"the last attempt failed: {status.get('reason')}; fix that, then "
+                          f"`meshjoin join {key.instance}`")
+    elif state == "joined":
+        delivered = Delivered.from_status(status)
+        if not entry_exists:
+            out.advice.append("its WorkloadEntry is missing: `meshjoin reconcile` (or the next sweep) restores it")
+        if delivered is not None:
+            left = delivered.not_after - now
+            out.facts["certificate time left"] = str(left).split(".")[0] if left.total_seconds() > 0 else "expired"
+        if not out.advice:
+            out.advice.append("nothing to do: the VM is in the mesh")
+    else:
+        out.advice.append(f"state {state}: `meshjoin join {key.instance}` re-runs the join")
+    return out
