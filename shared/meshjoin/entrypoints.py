@@ -15,13 +15,19 @@ from .runtime import runtime, utc_now
 configure()
 
 
+def _configured_runtime(message_id: str | None):
+    """The runtime, or None after a CRITICAL line: redelivery cannot fix configuration, so ack."""
+    try:
+        return runtime()
+    except SettingsError as exc:
+        log("CRITICAL", f"invalid settings: {exc}", outcome="failed", message_id=message_id)
+        return None
+
+
 def handle_vm_event(cloud_event) -> None:
     message_id = _message_id(cloud_event)
-    try:
-        rt = runtime()
-    except SettingsError as exc:
-        # Redelivery cannot fix configuration; ack and shout (every event will say the same).
-        log("CRITICAL", f"invalid settings: {exc}", outcome="failed", message_id=message_id)
+    rt = _configured_runtime(message_id)
+    if rt is None:
         return
     try:
         key = decode_push(cloud_event.data, now=utc_now(), max_age=rt.settings.max_event_age)
@@ -48,13 +54,9 @@ def handle_vm_event(cloud_event) -> None:
 def handle_schedule(cloud_event) -> None:
     """One sweep per tick. Always acked: the next tick is the retry, and a redelivered tick would
     only pile sweeps on top of each other."""
-    message_id = _message_id(cloud_event)
-    try:
-        rt = runtime()
-    except SettingsError as exc:
-        log("CRITICAL", f"invalid settings: {exc}", outcome="failed", message_id=message_id)
-        return
-    rt.sweeper.sweep()
+    rt = _configured_runtime(_message_id(cloud_event))
+    if rt is not None:
+        rt.sweeper.sweep()
 
 
 def _message_id(cloud_event) -> str | None:
