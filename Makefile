@@ -36,3 +36,27 @@ sandbox-down: $(STAMP)
 clean:
 	-$(BIN)/meshjoin sandbox down 2>/dev/null
 	rm -rf $(VENV) .sandbox .pytest_cache
+
+# --- deployment (deploy/, README "Deploy to your project") ------------------------------------
+# `make package` stages each function's source (main.py, requirements.txt, meshjoin/) in
+# build/functions. `make deploy PROJECT=p CLUSTER=projects/p/locations/l/clusters/c
+# TF_STATE_BUCKET=b [REGION=r]` runs the tests, packages, and applies deploy/terraform with the
+# caller's credentials: the same steps as cloudbuild.yaml. More variables: TF_VAR_<name>=... or
+# deploy/terraform/terraform.tfvars.
+.PHONY: package deploy
+REGION ?= us-central1
+TF := terraform -chdir=deploy/terraform
+
+# Checked when make reads the file, so a missing argument fails before the test suite runs.
+ifneq ($(filter deploy,$(MAKECMDGOALS)),)
+  $(if $(and $(PROJECT),$(CLUSTER),$(TF_STATE_BUCKET)),,$(error usage: make deploy PROJECT=... CLUSTER=projects/P/locations/L/clusters/C TF_STATE_BUCKET=... [REGION=us-central1]))
+endif
+
+package:
+	$(PY) deploy/package.py --out build/functions
+
+deploy: test package
+	$(TF) fmt -check -recursive
+	$(TF) init -input=false -reconfigure -backend-config=bucket=$(TF_STATE_BUCKET) -backend-config=prefix=meshjoin/$(PROJECT)
+	TF_VAR_project_id=$(PROJECT) TF_VAR_region=$(REGION) TF_VAR_cluster=$(CLUSTER) $(TF) plan -input=false -out=tfplan
+	$(TF) apply -input=false tfplan

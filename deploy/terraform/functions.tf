@@ -48,6 +48,8 @@ resource "google_cloudfunctions2_function" "fn" {
   build_config {
     runtime     = "python311" # the version the repository is tested with
     entry_point = each.value.entry_point
+    # null: the project's default build identity (see the variable's description).
+    service_account = var.build_service_account == null ? null : "projects/${var.project_id}/serviceAccounts/${var.build_service_account}"
     source {
       storage_source {
         bucket = google_storage_bucket.source.name
@@ -77,7 +79,7 @@ resource "google_cloudfunctions2_function" "fn" {
     google_project_iam_member.functions_compute,
     google_project_iam_member.functions_secret_inventory,
     google_project_iam_member.functions_vm_secrets,
-    google_secret_manager_secret_iam_member.ca_accessor,
+    google_secret_manager_secret_iam_member.ca_reader,
     google_project_iam_member.functions_cluster_viewer,
   ]
 }

@@ -31,8 +31,8 @@ resource "google_service_account" "push" {
 
 # No predefined role fits: compute.viewer reads far more than instances, and the only predefined
 # roles with setMetadata (instanceAdmin) can also create, stop and delete VMs. Note what
-# setMetadata means: the functions write `startup-script`, so this identity can run code on any
-# VM of the project. That is the product's job; it is why the identity must stay this narrow.
+# setMetadata means: the functions write `startup-script`, i.e. run code on the VMs they join.
+# That is the product's job, and why this identity must stay this narrow.
 resource "google_project_iam_custom_role" "compute" {
   role_id     = "${local.role_prefix}.compute"
   title       = "meshjoin: read VMs, write their metadata"
@@ -51,6 +51,20 @@ resource "google_project_iam_member" "functions_compute" {
   member  = local.functions_member
 }
 
+# Compute Engine lets a caller change the metadata of a VM that runs as a service account only if
+# the caller may act as that account (iam.serviceAccounts.actAs): otherwise a startup-script would
+# borrow the VM's identity. meshjoin therefore acts for exactly the VM identities listed here, one
+# grant per account, never project-wide (that would include the default compute account and any
+# other powerful identity in the project). For a VM whose account is missing even the status write
+# fails (status is metadata too): the functions log a permission error on instances.setMetadata.
+resource "google_service_account_iam_member" "act_as_vm" {
+  for_each = toset(var.vm_service_accounts)
+
+  service_account_id = "projects/${var.project_id}/serviceAccounts/${each.value}"
+  role               = "roles/iam.serviceAccountUser"
+  member             = local.functions_member
+}
+
 # --- Secret Manager --------------------------------------------------------------------------
 
 resource "google_secret_manager_secret" "ca" {
@@ -67,13 +81,26 @@ resource "google_secret_manager_secret" "ca" {
   depends_on = [google_project_service.apis]
 }
 
-# The CA: read-only, on the four secrets themselves.
-resource "google_secret_manager_secret_iam_member" "ca_accessor" {
+# The CA: read-only, on the four secrets themselves. Reading the latest version is not enough:
+# the trusted roots are every ENABLED version of the root secret (a root rotation adds one), so
+# the functions list versions too. roles/secretmanager.secretAccessor lacks versions.list and
+# roles/secretmanager.viewer would add IAM-policy reads, hence a two-permission role.
+resource "google_project_iam_custom_role" "ca_reader" {
+  role_id     = "${local.role_prefix}.caReader"
+  title       = "meshjoin: read the plug-in CA"
+  description = "Read the CA secrets' versions and list which are enabled."
+  permissions = [
+    "secretmanager.versions.access",
+    "secretmanager.versions.list",
+  ]
+}
+
+resource "google_secret_manager_secret_iam_member" "ca_reader" {
   for_each = local.ca_secrets
 
   project   = var.project_id
   secret_id = var.create_ca_secrets ? google_secret_manager_secret.ca[each.key].secret_id : each.value
-  role      = "roles/secretmanager.secretAccessor"
+  role      = google_project_iam_custom_role.ca_reader.id
   member    = local.functions_member
 }
 
@@ -98,7 +125,7 @@ resource "google_project_iam_member" "functions_secret_inventory" {
   member  = local.functions_member
 }
 
-# 2. Everything else on a secret, only where its name starts with the per-VM prefix (an IAM
+# 2. The rest, only on secrets whose name starts with the per-VM prefix (an IAM
 #    condition on resource.name, which Secret Manager supports). roles/secretmanager.admin under
 #    the same condition would also work but carries access to payloads and more; this role has
 #    no versions.access at all: the functions mint a VM's key and never need to read it back.
@@ -106,17 +133,13 @@ resource "google_project_iam_member" "functions_secret_inventory" {
 resource "google_project_iam_custom_role" "vm_secrets" {
   role_id     = "${local.role_prefix}.vmSecrets"
   title       = "meshjoin: manage per-VM secrets"
-  description = "Add, retire and delete versions of per-VM secrets and restrict who may read them. No payload access."
+  description = "Add and destroy versions of per-VM secrets, delete them, and restrict who may read them. No payload access."
   permissions = [
-    "secretmanager.secrets.get",
     "secretmanager.secrets.delete",       # the VM left or is gone
     "secretmanager.secrets.getIamPolicy", # only the VM's own service account may read its secret
     "secretmanager.secrets.setIamPolicy",
     "secretmanager.versions.add",     # a new key + chain for the VM
-    "secretmanager.versions.get",     # state of a version before retiring it
-    "secretmanager.versions.list",    # old versions after a renewal
-    "secretmanager.versions.disable", # retired after a renewal's grace period ...
-    "secretmanager.versions.destroy", # ... and destroyed
+    "secretmanager.versions.destroy", # the version a renewal or a lost race replaced
   ]
 }
 
@@ -168,8 +191,6 @@ resource "google_pubsub_topic_iam_member" "dead_letter_publisher" {
   topic  = google_pubsub_topic.dead_letter.id
   role   = "roles/pubsub.publisher"
   member = local.pubsub_agent
-
-  depends_on = [google_pubsub_topic.dead_letter] # the agent exists once Pub/Sub has been used
 }
 
 resource "google_pubsub_subscription_iam_member" "dead_letter_subscriber" {

@@ -31,9 +31,11 @@ locals {
       message_retention = "86400s"
     }
     maintenance = {
-      description     = "meshjoin: scheduled sweep (renewals, CA rotation, pruning, missed joins)"
-      entry_point     = "on_schedule"
-      topic           = google_pubsub_topic.schedule.id
+      description = "meshjoin: scheduled sweep (renewals, CA rotation, pruning, missed joins)"
+      entry_point = "on_schedule"
+      topic       = google_pubsub_topic.schedule.id
+      # Above the sweep's own time budget (MESHJOIN_SWEEP_SECONDS, capped at 8m by variables.tf),
+      # so a sweep ends on its own terms and logs its summary rather than being killed.
       timeout_seconds = 540
       # Sweeps must not overlap: two would race on the same VMs and double the API load.
       max_instances = 1
@@ -78,6 +80,10 @@ locals {
     MESHJOIN_SIDECAR_SHA256           = var.sidecar_sha256
     MESHJOIN_MAX_EVENT_AGE            = var.max_event_age
     MESHJOIN_API_ATTEMPTS             = var.api_attempts == null ? null : tostring(var.api_attempts)
+    MESHJOIN_PRUNE_CAP                = var.prune_cap == null ? null : tostring(var.prune_cap)
+    MESHJOIN_SWEEP_RENEWALS           = var.sweep_renewals == null ? null : tostring(var.sweep_renewals)
+    MESHJOIN_SWEEP_SECONDS            = var.sweep_time_budget
+    MESHJOIN_SWEEP_WORKERS            = var.sweep_workers == null ? null : tostring(var.sweep_workers)
   }
   # Unset rather than empty, so the product's own defaults apply.
   function_env = merge(

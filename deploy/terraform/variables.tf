@@ -44,6 +44,12 @@ variable "build_dir" {
   default     = ""
 }
 
+variable "build_service_account" {
+  description = "Service account (email) Cloud Build uses to build the functions. null uses the project's default build identity, which organisations that disable automatic grants leave without roles/cloudbuild.builds.builder; name a dedicated account holding it then."
+  type        = string
+  default     = null
+}
+
 # --- who may join ----------------------------------------------------------------------------
 
 variable "allowed_namespaces" {
@@ -61,6 +67,17 @@ variable "allowed_service_accounts" {
   description = "namespace/name patterns (fnmatch) a VM may claim (MESHJOIN_ALLOWED_SERVICE_ACCOUNTS)."
   type        = list(string)
   default     = ["*/*"]
+}
+
+variable "vm_service_accounts" {
+  description = "Emails of the service accounts the joining VMs run as (each VM should have its own). The functions may act as exactly these, which Compute Engine requires to write a VM's metadata; add one per new VM identity. Listing the project's default compute account would let meshjoin act as it (usually an Editor): don't."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for email in var.vm_service_accounts : can(regex("^[^@\\s]+@[^@\\s]+\\.gserviceaccount\\.com$", email))])
+    error_message = "vm_service_accounts must be service-account emails (NAME@PROJECT.iam.gserviceaccount.com)."
+  }
 }
 
 variable "default_namespace" {
@@ -255,6 +272,55 @@ variable "extra_settings" {
   validation {
     condition     = alltrue([for k in keys(var.extra_settings) : can(regex("^MESHJOIN_[A-Z0-9_]+$", k))])
     error_message = "extra_settings keys must be MESHJOIN_* variable names."
+  }
+}
+
+variable "prune_cap" {
+  description = "Most deletions one sweep may make; above it the sweep stops and says so (MESHJOIN_PRUNE_CAP). null keeps the product default."
+  type        = number
+  default     = null
+
+  validation {
+    condition     = var.prune_cap == null || try(var.prune_cap >= 1 && floor(var.prune_cap) == var.prune_cap, false)
+    error_message = "prune_cap must be a positive integer."
+  }
+}
+
+variable "sweep_renewals" {
+  description = "Most certificates one sweep renews, within Secret Manager's write quota (MESHJOIN_SWEEP_RENEWALS); the rest wait for the next sweep. null keeps the product default."
+  type        = number
+  default     = null
+
+  validation {
+    condition     = var.sweep_renewals == null || try(var.sweep_renewals >= 1 && floor(var.sweep_renewals) == var.sweep_renewals, false)
+    error_message = "sweep_renewals must be a positive integer."
+  }
+}
+
+variable "sweep_time_budget" {
+  description = "Wall time after which a sweep stops starting work (MESHJOIN_SWEEP_SECONDS), e.g. 4m. null keeps the product default."
+  type        = string
+  default     = null
+
+  validation {
+    # Below 8 minutes: the maintenance function is killed at 9 (timeout_seconds in main.tf), and
+    # the sweep needs time to finish what it started and log its summary.
+    condition = var.sweep_time_budget == null || try(sum([
+      for i, n in regex("^(?:([0-9]+)d)?(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?$", var.sweep_time_budget) :
+      (n == null || n == "" ? 0 : tonumber(n)) * [86400, 3600, 60, 1][i]
+    ]) < 480, false)
+    error_message = "sweep_time_budget must be a duration below 8m, e.g. 4m or 300s."
+  }
+}
+
+variable "sweep_workers" {
+  description = "VMs one sweep reconciles in parallel (MESHJOIN_SWEEP_WORKERS). null keeps the product default."
+  type        = number
+  default     = null
+
+  validation {
+    condition     = var.sweep_workers == null || try(var.sweep_workers >= 1 && floor(var.sweep_workers) == var.sweep_workers, false)
+    error_message = "sweep_workers must be a positive integer."
   }
 }
 

@@ -20,7 +20,7 @@ from datetime import datetime, timedelta, timezone
 
 from werkzeug.routing import Map, Rule
 
-from .web import GOOGLE_STATUS, ApiError, RoutedApp, json_response, read_json
+from .web import GOOGLE_STATUS, ApiError, FaultInjector, RoutedApp, json_response, read_json
 
 API = "https://www.googleapis.com/compute/v1"
 # Who the audit log names when the admin (operator) token made the call.
@@ -191,8 +191,6 @@ class ComputeEmulator:
 
     def __init__(self, world, subnet: str = "10.128.0.0/20"):
         self.world = world
-        # method name ("instances.get") -> HTTP statuses the next calls answer with.
-        self.faults: dict[str, list[int]] = {}
         self._instances: dict[tuple[str, str], dict] = {}
         self._operations: dict[tuple[str, str], dict] = {}
         self._subnet = ipaddress.ip_network(subnet)
@@ -227,7 +225,8 @@ class ComputeEmulator:
             "zoneOperations.get": self._operation,
             "zoneOperations.wait": self._operation,
         }
-        self.app = RoutedApp(Map(rules), handlers, render_error=render_error, before=self._before)
+        self.faults = FaultInjector(world, list(handlers))
+        self.app = RoutedApp(Map(rules), handlers, render_error=render_error, before=self._before, faults=self.faults)
         world.emulators["compute"] = self
 
     # ---- Python access for tests, tools and the other emulators --------------------------------------
@@ -255,23 +254,16 @@ class ComputeEmulator:
             return copy.deepcopy(self._create(zone, body))
 
     def clear_faults(self) -> None:
-        with self.world.lock:
-            self.faults.clear()
+        self.faults.clear()
 
     def fail_next(self, method: str, status: int, count: int = 1) -> None:
         """Make the next `count` calls of `method` (e.g. "instances.aggregatedList") answer `status`."""
-        with self.world.lock:
-            self.faults.setdefault(method, []).extend([status] * count)
+        self.faults.add({"method": method, "status": status, "count": count})
 
     # ---- request plumbing ----------------------------------------------------------------------------
 
     def _before(self, request, endpoint: str) -> None:
         self.world.check_bearer(request)
-        with self.world.lock:
-            pending = self.faults.get(endpoint)
-            status = pending.pop(0) if pending else None
-        if status is not None:
-            raise ApiError(status, f"Injected failure of {endpoint} (sandbox fault).")
 
     def _check_scope(self, project: str, zone: str | None = None) -> None:
         if project != self.world.project:
@@ -415,11 +407,22 @@ class ComputeEmulator:
         with self.world.lock:
             page, token = self._page(request, list(self._instances))
             zones = {f"{region}-{s}" for s in ZONE_SUFFIXES} | {self.world.zone} | {z for z, _ in self._instances}
+            hidden = self._hidden_zone(request, page)
             items = {f"zones/{zone}": {"instances": []} for zone in sorted(zones)}
             for zone, name in page:
-                items[f"zones/{zone}"]["instances"].append(self._render(self._instances[(zone, name)]))
+                if zone != hidden:
+                    items[f"zones/{zone}"]["instances"].append(self._render(self._instances[(zone, name)]))
+        unreachable = []
+        marked = f"zones/{hidden}" if hidden and request.environ["sandbox.fault"].mark else None
         for scope, scoped in items.items():
-            if not scoped["instances"]:
+            if scope == marked:
+                unreachable.append(scope)
+                items[scope] = {"warning": {
+                    "code": "UNREACHABLE",
+                    "message": f"Scope '{scope}' is unreachable (sandbox fault).",
+                    "data": [{"key": "scope", "value": scope}],
+                }}
+            elif not scoped["instances"]:
                 items[scope] = {"warning": {
                     "code": "NO_RESULTS_ON_PAGE",
                     "message": f"There are no results for scope '{scope}' on this page.",
@@ -427,9 +430,19 @@ class ComputeEmulator:
                 }}
         body = {"kind": "compute#instanceAggregatedList", "id": f"projects/{project}/aggregated/instances",
                 "items": items, "selfLink": f"{API}/projects/{project}/aggregated/instances"}
+        if unreachable:
+            body["unreachables"] = unreachable
         if token:
             body["nextPageToken"] = token
         return json_response(body)
+
+    @staticmethod
+    def _hidden_zone(request, page: list[tuple[str, str]]) -> str | None:
+        """A `partial` fault leaves one zone out of a listing: the rule's zone, or the first with VMs."""
+        fault = request.environ.get("sandbox.fault")
+        if fault is None or fault.kind != "partial":
+            return None
+        return fault.zone or (min(zone for zone, _ in page) if page else None)
 
     def _insert(self, request, project, zone):
         self._check_scope(project, zone)

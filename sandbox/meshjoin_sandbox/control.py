@@ -2,9 +2,15 @@
 
 `POST /faults {"emulator": "compute", "method": "instances.aggregatedList", "status": 503, "count": 1}`
 makes the next `count` calls of that method answer `status`; `DELETE /faults` forgets pending ones.
+The body may also carry `kind` (error | latency | timeout | drop | partial), `probability`, `seconds`,
+`after` (drop: status | close | timeout) and `principal` (any | product): see `web.FaultRule`;
+`emulator` is compute, secretmanager or kube. `GET /faults` answers each emulator's rules and its
+counts of calls and injected faults per API method.
 `POST /rotate-ca` rotates the plug-in CA to a new root (see rotation.py).
 `POST /vm-metadata {"zone", "name"}` starts (once per VM) a metadata server with that VM's own view on a
 free loopback port and answers its `{"host": "127.0.0.1:PORT"}`, the GCE_METADATA_HOST of a VM agent.
+`GET /stats` answers the requests each server answered, by API method; `DELETE /stats` zeroes them.
+`POST /seed` creates a fleet of already-registered VMs in one call (benchmarks; see seed.py).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import threading
 from werkzeug.routing import Map, Rule
 
 from .metadata import MetadataEmulator
-from .web import ApiError, RoutedApp, json_response, read_json, serve
+from .web import ApiError, FaultInjector, RoutedApp, json_response, read_json, serve
 
 
 class ControlEmulator:
@@ -24,12 +30,18 @@ class ControlEmulator:
             Rule("/healthz", endpoint="healthz", methods=["GET"]),
             Rule("/faults", endpoint="faults", methods=["POST"]),
             Rule("/faults", endpoint="clear_faults", methods=["DELETE"]),
+            Rule("/faults", endpoint="fault_stats", methods=["GET"]),
             Rule("/rotate-ca", endpoint="rotate_ca", methods=["POST"]),
             Rule("/vm-metadata", endpoint="vm_metadata", methods=["POST"]),
+            Rule("/stats", endpoint="stats", methods=["GET"]),
+            Rule("/stats", endpoint="clear_stats", methods=["DELETE"]),
+            Rule("/seed", endpoint="seed", methods=["POST"]),
         ])
         self.app = RoutedApp(url_map, {"healthz": self.healthz, "faults": self.faults,
-                                       "clear_faults": self.clear_faults, "rotate_ca": self.rotate_ca,
-                                       "vm_metadata": self.vm_metadata})
+                                       "clear_faults": self.clear_faults, "fault_stats": self.fault_stats,
+                                       "rotate_ca": self.rotate_ca,
+                                       "vm_metadata": self.vm_metadata, "stats": self.stats,
+                                       "clear_stats": self.clear_stats, "seed": self.seed})
         self._vm_servers: dict[tuple[str, str], object] = {}
         self._vm_servers_lock = threading.Lock()
 
@@ -64,7 +76,26 @@ class ControlEmulator:
     def faults(self, request):
         body = read_json(request)
         emulator = self.world.emulators.get(body.get("emulator", ""))
-        if emulator is None or not hasattr(emulator, "fail_next"):
+        if not isinstance(getattr(emulator, "faults", None), FaultInjector):
             raise ApiError(400, f"no emulator with faults named {body.get('emulator')!r}")
-        emulator.fail_next(body["method"], int(body.get("status", 503)), int(body.get("count", 1)))
-        return json_response({"ok": True})
+        rule = emulator.faults.add({k: v for k, v in body.items() if k != "emulator"})
+        return json_response({"ok": True, "rule": rule.method})
+
+    def fault_stats(self, request):
+        return json_response({name: emulator.faults.stats() for name, emulator in sorted(self.world.emulators.items())
+                              if isinstance(getattr(emulator, "faults", None), FaultInjector)})
+
+    def stats(self, request):
+        from .stats import snapshot
+
+        return json_response(snapshot())
+
+    def clear_stats(self, request):
+        from .stats import snapshot
+
+        return json_response(snapshot(reset=True))
+
+    def seed(self, request):
+        from .seed import seed_fleet
+
+        return json_response(seed_fleet(self.world, read_json(request)))

@@ -32,7 +32,7 @@ from jsonschema import Draft7Validator
 from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
-from .web import ApiError, RoutedApp, json_response, read_json
+from .web import ApiError, FaultInjector, RoutedApp, json_response, read_json
 
 SERVER_VERSION = {
     "major": "1",
@@ -659,9 +659,27 @@ class KubeEmulator:
             self._kinds[(kind.group, kind.plural)] = kind
         self._objects: dict[str, dict[tuple[str, str], dict]] = {k.resource: {} for k in self._kinds.values()}
         self._seed()
-        self.app = RoutedApp(self._url_map(), self._handlers(), render_error=render_status, before=self._authenticate)
+        # Fault injection per API method `PLURAL.VERB` (e.g. `workloadentries.create`; VERB is one of
+        # list, create, get, replace, patch, delete), discovery calls by their endpoint name.
+        self.faults = FaultInjector(world, self._method_names())
+        self.app = RoutedApp(self._url_map(), self._handlers(), render_error=render_status, before=self._authenticate,
+                             faults=self.faults, method_name=self._method_name)
+        world.emulators["kube"] = self
 
     # -- wiring
+
+    OBJECT_VERBS = ("list", "create", "get", "replace", "patch", "delete")
+
+    def _method_names(self) -> list[str]:
+        discovery = ["version", "core_versions", "groups", "group", "openapi", "resources"]
+        return discovery + [f"{k.plural}.{verb}" for k in self._kinds.values() for verb in self.OBJECT_VERBS]
+
+    @staticmethod
+    def _method_name(endpoint: str, args: dict) -> str:
+        return f"{args['plural']}.{endpoint}" if "plural" in args else endpoint
+
+    def clear_faults(self) -> None:
+        self.faults.clear()
 
     @staticmethod
     def _url_map() -> Map:

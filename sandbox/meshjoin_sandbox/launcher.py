@@ -201,7 +201,7 @@ def group_alive(pgid: int) -> bool:
 
 
 def up(state_dir: Path, ca_dir: Path | None = None, function_env: dict[str, str] | None = None,
-       timeout: float = 60.0) -> SandboxConfig:
+       timeout: float = 60.0, compute_subnet: str | None = None) -> SandboxConfig:
     state_dir = state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     procs = Processes(state_dir)
@@ -230,6 +230,8 @@ def up(state_dir: Path, ca_dir: Path | None = None, function_env: dict[str, str]
         crd_path=str(find_crds()),
         function_env=dict(function_env or {}),
     )
+    if compute_subnet:
+        cfg.compute_subnet = compute_subnet
     cfg.save()
     (state_dir / "world-ready").unlink(missing_ok=True)
     (state_dir / "gcloud").mkdir(exist_ok=True)

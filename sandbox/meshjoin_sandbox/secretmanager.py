@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from werkzeug.routing import BaseConverter, Map, Rule
 from werkzeug.wrappers import Request
 
-from .web import ApiError, RoutedApp, json_response, read_json
+from .web import ApiError, FaultInjector, RoutedApp, json_response, read_json
 
 SECRET_ID = re.compile(r"[a-zA-Z_0-9-]{1,255}")
 # Label rules of the real service, restricted to ASCII (it also allows non-Latin lowercase letters).
@@ -254,7 +254,6 @@ class SecretManagerEmulator:
     def __init__(self, world):
         self.world = world
         self._secrets: dict[str, _Secret] = {}
-        self._faults: dict[str, list[int]] = {}  # method -> statuses to answer, in order
         self._etag_clock = itertools.count(time.time_ns() // 1000)
         secret = "/v1/projects/<seg:project>/secrets/<seg:secret>"
         version = secret + "/versions/<seg:version>"
@@ -293,7 +292,8 @@ class SecretManagerEmulator:
             "secrets.versions.destroy": lambda request, **kw: self._set_state(request, "DESTROYED", **kw),
         }
         url_map = Map(rules, converters={"seg": _Segment}, strict_slashes=False)
-        self.app = RoutedApp(url_map, handlers, before=self._before)
+        self.faults = FaultInjector(world, list(handlers))
+        self.app = RoutedApp(url_map, handlers, before=self._before, faults=self.faults)
         world.emulators["secretmanager"] = self
 
     # --- sandbox helpers ------------------------------------------------------------------------
@@ -314,25 +314,18 @@ class SecretManagerEmulator:
             return self._usable(self.world.project, secret_id, version).data
 
     def clear_faults(self) -> None:
-        with self.world.lock:
-            self._faults.clear()
+        self.faults.clear()
 
     def fail_next(self, method: str, status: int, count: int = 1) -> None:
         """Make the next `count` calls of `method` (e.g. "secrets.versions.access") answer `status`."""
         if method not in self.app.handlers:
             raise ApiError(400, f"unknown Secret Manager method {method!r}; known: {', '.join(self.app.handlers)}")
-        with self.world.lock:
-            self._faults.setdefault(method, []).extend([status] * count)
+        self.faults.add({"method": method, "status": status, "count": count})
 
     # --- plumbing -------------------------------------------------------------------------------
 
     def _before(self, request: Request, endpoint: str) -> None:
         self.world.check_bearer(request)
-        with self.world.lock:
-            pending = self._faults.get(endpoint)
-            status = pending.pop(0) if pending else None
-        if status is not None:
-            raise ApiError(status, f"Injected fault on {endpoint} (sandbox).")
 
     def _check_project(self, project: str) -> None:
         if project not in (self.world.project, self.world.project_number):

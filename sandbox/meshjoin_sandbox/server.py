@@ -22,6 +22,7 @@ from .control import ControlEmulator
 from .kube import KubeEmulator
 from .metadata import MetadataEmulator
 from .secretmanager import SecretManagerEmulator
+from .stats import counted
 from .web import serve
 from .world import World
 
@@ -75,16 +76,17 @@ def main(argv: list[str]) -> int:
     cfg = SandboxConfig.load(state_dir)
     world = build_world(cfg)
     apps = {
-        "compute": ComputeEmulator(world).app,
+        "compute": ComputeEmulator(world, subnet=cfg.compute_subnet).app,
         "secretmanager": SecretManagerEmulator(world).app,
         "container": ContainerEmulator(world).app,
         "metadata": MetadataEmulator(world).app,
         "control": ControlEmulator(world).app,
     }
-    servers = [serve(app, "127.0.0.1", cfg.ports[name], name=name) for name, app in apps.items()]
+    servers = [serve(counted(name, app), "127.0.0.1", cfg.ports[name], name=name) for name, app in apps.items()]
     kube = KubeEmulator(world, cfg.crd_path)
+    world.emulators.setdefault("kube", kube)  # for the control plane's /seed
     servers.append(
-        serve(kube.app, "127.0.0.1", cfg.ports["kube"], ssl_context=(cfg.kube_cert_file, cfg.kube_key_file), name="kube")
+        serve(counted("kube", kube.app), "127.0.0.1", cfg.ports["kube"], ssl_context=(cfg.kube_cert_file, cfg.kube_key_file), name="kube")
     )
     seed_plugin_ca(world.emulators["secretmanager"], cfg)
     (state_dir / "world-ready").write_text(str(os.getpid()))

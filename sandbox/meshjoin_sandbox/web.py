@@ -7,9 +7,14 @@ renders in its own API's error format (Google JSON error or Kubernetes Status).
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
+import random
+import socket
+import struct
 import threading
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
@@ -72,7 +77,11 @@ def read_json(request: Request) -> Any:
 
 
 class RoutedApp:
-    """A WSGI app: a werkzeug Map whose endpoints are bound methods, plus an error renderer."""
+    """A WSGI app: a werkzeug Map whose endpoints are bound methods, plus an error renderer.
+
+    With a `FaultInjector` in `faults`, every authenticated call first draws a fault for its API
+    method name (`method_name(endpoint, url_args)`, the endpoint by default) and suffers it.
+    """
 
     def __init__(
         self,
@@ -80,11 +89,15 @@ class RoutedApp:
         handlers: dict[str, Callable[..., Response]],
         render_error: Callable[[ApiError], Response] = google_error,
         before: Callable[[Request, str], None] | None = None,
+        faults: "FaultInjector | None" = None,
+        method_name: Callable[[str, dict], str] | None = None,
     ):
         self.url_map = url_map
         self.handlers = handlers
         self.render_error = render_error
         self.before = before
+        self.faults = faults
+        self.method_name = method_name or (lambda endpoint, args: endpoint)
 
     def __call__(self, environ, start_response):
         request = Request(environ)
@@ -98,12 +111,195 @@ class RoutedApp:
                 raise ApiError(405, f"method {request.method} not allowed on {request.path}") from exc
             if self.before is not None:
                 self.before(request, endpoint)
+            fault = None
+            if self.faults is not None:
+                fault = self.faults.draw(self.method_name(endpoint, args), request)
+                environ["sandbox.fault"] = fault  # handlers may act on it (e.g. a partial listing)
+            if fault is not None:
+                self.faults.before_call(fault)
             response = self.handlers[endpoint](request, **args)
+            if fault is not None and response.status_code < 400:
+                self.faults.after_call(fault, environ)
         except ApiError as err:
             response = self.render_error(err)
         except HTTPException as exc:  # e.g. werkzeug's own RequestRedirect
             response = exc.get_response(environ)
         return response(environ, start_response)
+
+
+# --- fault injection ------------------------------------------------------------------------------
+
+FAULT_KINDS = ("error", "latency", "timeout", "drop", "partial")
+DROP_AFTER = ("status", "close", "timeout")
+
+
+@dataclass
+class FaultRule:
+    """One kind of trouble for the calls of the API methods matching `method` (fnmatch, `*` = all).
+
+    - error: answer `status` (429, 500, 503, ...) without doing anything;
+    - latency: wait `seconds`, then serve the call normally;
+    - timeout: wait `seconds` (past the client's timeout), then answer 504; nothing is applied;
+    - drop: apply the call, then lose the answer: `after` = "status" answers `status` (503),
+      "close" resets the connection, "timeout" waits `seconds` and answers 504
+      ("did it happen?");
+    - partial: a listing leaves items out (the handler decides which; compute hides a zone).
+
+    A rule fires for the next `count` matching calls (None = no limit) with `probability`;
+    `principal` "product" limits it to calls made with the functions' own token, "any" to all.
+    """
+
+    method: str
+    kind: str = "error"
+    status: int = 503
+    count: int | None = 1
+    probability: float = 1.0
+    seconds: float = 0.0
+    after: str = "status"
+    principal: str = "any"
+    zone: str = ""  # partial: the zone to hide (default: any zone that has instances)
+    mark: bool = True  # partial: report the hidden zone as unreachable (False: leave it out silently)
+    injected: int = 0
+
+    @classmethod
+    def from_spec(cls, spec: dict, known: Callable[[str], bool]) -> "FaultRule":
+        try:
+            count = spec.get("count", None if "probability" in spec else 1)
+            rule = cls(
+                method=str(spec["method"]), kind=str(spec.get("kind", "error")),
+                status=int(spec.get("status", 504 if spec.get("kind") == "timeout" else 503)),
+                count=None if count is None else int(count), probability=float(spec.get("probability", 1.0)),
+                seconds=float(spec.get("seconds", 0.0)), after=str(spec.get("after", "status")),
+                principal=str(spec.get("principal", "any")), zone=str(spec.get("zone", "")),
+                mark=bool(spec.get("mark", True)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ApiError(400, f"bad fault spec {spec!r}: {exc}") from exc
+        problems = []
+        if rule.kind not in FAULT_KINDS:
+            problems.append(f"kind must be one of {', '.join(FAULT_KINDS)}")
+        if rule.after not in DROP_AFTER:
+            problems.append(f"after must be one of {', '.join(DROP_AFTER)}")
+        if not 0 <= rule.probability <= 1:
+            problems.append("probability must be within [0, 1]")
+        if rule.principal not in ("any", "product"):
+            problems.append("principal must be 'any' or 'product'")
+        if rule.kind in ("error", "drop") and not 400 <= rule.status <= 599:
+            problems.append("status must be an HTTP error status")
+        if not known(rule.method):
+            problems.append(f"method {rule.method!r} matches no method of this API")
+        if problems:
+            raise ApiError(400, f"bad fault spec {spec!r}: " + "; ".join(problems))
+        return rule
+
+    def matches(self, method: str) -> bool:
+        return fnmatch.fnmatchcase(method, self.method)
+
+
+class FaultInjector:
+    """The faults one emulator suffers, plus call and injection counters for the figures.
+
+    Thread-safe; sleeps end early when the faults are cleared, so a stalled call never outlives a test.
+    """
+
+    def __init__(self, world, methods: Callable[[], list[str]] | list[str], seed: int | None = None):
+        self.world = world
+        self._methods = methods
+        self._lock = threading.Lock()
+        self._rules: list[FaultRule] = []
+        self._random = random.Random(seed)
+        self._wake = threading.Event()
+        self.calls: dict[str, int] = {}
+        self.injected: dict[str, dict[str, int]] = {}
+
+    def methods(self) -> list[str]:
+        return list(self._methods() if callable(self._methods) else self._methods)
+
+    def known(self, pattern: str) -> bool:
+        return any(fnmatch.fnmatchcase(m, pattern) for m in self.methods())
+
+    def add(self, spec: dict) -> FaultRule:
+        rule = FaultRule.from_spec(spec, self.known)
+        with self._lock:
+            if "seed" in spec:
+                self._random.seed(spec["seed"])
+            self._rules.append(rule)
+        return rule
+
+    def clear(self) -> None:
+        """Forget every rule and wake the calls that are sleeping in one."""
+        with self._lock:
+            self._rules.clear()
+            self._wake.set()
+            self._wake = threading.Event()
+
+    def reset_counters(self) -> None:
+        with self._lock:
+            self.calls.clear()
+            self.injected.clear()
+
+    def draw(self, method: str, request: Request) -> FaultRule | None:
+        """Count the call and pick the first rule that fires for it (a rule's count is spent here)."""
+        product = self._is_product(request)
+        with self._lock:
+            self.calls[method] = self.calls.get(method, 0) + 1
+            for rule in self._rules:
+                if not rule.matches(method) or (rule.principal == "product" and not product):
+                    continue
+                if rule.count is not None and rule.count <= 0:
+                    continue
+                if rule.probability < 1 and self._random.random() >= rule.probability:
+                    continue
+                if rule.count is not None:
+                    rule.count -= 1
+                rule.injected += 1
+                per_method = self.injected.setdefault(method, {})
+                per_method[rule.kind] = per_method.get(rule.kind, 0) + 1
+                return rule
+        return None
+
+    def _is_product(self, request: Request) -> bool:
+        token = request.headers.get("Authorization", "").partition(" ")[2]
+        return token == getattr(self.world, "sa_token", None)
+
+    def sleep(self, seconds: float) -> None:
+        with self._lock:
+            wake = self._wake
+        wake.wait(seconds)
+
+    def before_call(self, rule: FaultRule) -> None:
+        if rule.kind == "latency":
+            self.sleep(rule.seconds)
+        elif rule.kind == "timeout":
+            self.sleep(rule.seconds)
+            raise ApiError(rule.status, "Injected timeout (sandbox fault): the call was not applied.")
+        elif rule.kind == "error":
+            raise ApiError(rule.status, f"Injected failure (sandbox fault), status {rule.status}.")
+
+    def after_call(self, rule: FaultRule, environ: dict) -> None:
+        """A `drop`: the call was applied; now lose its answer."""
+        if rule.kind != "drop":
+            return
+        if rule.after == "close":
+            sock = environ.get("werkzeug.socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            raise ConnectionAbortedError("sandbox fault: connection dropped after the call was applied")
+        if rule.after == "timeout":
+            self.sleep(rule.seconds)
+            raise ApiError(504, "Injected timeout after the call was applied (sandbox fault).")
+        raise ApiError(rule.status, "Injected failure after the call was applied (sandbox fault).")
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {
+                "calls": dict(sorted(self.calls.items())),
+                "injected": {m: dict(k) for m, k in sorted(self.injected.items())},
+                "rules": [asdict(r) for r in self._rules],
+            }
 
 
 def serve(app, host: str, port: int, ssl_context=None, name: str = "http") -> BaseWSGIServer:

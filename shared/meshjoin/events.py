@@ -56,6 +56,8 @@ def check_age(publish_time: Any, *, now: datetime, max_age: timedelta) -> None:
         published = datetime.fromisoformat(publish_time.replace("Z", "+00:00"))
     except ValueError:
         raise BadMessage(f"publishTime is not RFC 3339: {publish_time[:40]!r}") from None
+    if published.tzinfo is None or published.utcoffset() is None:
+        raise BadMessage(f"publishTime has no time zone: {publish_time[:40]!r}")
     if now - published > max_age:
         raise Ignored(f"event published {published.isoformat()} is older than {max_age}")
 
@@ -75,6 +77,8 @@ def decode_payload(raw: Any) -> Any:
         return json.loads(decoded)
     except (UnicodeDecodeError, ValueError):
         raise BadMessage(f"message data is not JSON ({len(decoded)} bytes)") from None
+    except RecursionError:  # `[[[[...` nested deeper than the parser's stack: hostile, not a bug of ours
+        raise BadMessage(f"message data nests too deeply ({len(decoded)} bytes)") from None
 
 
 def key_from_audit_entry(entry: dict) -> VmKey:
@@ -98,8 +102,9 @@ def key_from_audit_entry(entry: dict) -> VmKey:
     if not match:
         raise BadMessage(f"audit entry resourceName is not projects/P/zones/Z/instances/N: {str(resource_name)[:120]!r}")
     project, zone, instance = match.groups()
-    labels = (entry.get("resource") or {}).get("labels") or {}
-    if project.isdigit() and isinstance(labels.get("project_id"), str):
+    resource = entry.get("resource")
+    labels = resource.get("labels") if isinstance(resource, dict) else None
+    if project.isdigit() and isinstance(labels, dict) and isinstance(labels.get("project_id"), str):
         project = labels["project_id"]  # some entries name the project by number
     return validated_key(project, zone, instance)
 

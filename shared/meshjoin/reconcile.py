@@ -226,12 +226,13 @@ class Reconciler:
             self.kube.create_if_missing(service)
         desired = registration.workload_entry(vm, identity, self.settings.network, cert_not_after)
         meta = desired["metadata"]
-        existing = self.kube.get("WorkloadEntry", meta["namespace"], meta["name"])
-        if existing is None or not registration.entry_matches(existing, desired):
+        ref = f"{meta['namespace']}/{meta['name']}"
+        # An entry the status does not name yet (a first join) is created without reading it first.
+        existing = self.kube.get("WorkloadEntry", meta["namespace"], meta["name"]) if previous == ref else None
+        if previous != ref or existing is None or not registration.entry_matches(existing, desired):
             self.kube.apply_owned(desired, existing)
             log("INFO", f"WorkloadEntry {meta['namespace']}/{meta['name']} applied", key=vm.key,
                 outcome="registered", address=vm.network_ip)
-        ref = f"{meta['namespace']}/{meta['name']}"
         if previous and previous != ref:  # the identity moved to another namespace
             old_namespace, _, old_name = previous.partition("/")
             self._delete_entry(vm.key, old_namespace, old_name)

@@ -18,6 +18,8 @@ from .pki import KEY_ALGORITHMS
 PROTECTED_NAMESPACES = frozenset({"istio-system", "kube-system", "kube-public", "kube-node-lease"})
 _DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 _CLUSTER = re.compile(r"^projects/[^/]+/locations/[^/]+/clusters/[^/]+$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # values reach cluster.env and /etc/hosts: one line each
+_HOST_PORT = re.compile(r"^[A-Za-z0-9](?:[-A-Za-z0-9.]*[A-Za-z0-9])?:[0-9]{1,5}$")
 
 
 def parse_duration(value: str) -> timedelta:
@@ -61,6 +63,7 @@ class Settings:
     max_event_age: timedelta = timedelta(hours=1)
     secret_prefix: str = "meshjoin-vm"
     api_attempts: int = 4
+    api_timeout: timedelta = timedelta(seconds=30)  # per API call; a hung call is then a transient failure
     prune_cap: int = 50
     sweep_renewals: int = 200
     sweep_seconds: timedelta = timedelta(minutes=4)
@@ -80,6 +83,8 @@ class Settings:
 
         def text(name: str, attr: str, required: bool = False) -> None:
             value = env.get(name, "").strip()
+            if _CONTROL.search(value):
+                raise SettingsError(f"{name}={value[:80]!r} is invalid: control characters (newlines) are not allowed")
             if value:
                 values[attr] = value
             elif required:
@@ -120,6 +125,9 @@ class Settings:
             ("MESHJOIN_SIDECAR_SHA256", "sidecar_sha256"),
         ]:
             text(name, attr)
+        convert("MESHJOIN_ISTIOD_IP", "istiod_ip", _ip_address)
+        convert("MESHJOIN_ISTIOD_ADDRESS", "istiod_address", _host_port)
+        convert("MESHJOIN_API_TIMEOUT", "api_timeout", parse_duration)
         convert("MESHJOIN_ALLOWED_NAMESPACES", "allowed_namespaces", _csv)
         convert("MESHJOIN_ALLOWED_SERVICE_ACCOUNTS", "allowed_service_accounts", _csv)
         convert("MESHJOIN_CERT_TTL", "cert_ttl", parse_duration)
@@ -138,6 +146,8 @@ class Settings:
             raise SettingsError(f"MESHJOIN_CERT_TTL must be at least 1m, got {settings.cert_ttl}")
         if settings.renew_fraction + settings.renew_jitter_fraction >= 1:
             raise SettingsError("MESHJOIN_RENEW_FRACTION + MESHJOIN_RENEW_JITTER must stay below 1")
+        if settings.api_timeout < timedelta(seconds=1):
+            raise SettingsError(f"MESHJOIN_API_TIMEOUT must be at least 1s, got {settings.api_timeout}")
         return settings
 
 
@@ -153,6 +163,18 @@ def _positive_int(raw: str) -> int:
     if value < 1:
         raise ValueError("must be a positive integer")
     return value
+
+
+def _ip_address(raw: str) -> str:
+    import ipaddress
+
+    return str(ipaddress.ip_address(raw))
+
+
+def _host_port(raw: str) -> str:
+    if not _HOST_PORT.match(raw):
+        raise ValueError("want HOST:PORT, e.g. istiod.istio-system.svc:15012")
+    return raw
 
 
 def _key_algorithm(raw: str) -> str:

@@ -157,14 +157,25 @@ class KubeAdapter:
         return data
 
     def apply_owned(self, obj: dict, existing: dict | None) -> dict:
-        """Create or replace an object meshjoin owns; refuse to touch one it does not."""
+        """Create or replace an object meshjoin owns; refuse to touch one it does not.
+
+        `existing` None means none is expected: create without reading first (one call on a first
+        join); if one exists after all (409), read it and replace it like any other.
+        """
         kind, meta = obj["kind"], obj["metadata"]
         base, plural = PATHS[kind]
         collection = f"{base}/namespaces/{meta['namespace']}/{plural}"
         try:
             if existing is None:
-                _, data = self._do("POST", collection, body=obj, ok=(201, 200))
-                return data
+                try:
+                    _, data = self._do("POST", collection, body=obj, ok=(201, 200))
+                    return data
+                except KubeApiError as exc:
+                    if exc.status != 409:
+                        raise
+                existing = self.get(kind, meta["namespace"], meta["name"])
+                if existing is None:
+                    raise KubeApiError(409, "deleted while being replaced")
             if not names.owned(existing.get("metadata")):
                 raise ConflictError(f"{kind} {meta['namespace']}/{meta['name']} exists and is not managed by "
                                     "meshjoin; remove it or rename the VM")

@@ -114,9 +114,10 @@ class SecretsAdapter:
             self._call(lambda: self._client.create_secret(
                 parent=f"projects/{self._settings.project}", secret_id=secret_id, secret=secret, retry=None),
                 f"create secret {secret_id}", "secretmanager.secrets.create", passthrough=(Conflict,))
+            created = True
         except Conflict:
-            pass
-        self._restrict_access(parent, reader_service_account)
+            created = False
+        self._restrict_access(parent, reader_service_account, created=created)
         payload = json.dumps({"key.pem": cert.key_pem, "cert-chain.pem": cert.chain_pem,
                               "root-cert.pem": cert.root_pem}).encode()
         version = self._call(lambda: self._client.add_secret_version(
@@ -124,14 +125,20 @@ class SecretsAdapter:
             f"add version to {secret_id}", "secretmanager.versions.add")
         return version.name
 
-    def _restrict_access(self, secret: str, reader_service_account: str) -> None:
-        """Exactly one binding: the VM's own service account may access; set only if different."""
+    def _restrict_access(self, secret: str, reader_service_account: str, created: bool = False) -> None:
+        """Exactly one binding: the VM's own service account may access; set only if different.
+
+        A secret this call just created has the empty policy: it is set without reading it first.
+        """
         from google.iam.v1 import iam_policy_pb2, policy_pb2
 
         wanted = [(ACCESSOR_ROLE, (f"serviceAccount:{reader_service_account}",))]
-        policy = self._call(lambda: self._client.get_iam_policy(
-            request=iam_policy_pb2.GetIamPolicyRequest(resource=secret), retry=None),
-            f"getIamPolicy {secret}", "secretmanager.secrets.getIamPolicy")
+        if created:
+            policy = policy_pb2.Policy()
+        else:
+            policy = self._call(lambda: self._client.get_iam_policy(
+                request=iam_policy_pb2.GetIamPolicyRequest(resource=secret), retry=None),
+                f"getIamPolicy {secret}", "secretmanager.secrets.getIamPolicy")
         current = [(b.role, tuple(sorted(b.members))) for b in policy.bindings]
         if current == wanted:
             return

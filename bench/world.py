@@ -1,0 +1,177 @@
+"""One sandbox for one benchmark section: started with the real launcher, reached like a person would.
+
+The bench talks to the emulators as an operator (admin token, plain HTTP) to create VMs and read
+results, and to the control plane for request counts (`/stats`) and bulk seeding (`/seed`). The
+product is driven either in-process (a `Runtime` on the sandbox's settings) or as real processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import tempfile
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+
+from meshjoin_sandbox import launcher
+from meshjoin_sandbox.config import SandboxConfig
+
+SA_DOMAIN = "meshjoin-sandbox.iam.gserviceaccount.com"
+# Which emulator answers which server name in /stats, and what the bench calls it.
+API_OF = {"compute": "compute", "secretmanager": "secretmanager", "kube": "kubernetes", "container": "container",
+          "metadata": "metadata"}
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    env = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("export "):
+            name, _, value = line[len("export "):].partition("=")
+            env[name] = shlex.split(value)[0] if value else ""
+    return env
+
+
+class World:
+    def __init__(self, function_env: dict[str, str] | None = None, compute_subnet: str | None = None,
+                 label: str = "bench"):
+        self.state_dir = Path(tempfile.mkdtemp(prefix=f"meshjoin-{label}-"))
+        started = time.monotonic()
+        self.cfg: SandboxConfig = launcher.up(self.state_dir, function_env=function_env,
+                                              compute_subnet=compute_subnet, timeout=120)
+        self.up_seconds = time.monotonic() - started
+        self.env = read_env_file(self.state_dir / "env")
+        self.project = self.cfg.project
+        self.zone = self.cfg.zone
+        self.http = requests.Session()
+        self.http.headers["Authorization"] = f"Bearer {self.cfg.admin_token}"
+        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=32)
+        self.http.mount("http://", adapter)
+        self.http.mount("https://", adapter)
+
+    def close(self) -> None:
+        launcher.down(self.state_dir)
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    def __enter__(self) -> "World":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- settings and clients for the product ------------------------------------------------------
+
+    def settings(self, **overrides):
+        from meshjoin.settings import Settings
+
+        return Settings.from_env({**self.env, **overrides})
+
+    def runtime(self, **overrides):
+        """The product's own wiring, authenticated with the functions' token (as the metadata server hands out)."""
+        from google.oauth2.credentials import Credentials
+
+        from meshjoin.runtime import Runtime
+
+        return Runtime(self.settings(**overrides), Credentials(self.cfg.sa_token))
+
+    def process_env(self) -> dict[str, str]:
+        """The environment of a function process in this sandbox (what `source DIR/env` gives)."""
+        return {**{k: v for k, v in os.environ.items() if not k.startswith("MESHJOIN_")}, **self.env}
+
+    # --- control plane -----------------------------------------------------------------------------
+
+    def control(self, method: str, path: str, body=None) -> dict:
+        response = self.http.request(method, self.cfg.url("control") + path, json=body, timeout=600)
+        response.raise_for_status()
+        return response.json()
+
+    def reset_stats(self) -> None:
+        self.control("DELETE", "/stats")
+
+    def stats(self) -> Counter:
+        """Requests answered since the last reset, as `api method` → count (control plane excluded)."""
+        out: Counter = Counter()
+        for server, counts in self.control("GET", "/stats").items():
+            api = API_OF.get(server)
+            if api is None:
+                continue
+            for method, count in counts.items():
+                out[f"{api} {method}"] += count
+        return out
+
+    # --- compute as an operator --------------------------------------------------------------------
+
+    def compute_url(self, zone: str | None = None) -> str:
+        return f"{self.cfg.url('compute')}/compute/v1/projects/{self.project}/zones/{zone or self.zone}"
+
+    def create_vm(self, name: str, labels: dict[str, str], *, service_account: str | None = None,
+                  metadata: dict[str, str] | None = None, event: bool = True, session=None) -> dict:
+        body = {"name": name, "labels": labels,
+                "serviceAccounts": [{"email": service_account or f"{name}@{SA_DOMAIN}"}],
+                "metadata": {"items": [{"key": k, "value": v} for k, v in (metadata or {}).items()]}}
+        headers = {} if event else {"X-Sandbox-No-Event": "1"}
+        response = (session or self.http).post(self.compute_url() + "/instances", json=body, headers=headers,
+                                                timeout=60)
+        response.raise_for_status()
+        return response.json()
+
+    def create_vms(self, names: list[str], labels: dict[str, str], *, event: bool = True,
+                   workers: int = 8) -> None:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(lambda n: self.create_vm(n, labels, event=event), names))
+
+    def delete_vm(self, name: str, event: bool = True) -> None:
+        headers = {} if event else {"X-Sandbox-No-Event": "1"}
+        response = self.http.delete(self.compute_url() + f"/instances/{name}", headers=headers, timeout=60)
+        response.raise_for_status()
+
+    def get_vm(self, name: str) -> dict:
+        response = self.http.get(self.compute_url() + f"/instances/{name}", timeout=60)
+        response.raise_for_status()
+        return response.json()
+
+    def list_vms(self, label_filter: str = "") -> list[dict]:
+        out, token = [], None
+        url = f"{self.cfg.url('compute')}/compute/v1/projects/{self.project}/aggregated/instances"
+        while True:
+            params = {"maxResults": 500, **({"filter": label_filter} if label_filter else {}),
+                      **({"pageToken": token} if token else {})}
+            response = self.http.get(url, params=params, timeout=120)
+            response.raise_for_status()
+            body = response.json()
+            for scoped in body.get("items", {}).values():
+                out += scoped.get("instances", [])
+            token = body.get("nextPageToken")
+            if not token:
+                return out
+
+    # --- kubernetes and secret manager as an operator ----------------------------------------------
+
+    def kube(self, method: str, path: str, body=None) -> requests.Response:
+        return self.http.request(method, f"https://127.0.0.1:{self.cfg.ports['kube']}{path}", json=body,
+                                 verify=self.cfg.kube_ca_file, timeout=120)
+
+    def secret_versions(self, secret_id: str) -> list[dict]:
+        url = f"{self.cfg.url('secretmanager')}/v1/projects/{self.project}/secrets/{secret_id}/versions"
+        response = self.http.get(url, timeout=60)
+        if response.status_code == 404:
+            return []
+        response.raise_for_status()
+        return response.json().get("versions", [])
+
+
+def metadata_items(instance: dict) -> dict[str, str]:
+    return {i["key"]: i.get("value", "") for i in instance.get("metadata", {}).get("items", [])}
+
+
+def status_of(instance: dict) -> dict:
+    raw = metadata_items(instance).get("meshjoin-status")
+    try:
+        return json.loads(raw) if raw else {}
+    except ValueError:
+        return {}

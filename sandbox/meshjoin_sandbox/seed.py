@@ -1,0 +1,85 @@
+"""`POST /seed`: a fleet of VMs that meshjoin already registered, written straight into the emulators.
+
+Benchmarks need thousands of joined VMs (instance + metadata + per-VM secret + WorkloadEntry) in
+seconds; joining them one by one through the functions would take longer than the measurement. The
+caller (bench/) renders what meshjoin writes once, with placeholders, and this expands it per VM:
+
+    {"zone": "us-central1-a", "prefix": "fleet-", "start": 0, "count": 1000,
+     "labels": {...}, "service_account": "...",
+     "metadata": {"meshjoin-status": "{... @@ID@@ @@IP@@ @@NOT_AFTER@@ ...}", ...},
+     "vary": [{"@@NOT_AFTER@@": "..."}, ...],       # cycled over the VMs by index
+     "secret": {"id": "...@@NAME@@", "labels": {...}, "data": "...", "reader": "serviceAccount:..."},
+     "workload_entry": {... a WorkloadEntry with placeholders ...}}
+
+Placeholders: @@NAME@@, @@ZONE@@, @@INDEX@@, @@ID@@ and @@IP@@ (what Compute assigned), plus the
+keys of the `vary` entry. Nothing here goes through the APIs, so seeding is not counted in /stats and
+publishes no audit entries. The WorkloadEntry template is admitted (schema + CEL) once per call.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+
+from .web import ApiError
+
+ISTIO = ("networking.istio.io", "workloadentries")
+
+
+def _fill(text: str, values: dict[str, str]) -> str:
+    if "@@" not in text:
+        return text  # shared, not copied: thousands of identical startup scripts cost one string
+    for placeholder, value in values.items():
+        text = text.replace(placeholder, value)
+    return text
+
+
+def seed_fleet(world, body: dict) -> dict:
+    started = time.monotonic()
+    compute = world.emulators["compute"]
+    secrets = world.emulators["secretmanager"]
+    kube = world.emulators.get("kube")
+    zone = body.get("zone") or world.zone
+    prefix, start, count = body.get("prefix", "fleet-"), int(body.get("start", 0)), int(body.get("count", 0))
+    labels = body.get("labels") or {}
+    metadata = body.get("metadata") or {}
+    vary = body.get("vary") or [{}]
+    secret = body.get("secret")
+    entry_template = json.dumps(body["workload_entry"]) if body.get("workload_entry") else None
+    if entry_template and kube is None:
+        raise ApiError(400, "no Kubernetes emulator in this world")
+    kind = kube._kinds[ISTIO] if entry_template else None
+    admitted = False
+    for index in range(start, start + count):
+        name = f"{prefix}{index:05d}"
+        created = compute.seed_instance(zone, name, labels=labels, metadata=metadata,
+                                        service_account=body.get("service_account"))
+        values = {"@@NAME@@": name, "@@ZONE@@": zone, "@@INDEX@@": str(index), "@@ID@@": created["id"],
+                  "@@IP@@": created["networkInterfaces"][0]["networkIP"], **vary[index % len(vary)]}
+        with world.lock:  # the status names the instance id Compute just assigned
+            for item in compute._instances[(zone, name)]["metadata"]["items"]:
+                item["value"] = _fill(item["value"], values)
+        if secret:
+            secret_id = _fill(secret["id"], values)
+            secrets.put(secret_id, _fill(secret.get("data", "{}"), values).encode(),
+                        labels={k: _fill(v, values) for k, v in (secret.get("labels") or {}).items()})
+            if secret.get("reader"):
+                with world.lock:
+                    secrets._secrets[secret_id].policy = {
+                        "version": 1, "etag": base64.b64encode(os.urandom(8)).decode(),
+                        "bindings": [{"role": "roles/secretmanager.secretAccessor",
+                                      "members": [_fill(secret["reader"], values)]}]}
+        if entry_template:
+            entry = json.loads(_fill(entry_template, values))
+            with kube._lock:
+                if not admitted:
+                    if ("", entry["metadata"]["namespace"]) not in kube._objects["namespaces"]:
+                        raise ApiError(404, f"namespace {entry['metadata']['namespace']} not found")
+                    kube._admit(kind, entry["apiVersion"].rsplit("/", 1)[-1], entry, None, "Strict")
+                    admitted = True
+                if (entry["metadata"]["namespace"], entry["metadata"]["name"]) in kube._objects[kind.resource]:
+                    raise ApiError(409, f"WorkloadEntry {entry['metadata']['name']} already exists")
+                kube._insert(kind, entry)
+    return {"seeded": count, "seconds": round(time.monotonic() - started, 3)}

@@ -1,0 +1,406 @@
+"""deploy/terraform, checked without providers: formatting, references, the sink filter, every
+IAM grant against a reviewed table, the functions' settings against the product's, and the RBAC.
+
+`terraform validate` needs the providers and runs in Cloud Build (cloudbuild.yaml, tf-init). Here
+the HCL is parsed with python-hcl2, and the locals and variable validations are evaluated by the
+real `terraform console`, which needs no providers once resource references are stubbed out.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from meshjoin import events, names
+from meshjoin.adapters import kube
+from meshjoin.model import VmKey
+from meshjoin.settings import Settings
+
+from .conftest import REPO, TF_DIR, load_deploy_script
+
+TERRAFORM = shutil.which("terraform")
+needs_terraform = pytest.mark.skipif(TERRAFORM is None, reason="terraform is not installed (Cloud Build checks it in tf-init)")
+
+# --- the reviewed IAM table ------------------------------------------------------------------
+# Every grant the module makes: (resource type, role, member) → why. A grant not listed here, or
+# listed but gone, fails the test: changing who may do what must change this table in review.
+FUNCTIONS_SA = "${local.functions_member}"
+PUBSUB_AGENT = "${local.pubsub_agent}"
+GRANTS = {
+    ("google_project_iam_member", "${google_project_iam_custom_role.compute.id}", FUNCTIONS_SA):
+        "read VMs, write their metadata (custom role, below)",
+    ("google_project_iam_member", "${google_project_iam_custom_role.secret_inventory.id}", FUNCTIONS_SA):
+        "create empty per-VM secrets, list secrets by label; no payloads",
+    ("google_project_iam_member", "${google_project_iam_custom_role.vm_secrets.id}", FUNCTIONS_SA):
+        "manage per-VM secrets, conditioned on the secret-name prefix",
+    ("google_project_iam_member", "roles/container.clusterViewer", FUNCTIONS_SA):
+        "clusters.get: endpoint + CA, and GKE's admission of the identity; RBAC does the rest",
+    ("google_secret_manager_secret_iam_member", "${google_project_iam_custom_role.ca_reader.id}", FUNCTIONS_SA):
+        "read the four CA secrets (access + list enabled versions), on those secrets only",
+    ("google_pubsub_topic_iam_member", "roles/pubsub.publisher", "${google_logging_project_sink.vm_events.writer_identity}"):
+        "the sink publishes audit entries to the events topic",
+    ("google_pubsub_topic_iam_member", "roles/pubsub.publisher", PUBSUB_AGENT):
+        "Pub/Sub forwards failed messages to the dead-letter topic",
+    ("google_pubsub_subscription_iam_member", "roles/pubsub.subscriber", PUBSUB_AGENT):
+        "Pub/Sub acks a dead-lettered message on its source subscription",
+    ("google_service_account_iam_member", "roles/iam.serviceAccountTokenCreator", PUBSUB_AGENT):
+        "Pub/Sub signs push OIDC tokens as the push identity (projects before 2021-04)",
+    ("google_service_account_iam_member", "roles/iam.serviceAccountUser", FUNCTIONS_SA):
+        "act as the listed VM identities only (var.vm_service_accounts): Compute Engine requires it to set their metadata",
+    ("google_cloud_run_v2_service_iam_member", "roles/run.invoker", "serviceAccount:${google_service_account.push.email}"):
+        "only the push identity may invoke the functions",
+}
+
+# Exactly these permissions per custom role (each one is named by the code, see below).
+CUSTOM_ROLES = {
+    "compute": {"compute.instances.get", "compute.instances.list", "compute.instances.setMetadata",
+                "compute.zoneOperations.get"},
+    "secret_inventory": {"secretmanager.secrets.create", "secretmanager.secrets.list"},
+    "vm_secrets": {"secretmanager.secrets.delete", "secretmanager.secrets.getIamPolicy",
+                   "secretmanager.secrets.setIamPolicy", "secretmanager.versions.add",
+                   "secretmanager.versions.destroy"},
+    "ca_reader": {"secretmanager.versions.access", "secretmanager.versions.list"},
+}
+# Permissions of the predefined roles granted above that the code relies on.
+PREDEFINED = {"roles/container.clusterViewer": {"container.clusters.get", "container.clusters.list"}}
+
+# Settings the functions read that a deployment never sets: the sandbox's endpoint overrides.
+SANDBOX_ONLY_SETTINGS = {"MESHJOIN_COMPUTE_ENDPOINT", "MESHJOIN_SECRETMANAGER_ENDPOINT",
+                         "MESHJOIN_CONTAINER_ENDPOINT"}
+
+
+def unref(value: str) -> str:
+    """`${var.x}` → `var.x` (hcl2 keeps expressions wrapped)."""
+    return value[2:-1] if isinstance(value, str) and value.startswith("${") and value.endswith("}") else value
+
+
+# --- syntax and references -------------------------------------------------------------------
+
+
+@needs_terraform
+def test_terraform_fmt_is_clean():
+    result = subprocess.run([TERRAFORM, "fmt", "-check", "-recursive", "-diff", str(TF_DIR)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, f"terraform fmt would change:\n{result.stdout}{result.stderr}"
+
+
+def test_every_variable_used_is_declared_and_every_declared_one_is_used(terraform):
+    used = set(re.findall(r"\bvar\.([A-Za-z_][A-Za-z0-9_-]*)", terraform.text))
+    declared = set(terraform.variables)
+    assert used - declared == set(), "used but not declared"
+    assert declared - used == set(), "declared but never used"
+
+
+def test_variables_and_outputs_are_documented(terraform):
+    for name, body in terraform.variables.items():
+        assert body.get("description"), f"variable {name} has no description"
+        assert body.get("type"), f"variable {name} has no type"
+    for name, body in terraform.outputs.items():
+        assert body.get("description"), f"output {name} has no description"
+
+
+def test_every_local_resource_and_data_reference_resolves(terraform):
+    text = re.sub(r"#.*", "", terraform.text)  # comments may mention names freely
+    assert set(re.findall(r"\blocal\.([A-Za-z_][A-Za-z0-9_]*)", text)) <= set(terraform.locals)
+    resources = set(terraform.resources)
+    referenced = set(re.findall(r"(?<![.\w])((?:google|kubernetes)_[a-z0-9_]+)\.([a-z0-9_]+)\b", text))
+    assert referenced - resources == set(), "references to resources that do not exist"
+    data = {(dtype, name) for block in terraform.blocks["data"] for dtype, named in block.items() for name in named}
+    assert set(re.findall(r"\bdata\.([a-z0-9_]+)\.([a-z0-9_]+)", text)) <= data
+
+
+def test_product_defaults_that_terraform_repeats_agree(terraform):
+    """The few variables that need a concrete value (IAM and RBAC depend on them) mirror the product."""
+    fields = Settings.__dataclass_fields__
+    defaults = {name: body.get("default") for name, body in terraform.variables.items()}
+    assert defaults["ca_cert_secret"] == fields["ca_cert_secret"].default
+    assert defaults["ca_key_secret"] == fields["ca_key_secret"].default
+    assert defaults["ca_chain_secret"] == fields["ca_chain_secret"].default
+    assert defaults["ca_root_secret"] == fields["ca_root_secret"].default
+    assert defaults["secret_prefix"] == fields["secret_prefix"].default
+    assert tuple(defaults["allowed_namespaces"]) == fields["allowed_namespaces"].default
+    assert tuple(defaults["allowed_service_accounts"]) == fields["allowed_service_accounts"].default
+
+
+# --- the event route -------------------------------------------------------------------------
+
+
+def test_sink_filter_names_admin_activity_and_both_method_prefixes(terraform):
+    sink = terraform.resource("google_logging_project_sink", "vm_events")
+    text = sink["filter"].replace('\\"', '"')  # hcl2 renders the heredoc as an escaped string
+    assert 'logName="projects/${var.project_id}/logs/cloudaudit.googleapis.com%2Factivity"' in text
+    assert 'protoPayload.serviceName="compute.googleapis.com"' in text
+    # What the event function accepts is what the sink must send (shared/meshjoin/events.py).
+    for method in sorted(events.AUDIT_METHODS):
+        for prefix in events.METHOD_PREFIXES:
+            assert f'"{prefix}{method}"' in text, f"{prefix}{method} missing from the sink filter"
+    assert set(re.findall(r'"((?:v1|beta)\.[\w.]+)"', text)) == {
+        p + m for p in events.METHOD_PREFIXES for m in events.AUDIT_METHODS}
+    # meshjoin's own metadata writes must never wake it.
+    assert "setMetadata" not in text
+    assert sink["unique_writer_identity"] is True
+    assert "google_pubsub_topic.events" in sink["destination"]
+
+
+def test_push_subscriptions_retry_and_dead_letter_after_five_attempts(terraform):
+    push = terraform.resource("google_pubsub_subscription", "push")
+    assert unref(push["for_each"]) == "local.functions"
+    assert push["retry_policy"][0]["minimum_backoff"] and push["retry_policy"][0]["maximum_backoff"]
+    dead_letter = push["dead_letter_policy"][0]
+    assert dead_letter["max_delivery_attempts"] == 5
+    assert unref(dead_letter["dead_letter_topic"]) == "google_pubsub_topic.dead_letter.id"
+    assert push["expiration_policy"][0]["ttl"] == "", "a subscription must not expire after 31 quiet days"
+    oidc = push["push_config"][0]["oidc_token"][0]
+    assert unref(oidc["service_account_email"]) == "google_service_account.push.email"
+    # Dead letters are kept somewhere: a topic without a subscription drops them.
+    kept = terraform.resource("google_pubsub_subscription", "dead_letter")
+    assert unref(kept["topic"]) == "google_pubsub_topic.dead_letter.id"
+
+
+def test_scheduler_ticks_the_schedule_topic_like_the_sandbox(terraform):
+    job = terraform.resource("google_cloud_scheduler_job", "sweep")
+    assert "var.sweep_interval_minutes" in job["schedule"]
+    target = job["pubsub_target"][0]
+    assert unref(target["topic_name"]) == "google_pubsub_topic.schedule.id"
+    # The payload `meshjoin sandbox tick` publishes.
+    assert 'source = "cloud-scheduler"' in target["data"]
+
+
+# --- the functions ---------------------------------------------------------------------------
+
+
+def test_functions_are_the_packaged_entry_points(terraform):
+    FUNCTIONS = load_deploy_script("package").FUNCTIONS
+    functions = terraform.locals["functions"]
+    assert {name: body["entry_point"] for name, body in functions.items()} == FUNCTIONS
+    for name, entry_point in FUNCTIONS.items():
+        main = (REPO / "functions" / name / "main.py").read_text()
+        assert re.search(rf"@functions_framework\.cloud_event\s+def {entry_point}\(", main)
+    fn = terraform.resource("google_cloudfunctions2_function", "fn")
+    build = fn["build_config"][0]
+    assert build["runtime"] == "python311"
+    assert 'requires-python = ">=3.11"' in (REPO / "pyproject.toml").read_text()
+    assert "event_trigger" not in fn, "delivery is our push subscription (dead-lettering), not Eventarc"
+    service = fn["service_config"][0]
+    assert service["ingress_settings"] == "ALLOW_INTERNAL_ONLY"
+    assert unref(service["service_account_email"]) == "google_service_account.functions.email"
+    assert unref(service["environment_variables"]) == "local.function_env"
+    assert functions["maintenance"]["max_instances"] == 1, "sweeps must not overlap"
+
+
+def test_function_settings_are_exactly_the_products(terraform):
+    """Every MESHJOIN_ name settings.py reads can be deployed, and Terraform sets no name it ignores."""
+    settings_py = (REPO / "shared" / "meshjoin" / "settings.py").read_text()
+    product = set(re.findall(r'"(MESHJOIN_[A-Z0-9_]+)"', settings_py))
+    deployed = set(terraform.locals["function_settings"])
+    assert deployed - product == set(), "Terraform sets variables the functions never read"
+    assert product - SANDBOX_ONLY_SETTINGS - deployed == set(), "settings a deployment cannot set"
+    assert deployed & SANDBOX_ONLY_SETTINGS == set()
+
+
+# --- IAM -------------------------------------------------------------------------------------
+
+
+def iam_grants(terraform) -> dict[tuple[str, str, str], str]:
+    grants = {}
+    for (rtype, name), body in terraform.resources.items():
+        if rtype.endswith("_iam_member"):
+            grants[(rtype, body["role"], body["member"])] = f"{rtype}.{name}"
+    return grants
+
+
+def test_only_additive_iam_resources_are_used(terraform):
+    """*_iam_binding and *_iam_policy are authoritative: applying them removes others' access."""
+    authoritative = [f"{t}.{n}" for t, n in terraform.resources if re.search(r"_iam_(binding|policy)$", t)]
+    assert authoritative == []
+
+
+def test_every_iam_grant_is_on_the_reviewed_list(terraform):
+    grants = iam_grants(terraform)
+    unreviewed = {key: where for key, where in grants.items() if key not in GRANTS}
+    assert unreviewed == {}, "grants not on the reviewed list (GRANTS in this test)"
+    assert set(GRANTS) - set(grants) == set(), "reviewed grants that no longer exist"
+
+
+def test_no_primitive_or_admin_roles(terraform):
+    code = re.sub(r"#.*", "", terraform.text)  # comments may explain why a role is NOT used
+    assert not re.search(r"roles/(owner|editor|viewer)\b", code)
+    assert not re.search(r"roles/[a-z.]*admin\b", code, re.IGNORECASE)
+
+
+def test_custom_roles_hold_exactly_the_reviewed_permissions(terraform):
+    roles = {name: set(body["permissions"]) for (rtype, name), body in terraform.resources.items()
+             if rtype == "google_project_iam_custom_role"}
+    assert roles == CUSTOM_ROLES
+    assert not any("*" in p for perms in roles.values() for p in perms)
+
+
+def test_code_and_grants_name_the_same_permissions():
+    """The adapters name the permission of every Google call they make (for their error messages);
+    each must be granted, and no custom-role permission may go unused."""
+    code = set()
+    for path in (REPO / "shared" / "meshjoin" / "adapters").rglob("*.py"):
+        code |= set(re.findall(r'"((?:compute|secretmanager|container)\.[a-zA-Z]+\.[a-zA-Z]+)"', path.read_text()))
+    granted = set().union(*CUSTOM_ROLES.values(), *PREDEFINED.values())
+    assert code - granted == set(), "permissions the code needs but no role grants"
+    assert set().union(*CUSTOM_ROLES.values()) - code == set(), "custom-role permissions the code never uses"
+
+
+def test_per_vm_secret_grant_is_conditioned_on_the_prefix(terraform):
+    binding = terraform.resource("google_project_iam_member", "functions_vm_secrets")
+    expression = binding["condition"][0]["expression"]
+    assert 'resource.name.startsWith("projects/${data.google_project.this.number}/secrets/${var.secret_prefix}-")' \
+        in expression
+    assert "||" in expression and "&&" not in expression
+    # The prefix the condition names is the one the product builds secret ids with.
+    prefix = Settings.__dataclass_fields__["secret_prefix"].default
+    assert names.secret_id(VmKey("p", "us-central1-a", "vm-1"), prefix).startswith(prefix + "-")
+    precondition = binding["lifecycle"][0]["precondition"][0]["condition"]
+    assert "local.ca_secrets" in precondition, "the CA secrets must stay outside the per-VM prefix"
+
+
+def test_acting_as_vm_identities_is_per_listed_account(terraform):
+    grant = terraform.resource("google_service_account_iam_member", "act_as_vm")
+    assert unref(grant["for_each"]) == "toset(var.vm_service_accounts)"
+    assert "${each.value}" in grant["service_account_id"]
+    assert terraform.variables["vm_service_accounts"]["default"] == []
+
+
+def test_ca_secrets_are_read_on_the_secrets_themselves(terraform):
+    grant = terraform.resource("google_secret_manager_secret_iam_member", "ca_reader")
+    assert unref(grant["for_each"]) == "local.ca_secrets"
+    secret = terraform.resource("google_secret_manager_secret", "ca")
+    # managed-by=meshjoin marks per-VM secrets, which the sweep prunes: never on the CA.
+    assert names.SECRET_OWNER_LABEL not in secret.get("labels", {})
+
+
+# --- Kubernetes RBAC -------------------------------------------------------------------------
+
+ALLOWED_VERBS = {"get", "list", "create", "update", "delete"}
+
+
+def test_rbac_covers_exactly_what_the_kube_adapter_touches(terraform):
+    local = terraform.locals
+    writer = local["writer_rules"]
+    reader = local["reader_rules"]
+    plural_of = {kind: plural for kind, (_, plural) in kube.PATHS.items()}
+    written = {resource for rule in writer for resource in rule["resources"]}
+    assert written == set(plural_of.values()), "a kind the adapter handles has no RBAC rule, or vice versa"
+    for rule in writer + reader:
+        assert set(rule["verbs"]) <= ALLOWED_VERBS, rule
+        assert "*" not in rule["resources"] and "*" not in rule["api_groups"]
+    # Cluster-wide access is read-only.
+    assert {verb for rule in reader for verb in rule["verbs"]} <= {"get", "list"}
+    # Per-namespace bindings follow the allowed namespaces.
+    assert "var.allowed_namespaces" in local["rbac_namespaces"]
+    binding = terraform.resource("kubernetes_role_binding_v1", "writer")
+    subject = binding["subject"][0]
+    assert subject["kind"] == "User" and unref(subject["name"]) == "local.kube_user"
+    assert unref(local["kube_user"]) == "google_service_account.functions.email"
+
+
+# --- evaluated by terraform console ----------------------------------------------------------
+
+# Resource and data references are replaced by a stand-in string so that `terraform console` can
+# evaluate the locals and variable validations without providers or state.
+_REFERENCE = re.compile(r"(?<![.\w])(?:data\.)?(?:google|kubernetes)_[a-z0-9_]+\.[a-z0-9_]+(?:\[[^\]]*\])?(?:\.[a-z0-9_]+(?:\[[0-9]+\])?)*")
+
+
+def _locals_only(text: str) -> str:
+    blocks = re.findall(r"^locals \{\n.*?^\}\n", text, re.MULTILINE | re.DOTALL)
+    return "\n".join(_REFERENCE.sub('"stub"', block) for block in blocks)
+
+
+@pytest.fixture(scope="module")
+def console_module(tmp_path_factory) -> Path:
+    module = tmp_path_factory.mktemp("tf-console")
+    shutil.copy(TF_DIR / "variables.tf", module / "variables.tf")
+    (module / "locals.tf").write_text("\n".join(_locals_only(p.read_text()) for p in sorted(TF_DIR.glob("*.tf"))))
+    return module
+
+
+def console(module: Path, expression: str, **variables) -> subprocess.CompletedProcess:
+    """Evaluate `expression`. Note: console reports invalid variables on stderr but exits 0."""
+    args = [TERRAFORM, "console", "-no-color"]
+    for name, value in {"project_id": "my-proj", "cluster": "projects/other-proj/locations/us-central1/clusters/mesh",
+                        **variables}.items():
+        args.append(f"-var={name}={value}")
+    return subprocess.run(args, input=expression, capture_output=True, text=True, cwd=module, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "TF_IN_AUTOMATION": "1", "NO_COLOR": "1",
+                               "TF_CLI_CONFIG_FILE": "/dev/null"})
+
+
+def evaluate(module: Path, expression: str, **variables):
+    result = console(module, f"jsonencode({expression})", **variables)
+    assert result.returncode == 0 and "Error" not in result.stderr, result.stderr
+    return json.loads(json.loads(result.stdout.strip()))
+
+
+@needs_terraform
+def test_rendered_settings_are_accepted_by_the_product(console_module):
+    variables = {
+        "allowed_namespaces": '["apps","payments"]', "allowed_service_accounts": '["apps/*","payments/checkout"]',
+        "cert_ttl": "12h", "renew_fraction": "0.6", "renew_jitter": "0.2", "key_algorithm": "rsa-2048",
+        "istiod_ip": "10.128.15.250", "network": "vm-net", "api_attempts": "3", "prune_cap": "20",
+        "sweep_time_budget": "5m", "sweep_workers": "4", "sweep_renewals": "100", "max_event_age": "30m",
+    }
+    env = evaluate(console_module, "local.function_env", **variables)
+    assert all(isinstance(v, str) and v for v in env.values()), "no empty or non-string values"
+    settings = Settings.from_env(env)
+    assert settings.project == "my-proj"
+    assert settings.allowed_namespaces == ("apps", "payments")
+    assert settings.allowed_service_accounts == ("apps/*", "payments/checkout")
+    assert settings.renew_fraction == 0.6 and settings.renew_jitter_fraction == 0.2
+    assert settings.key_algorithm == "rsa-2048" and settings.api_attempts == 3 and settings.prune_cap == 20
+    assert settings.sweep_seconds.total_seconds() == 300 and settings.sweep_workers == 4
+
+    # Unset optional variables are not deployed at all: the product's defaults apply.
+    minimal = evaluate(console_module, "local.function_env")
+    assert Settings.from_env(minimal) == Settings(project="my-proj", cluster=minimal["MESHJOIN_CLUSTER"])
+
+
+@needs_terraform
+def test_rendered_rbac_manifest_and_sink_filter(console_module):
+    rendered = evaluate(console_module, "{ rbac = local.rbac_objects, cluster = local.cluster_project }",
+                        allowed_namespaces='["apps","payments"]')
+    assert rendered["cluster"] == "other-proj"
+    kinds = sorted((o["kind"], o["metadata"].get("namespace", "")) for o in rendered["rbac"])
+    assert kinds == [("ClusterRole", ""), ("ClusterRole", ""), ("ClusterRoleBinding", ""),
+                     ("RoleBinding", "apps"), ("RoleBinding", "payments")]
+    wide = evaluate(console_module, "local.rbac_objects", allowed_namespaces='["*"]')
+    assert sorted(o["metadata"]["name"] for o in wide if o["kind"] == "ClusterRoleBinding") == \
+        ["meshjoin-reader", "meshjoin-writer"]
+
+
+@needs_terraform
+@pytest.mark.parametrize("variable, value", [
+    ("cluster", "my-cluster"),
+    ("cert_ttl", "1 day"),
+    ("sweep_time_budget", "9m"),
+    ("sweep_interval_minutes", "7"),
+    ("key_algorithm", "dsa"),
+    ("renew_fraction", "1.5"),
+    ("api_attempts", "0"),
+    ("secret_prefix", "bad/prefix"),
+    ("extra_settings", '{"OTHER"="x"}'),
+    ("name", "Mesh_Join"),
+    ("vm_service_accounts", '["not-an-email"]'),
+])
+def test_variable_validation_refuses(console_module, variable, value):
+    result = console(console_module, "1", **{variable: value})
+    assert "Invalid value for variable" in result.stderr and f"var.{variable} is" in result.stderr, result.stderr
+
+
+@needs_terraform
+def test_variable_validation_accepts_good_values(console_module):
+    good = {"cert_ttl": "1h30m", "sweep_time_budget": "7m59s", "sweep_interval_minutes": "15",
+            "key_algorithm": "ecdsa-p256", "renew_fraction": "0", "api_attempts": "2", "name": "mesh-join",
+            "extra_settings": '{MESHJOIN_FUTURE_SETTING="x"}', "allowed_namespaces": '["*"]',
+            "vm_service_accounts": '["orders-vm@my-proj.iam.gserviceaccount.com"]'}
+    result = console(console_module, "1", **good)
+    assert "Error" not in result.stderr, result.stderr

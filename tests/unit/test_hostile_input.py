@@ -1,0 +1,489 @@
+"""Hostile and malformed input, property-based (hypothesis).
+
+Anyone who can publish to the events topic controls a message; anyone who can create a VM controls
+its labels and every metadata item, including a forged `meshjoin-status`. The properties:
+
+- the event decoder answers a VM key, `BadMessage` or `Ignored`, and nothing else, whatever the bytes;
+- the event function acks every such message with exactly one log line (no redelivery loop);
+- a label or metadata value can never add a line to cluster.env, /etc/hosts, the mesh config or the
+  startup script, and every object for the cluster stays a valid Kubernetes/Istio object;
+- the whole reconcile of such a VM (in-memory fakes of the three APIs) ends in an outcome, never a
+  crash, never a private key in metadata, never an identity policy forbids, and never touches a
+  WorkloadEntry that is not this VM's.
+
+`MESHJOIN_HYPOTHESIS_PROFILE=full` (used by `make faults`) runs ten times as many examples.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import os
+import re
+import shlex
+from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from meshjoin import bootstrap, entrypoints, names, pki, registration
+from meshjoin.adapters.compute import StaleFingerprint
+from meshjoin.adapters.secrets import PluginCa
+from meshjoin.errors import BadMessage, ConflictError
+from meshjoin.events import Ignored, decode_push
+from meshjoin.logs import JsonFormatter
+from meshjoin.model import Denial, Identity, Vm, VmKey
+from meshjoin.policy import decide_identity, parse_ports
+from meshjoin.reconcile import Reconciler
+from meshjoin.settings import PROTECTED_NAMESPACES, Settings
+from meshjoin.sweep import Inventory, plan_sweep
+
+settings.register_profile("bounded", max_examples=150, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("full", max_examples=1500, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+PROFILE = os.environ.get("MESHJOIN_HYPOTHESIS_PROFILE", "bounded")
+hostile = settings(settings.get_profile(PROFILE))
+
+NOW = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
+MAX_AGE = timedelta(hours=1)
+PROJECT = "my-project"
+ZONE = "us-central1-a"
+KEY = VmKey(PROJECT, ZONE, "vm-1")
+SETTINGS = Settings(project=PROJECT, cluster=f"projects/{PROJECT}/locations/us-central1/clusters/mesh",
+                    allowed_namespaces=("default", "apps"), allowed_service_accounts=("*/default", "apps/*"),
+                    istiod_ip="10.0.0.9", network="vpc-1", mesh_id="mesh1", cert_ttl=timedelta(hours=24))
+GCE_NAME = re.compile(r"^[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?$")
+K8S_LABEL_VALUE = re.compile(r"^(?:[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+ENV_LINE = re.compile(r"^[A-Z_]+=")
+DNS_1123_LABEL = re.compile(r"^[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?$")
+
+# --- strategies ---------------------------------------------------------------------------------------
+
+# Text an attacker would try: quotes, newlines, shell metacharacters, unicode, NULs, long runs.
+NASTY = st.sampled_from(["", "\n", "\r\n", "'", '"', "$(reboot)", "`id`", "\\", ";", "\x00", "\u2028",
+                         "é", "a" * 300, "--", "${IFS}", "EVIL=1", "\nEVIL=1", "'\nEVIL=1\n'"])
+TEXT = st.one_of(st.text(max_size=80), NASTY, st.builds(lambda a, b: a + b, st.text(max_size=20), NASTY))
+JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), TEXT),
+                    lambda children: st.one_of(st.lists(children, max_size=4),
+                                               st.dictionaries(TEXT, children, max_size=4)),
+                    max_leaves=12)
+METHODS = st.sampled_from(["v1.compute.instances.insert", "beta.compute.instances.delete",
+                           "v1.compute.instances.setLabels", "v1.compute.instances.start", "compute.instances.insert",
+                           "v2.compute.instances.insert"])
+RESOURCE_NAMES = st.one_of(
+    st.builds(lambda p, z, i: f"projects/{p}/zones/{z}/instances/{i}",
+              st.sampled_from([PROJECT, "123456789012", "other-project", "a" * 40, "x/y"]),
+              st.sampled_from([ZONE, "europe-west1-b", "zone", ""]), st.one_of(st.just("vm-1"), TEXT)),
+    TEXT, JSON)
+
+
+@st.composite
+def audit_entries(draw):
+    """An audit LogEntry with any of its fields replaced by anything."""
+    entry = {
+        "protoPayload": {"@type": "type.googleapis.com/google.cloud.audit.AuditLog",
+                         "serviceName": draw(st.one_of(st.just("compute.googleapis.com"), JSON)),
+                         "methodName": draw(st.one_of(METHODS, JSON)),
+                         "resourceName": draw(RESOURCE_NAMES)},
+        "resource": draw(st.one_of(st.just({"type": "gce_instance",
+                                            "labels": {"project_id": PROJECT, "zone": ZONE}}),
+                                   st.fixed_dictionaries({"labels": JSON}), JSON)),
+        "operation": draw(st.one_of(st.just({"last": True}), st.just({"first": True}),
+                                    st.fixed_dictionaries({"first": JSON, "last": JSON}), JSON)),
+    }
+    for field in draw(st.lists(st.sampled_from(["protoPayload", "resource", "operation"]), max_size=2)):
+        entry[field] = draw(JSON)
+    return entry
+
+
+OPERATOR = st.fixed_dictionaries({"project": st.one_of(st.just(PROJECT), JSON),
+                                  "zone": st.one_of(st.just(ZONE), JSON),
+                                  "instance": st.one_of(st.just("vm-1"), TEXT, JSON)})
+PAYLOADS = st.one_of(
+    st.binary(max_size=200),
+    st.builds(lambda value: json.dumps(value).encode(), st.one_of(JSON, audit_entries(), OPERATOR)),
+    st.builds(lambda depth, open_: (open_ * depth).encode(), st.integers(1, 200_000), st.sampled_from(["[", '{"a":'])),
+    st.builds(lambda n: b'{"project":"' + b"a" * n + b'"}', st.integers(60_000, 70_000)),
+)
+
+
+@st.composite
+def push_bodies(draw):
+    """The CloudEvent `data` functions-framework hands over: well-formed envelopes mostly, junk sometimes."""
+    payload = draw(PAYLOADS)
+    message = {"data": draw(st.one_of(st.just(base64.b64encode(payload).decode()), JSON,
+                                      st.just(base64.b64encode(payload).decode()[:-1] + "!"))),
+               "messageId": draw(st.one_of(st.integers(0, 10**12).map(str), JSON)),
+               "attributes": draw(st.one_of(st.just({}), JSON))}
+    message["publishTime"] = draw(st.one_of(st.just("2026-11-21T11:59:59.123Z"), st.just("2026-11-21T11:59:59"),
+                                            st.just("2020-01-01T00:00:00Z"), JSON))
+    return draw(st.one_of(st.just({"message": message}), st.just({"message": draw(JSON)}), JSON))
+
+
+# --- the event decoder --------------------------------------------------------------------------------
+
+
+@hostile
+@given(push_bodies())
+def test_decoder_answers_a_key_or_a_refusal_and_nothing_else(body):
+    try:
+        key = decode_push(body, now=NOW, max_age=MAX_AGE)
+    except (BadMessage, Ignored) as refusal:
+        assert len(str(refusal)) < 400  # refusals quote at most a bounded piece of the input
+        return
+    assert isinstance(key, VmKey)
+    assert GCE_NAME.match(key.instance) and "\n" not in str(key) and len(key.project) <= 93
+
+
+class _Capture(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.stream = io.StringIO()
+        self.setFormatter(JsonFormatter())
+
+    def emit(self, record):
+        self.stream.write(self.format(record) + "\n")
+
+    def lines(self) -> list[dict]:
+        return [json.loads(line) for line in self.stream.getvalue().splitlines()]
+
+
+class _Reconciler:
+    def reconcile(self, key):
+        return SimpleNamespace(verb="left", reason="the VM no longer exists", state=None, details={})
+
+
+@hostile
+@given(push_bodies())
+def test_event_function_acks_every_hostile_message_with_one_log_line(monkeypatch_session, body):
+    """What Pub/Sub sees: the handler returns (ack) and says what it did in exactly one line."""
+    capture = _Capture()
+    logger = logging.getLogger("meshjoin")
+    logger.addHandler(capture)
+    try:
+        entrypoints.handle_vm_event(SimpleNamespace(data=body))
+    finally:
+        logger.removeHandler(capture)
+    lines = [line for line in capture.lines() if "outcome" in line]
+    assert len(lines) == 1, lines
+    assert lines[0]["outcome"] in ("rejected", "ignored", "left")
+    message = body.get("message") if isinstance(body, dict) else None
+    if isinstance(message, dict) and message.get("messageId") is not None:
+        assert lines[0]["message_id"] == str(message["messageId"])[:64]
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_session():
+    """The event function's runtime, with the reconcile stubbed (the decoder is what is under test)."""
+    runtime = SimpleNamespace(settings=SETTINGS, reconciler=_Reconciler())
+    mp = pytest.MonkeyPatch()
+    mp.setattr(entrypoints, "runtime", lambda: runtime)
+    mp.setattr(entrypoints, "utc_now", lambda: NOW)
+    yield mp
+    mp.undo()
+
+
+# --- labels and metadata → identity and bootstrap -----------------------------------------------------
+
+LABEL_KEYS = st.sampled_from(["mesh-namespace", "mesh-service-account", "mesh-app", "mesh-version", "other"])
+GOOD_VALUES = st.sampled_from(["apps", "default", "web", "v1", "istio-system", "kube-system", "payments", "x" * 63])
+LABELS = st.builds(lambda extra: {"mesh": "join", **extra},
+                   st.dictionaries(LABEL_KEYS, st.one_of(GOOD_VALUES, TEXT), max_size=5))
+PORTS = st.one_of(st.just(""), st.just("http:8080,grpc:9090"), TEXT,
+                  st.lists(st.tuples(st.one_of(st.sampled_from(["http", "grpc", "h-2"]), TEXT),
+                                     st.one_of(st.integers(-5, 70000).map(str), TEXT)), max_size=5)
+                  .map(lambda pairs: ",".join(f"{n}:{p}" for n, p in pairs)))
+
+
+def vm_with(labels: dict, metadata: dict, service_account: str | None = "vm-1@my-project.iam.gserviceaccount.com",
+            key: VmKey = KEY) -> Vm:
+    return Vm(key, "4242", labels, metadata, "fp-0", "10.128.0.7", service_account)
+
+
+def env_values(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition("=")
+        (out[name],) = shlex.split(value) or [""]
+    return out
+
+
+@hostile
+@given(LABELS, PORTS)
+def test_labels_and_ports_yield_an_identity_within_policy_or_a_denial(labels, ports):
+    decision = decide_identity(vm_with(labels, {"mesh-ports": ports}), SETTINGS)
+    if isinstance(decision, Denial):
+        assert decision.reason and "\n" not in decision.reason  # values are quoted with repr()
+        return
+    assert decision.namespace in SETTINGS.allowed_namespaces and decision.namespace not in PROTECTED_NAMESPACES
+    assert decision.service_account == "default" or decision.namespace == "apps"
+    for value in (decision.namespace, decision.service_account, decision.app, decision.version):
+        assert K8S_LABEL_VALUE.match(value) and value
+    assert all(DNS_1123_LABEL.match(name) and 1 <= port <= 65535 for name, port in decision.ports.items())
+
+
+@hostile
+@given(LABELS, PORTS)
+def test_no_value_adds_a_line_to_cluster_env_hosts_mesh_config_or_the_script(labels, ports):
+    decision = decide_identity(vm_with(labels, {"mesh-ports": ports}), SETTINGS)
+    if isinstance(decision, Denial):
+        return
+    items = bootstrap.bootstrap_items(KEY, decision, SETTINGS, root_pem="-----BEGIN CERTIFICATE-----\nR\n",
+                                      secret_version="projects/1/secrets/s/versions/1")
+    reference = bootstrap.cluster_env(KEY, Identity("default", "default", "a", "v"), SETTINGS)
+    env_text = items[names.CLUSTER_ENV_KEY]
+    assert env_text.count("\n") == reference.count("\n")  # one line per variable, whatever the values
+    assert all(ENV_LINE.match(line) for line in env_text.splitlines())
+    env = env_values(env_text)
+    assert env["ISTIO_NAMESPACE"] == decision.namespace and env["SERVICE_ACCOUNT"] == decision.service_account
+    assert env["CANONICAL_SERVICE"] == decision.app and env["CANONICAL_REVISION"] == decision.version
+    assert json.loads(env["ISTIO_METAJSON_LABELS"])["app"] == decision.app
+    assert items[names.HOSTS_KEY] == "10.0.0.9 istiod.istio-system.svc\n"
+    assert set(json.loads(items[names.MESH_CONFIG_KEY])) == {"defaultConfig"}
+    assert items[names.STARTUP_SCRIPT_KEY] == bootstrap.startup_script()  # the script never embeds a value
+
+
+@hostile
+@given(LABELS, PORTS)
+def test_cluster_objects_stay_valid_kubernetes_objects(labels, ports):
+    vm = vm_with(labels, {"mesh-ports": ports})
+    decision = decide_identity(vm, SETTINGS)
+    if isinstance(decision, Denial):
+        return
+    objects = [registration.workload_entry(vm, decision, SETTINGS.network, NOW),
+               registration.service_account(decision), registration.service(decision)]
+    for obj in filter(None, objects):
+        assert yaml.safe_load(yaml.safe_dump(obj)) == obj  # nothing in a value is read back as structure
+        meta = obj["metadata"]
+        assert DNS_1123_LABEL.match(meta["namespace"]) and len(meta["name"]) <= 253
+        assert all(K8S_LABEL_VALUE.match(v) for v in meta["labels"].values())
+
+
+@hostile
+@given(st.dictionaries(TEXT, TEXT, max_size=3))
+def test_status_values_round_trip_whatever_the_reason(fields):
+    raw = bootstrap.status_value("error", "".join(fields.values()), NOW, **{"x" + k: v for k, v in fields.items()})
+    assert bootstrap.parse_status(raw)["reason"] == "".join(fields.values())
+
+
+@hostile
+@given(TEXT)
+def test_port_parser_answers_ports_or_a_denial(raw):
+    result = parse_ports(raw)
+    assert isinstance(result, (dict, Denial))
+
+
+@hostile
+@given(st.sampled_from(["MESHJOIN_NETWORK", "MESHJOIN_MESH_ID", "MESHJOIN_CLUSTER_ID", "MESHJOIN_ISTIOD_IP",
+                        "MESHJOIN_ISTIOD_ADDRESS", "MESHJOIN_TRUST_DOMAIN"]), TEXT)
+def test_a_setting_is_refused_at_start_or_renders_without_extra_lines(variable, value):
+    from meshjoin.errors import SettingsError
+
+    env = {"MESHJOIN_PROJECT": PROJECT, "MESHJOIN_CLUSTER": SETTINGS.cluster, "MESHJOIN_ISTIOD_IP": "10.0.0.9",
+           variable: value}
+    try:
+        s = Settings.from_env(env)
+    except SettingsError as exc:
+        assert variable in str(exc)
+        return
+    identity = Identity("default", "default", "vm-1", "latest")
+    assert bootstrap.cluster_env(KEY, identity, s).count("\n") == \
+        bootstrap.cluster_env(KEY, identity, SETTINGS).count("\n")
+    assert bootstrap.hosts_lines(s).count("\n") <= 1
+    assert set(json.loads(bootstrap.mesh_config(s))) == {"defaultConfig"}
+
+
+# --- the whole reconcile of a VM an attacker described -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def plugin_ca(tmp_path_factory) -> PluginCa:
+    from meshjoin_sandbox.ca import make_plugin_ca
+
+    directory = tmp_path_factory.mktemp("ca")
+    make_plugin_ca(directory)
+    files = [(directory / n).read_bytes() for n in ("ca-cert.pem", "ca-key.pem", "cert-chain.pem", "root-cert.pem")]
+    return PluginCa(pki.load_ca_bundle(*files), ("v1", "v1", "v1", "v1"), "ca-fingerprint")
+
+
+class FakeCompute:
+    def __init__(self, vms: dict[VmKey, Vm]):
+        self.vms = dict(vms)
+        self.writes = 0
+
+    def get_vm(self, key):
+        return self.vms.get(key)
+
+    def set_metadata(self, vm, items, remove=frozenset()):
+        current = self.vms[vm.key]
+        if current.metadata_fingerprint != vm.metadata_fingerprint:
+            raise StaleFingerprint(str(vm.key))
+        metadata = {k: v for k, v in current.metadata.items() if k not in remove}
+        metadata.update(items)
+        self.writes += 1
+        self.vms[vm.key] = Vm(vm.key, current.instance_id, current.labels, metadata, f"fp-{self.writes}",
+                              current.network_ip, current.service_account)
+
+
+class FakeSecrets:
+    def __init__(self, ca: PluginCa):
+        self.ca = ca
+        self.versions: dict[str, list[tuple[int, str]]] = {}  # secret id -> [(number, state)]
+        self.grants: dict[str, str] = {}
+
+    def plugin_ca(self):
+        return self.ca
+
+    def vm_secret_id(self, key):
+        return names.secret_id(key, "meshjoin-vm")
+
+    def store_vm_material(self, key, cert, reader):
+        assert "PRIVATE KEY" in cert.key_pem
+        secret = self.vm_secret_id(key)
+        self.grants[secret] = reader
+        numbers = self.versions.setdefault(secret, [])
+        numbers.append((len(numbers) + 1, "ENABLED"))
+        return f"projects/1/secrets/{secret}/versions/{len(numbers)}"
+
+    def _split(self, name):
+        secret, _, number = name.rpartition("/versions/")
+        return secret.rsplit("/", 1)[-1], int(number)
+
+    def destroy_version(self, name):
+        secret, number = self._split(name)
+        self.versions[secret] = [(n, "DESTROYED" if n == number else s) for n, s in self.versions.get(secret, [])]
+
+    def destroy_older_versions(self, key, newest, keep=()):
+        secret, number = self._split(newest)
+        kept = {self._split(k)[1] for k in keep if k}
+        self.versions[secret] = [(n, "DESTROYED" if n < number and n not in kept else s)
+                                 for n, s in self.versions.get(secret, [])]
+
+    def delete_vm_secret(self, key):
+        return self.versions.pop(self.vm_secret_id(key), None) is not None
+
+
+class FakeKube:
+    """Objects by (kind, namespace, name); label selectors of the `k=v,k=v` form meshjoin uses."""
+
+    def __init__(self, objects: list[dict] = ()):
+        self.objects = {}
+        self.uid = 0
+        for obj in objects:
+            self._store(obj)
+
+    def _store(self, obj):
+        self.uid += 1
+        obj = json.loads(json.dumps(obj))
+        obj["metadata"].update(uid=f"uid-{self.uid}", resourceVersion=str(self.uid))
+        meta = obj["metadata"]
+        self.objects[(obj["kind"], meta["namespace"], meta["name"])] = obj
+        return obj
+
+    def get(self, kind, namespace, name):
+        return self.objects.get((kind, namespace, name))
+
+    def list(self, kind, selector, namespace=None, page_size=500):
+        wanted = dict(part.split("=", 1) for part in selector.split(","))
+        return [o for (k, ns, _), o in sorted(self.objects.items()) if k == kind and namespace in (None, ns)
+                and all((o["metadata"].get("labels") or {}).get(a) == b for a, b in wanted.items())]
+
+    def create_if_missing(self, obj):
+        return self.get(obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]) or self._store(obj)
+
+    def apply_owned(self, obj, existing):
+        if existing is not None and not names.owned(existing.get("metadata")):
+            raise ConflictError(f"{obj['kind']} {obj['metadata']['name']} exists and is not managed by meshjoin")
+        return self._store(obj)
+
+    def delete_owned(self, kind, namespace, name, expected=None):
+        obj = self.get(kind, namespace, name)
+        if obj is None or not names.owned(obj.get("metadata")):
+            return False
+        del self.objects[(kind, namespace, name)]
+        return True
+
+
+def other_vms_entry() -> dict:
+    """A meshjoin-owned WorkloadEntry of ANOTHER VM, which a forged status may name."""
+    other = Vm(VmKey(PROJECT, ZONE, "victim"), "7", {"mesh": "join"}, {}, "fp", "10.128.0.9", "v@x")
+    return registration.workload_entry(other, Identity("apps", "victim", "victim", "v1"), "", NOW)
+
+
+FOREIGN = {"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
+           "metadata": {"name": "foreign", "namespace": "apps", "labels": {"app": "foreign"}},
+           "spec": {"address": "10.0.0.1"}}
+STATUS_KEYS = st.sampled_from(["state", "reason", "identity", "workloadEntry", "secret", "certNotBefore",
+                               "certNotAfter", "caFingerprint", "instanceId", "previousSecret", "warnings"])
+FORGED_VALUES = st.one_of(JSON, st.sampled_from([
+    "apps/victim-us-central1-a", "apps/foreign", "kube-system/coredns", "joined", "error", "4242",
+    "2026-11-21T00:00:00", "2026-11-21T00:00:00Z", "2999-01-01T00:00:00+00:00", "ca-fingerprint",
+    "spiffe://cluster.local/ns/default/sa/default",
+    "projects/1/secrets/meshjoin-vm-us-central1-a-victim/versions/1",
+    "projects/1/secrets/meshjoin-vm-us-central1-a-vm-1/versions/1"]))
+FORGED_STATUS = st.one_of(TEXT, st.dictionaries(STATUS_KEYS, FORGED_VALUES, max_size=11).map(json.dumps))
+METADATA = st.fixed_dictionaries({}, optional={
+    "mesh-ports": PORTS, names.STATUS_KEY: FORGED_STATUS,
+    names.STARTUP_SCRIPT_KEY: st.one_of(TEXT, st.just(names.STARTUP_SCRIPT_MARKER + "\nold")),
+    names.SECRET_KEY: TEXT, names.CLUSTER_ENV_KEY: TEXT})
+ANY_LABELS = st.one_of(LABELS, st.dictionaries(st.sampled_from(["mesh", "mesh-namespace"]), TEXT, max_size=2))
+
+
+@hostile
+@given(ANY_LABELS, METADATA, st.sampled_from(["vm-1@my-project.iam.gserviceaccount.com",
+                                              "123-compute@developer.gserviceaccount.com", None]))
+def test_reconcile_of_a_hostile_vm_ends_in_an_outcome_and_harms_nobody_else(plugin_ca, labels, metadata, account):
+    vm = vm_with(labels, metadata, account)
+    compute, secrets = FakeCompute({KEY: vm}), FakeSecrets(plugin_ca)
+    kube = FakeKube([other_vms_entry(), FOREIGN])
+    bystanders = {k: json.dumps(v, sort_keys=True) for k, v in kube.objects.items()}
+    reconciler = Reconciler(SETTINGS, compute, secrets, kube, clock=lambda: NOW)
+
+    outcome = reconciler.reconcile(KEY)
+
+    assert outcome.verb in ("registered", "refreshed", "unchanged", "renewed", "reissued", "left", "denied",
+                            "ignored", "failed"), outcome
+    after = compute.vms[KEY].metadata
+    assert not any("PRIVATE KEY" in value for value in after.values())
+    assert {k: json.dumps(v, sort_keys=True) for k, v in kube.objects.items() if k in bystanders} == bystanders
+    decision = decide_identity(vm, SETTINGS)
+    entries = [o for o in kube.objects.values() if o["kind"] == "WorkloadEntry"
+               and o["metadata"]["annotations"].get(names.ANNOTATION_PREFIX + "instance") == "vm-1"] \
+        if kube.objects else []
+    if outcome.state == "joined":
+        assert isinstance(decision, Identity)
+        assert [e["metadata"]["namespace"] for e in entries] == [decision.namespace]
+        secret_id = secrets.vm_secret_id(KEY)
+        # The VM is pointed at its own secret, whatever a forged status named.
+        assert after[names.SECRET_KEY].rsplit("/versions/", 1)[0].endswith("/" + secret_id)
+        enabled = [n for n, s in secrets.versions.get(secret_id, []) if s == "ENABLED"]
+        assert len(enabled) <= 1
+        if enabled:
+            assert secrets.grants[secret_id] == account
+            assert after[names.SECRET_KEY].endswith(f"/versions/{enabled[0]}")
+        assert bootstrap.parse_status(after[names.STATUS_KEY])["state"] == "joined"
+    else:
+        assert entries == []
+        if isinstance(decision, Denial):
+            assert outcome.verb in ("denied", "left", "ignored")
+    # Reconciling again changes nothing: the outcome is a fixed point.
+    again = reconciler.reconcile(KEY)
+    assert again.state == outcome.state or outcome.verb == "failed"
+
+
+@hostile
+@given(st.lists(st.tuples(ANY_LABELS, METADATA), min_size=1, max_size=4))
+def test_sweep_plan_survives_any_fleet(plugin_ca, fleet):
+    vms = {}
+    for index, (labels, metadata) in enumerate(fleet):
+        key = VmKey(PROJECT, ZONE, f"vm-{index}")
+        vms[key] = vm_with({**labels, "mesh": "join"}, metadata, key=key)
+    inventory = Inventory(vms, [other_vms_entry()], [], {})
+    plan = plan_sweep(inventory, SETTINGS, plugin_ca.fingerprint, NOW)
+    assert all(action.key in vms or action.kind == "prune" for action in plan.actions)
