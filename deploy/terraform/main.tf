@@ -80,6 +80,7 @@ locals {
     MESHJOIN_SIDECAR_SHA256           = var.sidecar_sha256
     MESHJOIN_MAX_EVENT_AGE            = var.max_event_age
     MESHJOIN_API_ATTEMPTS             = var.api_attempts == null ? null : tostring(var.api_attempts)
+    MESHJOIN_API_TIMEOUT              = var.api_timeout
     MESHJOIN_PRUNE_CAP                = var.prune_cap == null ? null : tostring(var.prune_cap)
     MESHJOIN_SWEEP_RENEWALS           = var.sweep_renewals == null ? null : tostring(var.sweep_renewals)
     MESHJOIN_SWEEP_SECONDS            = var.sweep_time_budget

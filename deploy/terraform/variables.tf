@@ -264,6 +264,17 @@ variable "api_attempts" {
   }
 }
 
+variable "api_timeout" {
+  description = "Deadline of one API call, after which it counts as a transient failure (MESHJOIN_API_TIMEOUT), e.g. 30s; null keeps the product default."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.api_timeout == null || can(regex("^([0-9]+d)?([0-9]+h)?([0-9]+m)?([0-9]+s)?$", var.api_timeout))
+    error_message = "api_timeout must be a duration like 30s or 1m."
+  }
+}
+
 variable "extra_settings" {
   description = "Further MESHJOIN_* environment variables for both functions (a setting newer than this module); they override the ones above."
   type        = map(string)

@@ -236,21 +236,65 @@ def control(state_dir: Path, method: str, path: str, body: dict | None = None) -
 
 @sandbox.command()
 @STATE_DIR_OPTION
-@click.option("--emulator", type=click.Choice(["compute", "secretmanager"]))
-@click.option("--method", help="e.g. instances.aggregatedList")
+@click.option("--emulator", type=click.Choice(["compute", "secretmanager", "kube"]))
+@click.option("--method", help="API method or fnmatch pattern: instances.aggregatedList, secrets.versions.*, "
+                               "workloadentries.create (kube: PLURAL.VERB), * for all.")
+@click.option("--kind", type=click.Choice(["error", "latency", "timeout", "drop", "partial"]), default="error",
+              show_default=True, help="error: answer STATUS; latency: wait SECONDS then serve; timeout: wait SECONDS "
+                                      "then 504, nothing applied; drop: apply, then lose the answer (see --after); "
+                                      "partial: a listing leaves a zone out.")
 @click.option("--status", default=503, show_default=True)
-@click.option("--count", default=1, show_default=True)
+@click.option("--count", type=int, help="Fire for the next COUNT matching calls [default: 1, or unlimited "
+                                        "with --probability].")
+@click.option("--probability", type=float, help="Fire for this fraction of matching calls.")
+@click.option("--seconds", type=float, default=0.0, help="latency/timeout: how long to wait.")
+@click.option("--after", type=click.Choice(["status", "close", "timeout"]), default="status", show_default=True,
+              help="drop: answer STATUS, reset the connection, or wait SECONDS and answer 504.")
+@click.option("--product-only", is_flag=True, help="Only calls made with the functions' own token (not yours).")
 @click.option("--clear", is_flag=True, help="Forget every pending injected failure.")
-def fault(state_dir, emulator, method, status, count, clear):
-    """Make the next COUNT calls of an emulated API method fail with STATUS."""
+@click.option("--show", is_flag=True, help="Print each emulator's rules and counts of calls and injected faults.")
+def fault(state_dir, emulator, method, kind, status, count, probability, seconds, after, product_only, clear, show):
+    """Inject a fault into an emulated API method (by default: the next call answers 503)."""
+    if show:
+        click.echo(json.dumps(control(state_dir, "GET", "/faults"), indent=2))
+        return
     if clear:
         control(state_dir, "DELETE", "/faults")
         click.echo("pending faults cleared")
         return
     if not emulator or not method:
-        raise click.UsageError("--emulator and --method are required (or --clear)")
-    control(state_dir, "POST", "/faults", {"emulator": emulator, "method": method, "status": status, "count": count})
-    click.echo(f"next {count} {emulator} {method} call(s) answer {status}")
+        raise click.UsageError("--emulator and --method are required (or --clear, --show)")
+    spec = {"emulator": emulator, "method": method, "kind": kind, "status": status, "seconds": seconds,
+            "after": after, "principal": "product" if product_only else "any"}
+    if probability is not None:
+        spec["probability"] = probability
+    if count is not None or probability is None:
+        spec["count"] = 1 if count is None else count
+    import urllib.error
+
+    try:
+        control(state_dir, "POST", "/faults", spec)
+    except urllib.error.HTTPError as exc:
+        raise click.ClickException(exc.read().decode(errors="replace")) from exc
+    share = f"{probability:.0%} of" if probability is not None else "every"
+    click.echo(f"{kind} fault on {emulator} {method}: {share} matching call(s)"
+               + (f", at most {spec['count']}" if "count" in spec else ""))
+
+
+@sandbox.command("restart-function")
+@click.argument("name", type=click.Choice([name for name, *_ in launcher.FUNCTIONS]))
+@STATE_DIR_OPTION
+@click.option("--signal", "sig", type=click.Choice(["KILL", "TERM"]), default="KILL", show_default=True,
+              help="KILL: the function dies mid-request, like a crashed instance.")
+def restart_function(name, state_dir, sig):
+    """Kill a function's processes and start it again (Pub/Sub redelivers what it was handling)."""
+    import signal
+
+    try:
+        pid = launcher.restart_function(state_dir, name, getattr(signal, f"SIG{sig}"))
+    except launcher.SandboxError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{name} restarted (pid {pid})")
 
 
 @sandbox.command("vm-metadata")

@@ -251,19 +251,47 @@ def up(state_dir: Path, ca_dir: Path | None = None, function_env: dict[str, str]
                 raise SandboxError(f"the emulators did not become ready; log {log}\n{tail(log)}")
             time.sleep(0.05)
         create_app_namespaces(cfg)
-        fn_env = {**base_env, **product_env(cfg), "PYTHONUNBUFFERED": "1"}
-        for port_name, source, target, _ in FUNCTIONS:
-            proc, log = procs.start(port_name, [
-                str(Path(sys.executable).with_name("functions-framework")),
-                "--source", str(REPO / "functions" / source / "main.py"), "--target", target,
-                "--signature-type", "cloudevent", "--host", "127.0.0.1", "--port", str(cfg.ports[port_name]),
-            ], fn_env, cwd=REPO / "functions" / source)
-            wait_for_port(cfg.ports[port_name], f"the {source} function", deadline, proc, log)
+        for port_name, *_ in FUNCTIONS:
+            start_function(cfg, procs, port_name, base_env, deadline)
         create_push_subscriptions(cfg)
     except BaseException:
         procs.stop_all()
         raise
     return cfg
+
+
+def start_function(cfg: SandboxConfig, procs: Processes, port_name: str, base_env: dict[str, str],
+                   deadline: float) -> int:
+    """Start one function under functions-framework (its own process group) and wait for its port."""
+    source, target = next((src, tgt) for name, src, tgt, _ in FUNCTIONS if name == port_name)
+    fn_env = {**base_env, **product_env(cfg), "PYTHONUNBUFFERED": "1"}
+    proc, log = procs.start(port_name, [
+        str(Path(sys.executable).with_name("functions-framework")),
+        "--source", str(REPO / "functions" / source / "main.py"), "--target", target,
+        "--signature-type", "cloudevent", "--host", "127.0.0.1", "--port", str(cfg.ports[port_name]),
+    ], fn_env, cwd=REPO / "functions" / source)
+    wait_for_port(cfg.ports[port_name], f"the {source} function", deadline, proc, log)
+    return proc.pid
+
+
+def restart_function(state_dir: Path, port_name: str, sig: int = signal.SIGKILL, timeout: float = 30.0) -> int:
+    """Kill one function's process group with `sig` (SIGKILL: it dies mid-request, as a crashed or
+    scaled-in instance does) and start it again on the same port; answers the new pid."""
+    if port_name not in {name for name, *_ in FUNCTIONS}:
+        raise SandboxError(f"no function named {port_name!r}; one of {', '.join(n for n, *_ in FUNCTIONS)}")
+    state_dir = state_dir.resolve()
+    cfg = SandboxConfig.load(state_dir)
+    procs = Processes(state_dir)
+    old = procs.pids.get(port_name)
+    deadline = time.monotonic() + timeout
+    if old is not None:
+        signal_group(old, sig)
+        while group_alive(old) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if group_alive(old):
+            raise SandboxError(f"the {port_name} process group {old} did not stop")
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("MESHJOIN_", "GCE_METADATA"))}
+    return start_function(cfg, procs, port_name, base_env, deadline)
 
 
 def find_crds() -> Path:

@@ -5,7 +5,7 @@ seconds; joining them one by one through the functions would take longer than th
 caller (bench/) renders what meshjoin writes once, with placeholders, and this expands it per VM:
 
     {"zone": "us-central1-a", "prefix": "fleet-", "start": 0, "count": 1000,
-     "labels": {...}, "service_account": "...",
+     "labels": {...}, "service_account": "@@NAME@@@...",
      "metadata": {"meshjoin-status": "{... @@ID@@ @@IP@@ @@NOT_AFTER@@ ...}", ...},
      "vary": [{"@@NOT_AFTER@@": "..."}, ...],       # cycled over the VMs by index
      "secret": {"id": "...@@NAME@@", "labels": {...}, "data": "...", "reader": "serviceAccount:..."},
@@ -54,8 +54,9 @@ def seed_fleet(world, body: dict) -> dict:
     admitted = False
     for index in range(start, start + count):
         name = f"{prefix}{index:05d}"
+        account = body.get("service_account")
         created = compute.seed_instance(zone, name, labels=labels, metadata=metadata,
-                                        service_account=body.get("service_account"))
+                                        service_account=_fill(account, {"@@NAME@@": name}) if account else None)
         values = {"@@NAME@@": name, "@@ZONE@@": zone, "@@INDEX@@": str(index), "@@ID@@": created["id"],
                   "@@IP@@": created["networkInterfaces"][0]["networkIP"], **vary[index % len(vary)]}
         with world.lock:  # the status names the instance id Compute just assigned

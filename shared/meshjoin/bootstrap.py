@@ -132,6 +132,9 @@ def parse_status(raw: str | None) -> dict:
         return {}
     try:
         value = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}  # the owner may have overwritten it; treat as absent
-    return value if isinstance(value, dict) else {}
+    if not isinstance(value, dict):
+        return {}
+    # The VM owner can write this item: keep only the shapes meshjoin writes (strings, a warnings list).
+    return {k: v for k, v in value.items() if isinstance(v, str) or (k == "warnings" and isinstance(v, list))}

@@ -49,7 +49,7 @@ def friendly_errors(fn):
         except ApiPermissionError as exc:
             raise click.ClickException(str(exc)) from None
         except TransientError as exc:
-            raise click.ClickException(f"API unavailable, try again: {exc}") from None
+            raise click.ClickException(f"failed, retrying may help: {exc}") from None
         except MeshjoinError as exc:
             raise click.ClickException(str(exc)) from None
 

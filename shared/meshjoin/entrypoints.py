@@ -54,9 +54,15 @@ def handle_vm_event(cloud_event) -> None:
 def handle_schedule(cloud_event) -> None:
     """One sweep per tick. Always acked: the next tick is the retry, and a redelivered tick would
     only pile sweeps on top of each other."""
-    rt = _configured_runtime(_message_id(cloud_event))
-    if rt is not None:
+    message_id = _message_id(cloud_event)
+    rt = _configured_runtime(message_id)
+    if rt is None:
+        return
+    try:
         rt.sweeper.sweep()
+    except Exception as exc:  # noqa: BLE001 - any failure: logged, acked, the next tick retries
+        log("ERROR", f"sweep aborted: {type(exc).__name__}: {str(exc)[:300]}", outcome="failed",
+            message_id=message_id)
 
 
 def _message_id(cloud_event) -> str | None:

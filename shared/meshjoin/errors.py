@@ -27,8 +27,13 @@ class BadMessage(PermanentError):
     """A Pub/Sub message that names no VM meshjoin should look at."""
 
 
-class CaMaterialError(PermanentError, ValueError):
-    """The plug-in CA material in Secret Manager is unusable (mismatched key, broken chain)."""
+class CaMaterialError(TransientError, ValueError):
+    """The plug-in CA material in Secret Manager is unusable (mismatched key, broken chain).
+
+    Transient on purpose: the four CA files are uploaded one version at a time, so a reconcile
+    in the middle of an upload sees a new key beside the old cert. Retrying (redelivery, the next
+    sweep) succeeds once the upload completes; a CA that stays broken ends in the dead-letter topic
+    and in every sweep's error count, which is the operator's signal."""
 
 
 class ApiPermissionError(PermanentError):

@@ -11,6 +11,7 @@ objects → instance metadata (bootstrap + `meshjoin-status`). The status is wri
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Callable
@@ -52,17 +53,22 @@ class Delivered:
 
     @classmethod
     def from_status(cls, status: dict) -> "Delivered | None":
+        """None unless every piece is there and well-formed: the VM owner can write this item too."""
         try:
-            return cls(
-                spiffe=status["identity"], instance_id=status["instanceId"], ca_fingerprint=status["caFingerprint"],
-                secret_version=status["secret"],
-                not_before=_parse_time(status["certNotBefore"]), not_after=_parse_time(status["certNotAfter"]))
-        except (KeyError, TypeError, ValueError):
+            fields = [status[k] for k in ("identity", "instanceId", "caFingerprint", "secret")]
+            if not all(isinstance(value, str) for value in fields):
+                return None
+            return cls(*fields, not_before=_parse_time(status["certNotBefore"]),
+                       not_after=_parse_time(status["certNotAfter"]))
+        except (KeyError, TypeError, ValueError, AttributeError):
             return None
 
 
 def _parse_time(value: str) -> datetime:
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    if parsed.tzinfo is None or parsed.utcoffset() is None:
+        raise ValueError(f"{value[:40]!r} has no time zone")
+    return parsed
 
 
 def _rfc3339(value: datetime) -> str:
@@ -131,7 +137,7 @@ class Reconciler:
                 return outcome
             raise TransientError(f"{key}: metadata kept changing during reconcile")
         except PermanentError as exc:
-            return self._fail(key, exc)
+            return self._fail(key, exc, minted)
 
     def leave(self, key: VmKey) -> Outcome:
         """Take a VM out of the mesh now, whatever its labels say (the operator's `meshjoin leave`)."""
@@ -177,6 +183,8 @@ class Reconciler:
         spiffe = identity.spiffe(self.settings.trust_domain)
         status = bootstrap.parse_status(vm.metadata.get(names.STATUS_KEY))
         delivered = Delivered.from_status(status)
+        if delivered is not None and not self._own_version(vm.key, delivered.secret_version):
+            delivered = None  # the status names a secret that is not this VM's: never point the VM at it
         why_new = needs_new_cert(delivered, vm=vm, spiffe=spiffe, ca_fingerprint=ca.fingerprint, now=now,
                                  settings=self.settings, force=force and not minted)
         if why_new:
@@ -215,6 +223,11 @@ class Reconciler:
             # Grace period: the version before this one stays readable for one renewal cycle,
             # the one before that is destroyed now.
             self.secrets.destroy_version(retired)
+        # Versions an interrupted earlier pass minted but never delivered (the function died, or an
+        # API failed after a write) are older than the delivered one and not the grace version: garbage.
+        # Every join pass looks (one list call), since the pass that should have cleaned up may have died.
+        self.secrets.destroy_older_versions(vm.key, delivered.secret_version,
+                                            keep=(status_fields["previousSecret"],))
         verb = VERB_BY_CAUSE.get(why_new, "registered") if why_new else "refreshed" if changed else "unchanged"
         return Outcome(verb, reason, state="joined", details={**status_fields, "secret": delivered.secret_version})
 
@@ -260,8 +273,13 @@ class Reconciler:
             log("INFO", "per-VM secret deleted", key=key, outcome="pruned")
 
     def _delete_entry(self, key: VmKey, namespace: str, name: str, entry: dict | None = None) -> None:
+        """Delete the VM's entry: only one meshjoin made FOR THIS VM (a status the VM owner forged may
+        name another VM's entry, or a path that is no Kubernetes name)."""
+        if not (_K8S_NAME.match(namespace) and _K8S_NAME.match(name)):
+            return
         entry = entry or self.kube.get("WorkloadEntry", namespace, name)
-        if entry is None or not self.kube.delete_owned("WorkloadEntry", namespace, name, entry):
+        if entry is None or _entry_vm(entry) != key or \
+                not self.kube.delete_owned("WorkloadEntry", namespace, name, entry):
             return
         log("INFO", f"WorkloadEntry {namespace}/{name} deleted", key=key, outcome="unregistered")
         app = (entry["metadata"].get("labels") or {}).get("app")
@@ -302,23 +320,43 @@ class Reconciler:
 
     # --- failure --------------------------------------------------------------------------------
 
-    def _fail(self, key: VmKey, exc: PermanentError) -> Outcome:
-        """A permanent failure: tell the VM owner in its status (best effort) and give up."""
+    def _fail(self, key: VmKey, exc: PermanentError, minted: list[str] = ()) -> Outcome:
+        """A permanent failure: tell the VM owner in its status (best effort) and give up.
+
+        Versions this pass minted and the VM's metadata does not name are destroyed: a VM that keeps
+        failing (e.g. a foreign object in the way) must not pile up enabled keys sweep after sweep.
+        """
         reason = str(exc)
         try:
             vm = self.compute.get_vm(key)
             if vm is not None and vm.wants_mesh:
                 self._write_status(vm, "error", reason)
+            referenced = vm.metadata.get(names.SECRET_KEY) if vm is not None else None
+            self._discard_unused([v for v in minted if v != referenced], keep=None)
         except (TransientError, PermanentError, StaleFingerprint) as status_exc:
             log("WARNING", f"could not record the error in meshjoin-status: {status_exc}", key=key)
         log("ERROR", f"reconcile failed: {reason}", key=key, outcome="failed", error_kind=type(exc).__name__)
         return Outcome("failed", reason, state="error")
+
+    def _own_version(self, key: VmKey, version: str) -> bool:
+        secret, _, number = version.rpartition("/versions/")
+        return number.isdigit() and secret.rsplit("/", 1)[-1] == self.secrets.vm_secret_id(key)
 
     def _discard_unused(self, minted: list[str], keep: str | None) -> None:
         """Versions minted by a pass that lost a race are destroyed: one current version per VM."""
         for version in minted:
             if version != keep:
                 self.secrets.destroy_version(version)
+
+
+_K8S_NAME = re.compile(r"^[a-z0-9](?:[-a-z0-9.]{0,251}[a-z0-9])?$")
+
+
+def _entry_vm(entry: dict) -> VmKey | None:
+    """The VM a WorkloadEntry was made for, from meshjoin's annotations."""
+    annotations = entry.get("metadata", {}).get("annotations") or {}
+    parts = [annotations.get(names.ANNOTATION_PREFIX + k) for k in ("project", "zone", "instance")]
+    return VmKey(*parts) if all(isinstance(p, str) and p for p in parts) else None
 
 
 def _same_secret(version: str | None, other: str) -> bool:

@@ -294,6 +294,9 @@ def test_rbac_covers_exactly_what_the_kube_adapter_touches(terraform):
     for rule in writer + reader:
         assert set(rule["verbs"]) <= ALLOWED_VERBS, rule
         assert "*" not in rule["resources"] and "*" not in rule["api_groups"]
+    # Every HTTP method the adapter sends maps to a verb some rule grants (a PATCH would need "patch").
+    methods = set(re.findall(r'_do\("([A-Z]+)"', (REPO / "shared" / "meshjoin" / "adapters" / "kube.py").read_text()))
+    assert methods and {kube.RBAC_VERBS[m] for m in methods} <= {v for rule in writer for v in rule["verbs"]}
     # Cluster-wide access is read-only.
     assert {verb for rule in reader for verb in rule["verbs"]} <= {"get", "list"}
     # Per-namespace bindings follow the allowed namespaces.
@@ -348,6 +351,7 @@ def test_rendered_settings_are_accepted_by_the_product(console_module):
         "cert_ttl": "12h", "renew_fraction": "0.6", "renew_jitter": "0.2", "key_algorithm": "rsa-2048",
         "istiod_ip": "10.128.15.250", "network": "vm-net", "api_attempts": "3", "prune_cap": "20",
         "sweep_time_budget": "5m", "sweep_workers": "4", "sweep_renewals": "100", "max_event_age": "30m",
+        "api_timeout": "20s",
     }
     env = evaluate(console_module, "local.function_env", **variables)
     assert all(isinstance(v, str) and v for v in env.values()), "no empty or non-string values"
@@ -358,6 +362,7 @@ def test_rendered_settings_are_accepted_by_the_product(console_module):
     assert settings.renew_fraction == 0.6 and settings.renew_jitter_fraction == 0.2
     assert settings.key_algorithm == "rsa-2048" and settings.api_attempts == 3 and settings.prune_cap == 20
     assert settings.sweep_seconds.total_seconds() == 300 and settings.sweep_workers == 4
+    assert settings.api_timeout.total_seconds() == 20
 
     # Unset optional variables are not deployed at all: the product's defaults apply.
     minimal = evaluate(console_module, "local.function_env")

@@ -380,3 +380,17 @@ def test_checksum_gate_refuses_a_package_that_does_not_match(sandbox, fake_vm, s
     unverified = vm.run(script, MESHJOIN_SIDECAR_SHA256="")
     assert unverified.returncode == 1 and vm.calls("dpkg") == []
     assert "refusing to install an unverified package" in vm.calls("journal")[-1]
+
+
+def test_watcher_withdraws_the_identity_when_the_vm_leaves(sandbox, fake_vm, script):
+    join(sandbox, "agent-leave")
+    vm = fake_vm("agent-leave")
+    vm.boot(script)
+    assert vm.file("etc/certs/key.pem").exists()
+    sandbox.meshjoin("sandbox", "set-labels", "agent-leave", "--remove", "mesh")
+    wait_for(lambda: sandbox.status("agent-leave").get("state") == "left", what="agent-leave left")
+    result = vm.watch_once(MESHJOIN_WAIT_SECONDS="5")
+    assert result.returncode == 0, result.stderr
+    assert vm.calls("systemctl")[-2:] == ["stop istio.service", "disable istio.service"]
+    assert not vm.file("etc/certs/key.pem").exists() and not vm.file("etc/certs/cert-chain.pem").exists()
+    assert "left the mesh" in vm.calls("journal")[-1]

@@ -398,6 +398,7 @@ class FakeKube:
         return self.get(obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]) or self._store(obj)
 
     def apply_owned(self, obj, existing):
+        existing = existing or self.get(obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
         if existing is not None and not names.owned(existing.get("metadata")):
             raise ConflictError(f"{obj['kind']} {obj['metadata']['name']} exists and is not managed by meshjoin")
         return self._store(obj)
@@ -454,8 +455,7 @@ def test_reconcile_of_a_hostile_vm_ends_in_an_outcome_and_harms_nobody_else(plug
     assert {k: json.dumps(v, sort_keys=True) for k, v in kube.objects.items() if k in bystanders} == bystanders
     decision = decide_identity(vm, SETTINGS)
     entries = [o for o in kube.objects.values() if o["kind"] == "WorkloadEntry"
-               and o["metadata"]["annotations"].get(names.ANNOTATION_PREFIX + "instance") == "vm-1"] \
-        if kube.objects else []
+               and (o["metadata"].get("annotations") or {}).get(names.ANNOTATION_PREFIX + "instance") == "vm-1"]
     if outcome.state == "joined":
         assert isinstance(decision, Identity)
         assert [e["metadata"]["namespace"] for e in entries] == [decision.namespace]
@@ -472,9 +472,10 @@ def test_reconcile_of_a_hostile_vm_ends_in_an_outcome_and_harms_nobody_else(plug
         assert entries == []
         if isinstance(decision, Denial):
             assert outcome.verb in ("denied", "left", "ignored")
-    # Reconciling again changes nothing: the outcome is a fixed point.
-    again = reconciler.reconcile(KEY)
-    assert again.state == outcome.state or outcome.verb == "failed"
+    # Reconciling again writes nothing: the outcome is a fixed point.
+    writes, objects = compute.writes, json.dumps(sorted(map(str, kube.objects.items())))
+    reconciler.reconcile(KEY)
+    assert (compute.writes, json.dumps(sorted(map(str, kube.objects.items())))) == (writes, objects)
 
 
 @hostile
@@ -487,3 +488,64 @@ def test_sweep_plan_survives_any_fleet(plugin_ca, fleet):
     inventory = Inventory(vms, [other_vms_entry()], [], {})
     plan = plan_sweep(inventory, SETTINGS, plugin_ca.fingerprint, NOW)
     assert all(action.key in vms or action.kind == "prune" for action in plan.actions)
+
+
+# --- the counterexamples hypothesis found, kept as plain regression tests -----------------------------
+
+
+def test_a_forged_status_cannot_make_meshjoin_delete_another_vms_entry(plugin_ca):
+    forged = json.dumps({"state": "joined", "workloadEntry": "apps/victim-us-central1-a"})
+    compute = FakeCompute({KEY: vm_with({"mesh": "join"}, {names.STATUS_KEY: forged})})
+    kube = FakeKube([other_vms_entry()])
+    Reconciler(SETTINGS, compute, FakeSecrets(plugin_ca), kube, clock=lambda: NOW).reconcile(KEY)
+    assert ("WorkloadEntry", "apps", "victim-us-central1-a") in kube.objects
+    assert ("WorkloadEntry", "default", "vm-1-us-central1-a") in kube.objects
+
+
+@pytest.mark.parametrize("forged", [
+    {"certNotBefore": None},
+    {"certNotBefore": "2026-11-21T00:00:00", "certNotAfter": "2026-11-22T00:00:00"},  # no time zone
+    {"workloadEntry": ["apps", "x"]},
+    {"previousSecret": 7},
+], ids=["null time", "naive times", "list entry", "number secret"])
+def test_a_forged_status_neither_crashes_the_sweep_nor_the_reconcile(plugin_ca, forged):
+    status = {"state": "joined", "identity": "spiffe://cluster.local/ns/default/sa/default", "instanceId": "4242",
+              "caFingerprint": "ca-fingerprint", "secret": "projects/1/secrets/meshjoin-vm-us-central1-a-vm-1/versions/1",
+              "certNotBefore": "2026-11-21T00:00:00Z", "certNotAfter": "2026-11-22T00:00:00Z", **forged}
+    vm = vm_with({"mesh": "join"}, {names.STATUS_KEY: json.dumps(status)})
+    plan_sweep(Inventory({KEY: vm}, [], [], {}), SETTINGS, plugin_ca.fingerprint, NOW)
+    outcome = Reconciler(SETTINGS, FakeCompute({KEY: vm}), FakeSecrets(plugin_ca), FakeKube(),
+                         clock=lambda: NOW).reconcile(KEY)
+    assert outcome.state == "joined"
+
+
+def test_a_status_naming_another_vms_secret_is_not_trusted(plugin_ca):
+    status = {"state": "joined", "identity": "spiffe://cluster.local/ns/default/sa/default", "instanceId": "4242",
+              "caFingerprint": "ca-fingerprint", "certNotBefore": "2026-11-21T11:00:00Z",
+              "certNotAfter": "2026-11-22T11:00:00Z",
+              "secret": "projects/1/secrets/meshjoin-vm-us-central1-a-victim/versions/3"}
+    compute = FakeCompute({KEY: vm_with({"mesh": "join"}, {names.STATUS_KEY: json.dumps(status)})})
+    outcome = Reconciler(SETTINGS, compute, FakeSecrets(plugin_ca), FakeKube(), clock=lambda: NOW).reconcile(KEY)
+    assert outcome.verb == "registered"
+    assert compute.vms[KEY].metadata[names.SECRET_KEY] == "projects/1/secrets/meshjoin-vm-us-central1-a-vm-1/versions/1"
+
+
+def test_orphan_versions_of_an_interrupted_join_are_destroyed_by_the_next_one(plugin_ca):
+    secrets = FakeSecrets(plugin_ca)
+    secrets.versions[secrets.vm_secret_id(KEY)] = [(1, "ENABLED"), (2, "ENABLED")]  # two passes died after minting
+    compute = FakeCompute({KEY: vm_with({"mesh": "join"}, {})})
+    Reconciler(SETTINGS, compute, secrets, FakeKube(), clock=lambda: NOW).reconcile(KEY)
+    assert secrets.versions[secrets.vm_secret_id(KEY)] == [(1, "DESTROYED"), (2, "DESTROYED"), (3, "ENABLED")]
+
+
+def test_a_foreign_object_in_the_way_leaves_no_minted_key_behind(plugin_ca):
+    squatter = {**FOREIGN, "metadata": {**FOREIGN["metadata"], "name": "vm-1-us-central1-a", "namespace": "default"}}
+    secrets, kube = FakeSecrets(plugin_ca), FakeKube([squatter])
+    compute = FakeCompute({KEY: vm_with({"mesh": "join"}, {})})
+    reconciler = Reconciler(SETTINGS, compute, secrets, kube, clock=lambda: NOW)
+    for _ in range(3):  # three sweeps retrying the VM in error
+        outcome = reconciler.reconcile(KEY)
+    assert outcome.verb == "failed" and "not managed by meshjoin" in outcome.reason
+    assert bootstrap.parse_status(compute.vms[KEY].metadata[names.STATUS_KEY])["state"] == "error"
+    assert [s for _, s in secrets.versions[secrets.vm_secret_id(KEY)]] == ["DESTROYED"] * 3
+    assert kube.objects[("WorkloadEntry", "default", "vm-1-us-central1-a")]["spec"] == squatter["spec"]

@@ -1,7 +1,9 @@
 """Compute Engine: read VMs, write their metadata with the fingerprint. Returns `Vm`, never SDK types.
 
 Calls pass `retry=None`: `retry.call` is the one retry policy, so a failing API costs a bounded
-number of attempts instead of the library's minute-long default on top of ours.
+number of attempts instead of the library's minute-long default on top of ours. They also pass
+`timeout` (MESHJOIN_API_TIMEOUT): the library's default for Compute is 600 s per call, so a hung
+call would otherwise hold the function far past Pub/Sub's ack deadline.
 
 `google.cloud.compute_v1` costs over a second to import (it loads every type), so it is imported
 when the first client is built, not with this module.
@@ -27,6 +29,7 @@ class ComputeAdapter:
 
         self._compute_v1 = compute_v1
         self._settings = settings
+        self._timeout = settings.api_timeout.total_seconds()
         options = {"api_endpoint": settings.compute_endpoint} if settings.compute_endpoint else None
         kwargs = dict(transport="rest", credentials=credentials, client_options=options)
         self._instances = compute_v1.InstancesClient(**kwargs)
@@ -42,7 +45,7 @@ class ComputeAdapter:
 
         try:
             instance = self._call(
-                lambda: self._instances.get(project=key.project, zone=key.zone, instance=key.instance, retry=None),
+                lambda: self._instances.get(project=key.project, zone=key.zone, instance=key.instance, retry=None, timeout=self._timeout),
                 f"instances.get {key}", "compute.instances.get", passthrough=(NotFound,))
         except NotFound:
             return None
@@ -52,7 +55,7 @@ class ComputeAdapter:
         """Every VM of the project matching `label_filter` (server-side), across zones, paged."""
         request = self._compute_v1.AggregatedListInstancesRequest(
             project=self._settings.project, filter=label_filter, max_results=page_size)
-        pager = self._call(lambda: self._instances.aggregated_list(request=request, retry=None),
+        pager = self._call(lambda: self._instances.aggregated_list(request=request, retry=None, timeout=self._timeout),
                            "instances.aggregatedList", "compute.instances.list")
         # Each further page is fetched lazily by the pager; a failure mid-listing surfaces here.
         iterator = iter(pager)
@@ -84,7 +87,7 @@ class ComputeAdapter:
         try:
             operation = self._call(
                 lambda: self._instances.set_metadata_unary(
-                    project=key.project, zone=key.zone, instance=key.instance, metadata_resource=body, retry=None),
+                    project=key.project, zone=key.zone, instance=key.instance, metadata_resource=body, retry=None, timeout=self._timeout),
                 f"instances.setMetadata {key}", "compute.instances.setMetadata",
                 passthrough=(PreconditionFailed,))
         except PreconditionFailed as exc:
@@ -94,7 +97,7 @@ class ComputeAdapter:
     def _wait(self, key: VmKey, operation: str) -> None:
         for _ in range(30):  # `wait` returns after ~2 minutes at most; a stuck operation is transient
             result = self._call(
-                lambda: self._operations.wait(project=key.project, zone=key.zone, operation=operation, retry=None),
+                lambda: self._operations.wait(project=key.project, zone=key.zone, operation=operation, retry=None, timeout=self._timeout),
                 f"zoneOperations.wait {operation}", "compute.zoneOperations.get")
             if result.status == self._compute_v1.Operation.Status.DONE:
                 if result.error and result.error.errors:

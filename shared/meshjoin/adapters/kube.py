@@ -57,8 +57,8 @@ class KubeAdapter:
         options = {"api_endpoint": s.container_endpoint} if s.container_endpoint else None
         manager = container_v1.ClusterManagerClient(transport="rest", credentials=self._credentials,
                                                     client_options=options)
-        cluster = call(lambda: manager.get_cluster(name=s.cluster), what=f"clusters.get {s.cluster}",
-                       permission="container.clusters.get", attempts=s.api_attempts)
+        cluster = call(lambda: manager.get_cluster(name=s.cluster, timeout=s.api_timeout.total_seconds()),
+                       what=f"clusters.get {s.cluster}", permission="container.clusters.get", attempts=s.api_attempts)
         ca_file = tempfile.NamedTemporaryFile("wb", prefix="meshjoin-cluster-ca-", suffix=".pem", delete=False)
         with ca_file:
             ca_file.write(base64.b64decode(cluster.master_auth.cluster_ca_certificate))
@@ -85,7 +85,7 @@ class KubeAdapter:
             headers["Content-Type"] = content_type
         serialized = api.param_serialize(method=method, resource_path=path, query_params=list((query or {}).items()),
                                          header_params=headers, body=body, auth_settings=["BearerToken"])
-        response = api.call_api(*serialized, _request_timeout=30)
+        response = api.call_api(*serialized, _request_timeout=self._settings.api_timeout.total_seconds())
         raw = response.read()
         try:
             data = json.loads(raw) if raw else {}

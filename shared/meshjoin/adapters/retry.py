@@ -37,7 +37,8 @@ def translate(exc: BaseException, what: str, permission: str) -> MeshjoinError:
     if is_transient(exc):
         return TransientError(f"{what}: {type(exc).__name__}: {_short(exc)}")
     if isinstance(exc, (gexc.Forbidden, gexc.Unauthorized)):
-        return ApiPermissionError(f"{what}: permission denied; grant {permission} to meshjoin's service account")
+        return ApiPermissionError(f"{what}: permission denied ({_short(exc)}); meshjoin's service account "
+                                  f"needs {permission}")
     return PermanentError(f"{what}: {type(exc).__name__}: {_short(exc)}")
 
 

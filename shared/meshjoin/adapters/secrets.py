@@ -11,15 +11,21 @@ import json
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from .. import names, pki
-from ..errors import CaMaterialError
+from ..errors import CaMaterialError, TransientError
 from ..model import VmKey
 from ..settings import Settings
 from .retry import call
 
 ACCESSOR_ROLE = "roles/secretmanager.secretAccessor"
+MAX_POLICY_RACES = 3
+
+
+def _version_number(name: str) -> int:
+    number = name.rpartition("/versions/")[2]
+    return int(number) if number.isdigit() else -1
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,7 @@ class SecretsAdapter:
 
         self._sm = secretmanager_v1
         self._settings = settings
+        self._timeout = settings.api_timeout.total_seconds()
         options = {"api_endpoint": settings.secretmanager_endpoint} if settings.secretmanager_endpoint else None
         self._client = secretmanager_v1.SecretManagerServiceClient(
             transport="rest", credentials=credentials, client_options=options)
@@ -81,7 +88,7 @@ class SecretsAdapter:
     def _enabled_versions(self, secret_id: str) -> list[str]:
         """Names of the ENABLED versions of a secret, newest first."""
         request = self._sm.ListSecretVersionsRequest(parent=self._secret_path(secret_id), filter="state:ENABLED")
-        pager = self._call(lambda: self._client.list_secret_versions(request=request, retry=None),
+        pager = self._call(lambda: self._client.list_secret_versions(request=request, retry=None, timeout=self._timeout),
                            f"list versions of {secret_id}", "secretmanager.versions.list")
         names_ = [v.name for v in pager if v.state == self._sm.SecretVersion.State.ENABLED]
         if not names_:
@@ -92,7 +99,7 @@ class SecretsAdapter:
         return self._access(f"{self._secret_path(secret_id)}/versions/latest")
 
     def _access(self, name: str) -> tuple[str, bytes]:
-        response = self._call(lambda: self._client.access_secret_version(name=name, retry=None),
+        response = self._call(lambda: self._client.access_secret_version(name=name, retry=None, timeout=self._timeout),
                               f"access {name}", "secretmanager.versions.access")
         return response.name, response.payload.data
 
@@ -112,7 +119,7 @@ class SecretsAdapter:
         )
         try:
             self._call(lambda: self._client.create_secret(
-                parent=f"projects/{self._settings.project}", secret_id=secret_id, secret=secret, retry=None),
+                parent=f"projects/{self._settings.project}", secret_id=secret_id, secret=secret, retry=None, timeout=self._timeout),
                 f"create secret {secret_id}", "secretmanager.secrets.create", passthrough=(Conflict,))
             created = True
         except Conflict:
@@ -121,7 +128,7 @@ class SecretsAdapter:
         payload = json.dumps({"key.pem": cert.key_pem, "cert-chain.pem": cert.chain_pem,
                               "root-cert.pem": cert.root_pem}).encode()
         version = self._call(lambda: self._client.add_secret_version(
-            parent=parent, payload=self._sm.SecretPayload(data=payload), retry=None),
+            parent=parent, payload=self._sm.SecretPayload(data=payload), retry=None, timeout=self._timeout),
             f"add version to {secret_id}", "secretmanager.versions.add")
         return version.name
 
@@ -129,25 +136,36 @@ class SecretsAdapter:
         """Exactly one binding: the VM's own service account may access; set only if different.
 
         A secret this call just created has the empty policy: it is set without reading it first.
+        A stale etag (ABORTED, 409 over REST: a concurrent writer, or our own earlier set whose answer
+        was lost) means read again and decide again.
         """
+        from google.api_core.exceptions import Conflict
         from google.iam.v1 import iam_policy_pb2, policy_pb2
 
         wanted = [(ACCESSOR_ROLE, (f"serviceAccount:{reader_service_account}",))]
-        if created:
-            policy = policy_pb2.Policy()
-        else:
-            policy = self._call(lambda: self._client.get_iam_policy(
-                request=iam_policy_pb2.GetIamPolicyRequest(resource=secret), retry=None),
-                f"getIamPolicy {secret}", "secretmanager.secrets.getIamPolicy")
-        current = [(b.role, tuple(sorted(b.members))) for b in policy.bindings]
-        if current == wanted:
-            return
-        new_policy = policy_pb2.Policy(
-            bindings=[policy_pb2.Binding(role=role, members=list(members)) for role, members in wanted],
-            etag=policy.etag)
-        self._call(lambda: self._client.set_iam_policy(
-            request=iam_policy_pb2.SetIamPolicyRequest(resource=secret, policy=new_policy), retry=None),
-            f"setIamPolicy {secret}", "secretmanager.secrets.setIamPolicy")
+        for _ in range(MAX_POLICY_RACES):
+            if created:
+                policy = policy_pb2.Policy()
+                created = False
+            else:
+                policy = self._call(lambda: self._client.get_iam_policy(
+                    request=iam_policy_pb2.GetIamPolicyRequest(resource=secret), retry=None, timeout=self._timeout),
+                    f"getIamPolicy {secret}", "secretmanager.secrets.getIamPolicy")
+            current = [(b.role, tuple(sorted(b.members))) for b in policy.bindings]
+            if current == wanted:
+                return
+            new_policy = policy_pb2.Policy(
+                bindings=[policy_pb2.Binding(role=role, members=list(members)) for role, members in wanted],
+                etag=policy.etag)
+            try:
+                self._call(lambda: self._client.set_iam_policy(
+                    request=iam_policy_pb2.SetIamPolicyRequest(resource=secret, policy=new_policy), retry=None,
+                    timeout=self._timeout),
+                    f"setIamPolicy {secret}", "secretmanager.secrets.setIamPolicy", passthrough=(Conflict,))
+                return
+            except Conflict:
+                continue
+        raise TransientError(f"setIamPolicy {secret}: the policy kept changing")
 
     def vm_secret_id(self, key: VmKey) -> str:
         return names.secret_id(key, self._settings.secret_prefix)
@@ -157,11 +175,31 @@ class SecretsAdapter:
         from google.api_core.exceptions import BadRequest, NotFound
 
         try:
-            self._call(lambda: self._client.destroy_secret_version(name=version_name, retry=None),
+            self._call(lambda: self._client.destroy_secret_version(name=version_name, retry=None, timeout=self._timeout),
                        f"destroy {version_name}", "secretmanager.versions.destroy",
                        passthrough=(NotFound, BadRequest))
         except (NotFound, BadRequest):
             pass  # already gone or destroyed: the goal holds
+
+    def destroy_older_versions(self, key: VmKey, newest: str, keep: Iterable[str | None] = ()) -> int:
+        """Destroy the enabled versions of the VM's secret numbered below `newest`, except `keep`.
+
+        Only ever older ones: a concurrent pass may have minted a newer version it is about to deliver.
+        """
+        secret_id = self.vm_secret_id(key)
+        newest_number = _version_number(newest)
+        if newest_number <= 1:
+            return 0  # nothing is older than version 1: a first join saves the list call
+        kept = {_version_number(name) for name in keep if name}
+        request = self._sm.ListSecretVersionsRequest(parent=self._secret_path(secret_id), filter="state:ENABLED")
+        pager = self._call(lambda: self._client.list_secret_versions(request=request, retry=None,
+                                                                     timeout=self._timeout),
+                           f"list versions of {secret_id}", "secretmanager.versions.list")
+        stale = [v.name for v in pager if v.state == self._sm.SecretVersion.State.ENABLED
+                 and _version_number(v.name) < newest_number and _version_number(v.name) not in kept]
+        for name in stale:
+            self.destroy_version(name)
+        return len(stale)
 
     def delete_vm_secret(self, key: VmKey) -> bool:
         """Delete the VM's secret; False when there was none (404 is success)."""
@@ -169,7 +207,7 @@ class SecretsAdapter:
 
         secret_id = self.vm_secret_id(key)
         try:
-            self._call(lambda: self._client.delete_secret(name=self._secret_path(secret_id), retry=None),
+            self._call(lambda: self._client.delete_secret(name=self._secret_path(secret_id), retry=None, timeout=self._timeout),
                        f"delete secret {secret_id}", "secretmanager.secrets.delete", passthrough=(NotFound,))
         except NotFound:
             return False
@@ -180,7 +218,7 @@ class SecretsAdapter:
         request = self._sm.ListSecretsRequest(
             parent=f"projects/{self._settings.project}", page_size=500,
             filter=f"labels.{names.SECRET_OWNER_LABEL}={names.MANAGED_BY}")
-        pager = self._call(lambda: self._client.list_secrets(request=request, retry=None), "list secrets",
+        pager = self._call(lambda: self._client.list_secrets(request=request, retry=None, timeout=self._timeout), "list secrets",
                            "secretmanager.secrets.list")
         iterator = iter(pager)
         while True:
@@ -196,6 +234,6 @@ class SecretsAdapter:
 
     def read_vm_material(self, version_name: str) -> dict[str, str]:
         """The delivered JSON (tests and `meshjoin explain`); callers must not log it."""
-        response = self._call(lambda: self._client.access_secret_version(name=version_name, retry=None),
+        response = self._call(lambda: self._client.access_secret_version(name=version_name, retry=None, timeout=self._timeout),
                               f"access {version_name}", "secretmanager.versions.access")
         return json.loads(response.payload.data)
