@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all venv demo test unit bench clean sandbox-up sandbox-down
+.PHONY: all venv demo test unit faults bench clean sandbox-up sandbox-down
 
 all: venv
 
@@ -26,6 +26,17 @@ test: $(STAMP)
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
+
+# The fault suite at full size (RELIABILITY.md); `make test` runs it bounded. Figures: .faults-report.json
+faults: $(STAMP)
+	MESHJOIN_FAULTS=full MESHJOIN_HYPOTHESIS_PROFILE=full MESHJOIN_FAULTS_REPORT=$(CURDIR)/.faults-report.json \
+		$(BIN)/python -m pytest -q -m faults tests/unit/test_hostile_input.py tests/sandbox/test_faults.py \
+		tests/e2e/test_faults.py
+
+# Benchmarks against the sandbox (not part of `make test`): bench/results.json and BENCHMARKS.md.
+# BENCH_QUICK=1 for small sizes; BENCH_ONLY=keys,join,cold_start,burst,sweep for some sections.
+bench: $(STAMP)
+	$(BIN)/python -m bench
 
 sandbox-up: $(STAMP)
 	$(BIN)/meshjoin sandbox up

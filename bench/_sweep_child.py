@@ -1,43 +1,65 @@
 """Child process of the sweep benchmark: one maintenance sweep, as the scheduled function runs it.
 
-Runs in the sandbox's function environment (`Runtime.from_env()`, credentials from the sandbox metadata
-server). Prints one JSON line: the summary, phase times and the peak RSS of this process.
+Loads `functions/maintenance/main.py` with functions-framework in the sandbox's function environment
+(credentials from the sandbox metadata server) and delivers one Cloud Scheduler tick through the
+framework's test client. Prints one JSON line: the sweep's summary, phase times, peak RSS.
 """
 
 import time
 
 T_START = time.time()
 
+import base64  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import resource  # noqa: E402
 import sys  # noqa: E402
 
 
-def main(log_path: str) -> None:
+def hwm_kb() -> int:
+    """Peak RSS of this process image (VmHWM). Not ru_maxrss: Linux folds the parent's peak into a
+    child's ru_maxrss at exec, so a child of a large benchmark process would report the parent's."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def stats(control_url: str) -> dict:
+    """The emulators' request counts by `server method` (the control plane's GET /stats)."""
+    import urllib.request
+
+    with urllib.request.urlopen(control_url + "/stats", timeout=30) as response:
+        body = json.load(response)
+    return {f"{server} {method}": count for server, counts in body.items() if server != "control"
+            for method, count in counts.items()}
+
+
+def main(log_path: str, source: str, control_url: str) -> None:
     from meshjoin import logs, sweep
-    from meshjoin.runtime import Runtime
 
-    # The client libraries a sweep loads, before measuring the baseline RSS.
-    import google.cloud.compute_v1  # noqa: F401
-    import google.cloud.container_v1  # noqa: F401
-    import google.cloud.secretmanager_v1  # noqa: F401
-    import kubernetes.client  # noqa: F401
-
-    baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    baseline_kb = hwm_kb()
     with open(log_path, "w") as log_file:
-        logs.configure(stream=log_file)
-        phases = {}
-        original_inventory, original_plan = sweep.Sweeper.inventory, sweep.plan_sweep
+        logs.configure(stream=log_file)  # before the function's own configure(): one JSON line per log, to a file
+        phases, summaries = {}, []
+        original_inventory, original_plan, original_sweep = sweep.Sweeper.inventory, sweep.plan_sweep, \
+            sweep.Sweeper.sweep
 
         def timed_inventory(self):
+            before = stats(control_url)
             t0 = time.perf_counter()
             try:
                 return original_inventory(self)
             finally:
                 phases["inventory_s"] = round(time.perf_counter() - t0, 3)
+                after = stats(control_url)
+                delta = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+                # The listings; the inventory's first calls also fetch a token and the cluster (not listings).
+                phases["inventory_calls"] = {k: v for k, v in delta.items() if "list" in k.lower()}
+                phases["inventory_other_calls"] = {k: v for k, v in delta.items() if "list" not in k.lower()}
                 phases["rss_after_inventory_mb"] = round(
-                    resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+                    hwm_kb() / 1024, 1)
 
         def timed_plan(*args, **kwargs):
             t0 = time.perf_counter()
@@ -46,25 +68,42 @@ def main(log_path: str) -> None:
             finally:
                 phases["plan_s"] = round(time.perf_counter() - t0, 3)
 
-        sweep.Sweeper.inventory = timed_inventory
-        sweep.plan_sweep = timed_plan
-        rt = Runtime.from_env()
+        def kept_sweep(self, **kwargs):
+            summaries.append(original_sweep(self, **kwargs))
+            return summaries[-1]
+
+        sweep.Sweeper.inventory, sweep.plan_sweep, sweep.Sweeper.sweep = timed_inventory, timed_plan, kept_sweep
+        # The scheduled function as Cloud Functions runs it: functions-framework, one tick.
+        import functions_framework
+
+        app = functions_framework.create_app(target="on_schedule", source=source, signature_type="cloudevent")
+        loaded_kb = hwm_kb()
+        tick = {"message": {"data": base64.b64encode(b"{}").decode(), "messageId": "bench-tick",
+                            "publishTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+                "subscription": "projects/p/subscriptions/meshjoin-schedule-push"}
         t0 = time.perf_counter()
-        summary = rt.sweeper.sweep()
+        response = app.test_client().post("/", json=tick)
         wall = time.perf_counter() - t0
+    if not summaries:
+        raise SystemExit(f"no sweep ran (HTTP {response.status_code}); see {log_path}")
+    summary = summaries[-1]
     print(json.dumps({
         "wall_s": round(wall, 3),
+        "sweep_s": round(summary.duration_s, 3),
+        "http_status": response.status_code,
         "counts": summary.counts,
         "actions_planned": len(summary.plan.actions),
         "healthy": summary.plan.healthy,
         "prune_candidates": summary.plan.prune_candidates,
         "errors": summary.errors[:5],
         "phases": phases,
-        "baseline_rss_mb": round(baseline_kb / 1024, 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "rss_at_start_mb": round(baseline_kb / 1024, 1),
+        "rss_function_loaded_mb": round(loaded_kb / 1024, 1),
+        "peak_rss_mb": round(hwm_kb() / 1024, 1),
+        "compute_v1_imported": "google.cloud.compute_v1" in sys.modules,
         "process_s": round(time.time() - T_START, 3),
     }))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2], sys.argv[3])

@@ -232,11 +232,12 @@ class Reconciler:
         return Outcome(verb, reason, state="joined", details={**status_fields, "secret": delivered.secret_version})
 
     def _register(self, vm: Vm, identity: Identity, cert_not_after: datetime, previous: str | None) -> str:
-        """Cluster side: ServiceAccount and Service if missing, then the VM's own WorkloadEntry."""
+        """Cluster side: ServiceAccount if missing, the VM's own WorkloadEntry, then its Service if missing.
+
+        The Service comes after the entry that selects it: a Service meshjoin made with no entry
+        selecting it is what the sweep prunes, so one must never exist while a join is under way.
+        """
         self.kube.create_if_missing(registration.service_account(identity))
-        service = registration.service(identity)
-        if service is not None:
-            self.kube.create_if_missing(service)
         desired = registration.workload_entry(vm, identity, self.settings.network, cert_not_after)
         meta = desired["metadata"]
         ref = f"{meta['namespace']}/{meta['name']}"
@@ -246,6 +247,9 @@ class Reconciler:
             self.kube.apply_owned(desired, existing)
             log("INFO", f"WorkloadEntry {meta['namespace']}/{meta['name']} applied", key=vm.key,
                 outcome="registered", address=vm.network_ip)
+        service = registration.service(identity)
+        if service is not None:
+            self.kube.create_if_missing(service)
         if previous and previous != ref:  # the identity moved to another namespace
             old_namespace, _, old_name = previous.partition("/")
             self._delete_entry(vm.key, old_namespace, old_name)

@@ -25,6 +25,8 @@ from .reconcile import Delivered, Reconciler, needs_new_cert
 from .settings import Settings
 
 LABEL_FILTER = f"labels.{JOIN_LABEL}={JOIN_VALUE}"
+# Compute pages at most 500 VMs; the cluster's small objects come in larger pages (fewer list calls).
+CLUSTER_PAGE = 5000
 OWNED_SELECTOR = f"{names.MANAGED_BY_LABEL}={names.MANAGED_BY}"
 
 # Action kinds, in the order a sweep spends its budget on them.
@@ -164,8 +166,9 @@ class Sweeper:
                 return None
 
         vms = listing("Compute instances", lambda: {vm.key: vm for vm in r.compute.list_vms(LABEL_FILTER)})
-        entries = listing("WorkloadEntries", lambda: list(r.kube.list("WorkloadEntry", OWNED_SELECTOR)))
-        services = listing("Services", lambda: list(r.kube.list("Service", OWNED_SELECTOR)))
+        entries = listing("WorkloadEntries", lambda: list(r.kube.list("WorkloadEntry", OWNED_SELECTOR,
+                                                                      page_size=CLUSTER_PAGE)))
+        services = listing("Services", lambda: list(r.kube.list("Service", OWNED_SELECTOR, page_size=CLUSTER_PAGE)))
         secrets = listing("per-VM secrets", lambda: dict(r.secrets.list_vm_secrets()))
         return Inventory(vms or {}, entries or [], services or [], secrets or {}, errors)
 

@@ -23,6 +23,7 @@ from meshjoin_sandbox.world import World
 
 ZONE = "us-central1-a"
 CRD_PATH = "/work/shared/reference/istio/vm-crds.yaml"
+pytestmark = pytest.mark.faults
 
 
 @pytest.fixture(scope="module")

@@ -49,6 +49,7 @@ settings.register_profile("full", max_examples=1500, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 PROFILE = os.environ.get("MESHJOIN_HYPOTHESIS_PROFILE", "bounded")
 hostile = settings(settings.get_profile(PROFILE))
+pytestmark = pytest.mark.faults
 
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
 MAX_AGE = timedelta(hours=1)

@@ -20,6 +20,7 @@ from ..settings import Settings
 from .retry import call
 
 ACCESSOR_ROLE = "roles/secretmanager.secretAccessor"
+LIST_PAGE_SIZE = 25000  # the API's maximum: a secret's listing entry is small, the fleet's secrets one call
 MAX_POLICY_RACES = 3
 
 
@@ -216,7 +217,7 @@ class SecretsAdapter:
     def list_vm_secrets(self) -> Iterator[tuple[VmKey, str]]:
         """(VM key, secret name) of every per-VM secret meshjoin made, found by label (paged)."""
         request = self._sm.ListSecretsRequest(
-            parent=f"projects/{self._settings.project}", page_size=500,
+            parent=f"projects/{self._settings.project}", page_size=LIST_PAGE_SIZE,
             filter=f"labels.{names.SECRET_OWNER_LABEL}={names.MANAGED_BY}")
         pager = self._call(lambda: self._client.list_secrets(request=request, retry=None, timeout=self._timeout), "list secrets",
                            "secretmanager.secrets.list")

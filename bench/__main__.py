@@ -1,0 +1,72 @@
+"""`make bench` = `python -m bench`: every benchmark, then bench/results.json and BENCHMARKS.md.
+
+Environment: BENCH_QUICK=1 for small sizes (a few minutes); BENCH_ONLY=keys,join,... for some
+sections (the others are kept from the previous results.json, so the report stays whole).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import burst, coldstart, join, keys, report, sweep
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results.json"
+SECTIONS = {"keys": keys.run, "join": join.run, "cold_start": coldstart.run, "burst": burst.run, "sweep": sweep.run}
+
+
+def machine() -> dict:
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    with open("/proc/meminfo") as meminfo:
+        mem_kb = int(next(line.split()[1] for line in meminfo if line.startswith("MemTotal")))
+    return {"cpus": os.cpu_count(), "cpu": cpu, "memory_gb": round(mem_kb / 2**20, 1),
+            "python": platform.python_version(), "load_avg_at_start": [round(x, 2) for x in os.getloadavg()]}
+
+
+def main() -> int:
+    quick = os.environ.get("BENCH_QUICK", "") not in ("", "0")
+    only = [s for s in os.environ.get("BENCH_ONLY", "").split(",") if s]
+    unknown = set(only) - set(SECTIONS)
+    if unknown:
+        print(f"BENCH_ONLY: unknown sections {sorted(unknown)}; known: {', '.join(SECTIONS)}", file=sys.stderr)
+        return 2
+    previous = json.loads(RESULTS.read_text()) if only and RESULTS.exists() else {}
+    results = {"meta": {"started": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "quick": quick,
+                        "command": ("BENCH_QUICK=1 " if quick else "") + "make bench", "machine": machine()},
+               "sections": dict(previous.get("sections", {}))}
+    started = time.monotonic()
+    for name, run in SECTIONS.items():
+        if only and name not in only:
+            continue
+        print(f"bench: {name} ...", file=sys.stderr, flush=True)
+        t0 = time.monotonic()
+        try:
+            section = run(quick=quick)
+        except Exception as exc:  # one failing section must not hide the others' numbers
+            section = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}
+            print(section["traceback"], file=sys.stderr)
+        section["seconds"] = round(time.monotonic() - t0, 1)
+        section["quick"] = quick
+        results["sections"][name] = section
+        print(f"bench: {name} done in {section['seconds']} s", file=sys.stderr, flush=True)
+    results["meta"]["seconds"] = round(time.monotonic() - started, 1)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    (REPO / "BENCHMARKS.md").write_text(report.render(results))
+    print(f"bench: wrote {RESULTS.relative_to(REPO)} and BENCHMARKS.md in {results['meta']['seconds']} s",
+          file=sys.stderr)
+    return 1 if any("error" in s for s in results["sections"].values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
