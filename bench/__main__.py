@@ -43,7 +43,8 @@ def main() -> int:
         return 2
     previous = json.loads(RESULTS.read_text()) if only and RESULTS.exists() else {}
     results = {"meta": {"started": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "quick": quick,
-                        "command": ("BENCH_QUICK=1 " if quick else "") + "make bench", "machine": machine()},
+                        "command": ("BENCH_QUICK=1 " if quick else "") + (f"BENCH_ONLY={','.join(only)} " if only else "")
+                        + "make bench", "machine": machine()},
                "sections": dict(previous.get("sections", {}))}
     started = time.monotonic()
     for name, run in SECTIONS.items():
@@ -58,6 +59,7 @@ def main() -> int:
             print(section["traceback"], file=sys.stderr)
         section["seconds"] = round(time.monotonic() - t0, 1)
         section["quick"] = quick
+        section["measured"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         results["sections"][name] = section
         print(f"bench: {name} done in {section['seconds']} s", file=sys.stderr, flush=True)
     results["meta"]["seconds"] = round(time.monotonic() - started, 1)

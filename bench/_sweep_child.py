@@ -11,7 +11,6 @@ T_START = time.time()
 
 import base64  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import resource  # noqa: E402
 import sys  # noqa: E402
 

@@ -27,7 +27,9 @@ from .policy import decide_identity
 from .settings import Settings
 
 MAX_METADATA_RACES = 5
-MAX_BACKDATE = timedelta(minutes=5)  # tolerate VM clock skew without eating short test TTLs
+MAX_BACKDATE = timedelta(minutes=5)
+# Longer than any pass can live (the functions time out after 300 s / 540 s, deploy/terraform/main.tf).
+ORPHAN_VERSION_AGE = timedelta(minutes=15)  # tolerate VM clock skew without eating short test TTLs
 
 
 @dataclass
@@ -138,6 +140,9 @@ class Reconciler:
             raise TransientError(f"{key}: metadata kept changing during reconcile")
         except PermanentError as exc:
             return self._fail(key, exc, minted)
+        except TransientError:
+            self._discard_undelivered(key, minted)
+            raise
 
     def leave(self, key: VmKey) -> Outcome:
         """Take a VM out of the mesh now, whatever its labels say (the operator's `meshjoin leave`)."""
@@ -224,10 +229,16 @@ class Reconciler:
             # the one before that is destroyed now.
             self.secrets.destroy_version(retired)
         # Versions an interrupted earlier pass minted but never delivered (the function died, or an
-        # API failed after a write) are older than the delivered one and not the grace version: garbage.
-        # Every join pass looks (one list call), since the pass that should have cleaned up may have died.
-        self.secrets.destroy_older_versions(vm.key, delivered.secret_version,
-                                            keep=(status_fields["previousSecret"],))
+        # API failed after a write) are garbage: every join pass looks (one list call), since the pass
+        # that should have cleaned up may have died. Older than the delivered one: at once; newer (a
+        # concurrent pass that lost the race and died before discarding): once no pass can still be
+        # running, i.e. older than the functions' longest timeout.
+        # Except after a first mint: version 1, made by this pass, has nothing older, and anything newer
+        # is younger than ORPHAN_VERSION_AGE, so the list could find nothing (a first join saves the call).
+        if not (why_new and delivered.secret_version.endswith("/versions/1")):
+            self.secrets.destroy_undelivered_versions(vm.key, delivered.secret_version,
+                                                      keep=(status_fields["previousSecret"],),
+                                                      minted_before=now - ORPHAN_VERSION_AGE)
         verb = VERB_BY_CAUSE.get(why_new, "registered") if why_new else "refreshed" if changed else "unchanged"
         return Outcome(verb, reason, state="joined", details={**status_fields, "secret": delivered.secret_version})
 
@@ -341,6 +352,19 @@ class Reconciler:
             log("WARNING", f"could not record the error in meshjoin-status: {status_exc}", key=key)
         log("ERROR", f"reconcile failed: {reason}", key=key, outcome="failed", error_kind=type(exc).__name__)
         return Outcome("failed", reason, state="error")
+
+    def _discard_undelivered(self, key: VmKey, minted: list[str]) -> None:
+        """A pass that minted and then failed: destroy what it minted unless the VM's metadata names it
+        (the write may have happened although its answer was lost). Best effort: what stays behind is
+        found by the VM's next join pass."""
+        if not minted:
+            return
+        try:
+            vm = self.compute.get_vm(key)
+            referenced = vm.metadata.get(names.SECRET_KEY) if vm is not None else None
+            self._discard_unused(minted, keep=referenced)
+        except (TransientError, PermanentError) as exc:
+            log("WARNING", f"could not destroy undelivered secret versions {', '.join(minted)}: {exc}", key=key)
 
     def _own_version(self, key: VmKey, version: str) -> bool:
         secret, _, number = version.rpartition("/versions/")

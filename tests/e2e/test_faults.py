@@ -321,9 +321,16 @@ def settled(world: World, message_ids: list[str], timeout: float) -> dict[str, l
     return {m: lines[m] for m in wanted}
 
 
-def invariant_violations(world: World, live: list[str], gone: list[str]) -> dict[str, int]:
+def invariant_violations(world: World, live: list[str], gone: list[str],
+                         undelivered: dict[str, int] | None = None) -> dict[str, int]:
     """Counts of what must be zero: live VMs not joined or with other than one entry or one current
-    key, and any trace of VMs that are gone or unlabelled."""
+    key, and any trace of VMs that are gone or unlabelled.
+
+    `extra_versions` counts enabled versions older than the delivered one (the next join pass
+    destroys those at once). Versions NEWER than the delivered one that no pass delivered (a pass
+    that lost a race to a concurrent one and failed before discarding its own) are only destroyed once
+    older than reconcile.ORPHAN_VERSION_AGE, as a concurrent pass might still deliver them: they are
+    counted in `undelivered` when given, and are not a violation."""
     counts = {"lost": 0, "duplicate_entries": 0, "extra_versions": 0, "bad_iam": 0, "leftovers": 0}
     for name in live:
         status = world.status(name)
@@ -335,7 +342,13 @@ def invariant_violations(world: World, live: list[str], gone: list[str]) -> dict
         enabled = world.enabled_versions(name) or []
         delivered = status["secret"].rsplit("/", 1)[-1]
         grace = (status.get("previousSecret") or "").rsplit("/", 1)[-1]
-        counts["extra_versions"] += len([v for v in enabled if v not in (delivered, grace)])
+        others = [int(v) for v in enabled if v not in (delivered, grace)]
+        counts["extra_versions"] += len([v for v in others if v < int(delivered)])
+        newer = len([v for v in others if v > int(delivered)])
+        if undelivered is not None:
+            undelivered[name] = newer
+        else:
+            counts["extra_versions"] += newer
         counts["lost"] += delivered not in enabled
         vm = world.vm(name)
         if world.iam_members(name) != [(ACCESSOR, (f"serviceAccount:{vm.service_accounts[0].email}",))]:
@@ -449,12 +462,17 @@ def test_burst_of_joins_with_30_percent_of_calls_failing(world):
         return sum(world.status(name).get("state") == "joined" for name in names)
 
     # Pub/Sub redelivers a failed push with backoff (1-10 s), 5 times, then dead-letters it: wait
-    # until every VM joined or every message is either handled or dead-lettered.
-    ids_done = lambda: all(  # noqa: E731
-        any(e.get("outcome") not in (None, "retrying") for e in lines)
-        for lines in world.by_message().values() if any(str(e.get("instance", "")).startswith("burst-") for e in lines))
-    wait_for(lambda: joined_count() == n or (ids_done() and time.monotonic() - started > 45),
-             timeout=150 if FULL else 100, interval=1.0, what="every burst event handled or dead-lettered")
+    # until every VM joined, or the function has been idle longer than the longest backoff.
+    log_path = world.state_dir / "logs" / "events_fn.log"
+    idle = {"size": -1, "since": time.monotonic()}
+
+    def settled_or_joined() -> bool:
+        size = log_path.stat().st_size
+        if size != idle["size"]:
+            idle.update(size=size, since=time.monotonic())
+        return joined_count() == n or time.monotonic() - idle["since"] > 12
+
+    wait_for(settled_or_joined, timeout=240 if FULL else 150, interval=1.0, what="the burst handled")
     by_redelivery = joined_count()
     sweeps = 0
     while joined_count() < n and sweeps < 3:  # the sweep, still under the same faults
@@ -470,14 +488,16 @@ def test_burst_of_joins_with_30_percent_of_calls_failing(world):
     elapsed = time.monotonic() - started
     dead_lettered = world.dead_letters()
 
-    violations = invariant_violations(world, names, [])
+    undelivered: dict[str, int] = {}
+    violations = invariant_violations(world, names, [], undelivered)
     assert violations == {"lost": 0, "duplicate_entries": 0, "extra_versions": 0, "bad_iam": 0, "leftovers": 0}
     retries = sum(1 for e in world.log() if e.get("outcome") == "retrying" and str(e.get("instance", "")).startswith("burst-"))
     FIGURES["burst_30pct"] = {"vms": n, "injected_faults": injected, "by_kind": by_kind,
                               "failed_deliveries": retries, "dead_lettered": dead_lettered,
                               "joined_by_event_or_redelivery": by_redelivery,
                               "joined_by_sweep_under_faults": by_sweep_under_faults, "sweeps_under_faults": sweeps,
-                              "joined_by_final_sweep": summary["joined"], "seconds": round(elapsed, 1), **violations}
+                              "joined_by_final_sweep": summary["joined"], "seconds": round(elapsed, 1), **violations,
+                              "undelivered_newer_versions": sum(undelivered.values())}
     assert injected > n  # the faults really happened
 
 
@@ -512,7 +532,7 @@ def test_event_function_killed_between_writes_is_completed_by_redelivery(world):
         stall_and_kill(world, "events_fn", emulator, method,
                        lambda: world.create_vm(name, labels, metadata))
         try:
-            world.joined(name, timeout=45)  # Pub/Sub redelivers the insert the dead function was handling
+            world.joined(name, timeout=25)  # Pub/Sub redelivers the insert the dead function was handling
         except AssertionError:
             by_sweep += 1  # dead-lettered while the function restarted: the sweep's job
             world.tick()
@@ -554,7 +574,7 @@ def test_sweep_killed_between_writes_is_completed_by_the_next_sweep(world):
         stall_and_kill(world, "maintenance_fn", emulator, method, lambda: world.publish(
             [b'{"source": "cloud-scheduler"}'], topic=world.cfg["schedule_topic"]))
         try:  # Pub/Sub redelivers the killed sweep's tick: the next sweep
-            world.joined(name, timeout=40)
+            world.joined(name, timeout=25)
         except AssertionError:
             world.tick()  # dead-lettered meanwhile: the next scheduled tick
             world.joined(name, timeout=30)

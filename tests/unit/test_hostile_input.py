@@ -360,8 +360,8 @@ class FakeSecrets:
         secret, number = self._split(name)
         self.versions[secret] = [(n, "DESTROYED" if n == number else s) for n, s in self.versions.get(secret, [])]
 
-    def destroy_older_versions(self, key, newest, keep=()):
-        secret, number = self._split(newest)
+    def destroy_undelivered_versions(self, key, delivered, keep=(), minted_before=None):
+        secret, number = self._split(delivered)
         kept = {self._split(k)[1] for k in keep if k}
         self.versions[secret] = [(n, "DESTROYED" if n < number and n not in kept else s)
                                  for n, s in self.versions.get(secret, [])]
@@ -550,3 +550,24 @@ def test_a_foreign_object_in_the_way_leaves_no_minted_key_behind(plugin_ca):
     assert bootstrap.parse_status(compute.vms[KEY].metadata[names.STATUS_KEY])["state"] == "error"
     assert [s for _, s in secrets.versions[secrets.vm_secret_id(KEY)]] == ["DESTROYED"] * 3
     assert kube.objects[("WorkloadEntry", "default", "vm-1-us-central1-a")]["spec"] == squatter["spec"]
+
+
+def test_a_pass_that_fails_after_minting_destroys_its_undelivered_key(plugin_ca):
+    from meshjoin.errors import TransientError
+
+    class FlakyCompute(FakeCompute):
+        def __init__(self, vms, applied: bool):
+            super().__init__(vms)
+            self.applied = applied
+
+        def set_metadata(self, vm, items, remove=frozenset()):
+            if self.applied:  # the write happened, its answer was lost
+                super().set_metadata(vm, items, remove)
+            raise TransientError("setMetadata: 503")
+
+    for applied, state in ((False, "DESTROYED"), (True, "ENABLED")):
+        secrets = FakeSecrets(plugin_ca)
+        compute = FlakyCompute({KEY: vm_with({"mesh": "join"}, {})}, applied)
+        with pytest.raises(TransientError):
+            Reconciler(SETTINGS, compute, secrets, FakeKube(), clock=lambda: NOW).reconcile(KEY)
+        assert secrets.versions[secrets.vm_secret_id(KEY)] == [(1, state)]

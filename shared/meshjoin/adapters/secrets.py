@@ -11,6 +11,7 @@ import json
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Iterable, Iterator
 
 from .. import names, pki
@@ -182,22 +183,22 @@ class SecretsAdapter:
         except (NotFound, BadRequest):
             pass  # already gone or destroyed: the goal holds
 
-    def destroy_older_versions(self, key: VmKey, newest: str, keep: Iterable[str | None] = ()) -> int:
-        """Destroy the enabled versions of the VM's secret numbered below `newest`, except `keep`.
-
-        Only ever older ones: a concurrent pass may have minted a newer version it is about to deliver.
-        """
+    def destroy_undelivered_versions(self, key: VmKey, delivered: str, keep: Iterable[str | None] = (),
+                                     minted_before: datetime | None = None) -> int:
+        """Destroy the enabled versions of the VM's secret other than `delivered` and `keep`: those
+        numbered below `delivered`, and newer ones created before `minted_before` (a newer version
+        may be one a concurrent pass is about to deliver, so only once no pass can still be running)."""
         secret_id = self.vm_secret_id(key)
-        newest_number = _version_number(newest)
-        if newest_number <= 1:
-            return 0  # nothing is older than version 1: a first join saves the list call
-        kept = {_version_number(name) for name in keep if name}
+        delivered_number = _version_number(delivered)
+        kept = {_version_number(name) for name in keep if name} | {delivered_number}
         request = self._sm.ListSecretVersionsRequest(parent=self._secret_path(secret_id), filter="state:ENABLED")
         pager = self._call(lambda: self._client.list_secret_versions(request=request, retry=None,
                                                                      timeout=self._timeout),
                            f"list versions of {secret_id}", "secretmanager.versions.list")
         stale = [v.name for v in pager if v.state == self._sm.SecretVersion.State.ENABLED
-                 and _version_number(v.name) < newest_number and _version_number(v.name) not in kept]
+                 and _version_number(v.name) not in kept
+                 and (_version_number(v.name) < delivered_number
+                      or (minted_before is not None and v.create_time < minted_before))]
         for name in stale:
             self.destroy_version(name)
         return len(stale)
