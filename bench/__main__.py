@@ -52,6 +52,7 @@ def main() -> int:
             continue
         print(f"bench: {name} ...", file=sys.stderr, flush=True)
         t0 = time.monotonic()
+        load_before = [round(x, 2) for x in os.getloadavg()]
         try:
             section = run(quick=quick)
         except Exception as exc:  # one failing section must not hide the others' numbers
@@ -60,6 +61,8 @@ def main() -> int:
         section["seconds"] = round(time.monotonic() - t0, 1)
         section["quick"] = quick
         section["measured"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        # The machine is shared: what else ran shows in the load averages (1, 5, 15 min) around the section.
+        section["load_avg"] = {"before": load_before, "after": [round(x, 2) for x in os.getloadavg()]}
         results["sections"][name] = section
         print(f"bench: {name} done in {section['seconds']} s", file=sys.stderr, flush=True)
     results["meta"]["seconds"] = round(time.monotonic() - started, 1)

@@ -108,6 +108,11 @@ def render(results: dict) -> str:
     ]
     for target, measured, verdict, note in targets(results):
         out.append(f"| {target} | {measured} | {verdict} | {note} |")
+    loads = [f"{name} {sec['load_avg']['before'][0]} → {sec['load_avg']['after'][0]}" for name, sec in s.items()
+             if "load_avg" in sec]
+    if loads:
+        out += ["", "1-minute load average before → after each section (2 cores; other work on the machine shows "
+                "here): " + "; ".join(loads) + "."]
     out += _errors(s)
     out += _join(s.get("join", {}))
     out += _cold(s.get("cold_start", {}))

@@ -27,9 +27,9 @@ from .policy import decide_identity
 from .settings import Settings
 
 MAX_METADATA_RACES = 5
-MAX_BACKDATE = timedelta(minutes=5)
+MAX_BACKDATE = timedelta(minutes=5)  # tolerate VM clock skew without eating short test TTLs
 # Longer than any pass can live (the functions time out after 300 s / 540 s, deploy/terraform/main.tf).
-ORPHAN_VERSION_AGE = timedelta(minutes=15)  # tolerate VM clock skew without eating short test TTLs
+ORPHAN_VERSION_AGE = timedelta(minutes=15)
 
 
 @dataclass

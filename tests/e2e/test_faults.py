@@ -322,15 +322,14 @@ def settled(world: World, message_ids: list[str], timeout: float) -> dict[str, l
 
 
 def invariant_violations(world: World, live: list[str], gone: list[str],
-                         undelivered: dict[str, int] | None = None) -> dict[str, int]:
+                         undelivered: dict[str, tuple[int, int]] | None = None) -> dict[str, int]:
     """Counts of what must be zero: live VMs not joined or with other than one entry or one current
     key, and any trace of VMs that are gone or unlabelled.
 
-    `extra_versions` counts enabled versions older than the delivered one (the next join pass
-    destroys those at once). Versions NEWER than the delivered one that no pass delivered (a pass
-    that lost a race to a concurrent one and failed before discarding its own) are only destroyed once
-    older than reconcile.ORPHAN_VERSION_AGE, as a concurrent pass might still deliver them: they are
-    counted in `undelivered` when given, and are not a violation."""
+    `extra_versions` counts enabled versions that are neither delivered nor the grace one. With
+    `undelivered` given they are counted there instead, per VM as (older, newer) than the delivered
+    one: under continuous faults the pass that would destroy them can itself fail after the VM's
+    metadata was written, and only the VM's next join pass looks again (RELIABILITY.md)."""
     counts = {"lost": 0, "duplicate_entries": 0, "extra_versions": 0, "bad_iam": 0, "leftovers": 0}
     for name in live:
         status = world.status(name)
@@ -343,12 +342,11 @@ def invariant_violations(world: World, live: list[str], gone: list[str],
         delivered = status["secret"].rsplit("/", 1)[-1]
         grace = (status.get("previousSecret") or "").rsplit("/", 1)[-1]
         others = [int(v) for v in enabled if v not in (delivered, grace)]
-        counts["extra_versions"] += len([v for v in others if v < int(delivered)])
-        newer = len([v for v in others if v > int(delivered)])
         if undelivered is not None:
-            undelivered[name] = newer
+            undelivered[name] = (len([v for v in others if v < int(delivered)]),
+                                 len([v for v in others if v > int(delivered)]))
         else:
-            counts["extra_versions"] += newer
+            counts["extra_versions"] += len(others)
         counts["lost"] += delivered not in enabled
         vm = world.vm(name)
         if world.iam_members(name) != [(ACCESSOR, (f"serviceAccount:{vm.service_accounts[0].email}",))]:
@@ -488,16 +486,26 @@ def test_burst_of_joins_with_30_percent_of_calls_failing(world):
     elapsed = time.monotonic() - started
     dead_lettered = world.dead_letters()
 
-    undelivered: dict[str, int] = {}
+    undelivered: dict[str, tuple[int, int]] = {}
     violations = invariant_violations(world, names, [], undelivered)
     assert violations == {"lost": 0, "duplicate_entries": 0, "extra_versions": 0, "bad_iam": 0, "leftovers": 0}
+    left_over = {name: counts for name, counts in undelivered.items() if sum(counts)}
+    # The next join pass of each such VM (here: an operator's nudge, faults over) destroys the older ones.
+    nudged = world.publish([json.dumps({"project": world.project, "zone": world.zone, "instance": name}).encode()
+                            for name in left_over])
+    settled(world, nudged, timeout=60)
+    after_nudge: dict[str, tuple[int, int]] = {}
+    assert invariant_violations(world, list(left_over), [], after_nudge)["lost"] == 0
+    assert sum(older for older, _ in after_nudge.values()) == 0, after_nudge
     retries = sum(1 for e in world.log() if e.get("outcome") == "retrying" and str(e.get("instance", "")).startswith("burst-"))
     FIGURES["burst_30pct"] = {"vms": n, "injected_faults": injected, "by_kind": by_kind,
                               "failed_deliveries": retries, "dead_lettered": dead_lettered,
                               "joined_by_event_or_redelivery": by_redelivery,
                               "joined_by_sweep_under_faults": by_sweep_under_faults, "sweeps_under_faults": sweeps,
                               "joined_by_final_sweep": summary["joined"], "seconds": round(elapsed, 1), **violations,
-                              "undelivered_newer_versions": sum(undelivered.values())}
+                              "undelivered_versions_left": sum(map(sum, undelivered.values())),
+                              "vms_with_undelivered_versions": len(left_over),
+                              "undelivered_after_next_pass": sum(map(sum, after_nudge.values()))}
     assert injected > n  # the faults really happened
 
 
@@ -532,7 +540,9 @@ def test_event_function_killed_between_writes_is_completed_by_redelivery(world):
         stall_and_kill(world, "events_fn", emulator, method,
                        lambda: world.create_vm(name, labels, metadata))
         try:
-            world.joined(name, timeout=25)  # Pub/Sub redelivers the insert the dead function was handling
+            # Pub/Sub redelivers the insert the dead function was handling; after many failed pushes
+            # (the burst before) the emulator may hold it back up to the ack deadline (60 s).
+            world.joined(name, timeout=70 if FULL else 25)
         except AssertionError:
             by_sweep += 1  # dead-lettered while the function restarted: the sweep's job
             world.tick()
