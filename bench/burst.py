@@ -189,9 +189,15 @@ def run_direct(n: int, concurrency: int = 8, deadline_s: float = 180.0) -> dict:
             message = {"data": base64.b64encode(json.dumps({"project": world.project, "zone": world.zone,
                                                               "instance": name}).encode()).decode(),
                        "messageId": f"direct-{i}", "publishTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-            response = sessions[i % concurrency].post(url, json={"message": message, "subscription": "direct"},
-                                                      timeout=deadline_s)
-            statuses[response.status_code] += 1
+            for attempt in range(3):  # gunicorn drops idle keep-alive connections; Pub/Sub would redeliver too
+                try:
+                    response = sessions[i % concurrency].post(
+                        url, json={"message": message, "subscription": "direct"}, timeout=deadline_s)
+                    statuses[response.status_code] += 1
+                    return
+                except requests.ConnectionError:
+                    statuses["connection error, retried"] += 1
+            raise RuntimeError(f"push for {name} failed 3 times")
 
         push(0, "warm-0")
         world.reset_stats()

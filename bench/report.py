@@ -111,8 +111,11 @@ def render(results: dict) -> str:
     loads = [f"{name} {sec['load_avg']['before'][0]} → {sec['load_avg']['after'][0]}" for name, sec in s.items()
              if "load_avg" in sec]
     if loads:
+        floor = s.get("join", {}).get("floor", {}).get("p50_ms")
         out += ["", "1-minute load average before → after each section (2 cores; other work on the machine shows "
-                "here): " + "; ".join(loads) + "."]
+                "here): " + "; ".join(loads) + "."
+                + (f" Absolute times (burst, sweep) move with the machine's speed at the time; this run's warm-join "
+                   f"floor, {floor} ms, is the yardstick to compare runs by." if floor else "")]
     out += _errors(s)
     out += _join(s.get("join", {}))
     out += _cold(s.get("cold_start", {}))
