@@ -235,7 +235,8 @@ class World:
 
     # -- Pub/Sub
 
-    def publish(self, payloads: list[bytes], topic: str | None = None, attributes: list[dict] | None = None) -> list[str]:
+    def publish(self, payloads: list[bytes], topic: str | None = None,
+                attributes: list[dict] | None = None) -> list[str]:
         path = self.publisher.topic_path(self.project, topic or self.cfg["events_topic"])
         futures = [self.publisher.publish(path, data, **(attributes[i] if attributes else {}))
                    for i, data in enumerate(payloads)]
@@ -404,7 +405,8 @@ def test_duplicate_and_reversed_events_converge(world):
         list(pool.map(lambda name: world.delete_vm(name, event=False), gone))
         list(pool.map(lambda name: world.set_labels(name, remove=("mesh",), event=False), unlabelled))
     histories = {**{name: ["insert"] for name in live_new}, **{name: ["insert", "setLabels"] for name in live_flip},
-                 **{name: ["insert", "delete"] for name in gone}, **{name: ["insert", "setLabels"] for name in unlabelled}}
+                 **{name: ["insert", "delete"] for name in gone},
+                 **{name: ["insert", "setLabels"] for name in unlabelled}}
     messages = []
     for name, verbs in histories.items():
         for verb in reversed(verbs):  # the last thing that happened is delivered first
@@ -501,7 +503,8 @@ def test_burst_of_joins_with_30_percent_of_calls_failing(world):
     after_nudge: dict[str, tuple[int, int]] = {}
     assert invariant_violations(world, list(left_over), [], after_nudge)["lost"] == 0
     assert sum(older for older, _ in after_nudge.values()) == 0, after_nudge
-    retries = sum(1 for e in world.log() if e.get("outcome") == "retrying" and str(e.get("instance", "")).startswith("burst-"))
+    retries = sum(1 for e in world.log()
+                  if e.get("outcome") == "retrying" and str(e.get("instance", "")).startswith("burst-"))
     FIGURES["burst_30pct"] = {"vms": n, "injected_faults": injected, "by_kind": by_kind,
                               "failed_deliveries": retries, "dead_lettered": dead_lettered,
                               "joined_by_event_or_redelivery": by_redelivery,
@@ -622,7 +625,8 @@ def test_failing_or_partial_listings_delete_nothing(world):
         "zone b unreachable": [("compute", "instances.aggregatedList", {"kind": "partial", "zone": "us-central1-b"})],
         "zone b silently missing": [("compute", "instances.aggregatedList",
                                      {"kind": "partial", "zone": "us-central1-b", "mark": False})],
-        "partial + re-read failing": [("compute", "instances.aggregatedList", {"kind": "partial", "zone": "us-central1-b"}),
+        "partial + re-read failing": [("compute", "instances.aggregatedList",
+                                       {"kind": "partial", "zone": "us-central1-b"}),
                                       ("compute", "instances.get", {"count": 50})],
         "WorkloadEntry list 503": [("kube", "workloadentries.list", {"count": 50})],
         "secrets list 503": [("secretmanager", "secrets.list", {"count": 50})],
@@ -677,8 +681,9 @@ def corpus(world: World, size: int, seed: int = 8) -> list[tuple[bytes, dict]]:
         elif bend == 1:
             e["protoPayload"]["methodName"] = rng.choice(["v1.compute.instances.start", text(), 7])
         elif bend == 2:
-            e["protoPayload"]["resourceName"] = rng.choice([text(), f"projects/{project}/zones/{text()}/instances/a",
-                                                            f"projects/{project}/zones/us-central1-a/instances/{text()}"])
+            e["protoPayload"]["resourceName"] = rng.choice([
+                text(), f"projects/{project}/zones/{text()}/instances/a",
+                f"projects/{project}/zones/us-central1-a/instances/{text()}"])
         elif bend == 3:
             e["resource"] = junk_json()
         elif bend == 4:

@@ -511,7 +511,8 @@ def test_a_forged_status_cannot_make_meshjoin_delete_another_vms_entry(plugin_ca
 ], ids=["null time", "naive times", "list entry", "number secret"])
 def test_a_forged_status_neither_crashes_the_sweep_nor_the_reconcile(plugin_ca, forged):
     status = {"state": "joined", "identity": "spiffe://cluster.local/ns/default/sa/default", "instanceId": "4242",
-              "caFingerprint": "ca-fingerprint", "secret": "projects/1/secrets/meshjoin-vm-us-central1-a-vm-1/versions/1",
+              "caFingerprint": "ca-fingerprint",
+              "secret": "projects/1/secrets/meshjoin-vm-us-central1-a-vm-1/versions/1",
               "certNotBefore": "2026-11-21T00:00:00Z", "certNotAfter": "2026-11-22T00:00:00Z", **forged}
     vm = vm_with({"mesh": "join"}, {names.STATUS_KEY: json.dumps(status)})
     plan_sweep(Inventory({KEY: vm}, [], [], {}), SETTINGS, plugin_ca.fingerprint, NOW)

@@ -65,7 +65,8 @@ class ComputeAdapter:
 
         try:
             instance = self._call(
-                lambda: self._instances.get(project=key.project, zone=key.zone, instance=key.instance, retry=None, timeout=self._timeout),
+                lambda: self._instances.get(project=key.project, zone=key.zone, instance=key.instance, retry=None,
+                                            timeout=self._timeout),
                 f"instances.get {key}", "compute.instances.get", passthrough=(NotFound,))
         except NotFound:
             return None
@@ -129,7 +130,8 @@ class ComputeAdapter:
         try:
             operation = self._call(
                 lambda: self._instances.set_metadata_unary(
-                    project=key.project, zone=key.zone, instance=key.instance, metadata_resource=body, retry=None, timeout=self._timeout),
+                    project=key.project, zone=key.zone, instance=key.instance, metadata_resource=body, retry=None,
+                    timeout=self._timeout),
                 f"instances.setMetadata {key}", "compute.instances.setMetadata",
                 passthrough=(PreconditionFailed,))
         except PreconditionFailed as exc:
@@ -139,7 +141,8 @@ class ComputeAdapter:
     def _wait(self, key: VmKey, operation: str) -> None:
         for _ in range(30):  # `wait` returns after ~2 minutes at most; a stuck operation is transient
             result = self._call(
-                lambda: self._operations.wait(project=key.project, zone=key.zone, operation=operation, retry=None, timeout=self._timeout),
+                lambda: self._operations.wait(project=key.project, zone=key.zone, operation=operation, retry=None,
+                                              timeout=self._timeout),
                 f"zoneOperations.wait {operation}", "compute.zoneOperations.get")
             if result.status == self._compute_v1.Operation.Status.DONE:
                 if result.error and result.error.errors:

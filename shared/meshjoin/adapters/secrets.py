@@ -90,7 +90,8 @@ class SecretsAdapter:
     def _enabled_versions(self, secret_id: str) -> list[str]:
         """Names of the ENABLED versions of a secret, newest first."""
         request = self._sm.ListSecretVersionsRequest(parent=self._secret_path(secret_id), filter="state:ENABLED")
-        pager = self._call(lambda: self._client.list_secret_versions(request=request, retry=None, timeout=self._timeout),
+        pager = self._call(lambda: self._client.list_secret_versions(request=request, retry=None,
+                                                                     timeout=self._timeout),
                            f"list versions of {secret_id}", "secretmanager.versions.list")
         names_ = [v.name for v in pager if v.state == self._sm.SecretVersion.State.ENABLED]
         if not names_:
@@ -121,7 +122,8 @@ class SecretsAdapter:
         )
         try:
             self._call(lambda: self._client.create_secret(
-                parent=f"projects/{self._settings.project}", secret_id=secret_id, secret=secret, retry=None, timeout=self._timeout),
+                parent=f"projects/{self._settings.project}", secret_id=secret_id, secret=secret, retry=None,
+                timeout=self._timeout),
                 f"create secret {secret_id}", "secretmanager.secrets.create", passthrough=(Conflict,))
             created = True
         except Conflict:
@@ -177,7 +179,8 @@ class SecretsAdapter:
         from google.api_core.exceptions import BadRequest, NotFound
 
         try:
-            self._call(lambda: self._client.destroy_secret_version(name=version_name, retry=None, timeout=self._timeout),
+            self._call(lambda: self._client.destroy_secret_version(name=version_name, retry=None,
+                                                                   timeout=self._timeout),
                        f"destroy {version_name}", "secretmanager.versions.destroy",
                        passthrough=(NotFound, BadRequest))
         except (NotFound, BadRequest):
@@ -209,7 +212,8 @@ class SecretsAdapter:
 
         secret_id = self.vm_secret_id(key)
         try:
-            self._call(lambda: self._client.delete_secret(name=self._secret_path(secret_id), retry=None, timeout=self._timeout),
+            self._call(lambda: self._client.delete_secret(name=self._secret_path(secret_id), retry=None,
+                                                          timeout=self._timeout),
                        f"delete secret {secret_id}", "secretmanager.secrets.delete", passthrough=(NotFound,))
         except NotFound:
             return False
@@ -220,7 +224,8 @@ class SecretsAdapter:
         request = self._sm.ListSecretsRequest(
             parent=f"projects/{self._settings.project}", page_size=LIST_PAGE_SIZE,
             filter=f"labels.{names.SECRET_OWNER_LABEL}={names.MANAGED_BY}")
-        pager = self._call(lambda: self._client.list_secrets(request=request, retry=None, timeout=self._timeout), "list secrets",
+        pager = self._call(lambda: self._client.list_secrets(request=request, retry=None, timeout=self._timeout),
+                           "list secrets",
                            "secretmanager.secrets.list")
         iterator = iter(pager)
         while True:
@@ -236,6 +241,7 @@ class SecretsAdapter:
 
     def read_vm_material(self, version_name: str) -> dict[str, str]:
         """The delivered JSON (tests and `meshjoin explain`); callers must not log it."""
-        response = self._call(lambda: self._client.access_secret_version(name=version_name, retry=None, timeout=self._timeout),
+        response = self._call(lambda: self._client.access_secret_version(name=version_name, retry=None,
+                                                                         timeout=self._timeout),
                               f"access {version_name}", "secretmanager.versions.access")
         return json.loads(response.payload.data)
