@@ -225,11 +225,13 @@ def _burst(b: dict) -> list[str]:
                 f"straight to the function, {d['concurrency']} at a time as real Pub/Sub push keeps many outstanding: "
                 f"all handled in **{d['time_to_all_handled_s']} s** ({d['joins_per_s']} joins/s), lost {d['lost']}, "
                 f"duplicates {d['duplicates']}, HTTP {d['http_statuses']}."]
-    out += ["", "The Pub/Sub emulator, not the function, sets the pace of a sandbox burst: its `PushLoop` (in the "
-            "emulator's jar) pulls one message, POSTs it, waits for the answer, acks and loops, and in a profiling "
-            "run of a 400-VM burst py-spy dumps of the function worker never showed more than two events in flight, "
-            "whatever the function's thread count. A burst through it takes about N × one event's latency / 2; "
-            "production push keeps many requests outstanding, which the direct run above stands in for."]
+    out += ["", "The Pub/Sub emulator's push loop bounds a sandbox burst: its `PushLoop` (in the emulator's jar) "
+            "pulls one message, POSTs it, waits for the answer, acks and loops, and in a profiling run of a 400-VM "
+            "burst py-spy dumps of the function worker never showed more than two events in flight, whatever the "
+            "function's thread count. A burst through it takes about N × one event's latency / 2, so it moves with "
+            "every millisecond the machine adds to a join (see the warm-join floor of the same run). Production push "
+            "keeps many requests outstanding, which the direct run above stands in for; on two shared cores it is "
+            "bounded by CPU instead (function, emulators and Pub/Sub emulator on the same cores)."]
     return out
 
 
@@ -324,7 +326,8 @@ FINDINGS = ["", "## What was found, what was changed, what is left", "",
             "- **A first join made 10 calls where 8 do**: the IAM policy of a secret the same pass just created is "
             "set without reading it (it is empty); a WorkloadEntry the status does not name yet is created without "
             "a GET first (a 409 falls back to read-and-replace, so a leftover entry is still replaced); the "
-            "clean-up of older secret versions skips its list when the delivered version is 1.",
+            "new clean-up of undelivered secret versions skips its list after a first mint (version 1, made by the "
+            "same pass: nothing is older, and anything newer is younger than `ORPHAN_VERSION_AGE`).",
             "",
             "The emulators' and libraries', left as they are:",
             "- The Pub/Sub emulator's push loop (above) sets the pace of sandbox bursts.",
