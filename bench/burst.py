@@ -21,6 +21,8 @@ from pathlib import Path
 
 import requests
 
+from meshjoin_sandbox import launcher
+
 from .world import SA_DOMAIN, World, status_of
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -45,15 +47,7 @@ class LogTail:
         self.offset += len(data)
         text = self.partial + data.decode(errors="replace")
         *complete, self.partial = text.split("\n")
-        out = []
-        for line in complete:
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(entry, dict):
-                out.append(entry)
-        return out
+        return launcher.json_lines("\n".join(complete))
 
 
 def group_cpu(pgids: dict[str, int]) -> dict[str, float]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import shutil
 import tempfile
 import time
@@ -28,15 +27,6 @@ API_OF = {"compute": "compute", "secretmanager": "secretmanager", "kube": "kuber
           "metadata": "metadata"}
 
 
-def read_env_file(path: Path) -> dict[str, str]:
-    env = {}
-    for line in path.read_text().splitlines():
-        if line.startswith("export "):
-            name, _, value = line[len("export "):].partition("=")
-            env[name] = shlex.split(value)[0] if value else ""
-    return env
-
-
 class World:
     def __init__(self, function_env: dict[str, str] | None = None, compute_subnet: str | None = None,
                  label: str = "bench"):
@@ -45,7 +35,7 @@ class World:
         self.cfg: SandboxConfig = launcher.up(self.state_dir, function_env=function_env,
                                               compute_subnet=compute_subnet, timeout=120)
         self.up_seconds = time.monotonic() - started
-        self.env = read_env_file(self.state_dir / "env")
+        self.env = launcher.read_env_file(self.state_dir / "env")
         self.project = self.cfg.project
         self.zone = self.cfg.zone
         self.http = requests.Session()

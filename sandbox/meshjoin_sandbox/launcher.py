@@ -123,6 +123,29 @@ def write_env_file(cfg: SandboxConfig) -> Path:
     return path
 
 
+def read_env_file(path: Path) -> dict[str, str]:
+    """The variables of an env file written by `write_env_file` (what `source DIR/env` would set)."""
+    env = {}
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("export "):
+            name, _, value = line[len("export "):].partition("=")
+            env[name] = shlex.split(value)[0] if value else ""
+    return env
+
+
+def json_lines(text: str) -> list[dict]:
+    """The JSON-object lines of a function log (the functions also print plain lines)."""
+    out = []
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            out.append(entry)
+    return out
+
+
 def write_kubeconfig(cfg: SandboxConfig) -> None:
     import base64
 

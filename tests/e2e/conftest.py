@@ -6,13 +6,14 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from meshjoin_sandbox.launcher import json_lines, read_env_file
 
 REPO = Path(__file__).resolve().parents[2]
 MESHJOIN = str(Path(sys.executable).with_name("meshjoin"))
@@ -28,15 +29,6 @@ def wait_for(predicate, timeout: float = 20.0, interval: float = 0.2, what: str 
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    env = {}
-    for line in path.read_text().splitlines():
-        if line.startswith("export "):
-            name, _, value = line[len("export "):].partition("=")
-            env[name] = shlex.split(value)[0] if value else ""
-    return env
 
 
 class Sandbox:
@@ -101,16 +93,7 @@ class Sandbox:
         return json.loads(result.stdout)
 
     def function_log(self, name: str = "events_fn") -> list[dict]:
-        lines = (self.state_dir / "logs" / f"{name}.log").read_text(errors="replace").splitlines()
-        out = []
-        for line in lines:
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(entry, dict):
-                out.append(entry)
-        return out
+        return json_lines((self.state_dir / "logs" / f"{name}.log").read_text(errors="replace"))
 
     def raw_logs(self) -> str:
         return "".join(p.read_text(errors="replace") for p in (self.state_dir / "logs").glob("*.log"))
