@@ -51,7 +51,7 @@ class PackagingError(Exception):
 def check_requirements(text: str) -> None:
     """The build installs from this file alone: every line must be an exact pin of a package.
 
-    `-r other.txt` or `-e ../shared` would name files the bundle does not carry, and an unpinned
+    `-r other.txt` or `-e ../lib` would name files the bundle does not carry, and an unpinned
     line would let a rebuild pick up a release nobody tested.
     """
     problems = []

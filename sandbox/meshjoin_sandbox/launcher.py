@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from .config import PORT_NAMES, SandboxConfig
+from .crds import istio_crds_path
 
 REPO = Path(__file__).resolve().parents[2]
 PUBSUB_EMULATOR = "platform/pubsub-emulator/bin/cloud-pubsub-emulator"
@@ -250,7 +251,7 @@ def up(state_dir: Path, ca_dir: Path | None = None, function_env: dict[str, str]
         kube_ca_file=str(kube_ca),
         kube_cert_file=str(kube_cert),
         kube_key_file=str(kube_key),
-        crd_path=str(find_crds()),
+        crd_path=str(istio_crds_path()),
         function_env=dict(function_env or {}),
     )
     if compute_subnet:
@@ -315,15 +316,6 @@ def restart_function(state_dir: Path, port_name: str, sig: int = signal.SIGKILL,
             raise SandboxError(f"the {port_name} process group {old} did not stop")
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("MESHJOIN_", "GCE_METADATA"))}
     return start_function(cfg, procs, port_name, base_env, deadline)
-
-
-def find_crds() -> Path:
-    """Istio's CRDs, handed to the project beside the checkout (../shared/reference)."""
-    for base in (REPO, Path.cwd()):
-        path = base.parent / "shared" / "reference" / "istio" / "vm-crds.yaml"
-        if path.exists():
-            return path
-    raise SandboxError("Istio CRDs not found at ../shared/reference/istio/vm-crds.yaml")
 
 
 def create_app_namespaces(cfg: SandboxConfig) -> None:

@@ -15,6 +15,7 @@ from google.cloud import compute_v1, secretmanager_v1
 from google.oauth2.credentials import Credentials
 
 from meshjoin_sandbox.compute import ComputeEmulator
+from meshjoin_sandbox.crds import istio_crds_path
 from meshjoin_sandbox.control import ControlEmulator
 from meshjoin_sandbox.kube import KubeEmulator
 from meshjoin_sandbox.secretmanager import SecretManagerEmulator
@@ -22,7 +23,7 @@ from meshjoin_sandbox.web import ApiError, serve
 from meshjoin_sandbox.world import World
 
 ZONE = "us-central1-a"
-CRD_PATH = "/work/shared/reference/istio/vm-crds.yaml"
+CRD_PATH = str(istio_crds_path())
 pytestmark = pytest.mark.faults
 
 

@@ -22,11 +22,12 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from meshjoin_sandbox.crds import istio_crds_path
 from meshjoin_sandbox.kube import CelRules, KubeEmulator, json_patch, merge_patch, parse_selector, selector_matches
 from meshjoin_sandbox.web import serve
 from meshjoin_sandbox.world import World
 
-CRD_PATH = "/work/shared/reference/istio/vm-crds.yaml"
+CRD_PATH = str(istio_crds_path())
 GROUP = "networking.istio.io"
 
 

@@ -15,13 +15,14 @@ import yaml
 from meshjoin import bootstrap, names, registration
 from meshjoin.model import Identity, Vm, VmKey
 from meshjoin.settings import Settings
+from meshjoin_sandbox.crds import istio_crds_path
 
 SETTINGS = Settings(project="my-project", cluster="projects/my-project/locations/us-central1/clusters/mesh",
                     istiod_ip="10.0.0.9", network="vpc-1", mesh_id="mesh1")
 KEY = VmKey("my-project", "us-central1-a", "vm-1")
 IDENTITY = Identity("apps", "orders", "orders", "v2", {"http": 8080, "grpc": 9090})
 VM = Vm(KEY, "4242", {"mesh": "join"}, {}, "fp", "10.128.0.7", "vm@my-project.iam.gserviceaccount.com")
-CRDS = Path(__file__).resolve().parents[3] / "shared" / "reference" / "istio" / "vm-crds.yaml"
+CRDS = istio_crds_path()
 
 
 def parse_env(text: str) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""Event decoding: table of push bodies (shapes from ../shared/DESIGN.md) → VM key or a clear refusal."""
+"""Event decoding: table of push bodies (shapes of real audit entries and operator messages) → VM key or a clear refusal."""
 
 from __future__ import annotations
 
