@@ -25,10 +25,14 @@ from .model import VmKey
 MAX_MESSAGE_BYTES = 64 * 1024  # audit entries are a few KiB; anything near Pub/Sub's 10 MB is not ours
 AUDIT_METHODS = frozenset({"compute.instances.insert", "compute.instances.delete", "compute.instances.setLabels"})
 METHOD_PREFIXES = ("v1.", "beta.")
-_RESOURCE = re.compile(r"^projects/([^/]+)/zones/([^/]+)/instances/([^/]+)$")
-_PROJECT = re.compile(r"^(?:[a-z][a-z0-9.-]{0,62}:)?[a-z][-a-z0-9]{4,28}[a-z0-9]$")
-_ZONE = re.compile(r"^[a-z]+-[a-z]+[0-9]+-[a-z]$")
-_INSTANCE = re.compile(r"^[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?$")
+# Patterns are applied with fullmatch: `$` alone would also accept a trailing newline.
+_RESOURCE = re.compile(r"projects/([^/]+)/zones/([^/]+)/instances/([^/]+)")
+_PROJECT = re.compile(r"(?:[a-z][a-z0-9.-]{0,62}:)?[a-z][-a-z0-9]{4,28}[a-z0-9]")
+# Zones are REGION-SUFFIX: the region is letters-letters+digit(s) (us-central1, me-central2,
+# northamerica-northeast1), the suffix a letter (a, b, ...) or a longer form such as the AI zones'
+# `ai1a` (us-central1-ai1a).
+_ZONE = re.compile(r"[a-z]+-[a-z]+[0-9]+-[a-z](?:[a-z0-9]{0,8}[a-z])?")
+_INSTANCE = re.compile(r"[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?")
 
 
 class Ignored(Exception):
@@ -98,7 +102,7 @@ def key_from_audit_entry(entry: dict) -> VmKey:
     if operation.get("first") and not operation.get("last"):
         raise Ignored(f"first entry of {method}; acting on the last")
     resource_name = proto.get("resourceName")
-    match = _RESOURCE.match(resource_name) if isinstance(resource_name, str) else None
+    match = _RESOURCE.fullmatch(resource_name) if isinstance(resource_name, str) else None
     if not match:
         raise BadMessage(f"audit entry resourceName is not projects/P/zones/Z/instances/N: {str(resource_name)[:120]!r}")
     project, zone, instance = match.groups()
@@ -127,6 +131,6 @@ def validated_key(project: str, zone: str, instance: str) -> VmKey:
     """Refuse names GCE could never have issued, so nothing odd flows into API paths or logs."""
     for what, value, pattern in (("project", project, _PROJECT), ("zone", zone, _ZONE),
                                  ("instance", instance, _INSTANCE)):
-        if not pattern.match(value):
+        if not pattern.fullmatch(value):
             raise BadMessage(f"{what} is not a valid GCE name: {value[:80]!r}")
     return VmKey(project, zone, instance)

@@ -13,7 +13,10 @@ from functools import cached_property
 
 from .settings import Settings
 
-SCOPES = ["https://www.googleapis.com/auth/cloud-platform"]
+# userinfo.email as well as cloud-platform: GKE identifies a Google access token by the account's
+# email only when the token carries this scope, by its numeric id otherwise, and the RBAC bindings
+# (deploy/terraform/kubernetes.tf) name the functions' account by email.
+SCOPES = ["https://www.googleapis.com/auth/cloud-platform", "https://www.googleapis.com/auth/userinfo.email"]
 
 
 def utc_now() -> datetime:

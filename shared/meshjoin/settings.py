@@ -19,6 +19,7 @@ PROTECTED_NAMESPACES = frozenset({"istio-system", "kube-system", "kube-public", 
 _DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 _CLUSTER = re.compile(r"^projects/[^/]+/locations/[^/]+/clusters/[^/]+$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # values reach cluster.env and /etc/hosts: one line each
+_TOPIC = re.compile(r"projects/[a-z][-a-z0-9.:]{4,62}/topics/[A-Za-z][-A-Za-z0-9_.~+%]{2,254}")
 _HOST_PORT = re.compile(r"^[A-Za-z0-9](?:[-A-Za-z0-9.]*[A-Za-z0-9])?:[0-9]{1,5}$")
 
 
@@ -70,6 +71,17 @@ class Settings:
     sweep_workers: int = 8
     sidecar_url: str = ""
     sidecar_sha256: str = ""
+    # The VM's own truth (issue 13): where the agent nudges meshjoin after confirming, and how long
+    # a VM may wait unconfirmed before the sweep reports it.
+    events_topic: str = ""  # projects/P/topics/T (a bare id means this project's topic)
+    pubsub_endpoint: str | None = None
+    confirm_timeout: timedelta = timedelta(minutes=15)
+    # Per-minute API quotas of the project, and the share one process may use (issue 13, defect 8).
+    quota_share: float = 0.5
+    secretmanager_reads_per_minute: int = 600
+    secretmanager_writes_per_minute: int = 600
+    compute_reads_per_minute: int = 1500
+    compute_writes_per_minute: int = 1500
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -123,6 +135,8 @@ class Settings:
             ("MESHJOIN_SECRET_PREFIX", "secret_prefix"),
             ("MESHJOIN_SIDECAR_URL", "sidecar_url"),
             ("MESHJOIN_SIDECAR_SHA256", "sidecar_sha256"),
+            ("MESHJOIN_EVENTS_TOPIC", "events_topic"),
+            ("MESHJOIN_PUBSUB_ENDPOINT", "pubsub_endpoint"),
         ]:
             text(name, attr)
         convert("MESHJOIN_ISTIOD_IP", "istiod_ip", _ip_address)
@@ -141,6 +155,17 @@ class Settings:
         convert("MESHJOIN_SWEEP_RENEWALS", "sweep_renewals", _positive_int)
         convert("MESHJOIN_SWEEP_SECONDS", "sweep_seconds", parse_duration)
         convert("MESHJOIN_SWEEP_WORKERS", "sweep_workers", _positive_int)
+        convert("MESHJOIN_CONFIRM_TIMEOUT", "confirm_timeout", parse_duration)
+        convert("MESHJOIN_QUOTA_SHARE", "quota_share", _share)
+        convert("MESHJOIN_SECRETMANAGER_READS_PER_MINUTE", "secretmanager_reads_per_minute", _positive_int)
+        convert("MESHJOIN_SECRETMANAGER_WRITES_PER_MINUTE", "secretmanager_writes_per_minute", _positive_int)
+        convert("MESHJOIN_COMPUTE_READS_PER_MINUTE", "compute_reads_per_minute", _positive_int)
+        convert("MESHJOIN_COMPUTE_WRITES_PER_MINUTE", "compute_writes_per_minute", _positive_int)
+        if "events_topic" in values and "/" not in values["events_topic"]:
+            values["events_topic"] = f"projects/{values['project']}/topics/{values['events_topic']}"
+        if "events_topic" in values and not _TOPIC.fullmatch(values["events_topic"]):
+            raise SettingsError(f"MESHJOIN_EVENTS_TOPIC={values['events_topic']!r} is invalid: "
+                                "want projects/P/topics/T or a topic id")
         settings = cls(**values)
         if settings.cert_ttl < timedelta(minutes=1):
             raise SettingsError(f"MESHJOIN_CERT_TTL must be at least 1m, got {settings.cert_ttl}")
@@ -155,6 +180,13 @@ def _fraction(raw: str) -> float:
     value = float(raw)
     if not 0 <= value < 1:
         raise ValueError("must be a fraction in [0, 1)")
+    return value
+
+
+def _share(raw: str) -> float:
+    value = float(raw)
+    if not 0 < value <= 1:
+        raise ValueError("must be a fraction in (0, 1]")
     return value
 
 

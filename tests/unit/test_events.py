@@ -127,3 +127,28 @@ def test_ignored(body, words):
 def test_rejected(body, words):
     with pytest.raises(BadMessage, match=words):
         decode(body)
+
+
+# Defect 6: real zones the old pattern refused (AI zones, two-part regions with a digit-led suffix),
+# and fullmatch: `$` alone let a trailing newline through.
+@pytest.mark.parametrize("zone", ["us-central1-a", "us-central1-ai1a", "europe-west4-a", "me-central2-b",
+                                  "northamerica-northeast1-c", "asia-southeast1-b", "africa-south1-a",
+                                  "us-south1-ai1b"])
+def test_defect6_every_real_zone_form_is_accepted(zone):
+    for body in (push({"project": "my-project", "zone": zone, "instance": "vm-1"}),
+                 push(audit_entry(resource=f"projects/my-project/zones/{zone}/instances/vm-1"))):
+        assert decode(body) == VmKey("my-project", zone, "vm-1")
+
+
+@pytest.mark.parametrize("zone", ["us-central1-a\n", "us-central1", "us-central1-", "US-central1-a",
+                                  "us-central1-a/x", "global", "us-central1-1a"])
+def test_defect6_zone_lookalikes_are_refused(zone):
+    with pytest.raises(BadMessage, match="zone"):
+        decode(push({"project": "my-project", "zone": zone, "instance": "vm-1"}))
+
+
+def test_defect6_trailing_newline_in_any_name_is_refused():
+    for message in ({"project": "my-project\n", "zone": "us-central1-a", "instance": "vm-1"},
+                    {"project": "my-project", "zone": "us-central1-a", "instance": "vm-1\n"}):
+        with pytest.raises(BadMessage):
+            decode(push(message))

@@ -11,17 +11,29 @@ when the first client is built, not with this module.
 
 from __future__ import annotations
 
+import threading
+import time
 from functools import cached_property
 from typing import Iterator, Mapping
 
 from ..errors import TransientError
 from ..model import Vm, VmKey
 from ..settings import Settings
+from . import ratelimit
 from .retry import call
 
 
 # Metadata values at least this long are kept once per listing however many VMs carry them.
 SHARED_VALUE_BYTES = 1024
+# zoneOperations.wait holds the request up to ~2 minutes server-side ("waits for no more than the
+# default deadline (2 minutes) and then returns the current state of the operation, which might be
+# DONE or still in progress", Compute API reference): the client deadline must exceed that, or
+# every slow operation would look like a hung call.
+OPERATION_WAIT_TIMEOUT = 150.0
+# How long a setMetadata may stay unfinished before the pass gives up (transient: redelivered).
+OPERATION_PATIENCE = 240.0
+# The guest-attribute namespace meshjoin's agent reports in.
+GUEST_NAMESPACE = "meshjoin"
 
 
 class StaleFingerprint(Exception):
@@ -34,6 +46,10 @@ class ComputeAdapter:
         self._credentials = credentials
         self._json_session = None  # for listings (see list_vms)
         self._timeout = settings.api_timeout.total_seconds()
+        self._limiters = ratelimit.shared_limiters(settings)
+        self._project_metadata: dict[str, str] | None = None
+        self._project_metadata_read_at = float("-inf")
+        self._project_lock = threading.Lock()
 
     # The clients are built on first use: a sweep with nothing to do only lists, and compute_v1 alone
     # costs ~100 MB of RSS and over a second to import.
@@ -56,9 +72,10 @@ class ComputeAdapter:
         # Built with the same endpoint: the client's own operation polling would ignore it.
         return self._compute_v1.ZoneOperationsClient(**self._client_kwargs())
 
-    def _call(self, fn, what: str, permission: str, passthrough=()):
-        return call(fn, what=what, permission=permission, attempts=self._settings.api_attempts,
-                    passthrough=passthrough)
+    def _call(self, fn, what: str, permission: str, passthrough=(), kind: str = ratelimit.READ,
+              attempts: int | None = None):
+        return call(fn, what=what, permission=permission, attempts=attempts or self._settings.api_attempts,
+                    passthrough=passthrough, pace=lambda: self._limiters.acquire("compute", kind))
 
     def get_vm(self, key: VmKey) -> Vm | None:
         from google.api_core.exceptions import NotFound
@@ -72,18 +89,24 @@ class ComputeAdapter:
             return None
         return to_vm(key, instance)
 
-    def list_vms(self, label_filter: str, page_size: int = 500) -> Iterator[Vm]:
+    def list_vms(self, label_filter: str, page_size: int = 500, unreachable: set[str] | None = None) -> Iterator[Vm]:
         """Every VM of the project matching `label_filter` (server-side), across zones, paged.
 
         Pages are read as plain JSON, not through compute_v1's types: its JSON-to-protobuf conversion
         scans every string with a regex, three quarters of a 10,000-VM sweep's time (each VM carries
         ~23 kB of metadata). Metadata values repeated across VMs (the startup script) are kept once.
+
+        `returnPartialSuccess=true`: a zone the API cannot reach is named in the answer's
+        `unreachables` (or as a scope whose `warning.code` is UNREACHABLE) instead of failing or
+        silently missing from the listing; those zones are added to `unreachable`, so the caller
+        knows which zones' VMs it did not see (and must neither prune nor re-join them).
         """
         from google.api_core.exceptions import from_http_response
 
         url = f"{self._base_url()}/compute/v1/projects/{self._settings.project}/aggregated/instances"
-        params = {"filter": label_filter, "maxResults": page_size}
+        params = {"filter": label_filter, "maxResults": page_size, "returnPartialSuccess": "true"}
         shared: dict[str, str] = {}
+        unreachable = set() if unreachable is None else unreachable
 
         def page() -> dict:
             response = self._session().get(url, params=params, timeout=self._timeout)
@@ -93,6 +116,7 @@ class ComputeAdapter:
 
         while True:
             body = self._call(page, "instances.aggregatedList", "compute.instances.list")
+            unreachable.update(unreachable_zones(body))
             for scope, scoped in (body.get("items") or {}).items():
                 zone = scope.rsplit("/", 1)[-1]
                 for instance in scoped.get("instances") or []:
@@ -100,6 +124,58 @@ class ComputeAdapter:
             if not body.get("nextPageToken"):
                 return
             params["pageToken"] = body["nextPageToken"]
+
+    def guest_attributes(self, key: VmKey) -> dict[str, str]:
+        """What the VM's agent reported under guest attributes `meshjoin/` (instances.getGuestAttributes).
+
+        The API answers 404 when the namespace holds nothing yet (or guest attributes are disabled):
+        that is "not confirmed", an empty dict. Values are the VM's own words: callers validate them.
+        """
+        from google.api_core.exceptions import NotFound, from_http_response
+
+        url = (f"{self._base_url()}/compute/v1/projects/{key.project}/zones/{key.zone}/instances/{key.instance}"
+               "/getGuestAttributes")
+
+        def read() -> dict:
+            response = self._session().get(url, params={"queryPath": f"{GUEST_NAMESPACE}/"}, timeout=self._timeout)
+            if response.status_code >= 400:
+                raise from_http_response(response)
+            return response.json()
+
+        try:
+            body = self._call(read, f"instances.getGuestAttributes {key}", "compute.instances.getGuestAttributes",
+                              passthrough=(NotFound,))
+        except NotFound:
+            return {}
+        return guest_items(body)
+
+    def project_metadata(self) -> dict[str, str]:
+        """The project's common instance metadata (projects.get), cached like the CA (`MESHJOIN_CA_CACHE`).
+
+        meshjoin needs one fact from it: whether the project runs its own `startup-script` on every
+        VM, which an instance-level one would silently replace.
+        """
+        from google.api_core.exceptions import from_http_response
+
+        with self._project_lock:
+            if self._project_metadata is not None and \
+                    time.monotonic() - self._project_metadata_read_at < self._settings.ca_cache.total_seconds():
+                return self._project_metadata
+            url = f"{self._base_url()}/compute/v1/projects/{self._settings.project}"
+
+            def read() -> dict:
+                response = self._session().get(url, params={"fields": "commonInstanceMetadata"},
+                                               timeout=self._timeout)
+                if response.status_code >= 400:
+                    raise from_http_response(response)
+                return response.json()
+
+            body = self._call(read, f"projects.get {self._settings.project}", "compute.projects.get")
+            items = (body.get("commonInstanceMetadata") or {}).get("items") or []
+            self._project_metadata = {i["key"]: i.get("value", "") for i in items
+                                      if isinstance(i, dict) and isinstance(i.get("key"), str)}
+            self._project_metadata_read_at = time.monotonic()
+            return self._project_metadata
 
     def _base_url(self) -> str:
         endpoint = self._settings.compute_endpoint or "compute.googleapis.com"
@@ -133,22 +209,51 @@ class ComputeAdapter:
                     project=key.project, zone=key.zone, instance=key.instance, metadata_resource=body, retry=None,
                     timeout=self._timeout),
                 f"instances.setMetadata {key}", "compute.instances.setMetadata",
-                passthrough=(PreconditionFailed,))
+                passthrough=(PreconditionFailed,), kind=ratelimit.WRITE)
         except PreconditionFailed as exc:
             raise StaleFingerprint(str(key)) from exc
         self._wait(key, operation.name)
 
-    def _wait(self, key: VmKey, operation: str) -> None:
-        for _ in range(30):  # `wait` returns after ~2 minutes at most; a stuck operation is transient
-            result = self._call(
-                lambda: self._operations.wait(project=key.project, zone=key.zone, operation=operation, retry=None,
-                                              timeout=self._timeout),
-                f"zoneOperations.wait {operation}", "compute.zoneOperations.get")
+    def _wait(self, key: VmKey, operation: str, patience: float = OPERATION_PATIENCE) -> None:
+        """Until the operation is DONE: `wait` calls whose client deadline exceeds the server's ~2 min
+        hold, repeated (a wait may return early, still RUNNING) until `patience` runs out."""
+        deadline = time.monotonic() + patience
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            timeout = max(self._timeout, min(OPERATION_WAIT_TIMEOUT, deadline - time.monotonic() + 1))
+            try:
+                result = self._call(
+                    lambda: self._operations.wait(project=key.project, zone=key.zone, operation=operation,
+                                                  retry=None, timeout=timeout),
+                    f"zoneOperations.wait {operation}", "compute.zoneOperations.get", attempts=1)
+            except TransientError as exc:  # a lost answer: ask again while patience lasts
+                last_error = exc
+                time.sleep(1.0)
+                continue
             if result.status == self._compute_v1.Operation.Status.DONE:
                 if result.error and result.error.errors:
                     raise TransientError(f"operation {operation} on {key} failed: {result.error.errors[0].message}")
                 return
-        raise TransientError(f"operation {operation} on {key} did not finish")
+        raise TransientError(f"operation {operation} on {key} did not finish within {patience:.0f}s"
+                             + (f" ({last_error})" if last_error else ""))
+
+
+def unreachable_zones(body: dict) -> set[str]:
+    """Zones an aggregatedList page could not reach: `unreachables` and scopes warned UNREACHABLE."""
+    zones = {str(scope).rsplit("/", 1)[-1] for scope in body.get("unreachables") or []}
+    for scope, scoped in (body.get("items") or {}).items():
+        warning = (scoped or {}).get("warning") or {}
+        if warning.get("code") == "UNREACHABLE":
+            zones.add(scope.rsplit("/", 1)[-1])
+    return zones
+
+
+def guest_items(body: dict) -> dict[str, str]:
+    """`{key: value}` of the meshjoin namespace from a getGuestAttributes answer (queryPath form)."""
+    items = ((body or {}).get("queryValue") or {}).get("items") or []
+    return {item["key"]: item["value"] for item in items
+            if isinstance(item, dict) and item.get("namespace") == GUEST_NAMESPACE
+            and isinstance(item.get("key"), str) and isinstance(item.get("value"), str)}
 
 
 def to_vm(key: VmKey, instance) -> Vm:

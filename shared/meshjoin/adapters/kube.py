@@ -15,7 +15,7 @@ from typing import Iterator
 from .. import names
 from ..errors import ApiPermissionError, ConflictError, PermanentError, TransientError
 from ..settings import Settings
-from .retry import call
+from .retry import QuotaExceeded, call
 
 ISTIO = "/apis/networking.istio.io/v1"
 # Kinds meshjoin writes: (path under the namespace, cluster-wide list path).
@@ -25,6 +25,13 @@ PATHS = {
     "ServiceAccount": ("/api/v1", "serviceaccounts"),
 }
 RBAC_VERBS = {"GET": "get", "POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 class KubeApiError(PermanentError):
@@ -78,7 +85,7 @@ class KubeAdapter:
         config.api_key["authorization"] = self._credentials.token
 
     def _request(self, method: str, path: str, *, query: dict | None = None, body: dict | list | None = None,
-                 content_type: str = "application/json") -> tuple[int, dict]:
+                 content_type: str = "application/json") -> tuple[int, dict, str | None]:
         api = self._client()
         headers = {"Accept": "application/json"}
         if body is not None:
@@ -91,17 +98,21 @@ class KubeAdapter:
             data = json.loads(raw) if raw else {}
         except ValueError:
             data = {"message": raw[:200].decode(errors="replace")}
-        return response.status, data
+        getheader = getattr(response, "getheader", None)
+        return response.status, data, getheader("Retry-After") if getheader else None
 
     def _do(self, method: str, path: str, *, ok: tuple[int, ...] = (200, 201), **kwargs) -> tuple[int, dict]:
         """One API call with retry of transient failures; non-`ok` statuses become errors."""
 
         def attempt():
             try:
-                status, data = self._request(method, path, **kwargs)
+                status, data, retry_after = self._request(method, path, **kwargs)
             except Exception as exc:  # urllib3 connection/timeout errors surface as various types
                 raise TransientError(f"kubernetes {method} {path}: {type(exc).__name__}: {exc}") from exc
-            if status == 429 or status >= 500:
+            if status == 429:  # API Priority and Fairness: back off as long as the server asks
+                raise QuotaExceeded(f"kubernetes {method} {path}: 429 {data.get('message', '')}",
+                                    _seconds(retry_after))
+            if status >= 500:
                 raise TransientError(f"kubernetes {method} {path}: {status} {data.get('message', '')}")
             return status, data
 

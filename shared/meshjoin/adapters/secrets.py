@@ -18,6 +18,8 @@ from .. import names, pki
 from ..errors import CaMaterialError, TransientError
 from ..model import VmKey
 from ..settings import Settings
+from . import ratelimit
+from .ratelimit import ACCESS, READ, WRITE
 from .retry import call
 
 ACCESSOR_ROLE = "roles/secretmanager.secretAccessor"
@@ -50,10 +52,12 @@ class SecretsAdapter:
         self._ca: PluginCa | None = None
         self._ca_read_at = float("-inf")
         self._ca_lock = threading.Lock()
+        self._limiters = ratelimit.shared_limiters(settings)
 
-    def _call(self, fn, what: str, permission: str, passthrough=()):
+    def _call(self, fn, what: str, permission: str, passthrough=(), *, kind: str):
+        """One call, paced by this process's share of the quota it counts against (`kind`)."""
         return call(fn, what=what, permission=permission, attempts=self._settings.api_attempts,
-                    passthrough=passthrough)
+                    passthrough=passthrough, pace=lambda: self._limiters.acquire("secretmanager", kind))
 
     def _secret_path(self, secret_id: str) -> str:
         return f"projects/{self._settings.project}/secrets/{secret_id}"
@@ -92,7 +96,7 @@ class SecretsAdapter:
         request = self._sm.ListSecretVersionsRequest(parent=self._secret_path(secret_id), filter="state:ENABLED")
         pager = self._call(lambda: self._client.list_secret_versions(request=request, retry=None,
                                                                      timeout=self._timeout),
-                           f"list versions of {secret_id}", "secretmanager.versions.list")
+                           f"list versions of {secret_id}", "secretmanager.versions.list", kind=READ)
         names_ = [v.name for v in pager if v.state == self._sm.SecretVersion.State.ENABLED]
         if not names_:
             raise CaMaterialError(f"secret {secret_id} has no enabled version")
@@ -103,18 +107,32 @@ class SecretsAdapter:
 
     def _access(self, name: str) -> tuple[str, bytes]:
         response = self._call(lambda: self._client.access_secret_version(name=name, retry=None, timeout=self._timeout),
-                              f"access {name}", "secretmanager.versions.access")
+                              f"access {name}", "secretmanager.versions.access", kind=ACCESS)
         return response.name, response.payload.data
 
     # --- per-VM secrets -------------------------------------------------------------------------
 
-    def store_vm_material(self, key: VmKey, cert: pki.WorkloadCert, reader_service_account: str) -> str:
-        """Add a version holding the VM's key and chain; returns the version's resource name."""
+    def store_vm_material(self, key: VmKey, cert: pki.WorkloadCert, reader_service_account: str,
+                          exists: bool = False) -> str:
+        """Add a version holding the VM's key and chain; returns the version's resource name.
+
+        `exists` (a renewal: the status names a version of this secret) skips the create call, one
+        write of the Secret Manager quota saved per renewal; a secret deleted meanwhile (404 on
+        addSecretVersion) is created after all.
+        """
         # The REST transport maps ALREADY_EXISTS to its HTTP status: Conflict (409).
-        from google.api_core.exceptions import Conflict
+        from google.api_core.exceptions import Conflict, NotFound
 
         secret_id = self.vm_secret_id(key)
         parent = self._secret_path(secret_id)
+        payload = json.dumps({"key.pem": cert.key_pem, "cert-chain.pem": cert.chain_pem,
+                              "root-cert.pem": cert.root_pem}).encode()
+        if exists:
+            self._restrict_access(parent, reader_service_account, missing_ok=True)
+            try:
+                return self._add_version(secret_id, parent, payload, passthrough=(NotFound,))
+            except NotFound:
+                pass
         secret = self._sm.Secret(
             replication=self._sm.Replication(automatic=self._sm.Replication.Automatic()),
             labels={names.SECRET_OWNER_LABEL: names.MANAGED_BY, "meshjoin-zone": key.zone,
@@ -124,26 +142,28 @@ class SecretsAdapter:
             self._call(lambda: self._client.create_secret(
                 parent=f"projects/{self._settings.project}", secret_id=secret_id, secret=secret, retry=None,
                 timeout=self._timeout),
-                f"create secret {secret_id}", "secretmanager.secrets.create", passthrough=(Conflict,))
+                f"create secret {secret_id}", "secretmanager.secrets.create", passthrough=(Conflict,), kind=WRITE)
             created = True
         except Conflict:
             created = False
         self._restrict_access(parent, reader_service_account, created=created)
-        payload = json.dumps({"key.pem": cert.key_pem, "cert-chain.pem": cert.chain_pem,
-                              "root-cert.pem": cert.root_pem}).encode()
+        return self._add_version(secret_id, parent, payload)
+
+    def _add_version(self, secret_id: str, parent: str, payload: bytes, passthrough=()) -> str:
         version = self._call(lambda: self._client.add_secret_version(
             parent=parent, payload=self._sm.SecretPayload(data=payload), retry=None, timeout=self._timeout),
-            f"add version to {secret_id}", "secretmanager.versions.add")
+            f"add version to {secret_id}", "secretmanager.versions.add", passthrough=passthrough, kind=WRITE)
         return version.name
 
-    def _restrict_access(self, secret: str, reader_service_account: str, created: bool = False) -> None:
+    def _restrict_access(self, secret: str, reader_service_account: str, created: bool = False,
+                         missing_ok: bool = False) -> None:
         """Exactly one binding: the VM's own service account may access; set only if different.
 
         A secret this call just created has the empty policy: it is set without reading it first.
         A stale etag (ABORTED, 409 over REST: a concurrent writer, or our own earlier set whose answer
         was lost) means read again and decide again.
         """
-        from google.api_core.exceptions import Conflict
+        from google.api_core.exceptions import Conflict, NotFound
         from google.iam.v1 import iam_policy_pb2, policy_pb2
 
         wanted = [(ACCESSOR_ROLE, (f"serviceAccount:{reader_service_account}",))]
@@ -152,9 +172,14 @@ class SecretsAdapter:
                 policy = policy_pb2.Policy()
                 created = False
             else:
-                policy = self._call(lambda: self._client.get_iam_policy(
-                    request=iam_policy_pb2.GetIamPolicyRequest(resource=secret), retry=None, timeout=self._timeout),
-                    f"getIamPolicy {secret}", "secretmanager.secrets.getIamPolicy")
+                try:
+                    policy = self._call(lambda: self._client.get_iam_policy(
+                        request=iam_policy_pb2.GetIamPolicyRequest(resource=secret), retry=None,
+                        timeout=self._timeout),
+                        f"getIamPolicy {secret}", "secretmanager.secrets.getIamPolicy",
+                        passthrough=(NotFound,) if missing_ok else (), kind=READ)
+                except NotFound:
+                    return  # the caller creates the secret (and sets its policy) next
             current = [(b.role, tuple(sorted(b.members))) for b in policy.bindings]
             if current == wanted:
                 return
@@ -165,7 +190,7 @@ class SecretsAdapter:
                 self._call(lambda: self._client.set_iam_policy(
                     request=iam_policy_pb2.SetIamPolicyRequest(resource=secret, policy=new_policy), retry=None,
                     timeout=self._timeout),
-                    f"setIamPolicy {secret}", "secretmanager.secrets.setIamPolicy", passthrough=(Conflict,))
+                    f"setIamPolicy {secret}", "secretmanager.secrets.setIamPolicy", passthrough=(Conflict,), kind=WRITE)
                 return
             except Conflict:
                 continue
@@ -182,7 +207,7 @@ class SecretsAdapter:
             self._call(lambda: self._client.destroy_secret_version(name=version_name, retry=None,
                                                                    timeout=self._timeout),
                        f"destroy {version_name}", "secretmanager.versions.destroy",
-                       passthrough=(NotFound, BadRequest))
+                       passthrough=(NotFound, BadRequest), kind=WRITE)
         except (NotFound, BadRequest):
             pass  # already gone or destroyed: the goal holds
 
@@ -197,7 +222,7 @@ class SecretsAdapter:
         request = self._sm.ListSecretVersionsRequest(parent=self._secret_path(secret_id), filter="state:ENABLED")
         pager = self._call(lambda: self._client.list_secret_versions(request=request, retry=None,
                                                                      timeout=self._timeout),
-                           f"list versions of {secret_id}", "secretmanager.versions.list")
+                           f"list versions of {secret_id}", "secretmanager.versions.list", kind=READ)
         stale = [v.name for v in pager if v.state == self._sm.SecretVersion.State.ENABLED
                  and _version_number(v.name) not in kept
                  and (_version_number(v.name) < delivered_number
@@ -214,7 +239,7 @@ class SecretsAdapter:
         try:
             self._call(lambda: self._client.delete_secret(name=self._secret_path(secret_id), retry=None,
                                                           timeout=self._timeout),
-                       f"delete secret {secret_id}", "secretmanager.secrets.delete", passthrough=(NotFound,))
+                       f"delete secret {secret_id}", "secretmanager.secrets.delete", passthrough=(NotFound,), kind=WRITE)
         except NotFound:
             return False
         return True
@@ -226,22 +251,23 @@ class SecretsAdapter:
             filter=f"labels.{names.SECRET_OWNER_LABEL}={names.MANAGED_BY}")
         pager = self._call(lambda: self._client.list_secrets(request=request, retry=None, timeout=self._timeout),
                            "list secrets",
-                           "secretmanager.secrets.list")
-        iterator = iter(pager)
+                           "secretmanager.secrets.list", kind=READ)
+        pages = iter(pager.pages)  # one request per page (the first came with list_secrets): paced per page
         while True:
             try:
-                secret = self._call(lambda: next(iterator), "list secrets page", "secretmanager.secrets.list",
-                                    passthrough=(StopIteration,))
+                page = self._call(lambda: next(pages), "list secrets page", "secretmanager.secrets.list",
+                                  passthrough=(StopIteration,), kind=READ)
             except StopIteration:
                 return
-            labels = dict(secret.labels)
-            zone, instance = labels.get("meshjoin-zone"), labels.get("meshjoin-instance")
-            if zone and instance:
-                yield VmKey(self._settings.project, zone, instance), secret.name
+            for secret in page.secrets:
+                labels = dict(secret.labels)
+                zone, instance = labels.get("meshjoin-zone"), labels.get("meshjoin-instance")
+                if zone and instance:
+                    yield VmKey(self._settings.project, zone, instance), secret.name
 
     def read_vm_material(self, version_name: str) -> dict[str, str]:
         """The delivered JSON (tests and `meshjoin explain`); callers must not log it."""
         response = self._call(lambda: self._client.access_secret_version(name=version_name, retry=None,
                                                                          timeout=self._timeout),
-                              f"access {version_name}", "secretmanager.versions.access")
+                              f"access {version_name}", "secretmanager.versions.access", kind=ACCESS)
         return json.loads(response.payload.data)
