@@ -18,6 +18,10 @@ from .model import Identity, VmKey
 from .settings import Settings
 
 CERT_DIR = "/etc/certs"
+# What the agent reports as guest attribute meshjoin/agent-version; bump with the template.
+AGENT_VERSION = "2"
+GUEST_NAMESPACE = "meshjoin"
+PUBSUB_ENDPOINT = "https://pubsub.googleapis.com"
 # Ports istio-agent and envoy use on the VM itself (istioctl writes the same list).
 LOCAL_EXCLUDE_PORTS = "15090,15021,15020"
 
@@ -98,9 +102,12 @@ def startup_script() -> str:
         "sidecar_url": names.SIDECAR_URL_KEY,
         "sidecar_sha256": names.SIDECAR_SHA256_KEY,
         "status": names.STATUS_KEY,
+        "events_topic": names.EVENTS_TOPIC_KEY,
+        "pubsub_endpoint": names.PUBSUB_ENDPOINT_KEY,
     }
     return env.get_template("startup-script.sh.j2").render(marker=names.STARTUP_SCRIPT_MARKER, keys=keys,
-                                                           cert_dir=CERT_DIR)
+                                                           cert_dir=CERT_DIR, agent_version=AGENT_VERSION,
+                                                           guest_namespace=GUEST_NAMESPACE)
 
 
 def bootstrap_items(key: VmKey, identity: Identity, settings: Settings, *, root_pem: str,
@@ -117,6 +124,12 @@ def bootstrap_items(key: VmKey, identity: Identity, settings: Settings, *, root_
     if settings.sidecar_url:
         items[names.SIDECAR_URL_KEY] = settings.sidecar_url
         items[names.SIDECAR_SHA256_KEY] = settings.sidecar_sha256
+    if settings.events_topic:  # the agent's nudge after it confirmed (the sweep catches up without it)
+        items[names.EVENTS_TOPIC_KEY] = settings.events_topic
+        items[names.PUBSUB_ENDPOINT_KEY] = settings.pubsub_endpoint or PUBSUB_ENDPOINT
+    # The agent confirms through guest attributes, which GCE enables per VM by this item
+    # (the reconcile keeps an owner's own value of it).
+    items[names.GUEST_ATTRIBUTES_KEY] = "TRUE"
     return items
 
 

@@ -106,7 +106,7 @@ def cli(verbose: bool):
     configure(logging.INFO if verbose else logging.WARNING, stream=sys.stderr)
 
 
-STATE_STYLE = {"joined": "green", "denied": "red", "error": "red", "pending": "yellow",
+STATE_STYLE = {"joined": "green", "waiting": "cyan", "denied": "red", "error": "red", "pending": "yellow",
                "orphaned": "magenta", "expiring": "yellow", "left": "dim"}
 
 
@@ -137,7 +137,8 @@ def status(as_json: bool):
             table.add_row(r.name, r.zone, identity, r.address, state, r.cert_not_after, left, r.updated[:19])
         console = _console()
         console.print(table)
-        attention = [r for r in rows if r.state in ("denied", "error", "pending", "orphaned", "expiring")]
+        attention = [r for r in rows if r.state in ("waiting", "denied", "error", "pending", "orphaned",
+                                                     "expiring")]
         for r in attention:
             console.print(f"[{STATE_STYLE.get(r.state, 'white')}]{r.name}[/]: {r.reason}")
     for error in inventory.errors:
@@ -166,7 +167,9 @@ def explain(vm: str, zone: str | None, as_json: bool):
     observed = rt.compute.get_vm(key)
     entries = list(rt.kube.list("WorkloadEntry", f"{names.MANAGED_BY_LABEL}={names.MANAGED_BY},"
                                                  f"{names.VM_LABEL}={key.instance}"))
-    result = explain_vm(key, observed, rt.settings, entry_exists=bool(entries), now=_now())
+    # The VM's own report (guest attributes meshjoin/*): what the agent says it holds.
+    report = rt.compute.guest_attributes(key) if observed is not None and observed.wants_mesh else {}
+    result = explain_vm(key, observed, rt.settings, entry_exists=bool(entries), now=_now(), agent_report=report)
     if as_json:
         click.echo(json.dumps(result.__dict__, indent=2, default=str))
         return

@@ -8,18 +8,18 @@ from datetime import datetime
 from . import bootstrap, names
 from .model import Denial, Vm, VmKey
 from .policy import decide_identity
-from .reconcile import Delivered
+from .reconcile import RUN_AGENT_REMEDY, AgentReport, Delivered
 from .settings import Settings
 from .sweep import Inventory, entry_key
 
-ATTENTION = {"denied", "error", "pending", "orphaned", "expiring"}
+ATTENTION = {"waiting", "denied", "error", "pending", "orphaned", "expiring"}
 
 
 @dataclass
 class FleetRow:
     name: str
     zone: str
-    state: str  # joined | denied | error | pending | orphaned | left | expiring
+    state: str  # joined | waiting | denied | error | pending | orphaned | left | expiring | unreachable
     namespace: str = ""
     service_account: str = ""
     address: str = ""
@@ -27,6 +27,7 @@ class FleetRow:
     cert_seconds_left: int | None = None
     updated: str = ""
     reason: str = ""
+    agent: str = ""  # the VM agent's own report, as meshjoin last read it
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -43,6 +44,7 @@ def fleet_rows(inventory: Inventory, now: datetime) -> list[FleetRow]:
                        reason=status.get("reason", "" if status else "no event handled yet"))
         namespace, _, account = _identity_parts(status.get("identity", ""))
         row.namespace, row.service_account = namespace, account
+        row.agent = status.get("agent", "")
         delivered = Delivered.from_status(status)
         if delivered and state == "joined":
             row.cert_not_after = status["certNotAfter"]
@@ -54,6 +56,10 @@ def fleet_rows(inventory: Inventory, now: datetime) -> list[FleetRow]:
     for key in sorted(k for k in registered if k is not None and k not in inventory.vms):
         entry = registered.get(key)
         namespace = entry["metadata"]["namespace"] if entry else ""
+        if key.zone in inventory.unreachable_zones:
+            rows.append(FleetRow(key.instance, key.zone, "unreachable", namespace=namespace,
+                                 reason=f"zone {key.zone} did not answer the listing; left as it is"))
+            continue
         rows.append(FleetRow(key.instance, key.zone, "orphaned", namespace=namespace,
                              address=(entry or {}).get("spec", {}).get("address", ""),
                              reason="registered but no labelled VM: the next sweep prunes it"))
@@ -77,9 +83,11 @@ class Explanation:
     advice: list[str] = field(default_factory=list)
 
 
-def explain(key: VmKey, vm: Vm | None, settings: Settings, *, entry_exists: bool, now: datetime) -> Explanation:
+def explain(key: VmKey, vm: Vm | None, settings: Settings, *, entry_exists: bool, now: datetime,
+            agent_report: dict[str, str] | None = None) -> Explanation:
     """Why this VM is, or is not, in the mesh, and what to do about it."""
     out = Explanation(str(key))
+    report = AgentReport.from_attributes(agent_report or {})
     if vm is None:
         out.decision = "absent: the VM does not exist"
         out.advice.append(f"check the name and zone (looked for {key})")
@@ -94,6 +102,8 @@ def explain(key: VmKey, vm: Vm | None, settings: Settings, *, entry_exists: bool
         "service account": vm.service_account or "(none)",
         "mesh-ports": vm.metadata.get("mesh-ports", "(none)"),
         "WorkloadEntry present": entry_exists,
+        "agent report": (report.describe() + (f" (updated {report.updated})" if report.updated else ""))
+        if report else "none (guest attributes meshjoin/ are empty)",
     }
     if not vm.wants_mesh:
         out.decision = "not requested: the VM has no label mesh=join"
@@ -113,6 +123,22 @@ def explain(key: VmKey, vm: Vm | None, settings: Settings, *, entry_exists: bool
     elif state == "error":
         out.advice.append(f"the last attempt failed: {status.get('reason')}; fix that, then "
                           f"`meshjoin join {key.instance}`")
+    elif state == "waiting":
+        delivered = Delivered.from_status(status)
+        serial = delivered.serial if delivered else "?"
+        out.advice.append(f"meshjoin delivered certificate {serial}; the VM has not confirmed it, so it receives no "
+                          "mesh traffic (no WorkloadEntry yet)")
+        if report is None:
+            out.advice.append(f"its agent never reported: {RUN_AGENT_REMEDY}")
+        elif report.cert_serial != serial:
+            out.advice.append(f"its agent reports certificate {report.cert_serial or 'none'}: it has not picked up "
+                              f"the delivery; {RUN_AGENT_REMEDY}, and read `journalctl -t meshjoin` on the VM")
+        elif report.sidecar != "running":
+            out.advice.append(f"its sidecar is {report.sidecar or 'unknown'}: `journalctl -u istio.service` on the VM "
+                              "says why")
+        else:
+            out.advice.append("its agent has confirmed: the next event or sweep makes it joined "
+                              f"(`meshjoin join {key.instance}` does it now)")
     elif state == "joined":
         delivered = Delivered.from_status(status)
         if not entry_exists:

@@ -19,10 +19,13 @@ ROOT_CERT_KEY = "meshjoin-root-cert"
 HOSTS_KEY = "meshjoin-hosts"
 SIDECAR_URL_KEY = "meshjoin-sidecar-url"
 SIDECAR_SHA256_KEY = "meshjoin-sidecar-sha256"
+EVENTS_TOPIC_KEY = "meshjoin-events-topic"  # where the agent nudges meshjoin after confirming
+PUBSUB_ENDPOINT_KEY = "meshjoin-pubsub-endpoint"
+GUEST_ATTRIBUTES_KEY = "enable-guest-attributes"  # GCE's switch; the agent reports through them
 STARTUP_SCRIPT_KEY = "startup-script"
 STARTUP_SCRIPT_MARKER = "# meshjoin-startup-script"
 MESHJOIN_KEYS = (STATUS_KEY, SECRET_KEY, CLUSTER_ENV_KEY, MESH_CONFIG_KEY, ROOT_CERT_KEY, HOSTS_KEY,
-                 SIDECAR_URL_KEY, SIDECAR_SHA256_KEY)
+                 SIDECAR_URL_KEY, SIDECAR_SHA256_KEY, EVENTS_TOPIC_KEY, PUBSUB_ENDPOINT_KEY)
 
 
 def entry_name(key: VmKey) -> str:

@@ -7,6 +7,12 @@ so duplicates and reordering converge to the same end state.
 Write order makes every prefix of a join safe to repeat: per-VM secret version → cluster
 objects → instance metadata (bootstrap + `meshjoin-status`). The status is written last, so
 `joined` is only ever claimed once everything it names exists.
+
+The VM's own truth: meshjoin's part (secret, bootstrap) makes a VM `waiting`; only when the VM's
+agent reports, through guest attributes, the certificate meshjoin delivered and a running sidecar
+is it `joined` and given its WorkloadEntry (what Services select). A VM that never confirms holds
+its bootstrap but receives no traffic. Confirmation is kept across renewals of the same VM
+incarnation and identity (the sidecar already serves; the agent picks renewals up by itself).
 """
 
 from __future__ import annotations
@@ -27,6 +33,12 @@ from .policy import decide_identity
 from .settings import Settings
 
 MAX_METADATA_RACES = 5
+# Why a certificate is minted that starts a VM's confirmation anew (a new VM or a new identity);
+# renewals, re-issues and forced mints keep an earlier confirmation.
+FIRST_DELIVERY = frozenset({"no certificate delivered yet", "the VM was recreated", "the identity changed"})
+SIDECAR_STATES = frozenset({"running", "stopped", "failed"})
+RUN_AGENT_REMEDY = ("GCE runs startup-script only at boot: reboot the VM, or run "
+                    "`sudo google_metadata_script_runner startup` on it")
 MAX_BACKDATE = timedelta(minutes=5)  # tolerate VM clock skew without eating short test TTLs
 # Longer than any pass can live (the functions time out after 300 s / 540 s, deploy/terraform/main.tf).
 ORPHAN_VERSION_AGE = timedelta(minutes=15)
@@ -52,6 +64,7 @@ class Delivered:
     secret_version: str
     not_before: datetime
     not_after: datetime
+    serial: str = ""  # hex, lowercase, no leading zeros (what the agent reports as cert-serial)
 
     @classmethod
     def from_status(cls, status: dict) -> "Delivered | None":
@@ -61,7 +74,7 @@ class Delivered:
             if not all(isinstance(value, str) for value in fields):
                 return None
             return cls(*fields, not_before=_parse_time(status["certNotBefore"]),
-                       not_after=_parse_time(status["certNotAfter"]))
+                       not_after=_parse_time(status["certNotAfter"]), serial=str(status.get("certSerial", "")))
         except (KeyError, TypeError, ValueError, AttributeError):
             return None
 
@@ -75,6 +88,64 @@ def _parse_time(value: str) -> datetime:
 
 def _rfc3339(value: datetime) -> str:
     return value.isoformat().replace("+00:00", "Z")
+
+
+def serial_hex(serial: int) -> str:
+    return format(serial, "x")
+
+
+def normalize_serial(value: str) -> str | None:
+    """A reported serial as `serial_hex` writes it (openssl prints upper case, maybe with colons)."""
+    text = value.strip().lower().replace(":", "")
+    if text.startswith("serial="):
+        text = text[len("serial="):]
+    if not text or len(text) > 64 or any(c not in "0123456789abcdef" for c in text):
+        return None
+    return text.lstrip("0") or "0"
+
+
+@dataclass(frozen=True)
+class AgentReport:
+    """What the VM's agent said about itself (guest attributes `meshjoin/*`), validated: the VM owner
+    controls every byte of it, so it only ever confirms their own VM."""
+
+    agent_version: str = ""
+    cert_serial: str = ""
+    sidecar: str = ""
+    updated: str = ""
+
+    @classmethod
+    def from_attributes(cls, attributes: dict[str, str]) -> "AgentReport | None":
+        if not attributes:
+            return None
+
+        def printable(key: str, limit: int = 64) -> str:
+            value = attributes.get(key, "")
+            return value[:limit] if isinstance(value, str) and value[:limit].isprintable() else ""
+
+        sidecar = attributes.get("sidecar", "")
+        return cls(agent_version=printable("agent-version"),
+                   cert_serial=normalize_serial(attributes.get("cert-serial", "")) or "",
+                   sidecar=sidecar if sidecar in SIDECAR_STATES else "",
+                   updated=printable("updated", 40))
+
+    def describe(self) -> str:
+        # No timestamp: the status (which holds this) is rewritten only when the report's facts change.
+        return (f"agent {self.agent_version or '?'} reports certificate {self.cert_serial or 'none'}, "
+                f"sidecar {self.sidecar or 'unknown'}")
+
+
+def confirmed(report: AgentReport | None, delivered_serial: str) -> bool:
+    """Whether the agent confirmed holding the certificate meshjoin delivered, with its sidecar running. Pure."""
+    return report is not None and bool(delivered_serial) and report.cert_serial == delivered_serial \
+        and report.sidecar == "running"
+
+
+def waiting_reason(spiffe: str, serial: str, report: AgentReport | None) -> str:
+    said = report.describe() if report else "the VM's agent has not reported yet"
+    return (f"waiting for the VM to confirm {spiffe}: meshjoin delivered certificate {serial}; {said}. "
+            f"Until it confirms it receives no mesh traffic. If the VM was running when it was labelled: "
+            f"{RUN_AGENT_REMEDY}; the agent's log is `journalctl -t meshjoin`")
 
 
 RENEWAL_DUE = "the certificate reached its renewal point"
@@ -107,7 +178,7 @@ def has_traces(vm: Vm) -> bool:
     if any(k in vm.metadata for k in names.MESHJOIN_KEYS if k != names.STATUS_KEY):
         return True
     state = bootstrap.parse_status(vm.metadata.get(names.STATUS_KEY)).get("state")
-    return state in ("joined", "error")
+    return state in ("joined", "waiting", "error")
 
 
 class Reconciler:
@@ -192,36 +263,80 @@ class Reconciler:
             delivered = None  # the status names a secret that is not this VM's: never point the VM at it
         why_new = needs_new_cert(delivered, vm=vm, spiffe=spiffe, ca_fingerprint=ca.fingerprint, now=now,
                                  settings=self.settings, force=force and not minted)
+        was_confirmed = status.get("state") == "joined" and bool(status.get("confirmedSerial"))
         if why_new:
             cert = pki.issue_workload_cert(ca.bundle, spiffe, now=now, ttl=self.settings.cert_ttl,
                                            key_algorithm=self.settings.key_algorithm,
                                            backdate=min(MAX_BACKDATE, self.settings.cert_ttl / 10))
-            version = self.secrets.store_vm_material(vm.key, cert, vm.service_account)
+            version = self.secrets.store_vm_material(vm.key, cert, vm.service_account,
+                                                     exists=delivered is not None)
             minted.append(version)
             superseded = delivered.secret_version if delivered else None
-            delivered = Delivered(spiffe, vm.instance_id, ca.fingerprint, version, cert.not_before, cert.not_after)
+            delivered = Delivered(spiffe, vm.instance_id, ca.fingerprint, version, cert.not_before, cert.not_after,
+                                  serial_hex(cert.serial))
+            if why_new in FIRST_DELIVERY:
+                was_confirmed = False  # a new VM or identity confirms afresh
         else:
             superseded = status.get("previousSecret")
 
-        entry = self._register(vm, identity, delivered.not_after, previous=status.get("workloadEntry"))
+        # The VM's own truth: until its agent confirms, meshjoin has done its part but the VM serves nothing.
+        report = None
+        confirmed_serial = status.get("confirmedSerial") if was_confirmed else None
+        if not was_confirmed and why_new not in FIRST_DELIVERY:  # a serial minted just now cannot be reported yet
+            report = AgentReport.from_attributes(self.compute.guest_attributes(vm.key))
+            if confirmed(report, delivered.serial):
+                confirmed_serial = delivered.serial
+        is_joined = confirmed_serial is not None
+
         warnings = []
         if vm.service_account == default_compute_account(vm):
             warnings.append("the VM runs as the project's default compute service account, which other VMs "
                             "share: they could read this VM's key; give it a dedicated service account")
         items = bootstrap.bootstrap_items(vm.key, identity, self.settings, root_pem=ca.bundle.root_certs_pem,
                                           secret_version=delivered.secret_version)
-        if names.STARTUP_SCRIPT_KEY in vm.metadata and \
-                names.STARTUP_SCRIPT_MARKER not in vm.metadata[names.STARTUP_SCRIPT_KEY]:
+        remove: set[str] = set()
+        own_script = vm.metadata.get(names.STARTUP_SCRIPT_KEY)
+        if own_script is not None and names.STARTUP_SCRIPT_MARKER not in own_script:
             items.pop(names.STARTUP_SCRIPT_KEY)  # the owner's own script: never overwritten
-            warnings.append("startup-script belongs to the VM owner and was kept; run the meshjoin agent from it")
-        reason = f"joined as {spiffe}" + (f" ({why_new})" if why_new else "")
+            warnings.append("startup-script belongs to the VM owner and was kept; run the meshjoin agent "
+                            f"({AGENT_PATH}) from it")
+        elif project_startup_script(self.compute.project_metadata()):
+            # An instance-level item would silently replace the project's script on this VM.
+            items.pop(names.STARTUP_SCRIPT_KEY)
+            if own_script is not None:
+                remove.add(names.STARTUP_SCRIPT_KEY)  # ours from before the project had one
+            warnings.append("the project's common metadata has its own startup-script, which meshjoin does not "
+                            f"override; run the meshjoin agent ({AGENT_PATH}) from it")
+        guest = vm.metadata.get(names.GUEST_ATTRIBUTES_KEY)
+        if guest is not None:
+            items.pop(names.GUEST_ATTRIBUTES_KEY, None)  # the owner's setting stays
+            if guest.strip().lower() not in ("true", "1", "yes"):
+                warnings.append(f"metadata {names.GUEST_ATTRIBUTES_KEY}={guest[:20]!r} disables guest attributes: "
+                                "the VM's agent cannot confirm, so the VM receives no mesh traffic")
+
+        if is_joined:
+            entry = self._register(vm, identity, delivered.not_after, previous=status.get("workloadEntry"))
+            state = "joined"
+            reason = f"joined as {spiffe}" + (f" ({why_new})" if why_new else "") + \
+                ("; the VM confirmed it" if not was_confirmed else "")
+        else:
+            self._withdraw_entry(vm.key, status.get("workloadEntry"))
+            entry = None
+            state = "waiting"
+            reason = waiting_reason(spiffe, delivered.serial, report)
+        waiting_since = None
+        if state == "waiting":
+            waiting_since = status.get("waitingSince") if status.get("state") == "waiting" and not why_new \
+                else _rfc3339(now)
         status_fields = dict(
             identity=spiffe, workloadEntry=entry, secret=delivered.secret_version,
             certNotBefore=_rfc3339(delivered.not_before), certNotAfter=_rfc3339(delivered.not_after),
+            certSerial=delivered.serial or None, confirmedSerial=confirmed_serial, waitingSince=waiting_since,
+            agent=report.describe() if report else None,
             caFingerprint=delivered.ca_fingerprint, instanceId=vm.instance_id, address=vm.network_ip,
             previousSecret=superseded if _same_secret(superseded, delivered.secret_version) else None,
             warnings=warnings or None)
-        changed = self._write_metadata(vm, items, "joined", reason, status_fields)
+        changed = self._write_metadata(vm, items, state, reason, status_fields, remove=frozenset(remove))
         retired = status.get("previousSecret")
         if why_new and retired and retired != status_fields["previousSecret"] and \
                 _same_secret(retired, delivered.secret_version):
@@ -229,18 +344,35 @@ class Reconciler:
             # the one before that is destroyed now.
             self.secrets.destroy_version(retired)
         # Versions an interrupted earlier pass minted but never delivered (the function died, or an
-        # API failed after a write) are garbage: every join pass looks (one list call), since the pass
-        # that should have cleaned up may have died. Older than the delivered one: at once; newer (a
-        # concurrent pass that lost the race and died before discarding): once no pass can still be
-        # running, i.e. older than the functions' longest timeout.
+        # API failed after a write) are garbage: every join pass that wrote something looks (one list
+        # call), since the pass that should have cleaned up may have died. Older than the delivered
+        # one: at once; newer (a concurrent pass that lost the race and died before discarding): once
+        # no pass can still be running, i.e. older than the functions' longest timeout.
         # Except after a first mint: version 1, made by this pass, has nothing older, and anything newer
-        # is younger than ORPHAN_VERSION_AGE, so the list could find nothing (a first join saves the call).
-        if not (why_new and delivered.secret_version.endswith("/versions/1")):
+        # is younger than ORPHAN_VERSION_AGE, so the list could find nothing (a first join saves the call);
+        # and a pass that only re-checked a waiting VM's confirmation (the sweep's most frequent work)
+        # spends no Secret Manager read on it.
+        first_mint = why_new and delivered.secret_version.endswith("/versions/1")
+        if not first_mint and (why_new or changed or is_joined):
             self.secrets.destroy_undelivered_versions(vm.key, delivered.secret_version,
                                                       keep=(status_fields["previousSecret"],),
                                                       minted_before=now - ORPHAN_VERSION_AGE)
-        verb = VERB_BY_CAUSE.get(why_new, "registered") if why_new else "refreshed" if changed else "unchanged"
-        return Outcome(verb, reason, state="joined", details={**status_fields, "secret": delivered.secret_version})
+        if why_new:
+            verb = VERB_BY_CAUSE.get(why_new, "registered") if is_joined else "delivered"
+        elif is_joined and not was_confirmed:
+            verb = "registered"
+        elif not is_joined:
+            verb = "waiting"
+        else:
+            verb = "refreshed" if changed else "unchanged"
+        return Outcome(verb, reason, state=state, details={**status_fields, "secret": delivered.secret_version})
+
+    def _withdraw_entry(self, key: VmKey, previous: str | None) -> None:
+        """An unconfirmed VM must not be selected by any Service: remove an entry a status still names."""
+        if not previous:
+            return
+        namespace, _, name = previous.partition("/")
+        self._delete_entry(key, namespace, name)
 
     def _register(self, vm: Vm, identity: Identity, cert_not_after: datetime, previous: str | None) -> str:
         """Cluster side: ServiceAccount if missing, the VM's own WorkloadEntry, then its Service if missing.
@@ -375,6 +507,15 @@ class Reconciler:
         for version in minted:
             if version != keep:
                 self.secrets.destroy_version(version)
+
+
+AGENT_PATH = "/usr/local/sbin/meshjoin-agent"
+
+
+def project_startup_script(project_metadata: dict[str, str]) -> bool:
+    """Whether the project runs a startup-script of its own on every VM (not one meshjoin rendered)."""
+    script = project_metadata.get(names.STARTUP_SCRIPT_KEY)
+    return script is not None and names.STARTUP_SCRIPT_MARKER not in script
 
 
 _K8S_NAME = re.compile(r"^[a-z0-9](?:[-a-z0-9.]{0,251}[a-z0-9])?$")

@@ -17,7 +17,8 @@ from datetime import datetime
 from typing import Callable
 
 from . import bootstrap, names, pki
-from .errors import MeshjoinError, TransientError
+from .adapters.ratelimit import sweep_renewal_budget
+from .errors import MeshjoinError
 from .logs import log
 from .model import JOIN_LABEL, JOIN_VALUE, Denial, Vm, VmKey
 from .policy import decide_identity
@@ -40,6 +41,9 @@ class Inventory:
     services: list[dict]
     secrets: dict[VmKey, str]
     errors: list[str] = field(default_factory=list)
+    # Zones the VM listing could not reach (aggregatedList `unreachables`): their VMs are unseen,
+    # so nothing of theirs is pruned or re-joined this sweep.
+    unreachable_zones: frozenset[str] = frozenset()
 
     @property
     def complete(self) -> bool:
@@ -89,6 +93,7 @@ def entry_key(entry: dict) -> VmKey | None:
 def plan_sweep(inventory: Inventory, settings: Settings, ca_fingerprint: str, now: datetime) -> SweepPlan:
     """Decide, from listings alone, what each VM needs. Pure."""
     actions: list[Action] = []
+    notes: list[str] = []
     denied = healthy = 0
     entry_refs = {f"{e['metadata']['namespace']}/{e['metadata']['name']}" for e in inventory.entries}
     for key in sorted(inventory.vms):
@@ -101,6 +106,15 @@ def plan_sweep(inventory: Inventory, settings: Settings, ca_fingerprint: str, no
             denied += 1
             continue
         delivered = Delivered.from_status(status)
+        if status.get("state") == "waiting" and delivered is not None:
+            # meshjoin did its part; re-check whether the VM's agent has confirmed since.
+            actions.append(Action(JOIN, key, "waiting for the VM to confirm"))
+            since = _time_or_none(status.get("waitingSince"))
+            if since is not None and now - since > settings.confirm_timeout:
+                notes.append(f"{key} has waited {str(now - since).split('.')[0]} for its agent to confirm "
+                             "(MESHJOIN_CONFIRM_TIMEOUT): reboot it, or run "
+                             "`sudo google_metadata_script_runner startup` on it; `meshjoin explain` says more")
+            continue
         if status.get("state") != "joined" or delivered is None:
             actions.append(Action(JOIN, key, f"labelled but {status.get('state') or 'never handled'}"))
             continue
@@ -117,11 +131,14 @@ def plan_sweep(inventory: Inventory, settings: Settings, ca_fingerprint: str, no
     # Renewals due first are renewed first when the budget runs short.
     actions.sort(key=lambda a: ([JOIN, REISSUE, RENEW].index(a.kind), _renewal_order(inventory, a, settings)))
 
-    notes: list[str] = []
     prunes: list[Action] = []
+    if inventory.unreachable_zones:
+        notes.append("zones unreachable, their VMs neither pruned nor re-joined this sweep: "
+                     + ", ".join(sorted(inventory.unreachable_zones)))
     if inventory.complete:
         orphans = {entry_key(e) for e in inventory.entries} | set(inventory.secrets)
-        for key in sorted(k for k in orphans if k is not None and k not in inventory.vms):
+        for key in sorted(k for k in orphans if k is not None and k not in inventory.vms
+                          and k.zone not in inventory.unreachable_zones):
             prunes.append(Action(PRUNE, key, "no labelled VM by that name (404 or label removed)"))
         selected = {(e["metadata"]["namespace"], (e["metadata"].get("labels") or {}).get("app"))
                     for e in inventory.entries}
@@ -136,6 +153,14 @@ def plan_sweep(inventory: Inventory, settings: Settings, ca_fingerprint: str, no
         notes.append(f"{len(prunes)} objects to prune exceed MESHJOIN_PRUNE_CAP={settings.prune_cap}: "
                      f"pruning {settings.prune_cap} this sweep; check that VMs were really deleted")
     return SweepPlan(actions + prunes[:settings.prune_cap], denied, healthy, len(prunes), notes)
+
+
+def _time_or_none(value: str | None) -> datetime | None:
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00")) if isinstance(value, str) else None
+    except ValueError:
+        return None
+    return parsed if parsed is not None and parsed.tzinfo is not None else None
 
 
 def _renewal_order(inventory: Inventory, action: Action, settings: Settings) -> float:
@@ -165,16 +190,19 @@ class Sweeper:
                 errors.append(f"{what}: {exc}")
                 return None
 
-        vms = listing("Compute instances", lambda: {vm.key: vm for vm in r.compute.list_vms(LABEL_FILTER)})
+        unreachable: set[str] = set()
+        vms = listing("Compute instances", lambda: {vm.key: vm for vm in r.compute.list_vms(LABEL_FILTER,
+                                                                                          unreachable=unreachable)})
         entries = listing("WorkloadEntries", lambda: list(r.kube.list("WorkloadEntry", OWNED_SELECTOR,
                                                                       page_size=CLUSTER_PAGE)))
         services = listing("Services", lambda: list(r.kube.list("Service", OWNED_SELECTOR, page_size=CLUSTER_PAGE)))
         secrets = listing("per-VM secrets", lambda: dict(r.secrets.list_vm_secrets()))
-        return Inventory(vms or {}, entries or [], services or [], secrets or {}, errors)
+        return Inventory(vms or {}, entries or [], services or [], secrets or {}, errors, frozenset(unreachable))
 
     def sweep(self, *, dry_run: bool = False, progress: Callable[[int, int], None] | None = None) -> SweepSummary:
         started = time.monotonic()
-        counts = dict.fromkeys(("joined", "renewed", "reissued", "pruned", "denied", "errors", "deferred"), 0)
+        counts = dict.fromkeys(("joined", "waiting", "renewed", "reissued", "pruned", "denied", "errors",
+                                "deferred"), 0)
         inventory = self.inventory()
         errors = list(inventory.errors)
         if "Compute instances" in " ".join(inventory.errors):
@@ -190,7 +218,8 @@ class Sweeper:
         counts["denied"] = plan.denied
         counts["errors"] = len(errors)
         for note in plan.notes:
-            log("ERROR" if "exceed" in note or "incomplete" in note else "WARNING", note, outcome="deferred")
+            log("ERROR" if "exceed" in note or "incomplete" in note else "WARNING", note,
+                outcome="waiting" if "to confirm" in note else "deferred")
         if not dry_run:
             self._execute(plan, inventory, counts, errors, started, progress)
         summary = SweepSummary(counts, time.monotonic() - started, dry_run, plan, errors)
@@ -200,7 +229,8 @@ class Sweeper:
 
     def _execute(self, plan: SweepPlan, inventory: Inventory, counts: dict, errors: list[str], started: float,
                  progress) -> None:
-        budget_renewals = self.settings.sweep_renewals
+        # The configured cap, lowered to what this process's share of Secret Manager's quotas allows.
+        budget_renewals = sweep_renewal_budget(self.settings)
         deadline = started + self.settings.sweep_seconds.total_seconds()
         runnable: list[Action] = []
         for action in plan.actions:
@@ -212,7 +242,8 @@ class Sweeper:
             runnable.append(action)
         if counts["deferred"]:
             log("WARNING", f"{counts['deferred']} renewals deferred to the next sweep "
-                           f"(MESHJOIN_SWEEP_RENEWALS={self.settings.sweep_renewals})", outcome="deferred")
+                           f"(budget {sweep_renewal_budget(self.settings)}: MESHJOIN_SWEEP_RENEWALS="
+                           f"{self.settings.sweep_renewals}, Secret Manager quota share)", outcome="deferred")
         done = 0
 
         def run(action: Action) -> tuple[Action, str]:
@@ -225,8 +256,12 @@ class Sweeper:
                 outcome = self.reconciler.reconcile(action.key, vm=inventory.vms.get(action.key),
                                                     cleanup=action.kind == PRUNE)
                 return action, outcome.verb
-            except TransientError as exc:
-                return action, f"error: {exc}"
+            except MeshjoinError as exc:
+                # One VM's failure, transient, permanent or a missing permission, is that VM's: logged for
+                # it and counted; the sweep goes on with the others. Only a failed inventory stops a sweep.
+                return action, f"error: {type(exc).__name__}: {exc}"
+            except Exception as exc:  # a bug on one VM's data must not abort every sweep either
+                return action, f"error: unexpected {type(exc).__name__}: {str(exc)[:300]}"
 
         with ThreadPoolExecutor(max_workers=self.settings.sweep_workers) as pool:
             for action, verb in pool.map(run, runnable):
@@ -245,4 +280,4 @@ class Sweeper:
 
 # Reconcile verbs → summary counters (denials are counted from the plan, once per denied VM).
 SWEEP_COUNTER = {"registered": "joined", "renewed": "renewed", "reissued": "reissued", "left": "pruned",
-                 "pruned": "pruned", "deferred": "deferred"}
+                 "pruned": "pruned", "deferred": "deferred", "delivered": "waiting", "waiting": "waiting"}

@@ -70,9 +70,24 @@ def test_mesh_config_and_hosts():
 def test_bootstrap_items_carry_no_key_and_the_final_keys():
     items = bootstrap.bootstrap_items(KEY, IDENTITY, SETTINGS, root_pem="ROOT", secret_version="projects/1/s/v/1")
     assert set(items) == {names.CLUSTER_ENV_KEY, names.MESH_CONFIG_KEY, names.ROOT_CERT_KEY, names.HOSTS_KEY,
-                          names.SECRET_KEY, names.STARTUP_SCRIPT_KEY}
+                          names.SECRET_KEY, names.STARTUP_SCRIPT_KEY, names.GUEST_ATTRIBUTES_KEY}
+    assert items[names.GUEST_ATTRIBUTES_KEY] == "TRUE"  # the agent confirms through guest attributes
     assert not any("PRIVATE KEY" in v for v in items.values())
     assert names.STARTUP_SCRIPT_MARKER in items[names.STARTUP_SCRIPT_KEY]
+
+
+def test_defect3_bootstrap_names_the_events_topic_for_the_agents_nudge():
+    settings = Settings.from_env({"MESHJOIN_PROJECT": "my-proj", "MESHJOIN_CLUSTER": SETTINGS.cluster,
+                                  "MESHJOIN_EVENTS_TOPIC": "meshjoin-events"})
+    items = bootstrap.bootstrap_items(KEY, IDENTITY, settings, root_pem="ROOT", secret_version="projects/1/s/v/1")
+    assert items[names.EVENTS_TOPIC_KEY] == "projects/my-proj/topics/meshjoin-events"
+    assert items[names.PUBSUB_ENDPOINT_KEY] == "https://pubsub.googleapis.com"
+    script = items[names.STARTUP_SCRIPT_KEY]
+    # The agent reports in the namespace and keys meshjoin reads, and only then nudges.
+    for key in ("agent-version", "cert-serial", "sidecar", "updated"):
+        assert key in script
+    assert "instance/guest-attributes/meshjoin" in script
+    assert ":publish" in script
 
 
 def _schema(kind: str) -> dict:

@@ -314,12 +314,29 @@ def plugin_ca(tmp_path_factory) -> PluginCa:
 
 
 class FakeCompute:
-    def __init__(self, vms: dict[VmKey, Vm]):
+    def __init__(self, vms: dict[VmKey, Vm], guest: dict[VmKey, dict] | None = None,
+                 project: dict[str, str] | None = None):
         self.vms = dict(vms)
         self.writes = 0
+        self.guest = dict(guest or {})  # guest attributes meshjoin/* per VM (what its agent reported)
+        self.project = dict(project or {})  # the project's common instance metadata
+        self.guest_reads = 0
 
     def get_vm(self, key):
         return self.vms.get(key)
+
+    def guest_attributes(self, key):
+        self.guest_reads += 1
+        return dict(self.guest.get(key, {}))
+
+    def project_metadata(self):
+        return self.project
+
+    def confirm(self, key, *, sidecar="running"):
+        """What the VM's agent does after laying down the delivered certificate: report it."""
+        status = json.loads(self.vms[key].metadata[names.STATUS_KEY])
+        self.guest[key] = {"agent-version": "2", "cert-serial": status["certSerial"].upper(), "sidecar": sidecar,
+                           "updated": "2026-11-21T12:00:00Z"}
 
     def set_metadata(self, vm, items, remove=frozenset()):
         current = self.vms[vm.key]
@@ -344,7 +361,7 @@ class FakeSecrets:
     def vm_secret_id(self, key):
         return names.secret_id(key, "meshjoin-vm")
 
-    def store_vm_material(self, key, cert, reader):
+    def store_vm_material(self, key, cert, reader, exists=False):
         assert "PRIVATE KEY" in cert.key_pem
         secret = self.vm_secret_id(key)
         self.grants[secret] = reader
@@ -449,8 +466,8 @@ def test_reconcile_of_a_hostile_vm_ends_in_an_outcome_and_harms_nobody_else(plug
 
     outcome = reconciler.reconcile(KEY)
 
-    assert outcome.verb in ("registered", "refreshed", "unchanged", "renewed", "reissued", "left", "denied",
-                            "ignored", "failed"), outcome
+    assert outcome.verb in ("registered", "delivered", "waiting", "refreshed", "unchanged", "renewed", "reissued",
+                            "left", "denied", "ignored", "failed"), outcome
     after = compute.vms[KEY].metadata
     assert not any("PRIVATE KEY" in value for value in after.values())
     assert {k: json.dumps(v, sort_keys=True) for k, v in kube.objects.items() if k in bystanders} == bystanders
@@ -498,7 +515,11 @@ def test_a_forged_status_cannot_make_meshjoin_delete_another_vms_entry(plugin_ca
     forged = json.dumps({"state": "joined", "workloadEntry": "apps/victim-us-central1-a"})
     compute = FakeCompute({KEY: vm_with({"mesh": "join"}, {names.STATUS_KEY: forged})})
     kube = FakeKube([other_vms_entry()])
-    Reconciler(SETTINGS, compute, FakeSecrets(plugin_ca), kube, clock=lambda: NOW).reconcile(KEY)
+    reconciler = Reconciler(SETTINGS, compute, FakeSecrets(plugin_ca), kube, clock=lambda: NOW)
+    assert reconciler.reconcile(KEY).state == "waiting"  # a forged "joined" is not the VM's confirmation
+    assert ("WorkloadEntry", "apps", "victim-us-central1-a") in kube.objects
+    compute.confirm(KEY)
+    assert reconciler.reconcile(KEY).state == "joined"
     assert ("WorkloadEntry", "apps", "victim-us-central1-a") in kube.objects
     assert ("WorkloadEntry", "default", "vm-1-us-central1-a") in kube.objects
 
@@ -516,9 +537,11 @@ def test_a_forged_status_neither_crashes_the_sweep_nor_the_reconcile(plugin_ca, 
               "certNotBefore": "2026-11-21T00:00:00Z", "certNotAfter": "2026-11-22T00:00:00Z", **forged}
     vm = vm_with({"mesh": "join"}, {names.STATUS_KEY: json.dumps(status)})
     plan_sweep(Inventory({KEY: vm}, [], [], {}), SETTINGS, plugin_ca.fingerprint, NOW)
-    outcome = Reconciler(SETTINGS, FakeCompute({KEY: vm}), FakeSecrets(plugin_ca), FakeKube(),
-                         clock=lambda: NOW).reconcile(KEY)
-    assert outcome.state == "joined"
+    compute = FakeCompute({KEY: vm})
+    reconciler = Reconciler(SETTINGS, compute, FakeSecrets(plugin_ca), FakeKube(), clock=lambda: NOW)
+    assert reconciler.reconcile(KEY).state == "waiting"
+    compute.confirm(KEY)
+    assert reconciler.reconcile(KEY).state == "joined"
 
 
 def test_a_status_naming_another_vms_secret_is_not_trusted(plugin_ca):
@@ -527,9 +550,11 @@ def test_a_status_naming_another_vms_secret_is_not_trusted(plugin_ca):
               "certNotAfter": "2026-11-22T11:00:00Z",
               "secret": "projects/1/secrets/meshjoin-vm-us-central1-a-victim/versions/3"}
     compute = FakeCompute({KEY: vm_with({"mesh": "join"}, {names.STATUS_KEY: json.dumps(status)})})
-    outcome = Reconciler(SETTINGS, compute, FakeSecrets(plugin_ca), FakeKube(), clock=lambda: NOW).reconcile(KEY)
-    assert outcome.verb == "registered"
+    reconciler = Reconciler(SETTINGS, compute, FakeSecrets(plugin_ca), FakeKube(), clock=lambda: NOW)
+    assert reconciler.reconcile(KEY).verb == "delivered"
     assert compute.vms[KEY].metadata[names.SECRET_KEY] == "projects/1/secrets/meshjoin-vm-us-central1-a-vm-1/versions/1"
+    compute.confirm(KEY)
+    assert reconciler.reconcile(KEY).verb == "registered"
 
 
 def test_orphan_versions_of_an_interrupted_join_are_destroyed_by_the_next_one(plugin_ca):
@@ -545,11 +570,14 @@ def test_a_foreign_object_in_the_way_leaves_no_minted_key_behind(plugin_ca):
     secrets, kube = FakeSecrets(plugin_ca), FakeKube([squatter])
     compute = FakeCompute({KEY: vm_with({"mesh": "join"}, {})})
     reconciler = Reconciler(SETTINGS, compute, secrets, kube, clock=lambda: NOW)
-    for _ in range(3):  # three sweeps retrying the VM in error
+    for _ in range(3):  # three rounds: delivered, confirmed by the VM, then the entry is in the way
+        reconciler.reconcile(KEY)
+        compute.confirm(KEY)
         outcome = reconciler.reconcile(KEY)
     assert outcome.verb == "failed" and "not managed by meshjoin" in outcome.reason
     assert bootstrap.parse_status(compute.vms[KEY].metadata[names.STATUS_KEY])["state"] == "error"
-    assert [s for _, s in secrets.versions[secrets.vm_secret_id(KEY)]] == ["DESTROYED"] * 3
+    states = [s for _, s in secrets.versions[secrets.vm_secret_id(KEY)]]
+    assert len(states) == 3 and states.count("ENABLED") <= 1, states  # no pile of readable keys
     assert kube.objects[("WorkloadEntry", "default", "vm-1-us-central1-a")]["spec"] == squatter["spec"]
 
 
