@@ -36,12 +36,14 @@ resource "google_service_account" "push" {
 resource "google_project_iam_custom_role" "compute" {
   role_id     = "${local.role_prefix}.compute"
   title       = "meshjoin: read VMs, write their metadata"
-  description = "Read VMs (get, aggregatedList) and write the bootstrap and status metadata meshjoin owns."
+  description = "Read VMs (get, aggregatedList, their agents' guest attributes) and write the bootstrap and status metadata meshjoin owns."
   permissions = [
     "compute.instances.get",
-    "compute.instances.list",        # instances.aggregatedList in the sweep
-    "compute.instances.setMetadata", # bootstrap items + meshjoin-status
-    "compute.zoneOperations.get",    # waiting for the setMetadata operation
+    "compute.instances.getGuestAttributes", # the VM agent's report: confirmed before it is `joined`
+    "compute.instances.list",               # instances.aggregatedList in the sweep
+    "compute.instances.setMetadata",        # bootstrap items + meshjoin-status
+    "compute.projects.get",                 # common instance metadata: the project's own startup-script
+    "compute.zoneOperations.get",           # waiting for the setMetadata operation
   ]
 }
 
@@ -133,13 +135,14 @@ resource "google_project_iam_member" "functions_secret_inventory" {
 resource "google_project_iam_custom_role" "vm_secrets" {
   role_id     = "${local.role_prefix}.vmSecrets"
   title       = "meshjoin: manage per-VM secrets"
-  description = "Add and destroy versions of per-VM secrets, delete them, and restrict who may read them. No payload access."
+  description = "Add, list and destroy versions of per-VM secrets, delete them, and restrict who may read them. No payload access."
   permissions = [
     "secretmanager.secrets.delete",       # the VM left or is gone
     "secretmanager.secrets.getIamPolicy", # only the VM's own service account may read its secret
     "secretmanager.secrets.setIamPolicy",
     "secretmanager.versions.add",     # a new key + chain for the VM
     "secretmanager.versions.destroy", # the version a renewal or a lost race replaced
+    "secretmanager.versions.list",    # every join pass after the first finds undelivered versions
   ]
 }
 
@@ -165,11 +168,33 @@ resource "google_project_iam_member" "functions_vm_secrets" {
   }
 }
 
+# --- the VMs' nudge --------------------------------------------------------------------------
+
+locals {
+  # VM identities that may publish to the events topic. One list, so that a later, richer source
+  # of VM identities (per-identity bindings) replaces this line alone.
+  vm_publishers = toset(var.vm_service_accounts)
+}
+
+# After its agent confirmed (guest attributes), a VM publishes {"project","zone","instance"} to the
+# events topic so that meshjoin marks it joined at once rather than at the next sweep. The message
+# only names a VM; meshjoin then reads that VM's truth, so a VM can nudge nothing but a re-check.
+resource "google_pubsub_topic_iam_member" "vm_nudge" {
+  for_each = local.vm_publishers
+
+  topic  = google_pubsub_topic.events.id
+  role   = "roles/pubsub.publisher"
+  member = "serviceAccount:${each.value}"
+}
+
 # --- GKE -------------------------------------------------------------------------------------
 
 # container.clusters.get: the functions read the cluster's endpoint and CA, and GKE admits a
 # Google identity to the Kubernetes API only with it. Everything inside the cluster is then
-# decided by RBAC (kubernetes.tf). Granted in the cluster's project, which may differ.
+# decided by RBAC (kubernetes.tf), which names the account by email: GKE maps a token to the email
+# only if it carries the userinfo.email scope (shared/meshjoin/runtime.py asks for it). clusterViewer
+# is the narrowest predefined role with clusters.get (it adds clusters.list and nothing in-cluster).
+# Granted in the cluster's project, which may differ.
 resource "google_project_iam_member" "functions_cluster_viewer" {
   project = local.cluster_project
   role    = "roles/container.clusterViewer"

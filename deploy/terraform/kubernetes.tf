@@ -32,6 +32,7 @@ locals {
   # Reads across the cluster, of the two kinds meshjoin lists by its ownership label: a VM that
   # leaves is cleaned up over all namespaces (its entry may sit in a namespace it has since
   # left), and the sweep's inventory lists owned WorkloadEntries and Services cluster-wide.
+  # `get` on services: pruning a Service (delete_owned) reads it first to check ownership.
   # Reading is all: an object outside the allowed namespaces cannot be changed.
   reader_rules = [
     {
@@ -42,7 +43,7 @@ locals {
     {
       api_groups = [""]
       resources  = ["services"]
-      verbs      = ["list"]
+      verbs      = ["get", "list"]
     },
   ]
 

@@ -85,6 +85,14 @@ locals {
     MESHJOIN_SWEEP_RENEWALS           = var.sweep_renewals == null ? null : tostring(var.sweep_renewals)
     MESHJOIN_SWEEP_SECONDS            = var.sweep_time_budget
     MESHJOIN_SWEEP_WORKERS            = var.sweep_workers == null ? null : tostring(var.sweep_workers)
+    # The VM agent nudges meshjoin through the events topic once it has confirmed.
+    MESHJOIN_EVENTS_TOPIC                    = google_pubsub_topic.events.id
+    MESHJOIN_CONFIRM_TIMEOUT                 = var.confirm_timeout
+    MESHJOIN_QUOTA_SHARE                     = var.quota_share == null ? null : tostring(var.quota_share)
+    MESHJOIN_SECRETMANAGER_READS_PER_MINUTE  = var.secretmanager_reads_per_minute == null ? null : tostring(var.secretmanager_reads_per_minute)
+    MESHJOIN_SECRETMANAGER_WRITES_PER_MINUTE = var.secretmanager_writes_per_minute == null ? null : tostring(var.secretmanager_writes_per_minute)
+    MESHJOIN_COMPUTE_READS_PER_MINUTE        = var.compute_reads_per_minute == null ? null : tostring(var.compute_reads_per_minute)
+    MESHJOIN_COMPUTE_WRITES_PER_MINUTE       = var.compute_writes_per_minute == null ? null : tostring(var.compute_writes_per_minute)
   }
   # Unset rather than empty, so the product's own defaults apply.
   function_env = merge(

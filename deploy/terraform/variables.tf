@@ -365,3 +365,41 @@ variable "manage_kubernetes_rbac" {
   type        = bool
   default     = true
 }
+
+# --- the VM's own truth and API quotas (unset: the product's defaults) -----------------------
+
+variable "confirm_timeout" {
+  description = "How long a VM may wait for its agent to confirm before each sweep reports it (MESHJOIN_CONFIRM_TIMEOUT)."
+  type        = string
+  default     = null
+}
+
+variable "quota_share" {
+  description = "Share of each per-minute API quota one function instance may use (MESHJOIN_QUOTA_SHARE); the rest is left to other callers."
+  type        = number
+  default     = null
+}
+
+variable "secretmanager_reads_per_minute" {
+  description = "The project's Secret Manager read quota per minute, if raised above Google's default 600."
+  type        = number
+  default     = null
+}
+
+variable "secretmanager_writes_per_minute" {
+  description = "The project's Secret Manager write quota per minute, if raised above Google's default 600."
+  type        = number
+  default     = null
+}
+
+variable "compute_reads_per_minute" {
+  description = "The project's Compute Engine read-request quota per minute (MESHJOIN_COMPUTE_READS_PER_MINUTE)."
+  type        = number
+  default     = null
+}
+
+variable "compute_writes_per_minute" {
+  description = "The project's Compute Engine mutation quota per minute (MESHJOIN_COMPUTE_WRITES_PER_MINUTE)."
+  type        = number
+  default     = null
+}

@@ -52,26 +52,30 @@ GRANTS = {
         "Pub/Sub signs push OIDC tokens as the push identity (projects before 2021-04)",
     ("google_service_account_iam_member", "roles/iam.serviceAccountUser", FUNCTIONS_SA):
         "act as the listed VM identities only (var.vm_service_accounts): Compute Engine requires it to set their metadata",
+    ("google_pubsub_topic_iam_member", "roles/pubsub.publisher", "serviceAccount:${each.value}"):
+        "each listed VM identity nudges meshjoin on the events topic after its agent confirmed",
     ("google_cloud_run_v2_service_iam_member", "roles/run.invoker", "serviceAccount:${google_service_account.push.email}"):
         "only the push identity may invoke the functions",
 }
 
 # Exactly these permissions per custom role (each one is named by the code, see below).
 CUSTOM_ROLES = {
-    "compute": {"compute.instances.get", "compute.instances.list", "compute.instances.setMetadata",
-                "compute.zoneOperations.get"},
+    "compute": {"compute.instances.get", "compute.instances.getGuestAttributes", "compute.instances.list",
+                "compute.instances.setMetadata", "compute.projects.get", "compute.zoneOperations.get"},
     "secret_inventory": {"secretmanager.secrets.create", "secretmanager.secrets.list"},
     "vm_secrets": {"secretmanager.secrets.delete", "secretmanager.secrets.getIamPolicy",
                    "secretmanager.secrets.setIamPolicy", "secretmanager.versions.add",
-                   "secretmanager.versions.destroy"},
+                   "secretmanager.versions.destroy", "secretmanager.versions.list"},
     "ca_reader": {"secretmanager.versions.access", "secretmanager.versions.list"},
 }
 # Permissions of the predefined roles granted above that the code relies on.
-PREDEFINED = {"roles/container.clusterViewer": {"container.clusters.get", "container.clusters.list"}}
+PREDEFINED = {"roles/container.clusterViewer": {"container.clusters.get", "container.clusters.list"},
+              "roles/iam.serviceAccountUser": {"iam.serviceAccounts.actAs"},
+              "roles/pubsub.publisher": {"pubsub.topics.publish"}}
 
 # Settings the functions read that a deployment never sets: the sandbox's endpoint overrides.
 SANDBOX_ONLY_SETTINGS = {"MESHJOIN_COMPUTE_ENDPOINT", "MESHJOIN_SECRETMANAGER_ENDPOINT",
-                         "MESHJOIN_CONTAINER_ENDPOINT"}
+                         "MESHJOIN_CONTAINER_ENDPOINT", "MESHJOIN_PUBSUB_ENDPOINT"}
 
 
 def unref(value: str) -> str:
@@ -240,15 +244,167 @@ def test_custom_roles_hold_exactly_the_reviewed_permissions(terraform):
     assert not any("*" in p for perms in roles.values() for p in perms)
 
 
-def test_code_and_grants_name_the_same_permissions():
+# --- every call the product makes, on the resource it acts on ---------------------------------
+# Resources as IAM names them in its checks (Secret Manager by project NUMBER), for the variables the
+# evaluation below uses: project my-proj (number 123456789), cluster in other-proj, one listed VM identity.
+PROJECT_NUMBER = "123456789"
+PROJECT = "projects/my-proj"
+CLUSTER = "projects/other-proj/locations/us-central1/clusters/mesh"
+VM = "projects/my-proj/zones/us-central1-a/instances/vm-1"
+ZONE_OPERATION = "projects/my-proj/zones/us-central1-a/operations/operation-1"
+VM_ACCOUNT_EMAIL = "orders-vm@my-proj.iam.gserviceaccount.com"
+VM_ACCOUNT = f"projects/my-proj/serviceAccounts/{VM_ACCOUNT_EMAIL}"
+_defaults = Settings.__dataclass_fields__
+CA_SECRETS = [f"projects/{PROJECT_NUMBER}/secrets/{_defaults[f].default}"
+              for f in ("ca_cert_secret", "ca_key_secret", "ca_chain_secret", "ca_root_secret")]
+CA_SECRET, CA_VERSION = CA_SECRETS[1], CA_SECRETS[1] + "/versions/3"
+VM_SECRET = f"projects/{PROJECT_NUMBER}/secrets/" + names.secret_id(VmKey("my-proj", "us-central1-a", "vm-1"),
+                                                                    _defaults["secret_prefix"].default)
+VM_SECRET_VERSION = VM_SECRET + "/versions/2"
+EVENTS_TOPIC = "projects/my-proj/topics/meshjoin-events"
+
+# (adapter call, permission, the resource the API checks it on). Every permission the adapters name
+# appears here; each is checked against the grants that cover THAT resource.
+FUNCTION_CALLS = [
+    ("ComputeAdapter.get_vm: instances.get", "compute.instances.get", VM),
+    ("ComputeAdapter.list_vms: instances.aggregatedList", "compute.instances.list", PROJECT),
+    ("ComputeAdapter.set_metadata: instances.setMetadata", "compute.instances.setMetadata", VM),
+    ("ComputeAdapter.set_metadata: on a VM running as a listed identity", "iam.serviceAccounts.actAs", VM_ACCOUNT),
+    ("ComputeAdapter._wait: zoneOperations.wait", "compute.zoneOperations.get", ZONE_OPERATION),
+    ("ComputeAdapter.guest_attributes: instances.getGuestAttributes", "compute.instances.getGuestAttributes", VM),
+    ("ComputeAdapter.project_metadata: projects.get", "compute.projects.get", PROJECT),
+    ("SecretsAdapter.plugin_ca: versions.access (CA)", "secretmanager.versions.access", CA_VERSION),
+    ("SecretsAdapter.plugin_ca: versions.list (enabled roots)", "secretmanager.versions.list", CA_SECRET),
+    ("SecretsAdapter.store_vm_material: secrets.create", "secretmanager.secrets.create", PROJECT),
+    ("SecretsAdapter.list_vm_secrets: secrets.list", "secretmanager.secrets.list", PROJECT),
+    ("SecretsAdapter._restrict_access: getIamPolicy", "secretmanager.secrets.getIamPolicy", VM_SECRET),
+    ("SecretsAdapter._restrict_access: setIamPolicy", "secretmanager.secrets.setIamPolicy", VM_SECRET),
+    ("SecretsAdapter.store_vm_material: versions.add", "secretmanager.versions.add", VM_SECRET),
+    ("SecretsAdapter.destroy_version: versions.destroy", "secretmanager.versions.destroy", VM_SECRET_VERSION),
+    ("SecretsAdapter.destroy_undelivered_versions: versions.list", "secretmanager.versions.list", VM_SECRET),
+    ("SecretsAdapter.delete_vm_secret: secrets.delete", "secretmanager.secrets.delete", VM_SECRET),
+    ("KubeAdapter._connect: clusters.get", "container.clusters.get", CLUSTER),
+]
+# What the functions must NOT be able to do, on the resources where it would matter.
+FUNCTION_REFUSALS = [
+    ("read a VM's key", "secretmanager.versions.access", VM_SECRET_VERSION),
+    ("change who may read the CA", "secretmanager.secrets.setIamPolicy", CA_SECRET),
+    ("destroy a CA version", "secretmanager.versions.destroy", CA_VERSION),
+    ("act as an unlisted identity", "iam.serviceAccounts.actAs",
+     "projects/my-proj/serviceAccounts/123-compute@developer.gserviceaccount.com"),
+]
+# The VM agent's own calls, as its service account.
+VM_CALLS = [("the agent's nudge: topics.publish", "pubsub.topics.publish", EVENTS_TOPIC)]
+
+_STAND_INS = {"${var.project_id}": "my-proj", "${data.google_project.this.number}": PROJECT_NUMBER,
+              "${var.secret_prefix}": _defaults["secret_prefix"].default, "${local.cluster_project}": "other-proj"}
+
+
+def _substitute(text: str) -> str:
+    for placeholder, value in _STAND_INS.items():
+        text = text.replace(placeholder, value)
+    return text
+
+
+def condition_allows(condition: list | None, resource: str) -> bool:
+    """Evaluate the one condition form the module uses: `resource.name.startsWith("...")` joined by ||."""
+    if not condition:
+        return True
+    expression = _substitute(condition[0]["expression"].replace('\\"', '"'))
+    alternatives = [a.strip() for a in expression.split("||")]
+    prefixes = []
+    for alternative in alternatives:
+        match = re.fullmatch(r'resource\.name\.startsWith\("([^"]+)"\)', alternative)
+        assert match, f"condition this test cannot evaluate (extend it): {alternative}"
+        prefixes.append(match.group(1))
+    return any(resource.startswith(prefix) for prefix in prefixes)
+
+
+def role_permissions(terraform, role: str) -> set[str]:
+    match = re.fullmatch(r"\$\{google_project_iam_custom_role\.(\w+)\.id\}", role)
+    if match:
+        return set(terraform.resource("google_project_iam_custom_role", match.group(1))["permissions"])
+    assert role in PREDEFINED, f"predefined role {role} not in PREDEFINED: list the permissions the code relies on"
+    return PREDEFINED[role]
+
+
+def covered(terraform, body: dict, rtype: str, resource: str) -> bool:
+    """Whether the grant `body` of type `rtype` applies to `resource` (its scope, for_each and condition)."""
+    if rtype == "google_project_iam_member":
+        project = _substitute(body["project"])
+        in_scope = resource == f"projects/{project}" or resource.startswith(f"projects/{project}/") or \
+            (project == "my-proj" and resource.startswith(f"projects/{PROJECT_NUMBER}/"))
+        return in_scope and condition_allows(body.get("condition"), resource)
+    if rtype == "google_secret_manager_secret_iam_member":
+        assert unref(body["for_each"]) == "local.ca_secrets", "a secret-level grant this test cannot place"
+        return any(resource == s or resource.startswith(s + "/versions/") for s in CA_SECRETS)
+    if rtype == "google_service_account_iam_member":
+        if unref(body.get("for_each", "")) == "toset(var.vm_service_accounts)":
+            return resource == VM_ACCOUNT and "${each.value}" in body["service_account_id"]
+        return False  # the push identity's token creator: not a VM identity
+    if rtype == "google_pubsub_topic_iam_member":
+        return unref(body["topic"]) == "google_pubsub_topic.events.id" and resource == EVENTS_TOPIC
+    return False  # run.invoker, subscriptions: nothing the product's calls act on
+
+
+def permitted(terraform, member: str, permission: str, resource: str, member_for_each: str | None = None) -> list:
+    """The grants (resource addresses) that give `member` `permission` on `resource`."""
+    found = []
+    for (rtype, name), body in terraform.resources.items():
+        if not rtype.endswith("_iam_member"):
+            continue
+        if body["member"] != member:
+            continue
+        if member_for_each is not None and unref(body.get("for_each", "")) != member_for_each:
+            continue
+        if permission in role_permissions(terraform, body["role"]) and covered(terraform, body, rtype, resource):
+            found.append(f"{rtype}.{name}")
+    return found
+
+
+@pytest.mark.parametrize("call, permission, resource", FUNCTION_CALLS, ids=[c[0] for c in FUNCTION_CALLS])
+def test_defect2_every_call_is_granted_on_the_resource_it_acts_on(terraform, call, permission, resource):
+    """Defect 2 (per-VM versions.list) and the like: a permission granted only elsewhere (the CA
+    secrets' list, another project) does not count."""
+    assert permitted(terraform, FUNCTIONS_SA, permission, resource), \
+        f"{call} needs {permission} on {resource}; no grant to the functions covers it there"
+
+
+@pytest.mark.parametrize("what, permission, resource", FUNCTION_REFUSALS, ids=[r[0] for r in FUNCTION_REFUSALS])
+def test_functions_cannot_do_what_they_never_need(terraform, what, permission, resource):
+    assert permitted(terraform, FUNCTIONS_SA, permission, resource) == [], f"the functions could {what}"
+
+
+@pytest.mark.parametrize("call, permission, resource", VM_CALLS, ids=[c[0] for c in VM_CALLS])
+def test_defect3_vm_identities_may_nudge_on_the_events_topic_only(terraform, call, permission, resource):
+    grants = permitted(terraform, "serviceAccount:${each.value}", permission, resource,
+                       member_for_each="local.vm_publishers")
+    assert grants, f"{call}: the listed VM identities need {permission} on {resource}"
+    assert unref(terraform.locals["vm_publishers"]) == "toset(var.vm_service_accounts)"
+    assert permitted(terraform, "serviceAccount:${each.value}", permission,
+                     "projects/my-proj/topics/meshjoin-schedule") == []
+
+
+def test_the_call_table_names_every_permission_the_code_uses():
     """The adapters name the permission of every Google call they make (for their error messages);
-    each must be granted, and no custom-role permission may go unused."""
+    each must be in the call table above (so it is checked on its resource), and no custom-role
+    permission may go unused."""
     code = set()
     for path in (REPO / "shared" / "meshjoin" / "adapters").rglob("*.py"):
-        code |= set(re.findall(r'"((?:compute|secretmanager|container)\.(?!googleapis\.)[a-zA-Z]+\.[a-zA-Z]+)"', path.read_text()))
-    granted = set().union(*CUSTOM_ROLES.values(), *PREDEFINED.values())
-    assert code - granted == set(), "permissions the code needs but no role grants"
+        code |= set(re.findall(r'"((?:compute|secretmanager|container)\.(?!googleapis\.)[a-zA-Z]+\.[a-zA-Z]+)"',
+                               path.read_text()))
+    tabled = {permission for _, permission, _ in FUNCTION_CALLS}
+    assert code - tabled == set(), "permissions the code needs that the call table does not place"
     assert set().union(*CUSTOM_ROLES.values()) - code == set(), "custom-role permissions the code never uses"
+
+
+def test_defect1_functions_token_carries_userinfo_email_for_emailed_rbac(terraform):
+    """GKE maps a token to the account's email only with the userinfo.email scope; RBAC names the email."""
+    from meshjoin import runtime
+
+    assert "https://www.googleapis.com/auth/userinfo.email" in runtime.SCOPES
+    assert "https://www.googleapis.com/auth/cloud-platform" in runtime.SCOPES
+    assert unref(terraform.locals["kube_user"]) == "google_service_account.functions.email"
 
 
 def test_per_vm_secret_grant_is_conditioned_on_the_prefix(terraform):
@@ -282,6 +438,40 @@ def test_ca_secrets_are_read_on_the_secrets_themselves(terraform):
 # --- Kubernetes RBAC -------------------------------------------------------------------------
 
 ALLOWED_VERBS = {"get", "list", "create", "update", "delete"}
+
+# Every request the kube adapter sends, by where it can land: "any" namespace (reads of objects a VM
+# left behind elsewhere, and cluster-wide inventories) must be covered by the cluster-wide reader
+# role; "allowed" namespaces by the writer role bound there.
+KUBE_CALLS = [
+    ("list owned WorkloadEntries cluster-wide (inventory, leave)", "list", "workloadentries", "any"),
+    ("read an entry before deleting it, in any namespace", "get", "workloadentries", "any"),
+    ("list owned Services cluster-wide (inventory)", "list", "services", "any"),
+    ("delete_owned reads a Service before pruning it (defect 7)", "get", "services", "any"),
+    ("entries selecting an app, per namespace (prune_service)", "list", "workloadentries", "any"),
+    ("create an entry", "create", "workloadentries", "allowed"),
+    ("replace an entry", "update", "workloadentries", "allowed"),
+    ("delete an entry", "delete", "workloadentries", "allowed"),
+    ("read a Service before creating it", "get", "services", "allowed"),
+    ("create a Service", "create", "services", "allowed"),
+    ("delete a Service", "delete", "services", "allowed"),
+    ("read a ServiceAccount before creating it", "get", "serviceaccounts", "allowed"),
+    ("create a ServiceAccount", "create", "serviceaccounts", "allowed"),
+]
+
+
+@pytest.mark.parametrize("call, verb, resource, where", KUBE_CALLS, ids=[c[0] for c in KUBE_CALLS])
+def test_defect7_every_kube_call_has_its_verb_where_it_lands(terraform, call, verb, resource, where):
+    rules = terraform.locals["reader_rules"] if where == "any" else \
+        terraform.locals["writer_rules"] + terraform.locals["reader_rules"]
+    assert any(resource in rule["resources"] and verb in rule["verbs"] for rule in rules), \
+        f"{call}: RBAC verb {verb} on {resource} is not granted {'cluster-wide' if where == 'any' else 'in the allowed namespaces'}"
+
+
+def test_kube_call_table_covers_every_kind_and_method_the_adapter_uses():
+    plural_of = {kind: plural for kind, (_, plural) in kube.PATHS.items()}
+    assert {resource for _, _, resource, _ in KUBE_CALLS} == set(plural_of.values())
+    methods = set(re.findall(r'_do\("([A-Z]+)"', (REPO / "shared" / "meshjoin" / "adapters" / "kube.py").read_text()))
+    assert {kube.RBAC_VERBS[m] for m in methods} | {"list"} == {verb for _, verb, _, _ in KUBE_CALLS}
 
 
 def test_rbac_covers_exactly_what_the_kube_adapter_touches(terraform):
@@ -366,7 +556,8 @@ def test_rendered_settings_are_accepted_by_the_product(console_module):
 
     # Unset optional variables are not deployed at all: the product's defaults apply.
     minimal = evaluate(console_module, "local.function_env")
-    assert Settings.from_env(minimal) == Settings(project="my-proj", cluster=minimal["MESHJOIN_CLUSTER"])
+    assert Settings.from_env(minimal) == Settings(project="my-proj", cluster=minimal["MESHJOIN_CLUSTER"],
+                                                  events_topic="projects/my-proj/topics/stub")
 
 
 @needs_terraform
