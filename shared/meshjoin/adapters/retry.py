@@ -100,11 +100,12 @@ def _short(exc: BaseException) -> str:
 
 
 def _stop(attempts: int, quota_window: float):
-    """Stop after `attempts` tries, except that quota errors keep retrying until `quota_window`."""
+    """Stop after `attempts` tries, except that quota errors keep retrying until the backoff waited
+    `quota_window` in all."""
     def stop(state: tenacity.RetryCallState) -> bool:
         exc = state.outcome.exception() if state.outcome else None
         if exc is not None and is_quota_error(exc):
-            return (state.seconds_since_start or 0.0) >= quota_window
+            return state.idle_for >= quota_window
         return state.attempt_number >= attempts
     return stop
 
