@@ -90,6 +90,7 @@ def product_env(cfg: SandboxConfig) -> dict[str, str]:
         "MESHJOIN_CA_CHAIN_SECRET": cfg.ca_secrets[2],
         "MESHJOIN_CA_ROOT_SECRET": cfg.ca_secrets[3],
         "MESHJOIN_EVENTS_TOPIC": cfg.events_topic,
+        "MESHJOIN_PUBSUB_ENDPOINT": cfg.url("pubsub"),  # where a VM's agent publishes its nudge
         "MESHJOIN_SCHEDULE_TOPIC": cfg.schedule_topic,
         "MESHJOIN_ALLOWED_NAMESPACES": ",".join(("default", *cfg.app_namespaces)),
         "MESHJOIN_ALLOWED_SERVICE_ACCOUNTS": "*/default,apps/*,payments/checkout",
