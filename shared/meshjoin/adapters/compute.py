@@ -17,6 +17,7 @@ from functools import cached_property
 from typing import Iterator, Mapping
 
 from ..errors import TransientError
+from ..logs import log
 from ..model import Vm, VmKey
 from ..settings import Settings
 from . import ratelimit
@@ -155,7 +156,7 @@ class ComputeAdapter:
         meshjoin needs one fact from it: whether the project runs its own `startup-script` on every
         VM, which an instance-level one would silently replace.
         """
-        from google.api_core.exceptions import from_http_response
+        from google.api_core.exceptions import NotFound, from_http_response
 
         with self._project_lock:
             if self._project_metadata is not None and \
@@ -170,7 +171,15 @@ class ComputeAdapter:
                     raise from_http_response(response)
                 return response.json()
 
-            body = self._call(read, f"projects.get {self._settings.project}", "compute.projects.get")
+            try:
+                body = self._call(read, f"projects.get {self._settings.project}", "compute.projects.get",
+                                  passthrough=(NotFound,))
+            except NotFound:
+                # Only a project that does not exist answers 404 (then every other call fails too, with
+                # its own error); an emulator without projects.get does as well. No common metadata.
+                log("WARNING", f"projects.get {self._settings.project}: 404; assuming no common instance metadata",
+                    outcome="assumed")
+                body = {}
             items = (body.get("commonInstanceMetadata") or {}).get("items") or []
             self._project_metadata = {i["key"]: i.get("value", "") for i in items
                                       if isinstance(i, dict) and isinstance(i.get("key"), str)}
