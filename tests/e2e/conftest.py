@@ -109,6 +109,39 @@ class Sandbox:
     def ca_file(self, name: str) -> Path:
         return Path(self.config["ca_dir"]) / name
 
+    # --- the VM's side -----------------------------------------------------------------------------
+
+    def confirm(self, name: str, zone: str | None = None, *, sidecar: str = "running") -> None:
+        """What the VM's agent does after laying down its certificate (the agent tests run the real
+        one): report through guest attributes on the VM's OWN metadata server, then nudge meshjoin.
+        Needs a sandbox whose metadata server takes guest-attribute PUTs and whose Compute answers
+        getGuestAttributes (the real APIs' shapes)."""
+        import urllib.request
+
+        zone = zone or self.zone
+        serial = self.status(name).get("certSerial")
+        assert serial, f"{name} has no delivered certificate to confirm: {self.status(name)}"
+        args = ["sandbox", "vm-metadata", name] + (["--zone", zone] if zone != self.zone else [])
+        host = self.meshjoin(*args).stdout.strip()
+        report = {"agent-version": "e2e", "cert-serial": serial.upper(), "sidecar": sidecar,
+                  "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        for key, value in report.items():
+            request = urllib.request.Request(
+                f"http://{host}/computeMetadata/v1/instance/guest-attributes/meshjoin/{key}", data=value.encode(),
+                method="PUT", headers={"Metadata-Flavor": "Google"})
+            with urllib.request.urlopen(request, timeout=10) as answer:
+                assert answer.status == 200, (key, answer.status)
+        self.publish({"project": self.project, "zone": zone, "instance": name})
+
+    def join_confirmed(self, name: str, zone: str | None = None, timeout: float = 20.0) -> dict:
+        """Wait until meshjoin did its part (waiting), confirm as the agent would, wait until joined."""
+        wait_for(lambda: (self.status(name).get("state") in ("waiting", "joined")), timeout=timeout,
+                 what=f"{name} delivered")
+        if self.status(name).get("state") == "waiting":
+            self.confirm(name, zone)
+        return wait_for(lambda: (s := self.status(name)).get("state") == "joined" and s, timeout=timeout,
+                        what=f"{name} joined")
+
 
 def running_sandbox(state_dir: Path, function_env: dict[str, str] | None = None):
     """Context: `meshjoin sandbox up` with extra function settings, always `down` afterwards."""

@@ -26,7 +26,7 @@ def fleet(sandbox):
     create(sandbox, "cli-ok", "--label", "mesh=join", "--label", "mesh-namespace=apps",
            "--label", "mesh-service-account=api", "--metadata", "mesh-ports=http:8080")
     create(sandbox, "cli-denied", "--label", "mesh=join", "--label", "mesh-namespace=kube-system")
-    wait_for(lambda: sandbox.status("cli-ok").get("state") == "joined", what="cli-ok joined")
+    sandbox.join_confirmed("cli-ok")
     wait_for(lambda: sandbox.status("cli-denied").get("state") == "denied", what="cli-denied denied")
     return sandbox
 

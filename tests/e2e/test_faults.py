@@ -190,6 +190,11 @@ class World:
                 for vm in scoped.instances for item in vm.metadata.items]
 
     def joined(self, name: str, timeout: float = 60.0, zone: str | None = None) -> dict:
+        """Delivered (waiting), confirmed as the VM's agent would, then joined (issue 13)."""
+        wait_for(lambda: self.status(name, zone).get("state") in ("waiting", "joined"), timeout=timeout,
+                 interval=0.3, what=f"{name} delivered")
+        if self.status(name, zone).get("state") == "waiting":
+            self.sandbox.confirm(name, zone)
         return wait_for(lambda: (s := self.status(name, zone)).get("state") == "joined" and s,
                         timeout=timeout, interval=0.3, what=f"{name} joined")
 

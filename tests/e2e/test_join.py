@@ -22,8 +22,8 @@ def create(sandbox, name: str, *args: str, service_account: str | None = None) -
 
 
 def joined(sandbox, name: str, timeout: float = 20.0) -> dict:
-    return wait_for(lambda: (s := sandbox.status(name)).get("state") == "joined" and s,
-                    timeout=timeout, what=f"{name} joined")
+    """meshjoin delivers (waiting), the VM's agent confirms, the VM is joined (issue 13: the VM's own truth)."""
+    return sandbox.join_confirmed(name, timeout=timeout)
 
 
 def test_labelled_vm_joins_with_a_verifiable_identity(sandbox, tmp_path):

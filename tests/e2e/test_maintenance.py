@@ -45,7 +45,7 @@ def create(world, name: str, *args: str) -> None:
 
 
 def joined(world, name: str) -> dict:
-    return wait_for(lambda: (s := world.status(name)).get("state") == "joined" and s, what=f"{name} joined")
+    return world.join_confirmed(name)
 
 
 def secret_gone(world, name: str) -> bool:

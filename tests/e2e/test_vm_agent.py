@@ -103,7 +103,9 @@ def join(sandbox, name: str, *labels: str) -> dict:
     sandbox.meshjoin("sandbox", "create-vm", name, "--label", "mesh=join", "--label", "mesh-namespace=apps",
                      *[arg for label in labels for arg in ("--label", label)], "--metadata", "mesh-ports=http:8080",
                      "--service-account", f"{name}@meshjoin-sandbox.iam.gserviceaccount.com")
-    return wait_for(lambda: (s := sandbox.status(name)).get("state") == "joined" and s, what=f"{name} joined")
+    # meshjoin's part; `joined` comes only once this agent (run by the tests below) confirms.
+    return wait_for(lambda: (s := sandbox.status(name)).get("state") in ("waiting", "joined") and s,
+                    what=f"{name} delivered")
 
 
 SHIMS = {
@@ -159,6 +161,10 @@ class FakeVm:
     def calls(self, tool: str) -> list[str]:
         path = self.log / tool
         return path.read_text().splitlines() if path.exists() else []
+
+    def systemctl(self) -> list[str]:
+        """What the agent told systemd to do (its is-active/is-failed queries for the report left out)."""
+        return [c for c in self.calls("systemctl") if not c.startswith(("is-active", "is-failed"))]
 
     def file(self, path: str) -> Path:
         return self.root / path
@@ -260,7 +266,7 @@ def test_boot_lays_down_the_vm_files_and_a_rerun_changes_nothing(sandbox, fake_v
     assert vm.file(AGENT).read_text() == script.read_text() and vm.file(AGENT).stat().st_mode & 0o777 == 0o755
     assert f"ExecStart=/{AGENT} watch" in vm.file("etc/systemd/system/meshjoin-watch.service").read_text()
     assert [call.split()[0] for call in vm.calls("dpkg")] == ["-i"]
-    assert vm.calls("systemctl") == ["daemon-reload", "enable meshjoin-watch.service",
+    assert vm.systemctl() == ["daemon-reload", "enable meshjoin-watch.service",
                                      "restart meshjoin-watch.service", "enable istio.service",
                                      "restart istio.service"]
     first = vm.tree()
@@ -273,7 +279,7 @@ def test_boot_lays_down_the_vm_files_and_a_rerun_changes_nothing(sandbox, fake_v
     assert hosts[:2] == ["127.0.0.1 localhost", "::1 localhost ip6-localhost"]
     assert hosts.count(ISTIOD_HOST_LINE) == 1 and len(hosts) == 5  # kept lines + one marked block
     assert len(vm.calls("dpkg")) == 1 and len(sidecar["served"].gets) == gets_before + 1  # no re-download
-    assert vm.calls("systemctl")[5:] == ["enable meshjoin-watch.service", "start meshjoin-watch.service",
+    assert vm.systemctl()[5:] == ["enable meshjoin-watch.service", "start meshjoin-watch.service",
                                          "enable istio.service", "start istio.service"] * 2
     assert len(vm.calls("useradd")) == 1
     journal = "\n".join(vm.calls("journal"))
@@ -301,12 +307,12 @@ def test_boot_refreshes_an_expired_certificate_before_starting_the_sidecar(sandb
     vm = fake_vm("agent-off")
     vm.boot(script)
     vm.file("etc/certs/cert-chain.pem").write_bytes(expired_cert_pem())
-    starts = len(vm.calls("systemctl"))
+    starts = len(vm.systemctl())
 
     vm.boot(script)
     assert_certs_are(vm, sandbox.secret_payload(status["secret"]))
     assert any("the installed certificate has expired" in line for line in vm.calls("journal"))
-    assert vm.calls("systemctl")[starts:][-1] == "restart istio.service"  # after the refresh, in the same run
+    assert vm.systemctl()[starts:][-1] == "restart istio.service"  # after the refresh, in the same run
 
 
 def bad_secret_manager(payload: bytes) -> str:
@@ -361,10 +367,10 @@ def test_watcher_swaps_in_a_renewed_version_and_keeps_the_old_files_on_a_bad_one
     cluster_env = vm.file("var/lib/istio/envoy/cluster.env").read_text()
     assert cluster_env == sandbox.metadata("agent-watch")["meshjoin-cluster-env"]
     assert "SERVICE_ACCOUNT=watch-b" in cluster_env
-    assert vm.calls("systemctl")[-1] == "restart istio.service"  # a new identity needs a fresh bootstrap
+    assert vm.systemctl()[-1] == "restart istio.service"  # a new identity needs a fresh bootstrap
 
     quiet = vm.watch_once(MESHJOIN_WAIT_SECONDS="1")  # nothing changed since: waits, then does nothing
-    assert quiet.returncode == 0 and vm.calls("systemctl")[-1] == "restart istio.service"
+    assert quiet.returncode == 0 and vm.systemctl()[-1] == "restart istio.service"
 
 
 def test_checksum_gate_refuses_a_package_that_does_not_match(sandbox, fake_vm, script, sidecar):
@@ -372,7 +378,7 @@ def test_checksum_gate_refuses_a_package_that_does_not_match(sandbox, fake_vm, s
     vm = fake_vm("agent-sum")
     result = vm.run(script, MESHJOIN_SIDECAR_SHA256="0" * 64)
     assert result.returncode == 1
-    assert vm.calls("dpkg") == [] and not any("istio.service" in call for call in vm.calls("systemctl"))
+    assert vm.calls("dpkg") == [] and not any("istio.service" in call for call in vm.systemctl())
     said = vm.calls("journal")[-1]
     assert f"checksum mismatch for {sidecar['url']}: expected sha256 {'0' * 64}, got {sidecar['sha256']}" in said
     assert "nothing was installed" in said and "Remedy:" in said
@@ -391,6 +397,24 @@ def test_watcher_withdraws_the_identity_when_the_vm_leaves(sandbox, fake_vm, scr
     wait_for(lambda: sandbox.status("agent-leave").get("state") == "left", what="agent-leave left")
     result = vm.watch_once(MESHJOIN_WAIT_SECONDS="5")
     assert result.returncode == 0, result.stderr
-    assert vm.calls("systemctl")[-2:] == ["stop istio.service", "disable istio.service"]
+    assert vm.systemctl()[-2:] == ["stop istio.service", "disable istio.service"]
     assert not vm.file("etc/certs/key.pem").exists() and not vm.file("etc/certs/cert-chain.pem").exists()
     assert "left the mesh" in vm.calls("journal")[-1]
+
+
+def test_defect3_the_agent_reports_the_delivered_certificate_and_the_vm_turns_joined(sandbox, fake_vm, script):
+    """The VM's own truth, end to end: meshjoin delivers (waiting, no entry), the real agent boots, lays down
+    the certificate, starts the sidecar, reports through guest attributes on its own metadata server and
+    nudges meshjoin over Pub/Sub; only then is the VM joined with a WorkloadEntry.
+    Needs the sandbox's guest attributes (metadata PUT, Compute getGuestAttributes)."""
+    status = join(sandbox, "agent-confirm", "mesh-service-account=confirm")
+    assert status["state"] == "waiting" and sandbox.entries_for("agent-confirm") == []
+    vm = fake_vm("agent-confirm")
+    vm.boot(script, MESHJOIN_WAIT_SECONDS="5")
+    journal = "\n".join(vm.calls("journal"))
+    assert f"certificate {status['certSerial']}, sidecar running" in journal, journal
+    assert "could not write" not in journal, journal
+    joined = wait_for(lambda: (s := sandbox.status("agent-confirm")).get("state") == "joined" and s,
+                      what="agent-confirm joined after its agent's report")
+    assert joined["confirmedSerial"] == status["certSerial"]
+    assert len(sandbox.entries_for("agent-confirm")) == 1
