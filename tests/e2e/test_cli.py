@@ -68,8 +68,13 @@ def test_dry_run_changes_nothing_then_reconcile_joins(fleet):
     assert plan["dry_run"] is True
     assert fleet.status("cli-missed") == {}
     out = meshjoin(fleet, "reconcile").stdout
-    assert "summary:" in out and "joined=" in out
-    assert fleet.status("cli-missed")["state"] == "joined"
+    assert "summary:" in out and "waiting=1" in out
+    # meshjoin did its part; the VM has not confirmed (its agent has not run): no traffic, and the remedy.
+    assert fleet.status("cli-missed")["state"] == "waiting"
+    explained = meshjoin(fleet, "explain", "cli-missed").stdout
+    assert "agent report: none" in explained and "google_metadata_script_runner startup" in explained
+    rows = {r["name"]: r for r in json.loads(meshjoin(fleet, "status", "--json").stdout)}
+    assert rows["cli-missed"]["state"] == "waiting"
 
 
 def test_join_forces_a_fresh_certificate_and_leave_removes(fleet):
