@@ -150,3 +150,23 @@ def test_istio_system_and_foreign_service_accounts_are_denied(sandbox):
         assert sandbox.meshjoin("sandbox", "access-secret", secret, check=False).returncode != 0
     assert sandbox.kubectl_json("get", "service", "-n", "istio-system", "evil-1") is None
     assert sandbox.kubectl_json("get", "service", "-n", "payments", "evil-2") is None
+
+
+def test_defect3_a_vm_labelled_while_running_waits_without_traffic(sandbox):
+    """setLabels on a running VM (the common path): GCE runs startup-script only at boot, so meshjoin
+    delivers and then waits for the VM's own confirmation; no WorkloadEntry selects it meanwhile."""
+    create(sandbox, "late-1", "--metadata", "mesh-ports=http:8080")
+    sandbox.meshjoin("sandbox", "set-labels", "late-1", "mesh=join")
+    status = wait_for(lambda: (s := sandbox.status("late-1")).get("state") == "waiting" and s,
+                      what="late-1 delivered and waiting")
+    assert status["certSerial"] and status["secret"].endswith("/versions/1")
+    assert "google_metadata_script_runner startup" in status["reason"] and "reboot" in status["reason"]
+    assert "workloadEntry" not in status and sandbox.entries_for("late-1") == []
+    metadata = sandbox.metadata("late-1")
+    assert metadata["enable-guest-attributes"] == "TRUE"
+    assert metadata["meshjoin-events-topic"].endswith("/topics/" + sandbox.config["events_topic"])
+    # Re-checks change nothing until the VM confirms.
+    sandbox.publish({"project": sandbox.project, "zone": sandbox.zone, "instance": "late-1"})
+    wait_for(lambda: sandbox.logged("late-1", "waiting"), what="the re-check logged")
+    assert sandbox.status("late-1")["waitingSince"] == status["waitingSince"]
+    assert sandbox.entries_for("late-1") == []
