@@ -48,7 +48,7 @@ ORPHAN_VERSION_AGE = timedelta(minutes=15)
 class Outcome:
     """What one reconcile did: a past-tense verb plus facts for the log line and the CLI."""
 
-    verb: str  # registered | renewed | reissued | refreshed | unchanged | left | denied | ignored | failed
+    verb: str  # registered | delivered | rechecked | renewed | reissued | refreshed | unchanged | left | denied | ignored | failed
     reason: str = ""
     state: str | None = None
     details: dict = field(default_factory=dict)
@@ -362,7 +362,7 @@ class Reconciler:
         elif is_joined and not was_confirmed:
             verb = "registered"
         elif not is_joined:
-            verb = "waiting"
+            verb = "rechecked"  # still unconfirmed
         else:
             verb = "refreshed" if changed else "unchanged"
         return Outcome(verb, reason, state=state, details={**status_fields, "secret": delivered.secret_version})

@@ -219,7 +219,7 @@ class Sweeper:
         counts["errors"] = len(errors)
         for note in plan.notes:
             log("ERROR" if "exceed" in note or "incomplete" in note else "WARNING", note,
-                outcome="waiting" if "to confirm" in note else "deferred")
+                outcome="overdue" if "to confirm" in note else "deferred")
         if not dry_run:
             self._execute(plan, inventory, counts, errors, started, progress)
         summary = SweepSummary(counts, time.monotonic() - started, dry_run, plan, errors)
@@ -280,4 +280,4 @@ class Sweeper:
 
 # Reconcile verbs → summary counters (denials are counted from the plan, once per denied VM).
 SWEEP_COUNTER = {"registered": "joined", "renewed": "renewed", "reissued": "reissued", "left": "pruned",
-                 "pruned": "pruned", "deferred": "deferred", "delivered": "waiting", "waiting": "waiting"}
+                 "pruned": "pruned", "deferred": "deferred", "delivered": "waiting", "rechecked": "waiting"}

@@ -167,6 +167,6 @@ def test_defect3_a_vm_labelled_while_running_waits_without_traffic(sandbox):
     assert metadata["meshjoin-events-topic"].endswith("/topics/" + sandbox.config["events_topic"])
     # Re-checks change nothing until the VM confirms.
     sandbox.publish({"project": sandbox.project, "zone": sandbox.zone, "instance": "late-1"})
-    wait_for(lambda: sandbox.logged("late-1", "waiting"), what="the re-check logged")
+    wait_for(lambda: sandbox.logged("late-1", "rechecked"), what="the re-check logged")
     assert sandbox.status("late-1")["waitingSince"] == status["waitingSince"]
     assert sandbox.entries_for("late-1") == []

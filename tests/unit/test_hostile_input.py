@@ -466,7 +466,7 @@ def test_reconcile_of_a_hostile_vm_ends_in_an_outcome_and_harms_nobody_else(plug
 
     outcome = reconciler.reconcile(KEY)
 
-    assert outcome.verb in ("registered", "delivered", "waiting", "refreshed", "unchanged", "renewed", "reissued",
+    assert outcome.verb in ("registered", "delivered", "rechecked", "refreshed", "unchanged", "renewed", "reissued",
                             "left", "denied", "ignored", "failed"), outcome
     after = compute.vms[KEY].metadata
     assert not any("PRIVATE KEY" in value for value in after.values())

@@ -57,7 +57,7 @@ def test_defect3_a_new_vm_waits_without_traffic_until_its_agent_confirms(world):
 
     # Re-checked while the agent has not reported: nothing changes, nothing is written.
     writes = compute.writes
-    assert reconciler.reconcile(KEY).verb == "waiting"
+    assert reconciler.reconcile(KEY).verb == "rechecked"
     assert compute.writes == writes and entries(kube) == []
 
     compute.confirm(KEY)
