@@ -96,4 +96,5 @@ def run(quick: bool = False) -> dict:
 def _joined(world: World, name: str) -> bool:
     from .world import status_of
 
-    return status_of(world.get_vm(name)).get("state") == "joined"
+    # meshjoin's part is done at `waiting`; the VM's agent confirms later (`joined`).
+    return status_of(world.get_vm(name)).get("state") in ("waiting", "joined")

@@ -48,7 +48,8 @@ ORPHAN_VERSION_AGE = timedelta(minutes=15)
 class Outcome:
     """What one reconcile did: a past-tense verb plus facts for the log line and the CLI."""
 
-    verb: str  # registered | delivered | rechecked | renewed | reissued | refreshed | unchanged | left | denied | ignored | failed
+    # registered | delivered | rechecked | renewed | reissued | refreshed | unchanged | left | denied | ignored | failed
+    verb: str
     reason: str = ""
     state: str | None = None
     details: dict = field(default_factory=dict)
