@@ -41,6 +41,7 @@ class Settings:
     compute_endpoint: str | None = None
     secretmanager_endpoint: str | None = None
     container_endpoint: str | None = None
+    cluster_endpoint: str = "ip"  # "ip": clusters.get's endpoint + cluster CA; "dns": GKE's DNS-based endpoint
     ca_cert_secret: str = "istio-ca-cert"
     ca_key_secret: str = "istio-ca-key"
     ca_chain_secret: str = "istio-cert-chain"
@@ -141,6 +142,7 @@ class Settings:
         convert("MESHJOIN_SWEEP_RENEWALS", "sweep_renewals", _positive_int)
         convert("MESHJOIN_SWEEP_SECONDS", "sweep_seconds", parse_duration)
         convert("MESHJOIN_SWEEP_WORKERS", "sweep_workers", _positive_int)
+        convert("MESHJOIN_CLUSTER_ENDPOINT", "cluster_endpoint", _cluster_endpoint)
         settings = cls(**values)
         if settings.cert_ttl < timedelta(minutes=1):
             raise SettingsError(f"MESHJOIN_CERT_TTL must be at least 1m, got {settings.cert_ttl}")
@@ -174,6 +176,12 @@ def _ip_address(raw: str) -> str:
 def _host_port(raw: str) -> str:
     if not _HOST_PORT.match(raw):
         raise ValueError("want HOST:PORT, e.g. istiod.istio-system.svc:15012")
+    return raw
+
+
+def _cluster_endpoint(raw: str) -> str:
+    if raw not in ("ip", "dns"):
+        raise ValueError("must be ip or dns")
     return raw
 
 

@@ -58,24 +58,33 @@ def provider_of(type_name: str) -> str:
     return type_name.split("_", 1)[0]
 
 
-def lib_dir(type_name: str, data: bool) -> str:
-    """google_pubsub_subscription → pubsub-subscription; data google_project → data-google-project
-    (the same in google-beta, whose types are named google_* too)."""
+def lib_dirs(type_name: str, data: bool) -> list[str]:
+    """Where cdktf may have put a type: google_pubsub_subscription → pubsub-subscription, data
+    google_project → data-google-project; a name that would clash keeps its prefix
+    (google_project_service_identity → google-project-service-identity). The file's own
+    `tfResourceType` decides which candidate is the type."""
     rest = type_name.split("_", 1)[1]
-    return ("data-" + type_name if data else rest).replace("_", "-")
+    if data:
+        return [("data-" + type_name).replace("_", "-")]
+    return [rest.replace("_", "-"), type_name.replace("_", "-")]
 
 
-def ensure_files(provider: str, needed: set[str]) -> Path:
-    """Cache directory of `provider`'s package holding package.json and lib/<d>/index.js for each d."""
+def _cached(root: Path, kind: str, type_name: str) -> Path:
+    return root / "types" / kind / f"{type_name}.js"
+
+
+def ensure_files(provider: str, types: set[tuple[str, str]]) -> Path:
+    """Cache directory of `provider`'s package holding package.json and the index.js of each
+    (kind, type) in `types` (kind: "resource" or "data"), fetching the package if any is missing."""
     package, version, _ = PACKAGES[provider]
     root = cache_root() / f"{package.replace('/', '+')}@{version}"
-    wanted = {"package/package.json"} | {f"package/lib/{d}/index.js" for d in needed}
-    missing = {m for m in wanted if not (root / m).is_file()}
-    if not missing:
+    missing = {t for t in types if not _cached(root, *t).is_file()}
+    if not missing and (root / "package.json").is_file():
         return root
     npm = shutil.which("npm")
     if npm is None:
         raise SchemaUnavailable(f"npm is not installed and {root} lacks {sorted(missing)[:3]}")
+    candidates = {f"package/lib/{d}/index.js": t for t in missing for d in lib_dirs(t[1], t[0] == "data")}
     with tempfile.TemporaryDirectory() as tmp:
         result = subprocess.run([npm, "pack", "--silent", f"{package}@{version}"], cwd=tmp,
                                 capture_output=True, text=True, timeout=600)
@@ -84,21 +93,26 @@ def ensure_files(provider: str, needed: set[str]) -> Path:
             raise SchemaUnavailable(f"npm pack {package}@{version} failed: {result.stderr.strip()[-500:]}")
         staging = Path(tmp) / "extract"
         with tarfile.open(tarballs[0]) as archive:
-            members = [m for m in archive.getmembers() if m.name in missing and m.isfile()]
+            members = [m for m in archive.getmembers()
+                       if m.isfile() and (m.name in candidates or m.name == "package/package.json")]
             archive.extractall(staging, members=members, filter="data")
-        for member in members:
-            target = root / member.name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staging / member.name, target)  # whole files only: a killed run leaves none half-written
-    still = {m for m in wanted if not (root / m).is_file()}
+        root.mkdir(parents=True, exist_ok=True)
+        for name, (kind, type_name) in candidates.items():
+            path = staging / name
+            if path.is_file() and f'.tfResourceType = "{type_name}";' in path.read_text():
+                target = _cached(root, kind, type_name)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target)  # whole files only: a killed run leaves none half-written
+        os.replace(staging / "package" / "package.json", root / "package.json")
+    still = sorted(t for t in types if not _cached(root, *t).is_file())
     if still:
-        # Not a download problem: the provider has no such resource (a typo, or a beta-only type).
-        raise KeyError(f"{package}@{version} has no {sorted(still)}")
+        # Not a download problem: the provider has no such type (a typo, or a beta-only type).
+        raise KeyError(f"{package}@{version} has no {still}")
     return root
 
 
 def provider_version(root: Path) -> str:
-    return json.loads((root / "package" / "package.json").read_text())["cdktf"]["provider"]["version"]
+    return json.loads((root / "package.json").read_text())["cdktf"]["provider"]["version"]
 
 
 @dataclass
@@ -180,6 +194,6 @@ def parse(js: str) -> Block:
 def schema(type_name: str, data: bool = False, provider: str | None = None) -> Block:
     """`provider`: the provider's local name when the block selects one (`provider = google-beta`)."""
     provider = provider or provider_of(type_name)
-    directory = lib_dir(type_name, data)
-    root = ensure_files(provider, {directory})
-    return parse((root / "package" / "lib" / directory / "index.js").read_text())
+    kind = "data" if data else "resource"
+    root = ensure_files(provider, {(kind, type_name)})
+    return parse(_cached(root, kind, type_name).read_text())

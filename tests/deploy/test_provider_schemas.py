@@ -96,9 +96,9 @@ def configuration():
 @pytest.fixture(scope="module")
 def schemas(configuration):
     """(kind, type, provider) → Block, downloading what the cache lacks (one `npm pack` per provider)."""
-    needed: dict[str, set[str]] = {}
+    needed: dict[str, set[tuple[str, str]]] = {}
     for kind, rtype, _, body, _ in configuration:
-        needed.setdefault(provider_name(body, rtype), set()).add(ps.lib_dir(rtype, kind == "data"))
+        needed.setdefault(provider_name(body, rtype), set()).add((kind, rtype))
     try:
         for provider, dirs in needed.items():
             ps.ensure_files(provider, dirs)
