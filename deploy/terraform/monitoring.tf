@@ -44,8 +44,10 @@ locals {
     }
   }
 
-  metric_type          = { for name, metric in google_logging_metric.counter : name => "logging.googleapis.com/user/${metric.name}" }
-  outcomes_metric_type = "logging.googleapis.com/user/${google_logging_metric.event_outcomes.name}"
+  # The metrics' types, from their names (resource.name below); the policies and the dashboard
+  # depend_on the metrics, since Monitoring refuses a filter naming a metric that does not exist.
+  metric_type          = { for name in keys(local.log_counters) : name => "logging.googleapis.com/user/${var.name}/${name}" }
+  outcomes_metric_type = "logging.googleapis.com/user/${var.name}/event_outcomes"
 }
 
 resource "google_logging_metric" "counter" {
@@ -95,6 +97,7 @@ resource "google_monitoring_alert_policy" "dead_letters" {
   combiner              = "OR"
   severity              = "ERROR"
   notification_channels = var.alert_notification_channels
+  depends_on            = [google_logging_metric.counter, google_logging_metric.event_outcomes]
 
   conditions {
     display_name = "undelivered messages in ${google_pubsub_subscription.dead_letter.name}"
@@ -121,6 +124,7 @@ resource "google_monitoring_alert_policy" "sweep_aborted" {
   combiner              = "OR"
   severity              = "ERROR"
   notification_channels = var.alert_notification_channels
+  depends_on            = [google_logging_metric.counter, google_logging_metric.event_outcomes]
 
   conditions {
     display_name = "sweep aborted"
@@ -148,6 +152,7 @@ resource "google_monitoring_alert_policy" "cert_near_expiry" {
   combiner              = "OR"
   severity              = "CRITICAL"
   notification_channels = var.alert_notification_channels
+  depends_on            = [google_logging_metric.counter, google_logging_metric.event_outcomes]
 
   conditions {
     display_name = "a sweep found a certificate within ${var.cert_expiry_alert_hours}h of expiry"
@@ -175,6 +180,7 @@ resource "google_monitoring_alert_policy" "join_failure_rate" {
   combiner              = "OR"
   severity              = "WARNING"
   notification_channels = var.alert_notification_channels
+  depends_on            = [google_logging_metric.counter, google_logging_metric.event_outcomes]
 
   conditions {
     display_name = "failed / all reconciles of the events function over 15 minutes"
@@ -278,5 +284,5 @@ resource "google_monitoring_dashboard" "meshjoin" {
     }
   })
 
-  depends_on = [google_project_service.apis]
+  depends_on = [google_project_service.apis, google_logging_metric.counter, google_logging_metric.event_outcomes]
 }

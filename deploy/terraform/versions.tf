@@ -75,11 +75,10 @@ locals {
   # cluster CA is passed: the cluster's own CA would make TLS verification fail.
   cluster_dns_endpoint = try(data.google_container_cluster.mesh.control_plane_endpoints_config[0].dns_endpoint_config[0].endpoint, "")
   kube_host            = var.cluster_endpoint == "dns" ? local.cluster_dns_endpoint : data.google_container_cluster.mesh.endpoint
-  kube_ca              = var.cluster_endpoint == "dns" ? null : base64decode(data.google_container_cluster.mesh.master_auth[0].cluster_ca_certificate)
 }
 
 provider "kubernetes" {
   host                   = "https://${local.kube_host}"
   token                  = data.google_client_config.deployer.access_token
-  cluster_ca_certificate = local.kube_ca
+  cluster_ca_certificate = var.cluster_endpoint == "dns" ? null : base64decode(data.google_container_cluster.mesh.master_auth[0].cluster_ca_certificate)
 }
