@@ -44,6 +44,8 @@ locals {
     }
   }
 
+  event_outcomes_filter = "${local.function_logs.events} AND jsonPayload.outcome:* AND jsonPayload.state:*"
+
   # The metrics' types, from their names (resource.name below); the policies and the dashboard
   # depend_on the metrics, since Monitoring refuses a filter naming a metric that does not exist.
   metric_type          = { for name in keys(local.log_counters) : name => "logging.googleapis.com/user/${var.name}/${name}" }
@@ -71,7 +73,7 @@ resource "google_logging_metric" "counter" {
 resource "google_logging_metric" "event_outcomes" {
   name        = "${var.name}/event_outcomes"
   description = "meshjoin: reconciles finished by the events function, by outcome"
-  filter      = "${local.function_logs.events} AND jsonPayload.outcome:* AND jsonPayload.state:*"
+  filter      = local.event_outcomes_filter
 
   metric_descriptor {
     metric_kind = "DELTA"
