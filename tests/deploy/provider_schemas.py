@@ -12,8 +12,10 @@ For every resource and data source, `lib/<kebab-name>/index.js` holds:
   `<Struct>OutputReference` class of a nested block): an argument without one is required;
 - a getter without a setter for every computed-only attribute: it is never among the arguments.
 
-Installing: `npm pack` fetches each package's tarball (30-35 MB for google/google-beta, 11 MB for
-kubernetes) into a temporary directory; only the `lib/<name>/index.js` files the configuration
+Installing: `npm pack` (or, without npm, a plain HTTPS download from the registry) fetches each
+package's tarball (30-35 MB for google/google-beta, 11 MB for kubernetes; 330 MB each unpacked,
+which is why nothing is `npm install`ed) into a temporary directory, checked against the pinned
+integrity; only the `lib/<name>/index.js` files the configuration
 needs, and package.json, are extracted into a cache keyed by package and version
 (`~/.cache/meshjoin/cdktf/<package>@<version>/`, or $MESHJOIN_CDKTF_CACHE), and the tarball is
 deleted. A later run that finds every needed file in the cache does no network at all.
@@ -21,6 +23,8 @@ deleted. A later run that finds every needed file in the cache does no network a
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import re
@@ -28,6 +32,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +43,14 @@ PACKAGES = {
     "google-beta": ("@cdktf/provider-google-beta", "16.12.1", "6.50.0"),
     "kubernetes": ("@cdktf/provider-kubernetes", "12.1.1", "2.38.0"),
     "archive": ("@cdktf/provider-archive", "11.0.1", "2.7.1"),
+}
+# The registry's own integrity of each tarball (`npm view PACKAGE@VERSION dist.integrity`): what
+# is checked is exactly what was reviewed, whichever way it was fetched.
+INTEGRITY = {
+    "@cdktf/provider-google": "sha512-KqNA/5RiFT07r0PSZ6/07cJ2zESUgbj1JchVj21iBFBZVUbD+578xA/k8eq/r0cbyEgLmg9eYWeVslaYah4DCQ==",
+    "@cdktf/provider-google-beta": "sha512-ip0dXu0ZrsyMgcoGNfkJCYG8PFjNtfb2wkz4Sw7IU09rQMK/A6++SwkmFHl8wJ8KlwMvd2w4tNXfErIbWWWqag==",
+    "@cdktf/provider-kubernetes": "sha512-faZ/zydCsDBYwXqq3douhxSf8KFJfTUixYDr5hg0uCA8FExRK3+w27JUrt6gAVHFBuOVsKthObdqtTmP3PzQSQ==",
+    "@cdktf/provider-archive": "sha512-2Plwhj1hVUOYmQrxNbBvy2nrw/gyHZKnQFauPCwjhQX+MpRImF7cceKgX8zZgBPvB5YEP75MIFPbr4sjxDWeHw==",
 }
 
 # Arguments and blocks Terraform itself handles in every resource / data source.
@@ -81,18 +94,11 @@ def ensure_files(provider: str, types: set[tuple[str, str]]) -> Path:
     missing = {t for t in types if not _cached(root, *t).is_file()}
     if not missing and (root / "package.json").is_file():
         return root
-    npm = shutil.which("npm")
-    if npm is None:
-        raise SchemaUnavailable(f"npm is not installed and {root} lacks {sorted(missing)[:3]}")
     candidates = {f"package/lib/{d}/index.js": t for t in missing for d in lib_dirs(t[1], t[0] == "data")}
     with tempfile.TemporaryDirectory() as tmp:
-        result = subprocess.run([npm, "pack", "--silent", f"{package}@{version}"], cwd=tmp,
-                                capture_output=True, text=True, timeout=600)
-        tarballs = list(Path(tmp).glob("*.tgz"))
-        if result.returncode != 0 or len(tarballs) != 1:
-            raise SchemaUnavailable(f"npm pack {package}@{version} failed: {result.stderr.strip()[-500:]}")
+        tarball = fetch_tarball(package, version, Path(tmp))
         staging = Path(tmp) / "extract"
-        with tarfile.open(tarballs[0]) as archive:
+        with tarfile.open(tarball) as archive:
             members = [m for m in archive.getmembers()
                        if m.isfile() and (m.name in candidates or m.name == "package/package.json")]
             archive.extractall(staging, members=members, filter="data")
@@ -109,6 +115,36 @@ def ensure_files(provider: str, types: set[tuple[str, str]]) -> Path:
         # Not a download problem: the provider has no such type (a typo, or a beta-only type).
         raise KeyError(f"{package}@{version} has no {still}")
     return root
+
+
+def fetch_tarball(package: str, version: str, directory: Path) -> Path:
+    """The package's tarball in `directory`, by `npm pack` (npm's registry and proxy settings) or,
+    without npm, straight from the registry over HTTPS; either way checked against INTEGRITY."""
+    npm = shutil.which("npm")
+    if npm is not None:
+        result = subprocess.run([npm, "pack", "--silent", f"{package}@{version}"], cwd=directory,
+                                capture_output=True, text=True, timeout=600)
+        tarballs = list(directory.glob("*.tgz"))
+        if result.returncode != 0 or len(tarballs) != 1:
+            raise SchemaUnavailable(f"npm pack {package}@{version} failed: {result.stderr.strip()[-500:]}")
+        tarball = tarballs[0]
+    else:
+        registry = os.environ.get("npm_config_registry", "https://registry.npmjs.org").rstrip("/")
+        url = f"{registry}/{package}/-/{package.split('/')[-1]}-{version}.tgz"
+        tarball = directory / "package.tgz"
+        try:
+            with urllib.request.urlopen(url, timeout=300) as response, tarball.open("wb") as out:
+                shutil.copyfileobj(response, out)
+        except OSError as exc:
+            raise SchemaUnavailable(f"no npm, and {url} is unreachable: {exc}") from exc
+    digest = hashlib.sha512()
+    with tarball.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    integrity = "sha512-" + base64.b64encode(digest.digest()).decode()
+    if integrity != INTEGRITY[package]:
+        raise AssertionError(f"{package}@{version}: tarball integrity {integrity} is not the pinned {INTEGRITY[package]}")
+    return tarball
 
 
 def provider_version(root: Path) -> str:
