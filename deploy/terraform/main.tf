@@ -1,8 +1,9 @@
 # meshjoin in one project: a Log Router sink and Cloud Scheduler feed two Pub/Sub topics, push
-# subscriptions (retry with backoff, dead-letter after 5 attempts) deliver to two Cloud Functions
-# (gen2), which run as one least-privileged service account. Files: pubsub.tf (topics, sink,
-# scheduler, subscriptions), functions.tf (source upload, functions), iam.tf (identities and
-# grants), kubernetes.tf (RBAC in the mesh's cluster), outputs.tf.
+# subscriptions (retry with backoff, events dead-lettered after events_max_delivery_attempts)
+# deliver to two Cloud Functions (gen2), which run as one least-privileged service account.
+# Files: pubsub.tf (topics, sink, scheduler, subscriptions), functions.tf (source upload,
+# functions), iam.tf (identities and grants), kubernetes.tf (RBAC in the mesh's cluster),
+# monitoring.tf (metrics, alerts, dashboard), outputs.tf.
 
 data "google_project" "this" {
   project_id = var.project_id

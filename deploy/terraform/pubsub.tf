@@ -97,7 +97,7 @@ resource "google_pubsub_subscription" "push" {
     }
   }
 
-  # A transient failure (HTTP 500) is retried with backoff; after 5 attempts it is parked.
+  # A transient failure (HTTP 500) or a refusal (429) is retried with backoff.
   retry_policy {
     minimum_backoff = "10s"
     maximum_backoff = "600s"
