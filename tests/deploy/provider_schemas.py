@@ -76,6 +76,8 @@ def lib_dirs(type_name: str, data: bool) -> list[str]:
     google_project → data-google-project; a name that would clash keeps its prefix
     (google_project_service_identity → google-project-service-identity). The file's own
     `tfResourceType` decides which candidate is the type."""
+    if type_name in PACKAGES:  # a provider's own configuration block
+        return ["provider"]
     rest = type_name.split("_", 1)[1]
     if data:
         return [("data-" + type_name).replace("_", "-")]
@@ -201,7 +203,7 @@ def _getters(body: str | None) -> set[str]:
 def parse(js: str) -> Block:
     """The schema of the one resource or data source defined in `js` (an index.js)."""
     functions = dict(re.findall(r"^function (\w+)ToHclTerraform\(struct\) \{\n(.*?)^\}\n", js, re.MULTILINE | re.DOTALL))
-    top_class = re.search(r"^class (\w+) extends cdktf\.Terraform(?:Resource|DataSource) \{", js, re.MULTILINE).group(1)
+    top_class = re.search(r"^class (\w+) extends cdktf\.Terraform(?:Resource|DataSource|Provider) \{", js, re.MULTILINE).group(1)
     top_body = _class_body(js, top_class)
     top_attrs = re.search(r"synthesizeHclAttributes\(\) \{\n(.*?)\n    \}\n", top_body, re.DOTALL).group(1)
 
@@ -225,6 +227,12 @@ def parse(js: str) -> Block:
         return block
 
     return build(top_attrs, top_body)
+
+
+def provider_schema(name: str) -> Block:
+    """The arguments of a `provider "<name>" { ... }` block."""
+    root = ensure_files(name, {("provider", name)})
+    return parse(_cached(root, "provider", name).read_text())
 
 
 def schema(type_name: str, data: bool = False, provider: str | None = None) -> Block:

@@ -99,6 +99,8 @@ def schemas(configuration):
     needed: dict[str, set[tuple[str, str]]] = {}
     for kind, rtype, _, body, _ in configuration:
         needed.setdefault(provider_name(body, rtype), set()).add((kind, rtype))
+    for provider in provider_blocks():
+        needed.setdefault(provider, set()).add(("provider", provider))
     try:
         for provider, dirs in needed.items():
             ps.ensure_files(provider, dirs)
@@ -114,6 +116,31 @@ def test_every_block_matches_its_providers_schema(configuration, schemas):
         schema = schemas[(kind, rtype, provider_name(body, rtype))]
         prefix = "data." if kind == "data" else ""
         problems += check(body, schema, f"{filename}: {prefix}{rtype}.{name}")
+    assert problems == [], "\n".join(problems)
+
+
+def provider_blocks() -> dict[str, dict]:
+    """name → body of every `provider "<name>" { ... }` block."""
+    import hcl2
+    from hcl2 import SerializationOptions
+
+    options = SerializationOptions(with_comments=False, explicit_blocks=True, strip_string_quotes=True)
+    found = {}
+    for path in sorted(TF_DIR.glob("*.tf")):
+        with path.open() as f:
+            for block in hcl2.load(f, serialization_options=options).get("provider", []):
+                found.update(block)
+    return found
+
+
+def test_provider_configurations_match_their_schemas(schemas):
+    blocks = provider_blocks()
+    assert {"google", "google-beta", "kubernetes"} <= set(blocks)
+    kubernetes = ps.provider_schema("kubernetes")
+    assert {"host", "token", "cluster_ca_certificate"} <= set(kubernetes.arguments) and "exec" in kubernetes.blocks
+    problems = []
+    for name, body in blocks.items():
+        problems += check(body, ps.provider_schema(name), f'provider "{name}"')
     assert problems == [], "\n".join(problems)
 
 
