@@ -11,7 +11,7 @@ all: venv
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml sandbox/pyproject.toml
+$(STAMP): requirements.txt requirements-cli.txt requirements-dev.txt pyproject.toml sandbox/pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -r requirements-dev.txt
@@ -52,11 +52,17 @@ clean:
 # `make package` stages each function's source (main.py, requirements.txt, meshjoin/) in
 # build/functions. `make deploy PROJECT=p CLUSTER=projects/p/locations/l/clusters/c
 # TF_STATE_BUCKET=b [REGION=r]` runs the tests, packages, and applies deploy/terraform with the
-# caller's credentials: the same steps as cloudbuild.yaml. More variables: TF_VAR_<name>=... or
-# deploy/terraform/terraform.tfvars.
-.PHONY: package deploy
+# caller's credentials: the steps cloudbuild.yaml (verify) and cloudbuild-release.yaml (release)
+# split between an unprivileged and a privileged build. PROJECT, REGION and CLUSTER go to
+# Terraform as -var, the highest precedence, so a terraform.tfvars cannot redirect the deploy
+# while the state is kept under meshjoin/$(PROJECT). More variables: deploy/terraform/terraform.tfvars
+# or TF_VAR_<name>=... `make lock` writes deploy/terraform/.terraform.lock.hcl (online, once).
+.PHONY: package deploy lock
 REGION ?= us-central1
 TF := terraform -chdir=deploy/terraform
+TF_WHERE = -var='project_id=$(PROJECT)' -var='region=$(REGION)' -var='cluster=$(CLUSTER)'
+# With the lock file committed, init refuses providers whose hashes it does not list.
+TF_LOCK = $(if $(wildcard deploy/terraform/.terraform.lock.hcl),-lockfile=readonly)
 
 # Checked when make reads the file, so a missing argument fails before the test suite runs.
 ifneq ($(filter deploy,$(MAKECMDGOALS)),)
@@ -68,6 +74,11 @@ package:
 
 deploy: test package
 	$(TF) fmt -check -recursive
-	$(TF) init -input=false -reconfigure -backend-config=bucket=$(TF_STATE_BUCKET) -backend-config=prefix=meshjoin/$(PROJECT)
-	TF_VAR_project_id=$(PROJECT) TF_VAR_region=$(REGION) TF_VAR_cluster=$(CLUSTER) $(TF) plan -input=false -out=tfplan
+	$(TF) init -input=false -reconfigure $(TF_LOCK) -backend-config=bucket=$(TF_STATE_BUCKET) -backend-config=prefix=meshjoin/$(PROJECT)
+	$(TF) plan -input=false $(TF_WHERE) -out=tfplan
 	$(TF) apply -input=false tfplan
+
+# The one online step of a reproducible build: hashes of the pinned providers for every platform
+# that runs Terraform (Cloud Build's linux_amd64, developers' machines). Commit the result.
+lock:
+	$(TF) providers lock -platform=linux_amd64 -platform=linux_arm64 -platform=darwin_amd64 -platform=darwin_arm64

@@ -5,7 +5,8 @@ Cloud Functions builds a function from one directory holding `main.py` and `requ
 The functions import `meshjoin`, which lives in shared/meshjoin and is installed into the local
 venv as an editable package that a function build never sees. So each bundle carries a copy of
 the package beside its main.py (the build puts the source root on sys.path) and the repository's
-runtime pins, and nothing else: no tests, no sandbox, no dev tools.
+runtime pins (requirements.txt; the CLI's extras are in requirements-cli.txt), and nothing else:
+no tests, no sandbox, no dev tools, no CLI.
 
     python3 deploy/package.py [--out build/functions]
 
@@ -29,12 +30,17 @@ REQUIREMENTS = REPO / "requirements.txt"
 # Function directory under functions/ → the entry point its main.py must define.
 FUNCTIONS = {"events": "on_vm_event", "maintenance": "on_schedule"}
 
-# Build leftovers and anything that is not the product's own source or data.
-IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo", ".DS_Store", "*.egg-info")
+# Modules of the operator CLI only: they import click and rich, which the runtime does not install
+# (tests/deploy/test_package.py checks no bundled module imports a CLI-only package).
+CLI_ONLY = ("cli.py",)
+
+# Build leftovers, the CLI, and anything that is not the product's own source or data.
+IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.pyo", ".DS_Store", "*.egg-info", *CLI_ONLY)
 
 # For `gcloud functions deploy --source OUT/<name>`: upload the bundle and nothing accidental.
 GCLOUDIGNORE = """\
-# Written by deploy/package.py: the bundle is exactly main.py, requirements.txt and meshjoin/.
+# Written by deploy/package.py: the bundle is exactly main.py, requirements.txt and meshjoin/
+# (without the CLI).
 .gcloudignore
 __pycache__/
 *.pyc

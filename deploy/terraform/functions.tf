@@ -62,15 +62,22 @@ resource "google_cloudfunctions2_function" "fn" {
   # (see pubsub.tf). Its @functions_framework.cloud_event decorator takes precedence over the
   # HTTP signature type Cloud Functions then sets.
   service_config {
-    service_account_email = google_service_account.functions.email
-    available_memory      = var.function_memory
-    timeout_seconds       = each.value.timeout_seconds
-    min_instance_count    = 0
-    max_instance_count    = each.value.max_instances
+    service_account_email            = google_service_account.functions.email
+    available_memory                 = var.function_memory
+    available_cpu                    = each.value.cpu
+    timeout_seconds                  = each.value.timeout_seconds
+    min_instance_count               = 0
+    max_instance_count               = each.value.max_instances
+    max_instance_request_concurrency = each.value.concurrency
+    # Private clusters by IP: the functions' egress to the control plane's private endpoint.
+    vpc_connector                 = var.vpc_connector
+    vpc_connector_egress_settings = var.vpc_connector == null ? null : var.vpc_connector_egress
     # Pub/Sub push from the same project counts as internal traffic; nothing else can reach it.
     ingress_settings               = "ALLOW_INTERNAL_ONLY"
     all_traffic_on_latest_revision = true
-    environment_variables          = local.function_env
+    # THREADS: functions-framework's gunicorn serves this many requests at once (default 4 per
+    # CPU it sees); it must match the concurrency Cloud Run sends.
+    environment_variables = merge(local.function_env, { THREADS = tostring(each.value.concurrency) })
   }
 
   # The functions act on their first event: their permissions must already be in place.

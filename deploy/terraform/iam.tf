@@ -7,8 +7,19 @@ locals {
   functions_member = "serviceAccount:${google_service_account.functions.email}"
   # Custom role ids allow letters, digits, underscores and dots only.
   role_prefix = replace(var.name, "-", "_")
-  # Google-managed identity that delivers pushes and forwards dead letters.
-  pubsub_agent = "serviceAccount:service-${data.google_project.this.number}@gcp-sa-pubsub.iam.gserviceaccount.com"
+  # Google-managed identity that delivers pushes and forwards dead letters. Taken from
+  # google_project_service_identity, which creates it if it does not exist yet: on a first apply
+  # right after the API is enabled the agent may not exist, and granting it would fail.
+  pubsub_agent = "serviceAccount:${google_project_service_identity.pubsub.email}"
+}
+
+resource "google_project_service_identity" "pubsub" {
+  provider = google-beta
+
+  project = var.project_id
+  service = "pubsub.googleapis.com"
+
+  depends_on = [google_project_service.apis]
 }
 
 # What the functions run as. No key is ever created for it.
@@ -62,7 +73,8 @@ resource "google_project_iam_member" "functions_compute" {
 resource "google_service_account_iam_member" "act_as_vm" {
   for_each = toset(var.vm_service_accounts)
 
-  service_account_id = "projects/${var.project_id}/serviceAccounts/${each.value}"
+  # "-" lets IAM infer the project from the email: a VM account from another project works too.
+  service_account_id = "projects/-/serviceAccounts/${each.value}"
   role               = "roles/iam.serviceAccountUser"
   member             = local.functions_member
 }
@@ -76,11 +88,52 @@ resource "google_secret_manager_secret" "ca" {
   # Deliberately NOT managed-by=meshjoin: that label marks per-VM secrets, which the sweep prunes.
   labels = { "meshjoin-role" = "plugin-ca" }
 
+  # Automatic replication unless secret_locations names regions (organisations with a
+  # gcp.resourceLocations policy reject automatic); CMEK keys from secret_kms_keys.
   replication {
-    auto {}
+    dynamic "auto" {
+      for_each = length(var.secret_locations) == 0 ? [1] : []
+      content {
+        dynamic "customer_managed_encryption" {
+          for_each = contains(keys(var.secret_kms_keys), "global") ? [var.secret_kms_keys["global"]] : []
+          content {
+            kms_key_name = customer_managed_encryption.value
+          }
+        }
+      }
+    }
+    dynamic "user_managed" {
+      for_each = length(var.secret_locations) > 0 ? [1] : []
+      content {
+        dynamic "replicas" {
+          for_each = var.secret_locations
+          content {
+            location = replicas.value
+            dynamic "customer_managed_encryption" {
+              for_each = contains(keys(var.secret_kms_keys), replicas.value) ? [var.secret_kms_keys[replicas.value]] : []
+              content {
+                kms_key_name = customer_managed_encryption.value
+              }
+            }
+          }
+        }
+      }
+    }
   }
 
   depends_on = [google_project_service.apis]
+
+  lifecycle {
+    # The CA: `terraform destroy` (or a rename) must not delete it. To remove meshjoin but keep
+    # the CA, `terraform state rm google_secret_manager_secret.ca` first (deploy/README.md).
+    prevent_destroy = true
+    precondition {
+      condition = length(var.secret_locations) == 0 ? alltrue([for k in keys(var.secret_kms_keys) : k == "global"]) : alltrue([
+        for k in keys(var.secret_kms_keys) : contains(var.secret_locations, k)
+      ])
+      error_message = "secret_kms_keys: with automatic replication give one key under \"global\"; with secret_locations one key per listed location."
+    }
+  }
 }
 
 # The CA: read-only, on the four secrets themselves. Reading the latest version is not enough:

@@ -1,8 +1,9 @@
 # meshjoin in one project: a Log Router sink and Cloud Scheduler feed two Pub/Sub topics, push
-# subscriptions (retry with backoff, dead-letter after 5 attempts) deliver to two Cloud Functions
-# (gen2), which run as one least-privileged service account. Files: pubsub.tf (topics, sink,
-# scheduler, subscriptions), functions.tf (source upload, functions), iam.tf (identities and
-# grants), kubernetes.tf (RBAC in the mesh's cluster), outputs.tf.
+# subscriptions (retry with backoff, events dead-lettered after events_max_delivery_attempts)
+# deliver to two Cloud Functions (gen2), which run as one least-privileged service account.
+# Files: pubsub.tf (topics, sink, scheduler, subscriptions), functions.tf (source upload,
+# functions), iam.tf (identities and grants), kubernetes.tf (RBAC in the mesh's cluster),
+# monitoring.tf (metrics, alerts, dashboard), outputs.tf.
 
 data "google_project" "this" {
   project_id = var.project_id
@@ -27,6 +28,11 @@ locals {
       # One VM per event; a setMetadata operation can take a minute or two.
       timeout_seconds = 300
       max_instances   = var.events_max_instances
+      concurrency     = var.events_concurrency
+      # Concurrency above 1 needs a whole vCPU (Cloud Run functions' rule).
+      cpu = "1"
+      # Parked after this many refused or failed deliveries (sized in events_sizing below).
+      max_delivery_attempts = var.events_max_delivery_attempts
       # Older events are dropped by MESHJOIN_MAX_EVENT_AGE anyway; the sweep covers them.
       message_retention = "86400s"
     }
@@ -37,12 +43,57 @@ locals {
       # Above the sweep's own time budget (MESHJOIN_SWEEP_SECONDS, capped at 8m by variables.tf),
       # so a sweep ends on its own terms and logs its summary rather than being killed.
       timeout_seconds = 540
-      # Sweeps must not overlap: two would race on the same VMs and double the API load.
-      max_instances = 1
-      # A tick nobody took within 10 minutes is superseded by the next one.
+      # Sweeps must not overlap: two would race on the same VMs and double the API load. One
+      # instance serving one request at a time: a tick arriving while a sweep runs is refused by
+      # Cloud Run (429) and retried by Pub/Sub until it expires (message_retention below); the
+      # schedule subscription has no dead-letter policy, so a refused tick is never a dead letter.
+      max_instances         = 1
+      concurrency           = 1
+      cpu                   = null # the default for the memory size
+      max_delivery_attempts = null # no dead-lettering: the next tick is the retry
+      # A tick nobody took within 10 minutes (Pub/Sub's minimum retention) is superseded by the
+      # next one, which sweep_interval_minutes (>= 10) schedules no earlier.
       message_retention = "600s"
     }
   }
+
+  # --- sizing the events function against overload ---------------------------------------
+  # In flight at most: instances x concurrency reconciles. A join takes roughly 20 s (reads, three
+  # Secret Manager writes, two setMetadata operations, the WorkloadEntry); so the function drains
+  #   throughput = in_flight * 60 / 20 joins a minute.
+  # Budget: Secret Manager allows 600 writes a minute per project (DESIGN: quotas), a join makes
+  # about 3 (create the secret, add a version, restrict its IAM policy): at most 200 joins a minute
+  # before Secret Manager answers 429, i.e. in_flight <= 200 * 20 / 60 ~ 66, leaving room for the
+  # sweep's renewals. The default 8 x 8 = 64 in flight stays inside; 429s from Secret Manager
+  # are retried in-process (MESHJOIN_API_ATTEMPTS) and then by Pub/Sub, never lost.
+  # Beyond in_flight, Cloud Run refuses requests with 429; Pub/Sub counts each refusal as a failed
+  # delivery and retries after an exponential backoff from 10 s to 600 s (retry_policy), while
+  # its push flow control slows the whole subscription down (https://cloud.google.com/pubsub/docs/push,
+  # "push backoff"). Worst case, one message is refused every time: after n attempts it has waited
+  #   retry_window(n) = sum(min(10 * 2^i, 600) for i in 0..n-2) seconds
+  # (10+20+40+80 = 150 s for 5 attempts, 2430 s for 10). A burst of events_burst VMs drains in
+  #   drain = events_burst / throughput minutes,
+  # which must be shorter than the retry window, or the tail of the burst is dead-lettered.
+  # Both conditions are preconditions of the events subscription (pubsub.tf).
+  events_sizing = {
+    in_flight        = var.events_max_instances * var.events_concurrency
+    join_seconds     = 20
+    writes_per_join  = 3
+    secret_writes_pm = 600
+    joins_per_minute = var.events_max_instances * var.events_concurrency * 60 / 20
+    drain_seconds    = ceil(var.events_burst / (var.events_max_instances * var.events_concurrency * 60 / 20) * 60)
+    retry_window_seconds = sum([
+      for i in range(var.events_max_delivery_attempts - 1) : min(10 * pow(2, i), 600)
+    ])
+  }
+
+  # --- sweeps never overlap -----------------------------------------------------------------
+  # The maintenance function is killed at timeout_seconds (540 s = 9 min); the sweep stops
+  # starting work at MESHJOIN_SWEEP_SECONDS (< 8 min, variables.tf) to finish and log its summary
+  # before that; Cloud Scheduler ticks every sweep_interval_minutes (>= 10 min). So a sweep has
+  # ended before the next tick, and max_instances = 1 with concurrency 1 refuses the rare manual
+  # tick that arrives mid-sweep (see local.functions.maintenance).
+  sweep_spacing_ok = var.sweep_interval_minutes * 60 > 540
 
   ca_secrets = {
     cert  = var.ca_cert_secret
@@ -93,6 +144,7 @@ locals {
     MESHJOIN_SECRETMANAGER_WRITES_PER_MINUTE = var.secretmanager_writes_per_minute == null ? null : tostring(var.secretmanager_writes_per_minute)
     MESHJOIN_COMPUTE_READS_PER_MINUTE        = var.compute_reads_per_minute == null ? null : tostring(var.compute_reads_per_minute)
     MESHJOIN_COMPUTE_WRITES_PER_MINUTE       = var.compute_writes_per_minute == null ? null : tostring(var.compute_writes_per_minute)
+    MESHJOIN_CLUSTER_ENDPOINT                = var.cluster_endpoint == "ip" ? null : var.cluster_endpoint
   }
   # Unset rather than empty, so the product's own defaults apply.
   function_env = merge(
@@ -102,19 +154,24 @@ locals {
 }
 
 # APIs the deployment uses. Never disabled on destroy: other workloads in the project may need them.
+# cloudresourcemanager and serviceusage must already be enabled for Terraform to read the project
+# and enable the others (a prerequisite in README); listing them keeps them from being forgotten.
 resource "google_project_service" "apis" {
   for_each = toset([
     "artifactregistry.googleapis.com", # function images
     "cloudbuild.googleapis.com",       # function builds
     "cloudfunctions.googleapis.com",
+    "cloudresourcemanager.googleapis.com", # projects.get (data.google_project, IAM)
     "cloudscheduler.googleapis.com",
     "compute.googleapis.com",
     "container.googleapis.com",
     "iam.googleapis.com",
     "logging.googleapis.com",
+    "monitoring.googleapis.com", # alert policies and the dashboard (monitoring.tf)
     "pubsub.googleapis.com",
     "run.googleapis.com", # gen2 functions are Cloud Run services
     "secretmanager.googleapis.com",
+    "serviceusage.googleapis.com", # enabling the others
     "storage.googleapis.com",
   ])
   project            = var.project_id

@@ -19,7 +19,7 @@ output "schedule_topic" {
 }
 
 output "dead_letter_subscription" {
-  description = "Pull subscription holding messages the functions failed on 5 times."
+  description = "Pull subscription holding events the functions failed on events_max_delivery_attempts times."
   value       = google_pubsub_subscription.dead_letter.name
 }
 

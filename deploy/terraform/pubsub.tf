@@ -97,15 +97,20 @@ resource "google_pubsub_subscription" "push" {
     }
   }
 
-  # A transient failure (HTTP 500) is retried with backoff; after 5 attempts it is parked.
+  # A transient failure (HTTP 500) or a refusal (429) is retried with backoff.
   retry_policy {
     minimum_backoff = "10s"
     maximum_backoff = "600s"
   }
 
-  dead_letter_policy {
-    dead_letter_topic     = google_pubsub_topic.dead_letter.id
-    max_delivery_attempts = 5
+  # Events: parked after max_delivery_attempts (sized in main.tf, local.events_sizing). Ticks: never
+  # (a refused or failed tick is superseded by the next; a dead-lettered one would only alarm).
+  dynamic "dead_letter_policy" {
+    for_each = each.value.max_delivery_attempts == null ? [] : [each.value.max_delivery_attempts]
+    content {
+      dead_letter_topic     = google_pubsub_topic.dead_letter.id
+      max_delivery_attempts = dead_letter_policy.value
+    }
   }
 
   expiration_policy {
@@ -117,4 +122,20 @@ resource "google_pubsub_subscription" "push" {
     google_pubsub_topic_iam_member.dead_letter_publisher,
     google_cloud_run_v2_service_iam_member.push_invoker,
   ]
+
+  lifecycle {
+    # The overload arithmetic of main.tf (local.events_sizing), enforced at plan time.
+    precondition {
+      condition     = each.key != "events" || local.events_sizing.joins_per_minute * local.events_sizing.writes_per_join <= local.events_sizing.secret_writes_pm
+      error_message = "events_max_instances x events_concurrency = ${local.events_sizing.in_flight} reconciles in flight would exceed Secret Manager's 600 writes a minute (about ${local.events_sizing.joins_per_minute * local.events_sizing.writes_per_join}); lower one of them."
+    }
+    precondition {
+      condition     = each.key != "events" || local.events_sizing.drain_seconds < local.events_sizing.retry_window_seconds
+      error_message = "A burst of ${var.events_burst} VMs takes about ${local.events_sizing.drain_seconds}s to drain but ${var.events_max_delivery_attempts} delivery attempts only cover ${local.events_sizing.retry_window_seconds}s of retries: raise events_max_delivery_attempts (or the capacity)."
+    }
+    precondition {
+      condition     = each.key != "maintenance" || local.sweep_spacing_ok
+      error_message = "sweep_interval_minutes must exceed the maintenance function's 9-minute timeout, or sweeps could overlap."
+    }
+  }
 }

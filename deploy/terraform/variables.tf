@@ -336,20 +336,55 @@ variable "sweep_workers" {
 }
 
 variable "sweep_interval_minutes" {
-  description = "Minutes between maintenance sweeps (Cloud Scheduler). A divisor of 60, so sweeps stay evenly spaced across the hour."
+  description = "Minutes between maintenance sweeps (Cloud Scheduler). A divisor of 60 (evenly spaced across the hour) and longer than the maintenance function's 9-minute timeout, so one sweep has always ended, on its own or killed, before the next tick."
   type        = number
   default     = 10
 
   validation {
-    condition     = contains([1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30], var.sweep_interval_minutes)
-    error_message = "sweep_interval_minutes must divide 60: 1, 2, 3, 4, 5, 6, 10, 12, 15, 20 or 30."
+    condition     = contains([10, 12, 15, 20, 30], var.sweep_interval_minutes)
+    error_message = "sweep_interval_minutes must divide 60 and exceed the 9-minute sweep timeout: 10, 12, 15, 20 or 30."
   }
 }
 
+# --- sizing the events function (the arithmetic is in main.tf, local.events_sizing) ----------
+
 variable "events_max_instances" {
-  description = "Upper bound on concurrent event-function instances: caps the burst of API calls (and Secret Manager writes) a mass VM creation can cause."
+  description = "Upper bound on concurrent event-function instances. Together with events_concurrency it caps the reconciles in flight, and so the Secret Manager writes a burst of VM creations can cause (main.tf checks the product stays under the project's 600 writes/minute)."
   type        = number
-  default     = 20
+  default     = 8
+
+  validation {
+    condition     = try(var.events_max_instances >= 1 && floor(var.events_max_instances) == var.events_max_instances, false)
+    error_message = "events_max_instances must be a positive integer."
+  }
+}
+
+variable "events_concurrency" {
+  description = "Requests one event-function instance serves at once (Cloud Run concurrency; functions-framework gets as many threads). Reconciles wait on APIs, not CPU, so one instance (1 vCPU) serves several."
+  type        = number
+  default     = 8
+
+  validation {
+    condition     = try(var.events_concurrency >= 1 && var.events_concurrency <= 80 && floor(var.events_concurrency) == var.events_concurrency, false)
+    error_message = "events_concurrency must be an integer from 1 to 80."
+  }
+}
+
+variable "events_max_delivery_attempts" {
+  description = "Deliveries of one event before it is parked in the dead-letter topic. Refusals while every instance is busy (429) count as attempts, so this must cover the time the largest burst takes to drain (main.tf checks it against events_burst)."
+  type        = number
+  default     = 10
+
+  validation {
+    condition     = try(var.events_max_delivery_attempts >= 5 && var.events_max_delivery_attempts <= 100 && floor(var.events_max_delivery_attempts) == var.events_max_delivery_attempts, false)
+    error_message = "events_max_delivery_attempts must be an integer from 5 to 100 (Pub/Sub's range)."
+  }
+}
+
+variable "events_burst" {
+  description = "The largest number of VMs expected to be created or labelled at once (a managed instance group resize, a fleet relabel). Only used to check, at plan time, that such a burst drains before its events are dead-lettered."
+  type        = number
+  default     = 1000
 }
 
 variable "function_memory" {
@@ -402,4 +437,88 @@ variable "compute_writes_per_minute" {
   description = "The project's Compute Engine mutation quota per minute (MESHJOIN_COMPUTE_WRITES_PER_MINUTE)."
   type        = number
   default     = null
+}
+
+# --- network: private clusters -----------------------------------------------------------------
+
+variable "cluster_endpoint" {
+  description = "How the functions and Terraform reach the cluster's Kubernetes API (MESHJOIN_CLUSTER_ENDPOINT): \"ip\" (the endpoint clusters.get names, with the cluster CA) or \"dns\" (GKE's DNS-based endpoint, gke-....gke.goog, which reaches private clusters without any VPC path; enable it with `gcloud container clusters update C --enable-dns-access`)."
+  type        = string
+  default     = "ip"
+
+  validation {
+    condition     = contains(["ip", "dns"], var.cluster_endpoint)
+    error_message = "cluster_endpoint must be \"ip\" or \"dns\"."
+  }
+}
+
+variable "vpc_connector" {
+  description = "Serverless VPC Access connector (projects/P/locations/R/connectors/N) for the functions' egress, for a private cluster reached by its private IP endpoint. null: no VPC egress (the DNS endpoint needs none)."
+  type        = string
+  default     = null
+
+  validation {
+    condition     = var.vpc_connector == null || can(regex("^projects/[^/]+/locations/[^/]+/connectors/[^/]+$", var.vpc_connector))
+    error_message = "vpc_connector must look like projects/P/locations/R/connectors/N."
+  }
+}
+
+variable "vpc_connector_egress" {
+  description = "What goes through vpc_connector: PRIVATE_RANGES_ONLY (the control plane's private endpoint; Google APIs stay direct) or ALL_TRAFFIC."
+  type        = string
+  default     = "PRIVATE_RANGES_ONLY"
+
+  validation {
+    condition     = contains(["PRIVATE_RANGES_ONLY", "ALL_TRAFFIC"], var.vpc_connector_egress)
+    error_message = "vpc_connector_egress must be PRIVATE_RANGES_ONLY or ALL_TRAFFIC."
+  }
+}
+
+# --- storage policy of the CA secrets ----------------------------------------------------------
+
+variable "secret_locations" {
+  description = "Regions the CA secrets are replicated to (user-managed replication), for organisations whose gcp.resourceLocations policy rejects automatic replication. Empty: automatic replication."
+  type        = list(string)
+  default     = []
+}
+
+variable "secret_kms_keys" {
+  description = "Customer-managed encryption keys of the CA secrets (CMEK): with automatic replication one key under the key \"global\" (a key in location global); with secret_locations one key per listed location. The Secret Manager service agent needs roles/cloudkms.cryptoKeyEncrypterDecrypter on each key. Empty: Google-managed keys."
+  type        = map(string)
+  default     = {}
+
+  validation {
+    condition     = alltrue([for k in values(var.secret_kms_keys) : can(regex("^projects/[^/]+/locations/[^/]+/keyRings/[^/]+/cryptoKeys/[^/]+$", k))])
+    error_message = "secret_kms_keys values must be projects/P/locations/L/keyRings/R/cryptoKeys/K."
+  }
+}
+
+# --- operating it --------------------------------------------------------------------------------
+
+variable "alert_notification_channels" {
+  description = "Cloud Monitoring notification channel ids (projects/P/notificationChannels/N) the alert policies notify. Empty: the alerts open incidents on the console only."
+  type        = list(string)
+  default     = []
+}
+
+variable "cert_expiry_alert_hours" {
+  description = "Alert when the sweep finds a workload certificate with less than this many hours left. Renewal happens at about half of a certificate's life (12h of the default 24h), so a certificate only gets this close when renewals have been failing for hours."
+  type        = number
+  default     = 6
+
+  validation {
+    condition     = var.cert_expiry_alert_hours > 0
+    error_message = "cert_expiry_alert_hours must be positive."
+  }
+}
+
+variable "join_failure_ratio" {
+  description = "Alert when more than this share of the events function's reconciles fail (outcome failed) over 15 minutes."
+  type        = number
+  default     = 0.1
+
+  validation {
+    condition     = var.join_failure_ratio > 0 && var.join_failure_ratio < 1
+    error_message = "join_failure_ratio must be in (0, 1)."
+  }
 }

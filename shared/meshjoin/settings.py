@@ -42,6 +42,7 @@ class Settings:
     compute_endpoint: str | None = None
     secretmanager_endpoint: str | None = None
     container_endpoint: str | None = None
+    cluster_endpoint: str = "ip"  # "ip": clusters.get's endpoint + cluster CA; "dns": GKE's DNS-based endpoint
     ca_cert_secret: str = "istio-ca-cert"
     ca_key_secret: str = "istio-ca-key"
     ca_chain_secret: str = "istio-cert-chain"
@@ -166,6 +167,7 @@ class Settings:
         if "events_topic" in values and not _TOPIC.fullmatch(values["events_topic"]):
             raise SettingsError(f"MESHJOIN_EVENTS_TOPIC={values['events_topic']!r} is invalid: "
                                 "want projects/P/topics/T or a topic id")
+        convert("MESHJOIN_CLUSTER_ENDPOINT", "cluster_endpoint", _cluster_endpoint)
         settings = cls(**values)
         if settings.cert_ttl < timedelta(minutes=1):
             raise SettingsError(f"MESHJOIN_CERT_TTL must be at least 1m, got {settings.cert_ttl}")
@@ -206,6 +208,12 @@ def _ip_address(raw: str) -> str:
 def _host_port(raw: str) -> str:
     if not _HOST_PORT.match(raw):
         raise ValueError("want HOST:PORT, e.g. istiod.istio-system.svc:15012")
+    return raw
+
+
+def _cluster_endpoint(raw: str) -> str:
+    if raw not in ("ip", "dns"):
+        raise ValueError("must be ip or dns")
     return raw
 
 

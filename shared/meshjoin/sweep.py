@@ -161,6 +161,18 @@ def _time_or_none(value: str | None) -> datetime | None:
     except ValueError:
         return None
     return parsed if parsed is not None and parsed.tzinfo is not None else None
+def soonest_cert_expiry(inventory: Inventory, now: datetime) -> int | None:
+    """Seconds left on the delivered certificate closest to expiry among joined VMs, as listed at the
+    start of the sweep (negative if expired; None without any). An alert watches it (deploy/terraform/
+    monitoring.tf): renewal is due at about half of a certificate's life, so a low value means
+    renewals have been failing for hours. Pure."""
+    left = []
+    for vm in inventory.vms.values():
+        status = bootstrap.parse_status(vm.metadata.get(names.STATUS_KEY))
+        delivered = Delivered.from_status(status) if status.get("state") == "joined" else None
+        if delivered is not None:
+            left.append(int((delivered.not_after - now).total_seconds()))
+    return min(left) if left else None
 
 
 def _renewal_order(inventory: Inventory, action: Action, settings: Settings) -> float:
@@ -224,7 +236,8 @@ class Sweeper:
             self._execute(plan, inventory, counts, errors, started, progress)
         summary = SweepSummary(counts, time.monotonic() - started, dry_run, plan, errors)
         log("ERROR" if errors else "INFO", "sweep finished" + (" (dry run)" if dry_run else ""),
-            outcome="swept", **summary.as_log_fields())
+            outcome="swept", soonest_cert_expiry_s=soonest_cert_expiry(inventory, self.clock()),
+            **summary.as_log_fields())
         return summary
 
     def _execute(self, plan: SweepPlan, inventory: Inventory, counts: dict, errors: list[str], started: float,

@@ -6,7 +6,9 @@ fresh venv, serving real requests."""
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 import subprocess
 import sys
 
@@ -36,9 +38,11 @@ def test_each_bundle_is_main_requirements_and_the_package(bundles):
         assert top == [".gcloudignore", "main.py", "meshjoin", "requirements.txt"], name
         assert (bundle / "main.py").read_text() == (REPO / "functions" / name / "main.py").read_text()
         assert (bundle / "requirements.txt").read_text() == (REPO / "requirements.txt").read_text()
-        # Every file of the product (templates too), nothing else: no caches, tests or sandbox.
-        assert source_files(bundle / "meshjoin") == source_files(product)
-        for relative in source_files(product):
+        # Every file of the product (templates too) but the CLI, nothing else: no caches, tests or sandbox.
+        runtime = [f for f in source_files(product) if f not in package.CLI_ONLY]
+        assert source_files(bundle / "meshjoin") == runtime
+        assert "cli.py" not in runtime
+        for relative in runtime:
             assert (bundle / "meshjoin" / relative).read_bytes() == (product / relative).read_bytes()
 
 
@@ -77,6 +81,41 @@ def test_requirements_must_be_exact_pins(line, ok):
 
 def test_the_repository_requirements_pass():
     package.check_requirements((REPO / "requirements.txt").read_text())
+
+
+def requirement_names(path) -> set[str]:
+    names = set()
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line and not line.startswith("-"):
+            names.add(re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", line).group(0).lower())
+    return names
+
+
+def test_runtime_requirements_leave_the_cli_and_sandbox_out():
+    """The functions install requirements.txt: no terminal UI, no Pub/Sub client (they never publish)."""
+    runtime = requirement_names(REPO / "requirements.txt")
+    cli = requirement_names(REPO / "requirements-cli.txt")
+    assert {"click", "rich", "google-cloud-pubsub"} & runtime == set()
+    assert {"click", "rich"} <= cli and not cli & runtime
+    assert "-r requirements.txt" in (REPO / "requirements-cli.txt").read_text()
+    assert "-r requirements-cli.txt" in (REPO / "requirements-dev.txt").read_text()
+    # make installs all of it (dev includes cli includes runtime) and rebuilds when any changes.
+    makefile = (REPO / "Makefile").read_text()
+    stamp_rule = re.search(r"^\$\(STAMP\):(.*)$", makefile, re.MULTILINE).group(1)
+    assert {"requirements.txt", "requirements-cli.txt", "requirements-dev.txt"} <= set(stamp_rule.split())
+
+
+def test_only_the_cli_modules_import_cli_packages():
+    """CLI_ONLY is complete: every module importing click or rich is left out of the bundle."""
+    importing = set()
+    for path in (REPO / "shared" / "meshjoin").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(m.split(".")[0] in ("click", "rich") for m in modules):
+                importing.add(path.relative_to(REPO / "shared" / "meshjoin").as_posix())
+    assert importing == set(package.CLI_ONLY)
 
 
 def test_missing_entry_point_is_refused(tmp_path, monkeypatch):

@@ -151,12 +151,15 @@ def test_sink_filter_names_admin_activity_and_both_method_prefixes(terraform):
     assert "google_pubsub_topic.events" in sink["destination"]
 
 
-def test_push_subscriptions_retry_and_dead_letter_after_five_attempts(terraform):
+def test_push_subscriptions_retry_and_dead_letter_events(terraform):
     push = terraform.resource("google_pubsub_subscription", "push")
     assert unref(push["for_each"]) == "local.functions"
     assert push["retry_policy"][0]["minimum_backoff"] and push["retry_policy"][0]["maximum_backoff"]
-    dead_letter = push["dead_letter_policy"][0]
-    assert dead_letter["max_delivery_attempts"] == 5
+    # Events are parked after their sized number of attempts; ticks never (tests/deploy/test_sizing.py).
+    dynamic = push["dynamic"][0]["dead_letter_policy"]
+    assert unref(dynamic["for_each"]) == "each.value.max_delivery_attempts == null ? [] : [each.value.max_delivery_attempts]"
+    dead_letter = dynamic["content"][0]
+    assert unref(dead_letter["max_delivery_attempts"]) == "dead_letter_policy.value"
     assert unref(dead_letter["dead_letter_topic"]) == "google_pubsub_topic.dead_letter.id"
     assert push["expiration_policy"][0]["ttl"] == "", "a subscription must not expire after 31 quiet days"
     oidc = push["push_config"][0]["oidc_token"][0]
@@ -193,7 +196,9 @@ def test_functions_are_the_packaged_entry_points(terraform):
     service = fn["service_config"][0]
     assert service["ingress_settings"] == "ALLOW_INTERNAL_ONLY"
     assert unref(service["service_account_email"]) == "google_service_account.functions.email"
-    assert unref(service["environment_variables"]) == "local.function_env"
+    # The product's settings, plus functions-framework's thread count matching the concurrency.
+    assert unref(service["environment_variables"]) == \
+        "merge(local.function_env, {THREADS = tostring(each.value.concurrency)})"
     assert functions["maintenance"]["max_instances"] == 1, "sweeps must not overlap"
 
 

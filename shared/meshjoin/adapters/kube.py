@@ -32,6 +32,21 @@ def _seconds(value: str | None) -> float | None:
         return float(value) if value is not None else None
     except ValueError:
         return None
+def api_server(cluster, mode: str) -> tuple[str, bytes | None]:
+    """(host, CA to trust or None for the system's) of the cluster's Kubernetes API. Pure.
+
+    "ip": the endpoint clusters.get names, verified with the cluster's own CA. "dns": GKE's DNS-based
+    control-plane endpoint (gke-....gke.goog), which reaches private clusters through Google's front
+    end without a VPC path; it presents a publicly trusted certificate, so the cluster CA must not be
+    pinned there (TLS verification would fail).
+    """
+    if mode == "dns":
+        endpoint = cluster.control_plane_endpoints_config.dns_endpoint_config.endpoint
+        if not endpoint:
+            raise PermanentError(f"MESHJOIN_CLUSTER_ENDPOINT=dns but cluster {cluster.name} has no DNS-based endpoint "
+                                 "(gcloud container clusters update ... --enable-dns-access)")
+        return endpoint, None
+    return cluster.endpoint, base64.b64decode(cluster.master_auth.cluster_ca_certificate)
 
 
 class KubeApiError(PermanentError):
@@ -66,12 +81,14 @@ class KubeAdapter:
                                                     client_options=options)
         cluster = call(lambda: manager.get_cluster(name=s.cluster, timeout=s.api_timeout.total_seconds()),
                        what=f"clusters.get {s.cluster}", permission="container.clusters.get", attempts=s.api_attempts)
-        ca_file = tempfile.NamedTemporaryFile("wb", prefix="meshjoin-cluster-ca-", suffix=".pem", delete=False)
-        with ca_file:
-            ca_file.write(base64.b64decode(cluster.master_auth.cluster_ca_certificate))
+        host, ca_pem = api_server(cluster, s.cluster_endpoint)
         config = k8s.Configuration()
-        config.host = f"https://{cluster.endpoint}"
-        config.ssl_ca_cert = ca_file.name
+        config.host = f"https://{host}"
+        if ca_pem is not None:
+            ca_file = tempfile.NamedTemporaryFile("wb", prefix="meshjoin-cluster-ca-", suffix=".pem", delete=False)
+            with ca_file:
+                ca_file.write(ca_pem)
+            config.ssl_ca_cert = ca_file.name
         config.api_key_prefix = {"authorization": "Bearer"}
         config.api_key = {"authorization": ""}
         config.refresh_api_key_hook = self._refresh_token
