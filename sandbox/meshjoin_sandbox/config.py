@@ -28,7 +28,7 @@ class SandboxConfig:
     region: str = "us-central1"
     zone: str = "us-central1-a"
     cluster_name: str = "mesh"
-    service_account: str = "meshjoin@meshjoin-sandbox.iam.gserviceaccount.com"
+    service_account: str = "meshjoin-functions@meshjoin-sandbox.iam.gserviceaccount.com"
     events_topic: str = "meshjoin-events"
     schedule_topic: str = "meshjoin-schedule"
     dead_letter_topic: str = "meshjoin-dead-letter"
@@ -38,6 +38,26 @@ class SandboxConfig:
     compute_subnet: str = "10.128.0.0/20"
     # Extra settings for the functions (e.g. a short cert TTL in a test), merged into their env.
     function_env: dict[str, str] = field(default_factory=dict)
+    # The values deploy/terraform is evaluated with for the sandbox's IAM and RBAC
+    # (project_id, region, cluster, name, allowed_namespaces, vm_service_accounts, ...).
+    terraform_vars: dict = field(default_factory=dict)
+    # The person at the terminal (gcloud, kubectl, the CLI): project owner and cluster-admin.
+    operator_email: str = "operator@example.com"
+
+    def __post_init__(self) -> None:
+        if not self.terraform_vars:
+            self.terraform_vars = self.default_terraform_vars()
+
+    def default_terraform_vars(self) -> dict:
+        """The variables a deployment of this sandbox's project would set (terraform.tfvars)."""
+        return {
+            "project_id": self.project,
+            "region": self.region,
+            "cluster": self.cluster_path,
+            "name": self.service_account.split("@", 1)[0].removesuffix("-functions"),
+            "allowed_namespaces": list(self.app_namespaces),
+            "vm_service_accounts": [f"orders@{self.project}.iam.gserviceaccount.com"],
+        }
 
     @property
     def cluster_path(self) -> str:

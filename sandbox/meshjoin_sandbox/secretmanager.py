@@ -313,6 +313,12 @@ class SecretManagerEmulator:
         with self.world.lock:
             return self._usable(self.world.project, secret_id, version).data
 
+    def iam_policy(self, secret_id: str) -> dict | None:
+        """The secret's stored IAM policy (what setIamPolicy set), None if there is no such secret."""
+        with self.world.lock:
+            found = self._secrets.get(secret_id)
+            return copy.deepcopy(found.policy) if found is not None else None
+
     def clear_faults(self) -> None:
         self.faults.clear()
 
