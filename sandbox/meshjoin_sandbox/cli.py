@@ -319,3 +319,21 @@ def rotate_ca(state_dir):
     """Rotate the plug-in CA to a new root: new versions of the four CA secrets (old root stays trusted)."""
     result = control(state_dir, "POST", "/rotate-ca")
     click.echo(f"CA rotated; new files in {result['ca_dir']}")
+
+
+@sandbox.command("token")
+@click.option("--as", "email", required=True, help="Account email the token speaks for (any account).")
+@click.option("--scope", "scopes", multiple=True,
+              help="OAuth scope (repeatable; default: cloud-platform). A bare name means "
+                   "https://www.googleapis.com/auth/NAME.")
+@STATE_DIR_OPTION
+def token(email, scopes, state_dir):
+    """Print an access token for EMAIL that every emulator accepts; IAM and RBAC then decide what it may do."""
+    import urllib.error
+
+    full = [s if "://" in s else f"https://www.googleapis.com/auth/{s}" for s in scopes]
+    try:
+        result = control(state_dir, "POST", "/token", {"email": email, "scopes": full or None})
+    except urllib.error.HTTPError as exc:
+        raise click.ClickException(f"no token for {email}: {exc.read().decode(errors='replace')}") from exc
+    click.echo(result["token"])

@@ -12,6 +12,23 @@ PORT_NAMES = (
 )
 
 
+def sandbox_terraform_vars(project: str, region: str, cluster_path: str, service_account: str,
+                           app_namespaces: tuple[str, ...] = ("apps", "payments")) -> dict:
+    """The variables a deployment of the sandbox's project would set (its terraform.tfvars)."""
+    return {
+        "project_id": project,
+        "region": region,
+        "cluster": cluster_path,
+        "name": service_account.split("@", 1)[0].removesuffix("-functions"),
+        # What the functions run with (launcher.product_env reads these), as Terraform sets both.
+        "allowed_namespaces": ["default", *app_namespaces],
+        "allowed_service_accounts": ["*/default", "apps/*", "payments/checkout"],
+        # The VM identities meshjoin may act as: the README's orders VM and the demo's.
+        "vm_service_accounts": [f"orders@{project}.iam.gserviceaccount.com",
+                                f"orders-vm@{project}.iam.gserviceaccount.com"],
+    }
+
+
 @dataclass
 class SandboxConfig:
     state_dir: str
@@ -49,15 +66,8 @@ class SandboxConfig:
             self.terraform_vars = self.default_terraform_vars()
 
     def default_terraform_vars(self) -> dict:
-        """The variables a deployment of this sandbox's project would set (terraform.tfvars)."""
-        return {
-            "project_id": self.project,
-            "region": self.region,
-            "cluster": self.cluster_path,
-            "name": self.service_account.split("@", 1)[0].removesuffix("-functions"),
-            "allowed_namespaces": list(self.app_namespaces),
-            "vm_service_accounts": [f"orders@{self.project}.iam.gserviceaccount.com"],
-        }
+        return sandbox_terraform_vars(self.project, self.region, self.cluster_path, self.service_account,
+                                      self.app_namespaces)
 
     @property
     def cluster_path(self) -> str:

@@ -91,8 +91,9 @@ def product_env(cfg: SandboxConfig) -> dict[str, str]:
         "MESHJOIN_CA_ROOT_SECRET": cfg.ca_secrets[3],
         "MESHJOIN_EVENTS_TOPIC": cfg.events_topic,
         "MESHJOIN_SCHEDULE_TOPIC": cfg.schedule_topic,
-        "MESHJOIN_ALLOWED_NAMESPACES": ",".join(("default", *cfg.app_namespaces)),
-        "MESHJOIN_ALLOWED_SERVICE_ACCOUNTS": "*/default,apps/*,payments/checkout",
+        # As deploy/terraform sets them (main.tf, function_settings), from the same variables.
+        "MESHJOIN_ALLOWED_NAMESPACES": ",".join(cfg.terraform_vars["allowed_namespaces"]),
+        "MESHJOIN_ALLOWED_SERVICE_ACCOUNTS": ",".join(cfg.terraform_vars["allowed_service_accounts"]),
         "MESHJOIN_ISTIOD_ADDRESS": "istiod.istio-system.svc:15012",
         "MESHJOIN_ISTIOD_IP": "10.128.15.250",
         "GCE_METADATA_HOST": f"127.0.0.1:{cfg.ports['metadata']}",
@@ -108,14 +109,27 @@ def tool_env(cfg: SandboxConfig) -> dict[str, str]:
     return {
         "CLOUDSDK_CORE_PROJECT": cfg.project,
         "CLOUDSDK_API_ENDPOINT_OVERRIDES_PUBSUB": cfg.url("pubsub") + "/",
-        "CLOUDSDK_AUTH_DISABLE_CREDENTIALS": "true",
+        "CLOUDSDK_API_ENDPOINT_OVERRIDES_COMPUTE": cfg.url("compute") + "/compute/v1/",
+        "CLOUDSDK_API_ENDPOINT_OVERRIDES_SECRETMANAGER": cfg.url("secretmanager") + "/",
+        "CLOUDSDK_API_ENDPOINT_OVERRIDES_CONTAINER": cfg.url("container") + "/",
+        # gcloud speaks as the operator (project owner): the access-token file is gcloud's own way
+        # to use a token it did not mint (auth/access_token_file); the emulators refuse calls without one.
+        "CLOUDSDK_AUTH_ACCESS_TOKEN_FILE": str(operator_token_file(cfg)),
         "CLOUDSDK_CONFIG": str(state / "gcloud"),
+        "MESHJOIN_SANDBOX_FUNCTIONS_SA": cfg.service_account,
         "KUBECONFIG": str(state / "kubeconfig"),
         "MESHJOIN_SANDBOX_DIR": str(state),
     }
 
 
+def operator_token_file(cfg: SandboxConfig) -> Path:
+    return Path(cfg.state_dir) / "operator-token"
+
+
 def write_env_file(cfg: SandboxConfig) -> Path:
+    token_file = operator_token_file(cfg)
+    token_file.touch(mode=0o600)
+    token_file.write_text(cfg.admin_token)
     env = {**tool_env(cfg), **product_env(cfg)}
     path = Path(cfg.state_dir) / "env"
     lines = ["# meshjoin sandbox: `source` this file to point gcloud, kubectl and meshjoin at it"]

@@ -110,14 +110,11 @@ class World:
 
     def default_terraform_vars(self) -> dict[str, Any]:
         """What `sandbox up` deploys with, for a World built without a SandboxConfig (tests)."""
-        return {
-            "project_id": self.project,
-            "region": self.region,
-            "cluster": f"projects/{self.project}/locations/{self.region}/clusters/{self.cluster_name}",
-            "name": self.service_account.split("@", 1)[0].removesuffix("-functions"),
-            "allowed_namespaces": ["apps", "payments"],
-            "vm_service_accounts": [f"orders@{self.project}.iam.gserviceaccount.com"],
-        }
+        from .config import sandbox_terraform_vars
+
+        return sandbox_terraform_vars(
+            self.project, self.region,
+            f"projects/{self.project}/locations/{self.region}/clusters/{self.cluster_name}", self.service_account)
 
     # ---- tokens ------------------------------------------------------------------------------------
 
