@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .config import PORT_NAMES, SandboxConfig
 from .crds import istio_crds_path
+from .kube_rbac import apply_terraform_rbac
 
 REPO = Path(__file__).resolve().parents[2]
 PUBSUB_EMULATOR = "platform/pubsub-emulator/bin/cloud-pubsub-emulator"
@@ -289,6 +290,7 @@ def up(state_dir: Path, ca_dir: Path | None = None, function_env: dict[str, str]
                 raise SandboxError(f"the emulators did not become ready; log {log}\n{tail(log)}")
             time.sleep(0.05)
         create_app_namespaces(cfg)
+        apply_terraform_rbac(cfg)  # kubernetes.tf's Roles and bindings, as `terraform apply` creates them
         for port_name, *_ in FUNCTIONS:
             start_function(cfg, procs, port_name, base_env, deadline)
         create_push_subscriptions(cfg)
