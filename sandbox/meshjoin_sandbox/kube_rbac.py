@@ -24,8 +24,9 @@ system:discovery, system:basic-user and system:public-info-viewer for every auth
 sandbox operator bound to cluster-admin, and the RBAC objects deploy/terraform/kubernetes.tf creates,
 evaluated through terraform.py with the sandbox's variables: one source of truth.
 
-Not emulated (README, sandbox limits): aggregated ClusterRoles (aggregationRule), impersonation,
-the escalate/bind checks on writes of roles and bindings, and SubjectAccessReview for other users.
+Impersonation (`kubectl --as`) needs the `impersonate` verb on users/groups (kube.py).
+Not emulated (README, sandbox limits): aggregated ClusterRoles (aggregationRule), the escalate/bind
+checks on writes of roles and bindings, and SubjectAccessReview for other users.
 """
 
 from __future__ import annotations

@@ -443,3 +443,20 @@ def test_kubectl_explain_workloadentry(kubectl, world):
     done = admin("explain", "namespace")
     assert done.returncode == 0 and "Namespace provides a scope for Names" in done.stdout, done.stderr
     json.loads(admin("get", "--raw", "/openapi/v3").stdout)  # the index kubectl reads first
+
+
+@needs_kubectl
+def test_kubectl_as_another_user_needs_the_impersonate_verb(kubectl, world):
+    admin = kubectl(world.admin_token)  # cluster-admin: "*" covers impersonate
+    done = admin("auth", "can-i", "create", "workloadentries", "-n", "apps", "--as", world.functions_email)
+    assert (done.returncode, done.stdout.strip()) == (0, "yes"), done.stderr
+    done = admin("auth", "can-i", "create", "workloadentries", "-n", "kube-system", "--as", world.functions_email)
+    assert done.returncode == 1 and done.stdout.startswith("no"), done.stderr
+    done = admin("get", "namespaces", "--as", world.functions_email)
+    assert done.returncode != 0 and f'User "{world.functions_email}" cannot list resource "namespaces"' in done.stderr
+
+    functions = kubectl(world.issue_token(world.functions_email, [CLOUD_PLATFORM, USERINFO_EMAIL]))
+    done = functions("get", "workloadentries", "-n", "apps", "--as", world.operator_email)
+    assert done.returncode != 0
+    assert (f'users "{world.operator_email}" is forbidden: User "{world.functions_email}" cannot impersonate '
+            'resource "users" in API group "" at the cluster scope') in done.stderr
