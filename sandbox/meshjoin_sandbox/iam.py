@@ -141,11 +141,9 @@ class _Conditions:
         activation = {"resource": celpy.json_to_cel(
             {"name": resource_name, "type": resource_type, "service": service})}
         result = program.evaluate(activation)
-        if not isinstance(result, bool):  # celpy.celtypes.BoolType subclasses int, not bool
-            result = bool(result) if type(result).__name__ == "BoolType" else None
-        if result is None:
-            raise ApiError(500, f"IAM condition `{expression}` did not evaluate to a bool")
-        return result
+        if not isinstance(result, (bool, celpy.celtypes.BoolType)):  # an error value, a string...
+            raise ApiError(500, f"IAM condition `{expression}` did not evaluate to a bool: {result!r}")
+        return bool(result)
 
 
 class IamPolicy:

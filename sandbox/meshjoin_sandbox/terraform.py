@@ -61,14 +61,15 @@ class _Parser:
         return self.text.startswith(token, self.pos)
 
     def take(self, token: str) -> bool:
-        if self.peek(token):
-            # `=` must not swallow `==` / `=>`, `!` not `!=`, `<` not `<=` ...
-            after = self.text[self.pos + len(token):self.pos + len(token) + 1]
-            if token in ("=", "!", "<", ">") and after in ("=", ">") and not (token == "=" and after == ""):
-                return False
-            self.pos += len(token)
-            return True
-        return False
+        if not self.peek(token):
+            return False
+        # A one-character operator must not swallow a two-character one: `=` in `==`/`=>`,
+        # `!` in `!=`, `<` in `<=`, `>` in `>=`.
+        after = self.text[self.pos + len(token):self.pos + len(token) + 1]
+        if token in ("=", "!", "<", ">") and (after == "=" or (token == "=" and after == ">")):
+            return False
+        self.pos += len(token)
+        return True
 
     def expect(self, token: str) -> None:
         if not self.take(token):
