@@ -240,7 +240,10 @@ def group_alive(pgid: int) -> bool:
 
 
 def up(state_dir: Path, ca_dir: Path | None = None, function_env: dict[str, str] | None = None,
-       timeout: float = 60.0, compute_subnet: str | None = None) -> SandboxConfig:
+       timeout: float = 60.0, compute_subnet: str | None = None,
+       terraform_vars: dict | None = None) -> SandboxConfig:
+    """Start the sandbox; `terraform_vars` override the sandbox's Terraform variables (IAM, RBAC and
+    the functions' allowed namespaces/accounts follow them), e.g. {"vm_service_accounts": [...]}."""
     state_dir = state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     procs = Processes(state_dir)
@@ -271,6 +274,14 @@ def up(state_dir: Path, ca_dir: Path | None = None, function_env: dict[str, str]
     )
     if compute_subnet:
         cfg.compute_subnet = compute_subnet
+    if terraform_vars:
+        from .terraform import TerraformError, default_terraform_dir, load_terraform
+
+        cfg.terraform_vars = {**cfg.terraform_vars, **terraform_vars}
+        try:  # an undeclared variable fails here, not in the world process
+            load_terraform(default_terraform_dir(), cfg.terraform_vars, project_number=cfg.project_number)
+        except TerraformError as exc:
+            raise SandboxError(f"terraform variables: {exc}") from exc
     cfg.save()
     (state_dir / "world-ready").unlink(missing_ok=True)
     (state_dir / "gcloud").mkdir(exist_ok=True)

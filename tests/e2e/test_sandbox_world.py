@@ -151,3 +151,10 @@ def test_sandbox_token_speaks_for_any_account_and_iam_decides(sandbox):
     assert access(None).status_code == 401
     narrow = sandbox.meshjoin("sandbox", "token", "--as", functions, "--scope", "userinfo.email").stdout.strip()
     assert access(narrow).json()["error"]["message"] == "Request had insufficient authentication scopes."
+
+
+def test_an_undeclared_terraform_variable_stops_up_with_its_name(tmp_path):
+    up = subprocess.run([MESHJOIN, "sandbox", "up", "--state-dir", str(tmp_path), "--terraform-var", "no_such=1"],
+                        capture_output=True, text=True, timeout=120)
+    assert up.returncode != 0 and "not declared by the module: no_such" in up.stderr
+    assert not (tmp_path / "pids.json").exists() or "pubsub" not in (tmp_path / "pids.json").read_text()
