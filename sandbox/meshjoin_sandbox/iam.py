@@ -93,7 +93,13 @@ def check_scopes(principal: Principal, service: str, method: str, read_only: boo
 
 
 def denial(permission: str, resource: str) -> IamDenied:
-    """The refusing API's own 403 for a missing permission."""
+    """The refusing API's own 403 for a missing permission.
+
+    Secret Manager names the resource as the request did (project id or number, `latest` kept), e.g.
+    "Permission 'secretmanager.versions.access' denied for resource
+    'projects/my-proj/secrets/x/versions/latest' (or it may not exist)." as reported in
+    googleapis/python-secret-manager#389 and GoogleCloudPlatform/java-docs-samples#6571.
+    """
     if permission.startswith("compute."):
         return IamDenied(f"Required '{permission}' permission for '{resource}'")
     if permission.startswith("secretmanager."):
