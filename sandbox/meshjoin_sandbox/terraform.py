@@ -416,6 +416,12 @@ COMPUTED: dict[str, dict[str, Callable[[_Instance, "TerraformModel"], Any]]] = {
         "id": lambda i, m: f"projects/{i.project()}/roles/{i.get('role_id')}",
         "name": lambda i, m: f"projects/{i.project()}/roles/{i.get('role_id')}",
     },
+    # A Google-managed service agent: service-NUMBER@gcp-sa-SERVICE.iam.gserviceaccount.com
+    # (pubsub.googleapis.com -> gcp-sa-pubsub), as the provider reports it in `email`.
+    "google_project_service_identity": {
+        "email": lambda i, m: (f"service-{m.project_number_or_fail()}@gcp-sa-"
+                               f"{i.get('service').split('.')[0]}.iam.gserviceaccount.com"),
+    },
     "google_secret_manager_secret": {
         "id": lambda i, m: f"projects/{i.project()}/secrets/{i.get('secret_id')}",
         "name": lambda i, m: f"projects/{m.project_number_or_fail()}/secrets/{i.get('secret_id')}",

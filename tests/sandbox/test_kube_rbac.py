@@ -160,9 +160,11 @@ def test_the_reader_role_reads_across_the_cluster_but_writes_nothing(with_email,
     listing = custom.list_cluster_custom_object(GROUP, "v1", "workloadentries")
     assert "listed-everywhere" in {item["metadata"]["name"] for item in listing["items"]}
     assert any(s.metadata.name == "kube-dns" for s in core.list_service_for_all_namespaces().items)
-    # list on Services cluster-wide, but get only where the writer role is bound.
-    status = forbidden(lambda: core.read_namespaced_service("kube-dns", "kube-system"))
-    assert 'cannot get resource "services" in API group "" in the namespace "kube-system"' in status["message"]
+    # get and list on Services cluster-wide (delete_owned reads before it deletes), writes only where
+    # the writer role is bound.
+    assert core.read_namespaced_service("kube-dns", "kube-system").metadata.name == "kube-dns"
+    status = forbidden(lambda: core.delete_namespaced_service("kube-dns", "kube-system"))
+    assert 'cannot delete resource "services" in API group "" in the namespace "kube-system"' in status["message"]
     status = forbidden(lambda: core.list_namespace())
     assert status["message"].startswith(
         f'namespaces is forbidden: User "{functions_email}" cannot list resource "namespaces" in API group "" '
