@@ -23,12 +23,14 @@ from .errors import BadMessage
 from .model import VmKey
 
 MAX_MESSAGE_BYTES = 64 * 1024  # audit entries are a few KiB; anything near Pub/Sub's 10 MB is not ours
-AUDIT_METHODS = frozenset({"compute.instances.insert", "compute.instances.delete", "compute.instances.setLabels"})
+# stop/start: a stopped (TERMINATED) VM must stop receiving traffic, and rejoin when started.
+AUDIT_METHODS = frozenset({"compute.instances.insert", "compute.instances.delete", "compute.instances.setLabels",
+                           "compute.instances.stop", "compute.instances.start"})
 METHOD_PREFIXES = ("v1.", "beta.")
-_RESOURCE = re.compile(r"^projects/([^/]+)/zones/([^/]+)/instances/([^/]+)$")
-_PROJECT = re.compile(r"^(?:[a-z][a-z0-9.-]{0,62}:)?[a-z][-a-z0-9]{4,28}[a-z0-9]$")
-_ZONE = re.compile(r"^[a-z]+-[a-z]+[0-9]+-[a-z]$")
-_INSTANCE = re.compile(r"^[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?$")
+_RESOURCE = re.compile(r"projects/([^/]+)/zones/([^/]+)/instances/([^/]+)")
+_PROJECT = re.compile(r"(?:[a-z][a-z0-9.-]{0,62}:)?[a-z][-a-z0-9]{4,28}[a-z0-9]")
+_ZONE = re.compile(r"[a-z]+-[a-z]+[0-9]+-[a-z]")
+_INSTANCE = re.compile(r"[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?")
 
 
 class Ignored(Exception):
@@ -50,8 +52,12 @@ def decode_push(data: Any, *, now: datetime, max_age: timedelta) -> VmKey:
 
 
 def check_age(publish_time: Any, *, now: datetime, max_age: timedelta) -> None:
+    """Pub/Sub stamps every message it delivers with publishTime (server-assigned, the publisher cannot
+    set it). A push without one did not come from Pub/Sub as documented: refused rather than trusted as
+    fresh, since an undated replay would otherwise skip the age check (the sweep covers any VM whose
+    event this drops)."""
     if not isinstance(publish_time, str):
-        return  # the emulator and old pushes may omit it; age only filters, it never validates
+        raise BadMessage("message has no publishTime, so its age cannot be checked")
     try:
         published = datetime.fromisoformat(publish_time.replace("Z", "+00:00"))
     except ValueError:
@@ -98,7 +104,7 @@ def key_from_audit_entry(entry: dict) -> VmKey:
     if operation.get("first") and not operation.get("last"):
         raise Ignored(f"first entry of {method}; acting on the last")
     resource_name = proto.get("resourceName")
-    match = _RESOURCE.match(resource_name) if isinstance(resource_name, str) else None
+    match = _RESOURCE.fullmatch(resource_name) if isinstance(resource_name, str) else None
     if not match:
         raise BadMessage(f"audit entry resourceName is not projects/P/zones/Z/instances/N: {str(resource_name)[:120]!r}")
     project, zone, instance = match.groups()
@@ -127,6 +133,6 @@ def validated_key(project: str, zone: str, instance: str) -> VmKey:
     """Refuse names GCE could never have issued, so nothing odd flows into API paths or logs."""
     for what, value, pattern in (("project", project, _PROJECT), ("zone", zone, _ZONE),
                                  ("instance", instance, _INSTANCE)):
-        if not pattern.match(value):
+        if not pattern.fullmatch(value):
             raise BadMessage(f"{what} is not a valid GCE name: {value[:80]!r}")
     return VmKey(project, zone, instance)
