@@ -62,7 +62,7 @@ def main() -> int:
         sh(env, MESHJOIN, "sandbox", "create-vm", "orders-1", "--label", "mesh=join", "--label",
            "mesh-namespace=apps", "--label", "mesh-service-account=orders", "--label", "mesh-app=orders",
            "--metadata", "mesh-ports=http:8080,grpc:9090",
-           "--service-account", "orders-vm@meshjoin-sandbox.iam.gserviceaccount.com", "--state-dir", state_dir)
+           "--service-account", "orders@meshjoin-sandbox.iam.gserviceaccount.com", "--state-dir", state_dir)
         status, body, _ = wait_state(env, state_dir, "orders-1", {"joined", "denied", "error"})
         elapsed = time.monotonic() - created
         table = Table(title=f"orders-1 joined {elapsed:.1f}s after `create-vm` started (audit event → Pub/Sub → function)")

@@ -361,6 +361,8 @@ CORE_KINDS = (
     Kind("Service", "services", "service", short_names=("svc",), categories=("all",),
          status_subresource=True, name_error=dns_1035_error),
     Kind("ServiceAccount", "serviceaccounts", "serviceaccount", short_names=("sa",)),
+    # Pods are only stored and listed (meshjoin checks a Service selects none before pruning it).
+    Kind("Pod", "pods", "pod", short_names=("po",), categories=("all",), status_subresource=True),
 )
 
 

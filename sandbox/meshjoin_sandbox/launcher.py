@@ -77,6 +77,19 @@ def tail(path: Path, lines: int = 20) -> str:
         return ""
 
 
+def default_identity_bindings(cfg: SandboxConfig) -> list[dict]:
+    """Who may join in the sandbox by default: the demo's account, as an operator would bind it."""
+    return [{"gsa": f"orders@{cfg.project}.iam.gserviceaccount.com", "namespace": "apps",
+             "serviceAccount": "orders", "apps": ["orders"]}]
+
+
+def identity_bindings(cfg: SandboxConfig) -> list[dict]:
+    """The bindings in effect (a `--function-env MESHJOIN_IDENTITY_BINDINGS=...` replaces the default);
+    Terraform's `identity_bindings` variable must get the same list (actAs and RBAC follow it)."""
+    raw = cfg.function_env.get("MESHJOIN_IDENTITY_BINDINGS")
+    return json.loads(raw) if raw else default_identity_bindings(cfg)
+
+
 def product_env(cfg: SandboxConfig) -> dict[str, str]:
     """The settings the product reads, pointed at the sandbox (also what DIR/env exports)."""
     return {
@@ -91,8 +104,7 @@ def product_env(cfg: SandboxConfig) -> dict[str, str]:
         "MESHJOIN_CA_ROOT_SECRET": cfg.ca_secrets[3],
         "MESHJOIN_EVENTS_TOPIC": cfg.events_topic,
         "MESHJOIN_SCHEDULE_TOPIC": cfg.schedule_topic,
-        "MESHJOIN_ALLOWED_NAMESPACES": ",".join(("default", *cfg.app_namespaces)),
-        "MESHJOIN_ALLOWED_SERVICE_ACCOUNTS": "*/default,apps/*,payments/checkout",
+        "MESHJOIN_IDENTITY_BINDINGS": json.dumps(default_identity_bindings(cfg)),
         "MESHJOIN_ISTIOD_ADDRESS": "istiod.istio-system.svc:15012",
         "MESHJOIN_ISTIOD_IP": "10.128.15.250",
         "GCE_METADATA_HOST": f"127.0.0.1:{cfg.ports['metadata']}",
