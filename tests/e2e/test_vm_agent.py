@@ -436,7 +436,7 @@ def test_istio_proxy_symlinks_never_make_the_agent_touch_other_files(sandbox, fa
     for legacy in ("var/lib/istio", "var/lib/istio/envoy"):
         os.chown(vm.file(legacy), PROXY_UID, PROXY_UID)
     planted = plant_symlinks(vm, victim_dir, victim_file)
-    assert "etc/certs/key.pem" in planted and "var/lib/istio/envoy" in planted
+    assert "etc/certs/key.pem" in planted and "var/lib/istio/envoy" in planted and len(planted) == 10
 
     old = sandbox.status("agent-symlink")["secret"]
     sandbox.meshjoin("join", "agent-symlink")  # a fresh certificate: the converge rewrites every file
