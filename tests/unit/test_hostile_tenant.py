@@ -14,6 +14,7 @@ agent's symlink attack needs a real shell and lives in tests/e2e/test_vm_agent.p
 from __future__ import annotations
 
 import json
+import logging
 import os
 from datetime import datetime, timezone
 from pathlib import Path
@@ -341,7 +342,14 @@ def test_the_cli_names_the_vm_and_the_problem_instead_of_a_traceback(monkeypatch
                 raise ValueError("invalid literal for int() with base 10: '²'")
 
     monkeypatch.setattr(cli, "_runtime", lambda: Broken)
-    result = CliRunner().invoke(cli.cli, ["join", "tenant-1", "--zone", ZONE])
+    logger = logging.getLogger("meshjoin")  # the CLI configures meshjoin's logger: put it back afterwards
+    saved = (logger.level, list(logger.handlers), logger.propagate)
+    try:
+        result = CliRunner().invoke(cli.cli, ["join", "tenant-1", "--zone", ZONE])
+    finally:
+        logger.setLevel(saved[0])
+        logger.handlers[:] = saved[1]
+        logger.propagate = saved[2]
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "tenant-1: unexpected ValueError: invalid literal" in result.output
 
@@ -397,3 +405,23 @@ def test_meshjoin_never_deletes_a_service_that_selects_pods(plugin_ca):
     assert world.kube.list("WorkloadEntry", f"{names.VM_LABEL}=orders-1") == []
     assert world.kube.get("Service", "apps", "orders") is not None
     assert world.reconciler.prune_service("apps", "orders") is False
+
+
+def test_a_crash_in_one_vms_reconcile_is_logged_with_the_vm_and_acked(monkeypatch, caplog):
+    """The event function: one VM's poison data must not loop through redelivery into the dead-letter topic."""
+    import base64
+    from types import SimpleNamespace
+
+    from meshjoin import entrypoints
+
+    class Crashing:
+        def reconcile(self, key):
+            raise ValueError("invalid literal for int() with base 10: '²'")
+
+    monkeypatch.setattr(entrypoints, "runtime", lambda: SimpleNamespace(settings=SETTINGS, reconciler=Crashing()))
+    monkeypatch.setattr(entrypoints, "utc_now", lambda: NOW)
+    data = base64.b64encode(json.dumps({"project": PROJECT, "zone": ZONE, "instance": "tenant-1"}).encode()).decode()
+    entrypoints.handle_vm_event(SimpleNamespace(data={"message": {"data": data, "messageId": "7",
+                                                                  "publishTime": "2026-11-21T11:59:00Z"}}))
+    (line,) = [r for r in caplog.records if "reconcile failed unexpectedly" in r.getMessage()]
+    assert "ValueError" in line.getMessage() and line.fields["instance"] == "tenant-1"  # acked: no raise
