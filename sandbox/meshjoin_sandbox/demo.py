@@ -85,9 +85,11 @@ def main() -> int:
         leaks = [k for k, v in metadata.items() if "PRIVATE KEY" in v]
         console.print(f"Private key in any metadata value: [bold]{'YES: ' + str(leaks) if leaks else 'no'}[/]")
 
-        console.print("\n[bold]2.[/] Create [cyan]sneaky-1[/] asking for namespace istio-system")
+        console.print("\n[bold]2.[/] Create [cyan]sneaky-1[/], running as the same bound account but asking for "
+                      "namespace istio-system (labels only choose among the account's bindings)")
         sh(env, MESHJOIN, "sandbox", "create-vm", "sneaky-1", "--label", "mesh=join", "--label",
-           "mesh-namespace=istio-system", "--state-dir", state_dir)
+           "mesh-namespace=istio-system", "--service-account", "orders@meshjoin-sandbox.iam.gserviceaccount.com",
+           "--state-dir", state_dir)
         status, _, _ = wait_state(env, state_dir, "sneaky-1", {"joined", "denied", "error"})
         console.print(f"  state=[bold red]{status['state']}[/]: {status['reason']}")
 
