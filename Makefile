@@ -30,7 +30,9 @@ unit: $(STAMP)
 # The fault suite at full size (RELIABILITY.md); `make test` runs it bounded. Figures: .faults-report.json
 faults: $(STAMP)
 	MESHJOIN_FAULTS=full MESHJOIN_HYPOTHESIS_PROFILE=full MESHJOIN_FAULTS_REPORT=$(CURDIR)/.faults-report.json \
-		$(BIN)/python -m pytest -q -m faults tests/unit/test_hostile_input.py tests/sandbox/test_faults.py \
+		MESHJOIN_TENANT_REPORT=$(CURDIR)/.tenant-report.json \
+		$(BIN)/python -m pytest -q -m faults tests/unit/test_hostile_input.py tests/unit/test_hostile_tenant.py \
+		tests/sandbox/test_faults.py \
 		tests/e2e/test_faults.py
 
 # Benchmarks against the sandbox (not part of `make test`): bench/results.json and BENCHMARKS.md.

@@ -27,7 +27,7 @@ DELIVERED = ("waiting", "joined")
 
 from meshjoin_sandbox import launcher
 
-from .world import SA_DOMAIN, World, status_of
+from .world import BENCH_ACCOUNT, World, status_of
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -90,7 +90,7 @@ def run_one(n: int, deadline_s: float, threads: int | None = None, create_worker
         t0 = time.time()
 
         def create(i: int) -> None:
-            world.create_vm(names[i], {"mesh": "join", "burst": str(n)}, service_account=f"{names[i]}@{SA_DOMAIN}",
+            world.create_vm(names[i], {"mesh": "join", "burst": str(n)}, service_account=BENCH_ACCOUNT,
                             session=sessions[i % create_workers])
 
         with ThreadPoolExecutor(create_workers) as pool:

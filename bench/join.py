@@ -22,7 +22,7 @@ from pathlib import Path
 
 import requests
 
-from meshjoin import pki
+from meshjoin import names, pki
 from meshjoin.model import VmKey
 
 from .world import World, metadata_items
@@ -120,7 +120,7 @@ class Floor:
         elif kind.startswith("kubernetes "):
             _, verb, plural = kind.split(" ")
             if plural == "workloadentries":
-                name = f"{state['vm']}-{w.zone}"
+                name = names.entry_name(VmKey(w.project, w.zone, state['vm']))
                 if verb == "get":
                     http.get(f"{entries}/{name}", verify=verify)
                 elif verb == "create":

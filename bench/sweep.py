@@ -22,7 +22,7 @@ from pathlib import Path
 
 from meshjoin.model import VmKey
 
-from .world import SA_DOMAIN, World, metadata_items
+from .world import BENCH_ACCOUNT, World, metadata_items
 
 REPO = Path(__file__).resolve().parents[1]
 CHILD = str(Path(__file__).with_name("_sweep_child.py"))
@@ -63,12 +63,13 @@ def _templates(world: World) -> dict:
     assert len(versions) == 1 and status["secret"].endswith("/versions/1"), versions
     return {
         "labels": vm.get("labels", {}),
-        "service_account": f"@@NAME@@@{SA_DOMAIN}",
+        "service_account": BENCH_ACCOUNT,
         "metadata": {k: placeholders(v) for k, v in items.items()},
         "secret": {"id": placeholders(secret_id),
-                   "labels": {"managed-by": "meshjoin", "meshjoin-zone": world.zone, "meshjoin-instance": "@@NAME@@"},
+                   "labels": {"managed-by": "meshjoin", "meshjoin-project": world.project,
+                              "meshjoin-zone": world.zone, "meshjoin-instance": "@@NAME@@"},
                    "data": json.dumps({"key.pem": "(seeded)", "cert-chain.pem": "(seeded)", "root-cert.pem": "(seeded)"}),
-                   "reader": f"serviceAccount:@@NAME@@@{SA_DOMAIN}"},
+                   "reader": f"serviceAccount:{BENCH_ACCOUNT}"},
         "workload_entry": json.loads(placeholders(json.dumps(entry))),
     }
 

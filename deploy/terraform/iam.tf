@@ -66,12 +66,21 @@ resource "google_project_iam_member" "functions_compute" {
 
 # Compute Engine lets a caller change the metadata of a VM that runs as a service account only if
 # the caller may act as that account (iam.serviceAccounts.actAs): otherwise a startup-script would
-# borrow the VM's identity. meshjoin therefore acts for exactly the VM identities listed here, one
-# grant per account, never project-wide (that would include the default compute account and any
-# other powerful identity in the project). For a VM whose account is missing even the status write
-# fails (status is metadata too): the functions log a permission error on instances.setMetadata.
+# borrow the VM's identity. meshjoin acts for exactly the bound accounts (var.identity_bindings), one
+# grant per account on the account itself, never project-wide (that would include the default compute
+# account and any other powerful identity in the project). The product denies a VM on any other
+# account before it writes anything (shared/meshjoin/policy.py), so it never needs more.
+locals {
+  bound_service_accounts = distinct([for b in var.identity_bindings : b.gsa])
+  # An account lives in the project its email names (NAME@PROJECT.iam.gserviceaccount.com), which may
+  # be another project than var.project_id; Google-managed ones (NUMBER-compute@developer...) in ours.
+  act_as_accounts = {
+    for email in local.bound_service_accounts : email => "projects/${try(regex("^[^@]+@([a-z][-a-z0-9]{4,28}[a-z0-9])\\.iam\\.gserviceaccount\\.com$", email)[0], var.project_id)}/serviceAccounts/${email}"
+  }
+}
+
 resource "google_service_account_iam_member" "act_as_vm" {
-  for_each = toset(var.vm_service_accounts)
+  for_each = toset(local.bound_service_accounts)
 
   # "-" lets IAM infer the project from the email: a VM account from another project works too.
   service_account_id = "projects/-/serviceAccounts/${each.value}"
@@ -226,7 +235,7 @@ resource "google_project_iam_member" "functions_vm_secrets" {
 locals {
   # VM identities that may publish to the events topic. One list, so that a later, richer source
   # of VM identities (per-identity bindings) replaces this line alone.
-  vm_publishers = toset(var.vm_service_accounts)
+  vm_publishers = toset(local.bound_service_accounts)
 }
 
 # After its agent confirmed (guest attributes), a VM publishes {"project","zone","instance"} to the

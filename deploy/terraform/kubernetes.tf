@@ -20,7 +20,13 @@ locals {
     {
       api_groups = [""]
       resources  = ["services"]
-      verbs      = ["get", "create", "delete"]
+      verbs      = ["get", "create", "update", "delete"] # update: a changed mesh-ports reaches meshjoin's Service
+    },
+    {
+      # Listed before a Service is pruned: meshjoin never deletes one that selects pods.
+      api_groups = [""]
+      resources  = ["pods"]
+      verbs      = ["list"]
     },
     {
       api_groups = [""]
@@ -47,10 +53,8 @@ locals {
     },
   ]
 
-  # "*" in allowed_namespaces cannot be enumerated: the write role is then bound cluster-wide
-  # (the functions still refuse istio-system, kube-system, ... unless listed; see README).
-  rbac_cluster_wide = contains(var.allowed_namespaces, "*")
-  rbac_namespaces   = local.rbac_cluster_wide ? [] : var.allowed_namespaces
+  # Write access in exactly the namespaces the identity bindings name, never cluster-wide.
+  rbac_namespaces = distinct([for b in var.identity_bindings : b.namespace])
 
   rbac_labels = {
     "app.kubernetes.io/part-of"    = "meshjoin"
@@ -68,7 +72,7 @@ locals {
     "${var.name}-reader" = local.reader_rules
   }
   # ClusterRole names bound cluster-wide (the binding carries the role's name).
-  rbac_cluster_bindings = concat(["${var.name}-reader"], local.rbac_cluster_wide ? ["${var.name}-writer"] : [])
+  rbac_cluster_bindings = ["${var.name}-reader"]
 
   # The same objects as a manifest, for clusters whose RBAC is applied by other means
   # (output kubernetes_rbac_manifest; `kubectl apply -f -`).
@@ -123,27 +127,6 @@ resource "kubernetes_role_binding_v1" "writer" {
     name      = "${var.name}-writer"
     namespace = each.value
     labels    = local.rbac_labels
-  }
-
-  role_ref {
-    api_group = "rbac.authorization.k8s.io"
-    kind      = "ClusterRole"
-    name      = kubernetes_cluster_role_v1.writer[0].metadata[0].name
-  }
-
-  subject {
-    kind      = "User"
-    name      = local.kube_user
-    api_group = "rbac.authorization.k8s.io"
-  }
-}
-
-resource "kubernetes_cluster_role_binding_v1" "writer_everywhere" {
-  count = var.manage_kubernetes_rbac && local.rbac_cluster_wide ? 1 : 0
-
-  metadata {
-    name   = "${var.name}-writer"
-    labels = local.rbac_labels
   }
 
   role_ref {

@@ -45,7 +45,9 @@ resource "google_logging_project_sink" "vm_events" {
     AND protoPayload.methodName=(
       "v1.compute.instances.insert" OR "beta.compute.instances.insert" OR
       "v1.compute.instances.delete" OR "beta.compute.instances.delete" OR
-      "v1.compute.instances.setLabels" OR "beta.compute.instances.setLabels"
+      "v1.compute.instances.setLabels" OR "beta.compute.instances.setLabels" OR
+      "v1.compute.instances.stop" OR "beta.compute.instances.stop" OR
+      "v1.compute.instances.start" OR "beta.compute.instances.start"
     )
   EOT
 

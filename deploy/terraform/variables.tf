@@ -52,44 +52,50 @@ variable "build_service_account" {
 
 # --- who may join ----------------------------------------------------------------------------
 
-variable "allowed_namespaces" {
-  description = "Namespaces VMs may join (MESHJOIN_ALLOWED_NAMESPACES). The functions get write RBAC in exactly these; \"*\" grants it cluster-wide."
-  type        = list(string)
-  default     = ["default"]
+variable "identity_bindings" {
+  description = <<-EOT
+    Who may join (MESHJOIN_IDENTITY_BINDINGS; README, "Who may join"): each binding lets VMs running as
+    the Google service account `gsa` take the Kubernetes identity `namespace`/`serviceAccount`, with the
+    `app` label of one of `apps` (so they become endpoints of the Services selecting those apps). A VM on
+    any other account is denied (default-deny). The functions may act as exactly these accounts (Compute
+    Engine requires it to write a VM's metadata) and get write RBAC in exactly these namespaces. Binding
+    the project's default compute account would let every VM on it read the keys: don't.
+  EOT
+  type = list(object({
+    gsa            = string
+    namespace      = string
+    serviceAccount = string
+    apps           = list(string)
+  }))
+  default = []
 
   validation {
-    condition     = length(var.allowed_namespaces) > 0
-    error_message = "allowed_namespaces must name at least one namespace."
+    condition     = alltrue([for b in var.identity_bindings : can(regex("^[a-z0-9][-a-z0-9]{0,62}@[a-z0-9][-a-z0-9.:]{0,100}\\.gserviceaccount\\.com$", b.gsa))])
+    error_message = "identity_bindings: gsa must be a service-account email (NAME@PROJECT.iam.gserviceaccount.com)."
   }
-}
-
-variable "allowed_service_accounts" {
-  description = "namespace/name patterns (fnmatch) a VM may claim (MESHJOIN_ALLOWED_SERVICE_ACCOUNTS)."
-  type        = list(string)
-  default     = ["*/*"]
-}
-
-variable "vm_service_accounts" {
-  description = "Emails of the service accounts the joining VMs run as (each VM should have its own). The functions may act as exactly these, which Compute Engine requires to write a VM's metadata; add one per new VM identity. Listing the project's default compute account would let meshjoin act as it (usually an Editor): don't."
-  type        = list(string)
-  default     = []
 
   validation {
-    condition     = alltrue([for email in var.vm_service_accounts : can(regex("^[^@\\s]+@[^@\\s]+\\.gserviceaccount\\.com$", email))])
-    error_message = "vm_service_accounts must be service-account emails (NAME@PROJECT.iam.gserviceaccount.com)."
+    condition = alltrue([for b in var.identity_bindings :
+      can(regex("^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$", b.namespace)) && can(regex("^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$", b.serviceAccount))
+    ])
+    error_message = "identity_bindings: namespace and serviceAccount must be Kubernetes names (RFC 1123 labels)."
   }
-}
 
-variable "default_namespace" {
-  description = "Namespace of a VM without a mesh-namespace label (MESHJOIN_DEFAULT_NAMESPACE); null keeps the product default."
-  type        = string
-  default     = null
-}
+  validation {
+    condition = alltrue([for b in var.identity_bindings :
+      !contains(["istio-system", "istio-ingress", "kube-system", "kube-public", "kube-node-lease", "cert-manager"], b.namespace)
+      && !can(regex("^(kube|gke|gmp|istio)-", b.namespace))
+    ])
+    error_message = "identity_bindings: a namespace of the platform (istio-*, kube-*, gke-*, gmp-*, cert-manager) cannot be bound."
+  }
 
-variable "default_service_account" {
-  description = "Service account of a VM without a mesh-service-account label (MESHJOIN_DEFAULT_SERVICE_ACCOUNT); null keeps the product default."
-  type        = string
-  default     = null
+  validation {
+    condition = alltrue([for b in var.identity_bindings :
+      length(b.apps) > 0 && length(distinct(b.apps)) == length(b.apps)
+      && alltrue([for a in b.apps : can(regex("^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$", a))])
+    ])
+    error_message = "identity_bindings: apps must be a non-empty list of distinct Service names."
+  }
 }
 
 # --- the CA and the per-VM secrets -----------------------------------------------------------

@@ -85,7 +85,7 @@ def sandbox():
               help="Extra setting for both functions (e.g. MESHJOIN_CERT_TTL=2m).")
 @click.option("--terraform-var", "terraform_vars", multiple=True, metavar="NAME=VALUE",
               help="deploy/terraform variable the sandbox's IAM and RBAC are evaluated with; VALUE is JSON "
-                   "(or a plain string), e.g. 'vm_service_accounts=[\"vm-1@meshjoin-sandbox.iam.gserviceaccount.com\"]'.")
+                   "(or a plain string), e.g. 'name=\"meshjoin\"'.")
 def up(state_dir: Path, ca_dir: Path | None, function_env: tuple[str, ...], terraform_vars: tuple[str, ...]):
     """Start the sandbox in the background; return when everything answers."""
     variables = {}

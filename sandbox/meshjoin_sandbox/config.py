@@ -12,20 +12,18 @@ PORT_NAMES = (
 )
 
 
-def sandbox_terraform_vars(project: str, region: str, cluster_path: str, service_account: str,
-                           app_namespaces: tuple[str, ...] = ("apps", "payments")) -> dict:
+def sandbox_terraform_vars(project: str, region: str, cluster_path: str, service_account: str) -> dict:
     """The variables a deployment of the sandbox's project would set (its terraform.tfvars)."""
     return {
         "project_id": project,
         "region": region,
         "cluster": cluster_path,
         "name": service_account.split("@", 1)[0].removesuffix("-functions"),
-        # What the functions run with (launcher.product_env reads these), as Terraform sets both.
-        "allowed_namespaces": ["default", *app_namespaces],
-        "allowed_service_accounts": ["*/default", "apps/*", "payments/checkout"],
-        # The VM identities meshjoin may act as: the README's orders VM and the demo's.
-        "vm_service_accounts": [f"orders@{project}.iam.gserviceaccount.com",
-                                f"orders-vm@{project}.iam.gserviceaccount.com"],
+        # Who may join: what the functions run with (MESHJOIN_IDENTITY_BINDINGS, launcher.product_env)
+        # and what actAs and the writer RBAC follow, from this one variable as in a deployment.
+        # The sandbox's default binds the demo's account: orders@ may be apps/orders, app orders.
+        "identity_bindings": [{"gsa": f"orders@{project}.iam.gserviceaccount.com", "namespace": "apps",
+                               "serviceAccount": "orders", "apps": ["orders"]}],
     }
 
 
@@ -56,7 +54,7 @@ class SandboxConfig:
     # Extra settings for the functions (e.g. a short cert TTL in a test), merged into their env.
     function_env: dict[str, str] = field(default_factory=dict)
     # The values deploy/terraform is evaluated with for the sandbox's IAM and RBAC
-    # (project_id, region, cluster, name, allowed_namespaces, vm_service_accounts, ...).
+    # (project_id, region, cluster, name, identity_bindings, ...).
     terraform_vars: dict = field(default_factory=dict)
     # The person at the terminal (gcloud, kubectl, the CLI): project owner and cluster-admin.
     operator_email: str = "operator@example.com"
@@ -66,8 +64,7 @@ class SandboxConfig:
             self.terraform_vars = self.default_terraform_vars()
 
     def default_terraform_vars(self) -> dict:
-        return sandbox_terraform_vars(self.project, self.region, self.cluster_path, self.service_account,
-                                      self.app_namespaces)
+        return sandbox_terraform_vars(self.project, self.region, self.cluster_path, self.service_account)
 
     @property
     def cluster_path(self) -> str:

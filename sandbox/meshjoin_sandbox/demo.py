@@ -62,7 +62,7 @@ def main() -> int:
         sh(env, MESHJOIN, "sandbox", "create-vm", "orders-1", "--label", "mesh=join", "--label",
            "mesh-namespace=apps", "--label", "mesh-service-account=orders", "--label", "mesh-app=orders",
            "--metadata", "mesh-ports=http:8080,grpc:9090",
-           "--service-account", "orders-vm@meshjoin-sandbox.iam.gserviceaccount.com", "--state-dir", state_dir)
+           "--service-account", "orders@meshjoin-sandbox.iam.gserviceaccount.com", "--state-dir", state_dir)
         status, body, _ = wait_state(env, state_dir, "orders-1", {"waiting", "joined", "denied", "error"})
         elapsed = time.monotonic() - created
         if status["state"] == "waiting":  # meshjoin did its part; `joined` only once the VM's agent confirms
@@ -99,9 +99,11 @@ def main() -> int:
         leaks = [k for k, v in metadata.items() if "PRIVATE KEY" in v]
         console.print(f"Private key in any metadata value: [bold]{'YES: ' + str(leaks) if leaks else 'no'}[/]")
 
-        console.print("\n[bold]2.[/] Create [cyan]sneaky-1[/] asking for namespace istio-system")
+        console.print("\n[bold]2.[/] Create [cyan]sneaky-1[/], running as the same bound account but asking for "
+                      "namespace istio-system (labels only choose among the account's bindings)")
         sh(env, MESHJOIN, "sandbox", "create-vm", "sneaky-1", "--label", "mesh=join", "--label",
-           "mesh-namespace=istio-system", "--state-dir", state_dir)
+           "mesh-namespace=istio-system", "--service-account", "orders@meshjoin-sandbox.iam.gserviceaccount.com",
+           "--state-dir", state_dir)
         status, _, _ = wait_state(env, state_dir, "sneaky-1", {"waiting", "joined", "denied", "error"})
         console.print(f"  state=[bold red]{status['state']}[/]: {status['reason']}")
 

@@ -386,6 +386,8 @@ CORE_KINDS = (
          namespaced=False, name_error=path_segment_error),
     Kind("SelfSubjectAccessReview", "selfsubjectaccessreviews", "", group=kube_rbac.AUTHORIZATION_GROUP,
          namespaced=False, verbs=("create",)),
+    # Pods are only stored and listed (meshjoin checks a Service selects none before pruning it).
+    Kind("Pod", "pods", "pod", short_names=("po",), categories=("all",), status_subresource=True),
 )
 RBAC_KINDS = ("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding")
 

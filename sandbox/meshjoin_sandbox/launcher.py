@@ -93,9 +93,8 @@ def product_env(cfg: SandboxConfig) -> dict[str, str]:
         "MESHJOIN_EVENTS_TOPIC": cfg.events_topic,
         "MESHJOIN_PUBSUB_ENDPOINT": cfg.url("pubsub"),  # where a VM's agent publishes its nudge
         "MESHJOIN_SCHEDULE_TOPIC": cfg.schedule_topic,
-        # As deploy/terraform sets them (main.tf, function_settings), from the same variables.
-        "MESHJOIN_ALLOWED_NAMESPACES": ",".join(cfg.terraform_vars["allowed_namespaces"]),
-        "MESHJOIN_ALLOWED_SERVICE_ACCOUNTS": ",".join(cfg.terraform_vars["allowed_service_accounts"]),
+        # As deploy/terraform sets it (main.tf, function_settings), from the same variable.
+        "MESHJOIN_IDENTITY_BINDINGS": json.dumps(cfg.terraform_vars["identity_bindings"]),
         "MESHJOIN_ISTIOD_ADDRESS": "istiod.istio-system.svc:15012",
         "MESHJOIN_ISTIOD_IP": "10.128.15.250",
         "GCE_METADATA_HOST": f"127.0.0.1:{cfg.ports['metadata']}",
@@ -244,7 +243,7 @@ def up(state_dir: Path, ca_dir: Path | None = None, function_env: dict[str, str]
        timeout: float = 60.0, compute_subnet: str | None = None,
        terraform_vars: dict | None = None) -> SandboxConfig:
     """Start the sandbox; `terraform_vars` override the sandbox's Terraform variables (IAM, RBAC and
-    the functions' allowed namespaces/accounts follow them), e.g. {"vm_service_accounts": [...]}."""
+    the functions' identity bindings follow them), e.g. {"identity_bindings": [...]}."""
     state_dir = state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     procs = Processes(state_dir)
@@ -275,6 +274,13 @@ def up(state_dir: Path, ca_dir: Path | None = None, function_env: dict[str, str]
     )
     if compute_subnet:
         cfg.compute_subnet = compute_subnet
+    terraform_vars = dict(terraform_vars or {})
+    if "MESHJOIN_IDENTITY_BINDINGS" in cfg.function_env:
+        # The functions' bindings and Terraform's (actAs, writer RBAC) are one list, as in a deployment.
+        try:
+            terraform_vars.setdefault("identity_bindings", json.loads(cfg.function_env["MESHJOIN_IDENTITY_BINDINGS"]))
+        except ValueError as exc:
+            raise SandboxError(f"MESHJOIN_IDENTITY_BINDINGS is not JSON: {exc}") from exc
     if terraform_vars:
         from .terraform import TerraformError, default_terraform_dir, load_terraform
 

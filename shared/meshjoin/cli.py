@@ -52,6 +52,12 @@ def friendly_errors(fn):
             raise click.ClickException(f"failed, retrying may help: {exc}") from None
         except MeshjoinError as exc:
             raise click.ClickException(str(exc)) from None
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a bug one VM's data triggers: name it, never a traceback
+            subject = f"{kwargs['vm']}: " if kwargs.get("vm") else ""
+            raise click.ClickException(f"{subject}unexpected {type(exc).__name__}: {str(exc)[:300]} "
+                                       "(please report it; -v shows meshjoin's log)") from None
 
     return wrapper
 
@@ -107,6 +113,7 @@ def cli(verbose: bool):
 
 
 STATE_STYLE = {"joined": "green", "waiting": "cyan", "denied": "red", "error": "red", "pending": "yellow",
+               "stopped": "dim",
                "orphaned": "magenta", "expiring": "yellow", "left": "dim"}
 
 
@@ -121,7 +128,7 @@ def status(as_json: bool):
     inventory = rt.sweeper.inventory()
     if not inventory.vms and "Compute" in " ".join(inventory.errors):
         raise click.ClickException("; ".join(inventory.errors))
-    rows = fleet_rows(inventory, _now())
+    rows = fleet_rows(inventory, _now(), rt.settings)
     if as_json:
         click.echo(json.dumps([r.as_dict() for r in rows], indent=2))
     else:

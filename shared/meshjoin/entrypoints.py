@@ -47,6 +47,11 @@ def handle_vm_event(cloud_event) -> None:
         log("WARNING", f"transient failure, Pub/Sub will redeliver: {exc}", key=key, outcome="retrying",
             message_id=message_id)
         raise
+    except Exception as exc:  # noqa: BLE001 - a bug one VM's data triggers: that VM's problem, logged and acked
+        # Redelivering would replay the same crash five times into the dead-letter topic; the sweep retries.
+        log("ERROR", f"reconcile failed unexpectedly: {type(exc).__name__}: {str(exc)[:300]}", key=key,
+            outcome="failed", error_kind=type(exc).__name__, message_id=message_id)
+        return
     log("INFO", f"{outcome.verb}: {outcome.reason}", key=key, outcome=outcome.verb, state=outcome.state,
         message_id=message_id, **_public(outcome.details))
 

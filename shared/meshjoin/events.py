@@ -23,7 +23,9 @@ from .errors import BadMessage
 from .model import VmKey
 
 MAX_MESSAGE_BYTES = 64 * 1024  # audit entries are a few KiB; anything near Pub/Sub's 10 MB is not ours
-AUDIT_METHODS = frozenset({"compute.instances.insert", "compute.instances.delete", "compute.instances.setLabels"})
+# stop/start: a stopped (TERMINATED) VM must stop receiving traffic, and rejoin when started.
+AUDIT_METHODS = frozenset({"compute.instances.insert", "compute.instances.delete", "compute.instances.setLabels",
+                           "compute.instances.stop", "compute.instances.start"})
 METHOD_PREFIXES = ("v1.", "beta.")
 # Patterns are applied with fullmatch: `$` alone would also accept a trailing newline.
 _RESOURCE = re.compile(r"projects/([^/]+)/zones/([^/]+)/instances/([^/]+)")
@@ -54,8 +56,12 @@ def decode_push(data: Any, *, now: datetime, max_age: timedelta) -> VmKey:
 
 
 def check_age(publish_time: Any, *, now: datetime, max_age: timedelta) -> None:
+    """Pub/Sub stamps every message it delivers with publishTime (server-assigned, the publisher cannot
+    set it). A push without one did not come from Pub/Sub as documented: refused rather than trusted as
+    fresh, since an undated replay would otherwise skip the age check (the sweep covers any VM whose
+    event this drops)."""
     if not isinstance(publish_time, str):
-        return  # the emulator and old pushes may omit it; age only filters, it never validates
+        raise BadMessage("message has no publishTime, so its age cannot be checked")
     try:
         published = datetime.fromisoformat(publish_time.replace("Z", "+00:00"))
     except ValueError:

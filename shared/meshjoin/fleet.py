@@ -33,15 +33,20 @@ class FleetRow:
         return asdict(self)
 
 
-def fleet_rows(inventory: Inventory, now: datetime) -> list[FleetRow]:
+def fleet_rows(inventory: Inventory, now: datetime, settings: Settings) -> list[FleetRow]:
     """Every VM that is labelled or registered, with the state an operator needs to see."""
     rows: list[FleetRow] = []
     for key in sorted(inventory.vms):
         vm = inventory.vms[key]
         status = bootstrap.parse_status(vm.metadata.get(names.STATUS_KEY))
-        state = status.get("state") or "pending"
-        row = FleetRow(key.instance, key.zone, state, address=vm.network_ip, updated=status.get("updated", ""),
-                       reason=status.get("reason", "" if status else "no event handled yet"))
+        state = str(status.get("state") or "pending")
+        reason = str(status.get("reason", "" if status else "no event handled yet"))
+        decision = decide_identity(vm, settings)
+        if isinstance(decision, Denial) and not decision.account_bound:
+            # No status can be written to such a VM: the decision itself is what the operator must see.
+            state, reason = "denied", decision.reason
+        row = FleetRow(key.instance, key.zone, state, address=vm.network_ip, updated=str(status.get("updated", "")),
+                       reason=reason)
         namespace, _, account = _identity_parts(status.get("identity", ""))
         row.namespace, row.service_account = namespace, account
         row.agent = status.get("agent", "")
@@ -52,7 +57,7 @@ def fleet_rows(inventory: Inventory, now: datetime) -> list[FleetRow]:
             if row.cert_seconds_left <= 0:
                 row.state, row.reason = "expiring", "certificate expired; the next sweep renews it"
         rows.append(row)
-    registered = {entry_key(e): e for e in inventory.entries} | {k: None for k in inventory.secrets}
+    registered = {entry_key(e, settings.project): e for e in inventory.entries} | {k: None for k in inventory.secrets}
     for key in sorted(k for k in registered if k is not None and k not in inventory.vms):
         entry = registered.get(key)
         namespace = entry["metadata"]["namespace"] if entry else ""
@@ -68,7 +73,7 @@ def fleet_rows(inventory: Inventory, now: datetime) -> list[FleetRow]:
 
 def _identity_parts(spiffe: str) -> tuple[str, str, str]:
     # spiffe://TD/ns/NS/sa/SA
-    parts = spiffe.split("/")
+    parts = spiffe.split("/") if isinstance(spiffe, str) else []  # the VM owner can forge the status
     if len(parts) == 7 and parts[3] == "ns" and parts[5] == "sa":
         return parts[4], "", parts[6]
     return "", "", ""
@@ -112,8 +117,12 @@ def explain(key: VmKey, vm: Vm | None, settings: Settings, *, entry_exists: bool
     decision = decide_identity(vm, settings)
     if isinstance(decision, Denial):
         out.decision = f"denied: {decision.reason}"
-        out.advice.append("change the VM's mesh-* labels/metadata, or have an operator extend "
-                          "MESHJOIN_ALLOWED_NAMESPACES / MESHJOIN_ALLOWED_SERVICE_ACCOUNTS")
+        if not decision.account_bound:
+            out.advice.append("nothing was written to the VM (meshjoin may act only as bound accounts); run it as "
+                              "a bound service account, or have an operator bind this one in identity_bindings")
+        else:
+            out.advice.append("change the VM's mesh-* labels/metadata to an identity its account is bound to, "
+                              "or have an operator extend MESHJOIN_IDENTITY_BINDINGS (identity_bindings)")
         return out
     out.decision = f"allowed as {decision.spiffe(settings.trust_domain)}"
     state = status.get("state")

@@ -60,8 +60,20 @@ class Identity:
         return f"spiffe://{trust_domain}/ns/{self.namespace}/sa/{self.service_account}"
 
 
+MAX_REASON = 400  # a reason quotes pieces of the VM owner's input: bounded, whatever they wrote
+
+
 @dataclass(frozen=True)
 class Denial:
-    """Why a VM may not join, in words its owner can act on."""
+    """Why a VM may not join, in words its owner can act on.
+
+    `account_bound` False: the VM's service account is bound to no identity, so meshjoin may not act
+    as it and writes nothing at all to the VM (Compute requires actAs to change its metadata).
+    """
 
     reason: str
+    account_bound: bool = True
+
+    def __post_init__(self) -> None:
+        if len(self.reason) > MAX_REASON:
+            object.__setattr__(self, "reason", self.reason[:MAX_REASON - 3] + "...")

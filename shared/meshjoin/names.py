@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
+
 from .model import VmKey
 
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
@@ -28,14 +31,28 @@ MESHJOIN_KEYS = (STATUS_KEY, SECRET_KEY, CLUSTER_ENV_KEY, MESH_CONFIG_KEY, ROOT_
                  SIDECAR_URL_KEY, SIDECAR_SHA256_KEY, EVENTS_TOPIC_KEY, PUBSUB_ENDPOINT_KEY)
 
 
+_PLAIN_PROJECT = re.compile(r"[a-z][-a-z0-9]{4,28}[a-z0-9]")
+
+
+def project_part(project: str) -> str:
+    """The project as a name part. A domain-scoped id (`example.com:proj`) has characters neither
+    Kubernetes names nor secret ids allow, so it is hashed (`p` + 12 hex digits). Names only keep
+    objects of different projects apart; the ownership annotations and labels carry the full project
+    id and are what meshjoin checks before it trusts or touches an object."""
+    if _PLAIN_PROJECT.fullmatch(project):
+        return project
+    return "p" + hashlib.sha256(project.encode()).hexdigest()[:12]
+
+
 def entry_name(key: VmKey) -> str:
-    """WorkloadEntry name: one per (zone, instance); a recreated VM gets the same name."""
-    return f"{key.instance}-{key.zone}"
+    """WorkloadEntry name, one per (project, zone, instance); a recreated VM gets the same name.
+    At most 63 + 1 + 30 + 1 + ~25 characters: well inside a DNS subdomain's 253."""
+    return f"{key.instance}-{key.zone}-{project_part(key.project)}"
 
 
 def secret_id(key: VmKey, prefix: str) -> str:
-    """Per-VM secret id ([a-zA-Z0-9_-]{1,255}): prefix-zone-instance."""
-    return f"{prefix}-{key.zone}-{key.instance}"
+    """Per-VM secret id ([a-zA-Z0-9_-]{1,255}): prefix-project-zone-instance (at most ~220 characters)."""
+    return f"{prefix}-{project_part(key.project)}-{key.zone}-{key.instance}"
 
 
 def owned(metadata: dict | None) -> bool:

@@ -29,7 +29,7 @@ from .adapters.secrets import SecretsAdapter
 from .errors import PermanentError, TransientError
 from .logs import log
 from .model import Denial, Identity, Vm, VmKey
-from .policy import decide_identity
+from .policy import decide_identity, is_default_compute_account
 from .settings import Settings
 
 MAX_METADATA_RACES = 5
@@ -39,6 +39,8 @@ FIRST_DELIVERY = frozenset({"no certificate delivered yet", "the VM was recreate
 SIDECAR_STATES = frozenset({"running", "stopped", "failed"})
 RUN_AGENT_REMEDY = ("GCE runs startup-script only at boot: reboot the VM, or run "
                     "`sudo google_metadata_script_runner startup` on it")
+# A VM in these states serves nothing: it is not routed (and not renewed) until it runs again.
+STOPPED_STATES = frozenset({"STOPPING", "TERMINATED", "SUSPENDING", "SUSPENDED"})
 MAX_BACKDATE = timedelta(minutes=5)  # tolerate VM clock skew without eating short test TTLs
 # Longer than any pass can live (the functions time out after 300 s / 540 s, deploy/terraform/main.tf).
 ORPHAN_VERSION_AGE = timedelta(minutes=15)
@@ -48,7 +50,8 @@ ORPHAN_VERSION_AGE = timedelta(minutes=15)
 class Outcome:
     """What one reconcile did: a past-tense verb plus facts for the log line and the CLI."""
 
-    # registered | delivered | rechecked | renewed | reissued | refreshed | unchanged | left | denied | ignored | failed
+    # registered | delivered | rechecked | renewed | reissued | refreshed | unchanged | stopped | left | denied |
+    # ignored | failed
     verb: str
     reason: str = ""
     state: str | None = None
@@ -198,6 +201,9 @@ class Reconciler:
         `vm` (from a listing) saves the first read; `cleanup` (the sweep's prune) removes cluster
         objects and secrets of an unlabelled VM even when its metadata shows no trace of a join.
         """
+        if key.project != self.settings.project:
+            # Never act for another project's VM, whatever named it (a forged entry, a message).
+            return Outcome("ignored", f"project {key.project[:80]!r} is not MESHJOIN_PROJECT")
         minted: list[str] = []
         try:
             for _ in range(MAX_METADATA_RACES):
@@ -250,6 +256,8 @@ class Reconciler:
         decision = decide_identity(vm, self.settings)
         if isinstance(decision, Denial):
             return self._deny(vm, decision)
+        if vm.status in STOPPED_STATES:
+            return self._stopped(vm)
         return self._join(vm, decision, force, minted)
 
     # --- join -----------------------------------------------------------------------------------
@@ -290,7 +298,7 @@ class Reconciler:
         is_joined = confirmed_serial is not None
 
         warnings = []
-        if vm.service_account == default_compute_account(vm):
+        if is_default_compute_account(vm.service_account):  # bound on purpose by an operator, still risky
             warnings.append("the VM runs as the project's default compute service account, which other VMs "
                             "share: they could read this VM's key; give it a dedicated service account")
         items = bootstrap.bootstrap_items(vm.key, identity, self.settings, root_pem=ca.bundle.root_certs_pem,
@@ -393,7 +401,13 @@ class Reconciler:
                 outcome="registered", address=vm.network_ip)
         service = registration.service(identity)
         if service is not None:
-            self.kube.create_if_missing(service)
+            current = self.kube.create_if_missing(service)
+            if names.owned(current.get("metadata")) and not registration.service_matches(current, service):
+                # The VM's mesh-ports changed (or another VM of the app declared others): meshjoin's own
+                # Service follows the latest join. A Service meshjoin did not create is never changed.
+                self.kube.apply_owned(service, current)
+                log("INFO", f"Service {identity.namespace}/{identity.app} ports updated", key=vm.key,
+                    outcome="refreshed")
         if previous and previous != ref:  # the identity moved to another namespace
             old_namespace, _, old_name = previous.partition("/")
             self._delete_entry(vm.key, old_namespace, old_name)
@@ -404,11 +418,30 @@ class Reconciler:
     def _deny(self, vm: Vm, denial: Denial) -> Outcome:
         if has_traces(vm):
             self._remove_registration(vm.key)
+        if not denial.account_bound:
+            # meshjoin may act only as bound accounts, and Compute requires actAs on the VM's account to
+            # change its metadata: nothing is written to the VM. Operators see the reason in this log
+            # line and in `meshjoin explain`.
+            log("WARNING", f"denied, nothing written to the VM: {denial.reason}", key=vm.key, outcome="denied")
+            return Outcome("denied", denial.reason, state="denied")
         self._write_status(vm, "denied", denial.reason, remove_bootstrap=True)
         return Outcome("denied", denial.reason, state="denied")
 
+    def _stopped(self, vm: Vm) -> Outcome:
+        """A stopped VM is taken out of routing (its entry goes); its secret and bootstrap stay, so it
+        rejoins with a fresh certificate when it starts again (the start event, or the next sweep)."""
+        self._remove_entries(vm.key)
+        reason = f"the VM is {vm.status}: not routed and not renewed until it runs again"
+        self._write_status(vm, "stopped", reason)
+        return Outcome("stopped", reason, state="stopped")
+
     def _remove_registration(self, key: VmKey) -> None:
         """Delete the VM's entries (any namespace), orphaned Services meshjoin made, and its secret."""
+        self._remove_entries(key)
+        if self.secrets.delete_vm_secret(key):
+            log("INFO", "per-VM secret deleted", key=key, outcome="pruned")
+
+    def _remove_entries(self, key: VmKey) -> None:
         selector = f"{names.MANAGED_BY_LABEL}={names.MANAGED_BY},{names.VM_LABEL}={key.instance}"
         for entry in list(self.kube.list("WorkloadEntry", selector)):
             meta = entry["metadata"]
@@ -417,13 +450,11 @@ class Reconciler:
                     annotations.get(names.ANNOTATION_PREFIX + "project") != key.project:
                 continue  # same instance name in another zone or project
             self._delete_entry(key, meta["namespace"], meta["name"], entry)
-        if self.secrets.delete_vm_secret(key):
-            log("INFO", "per-VM secret deleted", key=key, outcome="pruned")
 
     def _delete_entry(self, key: VmKey, namespace: str, name: str, entry: dict | None = None) -> None:
         """Delete the VM's entry: only one meshjoin made FOR THIS VM (a status the VM owner forged may
         name another VM's entry, or a path that is no Kubernetes name)."""
-        if not (_K8S_NAME.match(namespace) and _K8S_NAME.match(name)):
+        if not (_K8S_NAME.fullmatch(namespace) and _K8S_NAME.fullmatch(name)):
             return
         entry = entry or self.kube.get("WorkloadEntry", namespace, name)
         if entry is None or _entry_vm(entry) != key or \
@@ -435,11 +466,23 @@ class Reconciler:
             self.prune_service(namespace, app)
 
     def prune_service(self, namespace: str, app: str) -> bool:
-        """Delete a Service meshjoin made once no WorkloadEntry selects it (checked live, not from a listing)."""
-        remaining = self.kube.list("WorkloadEntry", f"app={app}", namespace=namespace, page_size=1)
-        if next(iter(remaining), None) is not None:
+        """Delete a Service meshjoin made once it selects nothing (checked live, not from a listing).
+
+        Never one that selects anything meshjoin did not create: pods (someone deployed the app in the
+        cluster, and relies on this Service) or any WorkloadEntry. Nor one whose selector someone
+        changed from meshjoin's `app=NAME`: what it selects is then no longer meshjoin's to judge.
+        """
+        service = self.kube.get("Service", namespace, app)
+        if service is None or not names.owned(service.get("metadata")):
             return False
-        if self.kube.delete_owned("Service", namespace, app):
+        if (service.get("spec") or {}).get("selector") != {"app": app}:
+            log("WARNING", f"Service {namespace}/{app} kept: its selector is no longer meshjoin's", outcome="kept")
+            return False
+        for kind in ("WorkloadEntry", "Pod"):
+            remaining = self.kube.list(kind, f"app={app}", namespace=namespace, page_size=1)
+            if next(iter(remaining), None) is not None:
+                return False
+        if self.kube.delete_owned("Service", namespace, app, service):
             log("INFO", f"Service {namespace}/{app} deleted: no entry selects it", outcome="pruned")
             return True
         return False
@@ -519,7 +562,7 @@ def project_startup_script(project_metadata: dict[str, str]) -> bool:
     return script is not None and names.STARTUP_SCRIPT_MARKER not in script
 
 
-_K8S_NAME = re.compile(r"^[a-z0-9](?:[-a-z0-9.]{0,251}[a-z0-9])?$")
+_K8S_NAME = re.compile(r"[a-z0-9](?:[-a-z0-9.]{0,251}[a-z0-9])?")
 
 
 def _entry_vm(entry: dict) -> VmKey | None:
@@ -534,7 +577,3 @@ def _same_secret(version: str | None, other: str) -> bool:
     return bool(version) and version.rsplit("/versions/", 1)[0] == other.rsplit("/versions/", 1)[0]
 
 
-def default_compute_account(vm: Vm) -> str | None:
-    """`NUMBER-compute@developer.gserviceaccount.com` is the project default; shared by every VM using it."""
-    account = vm.service_account or ""
-    return account if account.endswith("-compute@developer.gserviceaccount.com") else None

@@ -97,3 +97,12 @@ def entry_matches(existing: dict, desired: dict) -> bool:
         and all(meta_e.get("labels", {}).get(k) == v for k, v in meta_d["labels"].items())
         and all(meta_e.get("annotations", {}).get(k) == v for k, v in meta_d["annotations"].items())
     )
+
+
+def service_matches(existing: dict, desired: dict) -> bool:
+    """True when the existing Service already has the ports and selector meshjoin wants."""
+    def ports(obj: dict) -> list:
+        return sorted((p.get("name"), p.get("port"), p.get("targetPort"), p.get("protocol", "TCP"))
+                      for p in (obj.get("spec") or {}).get("ports") or [])
+    return (existing.get("spec") or {}).get("selector") == desired["spec"]["selector"] and \
+        ports(existing) == ports(desired)

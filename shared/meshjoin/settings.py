@@ -6,6 +6,7 @@ shows up in its first log line instead of as odd behaviour later.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -14,25 +15,87 @@ from typing import Mapping
 from .errors import SettingsError
 from .pki import KEY_ALGORITHMS
 
-# Namespaces no VM may claim unless an operator lists them explicitly (a `*` does not count).
-PROTECTED_NAMESPACES = frozenset({"istio-system", "kube-system", "kube-public", "kube-node-lease"})
-_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
-_CLUSTER = re.compile(r"^projects/[^/]+/locations/[^/]+/clusters/[^/]+$")
+# Namespaces of the platform: no identity binding may name them (the functions would get write
+# RBAC there, and a VM would speak as the mesh's or the cluster's own components).
+PROTECTED_NAMESPACES = frozenset({"istio-system", "istio-ingress", "kube-system", "kube-public", "kube-node-lease",
+                                  "cert-manager"})
+PROTECTED_PREFIXES = ("kube-", "gke-", "gmp-", "istio-")  # GKE's managed (gke-*, gmp-*) and Istio's own
+
+
+def protected_namespace(namespace: str) -> bool:
+    return namespace in PROTECTED_NAMESPACES or namespace.startswith(PROTECTED_PREFIXES)
+
+
+_DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+_CLUSTER = re.compile(r"projects/[^/]+/locations/[^/]+/clusters/[^/]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # values reach cluster.env and /etc/hosts: one line each
 _TOPIC = re.compile(r"projects/[a-z][-a-z0-9.:]{4,62}/topics/[A-Za-z][-A-Za-z0-9_.~+%]{2,254}")
-_HOST_PORT = re.compile(r"^[A-Za-z0-9](?:[-A-Za-z0-9.]*[A-Za-z0-9])?:[0-9]{1,5}$")
+_HOST_PORT = re.compile(r"[A-Za-z0-9](?:[-A-Za-z0-9.]*[A-Za-z0-9])?:[0-9]{1,5}")
+# A Google service account: NAME@PROJECT.iam.gserviceaccount.com, or a Google-managed one such as the
+# default compute account NUMBER-compute@developer.gserviceaccount.com.
+_GSA = re.compile(r"[a-z0-9][-a-z0-9]{0,62}@[a-z0-9][-a-z0-9.:]{0,100}\.gserviceaccount\.com")
+_DNS_LABEL = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")  # RFC 1123: namespaces, service accounts
+_SERVICE_NAME = re.compile(r"[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?")  # RFC 1035: Service names (apps)
+BINDING_FIELDS = ("gsa", "namespace", "serviceAccount", "apps")
+# Replaced by MESHJOIN_IDENTITY_BINDINGS; a deployment still setting one is refused at start.
+RETIRED_SETTINGS = ("MESHJOIN_ALLOWED_NAMESPACES", "MESHJOIN_ALLOWED_SERVICE_ACCOUNTS",
+                    "MESHJOIN_DEFAULT_NAMESPACE", "MESHJOIN_DEFAULT_SERVICE_ACCOUNT")
+
+
+@dataclass(frozen=True)
+class IdentityBinding:
+    """The operator's grant: a VM running as Google service account `gsa` may be the Kubernetes
+    identity `namespace/service_account`, with the `app` label of one of `apps` (and so become an
+    endpoint of the Services selecting those apps)."""
+
+    gsa: str
+    namespace: str
+    service_account: str
+    apps: tuple[str, ...]
+
+    @property
+    def subject(self) -> str:
+        return f"{self.namespace}/{self.service_account}"
+
+
+def parse_identity_bindings(raw: str) -> tuple[IdentityBinding, ...]:
+    """MESHJOIN_IDENTITY_BINDINGS: a JSON list of {"gsa", "namespace", "serviceAccount", "apps"}."""
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"not JSON ({exc})") from None
+    if not isinstance(data, list):
+        raise ValueError('want a JSON list of {"gsa", "namespace", "serviceAccount", "apps"} objects')
+    bindings: list[IdentityBinding] = []
+    for index, item in enumerate(data):
+        where = f"binding #{index + 1}"
+        if not isinstance(item, dict) or set(item) != set(BINDING_FIELDS):
+            raise ValueError(f"{where} must be an object with exactly the keys {', '.join(BINDING_FIELDS)}")
+        gsa, namespace, ksa, apps = (item[k] for k in BINDING_FIELDS)
+        for what, value, pattern in (("gsa", gsa, _GSA), ("namespace", namespace, _DNS_LABEL),
+                                     ("serviceAccount", ksa, _DNS_LABEL)):
+            if not isinstance(value, str) or not pattern.fullmatch(value):
+                raise ValueError(f"{where}: {what} {str(value)[:80]!r} is not a valid "
+                                 f"{'service account email' if what == 'gsa' else 'Kubernetes name'}")
+        if protected_namespace(namespace):
+            raise ValueError(f"{where}: namespace {namespace!r} belongs to the platform (istio-*, kube-*, gke-*, "
+                             "gmp-*, cert-manager); no VM may join there")
+        if not isinstance(apps, list) or not apps or \
+                not all(isinstance(a, str) and _SERVICE_NAME.fullmatch(a) for a in apps) or len(set(apps)) != len(apps):
+            raise ValueError(f"{where}: apps must be a non-empty list of distinct Service names (RFC 1035)")
+        binding = IdentityBinding(gsa, namespace, ksa, tuple(apps))
+        if any((b.gsa, b.subject) == (gsa, binding.subject) for b in bindings):
+            raise ValueError(f"{where}: {gsa} -> {binding.subject} is bound twice")
+        bindings.append(binding)
+    return tuple(bindings)
 
 
 def parse_duration(value: str) -> timedelta:
-    match = _DURATION.match(value.strip())
+    match = _DURATION.fullmatch(value.strip())
     if not value.strip() or not match:
         raise ValueError(f"not a duration like 24h, 90m or 1h30m: {value!r}")
     days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
     return timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
-
-
-def _csv(value: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
 @dataclass(frozen=True)
@@ -49,10 +112,7 @@ class Settings:
     ca_root_secret: str = "istio-root-cert"
     ca_cache: timedelta = timedelta(seconds=60)
     trust_domain: str = "cluster.local"
-    allowed_namespaces: tuple[str, ...] = ("default",)
-    allowed_service_accounts: tuple[str, ...] = ("*/*",)  # fnmatch patterns on "namespace/name"
-    default_namespace: str = "default"
-    default_service_account: str = "default"
+    identity_bindings: tuple[IdentityBinding, ...] = ()  # default-deny: no binding, no join
     cert_ttl: timedelta = timedelta(hours=24)
     renew_fraction: float = 0.5
     renew_jitter_fraction: float = 0.1
@@ -89,6 +149,9 @@ class Settings:
     def cluster_location(self) -> str:
         return self.cluster.split("/")[3]
 
+    def bindings_for(self, gsa: str) -> tuple[IdentityBinding, ...]:
+        return tuple(b for b in self.identity_bindings if b.gsa == gsa)
+
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> "Settings":
         """Build and validate from `MESHJOIN_*` variables; `SettingsError` names the bad one."""
@@ -114,7 +177,7 @@ class Settings:
 
         text("MESHJOIN_PROJECT", "project", required=True)
         text("MESHJOIN_CLUSTER", "cluster", required=True)
-        if not _CLUSTER.match(values["cluster"]):
+        if not _CLUSTER.fullmatch(values["cluster"]):
             raise SettingsError(
                 f"MESHJOIN_CLUSTER={values['cluster']!r} is invalid: want projects/P/locations/L/clusters/C")
         for name, attr in [
@@ -126,8 +189,6 @@ class Settings:
             ("MESHJOIN_CA_CHAIN_SECRET", "ca_chain_secret"),
             ("MESHJOIN_CA_ROOT_SECRET", "ca_root_secret"),
             ("MESHJOIN_TRUST_DOMAIN", "trust_domain"),
-            ("MESHJOIN_DEFAULT_NAMESPACE", "default_namespace"),
-            ("MESHJOIN_DEFAULT_SERVICE_ACCOUNT", "default_service_account"),
             ("MESHJOIN_ISTIOD_ADDRESS", "istiod_address"),
             ("MESHJOIN_ISTIOD_IP", "istiod_ip"),
             ("MESHJOIN_MESH_ID", "mesh_id"),
@@ -143,8 +204,12 @@ class Settings:
         convert("MESHJOIN_ISTIOD_IP", "istiod_ip", _ip_address)
         convert("MESHJOIN_ISTIOD_ADDRESS", "istiod_address", _host_port)
         convert("MESHJOIN_API_TIMEOUT", "api_timeout", parse_duration)
-        convert("MESHJOIN_ALLOWED_NAMESPACES", "allowed_namespaces", _csv)
-        convert("MESHJOIN_ALLOWED_SERVICE_ACCOUNTS", "allowed_service_accounts", _csv)
+        for retired in RETIRED_SETTINGS:
+            if env.get(retired, "").strip():
+                # Silently ignoring an old allowlist would make an upgrade deny every VM without a word.
+                raise SettingsError(f"{retired} is no longer read: identities come from MESHJOIN_IDENTITY_BINDINGS "
+                                    "(README, \"Who may join: identity bindings\")")
+        convert("MESHJOIN_IDENTITY_BINDINGS", "identity_bindings", parse_identity_bindings)
         convert("MESHJOIN_CERT_TTL", "cert_ttl", parse_duration)
         convert("MESHJOIN_CA_CACHE", "ca_cache", parse_duration)
         convert("MESHJOIN_MAX_EVENT_AGE", "max_event_age", parse_duration)
@@ -206,7 +271,7 @@ def _ip_address(raw: str) -> str:
 
 
 def _host_port(raw: str) -> str:
-    if not _HOST_PORT.match(raw):
+    if not _HOST_PORT.fullmatch(raw):
         raise ValueError("want HOST:PORT, e.g. istiod.istio-system.svc:15012")
     return raw
 

@@ -18,11 +18,12 @@ from typing import Callable
 
 from . import bootstrap, names, pki
 from .adapters.ratelimit import sweep_renewal_budget
-from .errors import MeshjoinError
+from .errors import BadMessage, MeshjoinError, TransientError
+from .events import validated_key
 from .logs import log
 from .model import JOIN_LABEL, JOIN_VALUE, Denial, Vm, VmKey
 from .policy import decide_identity
-from .reconcile import Delivered, Reconciler, needs_new_cert
+from .reconcile import STOPPED_STATES, Delivered, Reconciler, needs_new_cert
 from .settings import Settings
 
 LABEL_FILTER = f"labels.{JOIN_LABEL}={JOIN_VALUE}"
@@ -84,10 +85,23 @@ class SweepSummary:
                 "actions_planned": len(self.plan.actions)}
 
 
-def entry_key(entry: dict) -> VmKey | None:
-    annotations = entry.get("metadata", {}).get("annotations") or {}
+def entry_key(entry: dict, project: str) -> VmKey | None:
+    """The VM a listed WorkloadEntry names, or None. Anyone who may create WorkloadEntries can label
+    one as meshjoin's and annotate any VM: a key naming another project than the one meshjoin manages,
+    or no valid GCE name, is dropped, never acted on."""
+    annotations = (entry.get("metadata") or {}).get("annotations") or {}
     parts = [annotations.get(names.ANNOTATION_PREFIX + k) for k in ("project", "zone", "instance")]
-    return VmKey(*parts) if all(parts) else None
+    if not all(isinstance(p, str) for p in parts) or parts[0] != project:
+        return None
+    try:
+        return validated_key(*parts)
+    except BadMessage:
+        return None
+
+
+def _entry_ref(entry: dict) -> str:
+    meta = entry.get("metadata") or {}
+    return f"{meta.get('namespace')}/{meta.get('name')}"
 
 
 def plan_sweep(inventory: Inventory, settings: Settings, ca_fingerprint: str, now: datetime) -> SweepPlan:
@@ -95,39 +109,23 @@ def plan_sweep(inventory: Inventory, settings: Settings, ca_fingerprint: str, no
     actions: list[Action] = []
     notes: list[str] = []
     denied = healthy = 0
-    entry_refs = {f"{e['metadata']['namespace']}/{e['metadata']['name']}" for e in inventory.entries}
+    entries_by_ref = {_entry_ref(e): e for e in inventory.entries}
+    entry_keys = {entry_key(e, settings.project) for e in inventory.entries}
     for key in sorted(inventory.vms):
-        vm = inventory.vms[key]
-        status = bootstrap.parse_status(vm.metadata.get(names.STATUS_KEY))
-        decision = decide_identity(vm, settings)
-        if isinstance(decision, Denial):
-            if status.get("state") != "denied" or status.get("reason") != decision.reason:
-                actions.append(Action(JOIN, key, f"to be denied: {decision.reason}"))
+        # One VM's data (labels, metadata, a forged status) can only ever affect that VM's plan.
+        try:
+            action = _plan_vm(key, inventory.vms[key], settings, ca_fingerprint, now, entries_by_ref,
+                              key in entry_keys, inventory.complete, notes)
+        except Exception as exc:  # noqa: BLE001 - a bug triggered by one VM's input must not stop the sweep
+            notes.append(f"{key}: not planned ({type(exc).__name__}: {str(exc)[:200]})")
+            continue
+        if action == "denied":
             denied += 1
-            continue
-        delivered = Delivered.from_status(status)
-        if status.get("state") == "waiting" and delivered is not None:
-            # meshjoin did its part; re-check whether the VM's agent has confirmed since.
-            actions.append(Action(JOIN, key, "waiting for the VM to confirm"))
-            since = _time_or_none(status.get("waitingSince"))
-            if since is not None and now - since > settings.confirm_timeout:
-                notes.append(f"{key} has waited {str(now - since).split('.')[0]} for its agent to confirm "
-                             "(MESHJOIN_CONFIRM_TIMEOUT): reboot it, or run "
-                             "`sudo google_metadata_script_runner startup` on it; `meshjoin explain` says more")
-            continue
-        if status.get("state") != "joined" or delivered is None:
-            actions.append(Action(JOIN, key, f"labelled but {status.get('state') or 'never handled'}"))
-            continue
-        if status.get("workloadEntry") not in entry_refs and inventory.complete:
-            actions.append(Action(JOIN, key, f"its WorkloadEntry {status.get('workloadEntry')} is missing"))
-            continue
-        why = needs_new_cert(delivered, vm=vm, spiffe=decision.spiffe(settings.trust_domain),
-                             ca_fingerprint=ca_fingerprint, now=now, settings=settings)
-        if why is None:
+        elif action is None:
             healthy += 1
         else:
-            kind = REISSUE if delivered.ca_fingerprint != ca_fingerprint else RENEW if "renewal" in why else JOIN
-            actions.append(Action(kind, key, why))
+            denied += action.reason.startswith("to be denied")
+            actions.append(action)
     # Renewals due first are renewed first when the budget runs short.
     actions.sort(key=lambda a: ([JOIN, REISSUE, RENEW].index(a.kind), _renewal_order(inventory, a, settings)))
 
@@ -136,11 +134,11 @@ def plan_sweep(inventory: Inventory, settings: Settings, ca_fingerprint: str, no
         notes.append("zones unreachable, their VMs neither pruned nor re-joined this sweep: "
                      + ", ".join(sorted(inventory.unreachable_zones)))
     if inventory.complete:
-        orphans = {entry_key(e) for e in inventory.entries} | set(inventory.secrets)
+        orphans = entry_keys | {k for k in inventory.secrets if k.project == settings.project}
         for key in sorted(k for k in orphans if k is not None and k not in inventory.vms
                           and k.zone not in inventory.unreachable_zones):
             prunes.append(Action(PRUNE, key, "no labelled VM by that name (404 or label removed)"))
-        selected = {(e["metadata"]["namespace"], (e["metadata"].get("labels") or {}).get("app"))
+        selected = {((e.get("metadata") or {}).get("namespace"), ((e.get("metadata") or {}).get("labels") or {}).get("app"))
                     for e in inventory.entries}
         for svc in inventory.services:
             meta = svc["metadata"]
@@ -161,6 +159,8 @@ def _time_or_none(value: str | None) -> datetime | None:
     except ValueError:
         return None
     return parsed if parsed is not None and parsed.tzinfo is not None else None
+
+
 def soonest_cert_expiry(inventory: Inventory, now: datetime) -> int | None:
     """Seconds left on the delivered certificate closest to expiry among joined VMs, as listed at the
     start of the sweep (negative if expired; None without any). An alert watches it (deploy/terraform/
@@ -173,6 +173,47 @@ def soonest_cert_expiry(inventory: Inventory, now: datetime) -> int | None:
         if delivered is not None:
             left.append(int((delivered.not_after - now).total_seconds()))
     return min(left) if left else None
+
+
+def _plan_vm(key: VmKey, vm: Vm, settings: Settings, ca_fingerprint: str, now: datetime,
+             entries_by_ref: dict[str, dict], has_entry: bool, complete: bool) -> Action | str | None:
+    """One VM's action; "denied" (already recorded) or None (healthy) when there is nothing to do."""
+    status = bootstrap.parse_status(vm.metadata.get(names.STATUS_KEY))
+    decision = decide_identity(vm, settings)
+    if isinstance(decision, Denial):
+        # An unbound account's VM gets no status (meshjoin may not write it): act only to remove traces.
+        recorded = status.get("state") == "denied" and status.get("reason") == decision.reason
+        if recorded or (not decision.account_bound and not has_entry):
+            return "denied"
+        return Action(JOIN, key, f"to be denied: {decision.reason}")
+    if vm.status in STOPPED_STATES:
+        if status.get("state") == "stopped" and not has_entry:
+            return None
+        return Action(JOIN, key, f"the VM is {vm.status}: to be taken out of routing")
+    delivered = Delivered.from_status(status)
+    if status.get("state") == "waiting" and delivered is not None:
+        # meshjoin did its part; re-check whether the VM's agent has confirmed since.
+        since = _time_or_none(status.get("waitingSince"))
+        if since is not None and now - since > settings.confirm_timeout:
+            notes.append(f"{key} has waited {str(now - since).split('.')[0]} for its agent to confirm "
+                         "(MESHJOIN_CONFIRM_TIMEOUT): reboot it, or run "
+                         "`sudo google_metadata_script_runner startup` on it; `meshjoin explain` says more")
+        return Action(JOIN, key, "waiting for the VM to confirm")
+    if status.get("state") != "joined" or delivered is None:
+        return Action(JOIN, key, f"labelled but {str(status.get('state') or 'never handled')[:40]}")
+    entry = entries_by_ref.get(status.get("workloadEntry")) if isinstance(status.get("workloadEntry"), str) else None
+    if entry is None and complete:
+        return Action(JOIN, key, f"its WorkloadEntry {str(status.get('workloadEntry'))[:120]} is missing")
+    if entry is not None:
+        spec = entry.get("spec") or {}
+        if spec.get("address") != vm.network_ip or (spec.get("ports") or {}) != dict(decision.ports):
+            return Action(JOIN, key, "its address or ports changed")
+    why = needs_new_cert(delivered, vm=vm, spiffe=decision.spiffe(settings.trust_domain),
+                         ca_fingerprint=ca_fingerprint, now=now, settings=settings)
+    if why is None:
+        return None
+    kind = REISSUE if delivered.ca_fingerprint != ca_fingerprint else RENEW if "renewal" in why else JOIN
+    return Action(kind, key, why)
 
 
 def _renewal_order(inventory: Inventory, action: Action, settings: Settings) -> float:
@@ -273,8 +314,10 @@ class Sweeper:
                 # One VM's failure, transient, permanent or a missing permission, is that VM's: logged for
                 # it and counted; the sweep goes on with the others. Only a failed inventory stops a sweep.
                 return action, f"error: {type(exc).__name__}: {exc}"
-            except Exception as exc:  # a bug on one VM's data must not abort every sweep either
-                return action, f"error: unexpected {type(exc).__name__}: {str(exc)[:300]}"
+            except Exception as exc:  # noqa: BLE001 - one VM's failure (a bug its data triggers) is that VM's only
+                log("ERROR", f"sweep action {action.describe()[:200]} failed: {type(exc).__name__}: {str(exc)[:300]}",
+                    key=action.key, outcome="failed", error_kind=type(exc).__name__)
+                return action, f"error: unexpected {type(exc).__name__}: {str(exc)[:200]}"
 
         with ThreadPoolExecutor(max_workers=self.settings.sweep_workers) as pool:
             for action, verb in pool.map(run, runnable):

@@ -19,7 +19,7 @@ import pytest
 from meshjoin import events, names
 from meshjoin.adapters import kube
 from meshjoin.model import VmKey
-from meshjoin.settings import Settings
+from meshjoin.settings import RETIRED_SETTINGS, Settings
 
 from .conftest import REPO, TF_DIR, load_deploy_script
 
@@ -51,9 +51,9 @@ GRANTS = {
     ("google_service_account_iam_member", "roles/iam.serviceAccountTokenCreator", PUBSUB_AGENT):
         "Pub/Sub signs push OIDC tokens as the push identity (projects before 2021-04)",
     ("google_service_account_iam_member", "roles/iam.serviceAccountUser", FUNCTIONS_SA):
-        "act as the listed VM identities only (var.vm_service_accounts): Compute Engine requires it to set their metadata",
+        "act as the bound VM identities only (var.identity_bindings): Compute Engine requires it to set their metadata",
     ("google_pubsub_topic_iam_member", "roles/pubsub.publisher", "serviceAccount:${each.value}"):
-        "each listed VM identity nudges meshjoin on the events topic after its agent confirmed",
+        "each bound VM identity nudges meshjoin on the events topic after its agent confirmed",
     ("google_cloud_run_v2_service_iam_member", "roles/run.invoker", "serviceAccount:${google_service_account.push.email}"):
         "only the push identity may invoke the functions",
 }
@@ -127,8 +127,7 @@ def test_product_defaults_that_terraform_repeats_agree(terraform):
     assert defaults["ca_chain_secret"] == fields["ca_chain_secret"].default
     assert defaults["ca_root_secret"] == fields["ca_root_secret"].default
     assert defaults["secret_prefix"] == fields["secret_prefix"].default
-    assert tuple(defaults["allowed_namespaces"]) == fields["allowed_namespaces"].default
-    assert tuple(defaults["allowed_service_accounts"]) == fields["allowed_service_accounts"].default
+    assert tuple(defaults["identity_bindings"]) == fields["identity_bindings"].default == ()  # default-deny
 
 
 # --- the event route -------------------------------------------------------------------------
@@ -205,7 +204,7 @@ def test_functions_are_the_packaged_entry_points(terraform):
 def test_function_settings_are_exactly_the_products(terraform):
     """Every MESHJOIN_ name settings.py reads can be deployed, and Terraform sets no name it ignores."""
     settings_py = (REPO / "shared" / "meshjoin" / "settings.py").read_text()
-    product = set(re.findall(r'"(MESHJOIN_[A-Z0-9_]+)"', settings_py))
+    product = set(re.findall(r'"(MESHJOIN_[A-Z0-9_]+)"', settings_py)) - set(RETIRED_SETTINGS)
     deployed = set(terraform.locals["function_settings"])
     assert deployed - product == set(), "Terraform sets variables the functions never read"
     assert product - SANDBOX_ONLY_SETTINGS - deployed == set(), "settings a deployment cannot set"
@@ -420,16 +419,17 @@ def test_per_vm_secret_grant_is_conditioned_on_the_prefix(terraform):
     assert "||" in expression and "&&" not in expression
     # The prefix the condition names is the one the product builds secret ids with.
     prefix = Settings.__dataclass_fields__["secret_prefix"].default
-    assert names.secret_id(VmKey("p", "us-central1-a", "vm-1"), prefix).startswith(prefix + "-")
+    assert names.secret_id(VmKey("p-roject", "us-central1-a", "vm-1"), prefix).startswith(prefix + "-")
     precondition = binding["lifecycle"][0]["precondition"][0]["condition"]
     assert "local.ca_secrets" in precondition, "the CA secrets must stay outside the per-VM prefix"
 
 
-def test_acting_as_vm_identities_is_per_listed_account(terraform):
+def test_acting_as_vm_identities_is_per_bound_account(terraform):
     grant = terraform.resource("google_service_account_iam_member", "act_as_vm")
-    assert unref(grant["for_each"]) == "toset(var.vm_service_accounts)"
-    assert "${each.value}" in grant["service_account_id"]
-    assert terraform.variables["vm_service_accounts"]["default"] == []
+    assert unref(grant["for_each"]) == "local.act_as_accounts"
+    assert unref(grant["service_account_id"]) == "each.value"
+    assert "var.identity_bindings" in terraform.locals["bound_service_accounts"]
+    assert terraform.variables["identity_bindings"]["default"] == []
 
 
 def test_ca_secrets_are_read_on_the_secrets_themselves(terraform):
@@ -494,8 +494,8 @@ def test_rbac_covers_exactly_what_the_kube_adapter_touches(terraform):
     assert methods and {kube.RBAC_VERBS[m] for m in methods} <= {v for rule in writer for v in rule["verbs"]}
     # Cluster-wide access is read-only.
     assert {verb for rule in reader for verb in rule["verbs"]} <= {"get", "list"}
-    # Per-namespace bindings follow the allowed namespaces.
-    assert "var.allowed_namespaces" in local["rbac_namespaces"]
+    # Per-namespace bindings follow the identity bindings' namespaces.
+    assert "var.identity_bindings" in local["rbac_namespaces"]
     binding = terraform.resource("kubernetes_role_binding_v1", "writer")
     subject = binding["subject"][0]
     assert subject["kind"] == "User" and unref(subject["name"]) == "local.kube_user"
@@ -503,6 +503,12 @@ def test_rbac_covers_exactly_what_the_kube_adapter_touches(terraform):
 
 
 # --- evaluated by terraform console ----------------------------------------------------------
+
+BINDINGS = ('[{gsa="orders-vm@my-proj.iam.gserviceaccount.com",namespace="apps",serviceAccount="orders",apps=["orders"]},'
+            '{gsa="checkout@shared-proj.iam.gserviceaccount.com",namespace="payments",serviceAccount="checkout",'
+            'apps=["checkout","cart"]},'
+            '{gsa="checkout@shared-proj.iam.gserviceaccount.com",namespace="apps",serviceAccount="checkout",'
+            'apps=["checkout"]}]')
 
 # Resource and data references are replaced by a stand-in string so that `terraform console` can
 # evaluate the locals and variable validations without providers or state.
@@ -542,7 +548,7 @@ def evaluate(module: Path, expression: str, **variables):
 @needs_terraform
 def test_rendered_settings_are_accepted_by_the_product(console_module):
     variables = {
-        "allowed_namespaces": '["apps","payments"]', "allowed_service_accounts": '["apps/*","payments/checkout"]',
+        "identity_bindings": BINDINGS,
         "cert_ttl": "12h", "renew_fraction": "0.6", "renew_jitter": "0.2", "key_algorithm": "rsa-2048",
         "istiod_ip": "10.128.15.250", "network": "vm-net", "api_attempts": "3", "prune_cap": "20",
         "sweep_time_budget": "5m", "sweep_workers": "4", "sweep_renewals": "100", "max_event_age": "30m",
@@ -552,8 +558,10 @@ def test_rendered_settings_are_accepted_by_the_product(console_module):
     assert all(isinstance(v, str) and v for v in env.values()), "no empty or non-string values"
     settings = Settings.from_env(env)
     assert settings.project == "my-proj"
-    assert settings.allowed_namespaces == ("apps", "payments")
-    assert settings.allowed_service_accounts == ("apps/*", "payments/checkout")
+    assert [(b.gsa, b.subject, b.apps) for b in settings.identity_bindings] == [
+        ("orders-vm@my-proj.iam.gserviceaccount.com", "apps/orders", ("orders",)),
+        ("checkout@shared-proj.iam.gserviceaccount.com", "payments/checkout", ("checkout", "cart")),
+        ("checkout@shared-proj.iam.gserviceaccount.com", "apps/checkout", ("checkout",))]
     assert settings.renew_fraction == 0.6 and settings.renew_jitter_fraction == 0.2
     assert settings.key_algorithm == "rsa-2048" and settings.api_attempts == 3 and settings.prune_cap == 20
     assert settings.sweep_seconds.total_seconds() == 300 and settings.sweep_workers == 4
@@ -568,14 +576,32 @@ def test_rendered_settings_are_accepted_by_the_product(console_module):
 @needs_terraform
 def test_rendered_rbac_manifest_and_sink_filter(console_module):
     rendered = evaluate(console_module, "{ rbac = local.rbac_objects, cluster = local.cluster_project }",
-                        allowed_namespaces='["apps","payments"]')
+                        identity_bindings=BINDINGS)
     assert rendered["cluster"] == "other-proj"
     kinds = sorted((o["kind"], o["metadata"].get("namespace", "")) for o in rendered["rbac"])
+    # Writes in exactly the bound namespaces; cluster-wide only the reader.
     assert kinds == [("ClusterRole", ""), ("ClusterRole", ""), ("ClusterRoleBinding", ""),
                      ("RoleBinding", "apps"), ("RoleBinding", "payments")]
-    wide = evaluate(console_module, "local.rbac_objects", allowed_namespaces='["*"]')
-    assert sorted(o["metadata"]["name"] for o in wide if o["kind"] == "ClusterRoleBinding") == \
-        ["meshjoin-reader", "meshjoin-writer"]
+    assert [o["metadata"]["name"] for o in rendered["rbac"] if o["kind"] == "ClusterRoleBinding"] == ["meshjoin-reader"]
+    nobody = evaluate(console_module, "local.rbac_objects")
+    assert not [o for o in nobody if o["kind"] == "RoleBinding"]
+
+
+@needs_terraform
+def test_act_as_is_granted_per_bound_account_in_its_own_project(console_module):
+    """actAs on each bound account, once, on the account's own resource (its project may differ)."""
+    grants = evaluate(console_module, "local.act_as_accounts", identity_bindings=BINDINGS)
+    assert grants == {
+        "orders-vm@my-proj.iam.gserviceaccount.com":
+            "projects/my-proj/serviceAccounts/orders-vm@my-proj.iam.gserviceaccount.com",
+        "checkout@shared-proj.iam.gserviceaccount.com":
+            "projects/shared-proj/serviceAccounts/checkout@shared-proj.iam.gserviceaccount.com",
+    }
+    assert evaluate(console_module, "local.act_as_accounts") == {}  # nobody bound, nobody acted as
+    default = evaluate(console_module, "local.act_as_accounts", identity_bindings=(
+        '[{gsa="123-compute@developer.gserviceaccount.com",namespace="apps",serviceAccount="x",apps=["x"]}]'))
+    assert default == {"123-compute@developer.gserviceaccount.com":
+                       "projects/my-proj/serviceAccounts/123-compute@developer.gserviceaccount.com"}
 
 
 @needs_terraform
@@ -590,7 +616,11 @@ def test_rendered_rbac_manifest_and_sink_filter(console_module):
     ("secret_prefix", "bad/prefix"),
     ("extra_settings", '{"OTHER"="x"}'),
     ("name", "Mesh_Join"),
-    ("vm_service_accounts", '["not-an-email"]'),
+    ("identity_bindings", '[{gsa="not-an-email",namespace="apps",serviceAccount="a",apps=["a"]}]'),
+    ("identity_bindings", '[{gsa="a@p-roject.iam.gserviceaccount.com",namespace="kube-system",serviceAccount="a",apps=["a"]}]'),
+    ("identity_bindings", '[{gsa="a@p-roject.iam.gserviceaccount.com",namespace="gke-managed-x",serviceAccount="a",apps=["a"]}]'),
+    ("identity_bindings", '[{gsa="a@p-roject.iam.gserviceaccount.com",namespace="apps",serviceAccount="a",apps=[]}]'),
+    ("identity_bindings", '[{gsa="a@p-roject.iam.gserviceaccount.com",namespace="Apps",serviceAccount="a",apps=["a"]}]'),
 ])
 def test_variable_validation_refuses(console_module, variable, value):
     result = console(console_module, "1", **{variable: value})
@@ -601,7 +631,6 @@ def test_variable_validation_refuses(console_module, variable, value):
 def test_variable_validation_accepts_good_values(console_module):
     good = {"cert_ttl": "1h30m", "sweep_time_budget": "7m59s", "sweep_interval_minutes": "15",
             "key_algorithm": "ecdsa-p256", "renew_fraction": "0", "api_attempts": "2", "name": "mesh-join",
-            "extra_settings": '{MESHJOIN_FUTURE_SETTING="x"}', "allowed_namespaces": '["*"]',
-            "vm_service_accounts": '["orders-vm@my-proj.iam.gserviceaccount.com"]'}
+            "extra_settings": '{MESHJOIN_FUTURE_SETTING="x"}', "identity_bindings": BINDINGS}
     result = console(console_module, "1", **good)
     assert "Error" not in result.stderr, result.stderr

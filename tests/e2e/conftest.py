@@ -143,9 +143,40 @@ class Sandbox:
                         what=f"{name} joined")
 
 
-def running_sandbox(state_dir: Path, function_env: dict[str, str] | None = None):
+SANDBOX_PROJECT = "meshjoin-sandbox"
+
+
+def account(name: str) -> str:
+    """The service account a test VM runs as: its own (one per VM, as the README recommends)."""
+    return f"{name}@{SANDBOX_PROJECT}.iam.gserviceaccount.com"
+
+
+def bound(name: str, namespace: str = "default", ksa: str = "default", apps: list[str] | None = None) -> dict:
+    """An identity binding for the test VM `name`'s own account (its app defaults to its name)."""
+    return {"gsa": account(name), "namespace": namespace, "serviceAccount": ksa, "apps": apps or [name]}
+
+
+# Who may join in the end-to-end sandboxes: the sandbox's default (orders) plus each test VM's own account,
+# bound as that test needs. A VM whose account is missing here is denied with nothing written.
+E2E_BINDINGS = [
+    {"gsa": account("orders"), "namespace": "apps", "serviceAccount": "orders", "apps": ["orders"]},
+    *(bound(name) for name in ("plain-1", "flip-1", "gone-1", "lost-1", "dup-live", "dup-dead", "evil-1", "evil-2",
+                               "cli-denied", "cli-missed", "m-lost", "m-gone", "m-renew", "m-rot", "m-fail",
+                               "m-cap-1", "m-cap-2", "m-cap-3", "bad-ports", "lost-2", "inject-nl", "inject-q",
+                               "inject-dq")),
+    bound("web-1", "apps", "web"), bound("cli-ok", "apps", "api"),
+    *(bound(name, "apps", "default") for name in ("inject-ok", "agent-md", "agent-off", "agent-sum", "agent-leave",
+                                                 "agent-symlink")),
+    bound("agent-boot", "apps", "boot"), bound("agent-watch", "apps", "watch"), bound("agent-watch", "apps", "watch-b"),
+]
+
+
+def running_sandbox(state_dir: Path, function_env: dict[str, str] | None = None, bindings: list[dict] | None = None):
     """Context: `meshjoin sandbox up` with extra function settings, always `down` afterwards."""
     import contextlib
+
+    function_env = {"MESHJOIN_IDENTITY_BINDINGS": json.dumps([*E2E_BINDINGS, *(bindings or [])]),
+                    **(function_env or {})}
 
     @contextlib.contextmanager
     def manage():

@@ -37,17 +37,19 @@ def test_status_json_and_table(fleet):
     assert ok["state"] == "joined" and ok["namespace"] == "apps" and ok["service_account"] == "api"
     assert ok["address"] == fleet.vm("cli-ok")["networkInterfaces"][0]["networkIP"]
     assert 0 < ok["cert_seconds_left"] <= 24 * 3600
-    assert denied["state"] == "denied" and "kube-system" in denied["reason"]
+    assert denied["state"] == "denied" and "not bound to kube-system/*" in denied["reason"]
     table = meshjoin(fleet, "status").stdout
     line = next(l for l in table.splitlines() if "cli-ok" in l)
     assert "joined" in line and "apps/api" in line
-    assert "cli-denied: namespace 'kube-system' is reserved" in table
+    assert "cli-denied: service account cli-denied@meshjoin-sandbox.iam.gserviceaccount.com is not bound to " \
+        "kube-system/*" in table
 
 
 def test_explain_a_denied_vm(fleet):
     out = meshjoin(fleet, "explain", "cli-denied").stdout
-    assert "decision: denied: namespace 'kube-system' is reserved" in out
-    assert "MESHJOIN_ALLOWED_NAMESPACES" in out
+    assert "decision: denied: service account cli-denied@meshjoin-sandbox.iam.gserviceaccount.com is not bound " \
+        "to kube-system/*" in out
+    assert "MESHJOIN_IDENTITY_BINDINGS" in out
     data = json.loads(meshjoin(fleet, "explain", "cli-denied", "--json").stdout)
     assert data["decision"].startswith("denied") and data["status"]["state"] == "denied"
 

@@ -24,7 +24,7 @@ import requests
 
 from meshjoin_sandbox import launcher
 
-from .conftest import running_sandbox, wait_for
+from .conftest import bound, running_sandbox, wait_for
 
 FULL = os.environ.get("MESHJOIN_FAULTS") == "full"
 SIZE = {  # bounded (make test) vs full (make faults)
@@ -51,6 +51,18 @@ FUNCTION_ENV = {
     "MESHJOIN_PRUNE_CAP": "100",
 }
 ACCESSOR = "roles/secretmanager.secretAccessor"
+# Each test VM runs as its own account, bound to the identity its test asks for (default/default otherwise).
+_APPS_KSA = {**{f"burst-{i}": f"svc-{i % 3}" for i in range(1, 40, 2)},
+             **{f"kill-{kind}-{i}": f"kill-{kind}-{i}-sa" for kind in ("ev", "sw") for i in range(6)},
+             "kill-ev-orphan": "kill-ev-orphan-sa", "squat-1": "squatter", "victim-1": "victim"}
+FAULT_BINDINGS = [
+    *(bound(name, "apps", ksa) for name, ksa in _APPS_KSA.items()),
+    bound("squat-2", "apps", "default", ["squat-app"]),  # someone else's Service, named on purpose
+    *(bound(name) for name in (
+        *(f"dup-{kind}-{i}" for kind in ("new", "flip", "gone", "off") for i in range(12)),
+        *(f"burst-{i}" for i in range(0, 40, 2)), "corpus-target", "corpus-plain", "list-a-0", "list-a-1",
+        "list-b-0", "list-b-1", "deny-istio", "deny-kube", "deny-public", "deny-sa", "deny-ns", "attacker-1")),
+]
 pytestmark = [pytest.mark.faults, pytest.mark.sandbox]
 FIGURES: dict[str, dict] = {}
 
@@ -201,7 +213,7 @@ class World:
     # -- Secret Manager
 
     def secret_id(self, name: str, zone: str | None = None) -> str:
-        return f"meshjoin-vm-{zone or self.zone}-{name}"
+        return f"meshjoin-vm-{self.project}-{zone or self.zone}-{name}"
 
     def enabled_versions(self, name: str, zone: str | None = None) -> list[str] | None:
         """Version numbers of the VM's secret that are ENABLED (None: no secret)."""
@@ -364,7 +376,7 @@ def invariant_violations(world: World, live: list[str], gone: list[str],
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, request):
-    with running_sandbox(tmp_path_factory.mktemp("faults"), FUNCTION_ENV) as sandbox:
+    with running_sandbox(tmp_path_factory.mktemp("faults"), FUNCTION_ENV, FAULT_BINDINGS) as sandbox:
         yield World(sandbox)
     report(request)
 
@@ -574,7 +586,7 @@ def test_event_function_killed_between_writes_is_completed_by_redelivery(world):
         status = world.status(name)
         assert world.kube_get(f"/api/v1/namespaces/apps/serviceaccounts/{name}-sa") is not None
         assert world.kube_get(f"/api/v1/namespaces/apps/services/{name}") is not None
-        assert status["workloadEntry"] == f"apps/{name}-{world.zone}"
+        assert status["workloadEntry"] == f"apps/{name}-{world.zone}-{world.project}"
     final = world.tick()
     violations = invariant_violations(world, names, [orphan])
     assert violations == {"lost": 0, "duplicate_entries": 0, "extra_versions": 0, "bad_iam": 0, "leftovers": 0}
@@ -800,20 +812,21 @@ def test_reserved_namespaces_and_foreign_service_accounts_are_denied(world):
 def test_an_object_meshjoin_does_not_own_is_never_modified_or_deleted(world):
     name = "squat-1"
     planted = {"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
-               "metadata": {"name": f"{name}-{world.zone}", "namespace": "apps", "labels": {"app": "theirs"}},
+               "metadata": {"name": f"{name}-{world.zone}-{world.project}", "namespace": "apps",
+                            "labels": {"app": "theirs"}},
                "spec": {"address": "10.9.9.9", "labels": {"app": "theirs"}}}
     service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "squat-app", "namespace": "apps"},
                "spec": {"selector": {"app": "someone-else"}, "ports": [{"name": "http", "port": 80}]}}
     for obj in (planted, service):
         result = world.sandbox.run("kubectl", "apply", "-f", "-", input=json.dumps(obj))
         assert "created" in result.stdout
-    path = f"/apis/networking.istio.io/v1/namespaces/apps/workloadentries/{name}-{world.zone}"
+    path = f"/apis/networking.istio.io/v1/namespaces/apps/workloadentries/{name}-{world.zone}-{world.project}"
     before = world.kube_get(path)
     service_before = world.kube_get("/api/v1/namespaces/apps/services/squat-app")
 
     world.create_vm(name, {"mesh": "join", "mesh-namespace": "apps", "mesh-service-account": "squatter"})
     status = wait_for(lambda: (s := world.status(name)).get("state") == "error" and s, what=f"{name} in error")
-    assert "not managed by meshjoin" in status["reason"] and f"{name}-{world.zone}" in status["reason"]
+    assert "not managed by meshjoin" in status["reason"] and f"{name}-{world.zone}-{world.project}" in status["reason"]
     assert world.kube_get(path) == before
     assert world.enabled_versions(name) in (None, [])  # no usable key left behind for a VM that did not join
 
@@ -841,7 +854,8 @@ def test_a_forged_status_cannot_remove_another_vms_entry(world):
               "previousSecret": victim["secret"]}
     world.set_metadata_item("attacker-1", "meshjoin-status", json.dumps(forged))
     world.set_labels("attacker-1", {"mesh-version": "v2"})  # an event: the attacker's VM is reconciled
-    wait_for(lambda: world.status("attacker-1").get("workloadEntry") == f"default/attacker-1-{world.zone}",
+    wait_for(lambda: world.status("attacker-1").get("workloadEntry") ==
+             f"default/attacker-1-{world.zone}-{world.project}",
              what="the attacker's status rewritten")
     world.tick()
     assert len(world.entries_for("victim-1")) == 1
@@ -861,8 +875,9 @@ def test_zz_no_private_key_in_any_log_or_metadata_and_only_the_vms_account_reads
     secrets = world.managed_secrets()
     checked = 0
     for secret_id in secrets:
-        zone = next(z for z in ("us-central1-a", "us-central1-b") if secret_id.startswith(f"meshjoin-vm-{z}-"))
-        name = secret_id.removeprefix(f"meshjoin-vm-{zone}-")
+        zone = next(z for z in ("us-central1-a", "us-central1-b")
+                    if secret_id.startswith(f"meshjoin-vm-{world.project}-{z}-"))
+        name = secret_id.removeprefix(f"meshjoin-vm-{world.project}-{zone}-")
         vm = world.vm(name, zone)
         if vm is None:
             continue

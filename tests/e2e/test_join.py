@@ -34,8 +34,8 @@ def test_labelled_vm_joins_with_a_verifiable_identity(sandbox, tmp_path):
     ip = vm["networkInterfaces"][0]["networkIP"]
 
     assert status["identity"] == "spiffe://cluster.local/ns/apps/sa/web"
-    assert status["workloadEntry"] == "apps/web-1-us-central1-a"
-    entry = sandbox.kubectl_json("get", "workloadentry", "-n", "apps", "web-1-us-central1-a")
+    assert status["workloadEntry"] == "apps/web-1-us-central1-a-meshjoin-sandbox"
+    entry = sandbox.kubectl_json("get", "workloadentry", "-n", "apps", "web-1-us-central1-a-meshjoin-sandbox")
     assert entry["spec"]["address"] == ip
     assert entry["spec"]["serviceAccount"] == "web"
     assert entry["spec"]["ports"] == {"http": 8080}
@@ -141,12 +141,12 @@ def test_istio_system_and_foreign_service_accounts_are_denied(sandbox):
            "--metadata", "mesh-ports=http:8080")
     create(sandbox, "evil-2", "--label", "mesh=join", "--label", "mesh-namespace=payments",
            "--label", "mesh-service-account=admin")
-    for name, words in (("evil-1", "reserved"), ("evil-2", "payments/admin")):
+    for name, words in (("evil-1", "not bound to istio-system/*"), ("evil-2", "not bound to payments/admin")):
         status = wait_for(lambda: (s := sandbox.status(name)).get("state") == "denied" and s,
                           what=f"{name} denied")
         assert words in status["reason"]
         assert sandbox.entries_for(name) == []
-        secret = f"meshjoin-vm-{sandbox.zone}-{name}"
+        secret = f"meshjoin-vm-{sandbox.project}-{sandbox.zone}-{name}"
         assert sandbox.meshjoin("sandbox", "access-secret", secret, check=False).returncode != 0
     assert sandbox.kubectl_json("get", "service", "-n", "istio-system", "evil-1") is None
     assert sandbox.kubectl_json("get", "service", "-n", "payments", "evil-2") is None

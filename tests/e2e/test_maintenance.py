@@ -49,7 +49,7 @@ def joined(world, name: str) -> dict:
 
 
 def secret_gone(world, name: str) -> bool:
-    result = world.meshjoin("sandbox", "access-secret", f"meshjoin-vm-{world.zone}-{name}", check=False)
+    result = world.meshjoin("sandbox", "access-secret", f"meshjoin-vm-{world.project}-{world.zone}-{name}", check=False)
     return result.returncode != 0
 
 

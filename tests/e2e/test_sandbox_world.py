@@ -67,10 +67,12 @@ def test_create_vm_publishes_audit_entries_like_a_log_router_sink(sandbox):
 
     from datetime import datetime, timedelta, timezone
 
-    def as_push(entry):
-        return {"message": {"data": base64.b64encode(json.dumps(entry).encode()).decode()}}
-
     now, age = datetime.now(timezone.utc), timedelta(hours=1)
+
+    def as_push(entry):  # Pub/Sub stamps every delivered message with publishTime
+        return {"message": {"data": base64.b64encode(json.dumps(entry).encode()).decode(),
+                            "publishTime": now.isoformat().replace("+00:00", "Z")}}
+
     assert decode_push(as_push(last), now=now, max_age=age) == VmKey(sandbox.project, sandbox.zone, "audit-vm")
     try:
         decode_push(as_push(first), now=now, max_age=age)

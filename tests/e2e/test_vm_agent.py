@@ -114,7 +114,7 @@ SHIMS = {
             'if [ "$1" = -i ]; then dpkg-deb -f "$2" Version > "$LOG/installed-version"; fi',
     "dpkg-query": '[ -f "$LOG/installed-version" ] || exit 1\nprintf "installed %s" "$(cat "$LOG/installed-version")"',
     "useradd": 'echo "$*" >> "$LOG/useradd"\ntouch "$LOG/user-exists"',
-    "id": f'if [ "$1" = -u ] && [ "$2" = istio-proxy ]; then\n'
+    "id": f'if {{ [ "$1" = -u ] || [ "$1" = -g ]; }} && [ "$2" = istio-proxy ]; then\n'
           f'  [ -f "$LOG/user-exists" ] && echo {PROXY_UID}; exit\nfi\nexec {{id}} "$@"',
     "chown": f'owner="$(echo "$1" | sed "s/istio-proxy/{PROXY_UID}/g")"\nshift\nexec {{chown}} "$owner" "$@"',
     "logger": 'echo "$*" >> "$LOG/journal"',
@@ -418,3 +418,70 @@ def test_defect3_the_agent_reports_the_delivered_certificate_and_the_vm_turns_jo
                       what="agent-confirm joined after its agent's report")
     assert joined["confirmedSerial"] == status["certSerial"]
     assert len(sandbox.entries_for("agent-confirm")) == 1
+
+
+def plant_symlinks(vm: FakeVm, victim_dir: Path, victim_file: Path) -> list[str]:
+    """What istio-proxy can do: in every directory it owns (write permission), swap each entry for a symlink
+    to a root-owned target (files -> a root-only file, directories -> a root directory), and plant a
+    symlink under each name the agent could create there. Done as root with the symlinks owned by istio-proxy;
+    only directories istio-proxy owns are touched, so it is exactly what that user could do itself."""
+    planted = []
+    for directory in sorted({p for p in vm.root.rglob("*") if p.is_dir() and not p.is_symlink()} | {vm.root}):
+        if directory.stat().st_uid != PROXY_UID:
+            continue
+        names = {p.name for p in directory.iterdir()} | {"key.pem", "cert-chain.pem", "root-cert.pem", "envoy",
+                                                        "cluster.env"}
+        for name in sorted(names):
+            path = directory / name
+            target = victim_dir if path.is_dir() and not path.is_symlink() else victim_file
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif path.exists() or path.is_symlink():
+                path.unlink()
+            path.symlink_to(target)
+            os.lchown(path, PROXY_UID, PROXY_UID)
+            planted.append(str(path.relative_to(vm.root)))
+    return planted
+
+
+def test_istio_proxy_symlinks_never_make_the_agent_touch_other_files(sandbox, fake_vm, script):
+    """Issue 15: istio-proxy plants symlinks where it can write, then meshjoin delivers a new certificate. The
+    converge must neither follow them (no chown/chmod/write of their targets) nor leave istio-proxy owning
+    anything but its certificate directory."""
+    join(sandbox, "agent-symlink")
+    vm = fake_vm("agent-symlink")
+    vm.boot(script)
+    victim_dir = vm.file("etc/victim.d")
+    victim_dir.mkdir(mode=0o755)
+    victim_file = vm.file("etc/shadow")
+    victim_file.write_text("root:secret\n")
+    victim_file.chmod(0o600)
+    # A previous agent (or the sidecar package's postinst) left these to istio-proxy: the attack surface.
+    for legacy in ("var/lib/istio", "var/lib/istio/envoy"):
+        os.chown(vm.file(legacy), PROXY_UID, PROXY_UID)
+    planted = plant_symlinks(vm, victim_dir, victim_file)
+    assert "etc/certs/key.pem" in planted and "var/lib/istio/envoy" in planted and len(planted) == 10
+
+    old = sandbox.status("agent-symlink")["secret"]
+    sandbox.meshjoin("join", "agent-symlink")  # a fresh certificate: the converge rewrites every file
+    renewed = wait_for(lambda: (st := sandbox.status("agent-symlink")).get("secret") != old and st,
+                       what="a new certificate")
+    vm.boot(script)
+
+    for target in (victim_dir, victim_file, vm.file("etc")):
+        st = os.lstat(target)
+        assert (st.st_uid, st.st_gid) == (0, 0), target
+    assert victim_file.read_text() == "root:secret\n" and victim_file.stat().st_mode & 0o777 == 0o600
+    assert victim_dir.stat().st_mode & 0o777 == 0o755 and list(victim_dir.iterdir()) == []
+    assert vm.file("etc").stat().st_mode & 0o777 == 0o755
+    material = sandbox.secret_payload(renewed["secret"])
+    assert_certs_are(vm, material)  # regular files again, owned by istio-proxy, right modes
+    assert not any(vm.file(f"etc/certs/{n}").is_symlink() for n in ("key.pem", "cert-chain.pem", "root-cert.pem"))
+    for directory in ("var/lib/istio", "var/lib/istio/envoy", "etc/istio", "etc/istio/config", "var/lib/meshjoin"):
+        path = vm.file(directory)
+        assert not path.is_symlink() and path.is_dir() and path.stat().st_uid == 0, directory
+    env = vm.file("var/lib/istio/envoy/cluster.env")  # sourced by istio-start.sh as root
+    assert not env.is_symlink() and env.stat().st_uid == 0
+    owned_by_proxy = sorted(str(p.relative_to(vm.root)) for p in vm.root.rglob("*")
+                            if os.lstat(p).st_uid == PROXY_UID and not p.is_symlink())
+    assert owned_by_proxy == ["etc/certs", "etc/certs/cert-chain.pem", "etc/certs/key.pem", "etc/certs/root-cert.pem"]

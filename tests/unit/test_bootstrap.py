@@ -104,7 +104,7 @@ def test_workload_entry_valid_against_istio_schema():
     assert entry["spec"]["address"] == "10.128.0.7" and entry["spec"]["locality"] == "us-central1/us-central1-a"
     assert entry["metadata"]["labels"][names.MANAGED_BY_LABEL] == "meshjoin"
     assert entry["metadata"]["annotations"]["meshjoin.dev/instance-id"] == "4242"
-    assert entry["metadata"]["name"] == "vm-1-us-central1-a"
+    assert entry["metadata"]["name"] == "vm-1-us-central1-a-my-project"  # the project is part of ownership
 
 
 def test_service_only_with_ports():

@@ -63,6 +63,8 @@ def decode(body):
     pytest.param(push(audit_entry("v1.compute.instances.delete")), id="v1-delete-last"),
     pytest.param(push(audit_entry("beta.compute.instances.delete")), id="beta-delete-last"),
     pytest.param(push(audit_entry("v1.compute.instances.setLabels")), id="v1-setLabels-last"),
+    pytest.param(push(audit_entry("v1.compute.instances.stop")), id="v1-stop-last: a stopped VM leaves routing"),
+    pytest.param(push(audit_entry("beta.compute.instances.start")), id="beta-start-last: a started VM rejoins"),
     pytest.param(push(audit_entry("v1.compute.instances.setLabels", first=True, last=True)),
                  id="single entry both first and last"),
     pytest.param(push(audit_entry("v1.compute.instances.insert", first=False, last=False)),
@@ -73,8 +75,6 @@ def decode(body):
                  id="operator message"),
     pytest.param(push({"project": "my-project", "zone": "us-central1-a", "instance": "vm-1", "note": "x"}),
                  id="operator message with extra field"),
-    pytest.param(push({"project": "my-project", "zone": "us-central1-a", "instance": "vm-1"}, publish_time=None),
-                 id="no publishTime"),
 ])
 def test_decodes_to_vm_key(body):
     assert decode(body) == KEY
@@ -83,7 +83,7 @@ def test_decodes_to_vm_key(body):
 @pytest.mark.parametrize("body, words", [
     pytest.param(push(audit_entry("v1.compute.instances.insert", first=True, last=False)),
                  "first entry", id="first entry waits for last"),
-    pytest.param(push(audit_entry("v1.compute.instances.stop")), "compute.instances.stop", id="other method"),
+    pytest.param(push(audit_entry("v1.compute.instances.reset")), "compute.instances.reset", id="other method"),
     pytest.param(push(audit_entry("v1.compute.disks.insert")), "disks.insert", id="other resource"),
     pytest.param(push(audit_entry(service="storage.googleapis.com")), "storage.googleapis.com",
                  id="other service"),
@@ -99,10 +99,10 @@ def test_ignored(body, words):
     pytest.param({}, "no `message`", id="empty envelope"),
     pytest.param([], "no `message`", id="envelope is a list"),
     pytest.param({"message": "x"}, "no `message`", id="message not an object"),
-    pytest.param({"message": {"data": ""}}, "no data", id="empty data"),
-    pytest.param({"message": {}}, "no data", id="missing data"),
-    pytest.param({"message": {"data": 12}}, "base64 string", id="data not a string"),
-    pytest.param({"message": {"data": "!!notbase64!!"}}, "not valid base64", id="garbage base64"),
+    pytest.param({"message": {"data": "", "publishTime": "2026-11-21T11:59:59Z"}}, "no data", id="empty data"),
+    pytest.param({"message": {"publishTime": "2026-11-21T11:59:59Z"}}, "no data", id="missing data"),
+    pytest.param({"message": {"data": 12, "publishTime": "2026-11-21T11:59:59Z"}}, "base64 string", id="data not a string"),
+    pytest.param({"message": {"data": "!!notbase64!!", "publishTime": "2026-11-21T11:59:59Z"}}, "not valid base64", id="garbage base64"),
     pytest.param(push(None, raw=b"\xff\xfe garbage"), "not JSON", id="binary garbage"),
     pytest.param(push(None, raw=b"hello"), "not JSON", id="plain text"),
     pytest.param(push(None, raw=b"{}"), "neither", id="empty json object"),
@@ -123,6 +123,12 @@ def test_ignored(body, words):
     pytest.param(push({"protoPayload": "x"}), "protoPayload", id="protoPayload not object"),
     pytest.param(push({"project": "my-project", "zone": "us-central1-a", "instance": "vm-1"},
                       publish_time="yesterday"), "RFC 3339", id="bad publishTime"),
+    pytest.param(push({"project": "my-project", "zone": "us-central1-a", "instance": "vm-1"}, publish_time=None),
+                 "no publishTime", id="no publishTime: refused, an undated replay never skips the age check"),
+    pytest.param(push(audit_entry(resource="projects/my-project/zones/us-central1-a/instances/vm-1\n")),
+                 "instance", id="trailing newline in resourceName (fullmatch)"),
+    pytest.param(push({"project": "my-project", "zone": "us-central1-a", "instance": "vm-1\n"}), "instance",
+                 id="trailing newline in instance (fullmatch)"),
 ])
 def test_rejected(body, words):
     with pytest.raises(BadMessage, match=words):

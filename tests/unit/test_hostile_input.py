@@ -40,7 +40,7 @@ from meshjoin.logs import JsonFormatter
 from meshjoin.model import Denial, Identity, Vm, VmKey
 from meshjoin.policy import decide_identity, parse_ports
 from meshjoin.reconcile import Reconciler
-from meshjoin.settings import PROTECTED_NAMESPACES, Settings
+from meshjoin.settings import IdentityBinding, Settings, protected_namespace
 from meshjoin.sweep import Inventory, plan_sweep
 
 settings.register_profile("bounded", max_examples=150, deadline=None,
@@ -56,8 +56,11 @@ MAX_AGE = timedelta(hours=1)
 PROJECT = "my-project"
 ZONE = "us-central1-a"
 KEY = VmKey(PROJECT, ZONE, "vm-1")
+VM_ACCOUNT = "vm-1@my-project.iam.gserviceaccount.com"
+BINDINGS = (IdentityBinding(VM_ACCOUNT, "default", "default", ("vm-1", "web")),
+            IdentityBinding("other@my-project.iam.gserviceaccount.com", "apps", "web", ("web",)))
 SETTINGS = Settings(project=PROJECT, cluster=f"projects/{PROJECT}/locations/us-central1/clusters/mesh",
-                    allowed_namespaces=("default", "apps"), allowed_service_accounts=("*/default", "apps/*"),
+                    identity_bindings=BINDINGS,
                     istiod_ip="10.0.0.9", network="vpc-1", mesh_id="mesh1", cert_ttl=timedelta(hours=24))
 GCE_NAME = re.compile(r"^[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?$")
 K8S_LABEL_VALUE = re.compile(r"^(?:[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
@@ -222,8 +225,10 @@ def test_labels_and_ports_yield_an_identity_within_policy_or_a_denial(labels, po
     if isinstance(decision, Denial):
         assert decision.reason and "\n" not in decision.reason  # values are quoted with repr()
         return
-    assert decision.namespace in SETTINGS.allowed_namespaces and decision.namespace not in PROTECTED_NAMESPACES
-    assert decision.service_account == "default" or decision.namespace == "apps"
+    # Exactly an identity and app the VM's account is bound to, whatever the labels asked.
+    assert any((b.namespace, b.service_account) == (decision.namespace, decision.service_account)
+               and decision.app in b.apps for b in SETTINGS.bindings_for(VM_ACCOUNT))
+    assert not protected_namespace(decision.namespace)
     for value in (decision.namespace, decision.service_account, decision.app, decision.version):
         assert K8S_LABEL_VALUE.match(value) and value
     assert all(DNS_1123_LABEL.match(name) and 1 <= port <= 65535 for name, port in decision.ports.items())
@@ -441,11 +446,11 @@ FOREIGN = {"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
 STATUS_KEYS = st.sampled_from(["state", "reason", "identity", "workloadEntry", "secret", "certNotBefore",
                                "certNotAfter", "caFingerprint", "instanceId", "previousSecret", "warnings"])
 FORGED_VALUES = st.one_of(JSON, st.sampled_from([
-    "apps/victim-us-central1-a", "apps/foreign", "kube-system/coredns", "joined", "error", "4242",
+    "apps/victim-us-central1-a-my-project", "apps/foreign", "kube-system/coredns", "joined", "error", "4242",
     "2026-11-21T00:00:00", "2026-11-21T00:00:00Z", "2999-01-01T00:00:00+00:00", "ca-fingerprint",
     "spiffe://cluster.local/ns/default/sa/default",
-    "projects/1/secrets/meshjoin-vm-us-central1-a-victim/versions/1",
-    "projects/1/secrets/meshjoin-vm-us-central1-a-vm-1/versions/1"]))
+    "projects/1/secrets/meshjoin-vm-my-project-us-central1-a-victim/versions/1",
+    "projects/1/secrets/meshjoin-vm-my-project-us-central1-a-vm-1/versions/1"]))
 FORGED_STATUS = st.one_of(TEXT, st.dictionaries(STATUS_KEYS, FORGED_VALUES, max_size=11).map(json.dumps))
 METADATA = st.fixed_dictionaries({}, optional={
     "mesh-ports": PORTS, names.STATUS_KEY: FORGED_STATUS,
@@ -512,16 +517,16 @@ def test_sweep_plan_survives_any_fleet(plugin_ca, fleet):
 
 
 def test_a_forged_status_cannot_make_meshjoin_delete_another_vms_entry(plugin_ca):
-    forged = json.dumps({"state": "joined", "workloadEntry": "apps/victim-us-central1-a"})
+    forged = json.dumps({"state": "joined", "workloadEntry": "apps/victim-us-central1-a-my-project"})
     compute = FakeCompute({KEY: vm_with({"mesh": "join"}, {names.STATUS_KEY: forged})})
     kube = FakeKube([other_vms_entry()])
     reconciler = Reconciler(SETTINGS, compute, FakeSecrets(plugin_ca), kube, clock=lambda: NOW)
     assert reconciler.reconcile(KEY).state == "waiting"  # a forged "joined" is not the VM's confirmation
-    assert ("WorkloadEntry", "apps", "victim-us-central1-a") in kube.objects
+    assert ("WorkloadEntry", "apps", "victim-us-central1-a-my-project") in kube.objects
     compute.confirm(KEY)
     assert reconciler.reconcile(KEY).state == "joined"
-    assert ("WorkloadEntry", "apps", "victim-us-central1-a") in kube.objects
-    assert ("WorkloadEntry", "default", "vm-1-us-central1-a") in kube.objects
+    assert ("WorkloadEntry", "apps", "victim-us-central1-a-my-project") in kube.objects
+    assert ("WorkloadEntry", "default", "vm-1-us-central1-a-my-project") in kube.objects
 
 
 @pytest.mark.parametrize("forged", [
@@ -533,7 +538,7 @@ def test_a_forged_status_cannot_make_meshjoin_delete_another_vms_entry(plugin_ca
 def test_a_forged_status_neither_crashes_the_sweep_nor_the_reconcile(plugin_ca, forged):
     status = {"state": "joined", "identity": "spiffe://cluster.local/ns/default/sa/default", "instanceId": "4242",
               "caFingerprint": "ca-fingerprint",
-              "secret": "projects/1/secrets/meshjoin-vm-us-central1-a-vm-1/versions/1",
+              "secret": "projects/1/secrets/meshjoin-vm-my-project-us-central1-a-vm-1/versions/1",
               "certNotBefore": "2026-11-21T00:00:00Z", "certNotAfter": "2026-11-22T00:00:00Z", **forged}
     vm = vm_with({"mesh": "join"}, {names.STATUS_KEY: json.dumps(status)})
     plan_sweep(Inventory({KEY: vm}, [], [], {}), SETTINGS, plugin_ca.fingerprint, NOW)
@@ -548,11 +553,11 @@ def test_a_status_naming_another_vms_secret_is_not_trusted(plugin_ca):
     status = {"state": "joined", "identity": "spiffe://cluster.local/ns/default/sa/default", "instanceId": "4242",
               "caFingerprint": "ca-fingerprint", "certNotBefore": "2026-11-21T11:00:00Z",
               "certNotAfter": "2026-11-22T11:00:00Z",
-              "secret": "projects/1/secrets/meshjoin-vm-us-central1-a-victim/versions/3"}
+              "secret": "projects/1/secrets/meshjoin-vm-my-project-us-central1-a-victim/versions/3"}
     compute = FakeCompute({KEY: vm_with({"mesh": "join"}, {names.STATUS_KEY: json.dumps(status)})})
     reconciler = Reconciler(SETTINGS, compute, FakeSecrets(plugin_ca), FakeKube(), clock=lambda: NOW)
     assert reconciler.reconcile(KEY).verb == "delivered"
-    assert compute.vms[KEY].metadata[names.SECRET_KEY] == "projects/1/secrets/meshjoin-vm-us-central1-a-vm-1/versions/1"
+    assert compute.vms[KEY].metadata[names.SECRET_KEY] == "projects/1/secrets/meshjoin-vm-my-project-us-central1-a-vm-1/versions/1"
     compute.confirm(KEY)
     assert reconciler.reconcile(KEY).verb == "registered"
 
@@ -566,7 +571,7 @@ def test_orphan_versions_of_an_interrupted_join_are_destroyed_by_the_next_one(pl
 
 
 def test_a_foreign_object_in_the_way_leaves_no_minted_key_behind(plugin_ca):
-    squatter = {**FOREIGN, "metadata": {**FOREIGN["metadata"], "name": "vm-1-us-central1-a", "namespace": "default"}}
+    squatter = {**FOREIGN, "metadata": {**FOREIGN["metadata"], "name": "vm-1-us-central1-a-my-project", "namespace": "default"}}
     secrets, kube = FakeSecrets(plugin_ca), FakeKube([squatter])
     compute = FakeCompute({KEY: vm_with({"mesh": "join"}, {})})
     reconciler = Reconciler(SETTINGS, compute, secrets, kube, clock=lambda: NOW)
@@ -578,7 +583,7 @@ def test_a_foreign_object_in_the_way_leaves_no_minted_key_behind(plugin_ca):
     assert bootstrap.parse_status(compute.vms[KEY].metadata[names.STATUS_KEY])["state"] == "error"
     states = [s for _, s in secrets.versions[secrets.vm_secret_id(KEY)]]
     assert len(states) == 3 and states.count("ENABLED") <= 1, states  # no pile of readable keys
-    assert kube.objects[("WorkloadEntry", "default", "vm-1-us-central1-a")]["spec"] == squatter["spec"]
+    assert kube.objects[("WorkloadEntry", "default", "vm-1-us-central1-a-my-project")]["spec"] == squatter["spec"]
 
 
 def test_a_pass_that_fails_after_minting_destroys_its_undelivered_key(plugin_ca):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import pytest
 
 from meshjoin.errors import SettingsError
-from meshjoin.settings import Settings, parse_duration
+from meshjoin.settings import IdentityBinding, Settings, parse_duration
 
 BASE = {"MESHJOIN_PROJECT": "my-project", "MESHJOIN_CLUSTER": "projects/p/locations/l/clusters/c"}
 
@@ -15,15 +16,18 @@ BASE = {"MESHJOIN_PROJECT": "my-project", "MESHJOIN_CLUSTER": "projects/p/locati
 def test_defaults():
     s = Settings.from_env(BASE)
     assert s.trust_domain == "cluster.local" and s.cert_ttl == timedelta(hours=24)
-    assert s.allowed_namespaces == ("default",) and s.key_algorithm == "ecdsa-p256"
+    assert s.identity_bindings == () and s.key_algorithm == "ecdsa-p256"  # default-deny
     assert s.cluster_location == "l"
 
 
 def test_parses_values():
-    s = Settings.from_env({**BASE, "MESHJOIN_CERT_TTL": "1h30m", "MESHJOIN_ALLOWED_NAMESPACES": "a, b,,c",
+    s = Settings.from_env({**BASE, "MESHJOIN_CERT_TTL": "1h30m", "MESHJOIN_IDENTITY_BINDINGS": json.dumps(
+        [{"gsa": "orders@my-project.iam.gserviceaccount.com", "namespace": "apps", "serviceAccount": "orders",
+          "apps": ["orders", "orders-admin"]}]),
                            "MESHJOIN_KEY_ALGORITHM": "rsa-2048", "MESHJOIN_RENEW_FRACTION": "0.6"})
     assert s.cert_ttl == timedelta(hours=1, minutes=30)
-    assert s.allowed_namespaces == ("a", "b", "c")
+    assert s.identity_bindings == (IdentityBinding("orders@my-project.iam.gserviceaccount.com", "apps", "orders",
+                                                   ("orders", "orders-admin")),)
     assert s.key_algorithm == "rsa-2048" and s.renew_fraction == 0.6
 
 
@@ -56,3 +60,48 @@ def test_durations(text, expected):
 def test_bad_durations(text):
     with pytest.raises(ValueError):
         parse_duration(text)
+
+
+def binding(**changes) -> dict:
+    return {"gsa": "orders@my-project.iam.gserviceaccount.com", "namespace": "apps", "serviceAccount": "orders",
+            "apps": ["orders"], **changes}
+
+
+@pytest.mark.parametrize("value, words", [
+    pytest.param("orders@my-project.iam.gserviceaccount.com", "not JSON", id="not JSON"),
+    pytest.param(json.dumps(binding()), "JSON list", id="an object, not a list"),
+    pytest.param(json.dumps([{**binding(), "extra": 1}]), "exactly the keys", id="unknown key"),
+    pytest.param(json.dumps([{k: v for k, v in binding().items() if k != "apps"}]), "exactly the keys",
+                 id="missing apps"),
+    pytest.param(json.dumps([binding(gsa="orders")]), "service account email", id="gsa not an email"),
+    pytest.param(json.dumps([binding(gsa="orders@my-project.iam.gserviceaccount.com\n")]), "service account email",
+                 id="gsa with trailing newline"),
+    pytest.param(json.dumps([binding(namespace="Apps")]), "Kubernetes name", id="namespace upper case"),
+    pytest.param(json.dumps([binding(serviceAccount="a/b")]), "Kubernetes name", id="ksa with slash"),
+    pytest.param(json.dumps([binding(namespace="istio-system")]), "platform", id="istio-system"),
+    pytest.param(json.dumps([binding(namespace="istio-ingress")]), "platform", id="istio-ingress"),
+    pytest.param(json.dumps([binding(namespace="kube-system")]), "platform", id="kube-system"),
+    pytest.param(json.dumps([binding(namespace="gke-managed-system")]), "platform", id="gke-*"),
+    pytest.param(json.dumps([binding(namespace="gmp-public")]), "platform", id="gmp-*"),
+    pytest.param(json.dumps([binding(namespace="cert-manager")]), "platform", id="cert-manager"),
+    pytest.param(json.dumps([binding(apps=[])]), "non-empty", id="no apps"),
+    pytest.param(json.dumps([binding(apps=["9lives"])]), "Service names", id="app not a Service name"),
+    pytest.param(json.dumps([binding(apps=["a", "a"])]), "distinct", id="app twice"),
+    pytest.param(json.dumps([binding(), binding()]), "bound twice", id="binding twice"),
+])
+def test_identity_bindings_are_validated_strictly(value, words):
+    with pytest.raises(SettingsError) as caught:
+        Settings.from_env({**BASE, "MESHJOIN_IDENTITY_BINDINGS": value})
+    assert "MESHJOIN_IDENTITY_BINDINGS" in str(caught.value) and words in str(caught.value)
+
+
+@pytest.mark.parametrize("retired", ["MESHJOIN_ALLOWED_NAMESPACES", "MESHJOIN_ALLOWED_SERVICE_ACCOUNTS",
+                                     "MESHJOIN_DEFAULT_NAMESPACE", "MESHJOIN_DEFAULT_SERVICE_ACCOUNT"])
+def test_a_retired_allowlist_setting_is_refused_not_ignored(retired):
+    with pytest.raises(SettingsError, match=f"{retired} is no longer read.*MESHJOIN_IDENTITY_BINDINGS"):
+        Settings.from_env({**BASE, retired: "*"})
+
+
+def test_duration_refuses_an_inner_newline():
+    with pytest.raises(ValueError):
+        parse_duration("1h\n30m")

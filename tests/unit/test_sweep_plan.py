@@ -9,11 +9,13 @@ import pytest
 
 from meshjoin import names
 from meshjoin.model import Vm, VmKey
-from meshjoin.settings import Settings
+from meshjoin.policy import decide_identity
+from meshjoin.settings import IdentityBinding, Settings
 from meshjoin.sweep import JOIN, PRUNE, PRUNE_SERVICE, REISSUE, RENEW, Inventory, plan_sweep
 
+BOUND = ("a", "early", "late", "new", "rot")  # each VM runs as its own account, bound to default/default
 SETTINGS = Settings(project="my-project", cluster="projects/my-project/locations/r/clusters/c", prune_cap=3,
-                    allowed_namespaces=("default",))
+                    identity_bindings=tuple(IdentityBinding(f"{n}@x", "default", "default", (n,)) for n in BOUND))
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
 CA = "ca-now"
 SPIFFE = "spiffe://cluster.local/ns/default/sa/default"
@@ -32,15 +34,17 @@ def status(name: str, *, issued: datetime = NOW - timedelta(hours=1), ca: str = 
         "workloadEntry": f"default/{name}-us-central1-a"})
 
 
-def vm(name: str, raw_status: str | None = None, labels: dict | None = None) -> Vm:
-    metadata = {names.STATUS_KEY: raw_status} if raw_status is not None else {}
-    return Vm(key(name), "1", {"mesh": "join", **(labels or {})}, metadata, "fp", "10.0.0.2", f"{name}@x")
+def vm(name: str, raw_status: str | None = None, labels: dict | None = None, *, address: str = "10.0.0.2",
+       metadata: dict | None = None, state: str = "RUNNING") -> Vm:
+    metadata = {**(metadata or {}), **({names.STATUS_KEY: raw_status} if raw_status is not None else {})}
+    return Vm(key(name), "1", {"mesh": "join", **(labels or {})}, metadata, "fp", address, f"{name}@x", state)
 
 
-def entry(name: str, namespace: str = "default", app: str | None = None) -> dict:
-    return {"metadata": {"name": f"{name}-us-central1-a", "namespace": namespace,
+def entry(name: str, namespace: str = "default", app: str | None = None, project: str = "my-project",
+          ports: dict | None = None) -> dict:
+    return {"spec": {"address": "10.0.0.2", **({"ports": ports} if ports else {})}, "metadata": {"name": f"{name}-us-central1-a", "namespace": namespace,
                          "labels": {"app": app or name, names.MANAGED_BY_LABEL: "meshjoin"},
-                         "annotations": {"meshjoin.dev/project": "my-project", "meshjoin.dev/zone": "us-central1-a",
+                         "annotations": {"meshjoin.dev/project": project, "meshjoin.dev/zone": "us-central1-a",
                                          "meshjoin.dev/instance": name}}}
 
 
@@ -107,8 +111,46 @@ def test_joins_first_then_reissues_then_renewals_earliest_due_first():
 
 
 def test_denied_vms_are_counted_not_rewritten():
-    denied_status = json.dumps({"state": "denied", "reason": "namespace 'istio-system' is reserved for the "
-                                "platform; only an explicit entry in MESHJOIN_ALLOWED_NAMESPACES allows it"})
+    reason = decide_identity(vm("a", labels={"mesh-namespace": "istio-system"}), SETTINGS).reason
+    denied_status = json.dumps({"state": "denied", "reason": reason})
     inv = inventory([vm("a", denied_status, {"mesh-namespace": "istio-system"})], [], [], [])
     plan = plan_sweep(inv, SETTINGS, CA, NOW)
     assert plan.actions == [] and plan.denied == 1
+
+
+@pytest.mark.parametrize("inv, expected", [
+    pytest.param(inventory([vm("a", status("a"), address="10.0.0.3")], [entry("a")], [], ["a"]), [(JOIN, "a")],
+                 id="address changed: the entry follows"),
+    pytest.param(inventory([vm("a", status("a"), metadata={"mesh-ports": "http:8080"})], [entry("a")], [], ["a"]),
+                 [(JOIN, "a")], id="ports changed: the entry and Service follow"),
+    pytest.param(inventory([vm("a", status("a"), metadata={"mesh-ports": "http:8080"})],
+                           [entry("a", ports={"http": 8080})], [], ["a"]), [], id="ports unchanged"),
+    pytest.param(inventory([vm("a", status("a"), state="TERMINATED")], [entry("a")], [], ["a"]), [(JOIN, "a")],
+                 id="stopped but still routed: unroute"),
+    pytest.param(inventory([vm("a", json.dumps({"state": "stopped"}), state="TERMINATED")], [], [], ["a"]), [],
+                 id="stopped and unrouted: nothing, no renewal"),
+    pytest.param(inventory([vm("stranger")], [], [], []), [], id="unbound account without traces: nothing to write"),
+    pytest.param(inventory([vm("stranger")], [entry("stranger")], [], []), [(JOIN, "stranger")],
+                 id="unbound account with an entry: its registration goes"),
+    pytest.param(inventory([], [entry("gone", project="other-project")], [], []), [],
+                 id="forged entry naming another project: dropped, never pruned through"),
+])
+def test_plan_stale_state_and_foreign_keys(inv, expected):
+    assert kinds(plan_sweep(inv, SETTINGS, CA, NOW)) == expected
+
+
+def test_one_vm_that_breaks_planning_costs_only_that_vm(monkeypatch):
+    """Blast radius: a bug one VM's data triggers in planning leaves every other VM's plan intact."""
+    import meshjoin.sweep as sweep
+
+    real = sweep.decide_identity
+
+    def fragile(vm, settings):
+        if vm.key.instance == "a":
+            raise ValueError("invalid literal for int() with base 10: '²'")
+        return real(vm, settings)
+
+    monkeypatch.setattr(sweep, "decide_identity", fragile)
+    plan = plan_sweep(inventory([vm("a"), vm("new")], [], [], []), SETTINGS, CA, NOW)
+    assert kinds(plan) == [(JOIN, "new")]
+    assert any("us-central1-a/a: not planned (ValueError" in note for note in plan.notes)

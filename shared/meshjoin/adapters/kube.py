@@ -23,6 +23,7 @@ PATHS = {
     "WorkloadEntry": (ISTIO, "workloadentries"),
     "Service": ("/api/v1", "services"),
     "ServiceAccount": ("/api/v1", "serviceaccounts"),
+    "Pod": ("/api/v1", "pods"),  # only listed: a Service selecting pods is never pruned
 }
 RBAC_VERBS = {"GET": "get", "POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
 

@@ -15,7 +15,8 @@ from datetime import datetime
 from typing import Iterable, Iterator
 
 from .. import names, pki
-from ..errors import CaMaterialError, TransientError
+from ..errors import BadMessage, CaMaterialError, TransientError
+from ..events import validated_key
 from ..model import VmKey
 from ..settings import Settings
 from . import ratelimit
@@ -135,8 +136,8 @@ class SecretsAdapter:
                 pass
         secret = self._sm.Secret(
             replication=self._sm.Replication(automatic=self._sm.Replication.Automatic()),
-            labels={names.SECRET_OWNER_LABEL: names.MANAGED_BY, "meshjoin-zone": key.zone,
-                    "meshjoin-instance": key.instance},
+            labels={names.SECRET_OWNER_LABEL: names.MANAGED_BY, "meshjoin-project": names.project_part(key.project),
+                    "meshjoin-zone": key.zone, "meshjoin-instance": key.instance},
         )
         try:
             self._call(lambda: self._client.create_secret(
@@ -260,10 +261,22 @@ class SecretsAdapter:
             except StopIteration:
                 return
             for secret in page.secrets:
-                labels = dict(secret.labels)
-                zone, instance = labels.get("meshjoin-zone"), labels.get("meshjoin-instance")
-                if zone and instance:
-                    yield VmKey(self._settings.project, zone, instance), secret.name
+                key = self.vm_key_of_secret(secret.name, dict(secret.labels))
+                if key is not None:
+                    yield key, secret.name
+
+    def vm_key_of_secret(self, name: str, labels: dict[str, str]) -> VmKey | None:
+        """The VM a listed secret belongs to, or None: labels name another project (or none), do not
+        form a GCE name, or the secret's id is not the one meshjoin derives for that VM (anyone who may
+        create secrets can set these labels; the sweep must never act on a key they made up)."""
+        if labels.get("meshjoin-project") != names.project_part(self._settings.project):
+            return None
+        try:
+            key = validated_key(self._settings.project, labels.get("meshjoin-zone") or "",
+                                labels.get("meshjoin-instance") or "")
+        except BadMessage:
+            return None
+        return key if name.rsplit("/", 1)[-1] == self.vm_secret_id(key) else None
 
     def read_vm_material(self, version_name: str) -> dict[str, str]:
         """The delivered JSON (tests and `meshjoin explain`); callers must not log it."""
