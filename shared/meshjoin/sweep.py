@@ -176,7 +176,7 @@ def soonest_cert_expiry(inventory: Inventory, now: datetime) -> int | None:
 
 
 def _plan_vm(key: VmKey, vm: Vm, settings: Settings, ca_fingerprint: str, now: datetime,
-             entries_by_ref: dict[str, dict], has_entry: bool, complete: bool) -> Action | str | None:
+             entries_by_ref: dict[str, dict], has_entry: bool, complete: bool, notes: list[str]) -> Action | str | None:
     """One VM's action; "denied" (already recorded) or None (healthy) when there is nothing to do."""
     status = bootstrap.parse_status(vm.metadata.get(names.STATUS_KEY))
     decision = decide_identity(vm, settings)

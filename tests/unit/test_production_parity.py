@@ -65,7 +65,7 @@ def test_defect3_a_new_vm_waits_without_traffic_until_its_agent_confirms(world):
     status = status_of(compute)
     assert (outcome.verb, status["state"]) == ("registered", "joined")
     assert status["confirmedSerial"] == status["certSerial"]
-    assert entries(kube) == ["default/vm-1-us-central1-a"]
+    assert entries(kube) == ["default/vm-1-us-central1-a-my-project"]
 
 
 @pytest.mark.parametrize("report, why", [
@@ -96,10 +96,12 @@ def test_defect3_confirmation_survives_a_renewal_but_not_a_new_identity(world):
     renewal = Reconciler(SETTINGS, compute, reconciler.secrets, kube, clock=lambda: NOW + timedelta(hours=20))
     outcome = renewal.reconcile(KEY)
     assert (outcome.verb, outcome.state) == ("renewed", "joined"), "a renewal keeps the serving VM in traffic"
-    assert entries(kube) == ["default/vm-1-us-central1-a"]
+    assert entries(kube) == ["default/vm-1-us-central1-a-my-project"]
 
     vm = compute.vms[KEY]
-    compute.vms[KEY] = vm_with({"mesh": "join", "mesh-namespace": "apps"}, dict(vm.metadata))
+    # The account bound to apps/web (labels only choose among an account's bindings).
+    compute.vms[KEY] = vm_with({"mesh": "join", "mesh-namespace": "apps"}, dict(vm.metadata),
+                               service_account="other@my-project.iam.gserviceaccount.com")
     outcome = renewal.reconcile(KEY)
     assert outcome.state == "waiting", "a new identity must be confirmed afresh"
     assert entries(kube) == [], "the old entry is withdrawn while the new identity is unconfirmed"
@@ -143,7 +145,7 @@ def test_defect3_status_and_explain_show_waiting_and_the_agents_report(world):
     reconciler.reconcile(KEY)
     compute.guest[KEY] = {"agent-version": "2", "cert-serial": "1", "sidecar": "failed", "updated": "t"}
     reconciler.reconcile(KEY)
-    rows = fleet_rows(Inventory({KEY: compute.vms[KEY]}, [], [], {}), NOW)
+    rows = fleet_rows(Inventory({KEY: compute.vms[KEY]}, [], [], {}), NOW, SETTINGS)
     assert rows[0].state == "waiting" and "sidecar failed" in rows[0].agent
     result = explain(KEY, compute.vms[KEY], SETTINGS, entry_exists=False, now=NOW, agent_report=compute.guest[KEY])
     assert "sidecar failed" in result.facts["agent report"]
@@ -305,7 +307,7 @@ def test_defect9_a_degraded_zone_costs_only_its_own_vms(world):
     compute, kube, secrets, reconciler = world
     ours = KEY
     elsewhere = KEY.__class__(KEY.project, "us-east1-b", "vm-east")
-    entry = lambda key: {"metadata": {"namespace": "default", "name": f"{key.instance}-{key.zone}",  # noqa: E731
+    entry = lambda key: {"metadata": {"namespace": "default", "name": f"{key.instance}-{key.zone}-{key.project}",  # noqa: E731
                                       "labels": {"app": key.instance},
                                       "annotations": {names.ANNOTATION_PREFIX + "project": key.project,
                                                       names.ANNOTATION_PREFIX + "zone": key.zone,
@@ -317,7 +319,7 @@ def test_defect9_a_degraded_zone_costs_only_its_own_vms(world):
     pruned = {a.key for a in plan.actions if a.kind == PRUNE}
     assert pruned == {gone}, "the unreachable zone's VM is neither pruned; a reachable zone's orphan still is"
     assert any("us-east1-b" in note for note in plan.notes)
-    rows = {r.name: r.state for r in fleet_rows(inventory, NOW)}
+    rows = {r.name: r.state for r in fleet_rows(inventory, NOW, SETTINGS)}
     assert rows["vm-east"] == "unreachable"
 
 
