@@ -73,7 +73,7 @@ class TenantCompute(FakeCompute):
         super().__init__(vms)
         self.acts_as = acts_as
 
-    def list_vms(self, label_filter, page_size=500):
+    def list_vms(self, label_filter, page_size=500, unreachable=None):
         return [vm for vm in self.vms.values() if vm.wants_mesh]
 
     def set_metadata(self, vm, items, remove=frozenset()):
@@ -92,9 +92,9 @@ class TenantSecrets(FakeSecrets):
         super().__init__(ca)
         self.keys: dict[str, VmKey] = {}
 
-    def store_vm_material(self, key, cert, reader):
+    def store_vm_material(self, key, cert, reader, exists=False):
         self.keys[self.vm_secret_id(key)] = key
-        return super().store_vm_material(key, cert, reader)
+        return super().store_vm_material(key, cert, reader, exists)
 
     def list_vm_secrets(self):
         return [(self.keys[s], f"projects/1/secrets/{s}") for s in self.versions if s in self.keys]
@@ -138,6 +138,16 @@ def foreign_app(namespace: str, app: str) -> list[dict]:
                                                              "labels": {"app": app}}, "spec": {}}]
 
 
+def join(world: World, key: VmKey):
+    """Join a VM as in production: meshjoin delivers (the VM is `waiting`, no entry), the VM's agent reports
+    the delivered certificate through guest attributes, and the next pass registers it."""
+    assert world.reconciler.reconcile(key).state == "waiting"
+    world.compute.confirm(key)
+    outcome = world.reconciler.reconcile(key)
+    assert outcome.state == "joined", outcome
+    return outcome
+
+
 def entries_with_app(world: World, app: str) -> list[dict]:
     return [o for o in world.kube.objects.values()
             if o["kind"] == "WorkloadEntry" and (o["metadata"].get("labels") or {}).get("app") == app]
@@ -179,7 +189,7 @@ def test_a_bound_app_may_join_a_service_meshjoin_did_not_create_on_purpose(plugi
     world = World(plugin_ca, [vm("pay-vm", ORDERS, {}, {"mesh-ports": "http:8080"})], foreign_app("payments", "payments"),
                   settings)
     service_before = json.dumps(world.kube.objects[("Service", "payments", "payments")], sort_keys=True)
-    assert world.reconciler.reconcile(VmKey(PROJECT, ZONE, "pay-vm")).state == "joined"
+    join(world, VmKey(PROJECT, ZONE, "pay-vm"))
     assert len(entries_with_app(world, "payments")) == 1
     # The Service is someone else's: selected into, never rewritten for the VM's ports.
     assert json.dumps(world.kube.objects[("Service", "payments", "payments")], sort_keys=True) == service_before
@@ -215,7 +225,8 @@ def test_attack_default_or_unbound_account_gets_nothing_written(plugin_ca):
 def test_an_account_unbound_after_joining_loses_its_key_and_entry(plugin_ca):
     was_bound = vm("orders-1", ORDERS)
     world = World(plugin_ca, [was_bound])
-    world.reconciler.reconcile(was_bound.key)
+    join(world, was_bound.key)
+    assert world.kube.list("WorkloadEntry", f"{names.VM_LABEL}=orders-1") != []
     world.reconciler.settings = Settings(project=PROJECT, cluster=SETTINGS.cluster)  # the operator unbinds
     outcome = world.reconciler.reconcile(was_bound.key)
     assert outcome.verb == "denied" and world.secrets.versions == {} and world.kube.list(
@@ -239,7 +250,7 @@ def test_attack_cross_project_forged_entry(plugin_ca):
         victim = vm("orders-1", ORDERS)
         projects = ("attacker-project", "example.com:attacker", PROJECT, "x", "my-project\n")
         world = World(plugin_ca, [victim])
-        world.reconciler.reconcile(victim.key)
+        join(world, victim.key)
         forged = forged_entry(attempt, projects[attempt % len(projects)], "orders-1" if attempt % 2 else "gone-vm")
         world.kube._store(forged)
         forged_ref = ("WorkloadEntry", "tenant", forged["metadata"]["name"])
@@ -302,12 +313,15 @@ def test_attack_hostile_mesh_ports_cannot_stop_a_sweep(plugin_ca):
         lost = vm("orders-1", ORDERS)  # labelled, but its event was lost: only the sweep can join it
         world = World(plugin_ca, [attacker, lost])
 
-        summary = world.sweeper.sweep()
+        delivering = world.sweeper.sweep()  # the lost VM gets its bootstrap and waits for its agent
+        world.compute.confirm(lost.key)
+        summary = world.sweeper.sweep()  # ... which has confirmed by the next sweep
 
         assert bootstrap.parse_status(world.compute.vms[attacker.key].metadata[names.STATUS_KEY])["state"] == "denied"
         joined += bootstrap.parse_status(world.compute.vms[lost.key].metadata.get(names.STATUS_KEY))["state"] == "joined"
+        assert delivering.counts["waiting"] == 1 and delivering.counts["denied"] == 1
         assert summary.counts["joined"] == 1 and summary.counts["denied"] == 1
-        changed += summary.counts["errors"] != 0
+        changed += delivering.counts["errors"] + summary.counts["errors"] != 0
     record("hostile mesh-ports (e.g. http:²) against the sweep", ATTEMPTS, changed)
     assert changed == 0 and joined == ATTEMPTS
 
@@ -323,6 +337,9 @@ def test_a_crash_one_vm_triggers_in_the_sweep_costs_only_that_vm(plugin_ca):
 
     world = World(plugin_ca, [vm("tenant-1", ATTACKER), vm("orders-1", ORDERS)])
     world.compute.__class__ = Crashing
+    delivering = world.sweeper.sweep()
+    assert delivering.counts["waiting"] == 1 and delivering.counts["errors"] == 1
+    world.compute.confirm(VmKey(PROJECT, ZONE, "orders-1"))
     summary = world.sweeper.sweep()
     assert summary.counts["joined"] == 1 and summary.counts["errors"] == 1
     assert any("tenant-1" in e and "ValueError" in e for e in summary.errors)
@@ -360,7 +377,7 @@ def test_the_cli_names_the_vm_and_the_problem_instead_of_a_traceback(monkeypatch
 def test_port_and_address_changes_reach_the_entry_and_meshjoins_service(plugin_ca):
     world = World(plugin_ca, [vm("orders-1", ORDERS, {}, {"mesh-ports": "http:8080"})])
     key = VmKey(PROJECT, ZONE, "orders-1")
-    world.reconciler.reconcile(key)
+    join(world, key)
     current = world.compute.vms[key]
     world.compute.vms[key] = Vm(key, current.instance_id, current.labels,
                                 {**current.metadata, "mesh-ports": "http:9090,grpc:9091"}, current.metadata_fingerprint,
@@ -377,18 +394,24 @@ def test_port_and_address_changes_reach_the_entry_and_meshjoins_service(plugin_c
 def test_a_stopped_vm_is_not_routed_nor_renewed_and_rejoins_when_started(plugin_ca):
     key = VmKey(PROJECT, ZONE, "orders-1")
     world = World(plugin_ca, [vm("orders-1", ORDERS, {}, {"mesh-ports": "http:8080"})])
-    world.reconciler.reconcile(key)
+    join(world, key)
     current = world.compute.vms[key]
     world.compute.vms[key] = Vm(key, current.instance_id, current.labels, current.metadata,
                                 current.metadata_fingerprint, current.network_ip, current.service_account, "TERMINATED")
     outcome = world.reconciler.reconcile(key)
     assert outcome.verb == "stopped"
+    # Its agent's last report (the serial it held before stopping) does not bring a stopped VM back.
+    assert world.reconciler.reconcile(key).verb == "stopped"
     assert world.kube.list("WorkloadEntry", f"{names.VM_LABEL}=orders-1") == []
     assert world.kube.get("Service", "apps", "orders") is None  # nothing selects it any more
     assert plan_sweep(world.sweeper.inventory(), SETTINGS, plugin_ca.fingerprint, NOW).actions == []  # no renewal
     current = world.compute.vms[key]
     world.compute.vms[key] = Vm(key, current.instance_id, current.labels, current.metadata,
                                 current.metadata_fingerprint, current.network_ip, current.service_account, "RUNNING")
+    # Started again: a fresh certificate, routed once the agent confirms it (not on the old report).
+    assert world.reconciler.reconcile(key).state == "waiting"
+    assert world.kube.list("WorkloadEntry", f"{names.VM_LABEL}=orders-1") == []
+    world.compute.confirm(key)
     assert world.reconciler.reconcile(key).state == "joined"
     assert len(world.kube.list("WorkloadEntry", f"{names.VM_LABEL}=orders-1")) == 1
 
@@ -396,7 +419,7 @@ def test_a_stopped_vm_is_not_routed_nor_renewed_and_rejoins_when_started(plugin_
 def test_meshjoin_never_deletes_a_service_that_selects_pods(plugin_ca):
     key = VmKey(PROJECT, ZONE, "orders-1")
     world = World(plugin_ca, [vm("orders-1", ORDERS, {}, {"mesh-ports": "http:8080"})])
-    world.reconciler.reconcile(key)
+    join(world, key)
     assert names.owned(world.kube.get("Service", "apps", "orders")["metadata"])
     world.kube._store({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "orders-abc", "namespace": "apps",
                                                                       "labels": {"app": "orders"}}})
