@@ -198,8 +198,9 @@ class Reconciler:
                   cleanup: bool = False) -> Outcome:
         """Converge one VM. A concurrent writer (412 on metadata) makes it re-read and decide again.
 
-        `vm` (from a listing) saves the first read; `cleanup` (the sweep's prune) removes cluster
-        objects and secrets of an unlabelled VM even when its metadata shows no trace of a join.
+        `vm` (from a listing) saves the first read; `cleanup` (the sweep's prune, or a denial it planned
+        from its listings) removes cluster objects and secrets of an unlabelled or denied VM even when its
+        metadata shows no trace of a join.
         """
         if key.project != self.settings.project:
             # Never act for another project's VM, whatever named it (a forged entry, a message).
@@ -255,7 +256,7 @@ class Reconciler:
             return Outcome("left", "the label mesh=join was removed", state="left")
         decision = decide_identity(vm, self.settings)
         if isinstance(decision, Denial):
-            return self._deny(vm, decision)
+            return self._deny(vm, decision, cleanup)
         if vm.status in STOPPED_STATES:
             return self._stopped(vm)
         return self._join(vm, decision, force, minted)
@@ -415,8 +416,10 @@ class Reconciler:
 
     # --- deny / leave ---------------------------------------------------------------------------
 
-    def _deny(self, vm: Vm, denial: Denial) -> Outcome:
-        if has_traces(vm):
+    def _deny(self, vm: Vm, denial: Denial, cleanup: bool = False) -> Outcome:
+        # `cleanup`: the sweep saw a key or entry of this VM in meshjoin's own listings, whatever the
+        # VM's metadata (which its owner controls) claims.
+        if has_traces(vm) or cleanup:
             self._remove_registration(vm.key)
         if not denial.account_bound:
             # meshjoin may act only as bound accounts, and Compute requires actAs on the VM's account to

@@ -33,6 +33,7 @@ OWNED_SELECTOR = f"{names.MANAGED_BY_LABEL}={names.MANAGED_BY}"
 
 # Action kinds, in the order a sweep spends its budget on them.
 JOIN, REISSUE, RENEW, PRUNE, PRUNE_SERVICE = "join", "reissue", "renew", "prune", "prune-service"
+TO_BE_DENIED = "to be denied"
 
 
 @dataclass
@@ -115,7 +116,7 @@ def plan_sweep(inventory: Inventory, settings: Settings, ca_fingerprint: str, no
         # One VM's data (labels, metadata, a forged status) can only ever affect that VM's plan.
         try:
             action = _plan_vm(key, inventory.vms[key], settings, ca_fingerprint, now, entries_by_ref,
-                              key in entry_keys, inventory.complete, notes)
+                              key in entry_keys, key in inventory.secrets, inventory.complete, notes)
         except Exception as exc:  # noqa: BLE001 - a bug triggered by one VM's input must not stop the sweep
             notes.append(f"{key}: not planned ({type(exc).__name__}: {str(exc)[:200]})")
             continue
@@ -124,7 +125,7 @@ def plan_sweep(inventory: Inventory, settings: Settings, ca_fingerprint: str, no
         elif action is None:
             healthy += 1
         else:
-            denied += action.reason.startswith("to be denied")
+            denied += action.reason.startswith(TO_BE_DENIED)
             actions.append(action)
     # Renewals due first are renewed first when the budget runs short.
     actions.sort(key=lambda a: ([JOIN, REISSUE, RENEW].index(a.kind), _renewal_order(inventory, a, settings)))
@@ -176,16 +177,20 @@ def soonest_cert_expiry(inventory: Inventory, now: datetime) -> int | None:
 
 
 def _plan_vm(key: VmKey, vm: Vm, settings: Settings, ca_fingerprint: str, now: datetime,
-             entries_by_ref: dict[str, dict], has_entry: bool, complete: bool, notes: list[str]) -> Action | str | None:
+             entries_by_ref: dict[str, dict], has_entry: bool, has_secret: bool, complete: bool,
+             notes: list[str]) -> Action | str | None:
     """One VM's action; "denied" (already recorded) or None (healthy) when there is nothing to do."""
     status = bootstrap.parse_status(vm.metadata.get(names.STATUS_KEY))
     decision = decide_identity(vm, settings)
     if isinstance(decision, Denial):
-        # An unbound account's VM gets no status (meshjoin may not write it): act only to remove traces.
-        recorded = status.get("state") == "denied" and status.get("reason") == decision.reason
-        if recorded or (not decision.account_bound and not has_entry):
+        # An unbound account's VM gets no status (meshjoin may not write it): act only to remove traces,
+        # as meshjoin's own listings show them (a VM still waiting for its agent has a key but no entry yet;
+        # a status the owner forged to read "denied" must not keep them alive).
+        recorded = decision.account_bound and status.get("state") == "denied" and \
+            status.get("reason") == decision.reason
+        if not has_entry and not has_secret and (recorded or not decision.account_bound):
             return "denied"
-        return Action(JOIN, key, f"to be denied: {decision.reason}")
+        return Action(JOIN, key, f"{TO_BE_DENIED}: {decision.reason}")
     if vm.status in STOPPED_STATES:
         if status.get("state") == "stopped" and not has_entry:
             return None
@@ -307,8 +312,10 @@ class Sweeper:
                 if action.kind == PRUNE_SERVICE:
                     namespace, _, name = action.target.partition("/")
                     return action, "pruned" if self.reconciler.prune_service(namespace, name) else "unchanged"
+                # A denial the sweep planned removes what meshjoin's listings showed (a key, an entry).
                 outcome = self.reconciler.reconcile(action.key, vm=inventory.vms.get(action.key),
-                                                    cleanup=action.kind == PRUNE)
+                                                    cleanup=action.kind == PRUNE or
+                                                    action.reason.startswith(TO_BE_DENIED))
                 return action, outcome.verb
             except MeshjoinError as exc:
                 # One VM's failure, transient, permanent or a missing permission, is that VM's: logged for

@@ -233,6 +233,33 @@ def test_an_account_unbound_after_joining_loses_its_key_and_entry(plugin_ca):
         "WorkloadEntry", f"{names.VM_LABEL}=orders-1") == []
 
 
+def test_an_account_unbound_while_its_vm_waits_loses_its_key_at_the_next_sweep(plugin_ca):
+    """A VM that never confirmed has a key but no entry: the sweep must still find and remove it."""
+    waiting = vm("orders-1", ORDERS)
+    world = World(plugin_ca, [waiting])
+    assert world.reconciler.reconcile(waiting.key).state == "waiting" and world.secrets.versions != {}
+    unbound = Settings(project=PROJECT, cluster=SETTINGS.cluster)  # the operator unbinds
+    world.reconciler.settings = world.sweeper.settings = unbound
+    world.sweeper.sweep()
+    assert world.secrets.versions == {} and world.kube.list("WorkloadEntry", f"{names.VM_LABEL}=orders-1") == []
+
+
+def test_a_forged_denied_status_does_not_keep_a_key_alive(plugin_ca):
+    """The owner of a waiting VM strips meshjoin's items and forges `denied`: meshjoin's listings, not the
+    VM's metadata, decide what is removed, and the sweep converges (nothing left to do afterwards)."""
+    waiting = vm("tenant-1", ATTACKER)
+    world = World(plugin_ca, [waiting])
+    world.reconciler.reconcile(waiting.key)
+    world.reconciler.settings = world.sweeper.settings = Settings(project=PROJECT, cluster=SETTINGS.cluster)
+    current = world.compute.vms[waiting.key]
+    world.compute.vms[waiting.key] = Vm(waiting.key, current.instance_id, current.labels,
+                                        {names.STATUS_KEY: json.dumps({"state": "denied", "reason": "forged"})},
+                                        "fp-x", current.network_ip, current.service_account)
+    world.sweeper.sweep()
+    assert world.secrets.versions == {}
+    assert world.sweeper.sweep(dry_run=True).plan.actions == []
+
+
 # --- 3. cross-project takeover through a forged WorkloadEntry ----------------------------------------
 
 

@@ -29,9 +29,10 @@ def status(name: str, *, issued: datetime = NOW - timedelta(hours=1), ca: str = 
            instance_id: str = "1", identity: str = SPIFFE) -> str:
     return json.dumps({
         "state": state, "identity": identity, "instanceId": instance_id, "caFingerprint": ca,
-        "secret": f"projects/1/secrets/meshjoin-vm-us-central1-a-{name}/versions/1",
+        "secret": f"projects/1/secrets/meshjoin-vm-my-project-us-central1-a-{name}/versions/1",
         "certNotBefore": issued.isoformat(), "certNotAfter": (issued + timedelta(hours=24)).isoformat(),
-        "workloadEntry": f"default/{name}-us-central1-a"})
+        "workloadEntry": f"default/{name}-us-central1-a-my-project",
+        **({"waitingSince": issued.isoformat()} if state == "waiting" else {})})
 
 
 def vm(name: str, raw_status: str | None = None, labels: dict | None = None, *, address: str = "10.0.0.2",
@@ -42,7 +43,7 @@ def vm(name: str, raw_status: str | None = None, labels: dict | None = None, *, 
 
 def entry(name: str, namespace: str = "default", app: str | None = None, project: str = "my-project",
           ports: dict | None = None) -> dict:
-    return {"spec": {"address": "10.0.0.2", **({"ports": ports} if ports else {})}, "metadata": {"name": f"{name}-us-central1-a", "namespace": namespace,
+    return {"spec": {"address": "10.0.0.2", **({"ports": ports} if ports else {})}, "metadata": {"name": f"{name}-us-central1-a-{project}", "namespace": namespace,
                          "labels": {"app": app or name, names.MANAGED_BY_LABEL: "meshjoin"},
                          "annotations": {"meshjoin.dev/project": project, "meshjoin.dev/zone": "us-central1-a",
                                          "meshjoin.dev/instance": name}}}
@@ -54,7 +55,7 @@ def service(name: str, namespace: str = "default") -> dict:
 
 def inventory(vms=(), entries=(), services=(), secrets=(), errors=()) -> Inventory:
     return Inventory({v.key: v for v in vms}, list(entries), list(services),
-                     {key(n): f"projects/1/secrets/meshjoin-vm-us-central1-a-{n}" for n in secrets}, list(errors))
+                     {key(n): f"projects/1/secrets/meshjoin-vm-my-project-us-central1-a-{n}" for n in secrets}, list(errors))
 
 
 def kinds(plan) -> list[tuple[str, str]]:
@@ -137,6 +138,32 @@ def test_denied_vms_are_counted_not_rewritten():
 ])
 def test_plan_stale_state_and_foreign_keys(inv, expected):
     assert kinds(plan_sweep(inv, SETTINGS, CA, NOW)) == expected
+
+
+WAITING = "waiting for the VM to confirm"
+
+
+@pytest.mark.parametrize("inv, expected", [
+    pytest.param(inventory([vm("a", status("a", state="waiting"))], [], [], ["a"]), [(JOIN, "a", WAITING)],
+                 id="waiting: re-checked"),
+    pytest.param(inventory([vm("a", status("a", state="waiting"), address="10.0.0.3",
+                               metadata={"mesh-ports": "http:8080"})], [], [], ["a"]), [(JOIN, "a", WAITING)],
+                 id="waiting with drifted address and ports: re-checked, the status follows"),
+    pytest.param(inventory([vm("a", status("a", state="waiting"), state="TERMINATED")], [], [], ["a"]),
+                 [(JOIN, "a", "the VM is TERMINATED: to be taken out of routing")],
+                 id="waiting but stopped: marked stopped, never re-checked for confirmation"),
+    pytest.param(inventory([vm("a", status("a", state="waiting"), {"mesh-namespace": "istio-system"})], [], [],
+                           ["a"]), [(JOIN, "a", "to be denied")], id="waiting but now denied by policy"),
+    pytest.param(inventory([vm("stranger", status("stranger", state="waiting"))], [], [], ["stranger"]),
+                 [(JOIN, "stranger", "to be denied")], id="waiting on an account unbound since: its key goes"),
+    pytest.param(inventory([vm("stranger", json.dumps({"state": "denied", "reason": "forged"}))], [], [],
+                           ["stranger"]), [(JOIN, "stranger", "to be denied")],
+                 id="unbound, a forged 'denied' status and a key: the key still goes"),
+])
+def test_plan_of_waiting_vms_honours_stops_denials_and_drift(inv, expected):
+    plan = plan_sweep(inv, SETTINGS, CA, NOW)
+    assert [(a.kind, a.key.instance, a.reason[:len(why)]) for a, (_, _, why) in zip(plan.actions, expected)] \
+        == expected and len(plan.actions) == len(expected)
 
 
 def test_one_vm_that_breaks_planning_costs_only_that_vm(monkeypatch):
