@@ -72,11 +72,6 @@ resource "google_project_iam_member" "functions_compute" {
 # account before it writes anything (shared/meshjoin/policy.py), so it never needs more.
 locals {
   bound_service_accounts = distinct([for b in var.identity_bindings : b.gsa])
-  # An account lives in the project its email names (NAME@PROJECT.iam.gserviceaccount.com), which may
-  # be another project than var.project_id; Google-managed ones (NUMBER-compute@developer...) in ours.
-  act_as_accounts = {
-    for email in local.bound_service_accounts : email => "projects/${try(regex("^[^@]+@([a-z][-a-z0-9]{4,28}[a-z0-9])\\.iam\\.gserviceaccount\\.com$", email)[0], var.project_id)}/serviceAccounts/${email}"
-  }
 }
 
 resource "google_service_account_iam_member" "act_as_vm" {

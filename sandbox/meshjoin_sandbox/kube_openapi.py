@@ -111,6 +111,15 @@ BUILT_IN_FIELDS: dict[str, tuple[str, dict]] = {
             "clusterIP": {"type": "string", "description": "clusterIP is the IP address of the service, "
                                                            "allocated by the master."}}},
         "status": {"type": "object", "description": "Most recently observed status of the service."}}),
+    "Pod": ("Pod is a collection of containers that can run on a host. This resource is created by clients and "
+            "scheduled onto hosts.", {
+        "spec": {"type": "object", "description": "Specification of the desired behavior of the pod.",
+                 "properties": {"serviceAccountName": {"type": "string", "description":
+                                                       "ServiceAccountName is the name of the ServiceAccount to use "
+                                                       "to run this pod."}}},
+        "status": {"type": "object", "description": "Most recently observed status of the pod.",
+                   "properties": {"phase": {"type": "string", "description": "The phase of a Pod."}}},
+    }),
     "ServiceAccount": ("ServiceAccount binds together: a name, understood by users, and perhaps by peripheral "
                        "systems, for an identity; a principal that can be authenticated and authorized; a set of "
                        "secrets.", {

@@ -323,9 +323,25 @@ def _concat(*lists):
     return out
 
 
+def _distinct(values) -> list:
+    """Terraform's distinct(): a list without its repeats, each first occurrence kept in order. It takes a
+    list; a set converts to one in its own order, a map does not. Elements may be objects, compared by value."""
+    if not isinstance(values, (list, tuple)):
+        raise TerraformError(f"distinct takes a list, not {type(values).__name__}")
+    out: list = []
+    seen: set[str] = set()
+    for value in values:
+        identity = json.dumps(value, sort_keys=True)
+        if identity not in seen:
+            seen.add(identity)
+            out.append(value)
+    return out
+
+
 FUNCTIONS: dict[str, Callable[..., Any]] = {
     "toset": _toset,
     "tolist": lambda values: list(values),
+    "distinct": _distinct,
     "contains": lambda collection, value: value in collection,
     "replace": lambda text, old, new: text.replace(old, new) if not (old.startswith("/") and old.endswith("/") and len(old) > 1)
     else re.sub(old[1:-1], re.sub(r"\$\{?(\d+)\}?", r"\\\1", new), text),

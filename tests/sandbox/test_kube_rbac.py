@@ -30,7 +30,13 @@ from .test_kube import _api_client, _write_tls, status_of, workload_entry
 
 CRD_PATH = str(istio_crds_path())
 GROUP = "networking.istio.io"
-ALLOWED_NAMESPACES = tuple(World().default_terraform_vars()["allowed_namespaces"])  # default, apps, payments
+# Two bound namespaces: kubernetes.tf binds the writer role in exactly the namespaces identity_bindings name.
+BINDINGS = [{"gsa": "orders@meshjoin-sandbox.iam.gserviceaccount.com", "namespace": "apps", "serviceAccount": "orders",
+             "apps": ["orders"]},
+            {"gsa": "checkout@meshjoin-sandbox.iam.gserviceaccount.com", "namespace": "payments",
+             "serviceAccount": "checkout", "apps": ["checkout"]}]
+TF_VARS = {**World().default_terraform_vars(), "identity_bindings": BINDINGS}
+ALLOWED_NAMESPACES = ("apps", "payments")
 KUBECTL = shutil.which("kubectl")
 needs_kubectl = pytest.mark.skipif(KUBECTL is None and not os.environ.get("CI"), reason="kubectl is not installed")
 
@@ -41,7 +47,7 @@ needs_kubectl = pytest.mark.skipif(KUBECTL is None and not os.environ.get("CI"),
 def _start(world: World, directory: Path, terraform_dir: Path | None = None, operator_admin: bool = True):
     _, cert, key = _write_tls(directory)
     emulator = KubeEmulator(world, CRD_PATH)
-    for namespace in set(ALLOWED_NAMESPACES) - {"default"}:
+    for namespace in ALLOWED_NAMESPACES:
         emulator.put_object({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
     emulator.seed_terraform_rbac(directory=terraform_dir)
     if not operator_admin:
@@ -52,7 +58,7 @@ def _start(world: World, directory: Path, terraform_dir: Path | None = None, ope
 
 @pytest.fixture(scope="module")
 def world() -> World:
-    return World()
+    return World(terraform_vars=TF_VARS)
 
 
 @pytest.fixture(scope="module")
