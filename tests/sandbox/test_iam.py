@@ -31,8 +31,8 @@ from meshjoin_sandbox.web import serve
 from meshjoin_sandbox.world import CLOUD_PLATFORM, USERINFO_EMAIL, World
 
 ZONE = "us-central1-a"
-ORDERS = "orders@meshjoin-sandbox.iam.gserviceaccount.com"  # listed in vm_service_accounts
-STRANGER_SA = "stranger-vm@meshjoin-sandbox.iam.gserviceaccount.com"  # not listed
+ORDERS = "orders@meshjoin-sandbox.iam.gserviceaccount.com"  # bound in the default identity_bindings
+STRANGER_SA = "stranger-vm@meshjoin-sandbox.iam.gserviceaccount.com"  # not bound
 MALLORY = "mallory@meshjoin-sandbox.iam.gserviceaccount.com"  # granted nothing anywhere
 ACCESSOR = "roles/secretmanager.secretAccessor"
 
@@ -257,8 +257,8 @@ def test_cluster_viewer_lets_the_functions_read_the_cluster_and_nobody_else(sand
 
 def test_set_metadata_needs_act_as_on_the_vms_account(sandbox):
     bearer = functions_token(sandbox)
-    set_metadata(sandbox, bearer, "orders-1", status="ok")  # ORDERS is in vm_service_accounts
-    # A VM created without an account runs as the project's default compute account: not listed.
+    set_metadata(sandbox, bearer, "orders-1", status="ok")  # ORDERS is bound (identity_bindings)
+    # A VM created without an account runs as the project's default compute account: not bound.
     with pytest.raises(exceptions.Forbidden, match=sandbox.world.default_compute_sa):
         set_metadata(sandbox, bearer, "bare-1", status="ok")
     with pytest.raises(exceptions.Forbidden) as refused:
@@ -330,7 +330,9 @@ def test_a_permission_removed_from_terraform_is_refused(tmp_path, servers):
 
 
 def test_terraform_variables_decide_who_may_be_acted_as(servers):
-    world = World(terraform_vars={**World().default_terraform_vars(), "vm_service_accounts": [STRANGER_SA]})
+    """actAs follows identity_bindings (iam.tf, act_as_vm): bind the stranger instead of orders."""
+    bindings = [{"gsa": STRANGER_SA, "namespace": "apps", "serviceAccount": "stranger", "apps": ["stranger"]}]
+    world = World(terraform_vars={**World().default_terraform_vars(), "identity_bindings": bindings})
     sandbox = build(servers, world)
     set_metadata(sandbox, functions_token(sandbox), "stranger-1", color="red")
     with pytest.raises(exceptions.Forbidden, match="does not have access to service account"):

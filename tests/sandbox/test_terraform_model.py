@@ -8,9 +8,11 @@ import pytest
 
 from meshjoin_sandbox.terraform import TerraformError, default_terraform_dir, load_terraform, parse_expression
 
-VARS = {"project_id": "p1", "cluster": "projects/p1/locations/us-central1/clusters/mesh",
-        "allowed_namespaces": ["apps", "payments"], "vm_service_accounts": ["b@p1.iam.gserviceaccount.com",
-                                                                           "a@p1.iam.gserviceaccount.com"]}
+# b@ is bound twice (two namespaces): one actAs grant, one nudge grant, distinct() as in iam.tf.
+BINDINGS = [{"gsa": "b@p1.iam.gserviceaccount.com", "namespace": "apps", "serviceAccount": "b", "apps": ["b"]},
+            {"gsa": "a@p1.iam.gserviceaccount.com", "namespace": "payments", "serviceAccount": "a", "apps": ["a"]},
+            {"gsa": "b@p1.iam.gserviceaccount.com", "namespace": "payments", "serviceAccount": "b", "apps": ["b"]}]
+VARS = {"project_id": "p1", "cluster": "projects/p1/locations/us-central1/clusters/mesh", "identity_bindings": BINDINGS}
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +40,9 @@ def test_for_each_over_a_set_is_ordered_and_keyed_like_terraform(model):
     grants = model.resources("google_service_account_iam_member")
     act_as = [g for g in grants if g["_name"] == "act_as_vm"]
     assert [g["_key"] for g in act_as] == ["a@p1.iam.gserviceaccount.com", "b@p1.iam.gserviceaccount.com"]
+    assert model.locals["bound_service_accounts"] == ["b@p1.iam.gserviceaccount.com", "a@p1.iam.gserviceaccount.com"]
+    # ... and the for_each of the nudge grants (their topic id is known only after apply).
+    assert model.locals["vm_publishers"] == ("a@p1.iam.gserviceaccount.com", "b@p1.iam.gserviceaccount.com")
     # projects/-/: the account may live in another project (deploy/terraform/iam.tf)
     assert act_as[0]["service_account_id"] == "projects/-/serviceAccounts/a@p1.iam.gserviceaccount.com"
 
@@ -56,12 +61,32 @@ def test_conditions_and_cross_resource_references(model):
 def test_count_and_dynamic_blocks(tmp_path):
     model = load_terraform(default_terraform_dir(), {**VARS, "manage_kubernetes_rbac": False})
     assert model.resources("kubernetes_cluster_role_v1") == []
-    wide = load_terraform(default_terraform_dir(), {**VARS, "allowed_namespaces": ["*"]})
-    assert wide.resources("kubernetes_role_binding_v1") == []
-    assert {b["metadata"][0]["name"] for b in wide.resources("kubernetes_cluster_role_binding_v1")} == {
-        "meshjoin-writer", "meshjoin-reader"}
-    (writer,) = [r for r in wide.resources("kubernetes_cluster_role_v1") if r["_name"] == "writer"]
-    assert [rule["resources"] for rule in writer["rule"]] == [["workloadentries"], ["services"], ["serviceaccounts"]]
+    assert model.resources("kubernetes_role_binding_v1") == []
+    bound = load_terraform(default_terraform_dir(), VARS)
+    assert sorted(b["_key"] for b in bound.resources("kubernetes_role_binding_v1")) == ["apps", "payments"]
+    assert [b["metadata"][0]["name"] for b in bound.resources("kubernetes_cluster_role_binding_v1")] == ["meshjoin-reader"]
+    (writer,) = [r for r in bound.resources("kubernetes_cluster_role_v1") if r["_name"] == "writer"]
+    assert [rule["resources"] for rule in writer["rule"]] == [["workloadentries"], ["services"], ["pods"],
+                                                              ["serviceaccounts"]]
+    nobody = load_terraform(default_terraform_dir(), {**VARS, "identity_bindings": []}, project_number="42")
+    assert nobody.resources("kubernetes_role_binding_v1") == []
+    assert [g for g in nobody.resources("google_service_account_iam_member") if g["_name"] == "act_as_vm"] == []
+
+
+def test_distinct_keeps_first_occurrences_in_order_and_takes_lists_only(tmp_path):
+    """As Terraform's: objects compare by value, a set converts to a list, a map is refused."""
+    directory = write_module(tmp_path, 'locals {\n'
+                             '  strings = distinct(["b", "a", "b", "c", "a"])\n'
+                             '  objects = distinct([{ a = 1 }, { a = 2 }, { a = 1 }])\n'
+                             '  of_set  = distinct(toset(["b", "a"]))\n'
+                             '  of_map  = distinct({ a = 1 })\n'
+                             '}\n')
+    model = load_terraform(directory, {})
+    assert model.locals["strings"] == ["b", "a", "c"]
+    assert model.locals["objects"] == [{"a": 1}, {"a": 2}]
+    assert model.locals["of_set"] == ["a", "b"]
+    with pytest.raises(TerraformError, match="distinct takes a list"):
+        model.locals["of_map"]
 
 
 def test_a_precondition_that_fails_fails_the_load(tmp_path):
