@@ -209,14 +209,16 @@ def test_a_verb_removed_from_kubernetes_tf_makes_the_products_call_403(world, tm
 
 def test_seeded_objects_are_those_of_kubernetes_tf(cluster, world):
     emulator, _, _ = cluster
-    expected = terraform_rbac_objects(world.default_terraform_vars(), world.project_number)
+    expected = terraform_rbac_objects(world.terraform_vars, world.project_number)  # what the emulator seeded from
     kinds = {(o["kind"], o["metadata"].get("namespace", ""), o["metadata"]["name"]) for o in expected}
-    assert kinds == {
+    assert kinds == {  # a writer binding in each namespace identity_bindings name, and nowhere else
         ("ClusterRole", "", "meshjoin-writer"), ("ClusterRole", "", "meshjoin-reader"),
         ("RoleBinding", "apps", "meshjoin-writer"), ("RoleBinding", "payments", "meshjoin-writer"),
-        ("RoleBinding", "default", "meshjoin-writer"),
         ("ClusterRoleBinding", "", "meshjoin-reader"),
     }
+    seeded = {namespace for (namespace, name) in emulator._objects["rolebindings.rbac.authorization.k8s.io"]
+              if name == "meshjoin-writer"}
+    assert seeded == {"apps", "payments"}
     stored = emulator._objects["rolebindings.rbac.authorization.k8s.io"][("apps", "meshjoin-writer")]
     assert stored["subjects"] == [{"kind": "User", "name": world.functions_email,
                                    "apiGroup": "rbac.authorization.k8s.io"}]
