@@ -250,7 +250,7 @@ def test_custom_roles_hold_exactly_the_reviewed_permissions(terraform):
 
 # --- every call the product makes, on the resource it acts on ---------------------------------
 # Resources as IAM names them in its checks (Secret Manager by project NUMBER), for the variables the
-# evaluation below uses: project my-proj (number 123456789), cluster in other-proj, one listed VM identity.
+# evaluation below uses: project my-proj (number 123456789), cluster in other-proj, one bound VM identity.
 PROJECT_NUMBER = "123456789"
 PROJECT = "projects/my-proj"
 CLUSTER = "projects/other-proj/locations/us-central1/clusters/mesh"
@@ -258,6 +258,7 @@ VM = "projects/my-proj/zones/us-central1-a/instances/vm-1"
 ZONE_OPERATION = "projects/my-proj/zones/us-central1-a/operations/operation-1"
 VM_ACCOUNT_EMAIL = "orders-vm@my-proj.iam.gserviceaccount.com"
 VM_ACCOUNT = f"projects/my-proj/serviceAccounts/{VM_ACCOUNT_EMAIL}"
+BOUND_EMAILS = {VM_ACCOUNT_EMAIL}  # what local.bound_service_accounts holds in this evaluation
 _defaults = Settings.__dataclass_fields__
 CA_SECRETS = [f"projects/{PROJECT_NUMBER}/secrets/{_defaults[f].default}"
               for f in ("ca_cert_secret", "ca_key_secret", "ca_chain_secret", "ca_root_secret")]
@@ -273,7 +274,7 @@ FUNCTION_CALLS = [
     ("ComputeAdapter.get_vm: instances.get", "compute.instances.get", VM),
     ("ComputeAdapter.list_vms: instances.aggregatedList", "compute.instances.list", PROJECT),
     ("ComputeAdapter.set_metadata: instances.setMetadata", "compute.instances.setMetadata", VM),
-    ("ComputeAdapter.set_metadata: on a VM running as a listed identity", "iam.serviceAccounts.actAs", VM_ACCOUNT),
+    ("ComputeAdapter.set_metadata: on a VM running as a bound identity", "iam.serviceAccounts.actAs", VM_ACCOUNT),
     ("ComputeAdapter._wait: zoneOperations.wait", "compute.zoneOperations.get", ZONE_OPERATION),
     ("ComputeAdapter.guest_attributes: instances.getGuestAttributes", "compute.instances.getGuestAttributes", VM),
     ("ComputeAdapter.project_metadata: projects.get", "compute.projects.get", PROJECT),
@@ -294,8 +295,10 @@ FUNCTION_REFUSALS = [
     ("read a VM's key", "secretmanager.versions.access", VM_SECRET_VERSION),
     ("change who may read the CA", "secretmanager.secrets.setIamPolicy", CA_SECRET),
     ("destroy a CA version", "secretmanager.versions.destroy", CA_VERSION),
-    ("act as an unlisted identity", "iam.serviceAccounts.actAs",
+    ("act as an unbound identity", "iam.serviceAccounts.actAs",
      "projects/my-proj/serviceAccounts/123-compute@developer.gserviceaccount.com"),
+    ("act as an unbound identity of another project", "iam.serviceAccounts.actAs",
+     "projects/shared-proj/serviceAccounts/admin@shared-proj.iam.gserviceaccount.com"),
 ]
 # The VM agent's own calls, as its service account.
 VM_CALLS = [("the agent's nudge: topics.publish", "pubsub.topics.publish", EVENTS_TOPIC)]
@@ -343,8 +346,13 @@ def covered(terraform, body: dict, rtype: str, resource: str) -> bool:
         assert unref(body["for_each"]) == "local.ca_secrets", "a secret-level grant this test cannot place"
         return any(resource == s or resource.startswith(s + "/versions/") for s in CA_SECRETS)
     if rtype == "google_service_account_iam_member":
-        if unref(body.get("for_each", "")) == "toset(var.vm_service_accounts)":
-            return resource == VM_ACCOUNT and "${each.value}" in body["service_account_id"]
+        if unref(body.get("for_each", "")) == "toset(local.bound_service_accounts)":
+            # One grant per bound email on projects/-/serviceAccounts/EMAIL: IAM stores it on the account
+            # itself, whichever project the email names, so it covers exactly the bound accounts.
+            assert body["service_account_id"] == "projects/-/serviceAccounts/${each.value}", \
+                "an act-as grant this test cannot place"
+            match = re.fullmatch(r"projects/[^/]+/serviceAccounts/([^/]+)", resource)
+            return bool(match) and match.group(1) in BOUND_EMAILS
         return False  # the push identity's token creator: not a VM identity
     if rtype == "google_pubsub_topic_iam_member":
         return unref(body["topic"]) == "google_pubsub_topic.events.id" and resource == EVENTS_TOPIC
@@ -383,8 +391,9 @@ def test_functions_cannot_do_what_they_never_need(terraform, what, permission, r
 def test_defect3_vm_identities_may_nudge_on_the_events_topic_only(terraform, call, permission, resource):
     grants = permitted(terraform, "serviceAccount:${each.value}", permission, resource,
                        member_for_each="local.vm_publishers")
-    assert grants, f"{call}: the listed VM identities need {permission} on {resource}"
-    assert unref(terraform.locals["vm_publishers"]) == "toset(var.vm_service_accounts)"
+    assert grants, f"{call}: the bound VM identities need {permission} on {resource}"
+    # The publishers are exactly the bound accounts (evaluated: test_bound_accounts_are_acted_as_and_nudge).
+    assert unref(terraform.locals["vm_publishers"]) == "toset(local.bound_service_accounts)"
     assert permitted(terraform, "serviceAccount:${each.value}", permission,
                      "projects/my-proj/topics/meshjoin-schedule") == []
 
@@ -426,8 +435,9 @@ def test_per_vm_secret_grant_is_conditioned_on_the_prefix(terraform):
 
 def test_acting_as_vm_identities_is_per_bound_account(terraform):
     grant = terraform.resource("google_service_account_iam_member", "act_as_vm")
-    assert unref(grant["for_each"]) == "local.act_as_accounts"
-    assert unref(grant["service_account_id"]) == "each.value"
+    assert unref(grant["for_each"]) == "toset(local.bound_service_accounts)"
+    # "-": IAM infers the project from the email, so an account of another project is granted on itself.
+    assert grant["service_account_id"] == "projects/-/serviceAccounts/${each.value}"
     assert "var.identity_bindings" in terraform.locals["bound_service_accounts"]
     assert terraform.variables["identity_bindings"]["default"] == []
 
@@ -446,21 +456,23 @@ ALLOWED_VERBS = {"get", "list", "create", "update", "delete"}
 
 # Every request the kube adapter sends, by where it can land: "any" namespace (reads of objects a VM
 # left behind elsewhere, and cluster-wide inventories) must be covered by the cluster-wide reader
-# role; "allowed" namespaces by the writer role bound there.
+# role; "bound" namespaces (those identity_bindings name) by the writer role bound there.
 KUBE_CALLS = [
     ("list owned WorkloadEntries cluster-wide (inventory, leave)", "list", "workloadentries", "any"),
     ("read an entry before deleting it, in any namespace", "get", "workloadentries", "any"),
     ("list owned Services cluster-wide (inventory)", "list", "services", "any"),
     ("delete_owned reads a Service before pruning it (defect 7)", "get", "services", "any"),
     ("entries selecting an app, per namespace (prune_service)", "list", "workloadentries", "any"),
-    ("create an entry", "create", "workloadentries", "allowed"),
-    ("replace an entry", "update", "workloadentries", "allowed"),
-    ("delete an entry", "delete", "workloadentries", "allowed"),
-    ("read a Service before creating it", "get", "services", "allowed"),
-    ("create a Service", "create", "services", "allowed"),
-    ("delete a Service", "delete", "services", "allowed"),
-    ("read a ServiceAccount before creating it", "get", "serviceaccounts", "allowed"),
-    ("create a ServiceAccount", "create", "serviceaccounts", "allowed"),
+    ("create an entry", "create", "workloadentries", "bound"),
+    ("replace an entry", "update", "workloadentries", "bound"),
+    ("delete an entry", "delete", "workloadentries", "bound"),
+    ("read a Service before creating it", "get", "services", "bound"),
+    ("create a Service", "create", "services", "bound"),
+    ("replace meshjoin's Service when the ports change (apply_owned)", "update", "services", "bound"),
+    ("pods selecting an app before its Service is pruned (prune_service)", "list", "pods", "bound"),
+    ("delete a Service", "delete", "services", "bound"),
+    ("read a ServiceAccount before creating it", "get", "serviceaccounts", "bound"),
+    ("create a ServiceAccount", "create", "serviceaccounts", "bound"),
 ]
 
 
@@ -469,7 +481,7 @@ def test_defect7_every_kube_call_has_its_verb_where_it_lands(terraform, call, ve
     rules = terraform.locals["reader_rules"] if where == "any" else \
         terraform.locals["writer_rules"] + terraform.locals["reader_rules"]
     assert any(resource in rule["resources"] and verb in rule["verbs"] for rule in rules), \
-        f"{call}: RBAC verb {verb} on {resource} is not granted {'cluster-wide' if where == 'any' else 'in the allowed namespaces'}"
+        f"{call}: RBAC verb {verb} on {resource} is not granted {'cluster-wide' if where == 'any' else 'in the bound namespaces'}"
 
 
 def test_kube_call_table_covers_every_kind_and_method_the_adapter_uses():
@@ -477,6 +489,14 @@ def test_kube_call_table_covers_every_kind_and_method_the_adapter_uses():
     assert {resource for _, _, resource, _ in KUBE_CALLS} == set(plural_of.values())
     methods = set(re.findall(r'_do\("([A-Z]+)"', (REPO / "shared" / "meshjoin" / "adapters" / "kube.py").read_text()))
     assert {kube.RBAC_VERBS[m] for m in methods} | {"list"} == {verb for _, verb, _, _ in KUBE_CALLS}
+
+
+def test_every_rbac_grant_is_a_call_in_the_table(terraform):
+    """The converse of defect 7: no RBAC verb on a resource that no call of the table needs."""
+    tabled = {(verb, resource) for _, verb, resource, _ in KUBE_CALLS}
+    for rules in (terraform.locals["writer_rules"], terraform.locals["reader_rules"]):
+        granted = {(verb, resource) for rule in rules for verb in rule["verbs"] for resource in rule["resources"]}
+        assert granted - tabled == set(), "RBAC grants verbs no call of the kube adapter uses"
 
 
 def test_rbac_covers_exactly_what_the_kube_adapter_touches(terraform):
@@ -588,20 +608,16 @@ def test_rendered_rbac_manifest_and_sink_filter(console_module):
 
 
 @needs_terraform
-def test_act_as_is_granted_per_bound_account_in_its_own_project(console_module):
-    """actAs on each bound account, once, on the account's own resource (its project may differ)."""
-    grants = evaluate(console_module, "local.act_as_accounts", identity_bindings=BINDINGS)
-    assert grants == {
-        "orders-vm@my-proj.iam.gserviceaccount.com":
-            "projects/my-proj/serviceAccounts/orders-vm@my-proj.iam.gserviceaccount.com",
-        "checkout@shared-proj.iam.gserviceaccount.com":
-            "projects/shared-proj/serviceAccounts/checkout@shared-proj.iam.gserviceaccount.com",
-    }
-    assert evaluate(console_module, "local.act_as_accounts") == {}  # nobody bound, nobody acted as
-    default = evaluate(console_module, "local.act_as_accounts", identity_bindings=(
-        '[{gsa="123-compute@developer.gserviceaccount.com",namespace="apps",serviceAccount="x",apps=["x"]}]'))
-    assert default == {"123-compute@developer.gserviceaccount.com":
-                       "projects/my-proj/serviceAccounts/123-compute@developer.gserviceaccount.com"}
+def test_bound_accounts_are_acted_as_and_nudge_once_each(console_module):
+    """actAs (act_as_vm) and the nudge (vm_nudge) cover each bound account once, whichever project it
+    lives in (an account bound in two namespaces is still one account), and nobody when nothing is bound."""
+    bound = evaluate(console_module, "{ accounts = local.bound_service_accounts, nudge = local.vm_publishers }",
+                     identity_bindings=BINDINGS)
+    assert bound["accounts"] == ["orders-vm@my-proj.iam.gserviceaccount.com",
+                                 "checkout@shared-proj.iam.gserviceaccount.com"]
+    assert sorted(bound["nudge"]) == sorted(bound["accounts"])
+    nobody = evaluate(console_module, "{ accounts = local.bound_service_accounts, nudge = local.vm_publishers }")
+    assert nobody == {"accounts": [], "nudge": []}
 
 
 @needs_terraform
