@@ -3,14 +3,15 @@
 #
 # The verbs are those shared/meshjoin/adapters/kube.py sends (GET/POST/PUT/DELETE → get, create,
 # update, delete; label-selector listings → list), on the kinds it handles (kube.PATHS):
-# WorkloadEntries, the Service an app's entries need, and the ServiceAccount the identity names.
+# WorkloadEntries, the Service an app's entries need, the ServiceAccount the identity names, and
+# Pods (only listed, to never prune a Service that selects them).
 # It never patches, watches, or touches WorkloadGroups, and it never deletes ServiceAccounts
 # (pods may use them), so none of that is granted.
 
 locals {
   kube_user = google_service_account.functions.email
 
-  # Writes, bound per allowed namespace: a VM can never get objects written outside policy.
+  # Writes, bound per namespace of var.identity_bindings: a VM can never get objects written outside policy.
   writer_rules = [
     {
       api_groups = ["networking.istio.io"]
@@ -39,7 +40,7 @@ locals {
   # leaves is cleaned up over all namespaces (its entry may sit in a namespace it has since
   # left), and the sweep's inventory lists owned WorkloadEntries and Services cluster-wide.
   # `get` on services: pruning a Service (delete_owned) reads it first to check ownership.
-  # Reading is all: an object outside the allowed namespaces cannot be changed.
+  # Reading is all: an object outside the bound namespaces cannot be changed.
   reader_rules = [
     {
       api_groups = ["networking.istio.io"]
@@ -119,7 +120,7 @@ resource "kubernetes_cluster_role_v1" "writer" {
 }
 
 # A RoleBinding to a ClusterRole grants its rules in that namespace only: one role definition,
-# one binding per allowed namespace. The namespaces must exist (meshjoin never creates them).
+# one binding per bound namespace. The namespaces must exist (meshjoin never creates them).
 resource "kubernetes_role_binding_v1" "writer" {
   for_each = var.manage_kubernetes_rbac ? toset(local.rbac_namespaces) : toset([])
 

@@ -36,7 +36,7 @@ BINDINGS = [{"gsa": "orders@meshjoin-sandbox.iam.gserviceaccount.com", "namespac
             {"gsa": "checkout@meshjoin-sandbox.iam.gserviceaccount.com", "namespace": "payments",
              "serviceAccount": "checkout", "apps": ["checkout"]}]
 TF_VARS = {**World().default_terraform_vars(), "identity_bindings": BINDINGS}
-ALLOWED_NAMESPACES = ("apps", "payments")
+BOUND_NAMESPACES = ("apps", "payments")
 KUBECTL = shutil.which("kubectl")
 needs_kubectl = pytest.mark.skipif(KUBECTL is None and not os.environ.get("CI"), reason="kubectl is not installed")
 
@@ -47,7 +47,7 @@ needs_kubectl = pytest.mark.skipif(KUBECTL is None and not os.environ.get("CI"),
 def _start(world: World, directory: Path, terraform_dir: Path | None = None, operator_admin: bool = True):
     _, cert, key = _write_tls(directory)
     emulator = KubeEmulator(world, CRD_PATH)
-    for namespace in ALLOWED_NAMESPACES:
+    for namespace in BOUND_NAMESPACES:
         emulator.put_object({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
     emulator.seed_terraform_rbac(directory=terraform_dir)
     if not operator_admin:
@@ -134,9 +134,9 @@ def test_a_token_without_userinfo_email_is_refused_where_rbac_names_the_account_
 # --- RBAC as kubernetes.tf grants it ------------------------------------------------------------------------
 
 
-def test_the_writer_role_is_bound_only_in_the_allowed_namespaces(with_email, functions_email):
-    assert "apps" in ALLOWED_NAMESPACES and "kube-system" not in ALLOWED_NAMESPACES
-    for namespace in ALLOWED_NAMESPACES:
+def test_the_writer_role_is_bound_only_in_the_bound_namespaces(with_email, functions_email):
+    assert "apps" in BOUND_NAMESPACES and "kube-system" not in BOUND_NAMESPACES
+    for namespace in BOUND_NAMESPACES:
         create_we(with_email, namespace)
     core = client.CoreV1Api(with_email)
     service = client.V1Service(metadata=client.V1ObjectMeta(name="web"),
