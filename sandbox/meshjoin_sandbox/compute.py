@@ -20,6 +20,9 @@ from datetime import datetime, timedelta, timezone
 
 from werkzeug.routing import Map, Rule
 
+from .guest import GuestAttributes
+from .lifecycle import OperationClock, VmLifecycle
+from .quota import compute_quotas, limiter
 from .web import GOOGLE_STATUS, ApiError, FaultInjector, RoutedApp, json_response, read_json
 
 API = "https://www.googleapis.com/compute/v1"
@@ -56,7 +59,7 @@ _FILTER_TERM = re.compile(r'\s*([A-Za-z][\w.-]*)\s*(!=|=|:)\s*("(?:[^"\\]|\\.)*"
 _FILTER_GROUP = re.compile(r"\s*(?:AND\s*)?\(([^()]*)\)\s*")
 _FILTER_FIELDS = {"name", "status", "id", "zone", "machineType", "creationTimestamp", "labelFingerprint",
                   "cpuPlatform", "description", "selfLink"}
-_AUDITED = {"insert", "delete", "setLabels"}
+_AUDITED = {"insert", "delete", "setLabels", "stop", "start", "reset"}
 
 
 def render_error(err: ApiError):
@@ -67,10 +70,17 @@ def render_error(err: ApiError):
             "message": err.message,
             "status": GOOGLE_STATUS.get(err.status, "UNKNOWN"),
             "errors": [{"message": err.message, "domain": "global",
-                        "reason": _REASONS.get(err.status, "backendError")}],
+                        "reason": _compute_reason(err)}],
         }
     }
     return json_response(body, err.status)
+
+
+def _compute_reason(err: ApiError) -> str:
+    """An explicit lowerCamel reason (rateLimitExceeded, resourceNotReady) wins over the status's."""
+    if err.reason and err.reason[:1].islower():
+        return err.reason
+    return _REASONS.get(err.status, "backendError")
 
 
 def _fingerprint() -> str:
@@ -213,6 +223,17 @@ class ComputeEmulator:
             Rule(instance + "/setMetadata", endpoint="instances.setMetadata", methods=["POST"]),
             Rule(operation, endpoint="zoneOperations.get", methods=["GET"]),
             Rule(operation + "/wait", endpoint="zoneOperations.wait", methods=["POST"]),
+            # VM lifecycle, project metadata and guest attributes (lifecycle.py, guest.py)
+            Rule(instance + "/stop", endpoint="instances.stop", methods=["POST"]),
+            Rule(instance + "/start", endpoint="instances.start", methods=["POST"]),
+            Rule(instance + "/reset", endpoint="instances.reset", methods=["POST"]),
+            Rule(instance + "/getGuestAttributes", endpoint="instances.getGuestAttributes", methods=["GET"]),
+            Rule(prefix, endpoint="projects.get", methods=["GET"]),
+            Rule(prefix + "/setCommonInstanceMetadata", endpoint="projects.setCommonInstanceMetadata",
+                 methods=["POST"]),
+            Rule(prefix + "/global/operations/<operation>", endpoint="globalOperations.get", methods=["GET"]),
+            Rule(prefix + "/global/operations/<operation>/wait", endpoint="globalOperations.wait",
+                 methods=["POST"]),
         ]
         handlers = {
             "instances.aggregatedList": self._aggregated_list,
@@ -224,10 +245,52 @@ class ComputeEmulator:
             "instances.setMetadata": self._set_metadata,
             "zoneOperations.get": self._operation,
             "zoneOperations.wait": self._operation,
+            "instances.stop": self._stop,
+            "instances.start": self._start,
+            "instances.reset": self._reset,
+            "instances.getGuestAttributes": self._get_guest_attributes,
+            "projects.get": self._get_project,
+            "projects.setCommonInstanceMetadata": self._set_common_metadata,
+            "globalOperations.get": self._global_operation,
+            "globalOperations.wait": self._global_operation,
         }
         self.faults = FaultInjector(world, list(handlers))
         self.app = RoutedApp(Map(rules), handlers, render_error=render_error, before=self._before, faults=self.faults)
         world.emulators["compute"] = self
+        self._init_lifecycle()
+
+    def _init_lifecycle(self) -> None:
+        """Boot timing, operation timing, quotas, project metadata and guest attributes."""
+        world = self.world
+        self.lifecycle = VmLifecycle(self, world.timing, on_boot=self._booted)
+        self.op_clock = OperationClock(world.timing)
+        self.quotas = compute_quotas(world.timing.time_factor)
+        self.app.limiter = limiter(self.quotas, world, 403, "rateLimitExceeded")
+        self.guest_attributes = GuestAttributes(world.timing.time_factor)
+        self._project_metadata = {"kind": "compute#metadata", "fingerprint": _fingerprint(), "items": []}
+
+    def _booted(self, zone: str, name: str) -> None:
+        """The guest's boot: its startup script runs now, and only now (guest.py)."""
+        guests = self.world.emulators.get("guests")
+        if guests is not None:
+            guests.boot(zone, name)
+
+    def stamp(self) -> str:
+        return _gce_time(_now())
+
+    def project_metadata(self) -> dict:
+        with self.world.lock:
+            return copy.deepcopy(self._project_metadata)
+
+    def metadata_value(self, zone: str, name: str, key: str) -> str | None:
+        """An attribute as GCE's guest sees it: the instance item, else the project (common) item."""
+        with self.world.lock:
+            instance = self._instances.get((zone, name))
+            for items in ((instance or {}).get("metadata", {}).get("items", []), self._project_metadata["items"]):
+                for item in items:
+                    if item["key"] == key:
+                        return item["value"]
+        return None
 
     # ---- Python access for tests, tools and the other emulators --------------------------------------
 
@@ -449,7 +512,8 @@ class ComputeEmulator:
         body = read_json(request)
         with self.world.lock:
             instance = self._create(zone, body)
-            operation, entries = self._record(request, zone, "insert", instance)
+            boot = self.lifecycle.created(zone, instance["name"])
+            operation, entries = self._record(request, zone, "insert", instance, takes=boot)
         return self._answer(operation, entries)
 
     def _delete(self, request, project, zone, instance):
@@ -458,7 +522,10 @@ class ComputeEmulator:
             found = self._must_get(zone, instance)
             del self._instances[(zone, instance)]
             self._ips_in_use.discard(found["networkInterfaces"][0]["networkIP"])
-            operation, entries = self._record(request, zone, "delete", found)
+            self.lifecycle.deleted(zone, instance)
+            self.guest_attributes.forget(found["id"])
+            operation, entries = self._record(request, zone, "delete", found,
+                                              takes=self.world.timing.operation_seconds)
         return self._answer(operation, entries)
 
     def _set_labels(self, request, project, zone, instance):
@@ -472,7 +539,8 @@ class ComputeEmulator:
             _check_labels(labels)
             found["labels"] = labels
             found["labelFingerprint"] = _fingerprint()
-            operation, entries = self._record(request, zone, "setLabels", found)
+            operation, entries = self._record(request, zone, "setLabels", found,
+                                              takes=self.world.timing.operation_seconds)
         return self._answer(operation, entries)
 
     def _set_metadata(self, request, project, zone, instance):
@@ -484,13 +552,15 @@ class ComputeEmulator:
                 raise ApiError(412, "Supplied fingerprint does not match current metadata fingerprint.")
             items = _metadata_items(body)
             found["metadata"] = {"kind": "compute#metadata", "fingerprint": _fingerprint(), "items": items}
-            operation, entries = self._record(request, zone, "setMetadata", found)
+            operation, entries = self._record(request, zone, "setMetadata", found,
+                                              takes=self.world.timing.operation_seconds)
         return self._answer(operation, entries)
 
     # ---- operations and audit ------------------------------------------------------------------------
 
-    def _record(self, request, zone: str, verb: str, instance: dict) -> tuple[dict, list[dict]]:
-        """Store the RUNNING operation of a mutation just applied, and build its audit entries (lock held)."""
+    def _record(self, request, zone: str, verb: str, instance: dict, takes: float = 0.0) -> tuple[dict, list[dict]]:
+        """Store the RUNNING operation of a mutation just applied (DONE `takes` seconds later), and build
+        its audit entries (lock held)."""
         started = _now()
         op_name = "-".join(["operation", str(int(started.timestamp() * 1000)),
                             secrets.token_hex(7), secrets.token_hex(4), secrets.token_hex(4)])
@@ -510,6 +580,7 @@ class ComputeEmulator:
             "selfLink": f"{self._zone_url(zone)}/operations/{op_name}",
         }
         self._operations[(zone, op_name)] = operation
+        self.op_clock.started(zone, op_name, takes)
         entries = []
         if verb in _AUDITED and request.headers.get("X-Sandbox-No-Event") != "1":
             entries = self._audit_entries(request, zone, verb, instance, operation)
@@ -558,12 +629,113 @@ class ComputeEmulator:
         return entries
 
     def _operation(self, request, project, zone, operation):
-        """An operation reads RUNNING in the mutation's answer and DONE from its first get or wait on."""
+        """An operation stays RUNNING until its time is up (lifecycle.py); `wait` holds until then, or
+        until the (scaled) two-minute limit, and answers the operation as it is."""
+        self._check_scope(project, zone)
+        return self._answer_operation(request, zone, operation, f"projects/{project}/zones/{zone}/operations/{operation}")
+
+    def _global_operation(self, request, project, operation):
+        self._check_scope(project)
+        return self._answer_operation(request, "global", operation, f"projects/{project}/global/operations/{operation}")
+
+    def _answer_operation(self, request, scope: str, operation: str, path: str):
+        with self.world.lock:
+            if (scope, operation) not in self._operations:
+                raise _not_found(path)
+        if request.path.endswith("/wait"):
+            self.op_clock.hold(scope, operation)
+        with self.world.lock:
+            found = self._operations[(scope, operation)]
+            if found["status"] != "DONE" and self.op_clock.is_done(scope, operation):
+                found.update(status="DONE", progress=100, endTime=_gce_time(_now()))
+            return json_response(copy.deepcopy(found))
+
+    # ---- lifecycle: stop, start, reset ---------------------------------------------------------------
+
+    def _power(self, request, project, zone, instance, verb: str):
         self._check_scope(project, zone)
         with self.world.lock:
-            found = self._operations.get((zone, operation))
-            if found is None:
-                raise _not_found(f"projects/{project}/zones/{zone}/operations/{operation}")
-            if found["status"] != "DONE":
-                found.update(status="DONE", progress=100, endTime=_gce_time(_now()))
-            return json_response(found)
+            found = self._must_get(zone, instance)
+            takes = getattr(self.lifecycle, verb)(zone, instance)
+            operation, entries = self._record(request, zone, verb, found, takes=takes)
+        return self._answer(operation, entries)
+
+    def _stop(self, request, project, zone, instance):
+        return self._power(request, project, zone, instance, "stop")
+
+    def _start(self, request, project, zone, instance):
+        return self._power(request, project, zone, instance, "start")
+
+    def _reset(self, request, project, zone, instance):
+        return self._power(request, project, zone, instance, "reset")
+
+    # ---- project (common instance) metadata ----------------------------------------------------------
+
+    def _project_json(self) -> dict:
+        project = self.world.project
+        metadata = copy.deepcopy(self._project_metadata)
+        if not metadata["items"]:
+            del metadata["items"]
+        return {
+            "kind": "compute#project", "id": self.world.project_number, "name": project,
+            "creationTimestamp": "2024-01-01T00:00:00.000-07:00", "commonInstanceMetadata": metadata,
+            "defaultServiceAccount": self.world.default_compute_sa, "xpnProjectStatus": "UNSPECIFIED_XPN_PROJECT_STATUS",
+            "defaultNetworkTier": "PREMIUM", "selfLink": f"{API}/projects/{project}",
+        }
+
+    def _get_project(self, request, project):
+        self._check_scope(project)
+        with self.world.lock:
+            return json_response(self._project_json())
+
+    def _set_common_metadata(self, request, project):
+        """projects.setCommonInstanceMetadata: the fingerprint rule of instance metadata, a global operation."""
+        self._check_scope(project)
+        body = read_json(request)
+        with self.world.lock:
+            if body.get("fingerprint") != self._project_metadata["fingerprint"]:
+                raise ApiError(412, "Supplied fingerprint does not match current metadata fingerprint.")
+            items = _metadata_items(body)
+            self._project_metadata = {"kind": "compute#metadata", "fingerprint": _fingerprint(), "items": items}
+            started = _now()
+            op_name = "-".join(["operation", str(int(started.timestamp() * 1000)), secrets.token_hex(7),
+                                secrets.token_hex(4), secrets.token_hex(4)])
+            operation = {
+                "kind": "compute#operation", "id": str(10**18 + secrets.randbelow(8 * 10**18)), "name": op_name,
+                "operationType": "compute.projects.setCommonInstanceMetadata",
+                "targetLink": f"{API}/projects/{project}", "targetId": self.world.project_number,
+                "status": "RUNNING", "user": self._principal(request), "progress": 0,
+                "insertTime": _gce_time(started), "startTime": _gce_time(started),
+                "selfLink": f"{API}/projects/{project}/global/operations/{op_name}",
+            }
+            self._operations[("global", op_name)] = operation
+            self.op_clock.started("global", op_name, self.world.timing.operation_seconds)
+            return json_response(copy.deepcopy(operation))
+
+    # ---- guest attributes (written only by the VM, through its own metadata server) ------------------
+
+    def guest_attributes_enabled(self, zone: str, name: str) -> bool:
+        """`enable-guest-attributes=TRUE` in instance metadata, else in project metadata (as GCE)."""
+        value = self.metadata_value(zone, name, "enable-guest-attributes")
+        return (value or "").strip().lower() == "true"
+
+    def _get_guest_attributes(self, request, project, zone, instance):
+        self._check_scope(project, zone)
+        with self.world.lock:
+            found = self._must_get(zone, instance)
+        path = f"projects/{project}/zones/{zone}/instances/{instance}"
+        body = {"kind": "compute#guestAttributes",
+                "selfLink": f"{self._zone_url(zone)}/instances/{instance}/getGuestAttributes"}
+        variable_key = request.args.get("variableKey")
+        if variable_key:
+            value = self.guest_attributes.get(found["id"], variable_key)
+            if value is None:
+                raise _not_found(f"{path}/guestAttributes/{variable_key}")
+            body.update(variableKey=variable_key, variableValue=value)
+            return json_response(body)
+        query_path = request.args.get("queryPath", "")
+        items = self.guest_attributes.query(found["id"], query_path)
+        if not items:
+            raise _not_found(f"{path}/guestAttributes/{query_path}")
+        body.update(queryPath=query_path, queryValue={"items": items})
+        return json_response(body)

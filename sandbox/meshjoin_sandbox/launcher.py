@@ -108,6 +108,7 @@ def tool_env(cfg: SandboxConfig) -> dict[str, str]:
     return {
         "CLOUDSDK_CORE_PROJECT": cfg.project,
         "CLOUDSDK_API_ENDPOINT_OVERRIDES_PUBSUB": cfg.url("pubsub") + "/",
+        "CLOUDSDK_API_ENDPOINT_OVERRIDES_COMPUTE": cfg.url("compute") + "/compute/v1/",
         "CLOUDSDK_AUTH_DISABLE_CREDENTIALS": "true",
         "CLOUDSDK_CONFIG": str(state / "gcloud"),
         "KUBECONFIG": str(state / "kubeconfig"),
@@ -256,6 +257,12 @@ def up(state_dir: Path, ca_dir: Path | None = None, function_env: dict[str, str]
     )
     if compute_subnet:
         cfg.compute_subnet = compute_subnet
+    from .quota import time_factor_from_env
+
+    try:
+        cfg.time_factor = time_factor_from_env(os.environ)
+    except ValueError as exc:
+        raise SandboxError(str(exc)) from None
     cfg.save()
     (state_dir / "world-ready").unlink(missing_ok=True)
     (state_dir / "gcloud").mkdir(exist_ok=True)

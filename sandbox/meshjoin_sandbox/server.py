@@ -18,6 +18,8 @@ from pathlib import Path
 from .compute import ComputeEmulator
 from .config import SandboxConfig
 from .container import ContainerEmulator
+from .guest import Guests
+from .lifecycle import Timing
 from .control import ControlEmulator
 from .kube import KubeEmulator
 from .metadata import MetadataEmulator
@@ -27,6 +29,7 @@ from .web import serve
 from .world import World
 
 CA_FILES = ("ca-cert.pem", "ca-key.pem", "cert-chain.pem", "root-cert.pem")
+SINK_METHODS = {"compute.instances.insert", "compute.instances.delete", "compute.instances.setLabels"}
 
 
 def audit_publisher(cfg: SandboxConfig):
@@ -39,6 +42,10 @@ def audit_publisher(cfg: SandboxConfig):
     log = logging.getLogger("sandbox.sink")
 
     def publish(entry: dict) -> None:
+        # The sink's filter (deploy/terraform): only insert, delete and setLabels reach the topic.
+        method = entry.get("protoPayload", {}).get("methodName", "")
+        if method.split(".", 1)[-1] not in SINK_METHODS:
+            return
         future = publisher.publish(topic, json.dumps(entry).encode())
         future.add_done_callback(lambda f: f.exception() and log.error("sink publish failed: %s", f.exception()))
 
@@ -58,6 +65,8 @@ def build_world(cfg: SandboxConfig) -> World:
         admin_token=cfg.admin_token,
         kube_endpoint=f"127.0.0.1:{cfg.ports['kube']}",
         kube_ca_pem=Path(cfg.kube_ca_file).read_text(),
+        timing=Timing(boot_seconds=cfg.boot_seconds, stop_seconds=cfg.stop_seconds,
+                      operation_seconds=cfg.operation_seconds, time_factor=cfg.time_factor),
     )
     world.publish_audit = audit_publisher(cfg)
     return world
@@ -82,6 +91,8 @@ def main(argv: list[str]) -> int:
         "metadata": MetadataEmulator(world).app,
         "control": ControlEmulator(world).app,
     }
+    Guests(world, Path(cfg.state_dir) / "vms",
+           {"MESHJOIN_SECRETMANAGER_URL": cfg.url("secretmanager"), **cfg.guest_env})
     servers = [serve(counted(name, app), "127.0.0.1", cfg.ports[name], name=name) for name, app in apps.items()]
     kube = KubeEmulator(world, cfg.crd_path)
     world.emulators.setdefault("kube", kube)  # for the control plane's /seed

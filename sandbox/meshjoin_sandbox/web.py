@@ -63,6 +63,8 @@ def google_error(err: ApiError) -> Response:
             "errors": [{"message": err.message, "domain": "global", "reason": status_name}],
         }
     }
+    if err.details:
+        body["error"]["details"] = err.details
     return json_response(body, err.status)
 
 
@@ -81,7 +83,10 @@ class RoutedApp:
 
     With a `FaultInjector` in `faults`, every authenticated call first draws a fault for its API
     method name (`method_name(endpoint, url_args)`, the endpoint by default) and suffers it.
+    A `limiter` (set as an attribute, see quota.py) is charged after `before` and may refuse the call.
     """
+
+    limiter: Callable[[Request, str], None] | None = None
 
     def __init__(
         self,
@@ -111,6 +116,8 @@ class RoutedApp:
                 raise ApiError(405, f"method {request.method} not allowed on {request.path}") from exc
             if self.before is not None:
                 self.before(request, endpoint)
+            if self.limiter is not None:
+                self.limiter(request, endpoint)
             fault = None
             if self.faults is not None:
                 fault = self.faults.draw(self.method_name(endpoint, args), request)

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from werkzeug.wrappers import Request
 
+from .lifecycle import Timing
 from .web import ApiError
 
 
@@ -36,6 +37,8 @@ class World:
     lock: threading.RLock = field(default_factory=threading.RLock)
     # Emulators register themselves here by name ("compute", "secretmanager", ...).
     emulators: dict[str, Any] = field(default_factory=dict)
+    # How long boots, stops and operations take, and the sandbox time factor (lifecycle.py).
+    timing: Timing = field(default_factory=Timing)
 
     @property
     def default_compute_sa(self) -> str:

@@ -90,7 +90,8 @@ def test_insert_returns_running_operation_then_done_and_instance_looks_like_gce(
     assert op.status == Status.RUNNING and op.name.startswith("operation-")
     assert op.operation_type == "insert" and op.target_link.endswith(f"/zones/{ZONE}/instances/vm-1")
 
-    polled = gce.operations.get(project=gce.project, zone=ZONE, operation=op.name)
+    assert get(gce, "vm-1").status == "PROVISIONING"  # the VM boots while the operation runs
+    polled = gce.operations.wait(project=gce.project, zone=ZONE, operation=op.name)
     assert polled.status == Status.DONE and polled.progress == 100
 
     vm = get(gce, "vm-1")
