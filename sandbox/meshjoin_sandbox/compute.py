@@ -87,6 +87,22 @@ def _fingerprint() -> str:
     return base64.b64encode(secrets.token_bytes(8)).decode()
 
 
+def _same_fingerprint(given, current: str) -> bool:
+    """Fingerprints are `bytes` fields: clients may send them back in standard or URL-safe base64
+    (gcloud's apitools re-encodes URL-safe), so compare the bytes, as the real API does."""
+    if not isinstance(given, str) or not given:
+        return False
+
+    def raw(text: str) -> bytes | None:
+        try:
+            return base64.b64decode(text.replace("-", "+").replace("_", "/") + "=" * (-len(text) % 4), validate=True)
+        except ValueError:
+            return None
+
+    decoded = raw(given)
+    return decoded is not None and decoded == raw(current)
+
+
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -533,7 +549,7 @@ class ComputeEmulator:
         body = read_json(request)
         with self.world.lock:
             found = self._must_get(zone, instance)
-            if body.get("labelFingerprint") != found["labelFingerprint"]:
+            if not _same_fingerprint(body.get("labelFingerprint"), found["labelFingerprint"]):
                 raise ApiError(412, "Labels fingerprint either invalid or resource labels have changed")
             labels = dict(body.get("labels") or {})
             _check_labels(labels)
@@ -548,7 +564,7 @@ class ComputeEmulator:
         body = read_json(request)
         with self.world.lock:
             found = self._must_get(zone, instance)
-            if body.get("fingerprint") != found["metadata"]["fingerprint"]:
+            if not _same_fingerprint(body.get("fingerprint"), found["metadata"]["fingerprint"]):
                 raise ApiError(412, "Supplied fingerprint does not match current metadata fingerprint.")
             items = _metadata_items(body)
             found["metadata"] = {"kind": "compute#metadata", "fingerprint": _fingerprint(), "items": items}
@@ -693,7 +709,7 @@ class ComputeEmulator:
         self._check_scope(project)
         body = read_json(request)
         with self.world.lock:
-            if body.get("fingerprint") != self._project_metadata["fingerprint"]:
+            if not _same_fingerprint(body.get("fingerprint"), self._project_metadata["fingerprint"]):
                 raise ApiError(412, "Supplied fingerprint does not match current metadata fingerprint.")
             items = _metadata_items(body)
             self._project_metadata = {"kind": "compute#metadata", "fingerprint": _fingerprint(), "items": items}

@@ -265,6 +265,7 @@ def up(state_dir: Path, ca_dir: Path | None = None, function_env: dict[str, str]
         raise SandboxError(str(exc)) from None
     cfg.save()
     (state_dir / "world-ready").unlink(missing_ok=True)
+    shutil.rmtree(state_dir / "vms", ignore_errors=True)  # a new world has no VMs: no stale guest roots
     (state_dir / "gcloud").mkdir(exist_ok=True)
     write_kubeconfig(cfg)
     write_env_file(cfg)
