@@ -16,6 +16,7 @@ import ipaddress
 import json
 import re
 import secrets
+import threading
 from datetime import datetime, timedelta, timezone
 
 from werkzeug.routing import Map, Rule
@@ -284,6 +285,7 @@ class ComputeEmulator:
         self.app.limiter = limiter(self.quotas, world, 403, "rateLimitExceeded")
         self.guest_attributes = GuestAttributes(world.timing.time_factor)
         self._project_metadata = {"kind": "compute#metadata", "fingerprint": _fingerprint(), "items": []}
+        self._pending_last: dict[tuple[str, str], list[dict]] = {}
 
     def _booted(self, zone: str, name: str) -> None:
         """The guest's boot: its startup script runs now, and only now (guest.py)."""
@@ -604,10 +606,32 @@ class ComputeEmulator:
 
     def _answer(self, operation: dict, entries: list[dict]):
         """Publish the audit entries outside the world lock (the sink calls out to Pub/Sub, and a
-        subscriber may call back into this emulator), yet before the caller sees the operation."""
-        for entry in entries:
+        subscriber may call back into this emulator): the `first` one before the caller sees the
+        operation, the `last` one when the operation finishes, as Cloud Logging writes them (by a timer,
+        or by whoever first observes the operation DONE, whichever comes first)."""
+        key = (operation["zone"].rsplit("/", 1)[-1], operation["name"])
+        for entry in entries[:1]:
             self.world.publish_audit(entry)
+        if entries[1:]:
+            with self.world.lock:
+                self._pending_last[key] = entries[1:]
+            remaining = self.op_clock.remaining(*key)
+            if remaining <= 0:
+                self._flush_last(key)
+            else:
+                timer = threading.Timer(remaining, self._flush_last, (key,))
+                timer.daemon = True
+                timer.start()
         return json_response(operation)
+
+    def _flush_last(self, key: tuple[str, str]) -> None:
+        with self.world.lock:
+            entries = self._pending_last.pop(key, [])
+        for entry in entries:
+            now = _now()
+            entry["timestamp"] = _log_time(now)
+            entry["receiveTimestamp"] = _log_time(now + timedelta(milliseconds=40))
+            self.world.publish_audit(entry)
 
     def _audit_entries(self, request, zone: str, verb: str, instance: dict, operation: dict) -> list[dict]:
         """The two Admin Activity entries (`first`, then `last`) Cloud Logging writes for one operation."""
@@ -664,7 +688,10 @@ class ComputeEmulator:
             found = self._operations[(scope, operation)]
             if found["status"] != "DONE" and self.op_clock.is_done(scope, operation):
                 found.update(status="DONE", progress=100, endTime=_gce_time(_now()))
-            return json_response(copy.deepcopy(found))
+            answer = copy.deepcopy(found)
+        if answer["status"] == "DONE":
+            self._flush_last((scope, operation))  # its `last` audit entry is out before anyone sees DONE
+        return json_response(answer)
 
     # ---- lifecycle: stop, start, reset ---------------------------------------------------------------
 

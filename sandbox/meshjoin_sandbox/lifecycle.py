@@ -150,6 +150,9 @@ class OperationClock:
     def started(self, scope: str, name: str, seconds: float) -> None:
         self._done_at[(scope, name)] = time.monotonic() + max(seconds, 0.0)
 
+    def remaining(self, scope: str, name: str) -> float:
+        return self._done_at.get((scope, name), 0.0) - time.monotonic()
+
     def is_done(self, scope: str, name: str) -> bool:
         return time.monotonic() >= self._done_at.get((scope, name), 0.0)
 
