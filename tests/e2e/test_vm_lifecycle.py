@@ -88,3 +88,22 @@ def test_startup_script_runs_at_boot_only_and_the_power_verbs(sandbox):
     assert "exited 0" in ran.stdout and boots(root) == 4
     serial = (root.parent / "serial.log").read_text()
     assert serial.count("startup-script exit status 0") == 4
+
+
+def test_project_startup_script_runs_unless_the_instance_has_its_own(sandbox, gcloud):
+    """Common instance metadata through real gcloud; the instance's item takes precedence at boot."""
+    project_script = 'echo project >> "$MESHJOIN_ROOT/who"\n'
+    gcloud("compute", "project-info", "add-metadata", f"--metadata=startup-script={project_script}")
+    described = json.loads(gcloud("compute", "project-info", "describe", "--format=json").stdout)
+    items = {i["key"]: i["value"] for i in described["commonInstanceMetadata"]["items"]}
+    assert items["startup-script"] == project_script
+    try:
+        sandbox.meshjoin("sandbox", "create-vm", "proj-1")
+        sandbox.meshjoin("sandbox", "create-vm", "own-1", "--metadata",
+                         'startup-script=echo own >> "$MESHJOIN_ROOT/who"')
+        for name, expected in (("proj-1", "project"), ("own-1", "own")):
+            root = Path(sandbox.meshjoin("sandbox", "vm-root", name).stdout.strip())
+            wait_for(lambda: (root / "who").exists() and (root / "who").read_text(), what=f"{name}'s boot")
+            assert (root / "who").read_text() == f"{expected}\n"
+    finally:
+        gcloud("compute", "project-info", "remove-metadata", "--keys=startup-script")
