@@ -178,6 +178,8 @@ class Guests:
         compute = self.world.emulators["compute"]
         lock = self._run_locks.setdefault((zone, name), threading.Lock())
         with lock:
+            if compute.instance(zone, name) is None:  # deleted before its boot got this far
+                return {"ran": False, "returncode": None, "serial_log": ""}
             script = compute.metadata_value(zone, name, "startup-script")
             vm = self.vm_dir(zone, name)
             root = self.root(zone, name)

@@ -14,6 +14,7 @@ insert, start or reset) the guest runs its startup script: see guest.py.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -56,6 +57,7 @@ class VmLifecycle:
         self.timing = timing
         self.on_boot = on_boot or (lambda zone, name: None)
         self._phase: dict[tuple[str, str], int] = {}
+        self._phases = itertools.count(1)  # unique across VMs, so a re-created VM ignores old timers
         self.history: list[tuple[str, str, str]] = []
 
     # ---- called by the emulator with world.lock held ------------------------------------------------
@@ -99,7 +101,7 @@ class VmLifecycle:
         return f"projects/{self.compute.world.project}/zones/{zone}/instances/{name}"
 
     def _next_phase(self, zone: str, name: str) -> int:
-        phase = self._phase.get((zone, name), 0) + 1
+        phase = next(self._phases)
         self._phase[(zone, name)] = phase
         return phase
 
