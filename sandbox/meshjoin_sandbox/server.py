@@ -32,6 +32,12 @@ CA_FILES = ("ca-cert.pem", "ca-key.pem", "cert-chain.pem", "root-cert.pem")
 SINK_METHODS = {"compute.instances.insert", "compute.instances.delete", "compute.instances.setLabels"}
 
 
+def sink_accepts(entry: dict) -> bool:
+    """The sink's filter (deploy/terraform): only v1./beta. insert, delete and setLabels reach the topic."""
+    version, _, method = entry.get("protoPayload", {}).get("methodName", "").partition(".")
+    return version in ("v1", "beta") and method in SINK_METHODS
+
+
 def audit_publisher(cfg: SandboxConfig):
     """The Log Router sink: publish each audit LogEntry JSON to the events topic."""
     os.environ["PUBSUB_EMULATOR_HOST"] = f"127.0.0.1:{cfg.ports['pubsub']}"
@@ -42,9 +48,7 @@ def audit_publisher(cfg: SandboxConfig):
     log = logging.getLogger("sandbox.sink")
 
     def publish(entry: dict) -> None:
-        # The sink's filter (deploy/terraform): only insert, delete and setLabels reach the topic.
-        method = entry.get("protoPayload", {}).get("methodName", "")
-        if method.split(".", 1)[-1] not in SINK_METHODS:
+        if not sink_accepts(entry):
             return
         future = publisher.publish(topic, json.dumps(entry).encode())
         future.add_done_callback(lambda f: f.exception() and log.error("sink publish failed: %s", f.exception()))

@@ -17,6 +17,7 @@ from meshjoin_sandbox.guest import GuestAttributes, Guests
 from meshjoin_sandbox.lifecycle import Timing
 from meshjoin_sandbox.quota import MINUTE, compute_quotas, secret_manager_quotas, time_factor_from_env
 from meshjoin_sandbox.secretmanager import SecretManagerEmulator
+from meshjoin_sandbox.server import sink_accepts
 from meshjoin_sandbox.web import serve
 from meshjoin_sandbox.world import World
 
@@ -138,6 +139,14 @@ def test_the_last_audit_entry_is_written_when_the_operation_finishes(gce):
                                    instances_set_labels_request_resource=labels)
     assert [(e["protoPayload"]["methodName"], e["operation"].get("first")) for e in gce.events] == [
         ("v1.compute.instances.setLabels", True)]
+
+
+def test_the_log_router_sink_forwards_only_insert_delete_and_set_labels(gce):
+    insert(gce, "sunk")
+    wait_op(gce, gce.instances.stop_unary(project=gce.project, zone=ZONE, instance="sunk"))
+    forwarded = {e["protoPayload"]["methodName"] for e in gce.events if sink_accepts(e)}
+    assert forwarded == {"v1.compute.instances.insert"}
+    assert {e["protoPayload"]["methodName"] for e in gce.events} == forwarded | {"v1.compute.instances.stop"}
 
 
 def test_delete_during_boot_cancels_the_boot(gce):
