@@ -117,7 +117,6 @@ class MetadataEmulator:
                 "name": name,
                 "hostname": f"{name}.{zone}.c.{world.project}.internal",
                 "attributes": _Data((i["key"], i["value"]) for i in instance["metadata"].get("items", [])),
-                **_guest_attributes(world, self.bound, instance),
                 "network-interfaces": {"0": {
                     "ip": nic["networkIP"],
                     "network": f"projects/{world.project_number}/networks/{nic['network'].rsplit('/', 1)[-1]}",
@@ -129,8 +128,14 @@ class MetadataEmulator:
         return tree
 
     def _lookup(self, path: str):
-        node = self._tree()
-        for part in [p for p in path.split("/") if p]:
+        parts = [p for p in path.split("/") if p]
+        if parts[:2] == ["instance", "guest-attributes"]:
+            # Only asked for by name: guest attributes are not part of `instance/` listings, so a VM's
+            # own writes never wake a `wait_for_change` on its instance metadata.
+            node = {"instance": self._guest_tree()}
+        else:
+            node = self._tree()
+        for part in parts:
             if not isinstance(node, dict) or part not in node:
                 raise ApiError(404, f"{path} was not found on this server.")
             node = node[part]
@@ -160,6 +165,12 @@ class MetadataEmulator:
             body = "\n".join(_flatten(node) if recursive else _listing(node)) if isinstance(node, dict) else _text(node)
             mimetype = "application/text"
         return Response(body, mimetype=mimetype, headers={**HEADERS, "ETag": _etag(node)})
+
+    def _guest_tree(self) -> dict:
+        if self.bound is None:
+            return {}
+        instance = self.world.emulators["compute"].instance(*self.bound)
+        return _guest_attributes(self.world, self.bound, instance) if instance is not None else {}
 
     def _write_guest_attribute(self, request, path: str) -> Response:
         """PUT/DELETE instance/guest-attributes/NS/KEY: only a VM's own server, only when enabled."""

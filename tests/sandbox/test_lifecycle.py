@@ -244,6 +244,9 @@ def test_guest_attributes_are_written_only_by_the_vm_and_read_through_compute(gc
     assert put.status_code == 200
     requests.put(f"{base}/meshjoin/agent-version", data="1.2.3", headers=FLAVOR, timeout=5).raise_for_status()
     assert requests.get(f"{base}/meshjoin/sidecar", headers=FLAVOR, timeout=5).text == "running"
+    assert requests.get(f"{base}/meshjoin/", headers=FLAVOR, timeout=5).text.split() == ["agent-version", "sidecar"]
+    instance = requests.get(base.rsplit("/", 1)[0] + "/", params={"recursive": "true"}, headers=FLAVOR, timeout=5)
+    assert "guestAttributes" not in instance.json() and "guest-attributes" not in instance.json()
 
     url = f"{gce.url}/compute/v1/projects/{gce.project}/zones/{ZONE}/instances/ga/getGuestAttributes"
     auth = {"Authorization": f"Bearer {gce.world.admin_token}"}
