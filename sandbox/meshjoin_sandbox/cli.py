@@ -83,10 +83,20 @@ def sandbox():
                    "to seed Secret Manager with; default: a fresh two-level CA.")
 @click.option("--function-env", multiple=True, metavar="KEY=VALUE",
               help="Extra setting for both functions (e.g. MESHJOIN_CERT_TTL=2m).")
-def up(state_dir: Path, ca_dir: Path | None, function_env: tuple[str, ...]):
+@click.option("--terraform-var", "terraform_vars", multiple=True, metavar="NAME=VALUE",
+              help="deploy/terraform variable the sandbox's IAM and RBAC are evaluated with; VALUE is JSON "
+                   "(or a plain string), e.g. 'vm_service_accounts=[\"vm-1@meshjoin-sandbox.iam.gserviceaccount.com\"]'.")
+def up(state_dir: Path, ca_dir: Path | None, function_env: tuple[str, ...], terraform_vars: tuple[str, ...]):
     """Start the sandbox in the background; return when everything answers."""
+    variables = {}
+    for name, value in parse_pairs(terraform_vars, "--terraform-var").items():
+        try:
+            variables[name] = json.loads(value)
+        except ValueError:
+            variables[name] = value
     try:
-        cfg = launcher.up(state_dir, ca_dir, parse_pairs(function_env, "--function-env"))
+        cfg = launcher.up(state_dir, ca_dir, parse_pairs(function_env, "--function-env"),
+                          terraform_vars=variables)
     except launcher.SandboxError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"sandbox up in {cfg.state_dir}; use it with: source {cfg.state_dir}/env")
@@ -399,3 +409,21 @@ def run_startup(name, state_dir, zone):
     click.echo(f"{name}: startup-script exited {result['returncode']}; output in {result['serial_log']}")
     if result["returncode"] != 0:
         raise SystemExit(1)
+
+
+@sandbox.command("token")
+@click.option("--as", "email", required=True, help="Account email the token speaks for (any account).")
+@click.option("--scope", "scopes", multiple=True,
+              help="OAuth scope (repeatable; default: cloud-platform). A bare name means "
+                   "https://www.googleapis.com/auth/NAME.")
+@STATE_DIR_OPTION
+def token(email, scopes, state_dir):
+    """Print an access token for EMAIL that every emulator accepts; IAM and RBAC then decide what it may do."""
+    import urllib.error
+
+    full = [s if "://" in s else f"https://www.googleapis.com/auth/{s}" for s in scopes]
+    try:
+        result = control(state_dir, "POST", "/token", {"email": email, "scopes": full or None})
+    except urllib.error.HTTPError as exc:
+        raise click.ClickException(f"no token for {email}: {exc.read().decode(errors='replace')}") from exc
+    click.echo(result["token"])

@@ -22,13 +22,12 @@ from datetime import datetime, timedelta, timezone
 from werkzeug.routing import Map, Rule
 
 from .guest import GuestAttributes
+from .iam import check_scopes
 from .lifecycle import OperationClock, VmLifecycle
 from .quota import compute_quotas, limiter
 from .web import GOOGLE_STATUS, ApiError, FaultInjector, RoutedApp, json_response, read_json
 
 API = "https://www.googleapis.com/compute/v1"
-# Who the audit log names when the admin (operator) token made the call.
-OPERATOR_EMAIL = "operator@example.com"
 # us-central1's zones: aggregatedList reports every zone of the project, empty ones with a warning.
 ZONE_SUFFIXES = ("a", "b", "c", "f")
 # The scopes gcloud gives a VM's service account by default.
@@ -63,6 +62,33 @@ _FILTER_FIELDS = {"name", "status", "id", "zone", "machineType", "creationTimest
 _AUDITED = {"insert", "delete", "setLabels", "stop", "start", "reset"}
 
 
+# The IAM permission each method needs, and on what: "instance", "zone" (the zone's collection),
+# "project", or "operation". Compute's API reference lists them per method; e.g. instances.insert
+# needs compute.instances.create (https://cloud.google.com/compute/docs/reference/rest/v1/instances).
+PERMISSIONS: dict[str, tuple[str, str]] = {
+    "instances.aggregatedList": ("compute.instances.list", "project"),
+    "instances.list": ("compute.instances.list", "zone"),
+    "instances.insert": ("compute.instances.create", "zone"),
+    "instances.get": ("compute.instances.get", "instance"),
+    "instances.delete": ("compute.instances.delete", "instance"),
+    "instances.setLabels": ("compute.instances.setLabels", "instance"),
+    "instances.setMetadata": ("compute.instances.setMetadata", "instance"),
+    "instances.getGuestAttributes": ("compute.instances.getGuestAttributes", "instance"),
+    "instances.start": ("compute.instances.start", "instance"),
+    "instances.stop": ("compute.instances.stop", "instance"),
+    "instances.reset": ("compute.instances.reset", "instance"),
+    "zoneOperations.get": ("compute.zoneOperations.get", "operation"),
+    "zoneOperations.wait": ("compute.zoneOperations.get", "operation"),
+    "projects.get": ("compute.projects.get", "project"),
+    "projects.setCommonInstanceMetadata": ("compute.projects.setCommonInstanceMetadata", "project"),
+    "globalOperations.get": ("compute.globalOperations.get", "globalOperation"),
+    "globalOperations.wait": ("compute.globalOperations.get", "globalOperation"),
+}
+_READS = {"instances.aggregatedList", "instances.list", "instances.get", "instances.getGuestAttributes",
+          "zoneOperations.get", "zoneOperations.wait", "projects.get", "globalOperations.get",
+          "globalOperations.wait"}
+
+
 def render_error(err: ApiError):
     """Compute's flavour of the Google JSON error (api_core maps the HTTP status to an exception)."""
     body = {
@@ -71,9 +97,11 @@ def render_error(err: ApiError):
             "message": err.message,
             "status": GOOGLE_STATUS.get(err.status, "UNKNOWN"),
             "errors": [{"message": err.message, "domain": "global",
-                        "reason": _compute_reason(err)}],
+                        "reason": getattr(err, "error_reason", None) or _compute_reason(err)}],
         }
     }
+    if isinstance(err.details, list):
+        body["error"]["details"] = err.details
     return json_response(body, err.status)
 
 
@@ -344,7 +372,43 @@ class ComputeEmulator:
     # ---- request plumbing ----------------------------------------------------------------------------
 
     def _before(self, request, endpoint: str) -> None:
-        self.world.check_bearer(request)
+        """Authenticate (401), check the token's scopes, then IAM on the resource the method touches.
+
+        Writes to a VM that runs as a service account (setMetadata; insert with an account) also
+        need iam.serviceAccounts.actAs on that account, as GCE requires.
+        """
+        principal = self.world.authenticate(request)
+        check_scopes(principal, "compute", f"compute.v1.{endpoint}", endpoint in _READS)
+        if endpoint not in PERMISSIONS:
+            raise ApiError(500, f"sandbox: no IAM permission is mapped for Compute method {endpoint}")
+        permission, target = PERMISSIONS[endpoint]
+        args = getattr(request, "url_args", {})
+        project = f"projects/{args.get('project', self.world.project)}"
+        resource = {
+            "project": project,
+            "zone": f"{project}/zones/{args.get('zone')}",
+            "instance": f"{project}/zones/{args.get('zone')}/instances/{args.get('instance')}",
+            "operation": f"{project}/zones/{args.get('zone')}/operations/{args.get('operation')}",
+            "globalOperation": f"{project}/global/operations/{args.get('operation')}",
+        }[target]
+        iam = self.world.iam
+        if endpoint == "instances.insert":  # named by the instance it would create
+            resource += f"/instances/{read_json(request).get('name', '')}"
+        iam.check(principal, permission, resource)
+        accounts: list[str] = []
+        if endpoint == "instances.insert":
+            body = read_json(request)
+            if body.get("metadata", {}).get("items"):
+                iam.check(principal, "compute.instances.setMetadata", resource)
+            if body.get("labels"):
+                iam.check(principal, "compute.instances.setLabels", resource)
+            accounts = [self.world.default_compute_sa if a.get("email") in (None, "", "default") else a["email"]
+                        for a in body.get("serviceAccounts") or []]
+        elif endpoint == "instances.setMetadata":
+            found = self.instance(args.get("zone", ""), args.get("instance", ""))
+            accounts = [a["email"] for a in (found or {}).get("serviceAccounts", [])]
+        for email in accounts:
+            iam.check(principal, "iam.serviceAccounts.actAs", f"{project}/serviceAccounts/{email}")
 
     def _check_scope(self, project: str, zone: str | None = None) -> None:
         if project != self.world.project:
@@ -353,8 +417,8 @@ class ComputeEmulator:
             raise ApiError(400, f"Invalid value for field 'zone': '{zone}'. Unknown zone.")
 
     def _principal(self, request) -> str:
-        token = request.headers.get("Authorization", "").partition(" ")[2]
-        return self.world.service_account if token == self.world.sa_token else OPERATOR_EMAIL
+        """The caller's email, as the audit log's authenticationInfo.principalEmail names it."""
+        return self.world.authenticate(request).email
 
     def _zone_url(self, zone: str) -> str:
         return f"{API}/projects/{self.world.project}/zones/{zone}"

@@ -12,6 +12,23 @@ PORT_NAMES = (
 )
 
 
+def sandbox_terraform_vars(project: str, region: str, cluster_path: str, service_account: str,
+                           app_namespaces: tuple[str, ...] = ("apps", "payments")) -> dict:
+    """The variables a deployment of the sandbox's project would set (its terraform.tfvars)."""
+    return {
+        "project_id": project,
+        "region": region,
+        "cluster": cluster_path,
+        "name": service_account.split("@", 1)[0].removesuffix("-functions"),
+        # What the functions run with (launcher.product_env reads these), as Terraform sets both.
+        "allowed_namespaces": ["default", *app_namespaces],
+        "allowed_service_accounts": ["*/default", "apps/*", "payments/checkout"],
+        # The VM identities meshjoin may act as: the README's orders VM and the demo's.
+        "vm_service_accounts": [f"orders@{project}.iam.gserviceaccount.com",
+                                f"orders-vm@{project}.iam.gserviceaccount.com"],
+    }
+
+
 @dataclass
 class SandboxConfig:
     state_dir: str
@@ -28,7 +45,7 @@ class SandboxConfig:
     region: str = "us-central1"
     zone: str = "us-central1-a"
     cluster_name: str = "mesh"
-    service_account: str = "meshjoin@meshjoin-sandbox.iam.gserviceaccount.com"
+    service_account: str = "meshjoin-functions@meshjoin-sandbox.iam.gserviceaccount.com"
     events_topic: str = "meshjoin-events"
     schedule_topic: str = "meshjoin-schedule"
     dead_letter_topic: str = "meshjoin-dead-letter"
@@ -47,6 +64,19 @@ class SandboxConfig:
     time_factor: float = 1.0
     # Extra environment for every VM's startup script (e.g. MESHJOIN_SIDECAR_URL of a local mirror).
     guest_env: dict[str, str] = field(default_factory=dict)
+    # The values deploy/terraform is evaluated with for the sandbox's IAM and RBAC
+    # (project_id, region, cluster, name, allowed_namespaces, vm_service_accounts, ...).
+    terraform_vars: dict = field(default_factory=dict)
+    # The person at the terminal (gcloud, kubectl, the CLI): project owner and cluster-admin.
+    operator_email: str = "operator@example.com"
+
+    def __post_init__(self) -> None:
+        if not self.terraform_vars:
+            self.terraform_vars = self.default_terraform_vars()
+
+    def default_terraform_vars(self) -> dict:
+        return sandbox_terraform_vars(self.project, self.region, self.cluster_path, self.service_account,
+                                      self.app_namespaces)
 
     @property
     def cluster_path(self) -> str:

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request
 
+from .iam import check_scopes
 from .web import ApiError, RoutedApp, json_response
 
 MASTER_VERSION = "1.33.5-gke.1162000"
@@ -33,9 +34,19 @@ class ContainerEmulator:
             Rule(base + "/locations/<location>/clusters", endpoint="list", methods=["GET"]),
             Rule(base + "/zones/<location>/clusters", endpoint="list", methods=["GET"]),
         ], strict_slashes=False)
-        self.app = RoutedApp(url_map, {"get": self._get, "list": self._list},
-                             before=lambda request, endpoint: world.check_bearer(request))
+        self.app = RoutedApp(url_map, {"get": self._get, "list": self._list}, before=self._before)
         world.emulators["container"] = self
+
+    def _before(self, request: Request, endpoint: str) -> None:
+        """Authenticate (401), scopes, then container.clusters.get|list on the cluster or location."""
+        principal = self.world.authenticate(request)
+        check_scopes(principal, "container", f"google.container.v1.ClusterManager.{endpoint.capitalize()}Cluster"
+                     + ("s" if endpoint == "list" else ""), read_only=True)
+        args = getattr(request, "url_args", {})
+        resource = f"projects/{args.get('project')}/locations/{args.get('location')}"
+        if endpoint == "get":
+            resource += f"/clusters/{args.get('cluster')}"
+        self.world.iam.check(principal, f"container.clusters.{endpoint}", resource)
 
     def _check_project(self, project: str) -> None:
         if project not in (self.world.project, self.world.project_number):

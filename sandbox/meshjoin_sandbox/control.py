@@ -13,6 +13,8 @@ free loopback port and answers its `{"host": "127.0.0.1:PORT"}`, the GCE_METADAT
 startup script now, as `sudo google_metadata_script_runner startup` would (guest.py).
 `GET /stats` answers the requests each server answered, by API method; `DELETE /stats` zeroes them.
 `POST /seed` creates a fleet of already-registered VMs in one call (benchmarks; see seed.py).
+`POST /token {"email", "scopes": [...]}` answers `{"token"}`: an access token of that account with those
+scopes (default cloud-platform), as a metadata server or gcloud would mint it; IAM decides the rest.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import threading
 from werkzeug.routing import Map, Rule
 
 from .metadata import MetadataEmulator
+from .world import CLOUD_PLATFORM
 from .web import ApiError, FaultInjector, RoutedApp, json_response, read_json, serve
 
 
@@ -40,18 +43,27 @@ class ControlEmulator:
             Rule("/stats", endpoint="stats", methods=["GET"]),
             Rule("/stats", endpoint="clear_stats", methods=["DELETE"]),
             Rule("/seed", endpoint="seed", methods=["POST"]),
+            Rule("/token", endpoint="token", methods=["POST"]),
         ])
         self.app = RoutedApp(url_map, {"healthz": self.healthz, "faults": self.faults,
                                        "clear_faults": self.clear_faults, "fault_stats": self.fault_stats,
                                        "rotate_ca": self.rotate_ca,
                                        "vm_metadata": self.vm_metadata, "stats": self.stats,
                                        "vm_root": self.vm_root, "run_startup": self.run_startup,
-                                       "clear_stats": self.clear_stats, "seed": self.seed})
+                                       "clear_stats": self.clear_stats, "seed": self.seed,
+                                       "token": self.token})
         self._vm_servers: dict[tuple[str, str], object] = {}
         self._vm_servers_lock = threading.Lock()
 
     def healthz(self, request):
         return json_response({"ok": True, "emulators": sorted(self.world.emulators)})
+
+    def token(self, request):
+        body = read_json(request)
+        scopes = body.get("scopes") or [CLOUD_PLATFORM]
+        if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
+            raise ApiError(400, "scopes must be a list of strings")
+        return json_response({"token": self.world.issue_token(str(body.get("email", "")), scopes)})
 
     def clear_faults(self, request):
         for emulator in self.world.emulators.values():

@@ -6,9 +6,16 @@ resourceVersion conflicts, label/field selectors, paging, merge and JSON patches
 unknown fields, and CRD validation (openAPIV3Schema + `x-kubernetes-validations` CEL rules) straight
 from Istio's own CRD file — so an object the product writes here is one the real cluster would accept.
 
+Who may call what is GKE's decision (kube_rbac.py): the Google token names a user (email with the
+userinfo.email scope, else the numeric id), RBAC objects stored here decide, IAM `container.*`
+permissions are the fallback; SelfSubjectAccessReview answers `kubectl auth can-i`. OpenAPI v2/v3
+for `kubectl explain` comes from the same CRD schemas (kube_openapi.py); the few built-in kinds
+kubectl sends as protobuf are decoded (kube_protobuf.py).
+
 Deliberately absent: watch, server-side apply, finalizers/graceful deletion (deletes are immediate;
-deleting a namespace deletes its contents at once), Table output, protobuf, strategic-merge list
-merging (a strategic merge patch is applied as a JSON merge patch, minus its `$` directives).
+deleting a namespace deletes its contents at once), Table output, protobuf answers and protobuf
+bodies of kinds other than those kube_protobuf.py lists, strategic-merge list merging (a strategic
+merge patch is applied as a JSON merge patch, minus its `$` directives).
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ from jsonschema import Draft7Validator
 from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
+from . import kube_openapi, kube_rbac
+from .kube_protobuf import PROTOBUF_MEDIA_TYPE, decode_object
 from .web import ApiError, FaultInjector, RoutedApp, json_response, read_json
 
 SERVER_VERSION = {
@@ -63,7 +72,7 @@ REASON_BY_CODE = {
 }
 STATUS_REASONS = {*REASON_BY_CODE.values(), "AlreadyExists"}
 NOT_FOUND_MESSAGE = "the server could not find the requested resource"
-OBJECT_MEDIA_TYPES = ("application/json", "application/yaml")
+OBJECT_MEDIA_TYPES = ("application/json", "application/yaml", PROTOBUF_MEDIA_TYPE)
 PATCH_MEDIA_TYPES = ("application/json-patch+json", "application/merge-patch+json",
                      "application/strategic-merge-patch+json")
 
@@ -102,6 +111,13 @@ def dns_1035_error(value: str) -> str | None:
         "a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an "
         "alphabetic character, and end with an alphanumeric character (at most 63 characters)"
     )
+
+
+def path_segment_error(value: str) -> str | None:
+    """Names of RBAC objects (`system:discovery`): any path segment (apimachinery path.IsValidPathSegmentName)."""
+    if value in (".", "..") or "/" in value or "%" in value:
+        return "may not be '.' or '..' and may not contain '/' or '%'"
+    return None
 
 
 def qualified_name_error(key: str) -> str | None:
@@ -337,6 +353,7 @@ class Kind:
     status_subresource: bool = False  # writes to the object keep the stored status, /status only status
     unconditional_update: bool = True  # custom resources insist on metadata.resourceVersion in a PUT
     name_error: Callable[[str], str | None] = dns_subdomain_error
+    verbs: tuple[str, ...] = tuple(VERBS)  # what discovery lists, and all the REST paths serve
 
     @property
     def resource(self) -> str:
@@ -361,7 +378,16 @@ CORE_KINDS = (
     Kind("Service", "services", "service", short_names=("svc",), categories=("all",),
          status_subresource=True, name_error=dns_1035_error),
     Kind("ServiceAccount", "serviceaccounts", "serviceaccount", short_names=("sa",)),
+    Kind("Role", "roles", "role", group=kube_rbac.RBAC_GROUP, name_error=path_segment_error),
+    Kind("ClusterRole", "clusterroles", "clusterrole", group=kube_rbac.RBAC_GROUP, namespaced=False,
+         name_error=path_segment_error),
+    Kind("RoleBinding", "rolebindings", "rolebinding", group=kube_rbac.RBAC_GROUP, name_error=path_segment_error),
+    Kind("ClusterRoleBinding", "clusterrolebindings", "clusterrolebinding", group=kube_rbac.RBAC_GROUP,
+         namespaced=False, name_error=path_segment_error),
+    Kind("SelfSubjectAccessReview", "selfsubjectaccessreviews", "", group=kube_rbac.AUTHORIZATION_GROUP,
+         namespaced=False, verbs=("create",)),
 )
+RBAC_KINDS = ("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding")
 
 
 def _version_priority(version: str) -> tuple:
@@ -572,6 +598,8 @@ def read_body(request: Request, media_types: tuple[str, ...]) -> Any:
     if mimetype not in media_types:
         raise ApiError(415, f"the body of the request was in an unknown format - accepted media types include: "
                             f"{', '.join(media_types)}", "UnsupportedMediaType")
+    if mimetype == PROTOBUF_MEDIA_TYPE:
+        return decode_object(request.get_data())
     if mimetype != "application/yaml":
         return read_json(request)
     try:
@@ -650,6 +678,9 @@ class KubeEmulator:
     """The cluster's API server. Objects live in dicts keyed by resource and (namespace, name)."""
 
     def __init__(self, world, crd_path: str):
+        """A fresh cluster: seed namespaces, the bootstrap RBAC policy and the operator as cluster-admin.
+        kubernetes.tf's objects come later, once the namespaces they bind in exist
+        (`seed_terraform_rbac`, or `sandbox up` applying them over the API)."""
         self.world = world
         self._lock = threading.RLock()
         self._rv = 0  # the cluster-wide resourceVersion counter, bumped by every write
@@ -658,11 +689,14 @@ class KubeEmulator:
         for kind in (*CORE_KINDS, *load_crd_kinds(crd_path, CelRules())):
             self._kinds[(kind.group, kind.plural)] = kind
         self._objects: dict[str, dict[tuple[str, str], dict]] = {k.resource: {} for k in self._kinds.values()}
+        self.authorizer = kube_rbac.Authorizer(self._objects.__getitem__, self._iam_permitted)
         self._seed()
+        self._seed_rbac()
+        self.openapi = kube_openapi.OpenApi(list(self._kinds.values()))
         # Fault injection per API method `PLURAL.VERB` (e.g. `workloadentries.create`; VERB is one of
         # list, create, get, replace, patch, delete), discovery calls by their endpoint name.
         self.faults = FaultInjector(world, self._method_names())
-        self.app = RoutedApp(self._url_map(), self._handlers(), render_error=render_status, before=self._authenticate,
+        self.app = RoutedApp(self._url_map(), self._handlers(), render_error=render_status, before=self._authorize,
                              faults=self.faults, method_name=self._method_name)
         world.emulators["kube"] = self
 
@@ -689,6 +723,8 @@ class KubeEmulator:
             Rule("/apis", endpoint="groups", methods=["GET"]),
             Rule("/apis/<group>", endpoint="group", methods=["GET"]),
             Rule("/openapi/<path:rest>", endpoint="openapi", methods=["GET"]),
+            Rule(f"/apis/{kube_rbac.AUTHORIZATION_GROUP}/<version>/selfsubjectaccessreviews", endpoint="access_review",
+                 methods=["POST"]),
         ]
         for prefix in ("/api/<version>", "/apis/<group>/<version>"):
             rules.append(Rule(prefix, endpoint="resources", methods=["GET"]))
@@ -716,6 +752,7 @@ class KubeEmulator:
             "groups": self._groups,
             "group": self._group,
             "openapi": self._openapi,
+            "access_review": self._access_review,
             "resources": self._resources,
             "list": self._list,
             "create": self._create,
@@ -725,11 +762,142 @@ class KubeEmulator:
             "delete": self._delete,
         }
 
-    def _authenticate(self, request: Request, endpoint: str) -> None:
+    # -- authentication and authorization (kube_rbac.py)
+
+    # REST endpoint -> Kubernetes verb (k8s.io/apiserver RequestInfoFactory).
+    ENDPOINT_VERBS = {"list": "list", "create": "create", "get": "get", "replace": "update", "patch": "patch",
+                      "delete": "delete", "access_review": "create"}
+
+    def _authorize(self, request: Request, endpoint: str) -> None:
+        """401 unless the bearer token is one the world issued; 403 unless RBAC or IAM allow the call."""
         try:
-            self.world.check_bearer(request)
+            principal = self.world.authenticate(request)
         except ApiError as exc:
             raise ApiError(401, "Unauthorized", "Unauthorized") from exc
+        user = kube_rbac.kube_user(principal)
+        wanted_user = request.headers.get("Impersonate-User")
+        wanted_groups = request.headers.getlist("Impersonate-Group")
+        if wanted_user or wanted_groups:
+            user, principal = self._impersonate(user, principal, wanted_user, wanted_groups)
+        request.environ["sandbox.principal"], request.environ["sandbox.user"] = principal, user
+        _, args = self.app.url_map.bind_to_environ(request.environ).match()
+        attrs = self._attributes(request, endpoint, args, user)
+        with self._lock:
+            decision = self.authorizer.decide(attrs, principal)
+        if not decision.allowed:
+            raise kube_rbac.forbidden(attrs, decision.reason)
+
+    def _impersonate(self, user: kube_rbac.KubeUser, principal, wanted_user: str | None, wanted_groups: list[str]):
+        """`kubectl --as USER [--as-group G]`: the caller needs the `impersonate` verb on users (and groups);
+        the request then runs as that user, in system:authenticated plus the groups asked for. GKE's
+        IAM fallback does not apply to an impersonated user (it is no Google token)."""
+        if not wanted_user:
+            raise ApiError(400, "requested impersonation of groups without impersonating a user", "BadRequest")
+        asked = [("users", wanted_user)] + [("groups", group) for group in wanted_groups]
+        for resource, name in asked:
+            attrs = kube_rbac.Attributes(user, "impersonate", resource=resource, name=name)
+            with self._lock:
+                decision = self.authorizer.decide(attrs, principal)
+            if not decision.allowed:
+                raise kube_rbac.forbidden(attrs, decision.reason)
+        groups = tuple(dict.fromkeys([*wanted_groups, kube_rbac.AUTHENTICATED]))
+        return kube_rbac.KubeUser(wanted_user, groups), None
+
+    def _attributes(self, request: Request, endpoint: str, args: dict, user: kube_rbac.KubeUser) -> kube_rbac.Attributes:
+        verb = self.ENDPOINT_VERBS.get(endpoint)
+        if verb is None:  # discovery, version, OpenAPI: non-resource URLs
+            return kube_rbac.Attributes(user, request.method.lower(), resource_request=False, path=request.path)
+        if verb == "list" and _is_true(request.args.get("watch")):
+            verb = "watch"
+        plural = args.get("plural", "selfsubjectaccessreviews")
+        namespace = args.get("namespace") or ""
+        if plural == "namespaces" and not args.get("group") and args.get("name"):
+            namespace = args["name"]  # RequestInfoFactory: /api/v1/namespaces/NAME is also in namespace NAME
+        return kube_rbac.Attributes(
+            user, verb, api_group=args.get("group", kube_rbac.AUTHORIZATION_GROUP if endpoint == "access_review" else ""),
+            api_version=args.get("version", ""), resource=plural, subresource=args.get("subresource") or "",
+            namespace=namespace, name=args.get("name") or "")
+
+    def _iam_permitted(self, principal, permission: str) -> bool:
+        """GKE's fallback: the account's IAM permission on the cluster (granted on its project)."""
+        iam = getattr(self.world, "iam", None)
+        if iam is None:
+            return False
+        cluster = f"projects/{self.world.project}/locations/{self.world.region}/clusters/{self.world.cluster_name}"
+        return iam.permitted(principal, permission, cluster)
+
+    def _seed_rbac(self) -> None:
+        """The bootstrap policy every cluster has, and the operator as cluster-admin."""
+        for obj in (*kube_rbac.bootstrap_policy(), kube_rbac.operator_binding(self.world.operator_email)):
+            self.put_object(obj)
+
+    def seed_terraform_rbac(self, variables: dict | None = None, directory=None) -> list[dict]:
+        """Create (or replace) the RBAC objects deploy/terraform/kubernetes.tf (or another module
+        `directory`) creates with `variables` (default: the world's); the namespaces they bind in must
+        exist, as for `terraform apply`."""
+        if variables is None:
+            variables = self.world.terraform_vars or self.world.default_terraform_vars()
+        objects = kube_rbac.terraform_rbac_objects(variables, self.world.project_number, directory)
+        return [self.put_object(obj) for obj in objects]
+
+    def put_object(self, obj: dict) -> dict:
+        """Create or replace an object as `kubectl apply` by an administrator would (seeding, tests)."""
+        group, _, version = obj["apiVersion"].rpartition("/")
+        kind = next(k for k in self._kinds.values() if k.group == group and k.kind == obj["kind"])
+        obj = copy.deepcopy(obj)
+        meta = obj.setdefault("metadata", {})
+        namespace = meta.get("namespace") or ""
+        with self._lock:
+            if kind.namespaced and ("", namespace) not in self._objects["namespaces"]:
+                raise ApiError(404, f'namespaces "{namespace}" not found', "NotFound",
+                               {"name": namespace, "kind": "namespaces"})
+            old = self._objects[kind.resource].get((namespace, meta.get("name", "")))
+            self._admit(kind, version, obj, old)
+            if old is None:
+                return self._insert(kind, obj)
+            for key in ("uid", "creationTimestamp", "generation"):
+                meta[key] = old["metadata"][key]
+            meta["resourceVersion"] = self._bump()
+            self._objects[kind.resource][(namespace, meta["name"])] = obj
+            return obj
+
+    def delete_object(self, api_version: str, kind_name: str, name: str, namespace: str = "") -> None:
+        group, _, _ = api_version.rpartition("/")
+        kind = next(k for k in self._kinds.values() if k.group == group and k.kind == kind_name)
+        with self._lock:
+            self._objects[kind.resource].pop((namespace, name), None)
+            self._bump()
+
+    def _access_review(self, request: Request, version: str) -> Response:
+        """SelfSubjectAccessReview: would the caller be allowed this? (what `kubectl auth can-i` asks)."""
+        kind = self._kind(kube_rbac.AUTHORIZATION_GROUP, version, "selfsubjectaccessreviews", None)
+        review = self._read_object(request, kind, version, None)
+        spec = review.get("spec")
+        if not isinstance(spec, dict):
+            spec = {}
+        resource, non_resource = spec.get("resourceAttributes"), spec.get("nonResourceAttributes")
+        if bool(resource) == bool(non_resource):
+            raise self._invalid(kind, "", [cause("spec", "FieldValueInvalid",
+                                                 "Invalid value: exactly one of nonResourceAttributes or "
+                                                 "resourceAttributes must be specified")])
+        principal, user = request.environ["sandbox.principal"], request.environ["sandbox.user"]
+        if resource:
+            attrs = kube_rbac.Attributes(
+                user, str(resource.get("verb") or ""), api_group=str(resource.get("group") or ""),
+                api_version=str(resource.get("version") or ""), resource=str(resource.get("resource") or ""),
+                subresource=str(resource.get("subresource") or ""), namespace=str(resource.get("namespace") or ""),
+                name=str(resource.get("name") or ""))
+        else:
+            attrs = kube_rbac.Attributes(user, str(non_resource.get("verb") or ""), resource_request=False,
+                                         path=str(non_resource.get("path") or ""))
+        with self._lock:
+            decision = self.authorizer.decide(attrs, principal)
+        status: dict[str, Any] = {"allowed": decision.allowed}
+        if decision.reason:
+            status["reason"] = decision.reason
+        review["metadata"] = {"creationTimestamp": None}
+        review["status"] = status
+        return json_response(review, 201)
 
     def _seed(self) -> None:
         """What a fresh GKE cluster with Istio installed shows: system namespaces, default/kubernetes."""
@@ -780,7 +948,7 @@ class KubeEmulator:
         resources = []
         for kind in kinds:
             entry = {"name": kind.plural, "singularName": kind.singular, "namespaced": kind.namespaced,
-                     "kind": kind.kind, "verbs": VERBS}
+                     "kind": kind.kind, "verbs": list(kind.verbs)}
             if kind.short_names:
                 entry["shortNames"] = list(kind.short_names)
             if kind.categories:
@@ -793,11 +961,8 @@ class KubeEmulator:
                               "groupVersion": kind.api_version(version), "resources": resources})
 
     def _openapi(self, request: Request, rest: str) -> Response:
-        """An empty OpenAPI v2 document (protobuf), v3 absent: kubectl then skips client-side schema
-        validation for these kinds and relies on the server, which validates every write."""
-        if rest == "v2":
-            return Response(b"", content_type="application/com.github.proto-openapi.spec.v2.v1.0+protobuf")
-        raise ApiError(404, NOT_FOUND_MESSAGE, "NotFound")
+        """OpenAPI v3 (what `kubectl explain` and kubectl's fieldValidation check read) and v2."""
+        return self.openapi.serve(request, rest)
 
     # -- object plumbing
 
@@ -805,6 +970,8 @@ class KubeEmulator:
               item: bool = False, subresource: str | None = None) -> Kind:
         """The kind a path names; 404 for unknown resources and for paths of the wrong scope."""
         kind = self._kinds.get((group, plural))
+        if kind is not None and "get" not in kind.verbs and (item or subresource):
+            raise ApiError(404, NOT_FOUND_MESSAGE, "NotFound")
         if (
             kind is None
             or version not in kind.versions
@@ -884,6 +1051,8 @@ class KubeEmulator:
             if field_validation == "Warn":
                 warnings += [f'unknown field "{p}"' for p in unknown]
             causes += schema.causes(obj)
+        if kind.kind in RBAC_KINDS:
+            causes += kube_rbac.rbac_causes(kind.kind, obj, old)
         if kind.kind == "Namespace":
             self._default_namespace(obj)
         elif kind.kind == "Service":
@@ -977,6 +1146,8 @@ class KubeEmulator:
     def _list(self, request: Request, version: str, plural: str, group: str = "",
               namespace: str | None = None) -> Response:
         kind = self._kind(group, version, plural, namespace)
+        if "list" not in kind.verbs:
+            raise ApiError(405, "the server does not allow this method on the requested resource", "MethodNotAllowed")
         if _is_true(request.args.get("watch")):
             raise ApiError(405, "watch is not supported by the sandbox API server", "MethodNotAllowed")
         labels = parse_selector(request.args.get("labelSelector", ""))

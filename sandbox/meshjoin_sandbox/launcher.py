@@ -21,6 +21,7 @@ from pathlib import Path
 
 from .config import PORT_NAMES, SandboxConfig
 from .crds import istio_crds_path
+from .kube_rbac import apply_terraform_rbac
 
 REPO = Path(__file__).resolve().parents[2]
 PUBSUB_EMULATOR = "platform/pubsub-emulator/bin/cloud-pubsub-emulator"
@@ -91,8 +92,9 @@ def product_env(cfg: SandboxConfig) -> dict[str, str]:
         "MESHJOIN_CA_ROOT_SECRET": cfg.ca_secrets[3],
         "MESHJOIN_EVENTS_TOPIC": cfg.events_topic,
         "MESHJOIN_SCHEDULE_TOPIC": cfg.schedule_topic,
-        "MESHJOIN_ALLOWED_NAMESPACES": ",".join(("default", *cfg.app_namespaces)),
-        "MESHJOIN_ALLOWED_SERVICE_ACCOUNTS": "*/default,apps/*,payments/checkout",
+        # As deploy/terraform sets them (main.tf, function_settings), from the same variables.
+        "MESHJOIN_ALLOWED_NAMESPACES": ",".join(cfg.terraform_vars["allowed_namespaces"]),
+        "MESHJOIN_ALLOWED_SERVICE_ACCOUNTS": ",".join(cfg.terraform_vars["allowed_service_accounts"]),
         "MESHJOIN_ISTIOD_ADDRESS": "istiod.istio-system.svc:15012",
         "MESHJOIN_ISTIOD_IP": "10.128.15.250",
         "GCE_METADATA_HOST": f"127.0.0.1:{cfg.ports['metadata']}",
@@ -109,14 +111,26 @@ def tool_env(cfg: SandboxConfig) -> dict[str, str]:
         "CLOUDSDK_CORE_PROJECT": cfg.project,
         "CLOUDSDK_API_ENDPOINT_OVERRIDES_PUBSUB": cfg.url("pubsub") + "/",
         "CLOUDSDK_API_ENDPOINT_OVERRIDES_COMPUTE": cfg.url("compute") + "/compute/v1/",
-        "CLOUDSDK_AUTH_DISABLE_CREDENTIALS": "true",
+        "CLOUDSDK_API_ENDPOINT_OVERRIDES_SECRETMANAGER": cfg.url("secretmanager") + "/",
+        "CLOUDSDK_API_ENDPOINT_OVERRIDES_CONTAINER": cfg.url("container") + "/",
+        # gcloud speaks as the operator (project owner): the access-token file is gcloud's own way
+        # to use a token it did not mint (auth/access_token_file); the emulators refuse calls without one.
+        "CLOUDSDK_AUTH_ACCESS_TOKEN_FILE": str(operator_token_file(cfg)),
         "CLOUDSDK_CONFIG": str(state / "gcloud"),
+        "MESHJOIN_SANDBOX_FUNCTIONS_SA": cfg.service_account,
         "KUBECONFIG": str(state / "kubeconfig"),
         "MESHJOIN_SANDBOX_DIR": str(state),
     }
 
 
+def operator_token_file(cfg: SandboxConfig) -> Path:
+    return Path(cfg.state_dir) / "operator-token"
+
+
 def write_env_file(cfg: SandboxConfig) -> Path:
+    token_file = operator_token_file(cfg)
+    token_file.touch(mode=0o600)
+    token_file.write_text(cfg.admin_token)
     env = {**tool_env(cfg), **product_env(cfg)}
     path = Path(cfg.state_dir) / "env"
     lines = ["# meshjoin sandbox: `source` this file to point gcloud, kubectl and meshjoin at it"]
@@ -226,7 +240,10 @@ def group_alive(pgid: int) -> bool:
 
 
 def up(state_dir: Path, ca_dir: Path | None = None, function_env: dict[str, str] | None = None,
-       timeout: float = 60.0, compute_subnet: str | None = None) -> SandboxConfig:
+       timeout: float = 60.0, compute_subnet: str | None = None,
+       terraform_vars: dict | None = None) -> SandboxConfig:
+    """Start the sandbox; `terraform_vars` override the sandbox's Terraform variables (IAM, RBAC and
+    the functions' allowed namespaces/accounts follow them), e.g. {"vm_service_accounts": [...]}."""
     state_dir = state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     procs = Processes(state_dir)
@@ -263,6 +280,14 @@ def up(state_dir: Path, ca_dir: Path | None = None, function_env: dict[str, str]
         cfg.time_factor = time_factor_from_env(os.environ)
     except ValueError as exc:
         raise SandboxError(str(exc)) from None
+    if terraform_vars:
+        from .terraform import TerraformError, default_terraform_dir, load_terraform
+
+        cfg.terraform_vars = {**cfg.terraform_vars, **terraform_vars}
+        try:  # an undeclared variable fails here, not in the world process
+            load_terraform(default_terraform_dir(), cfg.terraform_vars, project_number=cfg.project_number)
+        except TerraformError as exc:
+            raise SandboxError(f"terraform variables: {exc}") from exc
     cfg.save()
     (state_dir / "world-ready").unlink(missing_ok=True)
     shutil.rmtree(state_dir / "vms", ignore_errors=True)  # a new world has no VMs: no stale guest roots
@@ -283,6 +308,7 @@ def up(state_dir: Path, ca_dir: Path | None = None, function_env: dict[str, str]
                 raise SandboxError(f"the emulators did not become ready; log {log}\n{tail(log)}")
             time.sleep(0.05)
         create_app_namespaces(cfg)
+        apply_terraform_rbac(cfg)  # kubernetes.tf's Roles and bindings, as `terraform apply` creates them
         for port_name, *_ in FUNCTIONS:
             start_function(cfg, procs, port_name, base_env, deadline)
         create_push_subscriptions(cfg)

@@ -19,6 +19,7 @@ from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Response
 
 from .web import ApiError, RoutedApp
+from .world import CLOUD_PLATFORM
 
 HEADERS = {"Metadata-Flavor": "Google", "Server": "Metadata Server for VM"}
 TOKEN_LIFETIME = 3599
@@ -104,7 +105,7 @@ class MetadataEmulator:
             "universe": {"universe-domain": "googleapis.com"},
         }
         if self.bound is None:
-            accounts = [{"email": world.service_account, "scopes": ["https://www.googleapis.com/auth/cloud-platform"]}]
+            accounts = [{"email": world.service_account, "scopes": [CLOUD_PLATFORM]}]
         else:
             instance = world.emulators["compute"].instance(*self.bound)
             if instance is None:  # the VM is gone: only project-level facts remain
@@ -191,6 +192,13 @@ class MetadataEmulator:
             compute.guest_attributes.put(instance["id"], namespace, key, value)
         return Response("", mimetype="application/text", headers=HEADERS)
 
+    def _token_scopes(self, request, info: dict) -> list[str]:
+        """Unbound (Cloud Functions / Cloud Run): the scopes asked for, cloud-platform by default.
+        Bound to a VM: the VM's access scopes, fixed at insert as on GCE, whatever is asked."""
+        if self.bound is None:
+            return _requested_scopes(request) or [CLOUD_PLATFORM]
+        return list(info["scopes"])
+
     def _wait_for_change(self, request, path: str, node):
         """Block until the value's ETag differs from `last_etag` (or the current one), or time runs out."""
         last = request.args.get("last_etag") or _etag(node)
@@ -208,7 +216,8 @@ class MetadataEmulator:
         """The account's access token (google-auth may GET or POST for it), or an ID token."""
         info = self._lookup(f"instance/service-accounts/{account}")
         if kind == "token":
-            body = {"access_token": self.world.sa_token, "expires_in": TOKEN_LIFETIME, "token_type": "Bearer"}
+            token = self.world.issue_token(info["email"], self._token_scopes(request, info))
+            body = {"access_token": token, "expires_in": TOKEN_LIFETIME, "token_type": "Bearer"}
             return Response(json.dumps(body), mimetype="application/json", headers=HEADERS)
         audience = request.args.get("audience")
         if not audience:
@@ -220,6 +229,12 @@ class MetadataEmulator:
                   "email": info["email"], "email_verified": True, "iat": now, "exp": now + 3600}
         token = f"{_b64({'alg': 'RS256', 'typ': 'JWT'})}.{_b64(claims)}.{secrets.token_urlsafe(32)}"
         return Response(token, mimetype="application/text", headers=HEADERS)
+
+
+def _requested_scopes(request) -> list[str]:
+    """`?scopes=a,b` as google-auth sends it (compute_engine._metadata.get_service_account_token);
+    repeated parameters are accepted too."""
+    return [scope.strip() for value in request.args.getlist("scopes") for scope in value.split(",") if scope.strip()]
 
 
 def _text(leaf) -> str:

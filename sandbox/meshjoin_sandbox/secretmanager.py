@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from werkzeug.routing import BaseConverter, Map, Rule
 from werkzeug.wrappers import Request
 
+from .iam import check_scopes
 from .quota import limiter, secret_manager_quotas
 from .web import ApiError, FaultInjector, RoutedApp, json_response, read_json
 
@@ -249,6 +250,26 @@ class _Secret:
     policy: dict = field(default_factory=lambda: {"etag": EMPTY_POLICY_ETAG})
 
 
+# The IAM permission of each method, checked on the resource its URL names (the project for
+# create/list, the secret, or the version); https://cloud.google.com/secret-manager/docs/access-control.
+PERMISSIONS: dict[str, str] = {
+    "secrets.create": "secretmanager.secrets.create",
+    "secrets.list": "secretmanager.secrets.list",
+    "secrets.get": "secretmanager.secrets.get",
+    "secrets.patch": "secretmanager.secrets.update",
+    "secrets.delete": "secretmanager.secrets.delete",
+    "secrets.getIamPolicy": "secretmanager.secrets.getIamPolicy",
+    "secrets.setIamPolicy": "secretmanager.secrets.setIamPolicy",
+    "secrets.versions.add": "secretmanager.versions.add",
+    "secrets.versions.list": "secretmanager.versions.list",
+    "secrets.versions.get": "secretmanager.versions.get",
+    "secrets.versions.access": "secretmanager.versions.access",
+    "secrets.versions.enable": "secretmanager.versions.enable",
+    "secrets.versions.disable": "secretmanager.versions.disable",
+    "secrets.versions.destroy": "secretmanager.versions.destroy",
+}
+
+
 class SecretManagerEmulator:
     """Secret Manager v1 over REST, plus Python helpers (`put`, `access`, `fail_next`) for the sandbox."""
 
@@ -317,6 +338,12 @@ class SecretManagerEmulator:
         with self.world.lock:
             return self._usable(self.world.project, secret_id, version).data
 
+    def iam_policy(self, secret_id: str) -> dict | None:
+        """The secret's stored IAM policy (what setIamPolicy set), None if there is no such secret."""
+        with self.world.lock:
+            found = self._secrets.get(secret_id)
+            return copy.deepcopy(found.policy) if found is not None else None
+
     def clear_faults(self) -> None:
         self.faults.clear()
 
@@ -329,7 +356,27 @@ class SecretManagerEmulator:
     # --- plumbing -------------------------------------------------------------------------------
 
     def _before(self, request: Request, endpoint: str) -> None:
-        self.world.check_bearer(request)
+        """Authenticate (401), check scopes, then IAM: the method's permission on its resource.
+
+        The check comes before any lookup, as on Google: without the permission a missing secret
+        is a 403 too ("or it may not exist"), so callers cannot probe for names.
+        """
+        principal = self.world.authenticate(request)
+        method = endpoint.replace("secrets.versions.", "SecretManagerService.").replace(
+            "secrets.", "SecretManagerService.")
+        check_scopes(principal, "secretmanager", f"google.cloud.secretmanager.v1.{method}", read_only=False)
+        if endpoint == "secrets.testIamPermissions":
+            return  # answers with the subset the caller holds; needs no permission of its own
+        if endpoint not in PERMISSIONS:
+            raise ApiError(500, f"sandbox: no IAM permission is mapped for Secret Manager method {endpoint}")
+        permission = PERMISSIONS[endpoint]
+        args = getattr(request, "url_args", {})
+        resource = f"projects/{args.get('project')}"
+        if "secret" in args:
+            resource += f"/secrets/{args['secret']}"
+        if "version" in args:
+            resource += f"/versions/{args['version']}"
+        self.world.iam.check(principal, permission, resource)
 
     def _check_project(self, project: str) -> None:
         if project not in (self.world.project, self.world.project_number):
@@ -532,9 +579,12 @@ class SecretManagerEmulator:
 
     def _test_iam_permissions(self, request: Request, project: str, secret: str):
         asked = read_json(request).get("permissions", [])
+        principal = self.world.authenticate(request)
         with self.world.lock:
             self._find(project, secret)
-        granted = [p for p in asked if p.startswith("secretmanager.")]
+        resource = f"projects/{project}/secrets/{secret}"
+        granted = [p for p in asked if p.startswith("secretmanager.")
+                   and self.world.iam.permitted(principal, p, resource)]
         return json_response({"permissions": granted} if granted else {})
 
     # --- versions -------------------------------------------------------------------------------

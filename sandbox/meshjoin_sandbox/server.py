@@ -67,6 +67,8 @@ def build_world(cfg: SandboxConfig) -> World:
         service_account=cfg.service_account,
         sa_token=cfg.sa_token,
         admin_token=cfg.admin_token,
+        operator_email=cfg.operator_email,
+        terraform_vars=dict(cfg.terraform_vars),
         kube_endpoint=f"127.0.0.1:{cfg.ports['kube']}",
         kube_ca_pem=Path(cfg.kube_ca_file).read_text(),
         timing=Timing(boot_seconds=cfg.boot_seconds, stop_seconds=cfg.stop_seconds,

@@ -60,10 +60,11 @@ def google_error(err: ApiError) -> Response:
             "code": err.status,
             "message": err.message,
             "status": status_name,
-            "errors": [{"message": err.message, "domain": "global", "reason": status_name}],
+            "errors": [{"message": err.message, "domain": "global",
+                        "reason": getattr(err, "error_reason", None) or status_name}],
         }
     }
-    if err.details:
+    if isinstance(err.details, list):  # google.rpc details, e.g. ErrorInfo of a scope refusal
         body["error"]["details"] = err.details
     return json_response(body, err.status)
 
@@ -114,6 +115,7 @@ class RoutedApp:
                 raise ApiError(404, f"no such path: {request.path}") from exc
             except MethodNotAllowed as exc:
                 raise ApiError(405, f"method {request.method} not allowed on {request.path}") from exc
+            request.url_args = args  # the `before` hook authorizes per resource
             if self.before is not None:
                 self.before(request, endpoint)
             if self.limiter is not None:
@@ -265,8 +267,10 @@ class FaultInjector:
         return None
 
     def _is_product(self, request: Request) -> bool:
-        token = request.headers.get("Authorization", "").partition(" ")[2]
-        return token == getattr(self.world, "sa_token", None)
+        """Whether the functions' account made the call (whatever token the metadata server gave it)."""
+        token = request.headers.get("Authorization", "").partition(" ")[2].strip()
+        principal = self.world.principal_of(token) if hasattr(self.world, "principal_of") else None
+        return principal is not None and principal.email == getattr(self.world, "service_account", None)
 
     def sleep(self, seconds: float) -> None:
         with self._lock:

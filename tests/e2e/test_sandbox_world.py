@@ -114,3 +114,47 @@ def test_down_leaves_no_process_behind(tmp_path):
     survivors = [line for line in left if line.split() and int(line.split()[1]) in pids.values()]
     assert survivors == []
     assert not (state / "pids.json").exists()
+
+
+def test_gcloud_reads_vms_and_secrets_as_the_operator(sandbox):
+    """With the env file sourced, real gcloud is the project owner (issue 13: it used to get 401)."""
+    sandbox.meshjoin("sandbox", "create-vm", "gcloud-vm", "--label", "team=a", "--service-account",
+                     f"gcloud-vm@{sandbox.project}.iam.gserviceaccount.com")
+    listed = sandbox.run("gcloud", "compute", "instances", "list", "--format=value(name)").stdout.split()
+    assert "gcloud-vm" in listed
+    described = sandbox.run("gcloud", "compute", "instances", "describe", "gcloud-vm", "--zone", sandbox.zone,
+                            "--format=value(labels.team)").stdout.strip()
+    assert described == "a"
+    secrets = sandbox.run("gcloud", "secrets", "list", "--format=value(name)").stdout.split()
+    assert {"istio-ca-key", "istio-root-cert"} <= set(secrets)
+    root = sandbox.run("gcloud", "secrets", "versions", "access", "latest", "--secret", "istio-root-cert").stdout
+    assert root == sandbox.ca_file("root-cert.pem").read_text()
+
+
+def test_sandbox_token_speaks_for_any_account_and_iam_decides(sandbox):
+    """`meshjoin sandbox token --as`: the functions' account reads the CA key, anybody else gets 403."""
+    import requests
+
+    functions = sandbox.env_vars["MESHJOIN_SANDBOX_FUNCTIONS_SA"]
+    url = (f"{sandbox.env_vars['MESHJOIN_SECRETMANAGER_ENDPOINT']}/v1/projects/{sandbox.project}"
+           "/secrets/istio-ca-key/versions/latest:access")
+
+    def access(token: str | None) -> requests.Response:
+        return requests.get(url, headers={"Authorization": f"Bearer {token}"} if token else {}, timeout=10)
+
+    mine = sandbox.meshjoin("sandbox", "token", "--as", functions).stdout.strip()
+    assert access(mine).status_code == 200
+    stranger = sandbox.meshjoin("sandbox", "token", "--as", f"stranger@{sandbox.project}.iam.gserviceaccount.com",
+                                "--scope", "cloud-platform").stdout.strip()
+    refused = access(stranger)
+    assert refused.status_code == 403 and refused.json()["error"]["status"] == "PERMISSION_DENIED"
+    assert access(None).status_code == 401
+    narrow = sandbox.meshjoin("sandbox", "token", "--as", functions, "--scope", "userinfo.email").stdout.strip()
+    assert access(narrow).json()["error"]["message"] == "Request had insufficient authentication scopes."
+
+
+def test_an_undeclared_terraform_variable_stops_up_with_its_name(tmp_path):
+    up = subprocess.run([MESHJOIN, "sandbox", "up", "--state-dir", str(tmp_path), "--terraform-var", "no_such=1"],
+                        capture_output=True, text=True, timeout=120)
+    assert up.returncode != 0 and "not declared by the module: no_such" in up.stderr
+    assert not (tmp_path / "pids.json").exists() or "pubsub" not in (tmp_path / "pids.json").read_text()

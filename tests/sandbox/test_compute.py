@@ -20,8 +20,9 @@ from google.cloud import compute_v1
 from google.oauth2.credentials import Credentials
 
 from meshjoin_sandbox.compute import ComputeEmulator
+from meshjoin_sandbox.iam import Binding
 from meshjoin_sandbox.web import serve
-from meshjoin_sandbox.world import World
+from meshjoin_sandbox.world import CLOUD_PLATFORM, World
 
 Status = compute_v1.Operation.Status
 ZONE = "us-central1-a"
@@ -331,9 +332,12 @@ def test_no_event_header_drops_the_entries_and_prefix_header_sets_the_version(gc
 
 
 def test_principal_is_whoever_held_the_token(gce):
-    sa_instances, _ = make_clients(gce.url, gce.world.sa_token)
-    sa_instances.insert_unary(project=gce.project, zone=ZONE, instance_resource=compute_v1.Instance(name="vm-1"))
-    assert gce.events[0]["protoPayload"]["authenticationInfo"]["principalEmail"] == gce.world.service_account
+    """The audit entry names the token's account (here an owner other than the sandbox's operator)."""
+    gce.world.iam.bindings.append(Binding(f"projects/{gce.project}", "roles/owner", "user:alice@example.com"))
+    token = gce.world.issue_token("alice@example.com", [CLOUD_PLATFORM])
+    alice_instances, _ = make_clients(gce.url, token)
+    alice_instances.insert_unary(project=gce.project, zone=ZONE, instance_resource=compute_v1.Instance(name="vm-1"))
+    assert gce.events[0]["protoPayload"]["authenticationInfo"]["principalEmail"] == "alice@example.com"
 
 
 def test_audit_entries_are_published_outside_the_world_lock(gce):
@@ -362,8 +366,10 @@ def test_requests_without_a_valid_token_are_unauthenticated(gce):
         stranger.get(project=gce.project, zone=ZONE, instance="vm-1")
 
 
-def test_other_projects_are_not_found(gce):
-    with pytest.raises(exceptions.NotFound):
+def test_other_projects_are_refused_before_any_lookup(gce):
+    """IAM comes first: the operator holds nothing in another project, so Compute answers 403, not 404."""
+    with pytest.raises(exceptions.Forbidden, match="Required 'compute.instances.get' permission for "
+                                                   "'projects/someone-else/zones/us-central1-a/instances/vm-1'"):
         gce.instances.get(project="someone-else", zone=ZONE, instance="vm-1")
 
 

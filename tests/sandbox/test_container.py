@@ -77,10 +77,15 @@ def test_list_clusters(client):
 @pytest.mark.parametrize("name", [
     "projects/meshjoin-sandbox/locations/us-central1/clusters/other",
     "projects/meshjoin-sandbox/locations/europe-west1/clusters/mesh",
-    "projects/someone-else/locations/us-central1/clusters/mesh",
 ])
 def test_unknown_cluster_is_not_found(client, name):
     with pytest.raises(exceptions.NotFound):
+        client.get_cluster(name=name)
+
+
+def test_another_projects_cluster_is_refused_before_any_lookup(client):
+    name = "projects/someone-else/locations/us-central1/clusters/mesh"
+    with pytest.raises(exceptions.Forbidden, match='Required "container.clusters.get" permission'):
         client.get_cluster(name=name)
 
 

@@ -146,13 +146,17 @@ def test_drop_applies_the_write_and_loses_the_answer(world, after, error):
 
 
 def test_secret_version_added_although_the_answer_was_lost(world):
+    # The operator's client: the functions' account may not add versions outside its prefix (IAM).
+    sm = secretmanager_v1.SecretManagerServiceClient(
+        transport="rest", client_options={"api_endpoint": world.urls["secretmanager"]},
+        credentials=Credentials(world.world.admin_token))
     parent = f"projects/{world.world.project}/secrets/s"
-    world.sm.create_secret(parent=f"projects/{world.world.project}", secret_id="s",
-                           secret={"replication": {"automatic": {}}}, retry=None)
+    sm.create_secret(parent=f"projects/{world.world.project}", secret_id="s",
+                     secret={"replication": {"automatic": {}}}, retry=None)
     world.secrets.faults.add({"method": "secrets.versions.add", "kind": "drop"})
     with pytest.raises(exceptions.ServiceUnavailable):
-        world.sm.add_secret_version(parent=parent, payload={"data": b"x"}, retry=None)
-    versions = list(world.sm.list_secret_versions(parent=parent, retry=None))
+        sm.add_secret_version(parent=parent, payload={"data": b"x"}, retry=None)
+    versions = list(sm.list_secret_versions(parent=parent, retry=None))
     assert [v.name.rsplit("/", 1)[-1] for v in versions] == ["1"]
 
 
@@ -174,7 +178,8 @@ def test_partial_listing_hides_a_zone_and_says_so_unless_silent(world):
 
 
 def test_kube_faults_are_per_resource_and_verb(world):
-    headers = {"Authorization": f"Bearer {world.world.sa_token}"}
+    # As the operator (cluster-admin): this cluster has no kubernetes.tf bindings for the functions.
+    headers = {"Authorization": f"Bearer {world.world.admin_token}"}
     base = world.urls["kube"] + "/api/v1/namespaces/default/serviceaccounts"
     world.kube.faults.add({"method": "serviceaccounts.create", "kind": "drop", "after": "close"})
     with pytest.raises(requests.exceptions.ConnectionError):

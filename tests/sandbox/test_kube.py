@@ -24,6 +24,7 @@ from kubernetes.client.rest import ApiException
 
 from meshjoin_sandbox.crds import istio_crds_path
 from meshjoin_sandbox.kube import CelRules, KubeEmulator, json_patch, merge_patch, parse_selector, selector_matches
+from meshjoin_sandbox.kube_protobuf import MAGIC, PROTOBUF_MEDIA_TYPE, UNKNOWN, encode_message, encode_object
 from meshjoin_sandbox.web import serve
 from meshjoin_sandbox.world import World
 
@@ -166,9 +167,13 @@ def test_requests_without_a_valid_token_get_401_status(endpoint, ca_file, token)
                                     "message": "Unauthorized", "reason": "Unauthorized", "code": 401}
 
 
-def test_the_functions_token_is_accepted_too(endpoint, ca_file, world):
+def test_the_functions_token_is_authenticated_and_then_authorized(endpoint, ca_file, world):
+    """Known token: past authentication (no 401); then RBAC, which here grants it nothing on namespaces."""
     core = client.CoreV1Api(_api_client(endpoint, ca_file, world.sa_token))
-    assert core.read_namespace("default").metadata.name == "default"
+    with pytest.raises(ApiException) as err:
+        core.read_namespace("default")
+    assert err.value.status == 403 and status_of(err.value)["reason"] == "Forbidden"
+    assert client.VersionApi(_api_client(endpoint, ca_file, world.sa_token)).get_code().major == "1"
 
 
 def test_discovery_documents(api):
@@ -460,13 +465,28 @@ def _post(endpoint, ca_file, token, path, body: bytes, content_type: str) -> tup
         return err.code, json.loads(err.read())
 
 
-def test_yaml_bodies_are_accepted_and_protobuf_is_415(endpoint, ca_file, world, ns):
+def test_yaml_and_protobuf_bodies(endpoint, ca_file, world, ns):
     path = f"/apis/{GROUP}/v1/namespaces/{ns}/workloadentries"
     code, created = _post(endpoint, ca_file, world.admin_token, path,
                           yaml.safe_dump(workload_entry("from-yaml")).encode(), "application/yaml")
     assert code == 201 and created["metadata"]["name"] == "from-yaml"
-    code, status = _post(endpoint, ca_file, world.admin_token, "/api/v1/namespaces", b"k8s\x00...",
-                         "application/vnd.kubernetes.protobuf")
+
+    # kubectl's typed clients send built-in kinds as protobuf (runtime.Unknown in the k8s\0 envelope).
+    name = "pb-" + uuid.uuid4().hex[:6]
+    body = encode_object({"apiVersion": "v1", "kind": "Namespace",
+                          "metadata": {"name": name, "labels": {"team": "a"}}})
+    code, created = _post(endpoint, ca_file, world.admin_token, "/api/v1/namespaces", body, PROTOBUF_MEDIA_TYPE)
+    assert code == 201, created
+    assert created["metadata"]["name"] == name and created["metadata"]["labels"]["team"] == "a"
+    assert created["status"] == {"phase": "Active"}
+
+    code, status = _post(endpoint, ca_file, world.admin_token, "/api/v1/namespaces", b"k8s\x00\x0a\xff",
+                         PROTOBUF_MEDIA_TYPE)
+    assert code == 400 and status["reason"] == "BadRequest" and "protobuf" in status["message"]
+    # A kind the sandbox cannot read as protobuf is refused, not misread.
+    service = MAGIC + encode_message({"typeMeta": {"apiVersion": "v1", "kind": "Service"}, "raw": b""}, UNKNOWN)
+    code, status = _post(endpoint, ca_file, world.admin_token, f"/api/v1/namespaces/{ns}/services", service,
+                         PROTOBUF_MEDIA_TYPE)
     assert code == 415 and status["reason"] == "UnsupportedMediaType"
 
 

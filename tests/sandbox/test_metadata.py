@@ -22,7 +22,8 @@ from google.oauth2.credentials import Credentials
 from meshjoin_sandbox.compute import ComputeEmulator
 from meshjoin_sandbox.metadata import MetadataEmulator
 from meshjoin_sandbox.web import serve
-from meshjoin_sandbox.world import World
+from meshjoin_sandbox.compute import DEFAULT_SCOPES
+from meshjoin_sandbox.world import CLOUD_PLATFORM, USERINFO_EMAIL, World
 
 ZONE = "us-central1-a"
 FLAVOR = {"Metadata-Flavor": "Google"}
@@ -96,8 +97,11 @@ def test_google_auth_default_finds_it_from_the_environment_alone(sandbox, tmp_pa
                HOME=str(tmp_path), CLOUDSDK_CONFIG=str(tmp_path / "gcloud"))
     done = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == {"gce": True, "project": sandbox.world.project, "token": sandbox.world.sa_token,
-                                       "email": sandbox.world.service_account, "aud": "https://meshjoin.example/hook"}
+    probed = json.loads(done.stdout)
+    principal = sandbox.world.principal_of(probed.pop("token"))
+    assert probed == {"gce": True, "project": sandbox.world.project,
+                      "email": sandbox.world.service_account, "aud": "https://meshjoin.example/hook"}
+    assert principal.email == sandbox.world.service_account and principal.scopes == {CLOUD_PLATFORM}
 
 
 def test_google_auth_default_in_process(sandbox, monkeypatch, tmp_path):
@@ -116,7 +120,12 @@ def test_google_auth_default_in_process(sandbox, monkeypatch, tmp_path):
     credentials, project = google.auth.default()
     assert isinstance(credentials, compute_engine.Credentials) and project == sandbox.world.project
     credentials.refresh(google.auth.transport.requests.Request())
-    assert credentials.token == sandbox.world.sa_token and credentials.expiry is not None
+    principal = sandbox.world.principal_of(credentials.token)
+    assert principal.email == sandbox.world.service_account and credentials.expiry is not None
+    # Scopes asked for reach the token (google-auth sends ?scopes=a,b), as on Cloud Run.
+    scoped = compute_engine.Credentials(scopes=[CLOUD_PLATFORM, USERINFO_EMAIL])
+    scoped.refresh(google.auth.transport.requests.Request())
+    assert sandbox.world.principal_of(scoped.token).scopes == {CLOUD_PLATFORM, USERINFO_EMAIL}
 
 
 # ---- the functions' view ----------------------------------------------------------------------------
@@ -149,8 +158,12 @@ def test_project_zone_and_service_account(sandbox):
 
 
 def test_token_and_identity(sandbox):
-    token = md(sandbox.functions, "instance/service-accounts/default/token", scopes="x").json()
-    assert token == {"access_token": sandbox.world.sa_token, "expires_in": 3599, "token_type": "Bearer"}
+    token = md(sandbox.functions, "instance/service-accounts/default/token", scopes="x,y").json()
+    assert token["expires_in"] == 3599 and token["token_type"] == "Bearer"
+    principal = sandbox.world.principal_of(token["access_token"])
+    assert principal.email == sandbox.world.service_account and principal.scopes == {"x", "y"}
+    default = md(sandbox.functions, "instance/service-accounts/default/token").json()["access_token"]
+    assert sandbox.world.principal_of(default).scopes == {CLOUD_PLATFORM}
     identity = md(sandbox.functions, "instance/service-accounts/default/identity", audience="aud", format="full")
     assert identity.status_code == 200 and identity.text.count(".") == 2
     assert md(sandbox.functions, "instance/service-accounts/default/identity").status_code == 400
@@ -166,6 +179,15 @@ def test_vm_identity_and_network(sandbox):
     assert md(sandbox.vm, "instance/network-interfaces/0/ip").text == vm["networkInterfaces"][0]["networkIP"]
     assert md(sandbox.vm, "instance/service-accounts/default/email").text == VM_SA
     assert md(sandbox.vm, "instance/hostname").text == f"vm-1.{ZONE}.c.{sandbox.world.project}.internal"
+
+
+def test_vm_token_is_the_vms_account_with_the_vms_scopes(sandbox):
+    """GCE's access scopes are fixed at insert: asking for more does not widen them."""
+    for params in ({}, {"scopes": CLOUD_PLATFORM}):
+        token = md(sandbox.vm, "instance/service-accounts/default/token", **params).json()["access_token"]
+        principal = sandbox.world.principal_of(token)
+        assert principal.email == VM_SA and principal.scopes == set(DEFAULT_SCOPES)
+    assert md(sandbox.vm, f"instance/service-accounts/{sandbox.world.service_account}/token").status_code == 404
 
 
 def test_vm_attributes(sandbox):
