@@ -3,6 +3,7 @@ of the sandbox, through the unmodified google-cloud-compute / secretmanager REST
 
 from __future__ import annotations
 
+import json
 import time
 from types import SimpleNamespace
 
@@ -19,7 +20,7 @@ from meshjoin_sandbox.quota import MINUTE, compute_quotas, secret_manager_quotas
 from meshjoin_sandbox.secretmanager import SecretManagerEmulator
 from meshjoin_sandbox.server import sink_accepts
 from meshjoin_sandbox.web import serve
-from meshjoin_sandbox.world import World
+from meshjoin_sandbox.world import CLOUD_PLATFORM, World
 
 Status = compute_v1.Operation.Status
 ZONE = "us-central1-a"
@@ -223,6 +224,40 @@ def test_startup_script_runs_at_each_boot_only_in_the_vms_own_root(gce):
     assert gce.guests.boots[(ZONE, "guest-1")] == 2  # insert + reset; setLabels booted nothing
     assert "startup-script exit status 0" in (gce.guests.vm_dir(ZONE, "guest-1") / "serial.log").read_text()
     assert len((root / "boots").read_text().splitlines()) == 3
+
+
+AGENT_SCRIPT = """#!/bin/bash
+set -e
+md="http://$GCE_METADATA_HOST/computeMetadata/v1"
+curl -sf -H 'Metadata-Flavor: Google' "$md/instance/service-accounts/default/token" > "$MESHJOIN_ROOT/token.json"
+curl -sf -X PUT -H 'Metadata-Flavor: Google' --data running "$md/instance/guest-attributes/meshjoin/sidecar"
+"""
+
+
+def test_the_guests_metadata_server_issues_the_vms_token_and_takes_its_guest_attributes(gce):
+    """One server per VM, the one its startup script (the agent) is given: the VM's own identity, scopes
+    fixed at insert, and the guest-attributes endpoint."""
+    account = f"orders@{gce.project}.iam.gserviceaccount.com"
+    resource = compute_v1.Instance(
+        name="agent-1",
+        service_accounts=[compute_v1.ServiceAccount(email=account, scopes=[CLOUD_PLATFORM])],
+        metadata=compute_v1.Metadata(items=[compute_v1.Items(key="startup-script", value=AGENT_SCRIPT),
+                                            compute_v1.Items(key="enable-guest-attributes", value="TRUE")]))
+    wait_op(gce, gce.instances.insert_unary(project=gce.project, zone=ZONE, instance_resource=resource))
+    wait_for(lambda: boots(gce, "agent-1") == 1, what="the agent's boot")
+    assert "startup-script exit status 0" in (gce.guests.vm_dir(ZONE, "agent-1") / "serial.log").read_text()
+    issued = json.loads((gce.guests.vm_dir(ZONE, "agent-1") / "root" / "token.json").read_text())
+    principal = gce.world.principal_of(issued["access_token"])
+    assert principal.email == account and principal.scopes == {CLOUD_PLATFORM}
+    attributes = gce.instances.get_guest_attributes(request=compute_v1.GetGuestAttributesInstanceRequest(
+        project=gce.project, zone=ZONE, instance="agent-1", variable_key="meshjoin/sidecar"))
+    assert attributes.variable_value == "running"
+    # The VM's token is the VM's account, which holds no Compute permission: it cannot read them itself.
+    as_vm = compute_v1.InstancesClient(transport="rest", client_options={"api_endpoint": gce.url},
+                                       credentials=Credentials(issued["access_token"]))
+    with pytest.raises(exceptions.Forbidden, match="compute.instances.getGuestAttributes"):
+        as_vm.get_guest_attributes(request=compute_v1.GetGuestAttributesInstanceRequest(
+            project=gce.project, zone=ZONE, instance="agent-1", variable_key="meshjoin/sidecar"))
 
 
 def test_a_failing_script_is_logged_and_breaks_nothing(gce):
