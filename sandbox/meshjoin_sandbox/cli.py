@@ -232,7 +232,7 @@ def tick(state_dir):
     click.echo(f"published tick {message_id}")
 
 
-def control(state_dir: Path, method: str, path: str, body: dict | None = None) -> dict:
+def control(state_dir: Path, method: str, path: str, body: dict | None = None, timeout: float = 30) -> dict:
     """Call the sandbox's own control plane (not a Google API)."""
     import urllib.request
 
@@ -240,7 +240,7 @@ def control(state_dir: Path, method: str, path: str, body: dict | None = None) -
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(cfg.url("control") + path, data=data, method=method,
                                      headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read() or b"{}")
 
 
@@ -329,6 +329,86 @@ def rotate_ca(state_dir):
     """Rotate the plug-in CA to a new root: new versions of the four CA secrets (old root stays trusted)."""
     result = control(state_dir, "POST", "/rotate-ca")
     click.echo(f"CA rotated; new files in {result['ca_dir']}")
+
+
+def _power(state_dir: Path, name: str, zone: str | None, verb: str) -> str:
+    """instances.stop|start|reset through the real client, waiting for the operation (and the VM)."""
+    clients = SandboxClients(state_dir)
+    zone = zone or clients.cfg.zone
+    instances, ops = clients.compute()
+    method = {"stop": instances.stop_unary, "start": instances.start_unary, "reset": instances.reset_unary}[verb]
+    from google.api_core import exceptions
+
+    try:
+        op = method(project=clients.cfg.project, zone=zone, instance=name)
+    except exceptions.GoogleAPICallError as exc:
+        raise click.ClickException(f"{verb} {zone}/{name}: {exc.message}") from exc
+    clients.wait(ops, op, zone)
+    return zone
+
+
+@sandbox.command()
+@click.argument("name")
+@STATE_DIR_OPTION
+@click.option("--zone")
+def stop(name, state_dir, zone):
+    """Stop a VM (instances.stop: STOPPING, then TERMINATED)."""
+    zone = _power(state_dir, name, zone, "stop")
+    click.echo(f"stopped {zone}/{name}")
+
+
+@sandbox.command()
+@click.argument("name")
+@STATE_DIR_OPTION
+@click.option("--zone")
+def start(name, state_dir, zone):
+    """Start a stopped VM (instances.start: PROVISIONING, STAGING, RUNNING; the startup script runs)."""
+    zone = _power(state_dir, name, zone, "start")
+    click.echo(f"started {zone}/{name}")
+
+
+@sandbox.command()
+@click.argument("name")
+@STATE_DIR_OPTION
+@click.option("--zone")
+def reboot(name, state_dir, zone):
+    """Reset a running VM (instances.reset): the guest boots again and runs its startup script."""
+    zone = _power(state_dir, name, zone, "reset")
+    click.echo(f"reset {zone}/{name}")
+
+
+@sandbox.command("vm-root")
+@click.argument("name")
+@STATE_DIR_OPTION
+@click.option("--zone")
+def vm_root(name, state_dir, zone):
+    """Print the directory that is VM NAME's fake root (its startup script writes there)."""
+    import urllib.error
+
+    try:
+        click.echo(control(state_dir, "POST", "/vm-root", {"zone": zone, "name": name})["root"])
+    except urllib.error.HTTPError as exc:
+        raise click.ClickException(f"no VM {name}: {exc.read().decode(errors='replace')}") from exc
+
+
+@sandbox.command("run-startup")
+@click.argument("name")
+@STATE_DIR_OPTION
+@click.option("--zone")
+def run_startup(name, state_dir, zone):
+    """Run VM NAME's startup script now, as `sudo google_metadata_script_runner startup` on it would."""
+    import urllib.error
+
+    try:
+        result = control(state_dir, "POST", "/run-startup", {"zone": zone, "name": name}, timeout=660)
+    except urllib.error.HTTPError as exc:
+        raise click.ClickException(exc.read().decode(errors="replace")) from exc
+    if not result["ran"]:
+        click.echo(f"{name}: no startup-script in instance or project metadata")
+        return
+    click.echo(f"{name}: startup-script exited {result['returncode']}; output in {result['serial_log']}")
+    if result["returncode"] != 0:
+        raise SystemExit(1)
 
 
 @sandbox.command("token")

@@ -16,11 +16,15 @@ import ipaddress
 import json
 import re
 import secrets
+import threading
 from datetime import datetime, timedelta, timezone
 
 from werkzeug.routing import Map, Rule
 
+from .guest import GuestAttributes
 from .iam import check_scopes
+from .lifecycle import OperationClock, VmLifecycle
+from .quota import compute_quotas, limiter
 from .web import GOOGLE_STATUS, ApiError, FaultInjector, RoutedApp, json_response, read_json
 
 API = "https://www.googleapis.com/compute/v1"
@@ -55,7 +59,7 @@ _FILTER_TERM = re.compile(r'\s*([A-Za-z][\w.-]*)\s*(!=|=|:)\s*("(?:[^"\\]|\\.)*"
 _FILTER_GROUP = re.compile(r"\s*(?:AND\s*)?\(([^()]*)\)\s*")
 _FILTER_FIELDS = {"name", "status", "id", "zone", "machineType", "creationTimestamp", "labelFingerprint",
                   "cpuPlatform", "description", "selfLink"}
-_AUDITED = {"insert", "delete", "setLabels"}
+_AUDITED = {"insert", "delete", "setLabels", "stop", "start", "reset"}
 
 
 # The IAM permission each method needs, and on what: "instance", "zone" (the zone's collection),
@@ -77,9 +81,12 @@ PERMISSIONS: dict[str, tuple[str, str]] = {
     "zoneOperations.wait": ("compute.zoneOperations.get", "operation"),
     "projects.get": ("compute.projects.get", "project"),
     "projects.setCommonInstanceMetadata": ("compute.projects.setCommonInstanceMetadata", "project"),
+    "globalOperations.get": ("compute.globalOperations.get", "globalOperation"),
+    "globalOperations.wait": ("compute.globalOperations.get", "globalOperation"),
 }
 _READS = {"instances.aggregatedList", "instances.list", "instances.get", "instances.getGuestAttributes",
-          "zoneOperations.get", "zoneOperations.wait", "projects.get"}
+          "zoneOperations.get", "zoneOperations.wait", "projects.get", "globalOperations.get",
+          "globalOperations.wait"}
 
 
 def render_error(err: ApiError):
@@ -90,7 +97,7 @@ def render_error(err: ApiError):
             "message": err.message,
             "status": GOOGLE_STATUS.get(err.status, "UNKNOWN"),
             "errors": [{"message": err.message, "domain": "global",
-                        "reason": getattr(err, "error_reason", None) or _REASONS.get(err.status, "backendError")}],
+                        "reason": getattr(err, "error_reason", None) or _compute_reason(err)}],
         }
     }
     if isinstance(err.details, list):
@@ -98,8 +105,31 @@ def render_error(err: ApiError):
     return json_response(body, err.status)
 
 
+def _compute_reason(err: ApiError) -> str:
+    """An explicit lowerCamel reason (rateLimitExceeded, resourceNotReady) wins over the status's."""
+    if err.reason and err.reason[:1].islower():
+        return err.reason
+    return _REASONS.get(err.status, "backendError")
+
+
 def _fingerprint() -> str:
     return base64.b64encode(secrets.token_bytes(8)).decode()
+
+
+def _same_fingerprint(given, current: str) -> bool:
+    """Fingerprints are `bytes` fields: clients may send them back in standard or URL-safe base64
+    (gcloud's apitools re-encodes URL-safe), so compare the bytes, as the real API does."""
+    if not isinstance(given, str) or not given:
+        return False
+
+    def raw(text: str) -> bytes | None:
+        try:
+            return base64.b64decode(text.replace("-", "+").replace("_", "/") + "=" * (-len(text) % 4), validate=True)
+        except ValueError:
+            return None
+
+    decoded = raw(given)
+    return decoded is not None and decoded == raw(current)
 
 
 def _now() -> datetime:
@@ -238,6 +268,17 @@ class ComputeEmulator:
             Rule(instance + "/setMetadata", endpoint="instances.setMetadata", methods=["POST"]),
             Rule(operation, endpoint="zoneOperations.get", methods=["GET"]),
             Rule(operation + "/wait", endpoint="zoneOperations.wait", methods=["POST"]),
+            # VM lifecycle, project metadata and guest attributes (lifecycle.py, guest.py)
+            Rule(instance + "/stop", endpoint="instances.stop", methods=["POST"]),
+            Rule(instance + "/start", endpoint="instances.start", methods=["POST"]),
+            Rule(instance + "/reset", endpoint="instances.reset", methods=["POST"]),
+            Rule(instance + "/getGuestAttributes", endpoint="instances.getGuestAttributes", methods=["GET"]),
+            Rule(prefix, endpoint="projects.get", methods=["GET"]),
+            Rule(prefix + "/setCommonInstanceMetadata", endpoint="projects.setCommonInstanceMetadata",
+                 methods=["POST"]),
+            Rule(prefix + "/global/operations/<operation>", endpoint="globalOperations.get", methods=["GET"]),
+            Rule(prefix + "/global/operations/<operation>/wait", endpoint="globalOperations.wait",
+                 methods=["POST"]),
         ]
         handlers = {
             "instances.aggregatedList": self._aggregated_list,
@@ -249,10 +290,53 @@ class ComputeEmulator:
             "instances.setMetadata": self._set_metadata,
             "zoneOperations.get": self._operation,
             "zoneOperations.wait": self._operation,
+            "instances.stop": self._stop,
+            "instances.start": self._start,
+            "instances.reset": self._reset,
+            "instances.getGuestAttributes": self._get_guest_attributes,
+            "projects.get": self._get_project,
+            "projects.setCommonInstanceMetadata": self._set_common_metadata,
+            "globalOperations.get": self._global_operation,
+            "globalOperations.wait": self._global_operation,
         }
         self.faults = FaultInjector(world, list(handlers))
         self.app = RoutedApp(Map(rules), handlers, render_error=render_error, before=self._before, faults=self.faults)
         world.emulators["compute"] = self
+        self._init_lifecycle()
+
+    def _init_lifecycle(self) -> None:
+        """Boot timing, operation timing, quotas, project metadata and guest attributes."""
+        world = self.world
+        self.lifecycle = VmLifecycle(self, world.timing, on_boot=self._booted)
+        self.op_clock = OperationClock(world.timing)
+        self.quotas = compute_quotas(world.timing.time_factor)
+        self.app.limiter = limiter(self.quotas, world, 403, "rateLimitExceeded")
+        self.guest_attributes = GuestAttributes(world.timing.time_factor)
+        self._project_metadata = {"kind": "compute#metadata", "fingerprint": _fingerprint(), "items": []}
+        self._pending_last: dict[tuple[str, str], list[dict]] = {}
+
+    def _booted(self, zone: str, name: str) -> None:
+        """The guest's boot: its startup script runs now, and only now (guest.py)."""
+        guests = self.world.emulators.get("guests")
+        if guests is not None:
+            guests.boot(zone, name)
+
+    def stamp(self) -> str:
+        return _gce_time(_now())
+
+    def project_metadata(self) -> dict:
+        with self.world.lock:
+            return copy.deepcopy(self._project_metadata)
+
+    def metadata_value(self, zone: str, name: str, key: str) -> str | None:
+        """An attribute as GCE's guest sees it: the instance item, else the project (common) item."""
+        with self.world.lock:
+            instance = self._instances.get((zone, name))
+            for items in ((instance or {}).get("metadata", {}).get("items", []), self._project_metadata["items"]):
+                for item in items:
+                    if item["key"] == key:
+                        return item["value"]
+        return None
 
     # ---- Python access for tests, tools and the other emulators --------------------------------------
 
@@ -305,6 +389,7 @@ class ComputeEmulator:
             "zone": f"{project}/zones/{args.get('zone')}",
             "instance": f"{project}/zones/{args.get('zone')}/instances/{args.get('instance')}",
             "operation": f"{project}/zones/{args.get('zone')}/operations/{args.get('operation')}",
+            "globalOperation": f"{project}/global/operations/{args.get('operation')}",
         }[target]
         iam = self.world.iam
         if endpoint == "instances.insert":  # named by the instance it would create
@@ -509,7 +594,8 @@ class ComputeEmulator:
         body = read_json(request)
         with self.world.lock:
             instance = self._create(zone, body)
-            operation, entries = self._record(request, zone, "insert", instance)
+            boot = self.lifecycle.created(zone, instance["name"])
+            operation, entries = self._record(request, zone, "insert", instance, takes=boot)
         return self._answer(operation, entries)
 
     def _delete(self, request, project, zone, instance):
@@ -518,7 +604,10 @@ class ComputeEmulator:
             found = self._must_get(zone, instance)
             del self._instances[(zone, instance)]
             self._ips_in_use.discard(found["networkInterfaces"][0]["networkIP"])
-            operation, entries = self._record(request, zone, "delete", found)
+            self.lifecycle.deleted(zone, instance)
+            self.guest_attributes.forget(found["id"])
+            operation, entries = self._record(request, zone, "delete", found,
+                                              takes=self.world.timing.operation_seconds)
         return self._answer(operation, entries)
 
     def _set_labels(self, request, project, zone, instance):
@@ -526,13 +615,14 @@ class ComputeEmulator:
         body = read_json(request)
         with self.world.lock:
             found = self._must_get(zone, instance)
-            if body.get("labelFingerprint") != found["labelFingerprint"]:
+            if not _same_fingerprint(body.get("labelFingerprint"), found["labelFingerprint"]):
                 raise ApiError(412, "Labels fingerprint either invalid or resource labels have changed")
             labels = dict(body.get("labels") or {})
             _check_labels(labels)
             found["labels"] = labels
             found["labelFingerprint"] = _fingerprint()
-            operation, entries = self._record(request, zone, "setLabels", found)
+            operation, entries = self._record(request, zone, "setLabels", found,
+                                              takes=self.world.timing.operation_seconds)
         return self._answer(operation, entries)
 
     def _set_metadata(self, request, project, zone, instance):
@@ -540,17 +630,19 @@ class ComputeEmulator:
         body = read_json(request)
         with self.world.lock:
             found = self._must_get(zone, instance)
-            if body.get("fingerprint") != found["metadata"]["fingerprint"]:
+            if not _same_fingerprint(body.get("fingerprint"), found["metadata"]["fingerprint"]):
                 raise ApiError(412, "Supplied fingerprint does not match current metadata fingerprint.")
             items = _metadata_items(body)
             found["metadata"] = {"kind": "compute#metadata", "fingerprint": _fingerprint(), "items": items}
-            operation, entries = self._record(request, zone, "setMetadata", found)
+            operation, entries = self._record(request, zone, "setMetadata", found,
+                                              takes=self.world.timing.operation_seconds)
         return self._answer(operation, entries)
 
     # ---- operations and audit ------------------------------------------------------------------------
 
-    def _record(self, request, zone: str, verb: str, instance: dict) -> tuple[dict, list[dict]]:
-        """Store the RUNNING operation of a mutation just applied, and build its audit entries (lock held)."""
+    def _record(self, request, zone: str, verb: str, instance: dict, takes: float = 0.0) -> tuple[dict, list[dict]]:
+        """Store the RUNNING operation of a mutation just applied (DONE `takes` seconds later), and build
+        its audit entries (lock held)."""
         started = _now()
         op_name = "-".join(["operation", str(int(started.timestamp() * 1000)),
                             secrets.token_hex(7), secrets.token_hex(4), secrets.token_hex(4)])
@@ -570,6 +662,7 @@ class ComputeEmulator:
             "selfLink": f"{self._zone_url(zone)}/operations/{op_name}",
         }
         self._operations[(zone, op_name)] = operation
+        self.op_clock.started(zone, op_name, takes)
         entries = []
         if verb in _AUDITED and request.headers.get("X-Sandbox-No-Event") != "1":
             entries = self._audit_entries(request, zone, verb, instance, operation)
@@ -577,10 +670,32 @@ class ComputeEmulator:
 
     def _answer(self, operation: dict, entries: list[dict]):
         """Publish the audit entries outside the world lock (the sink calls out to Pub/Sub, and a
-        subscriber may call back into this emulator), yet before the caller sees the operation."""
-        for entry in entries:
+        subscriber may call back into this emulator): the `first` one before the caller sees the
+        operation, the `last` one when the operation finishes, as Cloud Logging writes them (by a timer,
+        or by whoever first observes the operation DONE, whichever comes first)."""
+        key = (operation["zone"].rsplit("/", 1)[-1], operation["name"])
+        for entry in entries[:1]:
             self.world.publish_audit(entry)
+        if entries[1:]:
+            with self.world.lock:
+                self._pending_last[key] = entries[1:]
+            remaining = self.op_clock.remaining(*key)
+            if remaining <= 0:
+                self._flush_last(key)
+            else:
+                timer = threading.Timer(remaining, self._flush_last, (key,))
+                timer.daemon = True
+                timer.start()
         return json_response(operation)
+
+    def _flush_last(self, key: tuple[str, str]) -> None:
+        with self.world.lock:
+            entries = self._pending_last.pop(key, [])
+        for entry in entries:
+            now = _now()
+            entry["timestamp"] = _log_time(now)
+            entry["receiveTimestamp"] = _log_time(now + timedelta(milliseconds=40))
+            self.world.publish_audit(entry)
 
     def _audit_entries(self, request, zone: str, verb: str, instance: dict, operation: dict) -> list[dict]:
         """The two Admin Activity entries (`first`, then `last`) Cloud Logging writes for one operation."""
@@ -618,12 +733,116 @@ class ComputeEmulator:
         return entries
 
     def _operation(self, request, project, zone, operation):
-        """An operation reads RUNNING in the mutation's answer and DONE from its first get or wait on."""
+        """An operation stays RUNNING until its time is up (lifecycle.py); `wait` holds until then, or
+        until the (scaled) two-minute limit, and answers the operation as it is."""
+        self._check_scope(project, zone)
+        return self._answer_operation(request, zone, operation, f"projects/{project}/zones/{zone}/operations/{operation}")
+
+    def _global_operation(self, request, project, operation):
+        self._check_scope(project)
+        return self._answer_operation(request, "global", operation, f"projects/{project}/global/operations/{operation}")
+
+    def _answer_operation(self, request, scope: str, operation: str, path: str):
+        with self.world.lock:
+            if (scope, operation) not in self._operations:
+                raise _not_found(path)
+        if request.path.endswith("/wait"):
+            self.op_clock.hold(scope, operation)
+        with self.world.lock:
+            found = self._operations[(scope, operation)]
+            if found["status"] != "DONE" and self.op_clock.is_done(scope, operation):
+                found.update(status="DONE", progress=100, endTime=_gce_time(_now()))
+            answer = copy.deepcopy(found)
+        if answer["status"] == "DONE":
+            self._flush_last((scope, operation))  # its `last` audit entry is out before anyone sees DONE
+        return json_response(answer)
+
+    # ---- lifecycle: stop, start, reset ---------------------------------------------------------------
+
+    def _power(self, request, project, zone, instance, verb: str):
         self._check_scope(project, zone)
         with self.world.lock:
-            found = self._operations.get((zone, operation))
-            if found is None:
-                raise _not_found(f"projects/{project}/zones/{zone}/operations/{operation}")
-            if found["status"] != "DONE":
-                found.update(status="DONE", progress=100, endTime=_gce_time(_now()))
-            return json_response(found)
+            found = self._must_get(zone, instance)
+            takes = getattr(self.lifecycle, verb)(zone, instance)
+            operation, entries = self._record(request, zone, verb, found, takes=takes)
+        return self._answer(operation, entries)
+
+    def _stop(self, request, project, zone, instance):
+        return self._power(request, project, zone, instance, "stop")
+
+    def _start(self, request, project, zone, instance):
+        return self._power(request, project, zone, instance, "start")
+
+    def _reset(self, request, project, zone, instance):
+        return self._power(request, project, zone, instance, "reset")
+
+    # ---- project (common instance) metadata ----------------------------------------------------------
+
+    def _project_json(self) -> dict:
+        project = self.world.project
+        metadata = copy.deepcopy(self._project_metadata)
+        if not metadata["items"]:
+            del metadata["items"]
+        return {
+            "kind": "compute#project", "id": self.world.project_number, "name": project,
+            "creationTimestamp": "2024-01-01T00:00:00.000-07:00", "commonInstanceMetadata": metadata,
+            "defaultServiceAccount": self.world.default_compute_sa, "xpnProjectStatus": "UNSPECIFIED_XPN_PROJECT_STATUS",
+            "defaultNetworkTier": "PREMIUM", "selfLink": f"{API}/projects/{project}",
+        }
+
+    def _get_project(self, request, project):
+        self._check_scope(project)
+        with self.world.lock:
+            return json_response(self._project_json())
+
+    def _set_common_metadata(self, request, project):
+        """projects.setCommonInstanceMetadata: the fingerprint rule of instance metadata, a global operation."""
+        self._check_scope(project)
+        body = read_json(request)
+        with self.world.lock:
+            if not _same_fingerprint(body.get("fingerprint"), self._project_metadata["fingerprint"]):
+                raise ApiError(412, "Supplied fingerprint does not match current metadata fingerprint.")
+            items = _metadata_items(body)
+            self._project_metadata = {"kind": "compute#metadata", "fingerprint": _fingerprint(), "items": items}
+            started = _now()
+            op_name = "-".join(["operation", str(int(started.timestamp() * 1000)), secrets.token_hex(7),
+                                secrets.token_hex(4), secrets.token_hex(4)])
+            operation = {
+                "kind": "compute#operation", "id": str(10**18 + secrets.randbelow(8 * 10**18)), "name": op_name,
+                "operationType": "compute.projects.setCommonInstanceMetadata",
+                "targetLink": f"{API}/projects/{project}", "targetId": self.world.project_number,
+                "status": "RUNNING", "user": self._principal(request), "progress": 0,
+                "insertTime": _gce_time(started), "startTime": _gce_time(started),
+                "selfLink": f"{API}/projects/{project}/global/operations/{op_name}",
+            }
+            self._operations[("global", op_name)] = operation
+            self.op_clock.started("global", op_name, self.world.timing.operation_seconds)
+            return json_response(copy.deepcopy(operation))
+
+    # ---- guest attributes (written only by the VM, through its own metadata server) ------------------
+
+    def guest_attributes_enabled(self, zone: str, name: str) -> bool:
+        """`enable-guest-attributes=TRUE` in instance metadata, else in project metadata (as GCE)."""
+        value = self.metadata_value(zone, name, "enable-guest-attributes")
+        return (value or "").strip().lower() == "true"
+
+    def _get_guest_attributes(self, request, project, zone, instance):
+        self._check_scope(project, zone)
+        with self.world.lock:
+            found = self._must_get(zone, instance)
+        path = f"projects/{project}/zones/{zone}/instances/{instance}"
+        body = {"kind": "compute#guestAttributes",
+                "selfLink": f"{self._zone_url(zone)}/instances/{instance}/getGuestAttributes"}
+        variable_key = request.args.get("variableKey")
+        if variable_key:
+            value = self.guest_attributes.get(found["id"], variable_key)
+            if value is None:
+                raise _not_found(f"{path}/guestAttributes/{variable_key}")
+            body.update(variableKey=variable_key, variableValue=value)
+            return json_response(body)
+        query_path = request.args.get("queryPath", "")
+        items = self.guest_attributes.query(found["id"], query_path)
+        if not items:
+            raise _not_found(f"{path}/guestAttributes/{query_path}")
+        body.update(queryPath=query_path, queryValue={"items": items})
+        return json_response(body)

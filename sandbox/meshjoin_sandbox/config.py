@@ -53,6 +53,15 @@ class SandboxConfig:
     compute_subnet: str = "10.128.0.0/20"
     # Extra settings for the functions (e.g. a short cert TTL in a test), merged into their env.
     function_env: dict[str, str] = field(default_factory=dict)
+    # VM lifecycle (lifecycle.py): seconds from insert/start to RUNNING (real GCE: ~10-60 s), from stop
+    # to TERMINATED (real: up to ~90 s), and until a label/metadata operation is DONE (real: ~1-5 s).
+    boot_seconds: float = 1.0
+    stop_seconds: float = 0.5
+    operation_seconds: float = 0.5
+    # Scales quota windows and zoneOperations.wait's 2-minute hold (env MESHJOIN_SANDBOX_TIME_FACTOR).
+    time_factor: float = 1.0
+    # Extra environment for every VM's startup script (e.g. MESHJOIN_SIDECAR_URL of a local mirror).
+    guest_env: dict[str, str] = field(default_factory=dict)
     # The values deploy/terraform is evaluated with for the sandbox's IAM and RBAC
     # (project_id, region, cluster, name, identity_bindings, ...).
     terraform_vars: dict = field(default_factory=dict)

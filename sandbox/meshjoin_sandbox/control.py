@@ -9,6 +9,8 @@ counts of calls and injected faults per API method.
 `POST /rotate-ca` rotates the plug-in CA to a new root (see rotation.py).
 `POST /vm-metadata {"zone", "name"}` starts (once per VM) a metadata server with that VM's own view on a
 free loopback port and answers its `{"host": "127.0.0.1:PORT"}`, the GCE_METADATA_HOST of a VM agent.
+`POST /vm-root {"zone", "name"}` answers the VM's fake root `{"root": DIR}`; `POST /run-startup` runs its
+startup script now, as `sudo google_metadata_script_runner startup` would (guest.py).
 `GET /stats` answers the requests each server answered, by API method; `DELETE /stats` zeroes them.
 `POST /seed` creates a fleet of already-registered VMs in one call (benchmarks; see seed.py).
 `POST /token {"email", "scopes": [...]}` answers `{"token"}`: an access token of that account with those
@@ -36,6 +38,8 @@ class ControlEmulator:
             Rule("/faults", endpoint="fault_stats", methods=["GET"]),
             Rule("/rotate-ca", endpoint="rotate_ca", methods=["POST"]),
             Rule("/vm-metadata", endpoint="vm_metadata", methods=["POST"]),
+            Rule("/vm-root", endpoint="vm_root", methods=["POST"]),
+            Rule("/run-startup", endpoint="run_startup", methods=["POST"]),
             Rule("/stats", endpoint="stats", methods=["GET"]),
             Rule("/stats", endpoint="clear_stats", methods=["DELETE"]),
             Rule("/seed", endpoint="seed", methods=["POST"]),
@@ -45,6 +49,7 @@ class ControlEmulator:
                                        "clear_faults": self.clear_faults, "fault_stats": self.fault_stats,
                                        "rotate_ca": self.rotate_ca,
                                        "vm_metadata": self.vm_metadata, "stats": self.stats,
+                                       "vm_root": self.vm_root, "run_startup": self.run_startup,
                                        "clear_stats": self.clear_stats, "seed": self.seed,
                                        "token": self.token})
         self._vm_servers: dict[tuple[str, str], object] = {}
@@ -72,11 +77,18 @@ class ControlEmulator:
 
         return json_response(rotate_plugin_ca(self.world))
 
-    def vm_metadata(self, request):
+    def _vm(self, request) -> tuple[str, str]:
         body = read_json(request)
         zone, name = body.get("zone") or self.world.zone, body.get("name", "")
         if self.world.emulators["compute"].instance(zone, name) is None:
             raise ApiError(404, f"no VM {zone}/{name}")
+        return zone, name
+
+    def vm_metadata(self, request):
+        zone, name = self._vm(request)
+        guests = self.world.emulators.get("guests")
+        if guests is not None:  # one server per VM, shared with its startup script
+            return json_response({"host": guests.metadata_host(zone, name)})
         with self._vm_servers_lock:  # one server per VM: asking again answers the same port
             server = self._vm_servers.get((zone, name))
             if server is None:
@@ -84,6 +96,18 @@ class ControlEmulator:
                                name=f"metadata-{name}")
                 self._vm_servers[(zone, name)] = server
         return json_response({"host": f"127.0.0.1:{server.server_port}"})
+
+    def vm_root(self, request):
+        zone, name = self._vm(request)
+        return json_response({"root": str(self.world.emulators["guests"].root(zone, name))})
+
+    def run_startup(self, request):
+        """`sudo google_metadata_script_runner startup` on a running VM."""
+        zone, name = self._vm(request)
+        status = self.world.emulators["compute"].instance(zone, name)["status"]
+        if status != "RUNNING":
+            raise ApiError(409, f"VM {zone}/{name} is {status}, not RUNNING: nothing runs on it")
+        return json_response(self.world.emulators["guests"].run_startup(zone, name, "manual"))
 
     def faults(self, request):
         body = read_json(request)

@@ -281,6 +281,12 @@ def up(state_dir: Path, ca_dir: Path | None = None, function_env: dict[str, str]
             terraform_vars.setdefault("identity_bindings", json.loads(cfg.function_env["MESHJOIN_IDENTITY_BINDINGS"]))
         except ValueError as exc:
             raise SandboxError(f"MESHJOIN_IDENTITY_BINDINGS is not JSON: {exc}") from exc
+    from .quota import time_factor_from_env
+
+    try:
+        cfg.time_factor = time_factor_from_env(os.environ)
+    except ValueError as exc:
+        raise SandboxError(str(exc)) from None
     if terraform_vars:
         from .terraform import TerraformError, default_terraform_dir, load_terraform
 
@@ -291,6 +297,7 @@ def up(state_dir: Path, ca_dir: Path | None = None, function_env: dict[str, str]
             raise SandboxError(f"terraform variables: {exc}") from exc
     cfg.save()
     (state_dir / "world-ready").unlink(missing_ok=True)
+    shutil.rmtree(state_dir / "vms", ignore_errors=True)  # a new world has no VMs: no stale guest roots
     (state_dir / "gcloud").mkdir(exist_ok=True)
     write_kubeconfig(cfg)
     write_env_file(cfg)

@@ -99,7 +99,7 @@ class MetadataEmulator:
         zone = self.bound[0] if self.bound else world.zone
         tree = {
             "project": {"project-id": world.project, "numeric-project-id": world.project_number,
-                        "attributes": _Data()},
+                        "attributes": _project_attributes(world)},
             "instance": {"zone": f"projects/{world.project_number}/zones/{zone}",
                          "service-accounts": _Data()},
             "universe": {"universe-domain": "googleapis.com"},
@@ -129,8 +129,14 @@ class MetadataEmulator:
         return tree
 
     def _lookup(self, path: str):
-        node = self._tree()
-        for part in [p for p in path.split("/") if p]:
+        parts = [p for p in path.split("/") if p]
+        if parts[:2] == ["instance", "guest-attributes"]:
+            # Only asked for by name: guest attributes are not part of `instance/` listings, so a VM's
+            # own writes never wake a `wait_for_change` on its instance metadata.
+            node = {"instance": self._guest_tree()}
+        else:
+            node = self._tree()
+        for part in parts:
             if not isinstance(node, dict) or part not in node:
                 raise ApiError(404, f"{path} was not found on this server.")
             node = node[part]
@@ -142,6 +148,8 @@ class MetadataEmulator:
         token_path = _TOKEN_PATH.fullmatch(path.rstrip("/"))
         if token_path:
             return self._credential(request, token_path.group(1), token_path.group(2))
+        if path.startswith("instance/guest-attributes/") and request.method in ("PUT", "DELETE"):
+            return self._write_guest_attribute(request, path)
         if request.method not in ("GET", "HEAD"):
             raise ApiError(405, f"method {request.method} not allowed")
         node = self._lookup(path)
@@ -158,6 +166,31 @@ class MetadataEmulator:
             body = "\n".join(_flatten(node) if recursive else _listing(node)) if isinstance(node, dict) else _text(node)
             mimetype = "application/text"
         return Response(body, mimetype=mimetype, headers={**HEADERS, "ETag": _etag(node)})
+
+    def _guest_tree(self) -> dict:
+        if self.bound is None:
+            return {}
+        instance = self.world.emulators["compute"].instance(*self.bound)
+        return _guest_attributes(self.world, self.bound, instance) if instance is not None else {}
+
+    def _write_guest_attribute(self, request, path: str) -> Response:
+        """PUT/DELETE instance/guest-attributes/NS/KEY: only a VM's own server, only when enabled."""
+        parts = path.split("/")[2:]
+        if self.bound is None or len(parts) != 2 or not all(parts):
+            raise ApiError(404, f"{path} was not found on this server.")
+        compute = self.world.emulators["compute"]
+        instance = compute.instance(*self.bound)
+        if instance is None:
+            raise ApiError(404, f"{path} was not found on this server.")
+        if not compute.guest_attributes_enabled(*self.bound):
+            raise ApiError(403, "Guest attributes endpoint access is disabled.")
+        namespace, key = parts
+        if request.method == "DELETE":
+            compute.guest_attributes.delete(instance["id"], namespace, key)
+        else:
+            value = request.get_data(as_text=True)
+            compute.guest_attributes.put(instance["id"], namespace, key, value)
+        return Response("", mimetype="application/text", headers=HEADERS)
 
     def _token_scopes(self, request, info: dict) -> list[str]:
         """Unbound (Cloud Functions / Cloud Run): the scopes asked for, cloud-platform by default.
@@ -215,3 +248,20 @@ def _listing(directory: dict) -> list[str]:
 
 def _etag(node) -> str:
     return hashlib.sha256(json.dumps(node, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _project_attributes(world) -> "_Data":
+    """project/attributes/: the project's common instance metadata (compute.py keeps it)."""
+    compute = world.emulators.get("compute")
+    if compute is None or not hasattr(compute, "project_metadata"):
+        return _Data()
+    return _Data((i["key"], i["value"]) for i in compute.project_metadata().get("items", []))
+
+
+def _guest_attributes(world, bound: tuple[str, str], instance: dict) -> dict:
+    """instance/guest-attributes/ as the VM itself reads it back (absent while the feature is off)."""
+    compute = world.emulators["compute"]
+    if not hasattr(compute, "guest_attributes") or not compute.guest_attributes_enabled(*bound):
+        return {}
+    namespaces = compute.guest_attributes.namespaces(instance["id"])
+    return {"guest-attributes": _Data((ns, _Data(keys)) for ns, keys in namespaces.items())}

@@ -23,6 +23,7 @@ from werkzeug.routing import BaseConverter, Map, Rule
 from werkzeug.wrappers import Request
 
 from .iam import check_scopes
+from .quota import limiter, secret_manager_quotas
 from .web import ApiError, FaultInjector, RoutedApp, json_response, read_json
 
 SECRET_ID = re.compile(r"[a-zA-Z_0-9-]{1,255}")
@@ -316,6 +317,9 @@ class SecretManagerEmulator:
         self.faults = FaultInjector(world, list(handlers))
         self.app = RoutedApp(url_map, handlers, before=self._before, faults=self.faults)
         world.emulators["secretmanager"] = self
+        # Google's default per-project quotas (quota.py): over them, 429 RESOURCE_EXHAUSTED.
+        self.quotas = secret_manager_quotas(world.timing.time_factor)
+        self.app.limiter = limiter(self.quotas, world, 429, "RESOURCE_EXHAUSTED")
 
     # --- sandbox helpers ------------------------------------------------------------------------
 

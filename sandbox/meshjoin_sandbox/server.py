@@ -8,6 +8,7 @@ STATE_DIR/world-ready when every server answers.
 from __future__ import annotations
 
 import json
+import re
 import logging
 import os
 import signal
@@ -18,6 +19,8 @@ from pathlib import Path
 from .compute import ComputeEmulator
 from .config import SandboxConfig
 from .container import ContainerEmulator
+from .guest import Guests
+from .lifecycle import Timing
 from .control import ControlEmulator
 from .kube import KubeEmulator
 from .metadata import MetadataEmulator
@@ -27,6 +30,28 @@ from .web import serve
 from .world import World
 
 CA_FILES = ("ca-cert.pem", "ca-key.pem", "cert-chain.pem", "root-cert.pem")
+_SINK_METHOD = re.compile(r'"(v1|beta)\.(compute\.instances\.[A-Za-z]+)"')
+
+
+def sink_methods(terraform_vars: dict | None = None, project_number: str | None = None) -> frozenset[str]:
+    """The `methodName`s the Log Router sink forwards, read from its filter in deploy/terraform
+    (google_logging_project_sink.vm_events): one source of truth, so an audit entry the deployed sink
+    would drop never reaches the sandbox's functions either."""
+    from .config import sandbox_terraform_vars
+    from .terraform import default_terraform_dir, load_terraform
+
+    variables = terraform_vars or sandbox_terraform_vars(
+        "meshjoin-sandbox", "us-central1", "projects/meshjoin-sandbox/locations/us-central1/clusters/mesh",
+        "meshjoin-functions@meshjoin-sandbox.iam.gserviceaccount.com")
+    model = load_terraform(default_terraform_dir(), variables, project_number=project_number)
+    (sink,) = [r for r in model.resources("google_logging_project_sink") if r["_name"] == "vm_events"]
+    return frozenset(f"{version}.{method}" for version, method in _SINK_METHOD.findall(sink["filter"]))
+
+
+def sink_accepts(entry: dict, methods: frozenset[str] | None = None) -> bool:
+    """Whether the sink's filter lets this audit entry through to the events topic."""
+    methods = methods if methods is not None else sink_methods()
+    return entry.get("protoPayload", {}).get("methodName", "") in methods
 
 
 def audit_publisher(cfg: SandboxConfig):
@@ -37,8 +62,11 @@ def audit_publisher(cfg: SandboxConfig):
     publisher = pubsub_v1.PublisherClient()
     topic = publisher.topic_path(cfg.project, cfg.events_topic)
     log = logging.getLogger("sandbox.sink")
+    methods = sink_methods(cfg.terraform_vars, cfg.project_number)
 
     def publish(entry: dict) -> None:
+        if not sink_accepts(entry, methods):
+            return
         future = publisher.publish(topic, json.dumps(entry).encode())
         future.add_done_callback(lambda f: f.exception() and log.error("sink publish failed: %s", f.exception()))
 
@@ -60,6 +88,8 @@ def build_world(cfg: SandboxConfig) -> World:
         terraform_vars=dict(cfg.terraform_vars),
         kube_endpoint=f"127.0.0.1:{cfg.ports['kube']}",
         kube_ca_pem=Path(cfg.kube_ca_file).read_text(),
+        timing=Timing(boot_seconds=cfg.boot_seconds, stop_seconds=cfg.stop_seconds,
+                      operation_seconds=cfg.operation_seconds, time_factor=cfg.time_factor),
     )
     world.publish_audit = audit_publisher(cfg)
     return world
@@ -84,6 +114,8 @@ def main(argv: list[str]) -> int:
         "metadata": MetadataEmulator(world).app,
         "control": ControlEmulator(world).app,
     }
+    Guests(world, Path(cfg.state_dir) / "vms",
+           {"MESHJOIN_SECRETMANAGER_URL": cfg.url("secretmanager"), **cfg.guest_env})
     servers = [serve(counted(name, app), "127.0.0.1", cfg.ports[name], name=name) for name, app in apps.items()]
     kube = KubeEmulator(world, cfg.crd_path)
     world.emulators.setdefault("kube", kube)  # for the control plane's /seed

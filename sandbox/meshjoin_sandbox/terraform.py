@@ -438,6 +438,10 @@ COMPUTED: dict[str, dict[str, Callable[[_Instance, "TerraformModel"], Any]]] = {
         "email": lambda i, m: (f"service-{m.project_number_or_fail()}@gcp-sa-"
                                f"{i.get('service').split('.')[0]}.iam.gserviceaccount.com"),
     },
+    "google_pubsub_topic": {
+        "id": lambda i, m: f"projects/{i.project()}/topics/{i.get('name')}",
+        "name": lambda i, m: i.get("name"),
+    },
     "google_secret_manager_secret": {
         "id": lambda i, m: f"projects/{i.project()}/secrets/{i.get('secret_id')}",
         "name": lambda i, m: f"projects/{m.project_number_or_fail()}/secrets/{i.get('secret_id')}",

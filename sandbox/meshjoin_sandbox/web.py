@@ -84,7 +84,10 @@ class RoutedApp:
 
     With a `FaultInjector` in `faults`, every authenticated call first draws a fault for its API
     method name (`method_name(endpoint, url_args)`, the endpoint by default) and suffers it.
+    A `limiter` (set as an attribute, see quota.py) is charged after `before` and may refuse the call.
     """
+
+    limiter: Callable[[Request, str], None] | None = None
 
     def __init__(
         self,
@@ -115,6 +118,8 @@ class RoutedApp:
             request.url_args = args  # the `before` hook authorizes per resource
             if self.before is not None:
                 self.before(request, endpoint)
+            if self.limiter is not None:
+                self.limiter(request, endpoint)
             fault = None
             if self.faults is not None:
                 fault = self.faults.draw(self.method_name(endpoint, args), request)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable
 
 from werkzeug.wrappers import Request
 
+from .lifecycle import Timing
 from .web import ApiError
 
 USERINFO_EMAIL = "https://www.googleapis.com/auth/userinfo.email"
@@ -84,6 +85,8 @@ class World:
     lock: threading.RLock = field(default_factory=threading.RLock)
     # Emulators register themselves here by name ("compute", "secretmanager", ...).
     emulators: dict[str, Any] = field(default_factory=dict)
+    # How long boots, stops and operations take, and the sandbox time factor (lifecycle.py).
+    timing: Timing = field(default_factory=Timing)
     # Terraform variables the IAM (and RBAC) are evaluated with; None = the sandbox's defaults.
     terraform_vars: dict[str, Any] | None = None
     # The IAM policy every emulator enforces (built from deploy/terraform when not given).

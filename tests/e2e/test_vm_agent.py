@@ -1,7 +1,7 @@
 """The VM agent (the rendered startup-script) run for real, as root, in a throw-away root directory.
 
 Only what would change the host is a PATH shim that records its calls (systemctl, dpkg, dpkg-query,
-useradd, id, chown, logger); the rest is real: curl against the VM's own metadata server and the sandbox's
+useradd, id, chown, logger; the sandbox's own, meshjoin_sandbox.guest.SHIMS); the rest is real: curl against the VM's own metadata server and the sandbox's
 Secret Manager, python3, openssl, flock, sha256sum, and dpkg-deb reading a package packed here.
 """
 
@@ -29,11 +29,11 @@ from cryptography.x509.oid import NameOID
 from meshjoin import bootstrap
 from meshjoin.model import Identity, VmKey
 from meshjoin.settings import Settings
+from meshjoin_sandbox.guest import PROXY_UID, guest_env, install_shims, prepare_root
 
 from .conftest import wait_for
 
 IN_CI = bool(os.environ.get("CI"))
-PROXY_UID = 1337  # what the chown/id shims map istio-proxy to: ownership is then real and checkable
 SIDECAR_VERSION = "1.24.0-meshjoin-test"
 AGENT = "usr/local/sbin/meshjoin-agent"
 ISTIOD_HOST_LINE = "10.128.15.250 istiod.istio-system.svc"  # MESHJOIN_ISTIOD_IP/ADDRESS of the sandbox
@@ -108,38 +108,15 @@ def join(sandbox, name: str, *labels: str) -> dict:
                     what=f"{name} delivered")
 
 
-SHIMS = {
-    "systemctl": 'echo "$*" >> "$LOG/systemctl"',
-    "dpkg": 'echo "$*" >> "$LOG/dpkg"\n'
-            'if [ "$1" = -i ]; then dpkg-deb -f "$2" Version > "$LOG/installed-version"; fi',
-    "dpkg-query": '[ -f "$LOG/installed-version" ] || exit 1\nprintf "installed %s" "$(cat "$LOG/installed-version")"',
-    "useradd": 'echo "$*" >> "$LOG/useradd"\ntouch "$LOG/user-exists"',
-    "id": f'if {{ [ "$1" = -u ] || [ "$1" = -g ]; }} && [ "$2" = istio-proxy ]; then\n'
-          f'  [ -f "$LOG/user-exists" ] && echo {PROXY_UID}; exit\nfi\nexec {{id}} "$@"',
-    "chown": f'owner="$(echo "$1" | sed "s/istio-proxy/{PROXY_UID}/g")"\nshift\nexec {{chown}} "$owner" "$@"',
-    "logger": 'echo "$*" >> "$LOG/journal"',
-}
-
-
 class FakeVm:
     """A throw-away root plus shims; runs the agent as root against one VM's metadata server."""
 
     def __init__(self, base: Path, sandbox, name: str, sidecar: dict):
         self.root, self.bin, self.log = base / "root", base / "bin", base / "log"
-        for path in (self.root / "etc", self.bin, self.log):
-            path.mkdir(parents=True)
-        (self.root / "etc" / "hosts").write_text("127.0.0.1 localhost\n::1 localhost ip6-localhost\n")
-        real = {"id": shutil.which("id"), "chown": shutil.which("chown")}
-        for tool, body in SHIMS.items():
-            shim = self.bin / tool
-            shim.write_text(f"#!/bin/sh\nLOG={self.log}\n" + body.replace("{id}", real["id"])
-                            .replace("{chown}", real["chown"]) + "\n")
-            shim.chmod(0o755)
+        prepare_root(self.root)
+        install_shims(self.bin, self.log)  # the same shims the sandbox's guests run with
         self.env = {
-            **{k: v for k, v in os.environ.items() if not k.startswith(("MESHJOIN_", "GCE_METADATA"))},
-            "PATH": f"{self.bin}:{os.environ['PATH']}",
-            "MESHJOIN_ROOT": str(self.root),
-            "GCE_METADATA_HOST": sandbox.meshjoin("sandbox", "vm-metadata", name).stdout.strip(),
+            **guest_env(self.root, self.bin, sandbox.meshjoin("sandbox", "vm-metadata", name).stdout.strip()),
             "MESHJOIN_SECRETMANAGER_URL": sandbox.env_vars["MESHJOIN_SECRETMANAGER_ENDPOINT"],
             "MESHJOIN_SIDECAR_URL": sidecar["url"],
             "MESHJOIN_SIDECAR_SHA256": sidecar["sha256"],

@@ -91,7 +91,8 @@ def test_insert_returns_running_operation_then_done_and_instance_looks_like_gce(
     assert op.status == Status.RUNNING and op.name.startswith("operation-")
     assert op.operation_type == "insert" and op.target_link.endswith(f"/zones/{ZONE}/instances/vm-1")
 
-    polled = gce.operations.get(project=gce.project, zone=ZONE, operation=op.name)
+    assert get(gce, "vm-1").status == "PROVISIONING"  # the VM boots while the operation runs
+    polled = gce.operations.wait(project=gce.project, zone=ZONE, operation=op.name)
     assert polled.status == Status.DONE and polled.progress == 100
 
     vm = get(gce, "vm-1")
@@ -290,11 +291,14 @@ def test_insert_set_labels_and_delete_log_first_and_last_entries(gce):
     insert(gce, "vm-1")
     vm = get(gce, "vm-1")
     request = compute_v1.InstancesSetLabelsRequest(labels={"mesh": "join"}, label_fingerprint=vm.label_fingerprint)
-    gce.instances.set_labels_unary(project=gce.project, zone=ZONE, instance="vm-1",
-                                   instances_set_labels_request_resource=request)
-    gce.instances.set_metadata_unary(project=gce.project, zone=ZONE, instance="vm-1",
-                                     metadata_resource=compute_v1.Metadata(fingerprint=vm.metadata.fingerprint))
-    gce.instances.delete_unary(project=gce.project, zone=ZONE, instance="vm-1")
+    # Each operation's `last` entry is written when it finishes: wait for each, in order.
+    for call in (lambda: gce.instances.set_labels_unary(project=gce.project, zone=ZONE, instance="vm-1",
+                                                        instances_set_labels_request_resource=request),
+                 lambda: gce.instances.set_metadata_unary(project=gce.project, zone=ZONE, instance="vm-1",
+                                                          metadata_resource=compute_v1.Metadata(
+                                                              fingerprint=vm.metadata.fingerprint)),
+                 lambda: gce.instances.delete_unary(project=gce.project, zone=ZONE, instance="vm-1")):
+        gce.operations.wait(project=gce.project, zone=ZONE, operation=call().name)
 
     methods = [(e["protoPayload"]["methodName"], "first" if e["operation"].get("first") else "last")
                for e in gce.events]

