@@ -32,6 +32,7 @@ log = logging.getLogger("sandbox.guest")
 
 PROXY_UID = 1337  # what the chown/id shims map istio-proxy to, so ownership stays real and checkable
 SCRIPT_TIMEOUT = 600.0
+IMAGE_SIDECAR_VERSION = "1.24.0-sandbox-image"
 
 # Commands a startup script may run that would change the host: shimmed to record their calls in $LOG.
 SHIMS = {
@@ -150,6 +151,9 @@ class Guests:
         prepare_root(vm / "root")
         if not (vm / "bin" / "systemctl").exists():
             install_shims(vm / "bin", vm / "log")
+            # The sandbox's VM image has Istio's sidecar package baked in (what the README recommends for
+            # fleets without a package URL); the dpkg shims record it, and no Envoy ever runs.
+            (vm / "log" / "installed-version").write_text(IMAGE_SIDECAR_VERSION)
         return vm / "root"
 
     def metadata_host(self, zone: str, name: str) -> str:

@@ -36,7 +36,7 @@ def nothing_written(sandbox, name: str) -> None:
 
 def test_a_vm_running_as_the_bound_account_joins(sandbox):
     create(sandbox, "orders-2", *ORDERS_LABELS, service_account=ORDERS)
-    status = wait_for(lambda: (s := sandbox.status("orders-2")).get("state") == "joined" and s, what="orders-2 joined")
+    status = sandbox.join_confirmed("orders-2")
     assert status["identity"] == "spiffe://cluster.local/ns/apps/sa/orders"
     (entry,) = sandbox.entries_for("orders-2")
     assert entry["metadata"]["labels"]["app"] == "orders" and entry["spec"]["serviceAccount"] == "orders"

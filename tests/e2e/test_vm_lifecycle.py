@@ -37,7 +37,16 @@ def test_gcloud_add_labels_joins_through_the_audit_log_and_describe_list_remove_
                      "gc-1@meshjoin-sandbox.iam.gserviceaccount.com")
     zone = ["--zone", sandbox.zone]
     gcloud("compute", "instances", "add-labels", "gc-1", "--labels=mesh=join", *zone)
-    status = wait_for(lambda: (s := sandbox.status("gc-1")).get("state") == "joined" and s, what="gc-1 joined")
+    # meshjoin's part; the VM was running when labelled, so GCE has not run the agent: the status says so.
+    waiting = wait_for(lambda: (s := sandbox.status("gc-1")).get("state") == "waiting" and s, what="gc-1 waiting")
+    assert "google_metadata_script_runner startup" in waiting["reason"]
+    # The remedy the status gives, as the VM owner would run it: the real agent runs in the VM's root,
+    # reports through guest attributes and nudges meshjoin, which then registers the VM.
+    sandbox.meshjoin("sandbox", "run-startup", "gc-1")
+    status = wait_for(lambda: (s := sandbox.status("gc-1")).get("state") == "joined" and s, timeout=60,
+                      what="gc-1 joined after its agent confirmed")
+    root = Path(sandbox.meshjoin("sandbox", "vm-root", "gc-1").stdout.strip())
+    assert (root / "etc/certs/cert-chain.pem").is_file() and (root / "etc/certs/key.pem").is_file()
     # The event came from the audit entries of gcloud's setLabels (first ignored, last acted on).
     assert any("first entry of v1.compute.instances.setLabels" in e.get("message", "")
                for e in sandbox.function_log())
