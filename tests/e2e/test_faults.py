@@ -42,6 +42,10 @@ EVENT_KILL_POINTS = [
     ("compute", "instances.setMetadata"),           # cluster side done, VM not told
 ]
 SWEEP_KILL_POINTS = EVENT_KILL_POINTS if FULL else [("kube", "workloadentries.create")]
+# Since issue 13 a pass delivers the bootstrap and stops (`waiting`); the cluster writes come only in
+# the pass that finds the agent's confirmation. So a cluster kill point is armed after the delivery
+# and reached through the confirmation; the others are reached by the delivery itself.
+AFTER_CONFIRMATION = {"serviceaccounts.create", "workloadentries.create", "services.create"}
 if not FULL:
     EVENT_KILL_POINTS = [EVENT_KILL_POINTS[1], EVENT_KILL_POINTS[3], EVENT_KILL_POINTS[5]]
 
@@ -201,14 +205,42 @@ class World:
         return [item.value for _, scoped in self.instances.aggregated_list(request=request)
                 for vm in scoped.instances for item in vm.metadata.items]
 
-    def joined(self, name: str, timeout: float = 60.0, zone: str | None = None) -> dict:
-        """Delivered (waiting), confirmed as the VM's agent would, then joined (issue 13)."""
-        wait_for(lambda: self.status(name, zone).get("state") in ("waiting", "joined"), timeout=timeout,
-                 interval=0.3, what=f"{name} delivered")
-        if self.status(name, zone).get("state") == "waiting":
-            self.sandbox.confirm(name, zone)
+    def delivered(self, name: str, timeout: float = 60.0, zone: str | None = None) -> dict:
+        """meshjoin did its part: the bootstrap is on the VM, the status says `waiting` (or later)."""
+        return wait_for(lambda: (s := self.status(name, zone)).get("state") in ("waiting", "joined") and s,
+                        timeout=timeout, interval=0.3, what=f"{name} delivered")
+
+    def confirm(self, name: str, zone: str | None = None, nudge: bool = True) -> None:
+        """What the VM's agent does once its certificate is in place: the report in guest attributes on
+        the VM's OWN metadata server (zone-aware, unlike a status read in the sandbox's default zone),
+        then, with `nudge`, the message that asks meshjoin to look now. Without it only the sweep,
+        which re-checks waiting VMs, sees the report."""
+        zone = zone or self.zone
+        serial = self.status(name, zone).get("certSerial")
+        assert serial, f"{name} has no delivered certificate to confirm: {self.status(name, zone)}"
+        answer = requests.post(self.url("control") + "/vm-metadata", json={"zone": zone, "name": name}, timeout=10)
+        assert answer.status_code == 200, answer.text
+        host = answer.json()["host"]
+        report = {"agent-version": "e2e", "cert-serial": serial.upper(), "sidecar": "running",
+                  "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        for key, value in report.items():
+            time.sleep(0.4)  # as the agent paces itself: GCE allows bursts of 3 guest-attribute writes a second
+            put = requests.put(f"http://{host}/computeMetadata/v1/instance/guest-attributes/meshjoin/{key}",
+                               data=value.encode(), headers={"Metadata-Flavor": "Google"}, timeout=10)
+            assert put.status_code == 200, (key, put.status_code, put.text)
+        if nudge:
+            self.publish([json.dumps({"project": self.project, "zone": zone, "instance": name}).encode()])
+
+    def wait_joined(self, name: str, timeout: float = 60.0, zone: str | None = None) -> dict:
+        """Joined, with nothing done from here to bring it about (no confirmation, no nudge)."""
         return wait_for(lambda: (s := self.status(name, zone)).get("state") == "joined" and s,
                         timeout=timeout, interval=0.3, what=f"{name} joined")
+
+    def joined(self, name: str, timeout: float = 60.0, zone: str | None = None) -> dict:
+        """Delivered (waiting), confirmed as the VM's agent would, then joined (issue 13)."""
+        if self.delivered(name, timeout, zone).get("state") == "waiting":
+            self.confirm(name, zone)
+        return self.wait_joined(name, timeout, zone)
 
     # -- Secret Manager
 
@@ -431,6 +463,9 @@ def test_duplicate_and_reversed_events_converge(world):
                 messages += [audit(world, name, verb, phase)] * 3
     ids = world.publish(messages)
     lines = settled(world, ids, timeout=120)
+    # meshjoin's part ends at the delivery (issue 13): each live VM's agent now confirms, once.
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda name: world.joined(name), live_new + live_flip))
 
     violations = invariant_violations(world, live_new + live_flip, gone + unlabelled)
     assert violations == {"lost": 0, "duplicate_entries": 0, "extra_versions": 0, "bad_iam": 0, "leftovers": 0}
@@ -561,12 +596,19 @@ def test_event_function_killed_between_writes_is_completed_by_redelivery(world):
     for i, (emulator, method) in enumerate(EVENT_KILL_POINTS):
         name = f"kill-ev-{i}"
         labels, metadata = vm_args(i, name)
-        stall_and_kill(world, "events_fn", emulator, method,
-                       lambda: world.create_vm(name, labels, metadata))
+        if method in AFTER_CONFIRMATION:  # killed in the pass the agent's nudge starts
+            world.create_vm(name, labels, metadata)
+            world.delivered(name)
+            stall_and_kill(world, "events_fn", emulator, method, lambda: world.confirm(name))
+            finish = world.wait_joined  # nothing but redelivery of that nudge may complete it
+        else:  # killed in the pass that delivers the bootstrap (the insert event's)
+            stall_and_kill(world, "events_fn", emulator, method,
+                           lambda: world.create_vm(name, labels, metadata))
+            finish = world.joined  # redelivery completes the delivery; the agent then confirms
         try:
-            # Pub/Sub redelivers the insert the dead function was handling. (After many failed pushes,
+            # Pub/Sub redelivers the message the dead function was handling. (After many failed pushes,
             # e.g. the burst before, the emulator was seen to hold it back for minutes: the sweep's job.)
-            world.joined(name, timeout=25)
+            finish(name, timeout=25)
         except AssertionError:
             by_sweep += 1  # dead-lettered while the function restarted: the sweep's job
             world.tick()
@@ -605,13 +647,22 @@ def test_sweep_killed_between_writes_is_completed_by_the_next_sweep(world):
         name = f"kill-sw-{i}"
         labels, metadata = vm_args(50 + i, name)
         world.create_vm(name, labels, metadata, event=False)  # a missed event: only the sweep joins it
+        if method in AFTER_CONFIRMATION:
+            # The sweep delivers; the agent's report lands with no nudge (as if it were lost), so the
+            # sweep's re-check of waiting VMs is what finds it and makes the cluster writes.
+            world.tick()
+            world.delivered(name)
+            world.confirm(name, nudge=False)
         stall_and_kill(world, "maintenance_fn", emulator, method, lambda: world.publish(
             [b'{"source": "cloud-scheduler"}'], topic=world.cfg["schedule_topic"]))
-        try:  # Pub/Sub redelivers the killed sweep's tick: the next sweep
-            world.joined(name, timeout=25)
+        # Pub/Sub redelivers the killed sweep's tick: the next sweep (or, if dead-lettered meanwhile,
+        # the next scheduled tick). A kill point before the confirmation leaves it waiting for its agent.
+        finish = world.wait_joined if method in AFTER_CONFIRMATION else world.joined
+        try:
+            finish(name, timeout=25)
         except AssertionError:
-            world.tick()  # dead-lettered meanwhile: the next scheduled tick
-            world.joined(name, timeout=30)
+            world.tick()
+            finish(name, timeout=30)
         names.append(name)
     time.sleep(3)  # let a redelivered tick's sweep finish, so the next summary is our own
     final = world.tick()
@@ -825,6 +876,8 @@ def test_an_object_meshjoin_does_not_own_is_never_modified_or_deleted(world):
     service_before = world.kube_get("/api/v1/namespaces/apps/services/squat-app")
 
     world.create_vm(name, {"mesh": "join", "mesh-namespace": "apps", "mesh-service-account": "squatter"})
+    world.delivered(name)  # the cluster is only written after the agent confirms (issue 13)
+    world.confirm(name)
     status = wait_for(lambda: (s := world.status(name)).get("state") == "error" and s, what=f"{name} in error")
     assert "not managed by meshjoin" in status["reason"] and f"{name}-{world.zone}-{world.project}" in status["reason"]
     assert world.kube_get(path) == before
