@@ -26,7 +26,7 @@ from . import bootstrap, names, pki, registration
 from .adapters.compute import ComputeAdapter, StaleFingerprint
 from .adapters.kube import KubeAdapter
 from .adapters.secrets import SecretsAdapter
-from .errors import PermanentError, TransientError
+from .errors import ConflictError, PermanentError, TransientError
 from .logs import log
 from .model import Denial, Identity, Vm, VmKey
 from .policy import decide_identity, is_default_compute_account
@@ -274,6 +274,8 @@ class Reconciler:
         why_new = needs_new_cert(delivered, vm=vm, spiffe=spiffe, ca_fingerprint=ca.fingerprint, now=now,
                                  settings=self.settings, force=force and not minted)
         was_confirmed = status.get("state") == "joined" and bool(status.get("confirmedSerial"))
+        if why_new in FIRST_DELIVERY:
+            self._refuse_a_foreign_entry(vm, identity)
         if why_new:
             cert = pki.issue_workload_cert(ca.bundle, spiffe, now=now, ttl=self.settings.cert_ttl,
                                            key_algorithm=self.settings.key_algorithm,
@@ -383,6 +385,18 @@ class Reconciler:
             return
         namespace, _, name = previous.partition("/")
         self._delete_entry(key, namespace, name)
+
+    def _refuse_a_foreign_entry(self, vm: Vm, identity: Identity) -> None:
+        """Before a first delivery: the entry name the VM will register under must be free or meshjoin's.
+
+        The cluster is written only once the VM confirms; a key delivered to a VM whose entry can never
+        be written would stay readable while the VM sits in `error`. One GET per first delivery.
+        """
+        meta = registration.workload_entry(vm, identity, self.settings.network, self.clock())["metadata"]
+        existing = self.kube.get("WorkloadEntry", meta["namespace"], meta["name"])
+        if existing is not None and not names.owned(existing.get("metadata")):
+            raise ConflictError(f"WorkloadEntry {meta['namespace']}/{meta['name']} exists and is not managed by "
+                                "meshjoin; remove it or rename the VM")
 
     def _register(self, vm: Vm, identity: Identity, cert_not_after: datetime, previous: str | None) -> str:
         """Cluster side: ServiceAccount if missing, the VM's own WorkloadEntry, then its Service if missing.
