@@ -58,20 +58,20 @@ class Sandbox:
 
     # --- observations through the real clients ---------------------------------------------------
 
-    def vm(self, name: str) -> dict | None:
-        result = self.meshjoin("sandbox", "vm", name, "--json", check=False)
+    def vm(self, name: str, zone: str | None = None) -> dict | None:
+        result = self.meshjoin("sandbox", "vm", name, "--json", *(["--zone", zone] if zone else []), check=False)
         if result.returncode != 0:
             if "not found" in result.stderr:
                 return None
             raise AssertionError(result.stderr)
         return json.loads(result.stdout)
 
-    def metadata(self, name: str) -> dict[str, str]:
-        vm = self.vm(name) or {}
+    def metadata(self, name: str, zone: str | None = None) -> dict[str, str]:
+        vm = self.vm(name, zone) or {}
         return {i["key"]: i.get("value", "") for i in vm.get("metadata", {}).get("items", [])}
 
-    def status(self, name: str) -> dict:
-        raw = self.metadata(name).get("meshjoin-status")
+    def status(self, name: str, zone: str | None = None) -> dict:
+        raw = self.metadata(name, zone).get("meshjoin-status")
         return json.loads(raw) if raw else {}
 
     def kubectl_json(self, *args: str) -> dict | None:
@@ -119,8 +119,8 @@ class Sandbox:
         import urllib.request
 
         zone = zone or self.zone
-        serial = self.status(name).get("certSerial")
-        assert serial, f"{name} has no delivered certificate to confirm: {self.status(name)}"
+        serial = self.status(name, zone).get("certSerial")
+        assert serial, f"{name} has no delivered certificate to confirm: {self.status(name, zone)}"
         args = ["sandbox", "vm-metadata", name] + (["--zone", zone] if zone != self.zone else [])
         host = self.meshjoin(*args).stdout.strip()
         report = {"agent-version": "e2e", "cert-serial": serial.upper(), "sidecar": sidecar,
@@ -136,11 +136,11 @@ class Sandbox:
 
     def join_confirmed(self, name: str, zone: str | None = None, timeout: float = 20.0) -> dict:
         """Wait until meshjoin did its part (waiting), confirm as the agent would, wait until joined."""
-        wait_for(lambda: (self.status(name).get("state") in ("waiting", "joined")), timeout=timeout,
+        wait_for(lambda: (self.status(name, zone).get("state") in ("waiting", "joined")), timeout=timeout,
                  what=f"{name} delivered")
-        if self.status(name).get("state") == "waiting":
+        if self.status(name, zone).get("state") == "waiting":
             self.confirm(name, zone)
-        return wait_for(lambda: (s := self.status(name)).get("state") == "joined" and s, timeout=timeout,
+        return wait_for(lambda: (s := self.status(name, zone)).get("state") == "joined" and s, timeout=timeout,
                         what=f"{name} joined")
 
 
