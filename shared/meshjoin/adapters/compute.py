@@ -132,21 +132,11 @@ class ComputeAdapter:
         The API answers 404 when the namespace holds nothing yet (or guest attributes are disabled):
         that is "not confirmed", an empty dict. Values are the VM's own words: callers validate them.
         """
-        from google.api_core.exceptions import NotFound, from_http_response
-
         url = (f"{self._base_url()}/compute/v1/projects/{key.project}/zones/{key.zone}/instances/{key.instance}"
                "/getGuestAttributes")
-
-        def read() -> dict:
-            response = self._session().get(url, params={"queryPath": f"{GUEST_NAMESPACE}/"}, timeout=self._timeout)
-            if response.status_code >= 400:
-                raise from_http_response(response)
-            return response.json()
-
-        try:
-            body = self._call(read, f"instances.getGuestAttributes {key}", "compute.instances.getGuestAttributes",
-                              passthrough=(NotFound,))
-        except NotFound:
+        body = self._get_json(url, {"queryPath": f"{GUEST_NAMESPACE}/"}, f"instances.getGuestAttributes {key}",
+                              "compute.instances.getGuestAttributes")
+        if body is None:
             return {}
         return guest_items(body)
 
@@ -156,25 +146,14 @@ class ComputeAdapter:
         meshjoin needs one fact from it: whether the project runs its own `startup-script` on every
         VM, which an instance-level one would silently replace.
         """
-        from google.api_core.exceptions import NotFound, from_http_response
-
         with self._project_lock:
             if self._project_metadata is not None and \
                     time.monotonic() - self._project_metadata_read_at < self._settings.ca_cache.total_seconds():
                 return self._project_metadata
-            url = f"{self._base_url()}/compute/v1/projects/{self._settings.project}"
-
-            def read() -> dict:
-                response = self._session().get(url, params={"fields": "commonInstanceMetadata"},
-                                               timeout=self._timeout)
-                if response.status_code >= 400:
-                    raise from_http_response(response)
-                return response.json()
-
-            try:
-                body = self._call(read, f"projects.get {self._settings.project}", "compute.projects.get",
-                                  passthrough=(NotFound,))
-            except NotFound:
+            body = self._get_json(f"{self._base_url()}/compute/v1/projects/{self._settings.project}",
+                                  {"fields": "commonInstanceMetadata"}, f"projects.get {self._settings.project}",
+                                  "compute.projects.get")
+            if body is None:
                 # Only a project that does not exist answers 404 (then every other call fails too, with
                 # its own error); an emulator without projects.get does as well. No common metadata.
                 log("WARNING", f"projects.get {self._settings.project}: 404; assuming no common instance metadata",
@@ -185,6 +164,22 @@ class ComputeAdapter:
                                       if isinstance(i, dict) and isinstance(i.get("key"), str)}
             self._project_metadata_read_at = time.monotonic()
             return self._project_metadata
+
+    def _get_json(self, url: str, params: dict, what: str, permission: str) -> dict | None:
+        """GET a Compute REST resource the client library does not model well, with the adapter's
+        retries and pacing; None for a 404."""
+        from google.api_core.exceptions import NotFound, from_http_response
+
+        def read() -> dict:
+            response = self._session().get(url, params=params, timeout=self._timeout)
+            if response.status_code >= 400:
+                raise from_http_response(response)
+            return response.json()
+
+        try:
+            return self._call(read, what, permission, passthrough=(NotFound,))
+        except NotFound:
+            return None
 
     def _base_url(self) -> str:
         endpoint = self._settings.compute_endpoint or "compute.googleapis.com"
