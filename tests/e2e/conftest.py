@@ -88,10 +88,6 @@ class Sandbox:
     def entries_for(self, name: str) -> list[dict]:
         return [e for e in self.entries() if e["metadata"]["annotations"].get("meshjoin.dev/instance") == name]
 
-    def secret_payload(self, version_name: str) -> dict:
-        result = self.meshjoin("sandbox", "access-secret", version_name)
-        return json.loads(result.stdout)
-
     def function_log(self, name: str = "events_fn") -> list[dict]:
         return json_lines((self.state_dir / "logs" / f"{name}.log").read_text(errors="replace"))
 
@@ -111,35 +107,32 @@ class Sandbox:
 
     # --- the VM's side -----------------------------------------------------------------------------
 
-    def confirm(self, name: str, zone: str | None = None, *, sidecar: str = "running") -> None:
-        """What the VM's agent does after laying down its certificate (the agent tests run the real
-        one): report through guest attributes on the VM's OWN metadata server, then nudge meshjoin.
-        Needs a sandbox whose metadata server takes guest-attribute PUTs and whose Compute answers
-        getGuestAttributes (the real APIs' shapes)."""
-        import urllib.request
+    def confirm(self, name: str, zone: str | None = None) -> str:
+        """Run the VM's own agent, as its owner would (`sudo google_metadata_script_runner startup`): the
+        sandbox runs the real startup-script in the VM's fake root; it makes the VM's key, sends its CSR
+        through guest attributes, nudges meshjoin, installs the certificate meshjoin signs and reports it.
+        Blocks while a boot run of the agent is still going (one run at a time per VM)."""
+        args = ["sandbox", "run-startup", name] + (["--zone", zone] if zone else [])
+        result = self.meshjoin(*args, check=False)
+        assert result.returncode == 0, f"the agent on {name} failed: {result.stdout}{result.stderr}"
+        return result.stdout
 
-        zone = zone or self.zone
-        serial = self.status(name, zone).get("certSerial")
-        assert serial, f"{name} has no delivered certificate to confirm: {self.status(name, zone)}"
-        args = ["sandbox", "vm-metadata", name] + (["--zone", zone] if zone != self.zone else [])
-        host = self.meshjoin(*args).stdout.strip()
-        report = {"agent-version": "e2e", "cert-serial": serial.upper(), "sidecar": sidecar,
-                  "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        for key, value in report.items():
-            time.sleep(0.4)  # as the agent paces itself: GCE allows bursts of 3 guest-attribute writes a second
-            request = urllib.request.Request(
-                f"http://{host}/computeMetadata/v1/instance/guest-attributes/meshjoin/{key}", data=value.encode(),
-                method="PUT", headers={"Metadata-Flavor": "Google"})
-            with urllib.request.urlopen(request, timeout=10) as answer:
-                assert answer.status == 200, (key, answer.status)
-        self.publish({"project": self.project, "zone": zone, "instance": name})
+    def vm_root(self, name: str, zone: str | None = None) -> Path:
+        """The VM's fake root (what `meshjoin sandbox vm-root NAME` prints)."""
+        return Path(self.meshjoin("sandbox", "vm-root", name, *(["--zone", zone] if zone else [])).stdout.strip())
+
+    def certs(self, name: str, zone: str | None = None) -> dict[str, str]:
+        """The files in the VM's /etc/certs (empty strings for missing ones)."""
+        directory = self.vm_root(name, zone) / "etc" / "certs"
+        return {f: (directory / f).read_text() if (directory / f).exists() else ""
+                for f in ("key.pem", "key.next.pem", "cert-chain.pem", "root-cert.pem")}
 
     def join_confirmed(self, name: str, zone: str | None = None, timeout: float = 20.0) -> dict:
         """Wait until meshjoin did its part (waiting), confirm as the agent would, wait until joined."""
         wait_for(lambda: (self.status(name, zone).get("state") in ("waiting", "joined")), timeout=timeout,
                  what=f"{name} delivered")
         if self.status(name, zone).get("state") == "waiting":
-            self.confirm(name, zone)
+            self.confirm(name, zone)  # the boot run may have missed the bootstrap (written after boot)
         return wait_for(lambda: (s := self.status(name, zone)).get("state") == "joined" and s, timeout=timeout,
                         what=f"{name} joined")
 
@@ -168,6 +161,8 @@ E2E_BINDINGS = [
     bound("web-1", "apps", "web"), bound("cli-ok", "apps", "api"),
     *(bound(name, "apps", "default") for name in ("inject-ok", "agent-md", "agent-off", "agent-sum", "agent-leave",
                                                  "agent-symlink")),
+    bound("hk-src", "apps", "hk"), bound("hk-move", "apps", "hk-move"), bound("hk-drop", "apps", "hk-drop"),
+    {"gsa": account("hk-moved"), "namespace": "payments", "serviceAccount": "moved", "apps": ["hk-move"]},
     bound("agent-confirm", "apps", "confirm"), bound("agent-boot", "apps", "boot"), bound("agent-watch", "apps", "watch"), bound("agent-watch", "apps", "watch-b"),
 ]
 
@@ -202,3 +197,120 @@ def sandbox(tmp_path_factory) -> Sandbox:
 
 def b64(data: dict) -> str:
     return base64.b64encode(json.dumps(data).encode()).decode()
+
+
+# --- where private keys may be (issue 14: only in the VMs' fake roots) --------------------------------------
+
+
+def vm_key_dirs(sandbox: Sandbox) -> list[Path]:
+    """Every VM's /etc/certs in the sandbox (fake roots live under STATE_DIR/vms/ZONE/NAME/root)."""
+    return sorted((sandbox.state_dir / "vms").glob("*/*/root/etc/certs"))
+
+
+def vm_private_keys(sandbox: Sandbox) -> dict[str, bytes]:
+    """path -> DER of every private key file found in any VM's /etc/certs."""
+    from cryptography.hazmat.primitives import serialization
+
+    keys = {}
+    for directory in vm_key_dirs(sandbox):
+        for path in directory.glob("key*.pem"):
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            keys[str(path)] = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                                                serialization.NoEncryption())
+    return keys
+
+
+def key_fingerprints(der: bytes) -> list[str]:
+    """Forms a leaked key could take in text: its PKCS#8 base64 (as a PEM body line would hold it, and
+    in one piece), its hex, and the raw private scalar of an EC key in base64/hex."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    body = base64.b64encode(der).decode()
+    forms = [body[64:128] or body, der.hex()[:64]]
+    key = serialization.load_der_private_key(der, password=None)
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        scalar = key.private_numbers().private_value.to_bytes(32, "big")
+        forms += [base64.b64encode(scalar).decode()[:40], scalar.hex()]
+    return forms
+
+
+def everything_outside_the_vms(sandbox: Sandbox, names: list[str]) -> dict[str, str]:
+    """What a key could leak into outside the VMs: every VM's metadata and guest attributes, project
+    metadata, every Secret Manager secret's latest payload, every listable Kubernetes object, the
+    functions' and emulators' logs, and the CLI's output about each VM (status, explain, render)."""
+    corpus = {
+        "instances": sandbox.run("gcloud", "compute", "instances", "list", "--format=json").stdout,
+        "project metadata": sandbox.run("gcloud", "compute", "project-info", "describe", "--format=json").stdout,
+        "logs": sandbox.raw_logs(),
+        "meshjoin status": sandbox.meshjoin("status", "--json").stdout,
+    }
+    # The VMs' consoles and journals are outside their roots too: the agent must never print a key.
+    for path in sorted((sandbox.state_dir / "vms").glob("*/*/serial.log")) + \
+            sorted((sandbox.state_dir / "vms").glob("*/*/log/*")):
+        corpus[str(path.relative_to(sandbox.state_dir))] = path.read_text(errors="replace")
+    for secret in sandbox.run("gcloud", "secrets", "list", "--format=value(name)").stdout.split():
+        secret_id = secret.rsplit("/", 1)[-1]
+        corpus[f"secret {secret_id}"] = sandbox.run("gcloud", "secrets", "versions", "access", "latest",
+                                                    f"--secret={secret_id}", check=False).stdout
+    resources = sandbox.run("kubectl", "api-resources", "--verbs=list", "-o", "name").stdout.split()
+    for resource in resources:
+        corpus[f"kubernetes {resource}"] = sandbox.run("kubectl", "get", resource, "-A", "-o", "json",
+                                                       check=False).stdout
+    for name in names:
+        zone_args = ["--zone", sandbox.zone]
+        corpus[f"guest attributes of {name}"] = sandbox.run(
+            "gcloud", "compute", "instances", "get-guest-attributes", name, *zone_args, "--format=json",
+            check=False).stdout
+        for verb in ("explain", "render"):
+            result = sandbox.meshjoin(verb, name, check=False)
+            corpus[f"meshjoin {verb} {name}"] = result.stdout + result.stderr
+    return corpus
+
+
+CA_KEY_SECRET = "secret istio-ca-key"  # the plug-in CA's own key: the one private key meshjoin reads
+
+
+def private_key_leaks(sandbox: Sandbox, names: list[str]) -> list[str]:
+    """Where outside the VMs' fake roots a private key (PEM label, or any VM key's bytes) appears."""
+    keys = vm_private_keys(sandbox)
+    assert keys, "no VM holds a key: nothing to look for"
+    leaks = []
+    for where, text in everything_outside_the_vms(sandbox, names).items():
+        if "PRIVATE KEY" in text and where != CA_KEY_SECRET:
+            leaks.append(f"{where}: a PEM private key")
+        for path, der in keys.items():
+            if any(form in text for form in key_fingerprints(der)):
+                leaks.append(f"{where}: the key of {path}")
+    return leaks
+
+
+def verify_vm_identity(certs: dict[str, str], spiffe: str, root_pem: str) -> "x509.Certificate":
+    """key.pem belongs to the leaf of cert-chain.pem, whose only SAN is `spiffe`, and the chain links
+    signature by signature to a root in `root_pem`. Returns the leaf."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    key = serialization.load_pem_private_key(certs["key.pem"].encode(), password=None)
+    chain = x509.load_pem_x509_certificates(certs["cert-chain.pem"].encode())
+    leaf = chain[0]
+    assert leaf.public_key().public_bytes(serialization.Encoding.DER, spki) == \
+        key.public_key().public_bytes(serialization.Encoding.DER, spki), "key.pem is not the leaf's key"
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [spiffe]
+    assert not san.get_values_for_type(x509.DNSName)
+    for child, parent in zip(chain, chain[1:]):
+        child.verify_directly_issued_by(parent)
+    roots = x509.load_pem_x509_certificates(root_pem.encode())
+    top = chain[-1]
+    assert top in roots or any(_issued_by(top, root) for root in roots), "the chain does not reach the mesh root"
+    return leaf
+
+
+def _issued_by(child, parent) -> bool:
+    try:
+        child.verify_directly_issued_by(parent)
+        return True
+    except Exception:
+        return False
