@@ -7,10 +7,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from .conftest import wait_for
+from .conftest import verify_vm_identity, wait_for
 
 
 def sa(name: str) -> str:
@@ -43,32 +42,29 @@ def test_labelled_vm_joins_with_a_verifiable_identity(sandbox, tmp_path):
     assert sandbox.kubectl_json("get", "service", "-n", "apps", "web-1")["spec"]["selector"] == {"app": "web-1"}
     assert sandbox.kubectl_json("get", "serviceaccount", "-n", "apps", "web") is not None
 
-    material = sandbox.secret_payload(status["secret"])
-    assert set(material) == {"key.pem", "cert-chain.pem", "root-cert.pem"}
-    (tmp_path / "chain.pem").write_text(material["cert-chain.pem"])
-    leaf_pem = material["cert-chain.pem"].split("-----END CERTIFICATE-----")[0] + "-----END CERTIFICATE-----\n"
+    # The VM made its key; meshjoin certified it: the files in the VM's own root verify end to end.
+    certs = wait_for(lambda: (c := sandbox.certs("web-1"))["cert-chain.pem"] and c, what="web-1's certificate")
+    leaf = verify_vm_identity(certs, status["identity"], sandbox.ca_file("root-cert.pem").read_text())
+    (tmp_path / "chain.pem").write_text(certs["cert-chain.pem"])
+    leaf_pem = certs["cert-chain.pem"].split("-----END CERTIFICATE-----")[0] + "-----END CERTIFICATE-----\n"
     (tmp_path / "leaf.pem").write_text(leaf_pem)
     verify = subprocess.run(["openssl", "verify", "-CAfile", str(sandbox.ca_file("root-cert.pem")),
                              "-untrusted", str(tmp_path / "chain.pem"), str(tmp_path / "leaf.pem")],
                             capture_output=True, text=True)
     assert verify.returncode == 0, verify.stdout + verify.stderr
-
-    leaf = x509.load_pem_x509_certificate(leaf_pem.encode())
-    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [status["identity"]]
     usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
     assert usage.digital_signature and usage.key_encipherment
     eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
-    key = serialization.load_pem_private_key(material["key.pem"].encode(), None)
-    public = serialization.PublicFormat.SubjectPublicKeyInfo
-    assert key.public_key().public_bytes(serialization.Encoding.PEM, public) == \
-        leaf.public_key().public_bytes(serialization.Encoding.PEM, public)
     assert leaf.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ") == status["certNotAfter"]
+    assert format(leaf.serial_number, "x") == status["certSerial"] == status["confirmedSerial"]
 
     metadata = sandbox.metadata("web-1")
-    assert status["secret"] == metadata["meshjoin-secret"]
-    assert "PROV_CERT=/etc/certs" in metadata["meshjoin-cluster-env"]
+    assert metadata["meshjoin-cert-chain"] == certs["cert-chain.pem"]
+    assert "meshjoin-secret" not in metadata
+    # meshjoin is the only issuer: istio-agent serves the files, it does not renew through istiod.
+    assert "FILE_MOUNTED_CERTS=true" in metadata["meshjoin-cluster-env"]
+    assert "PROV_CERT" not in metadata["meshjoin-cluster-env"]
     assert not any("PRIVATE KEY" in value for value in metadata.values())
     assert "PRIVATE KEY" not in sandbox.raw_logs()
 
@@ -91,19 +87,20 @@ def test_set_labels_joins_and_leaves(sandbox):
     wait_for(lambda: sandbox.status("flip-1").get("state") == "left", what="flip-1 left")
     assert sandbox.entries_for("flip-1") == []
     metadata = sandbox.metadata("flip-1")
-    assert "meshjoin-secret" not in metadata and "meshjoin-cluster-env" not in metadata
-    gone = sandbox.meshjoin("sandbox", "access-secret", status["secret"], check=False)
-    assert gone.returncode != 0
+    assert "meshjoin-cert-chain" not in metadata and "meshjoin-cluster-env" not in metadata
+    # The watcher on the VM withdraws the identity: istio stopped, key and certificate removed.
+    wait_for(lambda: not any(sandbox.certs("flip-1")[f] for f in ("key.pem", "key.next.pem", "cert-chain.pem")),
+             timeout=30, what="flip-1's key removed by its agent")
+    assert status["identity"]
 
 
 def test_delete_vm_leaves(sandbox):
     create(sandbox, "gone-1", "--label", "mesh=join", "--metadata", "mesh-ports=http:8081")
-    status = joined(sandbox, "gone-1")
+    joined(sandbox, "gone-1")
     sandbox.meshjoin("sandbox", "delete-vm", "gone-1")
     wait_for(lambda: sandbox.entries_for("gone-1") == [], what="entry removed")
     wait_for(lambda: sandbox.kubectl_json("get", "service", "-n", "default", "gone-1") is None,
              what="the Service nobody selects any more removed")
-    assert sandbox.meshjoin("sandbox", "access-secret", status["secret"], check=False).returncode != 0
 
 
 def test_operator_message_with_real_gcloud_joins_a_vm_whose_event_was_lost(sandbox):
@@ -131,9 +128,11 @@ def test_triple_delivery_and_reordering_converge(sandbox):
                           and e.get("state") in ("waiting", "joined")]) >= 3, what="live VM handled 3 times")
     assert len(sandbox.entries_for("dup-live")) == 1
     assert sandbox.entries_for("dup-dead") == []
-    # Losers of the race destroyed what they minted: exactly the delivered version is usable.
+    # However many passes raced, the VM holds one certificate, for its own key, the one its status names.
     status = sandbox.status("dup-live")
-    assert sandbox.secret_payload(status["secret"])["cert-chain.pem"]
+    certs = sandbox.certs("dup-live")
+    leaf = verify_vm_identity(certs, status["identity"], sandbox.ca_file("root-cert.pem").read_text())
+    assert format(leaf.serial_number, "x") == status["certSerial"]
 
 
 def test_istio_system_and_foreign_service_accounts_are_denied(sandbox):
@@ -146,8 +145,7 @@ def test_istio_system_and_foreign_service_accounts_are_denied(sandbox):
                           what=f"{name} denied")
         assert words in status["reason"]
         assert sandbox.entries_for(name) == []
-        secret = f"meshjoin-vm-{sandbox.project}-{sandbox.zone}-{name}"
-        assert sandbox.meshjoin("sandbox", "access-secret", secret, check=False).returncode != 0
+        assert "meshjoin-cert-chain" not in sandbox.metadata(name)
     assert sandbox.kubectl_json("get", "service", "-n", "istio-system", "evil-1") is None
     assert sandbox.kubectl_json("get", "service", "-n", "payments", "evil-2") is None
 
@@ -158,8 +156,9 @@ def test_defect3_a_vm_labelled_while_running_waits_without_traffic(sandbox):
     create(sandbox, "late-1", "--metadata", "mesh-ports=http:8080")
     sandbox.meshjoin("sandbox", "set-labels", "late-1", "mesh=join")
     status = wait_for(lambda: (s := sandbox.status("late-1")).get("state") == "waiting" and s,
-                      what="late-1 delivered and waiting")
-    assert status["certSerial"] and status["secret"].endswith("/versions/1")
+                      what="late-1 bootstrapped and waiting")
+    # No agent ran (the VM booted before it was labelled): it sent no key, so nothing was certified.
+    assert "certSerial" not in status and "meshjoin-cert-chain" not in sandbox.metadata("late-1")
     assert "google_metadata_script_runner startup" in status["reason"] and "reboot" in status["reason"]
     assert "workloadEntry" not in status and sandbox.entries_for("late-1") == []
     metadata = sandbox.metadata("late-1")
@@ -170,3 +169,8 @@ def test_defect3_a_vm_labelled_while_running_waits_without_traffic(sandbox):
     wait_for(lambda: sandbox.logged("late-1", "rechecked"), what="the re-check logged")
     assert sandbox.status("late-1")["waitingSince"] == status["waitingSince"]
     assert sandbox.entries_for("late-1") == []
+    # Its owner runs the agent (what the reason says): the VM sends its key, meshjoin certifies, it confirms.
+    sandbox.confirm("late-1")
+    status = wait_for(lambda: (s := sandbox.status("late-1")).get("state") == "joined" and s, what="late-1 joined")
+    verify_vm_identity(sandbox.certs("late-1"), status["identity"], sandbox.ca_file("root-cert.pem").read_text())
+    assert len(sandbox.entries_for("late-1")) == 1
