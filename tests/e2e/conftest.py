@@ -285,7 +285,7 @@ def private_key_leaks(sandbox: Sandbox, names: list[str]) -> list[str]:
     return leaks
 
 
-def verify_vm_identity(certs: dict[str, str], spiffe: str, root_pem: str) -> "x509.Certificate":
+def verify_vm_identity(certs: dict[str, str], spiffe: str, root_pem: str) -> object:
     """key.pem belongs to the leaf of cert-chain.pem, whose only SAN is `spiffe`, and the chain links
     signature by signature to a root in `root_pem`. Returns the leaf."""
     from cryptography import x509

@@ -7,8 +7,6 @@ import base64
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 from google.cloud import pubsub_v1
 
