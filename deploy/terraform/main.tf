@@ -58,14 +58,17 @@ locals {
   }
 
   # --- sizing the events function against overload ---------------------------------------
-  # In flight at most: instances x concurrency reconciles. A join takes roughly 20 s (reads, three
-  # Secret Manager writes, two setMetadata operations, the WorkloadEntry); so the function drains
+  # In flight at most: instances x concurrency reconciles. A join takes roughly 20 s of reconcile
+  # time over its passes (the event's, the pass that certifies the VM's CSR, the pass that sees
+  # its confirmation: reads, three setMetadata operations, the WorkloadEntry); so the function drains
   #   throughput = in_flight * 60 / 20 joins a minute.
-  # Budget: Secret Manager allows 600 writes a minute per project (DESIGN: quotas), a join makes
-  # about 3 (create the secret, add a version, restrict its IAM policy): at most 200 joins a minute
-  # before Secret Manager answers 429, i.e. in_flight <= 200 * 20 / 60 ~ 66, leaving room for the
-  # sweep's renewals. The default 8 x 8 = 64 in flight stays inside; 429s from Secret Manager
-  # are retried in-process (MESHJOIN_API_ATTEMPTS) and then by Pub/Sub, never lost.
+  # Budget: keys stay on the VMs, so a join makes no Secret Manager write; its writes are Compute
+  # Engine mutations, about 3 (bootstrap + `waiting`, the certificate chain, `joined`), against the
+  # project's Compute mutation quota (DESIGN: an older published default of 1,500 a minute):
+  # at most 500 joins a minute before Compute answers 403 rateLimitExceeded, i.e.
+  # in_flight <= 500 * 20 / 60 ~ 166, leaving room for the sweep's renewals and the operators' own
+  # calls. The default 8 x 8 = 64 in flight stays well inside; rate-limit answers are retried
+  # in-process (MESHJOIN_API_ATTEMPTS) and then by Pub/Sub, never lost.
   # Beyond in_flight, Cloud Run refuses requests with 429; Pub/Sub counts each refusal as a failed
   # delivery and retries after an exponential backoff from 10 s to 600 s (retry_policy), while
   # its push flow control slows the whole subscription down (https://cloud.google.com/pubsub/docs/push,
@@ -78,8 +81,8 @@ locals {
   events_sizing = {
     in_flight        = var.events_max_instances * var.events_concurrency
     join_seconds     = 20
-    writes_per_join  = 3
-    secret_writes_pm = 600
+    writes_per_join  = 3    # Compute setMetadata calls; Secret Manager writes per join: 0
+    write_quota_pm   = 1500 # Compute Engine mutations per project per minute
     joins_per_minute = var.events_max_instances * var.events_concurrency * 60 / 20
     drain_seconds    = ceil(var.events_burst / (var.events_max_instances * var.events_concurrency * 60 / 20) * 60)
     retry_window_seconds = sum([

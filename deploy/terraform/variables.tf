@@ -98,7 +98,7 @@ variable "identity_bindings" {
   }
 }
 
-# --- the CA and the per-VM secrets -----------------------------------------------------------
+# --- the CA and the legacy per-VM secrets -----------------------------------------------------------
 
 variable "create_ca_secrets" {
   description = "Create the four (empty) CA secrets; set false when they already exist. Versions are added with deploy/upload_ca.py, never by Terraform, so the CA key stays out of the state."
@@ -131,7 +131,7 @@ variable "ca_root_secret" {
 }
 
 variable "secret_prefix" {
-  description = "Prefix of the per-VM secret ids (MESHJOIN_SECRET_PREFIX); the functions may manage only secrets starting with \"<prefix>-\"."
+  description = "Prefix of the per-VM secret ids earlier versions of meshjoin made (MESHJOIN_SECRET_PREFIX); the functions may read the metadata of and delete (prune) only secrets starting with \"<prefix>-\", and create none."
   type        = string
   default     = "meshjoin-vm"
 

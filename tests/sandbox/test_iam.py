@@ -180,23 +180,50 @@ def test_functions_read_vms_but_may_not_delete_them(sandbox):
     assert sandbox.compute.instance(ZONE, "orders-1") is not None
 
 
+def legacy_secret(sandbox, secret_id: str, payload: bytes = b"key") -> str:
+    """A per-VM secret as an earlier meshjoin made it (the operator stands in: the functions no longer can)."""
+    admin = sm(sandbox, sandbox.world.admin_token)
+    created = admin.create_secret(parent=f"projects/{sandbox.project}", secret_id=secret_id,
+                                  secret={"replication": {"automatic": {}}, "labels": {"managed-by": "meshjoin"}})
+    admin.add_secret_version(parent=created.name, payload={"data": payload})
+    return created.name
+
+
 def test_condition_on_the_secret_prefix_matches_and_does_not(sandbox):
-    """vm_secrets is granted on the project under `resource.name.startsWith(".../meshjoin-vm-")`."""
+    """vm_secrets (get, delete: pruning legacy per-VM secrets) is granted on the project under
+    `resource.name.startsWith(".../meshjoin-vm-")`; keys stay on the VMs, so nothing else is."""
     client = sm(sandbox, functions_token(sandbox))
     parent = f"projects/{sandbox.project}"
-    vm_secret = client.create_secret(parent=parent, secret_id="meshjoin-vm-us-central1-a-orders-1",
-                                     secret={"replication": {"automatic": {}}})
-    assert client.add_secret_version(parent=vm_secret.name, payload={"data": b"k"}).name.endswith("/versions/1")
-    # Inside the prefix, the role still has no versions.access: the functions never read a VM's key.
-    with pytest.raises(exceptions.Forbidden):
-        client.access_secret_version(name=vm_secret.name + "/versions/1")
-    # Outside the prefix: create is project-wide (secret_inventory), but nothing else is.
-    other = client.create_secret(parent=parent, secret_id="unrelated", secret={"replication": {"automatic": {}}})
-    for call in (lambda: client.add_secret_version(parent=other.name, payload={"data": b"k"}),
+    vm_secret = legacy_secret(sandbox, "meshjoin-vm-us-central1-a-orders-1")
+    other = legacy_secret(sandbox, "unrelated")
+    assert client.get_secret(name=vm_secret).labels["managed-by"] == "meshjoin"
+    # Inside the prefix: no payload, no versions, no policy, no writes beyond the delete.
+    for call in (lambda: client.access_secret_version(name=vm_secret + "/versions/1"),
+                 lambda: client.add_secret_version(parent=vm_secret, payload={"data": b"k"}),
+                 lambda: client.list_secret_versions(parent=vm_secret).versions,
+                 lambda: client.destroy_secret_version(name=vm_secret + "/versions/1"),
+                 lambda: client.disable_secret_version(name=vm_secret + "/versions/1"),
+                 lambda: client.get_iam_policy(request=iam_policy_pb2.GetIamPolicyRequest(resource=vm_secret)),
+                 lambda: client.set_iam_policy(request=iam_policy_pb2.SetIamPolicyRequest(
+                     resource=vm_secret, policy=policy_pb2.Policy()))):
+        with pytest.raises(exceptions.Forbidden, match="denied for resource"):
+            call()
+    # Creating is refused everywhere, inside the prefix too.
+    with pytest.raises(exceptions.Forbidden, match="'secretmanager.secrets.create' denied"):
+        client.create_secret(parent=parent, secret_id="meshjoin-vm-us-central1-a-new-1",
+                             secret={"replication": {"automatic": {}}})
+    # Outside the prefix: nothing (the CA is read, never changed).
+    for call in (lambda: client.get_secret(name=other),
+                 lambda: client.delete_secret(name=other),
                  lambda: client.add_secret_version(parent=secret(sandbox, "istio-ca-key"), payload={"data": b"k"}),
                  lambda: client.delete_secret(name=secret(sandbox, "istio-ca-key"))):
         with pytest.raises(exceptions.Forbidden, match="denied for resource"):
             call()
+    # Listing is project-wide (the sweep's inventory by label), and pruning works.
+    listed = {s.name for s in client.list_secrets(request={"parent": parent, "filter": "labels.managed-by=meshjoin"})}
+    assert vm_secret in listed
+    client.delete_secret(name=vm_secret)
+    assert vm_secret not in {s.name for s in client.list_secrets(request={"parent": parent})}
 
 
 def test_conditions_see_secret_names_by_project_number(sandbox):
@@ -215,26 +242,21 @@ def test_conditions_see_secret_names_by_project_number(sandbox):
 
 
 def test_a_secrets_own_policy_grants_on_that_secret_only(sandbox):
-    """What the product does at join: setIamPolicy gives the VM's account secretAccessor on its secret."""
-    functions = sm(sandbox, functions_token(sandbox))
-    parent = f"projects/{sandbox.project}"
-    mine = functions.create_secret(parent=parent, secret_id="meshjoin-vm-us-central1-a-orders-1",
-                                   secret={"replication": {"automatic": {}}})
-    theirs = functions.create_secret(parent=parent, secret_id="meshjoin-vm-us-central1-a-other-1",
-                                     secret={"replication": {"automatic": {}}})
-    for created in (mine, theirs):
-        functions.add_secret_version(parent=created.name, payload={"data": b"key"})
+    """A secret's own policy (setIamPolicy at run time, as earlier meshjoin versions set one per VM)
+    counts on that secret only. Keys stay on the VMs now: the functions may set no policy at all."""
+    admin, functions = sm(sandbox, sandbox.world.admin_token), sm(sandbox, functions_token(sandbox))
+    mine = legacy_secret(sandbox, "meshjoin-vm-us-central1-a-orders-1")
+    theirs = legacy_secret(sandbox, "meshjoin-vm-us-central1-a-other-1")
     vm = sm(sandbox, token(sandbox, ORDERS))
-    with pytest.raises(exceptions.Forbidden):  # nothing granted yet
-        vm.access_secret_version(name=mine.name + "/versions/1")
-    functions.set_iam_policy(request=iam_policy_pb2.SetIamPolicyRequest(resource=mine.name, policy=policy_pb2.Policy(
-        bindings=[policy_pb2.Binding(role=ACCESSOR, members=[f"serviceAccount:{ORDERS}"])])))
-    assert vm.access_secret_version(name=mine.name + "/versions/1").payload.data == b"key"
+    with pytest.raises(exceptions.Forbidden):  # nothing granted: a VM account holds no Secret Manager permission
+        vm.access_secret_version(name=mine + "/versions/1")
+    policy = policy_pb2.Policy(bindings=[policy_pb2.Binding(role=ACCESSOR, members=[f"serviceAccount:{ORDERS}"])])
+    with pytest.raises(exceptions.Forbidden, match="'secretmanager.secrets.setIamPolicy' denied"):
+        functions.set_iam_policy(request=iam_policy_pb2.SetIamPolicyRequest(resource=mine, policy=policy))
+    admin.set_iam_policy(request=iam_policy_pb2.SetIamPolicyRequest(resource=mine, policy=policy))
+    assert vm.access_secret_version(name=mine + "/versions/1").payload.data == b"key"
     with pytest.raises(exceptions.Forbidden):
-        vm.access_secret_version(name=theirs.name + "/versions/1")
-    with pytest.raises(exceptions.Forbidden):  # the functions may not set policies outside the prefix
-        functions.set_iam_policy(request=iam_policy_pb2.SetIamPolicyRequest(
-            resource=secret(sandbox, "istio-ca-key"), policy=policy_pb2.Policy()))
+        vm.access_secret_version(name=theirs + "/versions/1")
 
 
 def test_test_iam_permissions_answers_the_subset_held(sandbox):
