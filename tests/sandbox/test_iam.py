@@ -305,6 +305,44 @@ def test_insert_with_an_account_needs_act_as_on_it(sandbox):
     assert sandbox.compute.instance(ZONE, "as-orders") is None
 
 
+def stopped(sandbox, instance: str) -> None:
+    """Stop a VM as its owner would and wait until it is TERMINATED (setServiceAccount needs that)."""
+    import time
+
+    gce(sandbox, sandbox.world.admin_token).stop_unary(project=sandbox.project, zone=ZONE, instance=instance)
+    deadline = time.monotonic() + 30
+    while sandbox.compute.instance(ZONE, instance)["status"] != "TERMINATED":
+        assert time.monotonic() < deadline, f"{instance} never reached TERMINATED"
+        time.sleep(0.05)
+
+
+def test_set_service_account_needs_its_permission_and_act_as_on_the_new_account(sandbox):
+    """GCE: compute.instances.setServiceAccount on the VM, and iam.serviceAccounts.actAs on the account
+    it will run as (change-service-account docs); the functions hold neither."""
+    world = sandbox.world
+    stopped(sandbox, "orders-1")
+    request = compute_v1.InstancesSetServiceAccountRequest(email=STRANGER_SA, scopes=[CLOUD_PLATFORM])
+
+    def move(bearer: str):
+        return gce(sandbox, bearer).set_service_account_unary(
+            project=world.project, zone=ZONE, instance="orders-1", instances_set_service_account_request_resource=request)
+
+    resource = f"projects/{world.project}/zones/{ZONE}/instances/orders-1"
+    with pytest.raises(exceptions.Forbidden) as refused:
+        move(functions_token(sandbox))
+    assert message(refused) == f"Required 'compute.instances.setServiceAccount' permission for '{resource}'"
+    world.iam.roles["projects/meshjoin-sandbox/roles/mover"] = frozenset({"compute.instances.setServiceAccount"})
+    world.iam.bindings.append(Binding(f"projects/{world.project}", "projects/meshjoin-sandbox/roles/mover",
+                                      "user:dev@example.com"))
+    with pytest.raises(exceptions.Forbidden, match=f"does not have access to service account '{STRANGER_SA}'"):
+        move(token(sandbox, "dev@example.com"))
+    assert sandbox.compute.instance(ZONE, "orders-1")["serviceAccounts"][0]["email"] == ORDERS
+    world.iam.bindings.append(Binding(f"projects/{world.project}/serviceAccounts/{STRANGER_SA}",
+                                      "roles/iam.serviceAccountUser", "user:dev@example.com"))
+    move(token(sandbox, "dev@example.com"))
+    assert sandbox.compute.instance(ZONE, "orders-1")["serviceAccounts"][0]["email"] == STRANGER_SA
+
+
 # ---- the VM lifecycle's methods: authenticated, then IAM, then quota ----------------------------------
 
 def test_every_compute_method_maps_to_an_iam_permission(sandbox):
@@ -446,8 +484,8 @@ def test_terraform_variables_decide_who_may_be_acted_as(servers):
 GCLOUD = shutil.which("gcloud")
 
 
-@pytest.mark.skipif(GCLOUD is None, reason="gcloud is not installed")
-def test_gcloud_with_the_env_file_is_the_operator(sandbox, tmp_path):
+def gcloud_runner(sandbox, tmp_path):
+    """Real gcloud with the sandbox's env file sourced (the operator), as `gcloud(*args)`, and its env."""
     ports = {name: int(sandbox.servers[f"{name}_url"].rsplit(":", 1)[1]) for name in
              ("compute", "secretmanager", "container")}
     ports.update(pubsub=1, metadata=1, kube=1, control=1, events_fn=1, maintenance_fn=1)
@@ -459,6 +497,31 @@ def test_gcloud_with_the_env_file_is_the_operator(sandbox, tmp_path):
 
     def gcloud(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([GCLOUD, *args], env=env, capture_output=True, text=True, timeout=120)
+
+    return gcloud, env
+
+
+@pytest.mark.skipif(GCLOUD is None, reason="gcloud is not installed")
+def test_gcloud_set_service_account_refuses_a_running_vm_and_moves_a_stopped_one(sandbox, tmp_path):
+    gcloud, _ = gcloud_runner(sandbox, tmp_path)
+    move = ("compute", "instances", "set-service-account", "orders-1", "--zone", ZONE,
+            "--service-account", STRANGER_SA, "--scopes", "cloud-platform")
+    refused = gcloud(*move)
+    assert refused.returncode != 0
+    assert "The instance must be stopped before the service account can be changed." in refused.stderr
+    stopped(sandbox, "orders-1")
+    moved = gcloud(*move)
+    assert moved.returncode == 0, moved.stderr
+    assert sandbox.compute.instance(ZONE, "orders-1")["serviceAccounts"] == [
+        {"email": STRANGER_SA, "scopes": [CLOUD_PLATFORM]}]
+    described = gcloud("compute", "instances", "describe", "orders-1", "--zone", ZONE,
+                       "--format=value(serviceAccounts[0].email)")
+    assert described.returncode == 0 and described.stdout.strip() == STRANGER_SA, described.stderr
+
+
+@pytest.mark.skipif(GCLOUD is None, reason="gcloud is not installed")
+def test_gcloud_with_the_env_file_is_the_operator(sandbox, tmp_path):
+    gcloud, env = gcloud_runner(sandbox, tmp_path)
 
     listed = gcloud("compute", "instances", "list", "--format=value(name)")
     assert listed.returncode == 0, listed.stderr

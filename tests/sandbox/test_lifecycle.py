@@ -156,6 +156,43 @@ def test_the_log_router_sink_forwards_what_its_terraform_filter_names(gce):
     assert "v1.compute.instances.reset" in {e["protoPayload"]["methodName"] for e in gce.events}
 
 
+def set_service_account(gce, name: str, email: str, scopes=(CLOUD_PLATFORM,)):
+    request = compute_v1.InstancesSetServiceAccountRequest(email=email, scopes=list(scopes))
+    return gce.instances.set_service_account_unary(project=gce.project, zone=ZONE, instance=name,
+                                                   instances_set_service_account_request_resource=request)
+
+
+def test_set_service_account_only_when_stopped_then_the_guest_speaks_as_the_new_account(gce):
+    """instances.setServiceAccount as GCE has it: 400 on a VM that is not TERMINATED, an operation
+    otherwise; the VM's metadata server mints the new account's tokens after the next start. Its audit
+    entry exists but the sink's filter (deploy/terraform) does not forward it."""
+    orders, other = (f"{n}@{gce.project}.iam.gserviceaccount.com" for n in ("orders", "other"))
+    resource = compute_v1.Instance(name="moved", service_accounts=[
+        compute_v1.ServiceAccount(email=orders, scopes=[CLOUD_PLATFORM])])
+    wait_op(gce, gce.instances.insert_unary(project=gce.project, zone=ZONE, instance_resource=resource))
+    with pytest.raises(exceptions.BadRequest) as refused:
+        set_service_account(gce, "moved", other)
+    assert refused.value.response.json()["error"]["message"] == \
+        "The instance must be stopped before the service account can be changed."
+    assert gce.emulator.instance(ZONE, "moved")["serviceAccounts"][0]["email"] == orders
+    wait_op(gce, gce.instances.stop_unary(project=gce.project, zone=ZONE, instance="moved"))
+    wait_for(lambda: status(gce, "moved") == "TERMINATED", what="TERMINATED")
+    gce.events.clear()
+    op = set_service_account(gce, "moved", other)
+    assert op.operation_type == "setServiceAccount"
+    wait_op(gce, op)
+    assert [dict(a) for a in gce.emulator.instance(ZONE, "moved")["serviceAccounts"]] == [
+        {"email": other, "scopes": [CLOUD_PLATFORM]}]
+    audited = [e["protoPayload"]["methodName"] for e in gce.events]
+    assert audited == ["v1.compute.instances.setServiceAccount"] * 2
+    assert not any(sink_accepts(e) for e in gce.events), "the sink's filter does not name setServiceAccount"
+    wait_op(gce, gce.instances.start_unary(project=gce.project, zone=ZONE, instance="moved"))
+    host = gce.guests.metadata_host(ZONE, "moved")
+    issued = requests.get(f"http://{host}/computeMetadata/v1/instance/service-accounts/default/token",
+                          headers=FLAVOR, timeout=10).json()
+    assert gce.world.principal_of(issued["access_token"]).email == other
+
+
 def test_delete_during_boot_cancels_the_boot(gce):
     op = insert(gce, "gone", wait=False)
     wait_op(gce, gce.instances.delete_unary(project=gce.project, zone=ZONE, instance="gone"))
