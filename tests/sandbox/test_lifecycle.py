@@ -303,6 +303,78 @@ def test_the_guests_metadata_server_issues_the_vms_token_and_takes_its_guest_att
             project=gce.project, zone=ZONE, instance="agent-1", variable_key="meshjoin/sidecar"))
 
 
+CLONE_SCRIPT = """#!/bin/bash
+id="$(curl -sf -H 'Metadata-Flavor: Google' "http://$GCE_METADATA_HOST/computeMetadata/v1/instance/id")"
+if [ -f "$MESHJOIN_ROOT/etc/certs/key.pem" ]; then key=present; else key=absent; fi
+echo "$id key=$key" >> "$MESHJOIN_ROOT/boots"
+"""
+
+
+def run_clone(gce, tmp_path, *args: str):
+    """`meshjoin sandbox clone ...` against this test's emulator (its state dir holds the guests' roots)."""
+    from click.testing import CliRunner
+
+    from meshjoin_sandbox.cli import sandbox as sandbox_cli
+    from meshjoin_sandbox.config import SandboxConfig
+
+    port = int(gce.url.rsplit(":", 1)[1])
+    SandboxConfig(state_dir=str(tmp_path), ports={"compute": port}, sa_token="", admin_token=gce.world.admin_token,
+                  ca_dir="", kube_ca_file="", kube_cert_file="", kube_key_file="", crd_path="",
+                  project=gce.project).save()
+    result = CliRunner().invoke(sandbox_cli, ["clone", *args, "--state-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output
+
+
+def test_clone_copies_what_a_machine_image_carries_and_with_disk_the_files_before_the_first_boot(gce, tmp_path):
+    """`meshjoin sandbox clone`: NEW gets SOURCE's metadata (meshjoin's status and chain included),
+    labels and account through instances.insert; --with-disk copies SOURCE's fake root into NEW's
+    before NEW boots, so NEW's first startup script already finds the copied key (a disk clone)."""
+    orders = f"orders@{gce.project}.iam.gserviceaccount.com"
+    items = {"startup-script": CLONE_SCRIPT, "meshjoin-status": '{"state": "joined"}',
+             "meshjoin-cert-chain": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+             "enable-guest-attributes": "TRUE"}
+    resource = compute_v1.Instance(
+        name="origin", labels={"mesh": "join", "mesh-app": "orders"},
+        service_accounts=[compute_v1.ServiceAccount(email=orders, scopes=[CLOUD_PLATFORM])],
+        metadata=compute_v1.Metadata(items=[compute_v1.Items(key=k, value=v) for k, v in items.items()]))
+    wait_op(gce, gce.instances.insert_unary(project=gce.project, zone=ZONE, instance_resource=resource))
+    wait_for(lambda: boots(gce, "origin") == 1, what="the source's first boot")
+    certs = gce.guests.root(ZONE, "origin") / "etc" / "certs"
+    certs.mkdir(parents=True)
+    (certs / "key.pem").write_text("the source's private key")
+    (certs / "key.pem").chmod(0o600)
+    source = gce.emulator.instance(ZONE, "origin")
+    gce.events.clear()
+
+    assert "cloned us-central1-a/origin to us-central1-a/image-only" in run_clone(gce, tmp_path, "origin", "image-only")
+    assert "with its disk" in run_clone(gce, tmp_path, "origin", "disk-copy", "--with-disk")
+    other = f"other@{gce.project}.iam.gserviceaccount.com"
+    run_clone(gce, tmp_path, "origin", "as-other", "--service-account", other)
+    for name in ("image-only", "disk-copy", "as-other"):
+        clone = gce.emulator.instance(ZONE, name)
+        assert clone["id"] != source["id"]
+        assert clone["metadata"]["items"] == source["metadata"]["items"]
+        assert clone["labels"] == source["labels"]
+        expected = other if name == "as-other" else orders
+        assert clone["serviceAccounts"] == [{"email": expected, "scopes": [CLOUD_PLATFORM]}]
+    inserts = [e for e in gce.events if e["operation"].get("first")]
+    assert [e["protoPayload"]["methodName"] for e in inserts] == ["v1.compute.instances.insert"] * 3
+    assert all(sink_accepts(e) for e in inserts), "a clone's creation reaches meshjoin like any insert"
+
+    for name in ("image-only", "disk-copy"):
+        wait_for(lambda name=name: boots(gce, name) == 1, what=f"{name}'s first boot")
+    copied = gce.guests.root(ZONE, "disk-copy")
+    assert (copied / "etc" / "certs" / "key.pem").read_text() == "the source's private key"
+    assert (copied / "etc" / "certs" / "key.pem").stat().st_mode & 0o777 == 0o600
+    clone_id = gce.emulator.instance(ZONE, "disk-copy")["id"]
+    # The copied disk still has the source's boot record; the clone's first boot already saw the key.
+    assert (copied / "boots").read_text().splitlines() == [f"{source['id']} key=absent", f"{clone_id} key=present"]
+    fresh = gce.guests.root(ZONE, "image-only")
+    assert not (fresh / "etc" / "certs").exists()
+    assert (fresh / "boots").read_text().splitlines() == [f"{gce.emulator.instance(ZONE, 'image-only')['id']} key=absent"]
+
+
 def test_a_failing_script_is_logged_and_breaks_nothing(gce):
     insert(gce, "broken", metadata={"startup-script": "echo about to fail; exit 7"})
     serial = gce.guests.vm_dir(ZONE, "broken") / "serial.log"
