@@ -108,34 +108,35 @@ locals {
   # The functions' settings (shared/meshjoin/settings.py reads them; README, "Settings").
   # The endpoint overrides (MESHJOIN_*_ENDPOINT) are for the sandbox and never deployed.
   function_settings = {
-    MESHJOIN_PROJECT           = var.project_id
-    MESHJOIN_CLUSTER           = var.cluster
-    MESHJOIN_IDENTITY_BINDINGS = jsonencode(var.identity_bindings)
-    MESHJOIN_CA_CERT_SECRET    = var.ca_cert_secret
-    MESHJOIN_CA_KEY_SECRET     = var.ca_key_secret
-    MESHJOIN_CA_CHAIN_SECRET   = var.ca_chain_secret
-    MESHJOIN_CA_ROOT_SECRET    = var.ca_root_secret
-    MESHJOIN_CA_CACHE          = var.ca_cache
-    MESHJOIN_SECRET_PREFIX     = var.secret_prefix
-    MESHJOIN_TRUST_DOMAIN      = var.trust_domain
-    MESHJOIN_CERT_TTL          = var.cert_ttl
-    MESHJOIN_RENEW_FRACTION    = var.renew_fraction == null ? null : tostring(var.renew_fraction)
-    MESHJOIN_RENEW_JITTER      = var.renew_jitter == null ? null : tostring(var.renew_jitter)
-    MESHJOIN_KEY_ALGORITHM     = var.key_algorithm
-    MESHJOIN_ISTIOD_ADDRESS    = var.istiod_address
-    MESHJOIN_ISTIOD_IP         = var.istiod_ip
-    MESHJOIN_MESH_ID           = var.mesh_id
-    MESHJOIN_CLUSTER_ID        = var.cluster_id
-    MESHJOIN_NETWORK           = var.network
-    MESHJOIN_SIDECAR_URL       = var.sidecar_url
-    MESHJOIN_SIDECAR_SHA256    = var.sidecar_sha256
-    MESHJOIN_MAX_EVENT_AGE     = var.max_event_age
-    MESHJOIN_API_ATTEMPTS      = var.api_attempts == null ? null : tostring(var.api_attempts)
-    MESHJOIN_API_TIMEOUT       = var.api_timeout
-    MESHJOIN_PRUNE_CAP         = var.prune_cap == null ? null : tostring(var.prune_cap)
-    MESHJOIN_SWEEP_RENEWALS    = var.sweep_renewals == null ? null : tostring(var.sweep_renewals)
-    MESHJOIN_SWEEP_SECONDS     = var.sweep_time_budget
-    MESHJOIN_SWEEP_WORKERS     = var.sweep_workers == null ? null : tostring(var.sweep_workers)
+    MESHJOIN_PROJECT               = var.project_id
+    MESHJOIN_CLUSTER               = var.cluster
+    MESHJOIN_IDENTITY_BINDINGS     = jsonencode(var.identity_bindings)
+    MESHJOIN_CA_CERT_SECRET        = var.ca_cert_secret
+    MESHJOIN_CA_KEY_SECRET         = var.ca_key_secret
+    MESHJOIN_CA_CHAIN_SECRET       = var.ca_chain_secret
+    MESHJOIN_CA_ROOT_SECRET        = var.ca_root_secret
+    MESHJOIN_CA_CACHE              = var.ca_cache
+    MESHJOIN_SECRET_PREFIX         = var.secret_prefix
+    MESHJOIN_TRUST_DOMAIN          = var.trust_domain
+    MESHJOIN_CERT_TTL              = var.cert_ttl
+    MESHJOIN_RENEW_FRACTION        = var.renew_fraction == null ? null : tostring(var.renew_fraction)
+    MESHJOIN_RENEW_JITTER          = var.renew_jitter == null ? null : tostring(var.renew_jitter)
+    MESHJOIN_KEY_ALGORITHM         = var.key_algorithm
+    MESHJOIN_KEY_ROTATION_RENEWALS = var.key_rotation_renewals == null ? null : tostring(var.key_rotation_renewals)
+    MESHJOIN_ISTIOD_ADDRESS        = var.istiod_address
+    MESHJOIN_ISTIOD_IP             = var.istiod_ip
+    MESHJOIN_MESH_ID               = var.mesh_id
+    MESHJOIN_CLUSTER_ID            = var.cluster_id
+    MESHJOIN_NETWORK               = var.network
+    MESHJOIN_SIDECAR_URL           = var.sidecar_url
+    MESHJOIN_SIDECAR_SHA256        = var.sidecar_sha256
+    MESHJOIN_MAX_EVENT_AGE         = var.max_event_age
+    MESHJOIN_API_ATTEMPTS          = var.api_attempts == null ? null : tostring(var.api_attempts)
+    MESHJOIN_API_TIMEOUT           = var.api_timeout
+    MESHJOIN_PRUNE_CAP             = var.prune_cap == null ? null : tostring(var.prune_cap)
+    MESHJOIN_SWEEP_RENEWALS        = var.sweep_renewals == null ? null : tostring(var.sweep_renewals)
+    MESHJOIN_SWEEP_SECONDS         = var.sweep_time_budget
+    MESHJOIN_SWEEP_WORKERS         = var.sweep_workers == null ? null : tostring(var.sweep_workers)
     # The VM agent nudges meshjoin through the events topic once it has confirmed.
     MESHJOIN_EVENTS_TOPIC                    = google_pubsub_topic.events.id
     MESHJOIN_CONFIRM_TIMEOUT                 = var.confirm_timeout

@@ -204,6 +204,17 @@ variable "key_algorithm" {
   }
 }
 
+variable "key_rotation_renewals" {
+  description = "Key rotation policy (MESHJOIN_KEY_ROTATION_RENEWALS): after this many certificates for one VM key, meshjoin asks the VM's agent for a new key at the next renewal; 0 never asks. null keeps the product default (3)."
+  type        = number
+  default     = null
+
+  validation {
+    condition     = var.key_rotation_renewals == null || try(var.key_rotation_renewals >= 0 && floor(var.key_rotation_renewals) == var.key_rotation_renewals, false)
+    error_message = "key_rotation_renewals must be a non-negative integer."
+  }
+}
+
 variable "istiod_address" {
   description = "discoveryAddress written for the VMs (MESHJOIN_ISTIOD_ADDRESS); null keeps the product default."
   type        = string
@@ -304,7 +315,7 @@ variable "prune_cap" {
 }
 
 variable "sweep_renewals" {
-  description = "Most certificates one sweep renews, within Secret Manager's write quota (MESHJOIN_SWEEP_RENEWALS); the rest wait for the next sweep. null keeps the product default."
+  description = "Most certificates one sweep renews (MESHJOIN_SWEEP_RENEWALS; each renewal is one Compute metadata write, no Secret Manager write); the rest wait for the next sweep. null keeps the product default."
   type        = number
   default     = null
 

@@ -593,9 +593,10 @@ def test_rendered_settings_are_accepted_by_the_product(console_module):
         "cert_ttl": "12h", "renew_fraction": "0.6", "renew_jitter": "0.2", "key_algorithm": "rsa-2048",
         "istiod_ip": "10.128.15.250", "network": "vm-net", "api_attempts": "3", "prune_cap": "20",
         "sweep_time_budget": "5m", "sweep_workers": "4", "sweep_renewals": "100", "max_event_age": "30m",
-        "api_timeout": "20s",
+        "api_timeout": "20s", "key_rotation_renewals": "5",
     }
     env = evaluate(console_module, "local.function_env", **variables)
+    assert env["MESHJOIN_KEY_ROTATION_RENEWALS"] == "5"
     assert all(isinstance(v, str) and v for v in env.values()), "no empty or non-string values"
     settings = Settings.from_env(env)
     assert settings.project == "my-proj"
@@ -648,6 +649,7 @@ def test_bound_accounts_are_acted_as_and_nudge_once_each(console_module):
     ("sweep_time_budget", "9m"),
     ("sweep_interval_minutes", "7"),
     ("key_algorithm", "dsa"),
+    ("key_rotation_renewals", "-1"),
     ("renew_fraction", "1.5"),
     ("api_attempts", "0"),
     ("secret_prefix", "bad/prefix"),
