@@ -26,7 +26,7 @@ resource "google_project_service_identity" "pubsub" {
 resource "google_service_account" "functions" {
   account_id   = "${var.name}-functions"
   display_name = "meshjoin functions"
-  description  = "Reconciles labelled VMs into the Istio mesh: reads VMs, writes their metadata, mints per-VM secrets, writes WorkloadEntries."
+  description  = "Reconciles labelled VMs into the Istio mesh: reads VMs and their agents' CSRs, writes their metadata and certificates, writes WorkloadEntries."
   depends_on   = [google_project_service.apis]
 }
 
@@ -163,17 +163,22 @@ resource "google_secret_manager_secret_iam_member" "ca_reader" {
   member    = local.functions_member
 }
 
-# Per-VM secrets do not exist until a VM joins, so they cannot be granted one by one. Two parts:
+# Keys stay on the VMs (each VM's agent makes its own key and hands meshjoin only a CSR, through
+# guest attributes): Secret Manager holds the plug-in CA and nothing else meshjoin writes. A join, a
+# renewal or a key rotation makes no Secret Manager call beyond reading the (cached) CA. What remains
+# is pruning the per-VM secrets an earlier version of meshjoin made (VMs that joined before keys
+# stayed on the VM): the sweep lists them by label, and a VM's secret is deleted once its new agent
+# confirmed a certificate for its own key, or when the VM is gone or unlabelled. Nothing here can
+# create a secret, add or read a version, or change who may read a secret; VM service accounts are
+# granted nothing in Secret Manager.
 #
-# 1. Creating and listing are authorized against the project (the parent), where a condition on
-#    the secret's name cannot apply. Neither reveals or writes any payload: create makes an empty
-#    secret, list returns names and labels (the sweep's inventory by label).
+# 1. Listing is authorized against the project (the parent), where a condition on the secret's name
+#    cannot apply. It reveals names and labels only (the sweep's inventory by label), no payload.
 resource "google_project_iam_custom_role" "secret_inventory" {
   role_id     = "${local.role_prefix}.secretInventory"
-  title       = "meshjoin: create and list secrets"
-  description = "Create (empty) per-VM secrets and list secrets by label. Grants no access to any payload."
+  title       = "meshjoin: list secrets"
+  description = "List secrets by label (the sweep's inventory of legacy per-VM secrets). Grants no access to any payload."
   permissions = [
-    "secretmanager.secrets.create",
     "secretmanager.secrets.list",
   ]
 }
@@ -184,22 +189,18 @@ resource "google_project_iam_member" "functions_secret_inventory" {
   member  = local.functions_member
 }
 
-# 2. The rest, only on secrets whose name starts with the per-VM prefix (an IAM
-#    condition on resource.name, which Secret Manager supports). roles/secretmanager.admin under
-#    the same condition would also work but carries access to payloads and more; this role has
-#    no versions.access at all: the functions mint a VM's key and never need to read it back.
-#    A precondition keeps the CA secrets outside the prefix, so this can never touch them.
+# 2. Reading a legacy secret's metadata (its labels: is it meshjoin's, for which VM) and deleting it,
+#    only on secrets whose name starts with the per-VM prefix (an IAM condition on resource.name,
+#    which Secret Manager supports). No versions.* permission at all: the functions never read,
+#    add, disable or destroy a version. A precondition keeps the CA secrets outside the prefix, so
+#    this can never delete them.
 resource "google_project_iam_custom_role" "vm_secrets" {
   role_id     = "${local.role_prefix}.vmSecrets"
-  title       = "meshjoin: manage per-VM secrets"
-  description = "Add, list and destroy versions of per-VM secrets, delete them, and restrict who may read them. No payload access."
+  title       = "meshjoin: prune legacy per-VM secrets"
+  description = "Read the metadata of, and delete, per-VM secrets made by earlier versions of meshjoin. No payload access."
   permissions = [
-    "secretmanager.secrets.delete",       # the VM left or is gone
-    "secretmanager.secrets.getIamPolicy", # only the VM's own service account may read its secret
-    "secretmanager.secrets.setIamPolicy",
-    "secretmanager.versions.add",     # a new key + chain for the VM
-    "secretmanager.versions.destroy", # the version a renewal or a lost race replaced
-    "secretmanager.versions.list",    # every join pass after the first finds undelivered versions
+    "secretmanager.secrets.delete", # the VM migrated to an on-VM key, left, or is gone
+    "secretmanager.secrets.get",    # its labels: that it is meshjoin's secret for that VM
   ]
 }
 
@@ -210,17 +211,16 @@ resource "google_project_iam_member" "functions_vm_secrets" {
 
   condition {
     title       = "meshjoin per-VM secrets only"
-    description = "Secrets (and their versions) whose id starts with ${var.secret_prefix}-"
+    description = "Secrets whose id starts with ${var.secret_prefix}-"
     # Secret Manager names resources by project number in IAM checks; the project-id form is
-    # kept as well so the grant holds whichever form a request carries. Versions are named
-    # .../secrets/ID/versions/N and so match the same prefix.
+    # kept as well so the grant holds whichever form a request carries.
     expression = "resource.name.startsWith(\"projects/${data.google_project.this.number}/secrets/${var.secret_prefix}-\") || resource.name.startsWith(\"projects/${var.project_id}/secrets/${var.secret_prefix}-\")"
   }
 
   lifecycle {
     precondition {
       condition     = alltrue([for id in values(local.ca_secrets) : !startswith(id, "${var.secret_prefix}-")])
-      error_message = "A CA secret id starts with \"${var.secret_prefix}-\": the per-VM grant (setIamPolicy, destroy) would cover the CA. Choose another secret_prefix."
+      error_message = "A CA secret id starts with \"${var.secret_prefix}-\": the per-VM grant (delete) would cover the CA. Choose another secret_prefix."
     }
   }
 }

@@ -58,14 +58,17 @@ locals {
   }
 
   # --- sizing the events function against overload ---------------------------------------
-  # In flight at most: instances x concurrency reconciles. A join takes roughly 20 s (reads, three
-  # Secret Manager writes, two setMetadata operations, the WorkloadEntry); so the function drains
+  # In flight at most: instances x concurrency reconciles. A join takes roughly 20 s of reconcile
+  # time over its passes (the event's, the pass that certifies the VM's CSR, the pass that sees
+  # its confirmation: reads, three setMetadata operations, the WorkloadEntry); so the function drains
   #   throughput = in_flight * 60 / 20 joins a minute.
-  # Budget: Secret Manager allows 600 writes a minute per project (DESIGN: quotas), a join makes
-  # about 3 (create the secret, add a version, restrict its IAM policy): at most 200 joins a minute
-  # before Secret Manager answers 429, i.e. in_flight <= 200 * 20 / 60 ~ 66, leaving room for the
-  # sweep's renewals. The default 8 x 8 = 64 in flight stays inside; 429s from Secret Manager
-  # are retried in-process (MESHJOIN_API_ATTEMPTS) and then by Pub/Sub, never lost.
+  # Budget: keys stay on the VMs, so a join makes no Secret Manager write; its writes are Compute
+  # Engine mutations, about 3 (bootstrap + `waiting`, the certificate chain, `joined`), against the
+  # project's Compute mutation quota (DESIGN: an older published default of 1,500 a minute):
+  # at most 500 joins a minute before Compute answers 403 rateLimitExceeded, i.e.
+  # in_flight <= 500 * 20 / 60 ~ 166, leaving room for the sweep's renewals and the operators' own
+  # calls. The default 8 x 8 = 64 in flight stays well inside; rate-limit answers are retried
+  # in-process (MESHJOIN_API_ATTEMPTS) and then by Pub/Sub, never lost.
   # Beyond in_flight, Cloud Run refuses requests with 429; Pub/Sub counts each refusal as a failed
   # delivery and retries after an exponential backoff from 10 s to 600 s (retry_policy), while
   # its push flow control slows the whole subscription down (https://cloud.google.com/pubsub/docs/push,
@@ -78,8 +81,8 @@ locals {
   events_sizing = {
     in_flight        = var.events_max_instances * var.events_concurrency
     join_seconds     = 20
-    writes_per_join  = 3
-    secret_writes_pm = 600
+    writes_per_join  = 3    # Compute setMetadata calls; Secret Manager writes per join: 0
+    write_quota_pm   = 1500 # Compute Engine mutations per project per minute
     joins_per_minute = var.events_max_instances * var.events_concurrency * 60 / 20
     drain_seconds    = ceil(var.events_burst / (var.events_max_instances * var.events_concurrency * 60 / 20) * 60)
     retry_window_seconds = sum([
@@ -105,34 +108,35 @@ locals {
   # The functions' settings (shared/meshjoin/settings.py reads them; README, "Settings").
   # The endpoint overrides (MESHJOIN_*_ENDPOINT) are for the sandbox and never deployed.
   function_settings = {
-    MESHJOIN_PROJECT           = var.project_id
-    MESHJOIN_CLUSTER           = var.cluster
-    MESHJOIN_IDENTITY_BINDINGS = jsonencode(var.identity_bindings)
-    MESHJOIN_CA_CERT_SECRET    = var.ca_cert_secret
-    MESHJOIN_CA_KEY_SECRET     = var.ca_key_secret
-    MESHJOIN_CA_CHAIN_SECRET   = var.ca_chain_secret
-    MESHJOIN_CA_ROOT_SECRET    = var.ca_root_secret
-    MESHJOIN_CA_CACHE          = var.ca_cache
-    MESHJOIN_SECRET_PREFIX     = var.secret_prefix
-    MESHJOIN_TRUST_DOMAIN      = var.trust_domain
-    MESHJOIN_CERT_TTL          = var.cert_ttl
-    MESHJOIN_RENEW_FRACTION    = var.renew_fraction == null ? null : tostring(var.renew_fraction)
-    MESHJOIN_RENEW_JITTER      = var.renew_jitter == null ? null : tostring(var.renew_jitter)
-    MESHJOIN_KEY_ALGORITHM     = var.key_algorithm
-    MESHJOIN_ISTIOD_ADDRESS    = var.istiod_address
-    MESHJOIN_ISTIOD_IP         = var.istiod_ip
-    MESHJOIN_MESH_ID           = var.mesh_id
-    MESHJOIN_CLUSTER_ID        = var.cluster_id
-    MESHJOIN_NETWORK           = var.network
-    MESHJOIN_SIDECAR_URL       = var.sidecar_url
-    MESHJOIN_SIDECAR_SHA256    = var.sidecar_sha256
-    MESHJOIN_MAX_EVENT_AGE     = var.max_event_age
-    MESHJOIN_API_ATTEMPTS      = var.api_attempts == null ? null : tostring(var.api_attempts)
-    MESHJOIN_API_TIMEOUT       = var.api_timeout
-    MESHJOIN_PRUNE_CAP         = var.prune_cap == null ? null : tostring(var.prune_cap)
-    MESHJOIN_SWEEP_RENEWALS    = var.sweep_renewals == null ? null : tostring(var.sweep_renewals)
-    MESHJOIN_SWEEP_SECONDS     = var.sweep_time_budget
-    MESHJOIN_SWEEP_WORKERS     = var.sweep_workers == null ? null : tostring(var.sweep_workers)
+    MESHJOIN_PROJECT               = var.project_id
+    MESHJOIN_CLUSTER               = var.cluster
+    MESHJOIN_IDENTITY_BINDINGS     = jsonencode(var.identity_bindings)
+    MESHJOIN_CA_CERT_SECRET        = var.ca_cert_secret
+    MESHJOIN_CA_KEY_SECRET         = var.ca_key_secret
+    MESHJOIN_CA_CHAIN_SECRET       = var.ca_chain_secret
+    MESHJOIN_CA_ROOT_SECRET        = var.ca_root_secret
+    MESHJOIN_CA_CACHE              = var.ca_cache
+    MESHJOIN_SECRET_PREFIX         = var.secret_prefix
+    MESHJOIN_TRUST_DOMAIN          = var.trust_domain
+    MESHJOIN_CERT_TTL              = var.cert_ttl
+    MESHJOIN_RENEW_FRACTION        = var.renew_fraction == null ? null : tostring(var.renew_fraction)
+    MESHJOIN_RENEW_JITTER          = var.renew_jitter == null ? null : tostring(var.renew_jitter)
+    MESHJOIN_KEY_ALGORITHM         = var.key_algorithm
+    MESHJOIN_KEY_ROTATION_RENEWALS = var.key_rotation_renewals == null ? null : tostring(var.key_rotation_renewals)
+    MESHJOIN_ISTIOD_ADDRESS        = var.istiod_address
+    MESHJOIN_ISTIOD_IP             = var.istiod_ip
+    MESHJOIN_MESH_ID               = var.mesh_id
+    MESHJOIN_CLUSTER_ID            = var.cluster_id
+    MESHJOIN_NETWORK               = var.network
+    MESHJOIN_SIDECAR_URL           = var.sidecar_url
+    MESHJOIN_SIDECAR_SHA256        = var.sidecar_sha256
+    MESHJOIN_MAX_EVENT_AGE         = var.max_event_age
+    MESHJOIN_API_ATTEMPTS          = var.api_attempts == null ? null : tostring(var.api_attempts)
+    MESHJOIN_API_TIMEOUT           = var.api_timeout
+    MESHJOIN_PRUNE_CAP             = var.prune_cap == null ? null : tostring(var.prune_cap)
+    MESHJOIN_SWEEP_RENEWALS        = var.sweep_renewals == null ? null : tostring(var.sweep_renewals)
+    MESHJOIN_SWEEP_SECONDS         = var.sweep_time_budget
+    MESHJOIN_SWEEP_WORKERS         = var.sweep_workers == null ? null : tostring(var.sweep_workers)
     # The VM agent nudges meshjoin through the events topic once it has confirmed.
     MESHJOIN_EVENTS_TOPIC                    = google_pubsub_topic.events.id
     MESHJOIN_CONFIRM_TIMEOUT                 = var.confirm_timeout

@@ -128,8 +128,8 @@ resource "google_pubsub_subscription" "push" {
   lifecycle {
     # The overload arithmetic of main.tf (local.events_sizing), enforced at plan time.
     precondition {
-      condition     = each.key != "events" || local.events_sizing.joins_per_minute * local.events_sizing.writes_per_join <= local.events_sizing.secret_writes_pm
-      error_message = "events_max_instances x events_concurrency = ${local.events_sizing.in_flight} reconciles in flight would exceed Secret Manager's 600 writes a minute (about ${local.events_sizing.joins_per_minute * local.events_sizing.writes_per_join}); lower one of them."
+      condition     = each.key != "events" || local.events_sizing.joins_per_minute * local.events_sizing.writes_per_join <= local.events_sizing.write_quota_pm
+      error_message = "events_max_instances x events_concurrency = ${local.events_sizing.in_flight} reconciles in flight would exceed Compute Engine's ${local.events_sizing.write_quota_pm} mutations a minute (about ${local.events_sizing.joins_per_minute * local.events_sizing.writes_per_join}); lower one of them."
     }
     precondition {
       condition     = each.key != "events" || local.events_sizing.drain_seconds < local.events_sizing.retry_window_seconds

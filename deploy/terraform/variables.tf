@@ -98,7 +98,7 @@ variable "identity_bindings" {
   }
 }
 
-# --- the CA and the per-VM secrets -----------------------------------------------------------
+# --- the CA and the legacy per-VM secrets -----------------------------------------------------------
 
 variable "create_ca_secrets" {
   description = "Create the four (empty) CA secrets; set false when they already exist. Versions are added with deploy/upload_ca.py, never by Terraform, so the CA key stays out of the state."
@@ -131,7 +131,7 @@ variable "ca_root_secret" {
 }
 
 variable "secret_prefix" {
-  description = "Prefix of the per-VM secret ids (MESHJOIN_SECRET_PREFIX); the functions may manage only secrets starting with \"<prefix>-\"."
+  description = "Prefix of the per-VM secret ids earlier versions of meshjoin made (MESHJOIN_SECRET_PREFIX); the functions may read the metadata of and delete (prune) only secrets starting with \"<prefix>-\", and create none."
   type        = string
   default     = "meshjoin-vm"
 
@@ -201,6 +201,17 @@ variable "key_algorithm" {
   validation {
     condition     = var.key_algorithm == null || contains(["ecdsa-p256", "rsa-2048"], coalesce(var.key_algorithm, "ecdsa-p256"))
     error_message = "key_algorithm must be ecdsa-p256 or rsa-2048."
+  }
+}
+
+variable "key_rotation_renewals" {
+  description = "Key rotation policy (MESHJOIN_KEY_ROTATION_RENEWALS): after this many certificates for one VM key, meshjoin asks the VM's agent for a new key at the next renewal; 0 never asks. null keeps the product default (3)."
+  type        = number
+  default     = null
+
+  validation {
+    condition     = var.key_rotation_renewals == null || try(var.key_rotation_renewals >= 0 && floor(var.key_rotation_renewals) == var.key_rotation_renewals, false)
+    error_message = "key_rotation_renewals must be a non-negative integer."
   }
 }
 
@@ -304,7 +315,7 @@ variable "prune_cap" {
 }
 
 variable "sweep_renewals" {
-  description = "Most certificates one sweep renews, within Secret Manager's write quota (MESHJOIN_SWEEP_RENEWALS); the rest wait for the next sweep. null keeps the product default."
+  description = "Most certificates one sweep renews (MESHJOIN_SWEEP_RENEWALS; each renewal is one Compute metadata write, no Secret Manager write); the rest wait for the next sweep. null keeps the product default."
   type        = number
   default     = null
 

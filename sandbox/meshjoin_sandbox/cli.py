@@ -142,6 +142,116 @@ def create_vm(name, state_dir, zone, labels, metadata, service_account, no_event
     click.echo(f"created {zone}/{name}")
 
 
+def copy_disk(source_root: Path, new_root: Path) -> None:
+    """A disk clone: NEW's fake root becomes a copy of SOURCE's, every file with its mode (and owner when
+    the sandbox runs as root, as a disk keeps owners). Whatever was at NEW's root before is gone, as a
+    fresh disk would have none of it."""
+    import shutil
+
+    if new_root.exists():
+        shutil.rmtree(new_root)
+    shutil.copytree(source_root, new_root, symlinks=True)
+    if os.geteuid() == 0:
+        for path in [source_root, *source_root.rglob("*")]:
+            stat = path.lstat()
+            os.lchown(new_root / path.relative_to(source_root), stat.st_uid, stat.st_gid)
+
+
+def clone_vm(state_dir: Path, source: str, new: str, zone: str | None = None, with_disk: bool = False,
+             service_account: str | None = None) -> dict:
+    """Create NEW as a machine image of SOURCE would (GCE: a machine image keeps the instance's
+    properties: metadata, labels, service account and scopes, machine type, network; and its disks).
+
+    Through the public instances.insert, as the operator, so NEW's creation is audited like any other
+    insert. With `with_disk`, SOURCE's fake root (guest.Guests.root: STATE_DIR/vms/ZONE/NAME/root) is
+    copied into NEW's before NEW exists, so its first boot already sees the copied files, as a VM booted
+    from a cloned disk does. `service_account` replaces the image's account (insert checks actAs).
+    """
+    from types import SimpleNamespace
+
+    from google.api_core import exceptions
+    from google.cloud import compute_v1
+
+    from .guest import Guests
+
+    clients = SandboxClients(state_dir)
+    zone = zone or clients.cfg.zone
+    instances, ops = clients.compute()
+    try:
+        original = instances.get(project=clients.cfg.project, zone=zone, instance=source)
+    except exceptions.NotFound as exc:
+        raise click.ClickException(f"no VM {zone}/{source} to clone") from exc
+    try:
+        instances.get(project=clients.cfg.project, zone=zone, instance=new)
+        raise click.ClickException(f"VM {zone}/{new} already exists")
+    except exceptions.NotFound:
+        pass
+    accounts = [compute_v1.ServiceAccount(email=a.email, scopes=list(a.scopes)) for a in original.service_accounts]
+    if service_account:
+        scopes = list(original.service_accounts[0].scopes) if original.service_accounts else \
+            ["https://www.googleapis.com/auth/cloud-platform"]
+        accounts = [compute_v1.ServiceAccount(email=service_account, scopes=scopes)]
+    nic = original.network_interfaces[0] if original.network_interfaces else None
+    body = compute_v1.Instance(
+        name=new,
+        machine_type=f"zones/{zone}/machineTypes/{original.machine_type.rsplit('/', 1)[-1]}",
+        labels=dict(original.labels),
+        metadata=compute_v1.Metadata(items=[compute_v1.Items(key=i.key, value=i.value)
+                                            for i in original.metadata.items]),
+        network_interfaces=[compute_v1.NetworkInterface(network=nic.network if nic else "global/networks/default")],
+        service_accounts=accounts,
+    )
+    if with_disk:
+        # Guests.root only lays out directories; the running sandbox's Guests uses the same base directory.
+        guests = Guests(SimpleNamespace(emulators={}), Path(clients.cfg.state_dir) / "vms")
+        copy_disk(guests.root(zone, source), guests.vm_dir(zone, new) / "root")
+    op = instances.insert_unary(project=clients.cfg.project, zone=zone, instance_resource=body)
+    clients.wait(ops, op, zone)
+    return {"zone": zone, "name": new, "source": source, "disk": with_disk,
+            "serviceAccount": accounts[0].email if accounts else None}
+
+
+@sandbox.command("clone")
+@click.argument("source")
+@click.argument("new")
+@STATE_DIR_OPTION
+@click.option("--zone", help="Zone of both VMs (default: the sandbox's zone).")
+@click.option("--with-disk", is_flag=True, help="Copy SOURCE's disk (its fake root) too, before NEW boots.")
+@click.option("--service-account", help="Run NEW as this account instead of SOURCE's (needs actAs on it).")
+def clone(source, new, state_dir, zone, with_disk, service_account):
+    """Create NEW from SOURCE as a machine image would: every metadata item (meshjoin's status and
+    certificate chain included), labels, service account; with --with-disk, SOURCE's files too."""
+    result = clone_vm(state_dir, source, new, zone, with_disk, service_account)
+    click.echo(f"cloned {result['zone']}/{source} to {result['zone']}/{new}"
+               + (" with its disk" if with_disk else "") + f" (service account {result['serviceAccount']})")
+
+
+@sandbox.command("set-service-account")
+@click.argument("name")
+@click.argument("email")
+@STATE_DIR_OPTION
+@click.option("--zone")
+@click.option("--scope", "scopes", multiple=True, help="OAuth scope (repeatable; default: cloud-platform).")
+def set_service_account(name, email, state_dir, zone, scopes):
+    """instances.setServiceAccount on a stopped VM (GCE refuses a running one; `stop` it first)."""
+    from google.api_core import exceptions
+    from google.cloud import compute_v1
+
+    clients = SandboxClients(state_dir)
+    zone = zone or clients.cfg.zone
+    instances, ops = clients.compute()
+    full = [s if "://" in s else f"https://www.googleapis.com/auth/{s}" for s in scopes] or \
+        ["https://www.googleapis.com/auth/cloud-platform"]
+    request = compute_v1.InstancesSetServiceAccountRequest(email=email, scopes=full)
+    try:
+        op = instances.set_service_account_unary(project=clients.cfg.project, zone=zone, instance=name,
+                                                 instances_set_service_account_request_resource=request)
+    except exceptions.GoogleAPICallError as exc:
+        raise click.ClickException(f"setServiceAccount {zone}/{name}: {exc.message}") from exc
+    clients.wait(ops, op, zone)
+    click.echo(f"{zone}/{name} now runs as {email}")
+
+
 @sandbox.command("delete-vm")
 @click.argument("name")
 @STATE_DIR_OPTION

@@ -8,7 +8,7 @@ import pytest
 
 from .test_terraform import console, console_module, evaluate, needs_terraform, unref  # noqa: F401 (fixture)
 
-SECRET_WRITES_PER_MINUTE = 600  # Secret Manager, per project (DESIGN: quotas)
+COMPUTE_WRITES_PER_MINUTE = 1500  # Compute Engine mutations, per project (DESIGN: quotas; older published default)
 
 
 def retry_window(attempts: int) -> int:
@@ -27,7 +27,8 @@ def test_default_sizing_drains_a_burst_before_dead_lettering_and_stays_in_quota(
     assert sizing["in_flight"] > 1, "concurrency and instances together, not one request per instance"
     assert sizing["retry_window_seconds"] == retry_window(10)
     assert sizing["drain_seconds"] < sizing["retry_window_seconds"]
-    assert sizing["joins_per_minute"] * sizing["writes_per_join"] <= SECRET_WRITES_PER_MINUTE
+    assert sizing["joins_per_minute"] * sizing["writes_per_join"] <= COMPUTE_WRITES_PER_MINUTE
+    assert sizing["write_quota_pm"] == COMPUTE_WRITES_PER_MINUTE
 
 
 @needs_terraform
@@ -39,15 +40,16 @@ def test_the_old_sizing_is_the_overload_the_issue_describes(console_module):
 
 
 @needs_terraform
-def test_too_much_capacity_exceeds_the_secret_manager_quota(console_module):
+def test_too_much_capacity_exceeds_the_compute_write_quota(console_module):
+    """Keys stay on the VMs: a join's writes are Compute metadata writes, none to Secret Manager."""
     sizing = evaluate(console_module, "local.events_sizing", events_concurrency="20", events_max_instances="20")
-    assert sizing["joins_per_minute"] * sizing["writes_per_join"] > SECRET_WRITES_PER_MINUTE
+    assert sizing["joins_per_minute"] * sizing["writes_per_join"] > COMPUTE_WRITES_PER_MINUTE
 
 
 def test_preconditions_enforce_the_arithmetic(terraform):
     push = terraform.resource("google_pubsub_subscription", "push")
     conditions = [unref(p["condition"]) for p in push["lifecycle"][0]["precondition"]]
-    assert any("joins_per_minute" in c and "secret_writes_pm" in c for c in conditions)
+    assert any("joins_per_minute" in c and "write_quota_pm" in c for c in conditions)
     assert any("drain_seconds" in c and "retry_window_seconds" in c for c in conditions)
     assert any("sweep_spacing_ok" in c for c in conditions)
 

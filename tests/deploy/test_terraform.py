@@ -35,9 +35,9 @@ GRANTS = {
     ("google_project_iam_member", "${google_project_iam_custom_role.compute.id}", FUNCTIONS_SA):
         "read VMs, write their metadata (custom role, below)",
     ("google_project_iam_member", "${google_project_iam_custom_role.secret_inventory.id}", FUNCTIONS_SA):
-        "create empty per-VM secrets, list secrets by label; no payloads",
+        "list secrets by label (the sweep's inventory of legacy per-VM secrets); no payloads",
     ("google_project_iam_member", "${google_project_iam_custom_role.vm_secrets.id}", FUNCTIONS_SA):
-        "manage per-VM secrets, conditioned on the secret-name prefix",
+        "get + delete legacy per-VM secrets (pruning), conditioned on the secret-name prefix",
     ("google_project_iam_member", "roles/container.clusterViewer", FUNCTIONS_SA):
         "clusters.get: endpoint + CA, and GKE's admission of the identity; RBAC does the rest",
     ("google_secret_manager_secret_iam_member", "${google_project_iam_custom_role.ca_reader.id}", FUNCTIONS_SA):
@@ -62,10 +62,10 @@ GRANTS = {
 CUSTOM_ROLES = {
     "compute": {"compute.instances.get", "compute.instances.getGuestAttributes", "compute.instances.list",
                 "compute.instances.setMetadata", "compute.projects.get", "compute.zoneOperations.get"},
-    "secret_inventory": {"secretmanager.secrets.create", "secretmanager.secrets.list"},
-    "vm_secrets": {"secretmanager.secrets.delete", "secretmanager.secrets.getIamPolicy",
-                   "secretmanager.secrets.setIamPolicy", "secretmanager.versions.add",
-                   "secretmanager.versions.destroy", "secretmanager.versions.list"},
+    # Keys stay on the VMs (issue 14): Secret Manager holds the plug-in CA; per-VM secrets are only
+    # ever listed and pruned (made by earlier versions).
+    "secret_inventory": {"secretmanager.secrets.list"},
+    "vm_secrets": {"secretmanager.secrets.delete", "secretmanager.secrets.get"},
     "ca_reader": {"secretmanager.versions.access", "secretmanager.versions.list"},
 }
 # Permissions of the predefined roles granted above that the code relies on.
@@ -280,19 +280,27 @@ FUNCTION_CALLS = [
     ("ComputeAdapter.project_metadata: projects.get", "compute.projects.get", PROJECT),
     ("SecretsAdapter.plugin_ca: versions.access (CA)", "secretmanager.versions.access", CA_VERSION),
     ("SecretsAdapter.plugin_ca: versions.list (enabled roots)", "secretmanager.versions.list", CA_SECRET),
-    ("SecretsAdapter.store_vm_material: secrets.create", "secretmanager.secrets.create", PROJECT),
-    ("SecretsAdapter.list_vm_secrets: secrets.list", "secretmanager.secrets.list", PROJECT),
-    ("SecretsAdapter._restrict_access: getIamPolicy", "secretmanager.secrets.getIamPolicy", VM_SECRET),
-    ("SecretsAdapter._restrict_access: setIamPolicy", "secretmanager.secrets.setIamPolicy", VM_SECRET),
-    ("SecretsAdapter.store_vm_material: versions.add", "secretmanager.versions.add", VM_SECRET),
-    ("SecretsAdapter.destroy_version: versions.destroy", "secretmanager.versions.destroy", VM_SECRET_VERSION),
-    ("SecretsAdapter.destroy_undelivered_versions: versions.list", "secretmanager.versions.list", VM_SECRET),
-    ("SecretsAdapter.delete_vm_secret: secrets.delete", "secretmanager.secrets.delete", VM_SECRET),
+    ("SecretsAdapter.list_vm_secrets: secrets.list (legacy inventory)", "secretmanager.secrets.list", PROJECT),
+    ("SecretsAdapter: secrets.get (a legacy secret's labels)", "secretmanager.secrets.get", VM_SECRET),
+    ("SecretsAdapter.delete_vm_secret: secrets.delete (legacy pruning)", "secretmanager.secrets.delete", VM_SECRET),
     ("KubeAdapter._connect: clusters.get", "container.clusters.get", CLUSTER),
 ]
 # What the functions must NOT be able to do, on the resources where it would matter.
 FUNCTION_REFUSALS = [
     ("read a VM's key", "secretmanager.versions.access", VM_SECRET_VERSION),
+    # Keys stay on the VMs: no Secret Manager write of any kind, on any secret.
+    ("create a secret", "secretmanager.secrets.create", PROJECT),
+    ("add a version to a per-VM secret", "secretmanager.versions.add", VM_SECRET),
+    ("add a version to a CA secret", "secretmanager.versions.add", CA_SECRET),
+    ("read a per-VM secret's policy", "secretmanager.secrets.getIamPolicy", VM_SECRET),
+    ("change who may read a per-VM secret", "secretmanager.secrets.setIamPolicy", VM_SECRET),
+    ("list a per-VM secret's versions", "secretmanager.versions.list", VM_SECRET),
+    ("destroy a per-VM version", "secretmanager.versions.destroy", VM_SECRET_VERSION),
+    ("disable a per-VM version", "secretmanager.versions.disable", VM_SECRET_VERSION),
+    ("update a per-VM secret", "secretmanager.secrets.update", VM_SECRET),
+    ("delete a CA secret", "secretmanager.secrets.delete", CA_SECRET),
+    ("delete a secret outside the prefix", "secretmanager.secrets.delete",
+     f"projects/{PROJECT_NUMBER}/secrets/unrelated"),
     ("change who may read the CA", "secretmanager.secrets.setIamPolicy", CA_SECRET),
     ("destroy a CA version", "secretmanager.versions.destroy", CA_VERSION),
     ("act as an unbound identity", "iam.serviceAccounts.actAs",
@@ -396,6 +404,19 @@ def test_defect3_vm_identities_may_nudge_on_the_events_topic_only(terraform, cal
     assert unref(terraform.locals["vm_publishers"]) == "toset(local.bound_service_accounts)"
     assert permitted(terraform, "serviceAccount:${each.value}", permission,
                      "projects/my-proj/topics/meshjoin-schedule") == []
+
+
+def test_vm_identities_hold_nothing_in_secret_manager(terraform):
+    """Keys stay on the VMs (issue 14): a VM's service account needs no Secret Manager permission at
+    all, so the only grant to the bound VM identities is the nudge on the events topic, and no grant in
+    the module hands anybody secretAccessor (the product set it per secret at run time before)."""
+    vm_grants = {(rtype, name): body for (rtype, name), body in terraform.resources.items()
+                 if rtype.endswith("_iam_member") and body["member"] == "serviceAccount:${each.value}"}
+    assert set(vm_grants) == {("google_pubsub_topic_iam_member", "vm_nudge")}
+    for body in vm_grants.values():
+        assert not {p for p in role_permissions(terraform, body["role"]) if p.startswith("secretmanager.")}
+    code = re.sub(r"#.*", "", terraform.text)
+    assert "secretAccessor" not in code and "secretmanager.versions.add" not in code
 
 
 def test_the_call_table_names_every_permission_the_code_uses():
@@ -572,9 +593,10 @@ def test_rendered_settings_are_accepted_by_the_product(console_module):
         "cert_ttl": "12h", "renew_fraction": "0.6", "renew_jitter": "0.2", "key_algorithm": "rsa-2048",
         "istiod_ip": "10.128.15.250", "network": "vm-net", "api_attempts": "3", "prune_cap": "20",
         "sweep_time_budget": "5m", "sweep_workers": "4", "sweep_renewals": "100", "max_event_age": "30m",
-        "api_timeout": "20s",
+        "api_timeout": "20s", "key_rotation_renewals": "5",
     }
     env = evaluate(console_module, "local.function_env", **variables)
+    assert env["MESHJOIN_KEY_ROTATION_RENEWALS"] == "5"
     assert all(isinstance(v, str) and v for v in env.values()), "no empty or non-string values"
     settings = Settings.from_env(env)
     assert settings.project == "my-proj"
@@ -627,6 +649,7 @@ def test_bound_accounts_are_acted_as_and_nudge_once_each(console_module):
     ("sweep_time_budget", "9m"),
     ("sweep_interval_minutes", "7"),
     ("key_algorithm", "dsa"),
+    ("key_rotation_renewals", "-1"),
     ("renew_fraction", "1.5"),
     ("api_attempts", "0"),
     ("secret_prefix", "bad/prefix"),

@@ -212,27 +212,3 @@ def test_bad_specs_are_refused(world):
         with pytest.raises(ApiError):
             world.compute.faults.add(spec)
     assert json.dumps(world.compute.faults.stats()["rules"]) == "[]"
-
-
-def test_undelivered_versions_go_at_once_when_older_and_after_the_age_when_newer(world):
-    """The product's adapter against the emulator: what a join pass destroys of its VM's secret."""
-    from datetime import datetime, timedelta, timezone
-
-    from meshjoin.adapters.secrets import SecretsAdapter
-    from meshjoin.model import VmKey
-    from meshjoin.settings import Settings
-
-    settings = Settings(project=world.world.project, cluster="projects/p/locations/l/clusters/c",
-                        secretmanager_endpoint=world.urls["secretmanager"])
-    adapter = SecretsAdapter(settings, Credentials(world.world.sa_token))
-    key = VmKey(world.world.project, ZONE, "vm-1")
-    secret_id = adapter.vm_secret_id(key)
-    names = [world.secrets.put(secret_id, f"v{i}".encode()) for i in range(1, 6)]  # versions 1..5
-    # Delivered: 3, grace: 1. Version 2 is older garbage; 4 and 5 are newer, maybe still in flight.
-    assert adapter.destroy_undelivered_versions(key, names[2], keep=(names[0],),
-                                                minted_before=datetime.now(timezone.utc) - timedelta(minutes=15)) == 1
-    later = datetime.now(timezone.utc) + timedelta(seconds=1)  # as seen 15 minutes on
-    assert adapter.destroy_undelivered_versions(key, names[2], keep=(names[0],), minted_before=later) == 2
-    states = {v.name.rsplit("/", 1)[-1]: v.state.name for v in world.sm.list_secret_versions(
-        parent=f"projects/{world.world.project}/secrets/{secret_id}", retry=None)}
-    assert states == {"1": "ENABLED", "2": "DESTROYED", "3": "ENABLED", "4": "DESTROYED", "5": "DESTROYED"}

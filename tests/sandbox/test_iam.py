@@ -180,23 +180,50 @@ def test_functions_read_vms_but_may_not_delete_them(sandbox):
     assert sandbox.compute.instance(ZONE, "orders-1") is not None
 
 
+def legacy_secret(sandbox, secret_id: str, payload: bytes = b"key") -> str:
+    """A per-VM secret as an earlier meshjoin made it (the operator stands in: the functions no longer can)."""
+    admin = sm(sandbox, sandbox.world.admin_token)
+    created = admin.create_secret(parent=f"projects/{sandbox.project}", secret_id=secret_id,
+                                  secret={"replication": {"automatic": {}}, "labels": {"managed-by": "meshjoin"}})
+    admin.add_secret_version(parent=created.name, payload={"data": payload})
+    return created.name
+
+
 def test_condition_on_the_secret_prefix_matches_and_does_not(sandbox):
-    """vm_secrets is granted on the project under `resource.name.startsWith(".../meshjoin-vm-")`."""
+    """vm_secrets (get, delete: pruning legacy per-VM secrets) is granted on the project under
+    `resource.name.startsWith(".../meshjoin-vm-")`; keys stay on the VMs, so nothing else is."""
     client = sm(sandbox, functions_token(sandbox))
     parent = f"projects/{sandbox.project}"
-    vm_secret = client.create_secret(parent=parent, secret_id="meshjoin-vm-us-central1-a-orders-1",
-                                     secret={"replication": {"automatic": {}}})
-    assert client.add_secret_version(parent=vm_secret.name, payload={"data": b"k"}).name.endswith("/versions/1")
-    # Inside the prefix, the role still has no versions.access: the functions never read a VM's key.
-    with pytest.raises(exceptions.Forbidden):
-        client.access_secret_version(name=vm_secret.name + "/versions/1")
-    # Outside the prefix: create is project-wide (secret_inventory), but nothing else is.
-    other = client.create_secret(parent=parent, secret_id="unrelated", secret={"replication": {"automatic": {}}})
-    for call in (lambda: client.add_secret_version(parent=other.name, payload={"data": b"k"}),
+    vm_secret = legacy_secret(sandbox, "meshjoin-vm-us-central1-a-orders-1")
+    other = legacy_secret(sandbox, "unrelated")
+    assert client.get_secret(name=vm_secret).labels["managed-by"] == "meshjoin"
+    # Inside the prefix: no payload, no versions, no policy, no writes beyond the delete.
+    for call in (lambda: client.access_secret_version(name=vm_secret + "/versions/1"),
+                 lambda: client.add_secret_version(parent=vm_secret, payload={"data": b"k"}),
+                 lambda: client.list_secret_versions(parent=vm_secret).versions,
+                 lambda: client.destroy_secret_version(name=vm_secret + "/versions/1"),
+                 lambda: client.disable_secret_version(name=vm_secret + "/versions/1"),
+                 lambda: client.get_iam_policy(request=iam_policy_pb2.GetIamPolicyRequest(resource=vm_secret)),
+                 lambda: client.set_iam_policy(request=iam_policy_pb2.SetIamPolicyRequest(
+                     resource=vm_secret, policy=policy_pb2.Policy()))):
+        with pytest.raises(exceptions.Forbidden, match="denied for resource"):
+            call()
+    # Creating is refused everywhere, inside the prefix too.
+    with pytest.raises(exceptions.Forbidden, match="'secretmanager.secrets.create' denied"):
+        client.create_secret(parent=parent, secret_id="meshjoin-vm-us-central1-a-new-1",
+                             secret={"replication": {"automatic": {}}})
+    # Outside the prefix: nothing (the CA is read, never changed).
+    for call in (lambda: client.get_secret(name=other),
+                 lambda: client.delete_secret(name=other),
                  lambda: client.add_secret_version(parent=secret(sandbox, "istio-ca-key"), payload={"data": b"k"}),
                  lambda: client.delete_secret(name=secret(sandbox, "istio-ca-key"))):
         with pytest.raises(exceptions.Forbidden, match="denied for resource"):
             call()
+    # Listing is project-wide (the sweep's inventory by label), and pruning works.
+    listed = {s.name for s in client.list_secrets(request={"parent": parent, "filter": "labels.managed-by=meshjoin"})}
+    assert vm_secret in listed
+    client.delete_secret(name=vm_secret)
+    assert vm_secret not in {s.name for s in client.list_secrets(request={"parent": parent})}
 
 
 def test_conditions_see_secret_names_by_project_number(sandbox):
@@ -215,26 +242,21 @@ def test_conditions_see_secret_names_by_project_number(sandbox):
 
 
 def test_a_secrets_own_policy_grants_on_that_secret_only(sandbox):
-    """What the product does at join: setIamPolicy gives the VM's account secretAccessor on its secret."""
-    functions = sm(sandbox, functions_token(sandbox))
-    parent = f"projects/{sandbox.project}"
-    mine = functions.create_secret(parent=parent, secret_id="meshjoin-vm-us-central1-a-orders-1",
-                                   secret={"replication": {"automatic": {}}})
-    theirs = functions.create_secret(parent=parent, secret_id="meshjoin-vm-us-central1-a-other-1",
-                                     secret={"replication": {"automatic": {}}})
-    for created in (mine, theirs):
-        functions.add_secret_version(parent=created.name, payload={"data": b"key"})
+    """A secret's own policy (setIamPolicy at run time, as earlier meshjoin versions set one per VM)
+    counts on that secret only. Keys stay on the VMs now: the functions may set no policy at all."""
+    admin, functions = sm(sandbox, sandbox.world.admin_token), sm(sandbox, functions_token(sandbox))
+    mine = legacy_secret(sandbox, "meshjoin-vm-us-central1-a-orders-1")
+    theirs = legacy_secret(sandbox, "meshjoin-vm-us-central1-a-other-1")
     vm = sm(sandbox, token(sandbox, ORDERS))
-    with pytest.raises(exceptions.Forbidden):  # nothing granted yet
-        vm.access_secret_version(name=mine.name + "/versions/1")
-    functions.set_iam_policy(request=iam_policy_pb2.SetIamPolicyRequest(resource=mine.name, policy=policy_pb2.Policy(
-        bindings=[policy_pb2.Binding(role=ACCESSOR, members=[f"serviceAccount:{ORDERS}"])])))
-    assert vm.access_secret_version(name=mine.name + "/versions/1").payload.data == b"key"
+    with pytest.raises(exceptions.Forbidden):  # nothing granted: a VM account holds no Secret Manager permission
+        vm.access_secret_version(name=mine + "/versions/1")
+    policy = policy_pb2.Policy(bindings=[policy_pb2.Binding(role=ACCESSOR, members=[f"serviceAccount:{ORDERS}"])])
+    with pytest.raises(exceptions.Forbidden, match="'secretmanager.secrets.setIamPolicy' denied"):
+        functions.set_iam_policy(request=iam_policy_pb2.SetIamPolicyRequest(resource=mine, policy=policy))
+    admin.set_iam_policy(request=iam_policy_pb2.SetIamPolicyRequest(resource=mine, policy=policy))
+    assert vm.access_secret_version(name=mine + "/versions/1").payload.data == b"key"
     with pytest.raises(exceptions.Forbidden):
-        vm.access_secret_version(name=theirs.name + "/versions/1")
-    with pytest.raises(exceptions.Forbidden):  # the functions may not set policies outside the prefix
-        functions.set_iam_policy(request=iam_policy_pb2.SetIamPolicyRequest(
-            resource=secret(sandbox, "istio-ca-key"), policy=policy_pb2.Policy()))
+        vm.access_secret_version(name=theirs + "/versions/1")
 
 
 def test_test_iam_permissions_answers_the_subset_held(sandbox):
@@ -281,6 +303,44 @@ def test_insert_with_an_account_needs_act_as_on_it(sandbox):
     with pytest.raises(exceptions.Forbidden, match=f"does not have access to service account '{ORDERS}'"):
         client.insert_unary(project=world.project, zone=ZONE, instance_resource=with_account)
     assert sandbox.compute.instance(ZONE, "as-orders") is None
+
+
+def stopped(sandbox, instance: str) -> None:
+    """Stop a VM as its owner would and wait until it is TERMINATED (setServiceAccount needs that)."""
+    import time
+
+    gce(sandbox, sandbox.world.admin_token).stop_unary(project=sandbox.project, zone=ZONE, instance=instance)
+    deadline = time.monotonic() + 30
+    while sandbox.compute.instance(ZONE, instance)["status"] != "TERMINATED":
+        assert time.monotonic() < deadline, f"{instance} never reached TERMINATED"
+        time.sleep(0.05)
+
+
+def test_set_service_account_needs_its_permission_and_act_as_on_the_new_account(sandbox):
+    """GCE: compute.instances.setServiceAccount on the VM, and iam.serviceAccounts.actAs on the account
+    it will run as (change-service-account docs); the functions hold neither."""
+    world = sandbox.world
+    stopped(sandbox, "orders-1")
+    request = compute_v1.InstancesSetServiceAccountRequest(email=STRANGER_SA, scopes=[CLOUD_PLATFORM])
+
+    def move(bearer: str):
+        return gce(sandbox, bearer).set_service_account_unary(
+            project=world.project, zone=ZONE, instance="orders-1", instances_set_service_account_request_resource=request)
+
+    resource = f"projects/{world.project}/zones/{ZONE}/instances/orders-1"
+    with pytest.raises(exceptions.Forbidden) as refused:
+        move(functions_token(sandbox))
+    assert message(refused) == f"Required 'compute.instances.setServiceAccount' permission for '{resource}'"
+    world.iam.roles["projects/meshjoin-sandbox/roles/mover"] = frozenset({"compute.instances.setServiceAccount"})
+    world.iam.bindings.append(Binding(f"projects/{world.project}", "projects/meshjoin-sandbox/roles/mover",
+                                      "user:dev@example.com"))
+    with pytest.raises(exceptions.Forbidden, match=f"does not have access to service account '{STRANGER_SA}'"):
+        move(token(sandbox, "dev@example.com"))
+    assert sandbox.compute.instance(ZONE, "orders-1")["serviceAccounts"][0]["email"] == ORDERS
+    world.iam.bindings.append(Binding(f"projects/{world.project}/serviceAccounts/{STRANGER_SA}",
+                                      "roles/iam.serviceAccountUser", "user:dev@example.com"))
+    move(token(sandbox, "dev@example.com"))
+    assert sandbox.compute.instance(ZONE, "orders-1")["serviceAccounts"][0]["email"] == STRANGER_SA
 
 
 # ---- the VM lifecycle's methods: authenticated, then IAM, then quota ----------------------------------
@@ -424,8 +484,8 @@ def test_terraform_variables_decide_who_may_be_acted_as(servers):
 GCLOUD = shutil.which("gcloud")
 
 
-@pytest.mark.skipif(GCLOUD is None, reason="gcloud is not installed")
-def test_gcloud_with_the_env_file_is_the_operator(sandbox, tmp_path):
+def gcloud_runner(sandbox, tmp_path):
+    """Real gcloud with the sandbox's env file sourced (the operator), as `gcloud(*args)`, and its env."""
     ports = {name: int(sandbox.servers[f"{name}_url"].rsplit(":", 1)[1]) for name in
              ("compute", "secretmanager", "container")}
     ports.update(pubsub=1, metadata=1, kube=1, control=1, events_fn=1, maintenance_fn=1)
@@ -437,6 +497,31 @@ def test_gcloud_with_the_env_file_is_the_operator(sandbox, tmp_path):
 
     def gcloud(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([GCLOUD, *args], env=env, capture_output=True, text=True, timeout=120)
+
+    return gcloud, env
+
+
+@pytest.mark.skipif(GCLOUD is None, reason="gcloud is not installed")
+def test_gcloud_set_service_account_refuses_a_running_vm_and_moves_a_stopped_one(sandbox, tmp_path):
+    gcloud, _ = gcloud_runner(sandbox, tmp_path)
+    move = ("compute", "instances", "set-service-account", "orders-1", "--zone", ZONE,
+            "--service-account", STRANGER_SA, "--scopes", "cloud-platform")
+    refused = gcloud(*move)
+    assert refused.returncode != 0
+    assert "The instance must be stopped before the service account can be changed." in refused.stderr
+    stopped(sandbox, "orders-1")
+    moved = gcloud(*move)
+    assert moved.returncode == 0, moved.stderr
+    assert sandbox.compute.instance(ZONE, "orders-1")["serviceAccounts"] == [
+        {"email": STRANGER_SA, "scopes": [CLOUD_PLATFORM]}]
+    described = gcloud("compute", "instances", "describe", "orders-1", "--zone", ZONE,
+                       "--format=value(serviceAccounts[0].email)")
+    assert described.returncode == 0 and described.stdout.strip() == STRANGER_SA, described.stderr
+
+
+@pytest.mark.skipif(GCLOUD is None, reason="gcloud is not installed")
+def test_gcloud_with_the_env_file_is_the_operator(sandbox, tmp_path):
+    gcloud, env = gcloud_runner(sandbox, tmp_path)
 
     listed = gcloud("compute", "instances", "list", "--format=value(name)")
     assert listed.returncode == 0, listed.stderr

@@ -156,6 +156,43 @@ def test_the_log_router_sink_forwards_what_its_terraform_filter_names(gce):
     assert "v1.compute.instances.reset" in {e["protoPayload"]["methodName"] for e in gce.events}
 
 
+def set_service_account(gce, name: str, email: str, scopes=(CLOUD_PLATFORM,)):
+    request = compute_v1.InstancesSetServiceAccountRequest(email=email, scopes=list(scopes))
+    return gce.instances.set_service_account_unary(project=gce.project, zone=ZONE, instance=name,
+                                                   instances_set_service_account_request_resource=request)
+
+
+def test_set_service_account_only_when_stopped_then_the_guest_speaks_as_the_new_account(gce):
+    """instances.setServiceAccount as GCE has it: 400 on a VM that is not TERMINATED, an operation
+    otherwise; the VM's metadata server mints the new account's tokens after the next start. Its audit
+    entry exists but the sink's filter (deploy/terraform) does not forward it."""
+    orders, other = (f"{n}@{gce.project}.iam.gserviceaccount.com" for n in ("orders", "other"))
+    resource = compute_v1.Instance(name="moved", service_accounts=[
+        compute_v1.ServiceAccount(email=orders, scopes=[CLOUD_PLATFORM])])
+    wait_op(gce, gce.instances.insert_unary(project=gce.project, zone=ZONE, instance_resource=resource))
+    with pytest.raises(exceptions.BadRequest) as refused:
+        set_service_account(gce, "moved", other)
+    assert refused.value.response.json()["error"]["message"] == \
+        "The instance must be stopped before the service account can be changed."
+    assert gce.emulator.instance(ZONE, "moved")["serviceAccounts"][0]["email"] == orders
+    wait_op(gce, gce.instances.stop_unary(project=gce.project, zone=ZONE, instance="moved"))
+    wait_for(lambda: status(gce, "moved") == "TERMINATED", what="TERMINATED")
+    gce.events.clear()
+    op = set_service_account(gce, "moved", other)
+    assert op.operation_type == "setServiceAccount"
+    wait_op(gce, op)
+    assert [dict(a) for a in gce.emulator.instance(ZONE, "moved")["serviceAccounts"]] == [
+        {"email": other, "scopes": [CLOUD_PLATFORM]}]
+    audited = [e["protoPayload"]["methodName"] for e in gce.events]
+    assert audited == ["v1.compute.instances.setServiceAccount"] * 2
+    assert not any(sink_accepts(e) for e in gce.events), "the sink's filter does not name setServiceAccount"
+    wait_op(gce, gce.instances.start_unary(project=gce.project, zone=ZONE, instance="moved"))
+    host = gce.guests.metadata_host(ZONE, "moved")
+    issued = requests.get(f"http://{host}/computeMetadata/v1/instance/service-accounts/default/token",
+                          headers=FLAVOR, timeout=10).json()
+    assert gce.world.principal_of(issued["access_token"]).email == other
+
+
 def test_delete_during_boot_cancels_the_boot(gce):
     op = insert(gce, "gone", wait=False)
     wait_op(gce, gce.instances.delete_unary(project=gce.project, zone=ZONE, instance="gone"))
@@ -264,6 +301,78 @@ def test_the_guests_metadata_server_issues_the_vms_token_and_takes_its_guest_att
     with pytest.raises(exceptions.Forbidden, match="compute.instances.getGuestAttributes"):
         as_vm.get_guest_attributes(request=compute_v1.GetGuestAttributesInstanceRequest(
             project=gce.project, zone=ZONE, instance="agent-1", variable_key="meshjoin/sidecar"))
+
+
+CLONE_SCRIPT = """#!/bin/bash
+id="$(curl -sf -H 'Metadata-Flavor: Google' "http://$GCE_METADATA_HOST/computeMetadata/v1/instance/id")"
+if [ -f "$MESHJOIN_ROOT/etc/certs/key.pem" ]; then key=present; else key=absent; fi
+echo "$id key=$key" >> "$MESHJOIN_ROOT/boots"
+"""
+
+
+def run_clone(gce, tmp_path, *args: str):
+    """`meshjoin sandbox clone ...` against this test's emulator (its state dir holds the guests' roots)."""
+    from click.testing import CliRunner
+
+    from meshjoin_sandbox.cli import sandbox as sandbox_cli
+    from meshjoin_sandbox.config import SandboxConfig
+
+    port = int(gce.url.rsplit(":", 1)[1])
+    SandboxConfig(state_dir=str(tmp_path), ports={"compute": port}, sa_token="", admin_token=gce.world.admin_token,
+                  ca_dir="", kube_ca_file="", kube_cert_file="", kube_key_file="", crd_path="",
+                  project=gce.project).save()
+    result = CliRunner().invoke(sandbox_cli, ["clone", *args, "--state-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output
+
+
+def test_clone_copies_what_a_machine_image_carries_and_with_disk_the_files_before_the_first_boot(gce, tmp_path):
+    """`meshjoin sandbox clone`: NEW gets SOURCE's metadata (meshjoin's status and chain included),
+    labels and account through instances.insert; --with-disk copies SOURCE's fake root into NEW's
+    before NEW boots, so NEW's first startup script already finds the copied key (a disk clone)."""
+    orders = f"orders@{gce.project}.iam.gserviceaccount.com"
+    items = {"startup-script": CLONE_SCRIPT, "meshjoin-status": '{"state": "joined"}',
+             "meshjoin-cert-chain": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+             "enable-guest-attributes": "TRUE"}
+    resource = compute_v1.Instance(
+        name="origin", labels={"mesh": "join", "mesh-app": "orders"},
+        service_accounts=[compute_v1.ServiceAccount(email=orders, scopes=[CLOUD_PLATFORM])],
+        metadata=compute_v1.Metadata(items=[compute_v1.Items(key=k, value=v) for k, v in items.items()]))
+    wait_op(gce, gce.instances.insert_unary(project=gce.project, zone=ZONE, instance_resource=resource))
+    wait_for(lambda: boots(gce, "origin") == 1, what="the source's first boot")
+    certs = gce.guests.root(ZONE, "origin") / "etc" / "certs"
+    certs.mkdir(parents=True)
+    (certs / "key.pem").write_text("the source's private key")
+    (certs / "key.pem").chmod(0o600)
+    source = gce.emulator.instance(ZONE, "origin")
+    gce.events.clear()
+
+    assert "cloned us-central1-a/origin to us-central1-a/image-only" in run_clone(gce, tmp_path, "origin", "image-only")
+    assert "with its disk" in run_clone(gce, tmp_path, "origin", "disk-copy", "--with-disk")
+    other = f"other@{gce.project}.iam.gserviceaccount.com"
+    run_clone(gce, tmp_path, "origin", "as-other", "--service-account", other)
+    for name in ("image-only", "disk-copy", "as-other"):
+        clone = gce.emulator.instance(ZONE, name)
+        assert clone["id"] != source["id"]
+        assert clone["metadata"]["items"] == source["metadata"]["items"]
+        assert clone["labels"] == source["labels"]
+        expected = other if name == "as-other" else orders
+        assert clone["serviceAccounts"] == [{"email": expected, "scopes": [CLOUD_PLATFORM]}]
+    inserts = [e for e in gce.events if e["operation"].get("first")]
+    assert [e["protoPayload"]["methodName"] for e in inserts] == ["v1.compute.instances.insert"] * 3
+    assert all(sink_accepts(e) for e in inserts), "a clone's creation reaches meshjoin like any insert"
+
+    for name in ("image-only", "disk-copy"):
+        wait_for(lambda name=name: boots(gce, name) == 1, what=f"{name}'s first boot")
+    copied = gce.guests.root(ZONE, "disk-copy")
+    assert (copied / "etc" / "certs" / "key.pem").read_text() == "the source's private key"
+    assert (copied / "etc" / "certs" / "key.pem").stat().st_mode & 0o777 == 0o600
+    clone_id = gce.emulator.instance(ZONE, "disk-copy")["id"]
+    # The copied disk still has the source's boot record; the clone's first boot already saw the key.
+    assert (copied / "boots").read_text().splitlines() == [f"{source['id']} key=absent", f"{clone_id} key=present"]
+    fresh = gce.guests.root(ZONE, "image-only")
+    assert not (fresh / "etc" / "certs").exists()
+    assert (fresh / "boots").read_text().splitlines() == [f"{gce.emulator.instance(ZONE, 'image-only')['id']} key=absent"]
 
 
 def test_a_failing_script_is_logged_and_breaks_nothing(gce):
