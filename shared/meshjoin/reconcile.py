@@ -296,12 +296,13 @@ class Reconciler:
         self.clock = clock
 
     def reconcile(self, key: VmKey, *, force_new_cert: bool = False, vm: Vm | None = None,
-                  cleanup: bool = False, read_agent: bool = True) -> Outcome:
+                  cleanup: bool = False, legacy_secret: bool = False, read_agent: bool = True) -> Outcome:
         """Converge one VM. A concurrent writer (412 on metadata) makes it re-read and decide again.
 
         `vm` (from a listing) saves the first read; `cleanup` (the sweep's prune, or a denial it planned
-        from its listings) removes cluster objects and a legacy secret of an unlabelled or denied VM even
-        when its metadata shows no trace of a join. `read_agent` False (the sweep): the VM's guest
+        from its listings) removes cluster objects of an unlabelled or denied VM even when its metadata
+        shows no trace of a join, and `legacy_secret` (the sweep listed one) its meshjoin 2 per-VM secret
+        (one the VM's own `meshjoin-secret` names goes too). `read_agent` False (the sweep): the VM's guest
         attributes are read only when needed (not yet confirmed, a certificate due, a rotation or a
         migration pending); an event (the agent's nudge) always reads them.
         """
@@ -313,7 +314,7 @@ class Reconciler:
                 current = vm if vm is not None else self.compute.get_vm(key)
                 vm = None  # a given VM is only trusted for the first pass
                 try:
-                    return self._decide_and_act(key, current, force_new_cert, cleanup, read_agent)
+                    return self._decide_and_act(key, current, force_new_cert, cleanup, legacy_secret, read_agent)
                 except StaleFingerprint:
                     continue  # a certificate signed in the lost pass is public and undelivered: nothing to undo
             raise TransientError(f"{key}: metadata kept changing during reconcile")
@@ -338,23 +339,25 @@ class Reconciler:
         except PermanentError as exc:
             return self._fail(key, exc)
 
-    def _decide_and_act(self, key: VmKey, vm: Vm | None, force: bool, cleanup: bool, read_agent: bool) -> Outcome:
+    def _decide_and_act(self, key: VmKey, vm: Vm | None, force: bool, cleanup: bool, legacy_secret: bool,
+                        read_agent: bool) -> Outcome:
         if vm is None:
-            # Only the sweep (`cleanup`, from its listing of legacy secrets) spends a delete on a secret.
-            self._remove_registration(key, legacy_secret=cleanup)
+            # A secret is deleted only when one is known to exist (the sweep listed it): a delete is a write.
+            self._remove_registration(key, legacy_secret=legacy_secret)
             return Outcome("left", "the VM no longer exists")
+        legacy_secret = legacy_secret or is_legacy(vm)
         if not vm.wants_mesh:
             if not has_traces(vm):
-                if cleanup:
-                    self._remove_registration(key, legacy_secret=True)
+                if cleanup or legacy_secret:
+                    self._remove_registration(key, legacy_secret=legacy_secret)
                     return Outcome("left", "the VM is not labelled mesh=join")
                 return Outcome("ignored", "the VM is not labelled mesh=join")
-            self._remove_registration(key, legacy_secret=cleanup or is_legacy(vm))
+            self._remove_registration(key, legacy_secret=legacy_secret)
             self._write_status(vm, "left", "the label mesh=join was removed", remove_bootstrap=True)
             return Outcome("left", "the label mesh=join was removed", state="left")
         decision = decide_identity(vm, self.settings)
         if isinstance(decision, Denial):
-            return self._deny(vm, decision, cleanup)
+            return self._deny(vm, decision, cleanup, legacy_secret)
         if vm.status in STOPPED_STATES:
             return self._stopped(vm)
         return self._join(vm, decision, force, read_agent)
@@ -593,11 +596,11 @@ class Reconciler:
 
     # --- deny / leave ---------------------------------------------------------------------------
 
-    def _deny(self, vm: Vm, denial: Denial, cleanup: bool = False) -> Outcome:
-        # `cleanup`: the sweep saw a key or entry of this VM in meshjoin's own listings, whatever the
-        # VM's metadata (which its owner controls) claims.
-        if has_traces(vm) or cleanup:
-            self._remove_registration(vm.key, legacy_secret=cleanup or is_legacy(vm))
+    def _deny(self, vm: Vm, denial: Denial, cleanup: bool = False, legacy_secret: bool = False) -> Outcome:
+        # `cleanup`: the sweep saw a legacy secret or an entry of this VM in meshjoin's own listings,
+        # whatever the VM's metadata (which its owner controls) claims.
+        if has_traces(vm) or cleanup or legacy_secret:
+            self._remove_registration(vm.key, legacy_secret=legacy_secret)
         if not denial.account_bound:
             # meshjoin may act only as bound accounts, and Compute requires actAs on the VM's account to
             # change its metadata: nothing is written to the VM. Operators see the reason in this log

@@ -146,7 +146,10 @@ def plan_sweep(inventory: Inventory, settings: Settings, ca_fingerprint: str, no
         for key in sorted(k for k in orphans if k is not None and k not in inventory.vms
                           and k.zone not in inventory.unreachable_zones):
             prunes.append(Action(PRUNE, key, "no labelled VM by that name (404 or label removed)"))
-        for key in sorted(k for k in inventory.secrets if k in inventory.vms and not is_legacy(inventory.vms[k])):
+        # A denial planned above removes the VM's legacy secret itself.
+        denying = {a.key for a in actions if a.reason.startswith(TO_BE_DENIED)}
+        for key in sorted(k for k in inventory.secrets if k in inventory.vms and k not in denying
+                          and not is_legacy(inventory.vms[k])):
             prunes.append(Action(PRUNE_SECRET, key, "legacy per-VM secret of a VM that no longer uses one "
                                                     "(migrated to agent 3, or never named it)"))
         selected = {((e.get("metadata") or {}).get("namespace"), ((e.get("metadata") or {}).get("labels") or {}).get("app"))
@@ -332,7 +335,8 @@ class Sweeper:
                 # A denial the sweep planned removes what meshjoin's listings showed (a key, an entry).
                 outcome = self.reconciler.reconcile(action.key, vm=inventory.vms.get(action.key),
                                                     cleanup=action.kind == PRUNE or
-                                                    action.reason.startswith(TO_BE_DENIED), read_agent=False)
+                                                    action.reason.startswith(TO_BE_DENIED),
+                                                    legacy_secret=action.key in inventory.secrets, read_agent=False)
                 return action, outcome.verb
             except MeshjoinError as exc:
                 # One VM's failure, transient, permanent or a missing permission, is that VM's: logged for
