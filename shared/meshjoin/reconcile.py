@@ -464,6 +464,8 @@ class Reconciler:
         reason = self._reason(state, spiffe, why, issued, delivered, problem, report, was_confirmed, legacy,
                               migrated)
         if problem and why and delivered is not None:
+            # Recorded as a warning too: a reason alone does not rewrite the status its owner reads.
+            warnings.append(f"{why} but nothing was certified: {problem}")
             log("WARNING", f"{why} but nothing was certified: {problem}", key=vm.key, outcome="waiting")
         waiting_since = None
         if state == "waiting":

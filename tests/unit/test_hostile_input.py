@@ -334,6 +334,9 @@ class FakeCompute:
     def get_vm(self, key):
         return self.vms.get(key)
 
+    def list_vms(self, label_filter, page_size=500, unreachable=None):
+        return [vm for vm in self.vms.values() if vm.wants_mesh]
+
     def guest_attributes(self, key):
         self.guest_reads += 1
         return dict(self.guest.get(key, {}))

@@ -46,12 +46,22 @@ def private_pem(key) -> str:
 
 
 def secrets_of(key) -> list[str]:
-    """Strings that would betray the private key if found anywhere outside the VM: its PEM body lines,
-    its DER (base64) and its private scalar / exponent (hex and decimal)."""
+    """Strings that would betray the private key if found anywhere outside the VM: its whole PEM, its DER
+    (base64, as one string and as PEM body), and its private numbers (hex, decimal, base64). The PEM's body
+    lines alone would not do: they carry the public key too, which a certificate rightly holds."""
     pem = private_pem(key)
     der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
+    b64 = base64.b64encode(der).decode()
     numbers = key.private_numbers()
-    secret = numbers.private_value if isinstance(key, ec.EllipticCurvePrivateKey) else numbers.d
-    body_lines = [line for line in pem.splitlines() if line and not line.startswith("-----")]
-    return [*body_lines, base64.b64encode(der).decode()[:60], format(secret, "x"), str(secret)]
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        private = [numbers.private_value]
+        size = (key.curve.key_size + 7) // 8
+    else:
+        private = [numbers.d, numbers.p, numbers.q]
+        size = None
+    found = [pem, b64, "".join(pem.splitlines()[1:-1])]
+    for value in private:
+        raw = value.to_bytes(size or (value.bit_length() + 7) // 8, "big")
+        found += [format(value, "x"), format(value, "X"), str(value), raw.hex(), base64.b64encode(raw).decode()]
+    return found
