@@ -1,10 +1,14 @@
-"""Workload certificates for VMs joining the mesh, signed by the mesh's plug-in CA.
+"""Workload certificates for VMs joining the mesh: the VM's own key, certified by the plug-in CA.
+
+Each VM makes its private key itself and hands meshjoin a PKCS#10 CSR (`parse_csr` checks it and the
+proof of possession); meshjoin signs the CSR's public key with the identity policy grants (`certify`).
+No private key of a VM exists here, ever: the only private key this module touches is the CA's.
 
 Pure: no I/O and no clock. Callers pass PEM bytes in and the current time as `now`, so every
-decision here (what to mint, when to renew) is a function of its arguments and table-testable.
+decision here (what to certify, when to renew) is a function of its arguments and table-testable.
 
 Key material never reaches an exception message or a repr: errors name the file and the
-problem, and private-key fields are hidden from `repr`.
+problem, and the CA key is hidden from `repr`.
 """
 
 from __future__ import annotations
@@ -79,7 +83,7 @@ def load_ca_bundle(
     """Parse and cross-check Istio's four plug-in CA files.
 
     Checks that the key belongs to the cert, that the cert may sign certificates, and that the
-    chain links signature by signature to a root in root-cert.pem: minting leaves that the mesh
+    chain links signature by signature to a root in root-cert.pem: issuing leaves that the mesh
     cannot verify would only fail later, on the VM, far from the cause.
     """
     ca_cert = _one_cert(ca_cert_pem, "ca-cert.pem")
@@ -137,7 +141,7 @@ def load_ca_bundle(
 
 
 def ca_fingerprint(bundle: CaBundle) -> str:
-    """Short, stable id of the signing CA cert: a change means leaves must be re-minted."""
+    """Short, stable id of the signing CA cert: a change means leaves must be re-issued."""
     return cert_fingerprint(bundle.ca_cert)
 
 
@@ -402,7 +406,7 @@ def needs_renewal(
 ) -> bool:
     """True once `now` reaches the renewal time; always for an expired or never-valid cert.
 
-    A not_before still in the future (the minting host's clock ahead of ours) is not itself a
+    A not_before still in the future (the issuing host's clock ahead of ours) is not itself a
     reason to renew: the renewal time is never before not_before, so such a cert is simply young.
     """
     _require_aware(now, "now")

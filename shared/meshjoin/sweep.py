@@ -24,7 +24,7 @@ from typing import Callable
 
 from . import bootstrap, names, pki
 from .adapters.ratelimit import sweep_renewal_budget
-from .errors import BadMessage, MeshjoinError, TransientError
+from .errors import BadMessage, MeshjoinError
 from .events import validated_key
 from .logs import log
 from .model import JOIN_LABEL, JOIN_VALUE, Denial, Vm, VmKey
