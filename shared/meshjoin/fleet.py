@@ -9,7 +9,7 @@ from . import bootstrap, names
 from .model import Denial, Vm, VmKey
 from .policy import decide_identity
 from . import pki
-from .reconcile import CSR_WHERE, RUN_AGENT_REMEDY, AgentReport, Delivered, is_legacy, read_csr
+from .reconcile import CSR_WHERE, RUN_AGENT_REMEDY, AgentReport, Delivered, is_legacy, read_csr, rekey_pending
 from .settings import Settings
 from .sweep import Inventory, entry_key
 
@@ -124,6 +124,9 @@ def explain(key: VmKey, vm: Vm | None, settings: Settings, *, entry_exists: bool
     recorded = Delivered.from_status(status)
     if recorded is not None:
         out.facts["certified key"] = f"{recorded.key_id} ({recorded.key_certs} certificate(s) for it)"
+        token = status.get("rekey")
+        if isinstance(token, str) and rekey_pending(token, recorded.key_id):
+            out.facts["key rotation"] = f"requested ({names.REKEY_KEY}={token[:64]}), waiting for the VM's new key"
     if is_legacy(vm):
         out.facts["legacy per-VM secret"] = f"{vm.metadata.get(names.SECRET_KEY, '')[:200]} (migrating)"
     if not vm.wants_mesh:

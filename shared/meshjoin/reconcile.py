@@ -463,6 +463,9 @@ class Reconciler:
             state = "waiting"
         reason = self._reason(state, spiffe, why, issued, delivered, problem, report, was_confirmed, legacy,
                               migrated)
+        if delivered is not None and rekey_pending(token, delivered.key_id):
+            reason += (f"; meshjoin asked the VM for a new key ({names.REKEY_KEY}={token}): its agent makes it and "
+                       f"hands in its CSR, the current key serves until then; if nothing comes: {RUN_AGENT_REMEDY}")
         if problem and why and delivered is not None:
             # Recorded as a warning too: a reason alone does not rewrite the status its owner reads.
             warnings.append(f"{why} but nothing was certified: {problem}")

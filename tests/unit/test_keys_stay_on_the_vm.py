@@ -220,6 +220,9 @@ def test_the_rotation_policy_asks_for_a_new_key_and_certifies_it_as_soon_as_it_a
         assert (names.REKEY_KEY in world.metadata()) == (renewal == 4), renewal  # 4 would exceed 3: ask
     token = world.metadata()[names.REKEY_KEY]
     assert world.status()["rekey"] == token and token.startswith(world.status()["keyId"] + ".")
+    assert "asked the VM for a new key" in world.status()["reason"]
+    facts = explain(KEY, world.compute.vms[KEY], SETTINGS, entry_exists=True, now=world.clock.now).facts
+    assert facts["key rotation"].startswith("requested")
     assert pki.chain_key_id(world.chain()) == pki.key_id(old_key.public_key())  # the old key still served
 
     # The sweep looks for the new key while the request is pending (one guest-attribute read, nothing else).
