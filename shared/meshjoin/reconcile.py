@@ -470,6 +470,9 @@ class Reconciler:
             # Recorded as a warning too: a reason alone does not rewrite the status its owner reads.
             warnings.append(f"{why} but nothing was certified: {problem}")
             log("WARNING", f"{why} but nothing was certified: {problem}", key=vm.key, outcome="waiting")
+        elif isinstance(csr, pki.CsrError) and delivered is not None:
+            # Nothing was due, but the key the agent hands in (a rotation) cannot be certified: say why.
+            warnings.append(f"the VM's new CSR ({CSR_WHERE}) was refused: {csr}")
         waiting_since = None
         if state == "waiting":
             waiting_since = status.get("waitingSince") if status.get("state") == "waiting" and same_vm \
