@@ -457,3 +457,14 @@ def test_the_leak_scan_finds_a_planted_key(plugin_ca, logs, plant):
     world.compute.received.append(("planted", "x" + plant(vm_key) + "y"))
     with pytest.raises(AssertionError):
         leak_scan(world, logs, [vm_key])
+
+
+def test_join_force_re_certifies_the_current_key(plugin_ca):
+    """`meshjoin join --force`: a fresh certificate for the key the VM holds, whatever is due."""
+    world = World(plugin_ca)
+    vm_key = world.join()
+    first = world.status()
+    assert world.reconcile(force_new_cert=True).verb == "renewed"
+    status = world.status()
+    assert status["keyId"] == first["keyId"] == pki.key_id(vm_key.public_key()) and status["keyCerts"] == "2"
+    assert status["certSerial"] != first["certSerial"] and status["state"] == "joined"
