@@ -468,3 +468,33 @@ def test_join_force_re_certifies_the_current_key(plugin_ca):
     status = world.status()
     assert status["keyId"] == first["keyId"] == pki.key_id(vm_key.public_key()) and status["keyCerts"] == "2"
     assert status["certSerial"] != first["certSerial"] and status["state"] == "joined"
+
+
+@pytest.mark.parametrize("args, forced", [([], False), (["--force"], True)])
+def test_the_cli_join_forces_only_when_asked(monkeypatch, args, forced):
+    from click.testing import CliRunner
+
+    from meshjoin import cli
+    from meshjoin.reconcile import Outcome
+
+    asked = {}
+
+    class Runtime:
+        settings = SETTINGS
+
+        class reconciler:
+            @staticmethod
+            def reconcile(key, **kwargs):
+                asked.update(kwargs, key=key)
+                return Outcome("unchanged", "ok", state="joined")
+
+    monkeypatch.setattr(cli, "_runtime", lambda: Runtime)
+    logger = logging.getLogger("meshjoin")  # the CLI configures meshjoin's logger: put it back afterwards
+    saved = (logger.level, list(logger.handlers), logger.propagate)
+    try:
+        result = CliRunner().invoke(cli.cli, ["join", "vm-1", "--zone", KEY.zone, *args])
+    finally:
+        logger.setLevel(saved[0])
+        logger.handlers[:] = saved[1]
+        logger.propagate = saved[2]
+    assert result.exit_code == 0 and asked == {"force_new_cert": forced, "key": KEY}
