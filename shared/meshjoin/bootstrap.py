@@ -1,7 +1,8 @@
 """What a VM needs to become a mesh workload, rendered into instance metadata items. Pure.
 
-Nothing here ever sees the private key: the VM fetches key + chain from its own secret version,
-named by `meshjoin-secret`. Every value that reaches a file on the VM is either validated by
+No private key exists here or anywhere in meshjoin: the VM's agent makes its key on the VM, hands
+meshjoin a CSR (guest attribute `meshjoin/csr`) and receives its certificate chain, which is public,
+in `meshjoin-cert-chain` (written by the reconcile, not rendered here). Every value that reaches a file on the VM is either validated by
 policy (DNS names, ports) or comes from settings, and is still quoted/encoded for its format,
 so no label or metadata value can add a line to cluster.env, /etc/hosts or the script.
 """
@@ -19,8 +20,8 @@ from .settings import Settings
 
 CERT_DIR = "/etc/certs"
 # What the agent reports as guest attribute meshjoin/agent-version; bump with the template.
-AGENT_VERSION = "2"
-GUEST_NAMESPACE = "meshjoin"
+AGENT_VERSION = "3"
+GUEST_NAMESPACE = names.GUEST_NAMESPACE
 PUBSUB_ENDPOINT = "https://pubsub.googleapis.com"
 # Ports istio-agent and envoy use on the VM itself (istioctl writes the same list).
 LOCAL_EXCLUDE_PORTS = "15090,15021,15020"
@@ -51,9 +52,14 @@ def cluster_env(key: VmKey, identity: Identity, settings: Settings) -> str:
         "POD_NAMESPACE": identity.namespace,
         "SERVICE_ACCOUNT": identity.service_account,
         "TRUST_DOMAIN": settings.trust_domain,
-        # istio-agent authenticates to istiod with the provisioned cert, then rotates it itself.
-        "PROV_CERT": CERT_DIR,
-        "OUTPUT_CERTS": CERT_DIR,
+        # istio-agent serves the files meshjoin's agent installs and never renews through istiod
+        # (no PROV_CERT/OUTPUT_CERTS): meshjoin is the only issuer of the VM's identity, so a VM that
+        # leaves or is denied loses it within one certificate lifetime (MESHJOIN_CERT_TTL). The agent
+        # writes key.pem before cert-chain.pem: istio-agent watches the certificate file.
+        "FILE_MOUNTED_CERTS": "true",
+        "ISTIO_META_TLS_CLIENT_CERT_CHAIN": f"{CERT_DIR}/cert-chain.pem",
+        "ISTIO_META_TLS_CLIENT_KEY": f"{CERT_DIR}/key.pem",
+        "ISTIO_META_TLS_CLIENT_ROOT_CERT": f"{CERT_DIR}/root-cert.pem",
     }
     return "".join(f"{name}={_shell_value(value)}\n" for name, value in values.items())
 
@@ -98,7 +104,10 @@ def startup_script() -> str:
         "mesh_config": names.MESH_CONFIG_KEY,
         "root_cert": names.ROOT_CERT_KEY,
         "hosts": names.HOSTS_KEY,
-        "secret": names.SECRET_KEY,
+        "secret": names.SECRET_KEY,  # legacy: agent 3 only cleans up after agent 2
+        "cert_chain": names.CERT_CHAIN_KEY,
+        "key_algorithm": names.KEY_ALGORITHM_KEY,
+        "rekey": names.REKEY_KEY,
         "sidecar_url": names.SIDECAR_URL_KEY,
         "sidecar_sha256": names.SIDECAR_SHA256_KEY,
         "status": names.STATUS_KEY,
@@ -107,18 +116,19 @@ def startup_script() -> str:
     }
     return env.get_template("startup-script.sh.j2").render(marker=names.STARTUP_SCRIPT_MARKER, keys=keys,
                                                            cert_dir=CERT_DIR, agent_version=AGENT_VERSION,
-                                                           guest_namespace=GUEST_NAMESPACE)
+                                                           guest_namespace=GUEST_NAMESPACE,
+                                                           csr_attribute=names.CSR_ATTRIBUTE)
 
 
-def bootstrap_items(key: VmKey, identity: Identity, settings: Settings, *, root_pem: str,
-                    secret_version: str) -> dict[str, str]:
-    """The metadata items the VM agent reads (all but the status)."""
+def bootstrap_items(key: VmKey, identity: Identity, settings: Settings, *, root_pem: str) -> dict[str, str]:
+    """The metadata items the VM agent reads, but the status and what belongs to one certificate
+    (`meshjoin-cert-chain`, `meshjoin-rekey`: the reconcile adds those)."""
     items = {
         names.CLUSTER_ENV_KEY: cluster_env(key, identity, settings),
         names.MESH_CONFIG_KEY: mesh_config(settings),
         names.ROOT_CERT_KEY: root_pem,
         names.HOSTS_KEY: hosts_lines(settings),
-        names.SECRET_KEY: secret_version,
+        names.KEY_ALGORITHM_KEY: settings.key_algorithm,
         names.STARTUP_SCRIPT_KEY: startup_script(),
     }
     if settings.sidecar_url:

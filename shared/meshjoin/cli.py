@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from datetime import datetime, timezone
 from functools import wraps
@@ -135,13 +134,15 @@ def status(as_json: bool):
         from rich.table import Table
 
         table = Table(title=f"meshjoin fleet in {rt.settings.project}")
-        for column in ("VM", "zone", "namespace/SA", "address", "state", "cert expires", "time left", "updated"):
+        for column in ("VM", "zone", "namespace/SA", "address", "state", "key", "cert expires", "time left",
+                       "updated"):
             table.add_column(column)
         for r in rows:
             left = "" if r.cert_seconds_left is None else _duration(r.cert_seconds_left)
             identity = f"{r.namespace}/{r.service_account}" if r.namespace else ""
             state = f"[{STATE_STYLE.get(r.state, 'white')}]{r.state}[/]"
-            table.add_row(r.name, r.zone, identity, r.address, state, r.cert_not_after, left, r.updated[:19])
+            key = "legacy secret" if r.legacy else r.key_id and f"{r.key_id} ×{r.key_certs}"
+            table.add_row(r.name, r.zone, identity, r.address, state, key, r.cert_not_after, left, r.updated[:19])
         console = _console()
         console.print(table)
         attention = [r for r in rows if r.state in ("waiting", "denied", "error", "pending", "orphaned",
@@ -195,11 +196,17 @@ def explain(vm: str, zone: str | None, as_json: bool):
 @cli.command()
 @click.argument("vm")
 @ZONE_OPTION
+@click.option("--force", is_flag=True,
+              help="Re-certify the VM's current key now (a fresh certificate), even if none is due.")
 @friendly_errors
-def join(vm: str, zone: str | None):
-    """Reconcile VM now, minting a fresh certificate."""
+def join(vm: str, zone: str | None, force: bool):
+    """Reconcile VM now: read what its agent reports, certify its key if it handed in a new one.
+
+    The VM's key never leaves it: meshjoin certifies the public key of the CSR its agent wrote
+    (guest attribute meshjoin/csr); without one, the VM waits and `meshjoin explain` says why.
+    """
     rt = _runtime()
-    outcome = rt.reconciler.reconcile(_resolve(rt, vm, zone), force_new_cert=True)
+    outcome = rt.reconciler.reconcile(_resolve(rt, vm, zone), force_new_cert=force)
     click.echo(f"{vm}: {outcome.verb}: {outcome.reason}")
     if outcome.verb == "failed":
         sys.exit(1)
@@ -210,7 +217,9 @@ def join(vm: str, zone: str | None):
 @ZONE_OPTION
 @friendly_errors
 def leave(vm: str, zone: str | None):
-    """Take VM out of the mesh now: its WorkloadEntry, secret and bootstrap metadata."""
+    """Take VM out of the mesh now: its WorkloadEntry and bootstrap metadata (and a legacy per-VM secret).
+
+    Its last certificate stays valid until it expires (MESHJOIN_CERT_TTL): meshjoin issues no more."""
     rt = _runtime()
     key = _resolve(rt, vm, zone)
     outcome = rt.reconciler.leave(key)
@@ -258,7 +267,7 @@ def reconcile(dry_run: bool, as_json: bool):
 @ZONE_OPTION
 @friendly_errors
 def render(vm: str, zone: str | None):
-    """The bootstrap meshjoin would write for VM (no key material: the key only travels in the secret)."""
+    """The bootstrap meshjoin would write for VM (no key material: the VM makes its own key)."""
     from . import bootstrap, names
     from .model import Denial
     from .policy import decide_identity
@@ -271,13 +280,15 @@ def render(vm: str, zone: str | None):
     identity = decide_identity(observed, rt.settings)
     if isinstance(identity, Denial):
         raise click.ClickException(f"{vm} would be denied: {identity.reason}")
-    status = bootstrap.parse_status(observed.metadata.get(names.STATUS_KEY))
-    items = bootstrap.bootstrap_items(
-        key, identity, rt.settings, root_pem=rt.secrets.plugin_ca().bundle.root_certs_pem,
-        secret_version=status.get("secret", f"(a new version of {rt.secrets.vm_secret_id(key)})"))
+    items = bootstrap.bootstrap_items(key, identity, rt.settings,
+                                      root_pem=rt.secrets.plugin_ca().bundle.root_certs_pem)
+    # The certificate chain is the one meshjoin last signed for the VM's own key (public), if any.
+    items[names.CERT_CHAIN_KEY] = observed.metadata.get(names.CERT_CHAIN_KEY, "(none yet: the VM's key is certified "
+                                                                             "once its agent wrote a CSR)")
     for title, item in (("cluster.env", names.CLUSTER_ENV_KEY), ("/etc/istio/config/mesh", names.MESH_CONFIG_KEY),
-                        ("/etc/hosts lines", names.HOSTS_KEY), ("secret version", names.SECRET_KEY),
-                        ("root-cert.pem", names.ROOT_CERT_KEY), ("startup-script", names.STARTUP_SCRIPT_KEY)):
+                        ("/etc/hosts lines", names.HOSTS_KEY), ("key algorithm", names.KEY_ALGORITHM_KEY),
+                        ("cert-chain.pem", names.CERT_CHAIN_KEY), ("root-cert.pem", names.ROOT_CERT_KEY),
+                        ("startup-script", names.STARTUP_SCRIPT_KEY)):
         click.echo(f"==> {title} (metadata {item})")
         click.echo(items.get(item, "").rstrip("\n") or "(empty)")
         click.echo()

@@ -80,5 +80,5 @@ def _message_id(cloud_event) -> str | None:
 
 def _public(details: dict) -> dict:
     """Outcome facts safe for a log line (names, times; never material)."""
-    keep = ("identity", "workloadEntry", "secret", "certNotAfter", "address")
+    keep = ("identity", "workloadEntry", "keyId", "certSerial", "certNotAfter", "rekey", "address")
     return {k: details[k] for k in keep if k in details}

@@ -8,7 +8,8 @@ from datetime import datetime
 from . import bootstrap, names
 from .model import Denial, Vm, VmKey
 from .policy import decide_identity
-from .reconcile import RUN_AGENT_REMEDY, AgentReport, Delivered
+from . import pki
+from .reconcile import CSR_WHERE, RUN_AGENT_REMEDY, AgentReport, Delivered, is_legacy, read_csr, rekey_pending
 from .settings import Settings
 from .sweep import Inventory, entry_key
 
@@ -28,6 +29,9 @@ class FleetRow:
     updated: str = ""
     reason: str = ""
     agent: str = ""  # the VM agent's own report, as meshjoin last read it
+    key_id: str = ""  # the VM's certified key (made on the VM; meshjoin only ever saw its public half)
+    key_certs: int | None = None  # certificates issued for that key
+    legacy: bool = False  # still keyed from a meshjoin 2 per-VM secret (migrating)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -50,13 +54,17 @@ def fleet_rows(inventory: Inventory, now: datetime, settings: Settings) -> list[
         namespace, _, account = _identity_parts(status.get("identity", ""))
         row.namespace, row.service_account = namespace, account
         row.agent = status.get("agent", "")
+        row.legacy = is_legacy(vm)
         delivered = Delivered.from_status(status)
+        if delivered is not None:
+            row.key_id, row.key_certs = delivered.key_id, delivered.key_certs
         if delivered and state == "joined":
             row.cert_not_after = status["certNotAfter"]
             row.cert_seconds_left = int((delivered.not_after - now).total_seconds())
             if row.cert_seconds_left <= 0:
                 row.state, row.reason = "expiring", "certificate expired; the next sweep renews it"
         rows.append(row)
+    # Legacy per-VM secrets count too: one whose VM is gone is an orphan the sweep prunes.
     registered = {entry_key(e, settings.project): e for e in inventory.entries} | {k: None for k in inventory.secrets}
     for key in sorted(k for k in registered if k is not None and k not in inventory.vms):
         entry = registered.get(key)
@@ -110,6 +118,17 @@ def explain(key: VmKey, vm: Vm | None, settings: Settings, *, entry_exists: bool
         "agent report": (report.describe() + (f" (updated {report.updated})" if report.updated else ""))
         if report else "none (guest attributes meshjoin/ are empty)",
     }
+    csr = read_csr(agent_report or {}, settings.key_algorithm)
+    out.facts["CSR"] = f"valid, key {csr.key_id}" if isinstance(csr, pki.VerifiedCsr) else \
+        f"refused: {csr}" if csr is not None else f"none ({CSR_WHERE} is empty)"
+    recorded = Delivered.from_status(status)
+    if recorded is not None:
+        out.facts["certified key"] = f"{recorded.key_id} ({recorded.key_certs} certificate(s) for it)"
+        token = status.get("rekey")
+        if isinstance(token, str) and rekey_pending(token, recorded.key_id):
+            out.facts["key rotation"] = f"requested ({names.REKEY_KEY}={token[:64]}), waiting for the VM's new key"
+    if is_legacy(vm):
+        out.facts["legacy per-VM secret"] = f"{vm.metadata.get(names.SECRET_KEY, '')[:200]} (migrating)"
     if not vm.wants_mesh:
         out.decision = "not requested: the VM has no label mesh=join"
         out.advice.append(f"gcloud compute instances add-labels {key.instance} --zone {key.zone} --labels mesh=join")
@@ -132,11 +151,25 @@ def explain(key: VmKey, vm: Vm | None, settings: Settings, *, entry_exists: bool
     elif state == "error":
         out.advice.append(f"the last attempt failed: {status.get('reason')}; fix that, then "
                           f"`meshjoin join {key.instance}`")
+    elif is_legacy(vm) and state == "joined":
+        out.advice.append("migrating: agent 2 still serves from the per-VM secret; agent 3 takes over at the VM's "
+                          f"next boot ({RUN_AGENT_REMEDY} to switch now), then meshjoin deletes the secret")
+    elif state == "waiting" and recorded is None:
+        out.advice.append("meshjoin waits for the VM's key: nothing is certified until its agent writes a valid CSR "
+                          f"to {CSR_WHERE}; it receives no mesh traffic until then")
+        if isinstance(csr, pki.CsrError):
+            out.advice.append(f"its CSR was refused ({csr}): {RUN_AGENT_REMEDY}, and read `journalctl -t meshjoin`")
+        elif csr is None:
+            out.advice.append(f"its agent has not handed in a key: {RUN_AGENT_REMEDY}; the agent's log is "
+                              "`journalctl -t meshjoin`")
+        else:
+            out.advice.append("its CSR is valid: the next event or sweep certifies it "
+                              f"(`meshjoin join {key.instance}` does it now)")
     elif state == "waiting":
-        delivered = Delivered.from_status(status)
+        delivered = recorded
         serial = delivered.serial if delivered else "?"
-        out.advice.append(f"meshjoin delivered certificate {serial}; the VM has not confirmed it, so it receives no "
-                          "mesh traffic (no WorkloadEntry yet)")
+        out.advice.append(f"meshjoin certified the VM's key (certificate {serial}); the VM has not confirmed it, "
+                          "so it receives no mesh traffic (no WorkloadEntry yet)")
         if report is None:
             out.advice.append(f"its agent never reported: {RUN_AGENT_REMEDY}")
         elif report.cert_serial != serial:
@@ -149,7 +182,7 @@ def explain(key: VmKey, vm: Vm | None, settings: Settings, *, entry_exists: bool
             out.advice.append("its agent has confirmed: the next event or sweep makes it joined "
                               f"(`meshjoin join {key.instance}` does it now)")
     elif state == "joined":
-        delivered = Delivered.from_status(status)
+        delivered = recorded
         if not entry_exists:
             out.advice.append("its WorkloadEntry is missing: `meshjoin reconcile` (or the next sweep) restores it")
         if delivered is not None:

@@ -10,12 +10,17 @@ from .model import VmKey
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
 MANAGED_BY = "meshjoin"
 ANNOTATION_PREFIX = "meshjoin.dev/"
-SECRET_OWNER_LABEL = "managed-by"  # Secret Manager label keys allow no dots or slashes
+SECRET_OWNER_LABEL = "managed-by"  # on legacy per-VM secrets (label keys allow no dots or slashes)
 VM_LABEL = "meshjoin.dev/instance"  # on WorkloadEntries: lets a selector find one VM's entry
 
 # Instance metadata items meshjoin writes; the VM agent reads the bootstrap ones.
 STATUS_KEY = "meshjoin-status"
-SECRET_KEY = "meshjoin-secret"  # resource name of the secret VERSION the VM must fetch
+CERT_CHAIN_KEY = "meshjoin-cert-chain"  # the leaf meshjoin signed for the VM's own key, then the CA chain (PEM)
+KEY_ALGORITHM_KEY = "meshjoin-key-algorithm"  # what the agent generates: ecdsa-p256 | rsa-2048
+REKEY_KEY = "meshjoin-rekey"  # an opaque token: a new value asks the agent for a new key
+# Legacy only (agent 2 and before): the per-VM secret version holding a key meshjoin made. A VM that
+# still has it is migrating; meshjoin removes it, and deletes the secret, once agent 3 confirmed.
+SECRET_KEY = "meshjoin-secret"
 CLUSTER_ENV_KEY = "meshjoin-cluster-env"
 MESH_CONFIG_KEY = "meshjoin-mesh-config"
 ROOT_CERT_KEY = "meshjoin-root-cert"
@@ -27,8 +32,12 @@ PUBSUB_ENDPOINT_KEY = "meshjoin-pubsub-endpoint"
 GUEST_ATTRIBUTES_KEY = "enable-guest-attributes"  # GCE's switch; the agent reports through them
 STARTUP_SCRIPT_KEY = "startup-script"
 STARTUP_SCRIPT_MARKER = "# meshjoin-startup-script"
-MESHJOIN_KEYS = (STATUS_KEY, SECRET_KEY, CLUSTER_ENV_KEY, MESH_CONFIG_KEY, ROOT_CERT_KEY, HOSTS_KEY,
-                 SIDECAR_URL_KEY, SIDECAR_SHA256_KEY, EVENTS_TOPIC_KEY, PUBSUB_ENDPOINT_KEY)
+MESHJOIN_KEYS = (STATUS_KEY, CERT_CHAIN_KEY, KEY_ALGORITHM_KEY, REKEY_KEY, SECRET_KEY, CLUSTER_ENV_KEY,
+                 MESH_CONFIG_KEY, ROOT_CERT_KEY, HOSTS_KEY, SIDECAR_URL_KEY, SIDECAR_SHA256_KEY, EVENTS_TOPIC_KEY,
+                 PUBSUB_ENDPOINT_KEY)
+# The guest attributes (namespace GUEST_NAMESPACE) the agent writes and meshjoin reads.
+GUEST_NAMESPACE = "meshjoin"
+CSR_ATTRIBUTE = "csr"  # PEM PKCS#10 CSR of the key the agent wants certified
 
 
 _PLAIN_PROJECT = re.compile(r"[a-z][-a-z0-9]{4,28}[a-z0-9]")
@@ -51,7 +60,7 @@ def entry_name(key: VmKey) -> str:
 
 
 def secret_id(key: VmKey, prefix: str) -> str:
-    """Per-VM secret id ([a-zA-Z0-9_-]{1,255}): prefix-project-zone-instance (at most ~220 characters)."""
+    """Legacy per-VM secret id ([a-zA-Z0-9_-]{1,255}): prefix-project-zone-instance (at most ~220 characters)."""
     return f"{prefix}-{project_part(key.project)}-{key.zone}-{key.instance}"
 
 

@@ -1,15 +1,20 @@
-"""Workload certificates for VMs joining the mesh, signed by the mesh's plug-in CA.
+"""Workload certificates for VMs joining the mesh: the VM's own key, certified by the plug-in CA.
+
+Each VM makes its private key itself and hands meshjoin a PKCS#10 CSR (`parse_csr` checks it and the
+proof of possession); meshjoin signs the CSR's public key with the identity policy grants (`certify`).
+No private key of a VM exists here, ever: the only private key this module touches is the CA's.
 
 Pure: no I/O and no clock. Callers pass PEM bytes in and the current time as `now`, so every
-decision here (what to mint, when to renew) is a function of its arguments and table-testable.
+decision here (what to certify, when to renew) is a function of its arguments and table-testable.
 
 Key material never reaches an exception message or a repr: errors name the file and the
-problem, and private-key fields are hidden from `repr`.
+problem, and the CA key is hidden from `repr`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import NamedTuple, Union
@@ -23,9 +28,16 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from .errors import CaMaterialError
 
 CaPrivateKey = Union[rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey]
+WorkloadPublicKey = Union[rsa.RSAPublicKey, ec.EllipticCurvePublicKey]
 
+# What a VM's agent generates (metadata meshjoin-key-algorithm) and what a CSR's key may be.
 KEY_ALGORITHMS = ("ecdsa-p256", "rsa-2048")
+MIN_RSA_BITS, MAX_RSA_BITS = 2048, 4096
 FINGERPRINT_CHARS = 16  # 64 bits: plenty to notice a CA change, short enough for a label value.
+KEY_ID_CHARS = 16
+# A P-256 CSR is ~400 bytes of PEM and an RSA 4096 one ~1.7 kB; guest attribute values are small.
+MAX_CSR_BYTES = 4096
+_PEM_BEGIN = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----")
 
 
 @dataclass(frozen=True)
@@ -40,17 +52,17 @@ class CaBundle:
 
 
 @dataclass(frozen=True)
-class WorkloadCert:
-    """What a VM's istio-agent needs in /etc/certs, plus the facts used to decide renewal."""
+class IssuedCert:
+    """A leaf meshjoin signed for a VM's own key: public, delivered in instance metadata."""
 
-    key_pem: str = field(repr=False)  # -> key.pem (PKCS#8, unencrypted: the agent reads it as is)
     cert_pem: str  # the leaf alone
-    chain_pem: str  # -> cert-chain.pem: leaf followed by the CA's chain
+    chain_pem: str  # -> metadata meshjoin-cert-chain, the VM's cert-chain.pem: leaf followed by the CA's chain
     root_pem: str  # -> root-cert.pem
     not_before: datetime
     not_after: datetime
     serial: int
     spiffe_id: str
+    key_id: str  # of the certified public key
 
 
 class CertInfo(NamedTuple):
@@ -71,7 +83,7 @@ def load_ca_bundle(
     """Parse and cross-check Istio's four plug-in CA files.
 
     Checks that the key belongs to the cert, that the cert may sign certificates, and that the
-    chain links signature by signature to a root in root-cert.pem: minting leaves that the mesh
+    chain links signature by signature to a root in root-cert.pem: issuing leaves that the mesh
     cannot verify would only fail later, on the VM, far from the cause.
     """
     ca_cert = _one_cert(ca_cert_pem, "ca-cert.pem")
@@ -129,7 +141,7 @@ def load_ca_bundle(
 
 
 def ca_fingerprint(bundle: CaBundle) -> str:
-    """Short, stable id of the signing CA cert: a change means leaves must be re-minted."""
+    """Short, stable id of the signing CA cert: a change means leaves must be re-issued."""
     return cert_fingerprint(bundle.ca_cert)
 
 
@@ -163,32 +175,110 @@ def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
     return f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
 
 
-def issue_workload_cert(
+class CsrError(ValueError):
+    """A CSR meshjoin refuses to certify. The message names the problem, never the CSR's bytes (the VM
+    owner wrote them, and they may even hold a key pasted by mistake)."""
+
+
+@dataclass(frozen=True)
+class VerifiedCsr:
+    """A CSR whose signature verified: its signer holds the private key of `public_key`."""
+
+    public_key: WorkloadPublicKey
+    key_id: str
+
+
+def key_id(public_key: WorkloadPublicKey) -> str:
+    """Short id of a public key: the first 16 hex digits of SHA-256 over its DER SubjectPublicKeyInfo."""
+    return hashlib.sha256(_spki(public_key)).hexdigest()[:KEY_ID_CHARS]
+
+
+def parse_csr(pem: str | bytes, allowed_algorithm: str) -> VerifiedCsr:
+    """Validate the PKCS#10 request a VM's agent wrote; raises CsrError with the reason.
+
+    Exactly one PEM `CERTIFICATE REQUEST` block and nothing else, at most MAX_CSR_BYTES; a valid
+    self-signature (proof that the VM holds the private key); a key of the type the deployment allows
+    (`ecdsa-p256`: EC P-256 only; `rsa-2048`: RSA of 2048 to 4096 bits only). Every name the CSR asks
+    for (subject, SANs, extensions) is ignored: `certify` puts in only what policy grants.
+    """
+    if allowed_algorithm not in KEY_ALGORITHMS:
+        raise ValueError(f"allowed_algorithm must be one of {KEY_ALGORITHMS}, got {allowed_algorithm!r}")
+    data = pem.encode() if isinstance(pem, str) else bytes(pem)
+    if not data.strip():
+        raise CsrError("the CSR is empty")
+    if len(data) > MAX_CSR_BYTES:
+        raise CsrError(f"the CSR is {len(data)} bytes, more than {MAX_CSR_BYTES}")
+    blocks = _PEM_BEGIN.findall(data)
+    if blocks != [b"CERTIFICATE REQUEST"]:
+        if not blocks:
+            raise CsrError("not PEM: no -----BEGIN CERTIFICATE REQUEST----- block")
+        if blocks.count(b"CERTIFICATE REQUEST") > 1:
+            raise CsrError(f"{blocks.count(b'CERTIFICATE REQUEST')} CSRs where exactly one is expected")
+        raise CsrError("the PEM text holds other blocks than one CERTIFICATE REQUEST (never send a private key)")
+    try:
+        csr = x509.load_pem_x509_csr(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise CsrError("the CERTIFICATE REQUEST block is not a parsable PKCS#10 request") from None
+    try:
+        public_key = csr.public_key()
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise CsrError("the CSR's public key is of an unsupported type") from None
+    _check_key_type(public_key, allowed_algorithm)
+    try:
+        signed = csr.is_signature_valid
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        signed = False
+    if not signed:
+        raise CsrError("the CSR's signature does not verify with its public key (no proof of possession)")
+    return VerifiedCsr(public_key, key_id(public_key))
+
+
+def _check_key_type(public_key, allowed_algorithm: str) -> None:
+    if allowed_algorithm == "ecdsa-p256":
+        if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(public_key.curve, ec.SECP256R1):
+            raise CsrError(f"the CSR's key is {_describe_key(public_key)}; MESHJOIN_KEY_ALGORITHM=ecdsa-p256 "
+                           "allows EC P-256 keys only")
+    elif not isinstance(public_key, rsa.RSAPublicKey) or not MIN_RSA_BITS <= public_key.key_size <= MAX_RSA_BITS:
+        raise CsrError(f"the CSR's key is {_describe_key(public_key)}; MESHJOIN_KEY_ALGORITHM=rsa-2048 allows "
+                       f"RSA keys of {MIN_RSA_BITS} to {MAX_RSA_BITS} bits only")
+
+
+def _describe_key(public_key) -> str:
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        return f"EC {public_key.curve.name}"
+    if isinstance(public_key, rsa.RSAPublicKey):
+        return f"RSA {public_key.key_size}"
+    return type(public_key).__name__.lstrip("_")
+
+
+def certify(
     ca: CaBundle,
+    public_key: WorkloadPublicKey,
     spiffe: str,
     now: datetime,
     ttl: timedelta,
-    key_algorithm: str = "ecdsa-p256",
     backdate: timedelta = timedelta(minutes=5),
-) -> WorkloadCert:
-    """Mint a fresh key and an Istio-shaped workload leaf for `spiffe`, signed by the plug-in CA.
+) -> IssuedCert:
+    """An Istio-shaped workload leaf for `spiffe` over the VM's own `public_key`, signed by the plug-in CA.
 
     The leaf mirrors what istiod issues: empty subject, the SPIFFE URI as its only (hence
     critical) SAN, digitalSignature+keyEncipherment, serverAuth+clientAuth. notBefore is
     backdated for VM clock skew; notAfter never outlives the CA, since the chain would fail there.
+    meshjoin never sees the private key: the VM made it and proved it holds it (`parse_csr`).
     """
     _require_aware(now, "now")
     if ttl <= timedelta(0):
         raise ValueError(f"ttl must be positive, got {ttl}")
     if not spiffe.startswith("spiffe://"):
         raise ValueError(f"not a SPIFFE ID: {spiffe!r}")
+    if not isinstance(public_key, (ec.EllipticCurvePublicKey, rsa.RSAPublicKey)):
+        raise ValueError(f"public_key must be an EC or RSA public key, got {type(public_key).__name__}")
 
     not_before = now - backdate
     not_after = min(now + ttl, ca.ca_cert.not_valid_after_utc)
     if not_after <= now:
         raise CaMaterialError(f"ca-cert.pem expired at {ca.ca_cert.not_valid_after_utc.isoformat()}")
 
-    key = _new_key(key_algorithm)
     try:
         ca_ski = ca.ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski)
@@ -199,7 +289,7 @@ def issue_workload_cert(
         x509.CertificateBuilder()
         .subject_name(x509.Name([]))
         .issuer_name(ca.ca_cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(serial)
         .not_valid_before(not_before)
         .not_valid_after(not_after)
@@ -225,16 +315,12 @@ def issue_workload_cert(
         )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(aki, critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .sign(ca.ca_key, hashes.SHA256())
     )
 
     cert_pem = cert.public_bytes(serialization.Encoding.PEM).decode()
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ).decode()
-    return WorkloadCert(
-        key_pem=key_pem,
+    return IssuedCert(
         cert_pem=cert_pem,
         chain_pem=cert_pem + ca.cert_chain_pem,
         root_pem=ca.root_certs_pem,
@@ -242,7 +328,17 @@ def issue_workload_cert(
         not_after=cert.not_valid_after_utc,
         serial=serial,
         spiffe_id=spiffe,
+        key_id=key_id(public_key),
     )
+
+
+def chain_key_id(chain_pem: str) -> str | None:
+    """`key_id` of the leaf (first certificate) of a cert-chain.pem; None if it holds none."""
+    try:
+        certs = _certs(chain_pem.encode(), "cert-chain.pem", error=ValueError)
+    except ValueError:
+        return None
+    return key_id(certs[0].public_key()) if certs else None
 
 
 def cert_info(chain_pem: str) -> CertInfo:
@@ -279,7 +375,7 @@ def renewal_time(
 
     At `renew_fraction` of its lifetime, pulled earlier by a per-key jitter in
     [0, jitter_fraction x lifetime). The jitter comes from sha256(jitter_key), not a random
-    source: a fleet minted in one burst spreads its renewals (Secret Manager writes are
+    source: a fleet certified in one burst spreads its renewals (setMetadata writes are
     quota'd) while each VM's renewal point stays the same from one sweep to the next.
     The result lies within [not_before, not_after].
     """
@@ -310,7 +406,7 @@ def needs_renewal(
 ) -> bool:
     """True once `now` reaches the renewal time; always for an expired or never-valid cert.
 
-    A not_before still in the future (the minting host's clock ahead of ours) is not itself a
+    A not_before still in the future (the issuing host's clock ahead of ours) is not itself a
     reason to renew: the renewal time is never before not_before, so such a cert is simply young.
     """
     _require_aware(now, "now")
@@ -332,14 +428,6 @@ def needs_renewal(
 def _require_aware(value: datetime, name: str) -> None:
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"{name} must be timezone-aware")
-
-
-def _new_key(algorithm: str) -> CaPrivateKey:
-    if algorithm == "ecdsa-p256":
-        return ec.generate_private_key(ec.SECP256R1())
-    if algorithm == "rsa-2048":
-        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    raise ValueError(f"key_algorithm must be one of {KEY_ALGORITHMS}, got {algorithm!r}")
 
 
 def _spki(public_key) -> bytes:

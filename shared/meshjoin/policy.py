@@ -76,8 +76,8 @@ def unbound_denial(account: str) -> Denial:
     actAs on bound accounts only), so it cannot even write this reason into the VM's metadata."""
     if is_default_compute_account(account):
         reason = (f"the VM runs as the project's default compute service account {account}, which no identity "
-                  "binding names: every VM on that account could read this VM's key; give the VM a dedicated "
-                  "service account and bind it")
+                  "binding names: every VM on that account could obtain the identity it is bound to; give the VM "
+                  "a dedicated service account and bind it")
     else:
         reason = f"service account {account} is bound to no mesh identity (MESHJOIN_IDENTITY_BINDINGS)"
     return Denial(reason, account_bound=False)

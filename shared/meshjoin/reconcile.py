@@ -4,15 +4,27 @@ The same code serves the event function, the scheduled sweep and the CLI. It is 
 whatever event arrived, it reads the VM and decides join / refresh / leave / deny from the truth,
 so duplicates and reordering converge to the same end state.
 
-Write order makes every prefix of a join safe to repeat: per-VM secret version → cluster
-objects → instance metadata (bootstrap + `meshjoin-status`). The status is written last, so
-`joined` is only ever claimed once everything it names exists.
+Keys stay on the VM (issue 14). A join goes:
+1. meshjoin writes the bootstrap items without a certificate; the VM is `waiting` for its key.
+2. The VM's agent makes its key on the VM and writes a CSR for it to guest attribute `meshjoin/csr`
+   (only the VM itself can write its guest attributes), then nudges meshjoin through Pub/Sub.
+3. meshjoin validates the CSR (proof of possession, key type), ignores every name in it, and signs
+   its public key with the identity policy grants: `meshjoin-cert-chain`, public, in metadata.
+4. The agent installs the chain beside its key and reports the certificate's serial and a running
+   sidecar; only then is the VM `joined` and given its WorkloadEntry (what Services select).
+Renewals and CA re-issues re-certify the VM's current key (its CSR stays in the guest attributes);
+a CSR for another key (a rotation meshjoin asked for with `meshjoin-rekey`, or the agent's own) is
+certified as soon as it arrives. No Secret Manager write, and no private key, anywhere.
 
-The VM's own truth: meshjoin's part (secret, bootstrap) makes a VM `waiting`; only when the VM's
-agent reports, through guest attributes, the certificate meshjoin delivered and a running sidecar
-is it `joined` and given its WorkloadEntry (what Services select). A VM that never confirms holds
-its bootstrap but receives no traffic. Confirmation is kept across renewals of the same VM
-incarnation and identity (the sidecar already serves; the agent picks renewals up by itself).
+Write order makes every prefix of a pass safe to repeat: cluster objects (only for a confirmed VM) →
+instance metadata (bootstrap + certificate + `meshjoin-status`, one setMetadata). The status is
+written last, so `joined` is only ever claimed once everything it names exists. Confirmation is kept
+across renewals, re-issues and key rotations of the same VM incarnation and identity (the sidecar
+already serves; the agent installs what meshjoin delivers by itself).
+
+VMs joined by meshjoin 2 (a per-VM secret named by `meshjoin-secret`) migrate: they get the new agent
+and keep their secret and entry until agent 3's certificate is confirmed; then the item goes and the
+secret is deleted.
 """
 
 from __future__ import annotations
@@ -33,25 +45,38 @@ from .policy import decide_identity, is_default_compute_account
 from .settings import Settings
 
 MAX_METADATA_RACES = 5
-# Why a certificate is minted that starts a VM's confirmation anew (a new VM or a new identity);
-# renewals, re-issues and forced mints keep an earlier confirmation.
-FIRST_DELIVERY = frozenset({"no certificate delivered yet", "the VM was recreated", "the identity changed"})
 SIDECAR_STATES = frozenset({"running", "stopped", "failed"})
 RUN_AGENT_REMEDY = ("GCE runs startup-script only at boot: reboot the VM, or run "
                     "`sudo google_metadata_script_runner startup` on it")
+CSR_WHERE = f"guest attribute {names.GUEST_NAMESPACE}/{names.CSR_ATTRIBUTE}"
 # A VM in these states serves nothing: it is not routed (and not renewed) until it runs again.
 STOPPED_STATES = frozenset({"STOPPING", "TERMINATED", "SUSPENDING", "SUSPENDED"})
 MAX_BACKDATE = timedelta(minutes=5)  # tolerate VM clock skew without eating short test TTLs
-# Longer than any pass can live (the functions time out after 300 s / 540 s, deploy/terraform/main.tf).
-ORPHAN_VERSION_AGE = timedelta(minutes=15)
+# `meshjoin-rekey` tokens: opaque to the agent, which only compares them with the last one it acted on.
+REKEY_TOKEN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+KEY_ID = re.compile(r"[0-9a-f]{16}")
+
+# Why a VM needs a certificate (needs_new_cert).
+NO_CERT = "no certificate delivered yet"
+RECREATED = "the VM was recreated or cloned (its instance id changed)"
+IDENTITY_CHANGED = "the identity changed"
+NEW_KEY = "the VM presents a new key"
+FORCED = "an operator forced a new certificate"
+CA_CHANGED = "the CA changed"
+RENEWAL_DUE = "the certificate reached its renewal point"
+# Causes that start a VM's confirmation anew (a new VM, a copy of one, or a new identity).
+FIRST_DELIVERY = frozenset({NO_CERT, RECREATED, IDENTITY_CHANGED})
+# Causes that re-certify the key already certified (the VM need not act).
+SAME_KEY = frozenset({IDENTITY_CHANGED, FORCED, CA_CHANGED, RENEWAL_DUE})
+VERB_BY_CAUSE = {RENEWAL_DUE: "renewed", FORCED: "renewed", CA_CHANGED: "reissued", NEW_KEY: "rotated"}
 
 
 @dataclass
 class Outcome:
     """What one reconcile did: a past-tense verb plus facts for the log line and the CLI."""
 
-    # registered | delivered | rechecked | renewed | reissued | refreshed | unchanged | stopped | left | denied |
-    # ignored | failed
+    # registered | bootstrapped | delivered | rechecked | renewed | reissued | rotated | migrated | refreshed |
+    # unchanged | stopped | left | denied | ignored | failed
     verb: str
     reason: str = ""
     state: str | None = None
@@ -60,25 +85,29 @@ class Outcome:
 
 @dataclass(frozen=True)
 class Delivered:
-    """What the VM currently has, as recorded in its `meshjoin-status` by the last successful join."""
+    """The certificate the VM was last given, as recorded in its `meshjoin-status`."""
 
     spiffe: str
     instance_id: str
     ca_fingerprint: str
-    secret_version: str
+    key_id: str  # pki.key_id of the certified public key
     not_before: datetime
     not_after: datetime
     serial: str = ""  # hex, lowercase, no leading zeros (what the agent reports as cert-serial)
+    key_certs: int = 1  # certificates issued for this key so far
 
     @classmethod
     def from_status(cls, status: dict) -> "Delivered | None":
         """None unless every piece is there and well-formed: the VM owner can write this item too."""
         try:
-            fields = [status[k] for k in ("identity", "instanceId", "caFingerprint", "secret")]
-            if not all(isinstance(value, str) for value in fields):
+            fields = [status[k] for k in ("identity", "instanceId", "caFingerprint", "keyId")]
+            if not all(isinstance(value, str) for value in fields) or not KEY_ID.fullmatch(fields[3]):
                 return None
+            serial = normalize_serial(str(status.get("certSerial", ""))) or ""
+            certs = str(status.get("keyCerts", "1"))
+            key_certs = int(certs) if certs.isdigit() and 0 < len(certs) <= 6 else 1
             return cls(*fields, not_before=_parse_time(status["certNotBefore"]),
-                       not_after=_parse_time(status["certNotAfter"]), serial=str(status.get("certSerial", "")))
+                       not_after=_parse_time(status["certNotAfter"]), serial=serial, key_certs=max(1, key_certs))
         except (KeyError, TypeError, ValueError, AttributeError):
             return None
 
@@ -139,6 +168,19 @@ class AgentReport:
                 f"sidecar {self.sidecar or 'unknown'}")
 
 
+def read_csr(attributes: dict[str, str], allowed_algorithm: str) -> pki.VerifiedCsr | pki.CsrError | None:
+    """The agent's CSR from its guest attributes: verified, refused (why), or None when there is none. Pure."""
+    raw = attributes.get(names.CSR_ATTRIBUTE)
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return None
+    if not isinstance(raw, str):
+        return pki.CsrError("the CSR is not text")
+    try:
+        return pki.parse_csr(raw, allowed_algorithm)
+    except pki.CsrError as exc:
+        return exc
+
+
 def confirmed(report: AgentReport | None, delivered_serial: str) -> bool:
     """Whether the agent confirmed holding the certificate meshjoin delivered, with its sidecar running. Pure."""
     return report is not None and bool(delivered_serial) and report.cert_serial == delivered_serial \
@@ -147,27 +189,44 @@ def confirmed(report: AgentReport | None, delivered_serial: str) -> bool:
 
 def waiting_reason(spiffe: str, serial: str, report: AgentReport | None) -> str:
     said = report.describe() if report else "the VM's agent has not reported yet"
-    return (f"waiting for the VM to confirm {spiffe}: meshjoin delivered certificate {serial}; {said}. "
-            f"Until it confirms it receives no mesh traffic. If the VM was running when it was labelled: "
-            f"{RUN_AGENT_REMEDY}; the agent's log is `journalctl -t meshjoin`")
+    return (f"waiting for the VM to confirm {spiffe}: meshjoin certified the VM's key (certificate {serial}, "
+            f"metadata {names.CERT_CHAIN_KEY}); {said}. Until it confirms it receives no mesh traffic. "
+            f"If the agent does not pick the certificate up: {RUN_AGENT_REMEDY}; the agent's log is "
+            "`journalctl -t meshjoin`")
 
 
-RENEWAL_DUE = "the certificate reached its renewal point"
-CA_CHANGED = "the CA changed"
-VERB_BY_CAUSE = {RENEWAL_DUE: "renewed", CA_CHANGED: "reissued"}
+def no_key_reason(spiffe: str, problem: str, report: AgentReport | None) -> str:
+    """Why nothing was signed for a VM that needs its first certificate, and what its owner can do."""
+    said = f"; {report.describe()}" if report else ""
+    return (f"waiting for the VM's key: meshjoin grants {spiffe} but {problem}{said}. The VM's agent makes its key "
+            f"on the VM and writes a CSR for it to {CSR_WHERE}; until a valid one is certified and confirmed the VM "
+            f"receives no mesh traffic. {RUN_AGENT_REMEDY}; the agent's log is `journalctl -t meshjoin`")
+
+
+def csr_problem(csr: pki.VerifiedCsr | pki.CsrError | None) -> str:
+    if csr is None:
+        return f"the VM's agent has not written its CSR ({CSR_WHERE}) yet"
+    return f"its CSR ({CSR_WHERE}) was refused: {csr}"
 
 
 def needs_new_cert(delivered: Delivered | None, *, vm: Vm, spiffe: str, ca_fingerprint: str, now: datetime,
-                   settings: Settings, force: bool = False) -> str | None:
-    """Why the VM needs a freshly minted certificate, or None. Pure."""
-    if force:
-        return "forced"
+                   settings: Settings, csr_key_id: str | None = None, force: bool = False) -> str | None:
+    """Why the VM needs a certificate now, or None. Pure.
+
+    `csr_key_id`: the key of the VM's valid CSR, when its guest attributes were read (None: not read,
+    or no valid CSR). A CSR for another key than the certified one is a new key: the agent rotated
+    (asked to, or on its own).
+    """
     if delivered is None:
-        return "no certificate delivered yet"
+        return NO_CERT
     if delivered.instance_id != vm.instance_id:
-        return "the VM was recreated"
+        return RECREATED
+    if csr_key_id is not None and csr_key_id != delivered.key_id:
+        return NEW_KEY
     if delivered.spiffe != spiffe:
-        return "the identity changed"
+        return IDENTITY_CHANGED
+    if force:
+        return FORCED
     if delivered.ca_fingerprint != ca_fingerprint:
         return CA_CHANGED
     if pki.needs_renewal(delivered.not_before, delivered.not_after, now,
@@ -177,12 +236,54 @@ def needs_new_cert(delivered: Delivered | None, *, vm: Vm, spiffe: str, ca_finge
     return None
 
 
+def key_to_certify(why: str, recorded: Delivered | None,
+                   csr: pki.VerifiedCsr | pki.CsrError | None) -> pki.VerifiedCsr | str:
+    """The CSR whose key meshjoin signs for `why`, or the problem that stops it. Pure.
+
+    Only a key the VM proved it holds (a valid CSR in its own guest attributes) is ever certified.
+    A recreated or cloned VM starts as a first delivery, and the key certified for the VM its status
+    was copied from is refused: a copy of another VM's disk (and key) never inherits its certificate.
+    """
+    if not isinstance(csr, pki.VerifiedCsr):
+        return csr_problem(csr)
+    if why == RECREATED and recorded is not None and csr.key_id == recorded.key_id:
+        return (f"its CSR is for key {csr.key_id}, certified for the VM this one was copied from (instance "
+                f"{recorded.instance_id[:24]}); agent 3 makes a fresh key when the instance id changes")
+    return csr
+
+
+def rekey_pending(token: str | None, key_id: str) -> bool:
+    """Whether the rotation meshjoin last asked for still waits: tokens name the key they replace."""
+    return bool(token) and token.startswith(key_id + ".")
+
+
+def rekey_token(why: str, key_certs: int, key_id: str, current: str | None, settings: Settings,
+                now: datetime) -> str | None:
+    """The `meshjoin-rekey` token after re-certifying key `key_id` for `why` (its `key_certs`-th certificate). Pure.
+
+    A new token asks the agent for a new key: when re-certifications of one key would exceed
+    MESHJOIN_KEY_ROTATION_RENEWALS, and when the identity changed (the key served the old one).
+    One request at a time: a pending one is kept. 0 disables requests.
+    """
+    limit = settings.key_rotation_renewals
+    if limit <= 0 or why not in SAME_KEY or rekey_pending(current, key_id):
+        return current
+    if why == IDENTITY_CHANGED or key_certs > limit:
+        return f"{key_id}.{now.strftime('%Y%m%dT%H%M%SZ')}"
+    return current
+
+
 def has_traces(vm: Vm) -> bool:
     """Whether meshjoin left anything on this VM that a leave must clean up."""
     if any(k in vm.metadata for k in names.MESHJOIN_KEYS if k != names.STATUS_KEY):
         return True
     state = bootstrap.parse_status(vm.metadata.get(names.STATUS_KEY)).get("state")
     return state in ("joined", "waiting", "error")
+
+
+def is_legacy(vm: Vm) -> bool:
+    """A VM meshjoin 2 joined: its key is in a per-VM secret named by `meshjoin-secret`."""
+    return names.SECRET_KEY in vm.metadata
 
 
 class Reconciler:
@@ -195,39 +296,36 @@ class Reconciler:
         self.clock = clock
 
     def reconcile(self, key: VmKey, *, force_new_cert: bool = False, vm: Vm | None = None,
-                  cleanup: bool = False) -> Outcome:
+                  cleanup: bool = False, legacy_secret: bool = False, read_agent: bool = True) -> Outcome:
         """Converge one VM. A concurrent writer (412 on metadata) makes it re-read and decide again.
 
         `vm` (from a listing) saves the first read; `cleanup` (the sweep's prune, or a denial it planned
-        from its listings) removes cluster objects and secrets of an unlabelled or denied VM even when its
-        metadata shows no trace of a join.
+        from its listings) removes cluster objects of an unlabelled or denied VM even when its metadata
+        shows no trace of a join, and `legacy_secret` (the sweep listed one) its meshjoin 2 per-VM secret
+        (one the VM's own `meshjoin-secret` names goes too). `read_agent` False (the sweep): the VM's guest
+        attributes are read only when needed (not yet confirmed, a certificate due, a rotation or a
+        migration pending); an event (the agent's nudge) always reads them.
         """
         if key.project != self.settings.project:
             # Never act for another project's VM, whatever named it (a forged entry, a message).
             return Outcome("ignored", f"project {key.project[:80]!r} is not MESHJOIN_PROJECT")
-        minted: list[str] = []
         try:
             for _ in range(MAX_METADATA_RACES):
                 current = vm if vm is not None else self.compute.get_vm(key)
                 vm = None  # a given VM is only trusted for the first pass
                 try:
-                    outcome = self._decide_and_act(key, current, force_new_cert, minted, cleanup)
+                    return self._decide_and_act(key, current, force_new_cert, cleanup, legacy_secret, read_agent)
                 except StaleFingerprint:
-                    continue
-                self._discard_unused(minted, keep=outcome.details.get("secret"))
-                return outcome
+                    continue  # a certificate signed in the lost pass is public and undelivered: nothing to undo
             raise TransientError(f"{key}: metadata kept changing during reconcile")
         except PermanentError as exc:
-            return self._fail(key, exc, minted)
-        except TransientError:
-            self._discard_undelivered(key, minted)
-            raise
+            return self._fail(key, exc)
 
     def leave(self, key: VmKey) -> Outcome:
         """Take a VM out of the mesh now, whatever its labels say (the operator's `meshjoin leave`)."""
         try:
-            self._remove_registration(key)
             vm = self.compute.get_vm(key)
+            self._remove_registration(key, legacy_secret=vm is not None and is_legacy(vm))
             if vm is not None:
                 for _ in range(MAX_METADATA_RACES):
                     try:
@@ -241,71 +339,198 @@ class Reconciler:
         except PermanentError as exc:
             return self._fail(key, exc)
 
-    def _decide_and_act(self, key: VmKey, vm: Vm | None, force: bool, minted: list[str], cleanup: bool) -> Outcome:
+    def _decide_and_act(self, key: VmKey, vm: Vm | None, force: bool, cleanup: bool, legacy_secret: bool,
+                        read_agent: bool) -> Outcome:
         if vm is None:
-            self._remove_registration(key)
+            # A secret is deleted only when one is known to exist (the sweep listed it): a delete is a write.
+            self._remove_registration(key, legacy_secret=legacy_secret)
             return Outcome("left", "the VM no longer exists")
+        legacy_secret = legacy_secret or is_legacy(vm)
         if not vm.wants_mesh:
             if not has_traces(vm):
-                if cleanup:
-                    self._remove_registration(key)
+                if cleanup or legacy_secret:
+                    self._remove_registration(key, legacy_secret=legacy_secret)
                     return Outcome("left", "the VM is not labelled mesh=join")
                 return Outcome("ignored", "the VM is not labelled mesh=join")
-            self._remove_registration(key)
+            self._remove_registration(key, legacy_secret=legacy_secret)
             self._write_status(vm, "left", "the label mesh=join was removed", remove_bootstrap=True)
             return Outcome("left", "the label mesh=join was removed", state="left")
         decision = decide_identity(vm, self.settings)
         if isinstance(decision, Denial):
-            return self._deny(vm, decision, cleanup)
+            return self._deny(vm, decision, cleanup, legacy_secret)
         if vm.status in STOPPED_STATES:
             return self._stopped(vm)
-        return self._join(vm, decision, force, minted)
+        return self._join(vm, decision, force, read_agent)
 
     # --- join -----------------------------------------------------------------------------------
 
-    def _join(self, vm: Vm, identity: Identity, force: bool, minted: list[str]) -> Outcome:
+    def _join(self, vm: Vm, identity: Identity, force: bool, read_agent: bool) -> Outcome:
         now = self.clock()
         ca = self.secrets.plugin_ca()
         spiffe = identity.spiffe(self.settings.trust_domain)
         status = bootstrap.parse_status(vm.metadata.get(names.STATUS_KEY))
-        delivered = Delivered.from_status(status)
-        if delivered is not None and not self._own_version(vm.key, delivered.secret_version):
-            delivered = None  # the status names a secret that is not this VM's: never point the VM at it
-        why_new = needs_new_cert(delivered, vm=vm, spiffe=spiffe, ca_fingerprint=ca.fingerprint, now=now,
-                                 settings=self.settings, force=force and not minted)
-        was_confirmed = status.get("state") == "joined" and bool(status.get("confirmedSerial"))
-        if why_new in FIRST_DELIVERY:
+        # A legacy item on a copy of a VM (its status names another instance) names another VM's secret:
+        # it goes at once. Only the VM it was written for keeps it until agent 3 has taken over.
+        legacy = is_legacy(vm) and status.get("instanceId") == vm.instance_id
+        # What the status records; a status copied from another VM (a clone, a machine image) is not this
+        # VM's: it starts as a first delivery.
+        recorded = Delivered.from_status(status)
+        delivered = recorded if recorded is not None and recorded.instance_id == vm.instance_id else None
+        token = status.get("rekey") if REKEY_TOKEN.fullmatch(str(status.get("rekey", ""))) else None
+        same_vm = status.get("instanceId") == vm.instance_id and status.get("identity") == spiffe
+        was_confirmed = status.get("state") == "joined" and bool(status.get("confirmedSerial")) and same_vm
+
+        # The VM's own words, read only when they can change something (the sweep's pass over a
+        # confirmed VM with nothing due reads none).
+        due = needs_new_cert(recorded, vm=vm, spiffe=spiffe, ca_fingerprint=ca.fingerprint, now=now,
+                             settings=self.settings, force=force)
+        pending = delivered is not None and rekey_pending(token, delivered.key_id)
+        report, csr = None, None
+        read = read_agent or not was_confirmed or due is not None or pending or legacy
+        if read:
+            attributes = self.compute.guest_attributes(vm.key)
+            report = AgentReport.from_attributes(attributes)
+            csr = read_csr(attributes, self.settings.key_algorithm)
+        why = needs_new_cert(recorded, vm=vm, spiffe=spiffe, ca_fingerprint=ca.fingerprint, now=now,
+                             settings=self.settings, force=force,
+                             csr_key_id=csr.key_id if isinstance(csr, pki.VerifiedCsr) else None)
+        if why in FIRST_DELIVERY and not (legacy and why == NO_CERT):
+            was_confirmed = False  # a new VM, a copy of one, or a new identity confirms afresh
+
+        issued: pki.IssuedCert | None = None
+        problem = None
+        if why:
+            choice = key_to_certify(why, recorded, csr)
+            if isinstance(choice, str):
+                problem = choice
+            else:
+                if why in FIRST_DELIVERY:
+                    self._refuse_a_foreign_entry(vm, identity)
+                issued = pki.certify(ca.bundle, choice.public_key, spiffe, now=now, ttl=self.settings.cert_ttl,
+                                     backdate=min(MAX_BACKDATE, self.settings.cert_ttl / 10))
+                same_key = delivered is not None and delivered.key_id == issued.key_id
+                key_certs = delivered.key_certs + 1 if same_key else 1
+                token = rekey_token(why, key_certs, issued.key_id, token, self.settings, now) if same_key else token
+                delivered = Delivered(spiffe, vm.instance_id, ca.fingerprint, issued.key_id, issued.not_before,
+                                      issued.not_after, serial_hex(issued.serial), key_certs)
+                log("INFO", f"certified key {issued.key_id} as {spiffe} ({why})", key=vm.key, outcome="certified",
+                    keyId=issued.key_id, certSerial=delivered.serial)
+        if delivered is None and (status.get("state") != "waiting" or not same_vm):
+            # Before a first bootstrap: the entry name the VM will register under must be free or meshjoin's,
+            # or its owner would wait for a join that can never complete.
             self._refuse_a_foreign_entry(vm, identity)
-        if why_new:
-            cert = pki.issue_workload_cert(ca.bundle, spiffe, now=now, ttl=self.settings.cert_ttl,
-                                           key_algorithm=self.settings.key_algorithm,
-                                           backdate=min(MAX_BACKDATE, self.settings.cert_ttl / 10))
-            version = self.secrets.store_vm_material(vm.key, cert, vm.service_account,
-                                                     exists=delivered is not None)
-            minted.append(version)
-            superseded = delivered.secret_version if delivered else None
-            delivered = Delivered(spiffe, vm.instance_id, ca.fingerprint, version, cert.not_before, cert.not_after,
-                                  serial_hex(cert.serial))
-            if why_new in FIRST_DELIVERY:
-                was_confirmed = False  # a new VM or identity confirms afresh
-        else:
-            superseded = status.get("previousSecret")
+        if why == IDENTITY_CHANGED and issued is None:
+            delivered = None  # never recorded under the new identity: certified once the VM's CSR is valid
 
         # The VM's own truth: until its agent confirms, meshjoin has done its part but the VM serves nothing.
-        report = None
         confirmed_serial = status.get("confirmedSerial") if was_confirmed else None
-        if not was_confirmed and why_new not in FIRST_DELIVERY:  # a serial minted just now cannot be reported yet
-            report = AgentReport.from_attributes(self.compute.guest_attributes(vm.key))
-            if confirmed(report, delivered.serial):
+        migrated = False
+        if issued is None and delivered is not None and confirmed(report, delivered.serial):
+            migrated = legacy  # agent 3 serves the certificate meshjoin signed for its own key
+            if not was_confirmed or legacy:
                 confirmed_serial = delivered.serial
         is_joined = confirmed_serial is not None
 
         warnings = []
         if is_default_compute_account(vm.service_account):  # bound on purpose by an operator, still risky
             warnings.append("the VM runs as the project's default compute service account, which other VMs "
-                            "share: they could read this VM's key; give it a dedicated service account")
-        items = bootstrap.bootstrap_items(vm.key, identity, self.settings, root_pem=ca.bundle.root_certs_pem,
-                                          secret_version=delivered.secret_version)
+                            "share: any of them could ask for this identity; give it a dedicated service account")
+        items, remove = self._bootstrap(vm, identity, ca.bundle.root_certs_pem, warnings)
+        if issued is not None:
+            items[names.CERT_CHAIN_KEY] = issued.chain_pem
+        if why == RECREATED and issued is None:
+            remove |= {names.CERT_CHAIN_KEY, names.REKEY_KEY}  # the VM's it was copied from: not this one's
+        if delivered is None:
+            token = None
+        elif token:
+            items[names.REKEY_KEY] = token
+        if legacy and not migrated and delivered is None:
+            # Agent 2 keeps serving from its secret (istio-agent renews through istiod as before) until the
+            # VM boots agent 3: only the new script and what agent 3 needs first change now.
+            items = {k: v for k, v in items.items()
+                     if k in (names.STARTUP_SCRIPT_KEY, names.KEY_ALGORITHM_KEY, names.GUEST_ATTRIBUTES_KEY)}
+            remove &= {names.STARTUP_SCRIPT_KEY}
+        if migrated or (is_legacy(vm) and not legacy):
+            remove.add(names.SECRET_KEY)
+
+        if is_joined:
+            not_after = delivered.not_after if delivered else _legacy_not_after(status, now)
+            entry = self._register(vm, identity, not_after, previous=status.get("workloadEntry"))
+            state = "joined"
+        else:
+            self._withdraw_entry(vm.key, status.get("workloadEntry"))
+            entry = None
+            state = "waiting"
+        reason = self._reason(state, spiffe, why, issued, delivered, problem, report, was_confirmed, legacy,
+                              migrated)
+        if delivered is not None and rekey_pending(token, delivered.key_id):
+            reason += (f"; meshjoin asked the VM for a new key ({names.REKEY_KEY}={token}): its agent makes it and "
+                       f"hands in its CSR, the current key serves until then; if nothing comes: {RUN_AGENT_REMEDY}")
+        if problem and why and delivered is not None:
+            # Recorded as a warning too: a reason alone does not rewrite the status its owner reads.
+            warnings.append(f"{why} but nothing was certified: {problem}")
+            log("WARNING", f"{why} but nothing was certified: {problem}", key=vm.key, outcome="waiting")
+        elif isinstance(csr, pki.CsrError) and delivered is not None:
+            # Nothing was due, but the key the agent hands in (a rotation) cannot be certified: say why.
+            warnings.append(f"the VM's new CSR ({CSR_WHERE}) was refused: {csr}")
+        waiting_since = None
+        if state == "waiting":
+            waiting_since = status.get("waitingSince") if status.get("state") == "waiting" and same_vm \
+                and issued is None else _rfc3339(now)
+        cert = delivered is not None
+        status_fields = dict(
+            identity=spiffe, workloadEntry=entry, instanceId=vm.instance_id, address=vm.network_ip,
+            caFingerprint=delivered.ca_fingerprint if cert else None,
+            certNotBefore=_rfc3339(delivered.not_before) if cert else None,
+            certNotAfter=_rfc3339(delivered.not_after) if cert else
+            (status.get("certNotAfter") if legacy else None),  # agent 2's, for the entry it keeps
+            certSerial=(delivered.serial or None) if cert else None,
+            keyId=delivered.key_id if cert else None, keyCerts=str(delivered.key_certs) if cert else None,
+            rekey=token, confirmedSerial=confirmed_serial, waitingSince=waiting_since,
+            agent=report.describe() if report else None if read else status.get("agent"),
+            warnings=warnings or None)
+        changed = self._write_metadata(vm, items, state, reason, status_fields, remove=frozenset(remove))
+        if migrated:
+            if self.secrets.delete_vm_secret(vm.key):
+                log("INFO", "migrated to agent 3: the legacy per-VM secret was deleted", key=vm.key, outcome="pruned")
+            verb = "migrated"
+        elif issued is not None:
+            verb = VERB_BY_CAUSE.get(why, "delivered") if is_joined else "delivered"
+        elif is_joined and not was_confirmed:
+            verb = "registered"
+        elif legacy and changed:
+            verb = "migrating"
+        elif not is_joined:
+            verb = "bootstrapped" if changed and delivered is None else "rechecked"
+        else:
+            verb = "refreshed" if changed else "unchanged"
+        return Outcome(verb, reason, state=state, details=status_fields)
+
+    def _reason(self, state: str, spiffe: str, why: str | None, issued, delivered: Delivered | None,
+                problem: str | None, report: AgentReport | None, was_confirmed: bool, legacy: bool,
+                migrated: bool) -> str:
+        if migrated:
+            return f"joined as {spiffe}: migrated to agent 3, which serves a key made on the VM; the per-VM secret is gone"
+        if legacy and delivered is None:
+            return (f"migrating: agent 3 takes over at the VM's next boot (it makes its key on the VM; the per-VM "
+                    f"secret is deleted once it confirmed); until then agent 2 keeps serving {spiffe}. "
+                    f"{RUN_AGENT_REMEDY} to switch now" + (f"; {problem}" if problem and report else ""))
+        if state == "waiting":
+            if delivered is None:
+                return no_key_reason(spiffe, problem or csr_problem(None), report)
+            text = waiting_reason(spiffe, delivered.serial, report)
+            return f"{text}; {why}: {problem}" if problem else text
+        text = f"joined as {spiffe}" + (f" ({why})" if issued is not None else "") + \
+            ("; the VM confirmed it" if not was_confirmed else "")
+        if problem and delivered is not None:
+            text += (f"; {why} but nothing was certified: {problem}; the certificate expires at "
+                     f"{_rfc3339(delivered.not_after)}")
+        return text
+
+    def _bootstrap(self, vm: Vm, identity: Identity, root_pem: str, warnings: list[str]) -> tuple[dict, set]:
+        """The bootstrap items for this VM, minus what belongs to its owner (their startup-script, their
+        guest-attributes switch), with the warnings that explain it."""
+        items = bootstrap.bootstrap_items(vm.key, identity, self.settings, root_pem=root_pem)
         remove: set[str] = set()
         own_script = vm.metadata.get(names.STARTUP_SCRIPT_KEY)
         if own_script is not None and names.STARTUP_SCRIPT_MARKER not in own_script:
@@ -324,60 +549,9 @@ class Reconciler:
             items.pop(names.GUEST_ATTRIBUTES_KEY, None)  # the owner's setting stays
             if guest.strip().lower() not in ("true", "1", "yes"):
                 warnings.append(f"metadata {names.GUEST_ATTRIBUTES_KEY}={guest[:20]!r} disables guest attributes: "
-                                "the VM's agent cannot confirm, so the VM receives no mesh traffic")
-
-        if is_joined:
-            entry = self._register(vm, identity, delivered.not_after, previous=status.get("workloadEntry"))
-            state = "joined"
-            reason = f"joined as {spiffe}" + (f" ({why_new})" if why_new else "") + \
-                ("; the VM confirmed it" if not was_confirmed else "")
-        else:
-            self._withdraw_entry(vm.key, status.get("workloadEntry"))
-            entry = None
-            state = "waiting"
-            reason = waiting_reason(spiffe, delivered.serial, report)
-        waiting_since = None
-        if state == "waiting":
-            waiting_since = status.get("waitingSince") if status.get("state") == "waiting" and not why_new \
-                else _rfc3339(now)
-        status_fields = dict(
-            identity=spiffe, workloadEntry=entry, secret=delivered.secret_version,
-            certNotBefore=_rfc3339(delivered.not_before), certNotAfter=_rfc3339(delivered.not_after),
-            certSerial=delivered.serial or None, confirmedSerial=confirmed_serial, waitingSince=waiting_since,
-            agent=report.describe() if report else None,
-            caFingerprint=delivered.ca_fingerprint, instanceId=vm.instance_id, address=vm.network_ip,
-            previousSecret=superseded if _same_secret(superseded, delivered.secret_version) else None,
-            warnings=warnings or None)
-        changed = self._write_metadata(vm, items, state, reason, status_fields, remove=frozenset(remove))
-        retired = status.get("previousSecret")
-        if why_new and retired and retired != status_fields["previousSecret"] and \
-                _same_secret(retired, delivered.secret_version):
-            # Grace period: the version before this one stays readable for one renewal cycle,
-            # the one before that is destroyed now.
-            self.secrets.destroy_version(retired)
-        # Versions an interrupted earlier pass minted but never delivered (the function died, or an
-        # API failed after a write) are garbage: every join pass that wrote something looks (one list
-        # call), since the pass that should have cleaned up may have died. Older than the delivered
-        # one: at once; newer (a concurrent pass that lost the race and died before discarding): once
-        # no pass can still be running, i.e. older than the functions' longest timeout.
-        # Except after a first mint: version 1, made by this pass, has nothing older, and anything newer
-        # is younger than ORPHAN_VERSION_AGE, so the list could find nothing (a first join saves the call);
-        # and a pass that only re-checked a waiting VM's confirmation (the sweep's most frequent work)
-        # spends no Secret Manager read on it.
-        first_mint = why_new and delivered.secret_version.endswith("/versions/1")
-        if not first_mint and (why_new or changed or is_joined):
-            self.secrets.destroy_undelivered_versions(vm.key, delivered.secret_version,
-                                                      keep=(status_fields["previousSecret"],),
-                                                      minted_before=now - ORPHAN_VERSION_AGE)
-        if why_new:
-            verb = VERB_BY_CAUSE.get(why_new, "registered") if is_joined else "delivered"
-        elif is_joined and not was_confirmed:
-            verb = "registered"
-        elif not is_joined:
-            verb = "rechecked"  # still unconfirmed
-        else:
-            verb = "refreshed" if changed else "unchanged"
-        return Outcome(verb, reason, state=state, details={**status_fields, "secret": delivered.secret_version})
+                                "the VM's agent can neither hand in its key nor confirm, so the VM receives no "
+                                "mesh traffic")
+        return items, remove
 
     def _withdraw_entry(self, key: VmKey, previous: str | None) -> None:
         """An unconfirmed VM must not be selected by any Service: remove an entry a status still names."""
@@ -430,11 +604,11 @@ class Reconciler:
 
     # --- deny / leave ---------------------------------------------------------------------------
 
-    def _deny(self, vm: Vm, denial: Denial, cleanup: bool = False) -> Outcome:
-        # `cleanup`: the sweep saw a key or entry of this VM in meshjoin's own listings, whatever the
-        # VM's metadata (which its owner controls) claims.
-        if has_traces(vm) or cleanup:
-            self._remove_registration(vm.key)
+    def _deny(self, vm: Vm, denial: Denial, cleanup: bool = False, legacy_secret: bool = False) -> Outcome:
+        # `cleanup`: the sweep saw a legacy secret or an entry of this VM in meshjoin's own listings,
+        # whatever the VM's metadata (which its owner controls) claims.
+        if has_traces(vm) or cleanup or legacy_secret:
+            self._remove_registration(vm.key, legacy_secret=legacy_secret)
         if not denial.account_bound:
             # meshjoin may act only as bound accounts, and Compute requires actAs on the VM's account to
             # change its metadata: nothing is written to the VM. Operators see the reason in this log
@@ -445,18 +619,20 @@ class Reconciler:
         return Outcome("denied", denial.reason, state="denied")
 
     def _stopped(self, vm: Vm) -> Outcome:
-        """A stopped VM is taken out of routing (its entry goes); its secret and bootstrap stay, so it
-        rejoins with a fresh certificate when it starts again (the start event, or the next sweep)."""
+        """A stopped VM is taken out of routing (its entry goes); its bootstrap and key stay, so it
+        rejoins with a fresh certificate for its key when it starts again (the start event, or the next
+        sweep)."""
         self._remove_entries(vm.key)
         reason = f"the VM is {vm.status}: not routed and not renewed until it runs again"
         self._write_status(vm, "stopped", reason)
         return Outcome("stopped", reason, state="stopped")
 
-    def _remove_registration(self, key: VmKey) -> None:
-        """Delete the VM's entries (any namespace), orphaned Services meshjoin made, and its secret."""
+    def _remove_registration(self, key: VmKey, legacy_secret: bool = False) -> None:
+        """Delete the VM's entries (any namespace), orphaned Services meshjoin made, and with
+        `legacy_secret` its meshjoin 2 per-VM secret (only VMs that had one: a delete costs a write)."""
         self._remove_entries(key)
-        if self.secrets.delete_vm_secret(key):
-            log("INFO", "per-VM secret deleted", key=key, outcome="pruned")
+        if legacy_secret and self.secrets.delete_vm_secret(key):
+            log("INFO", "legacy per-VM secret deleted", key=key, outcome="pruned")
 
     def _remove_entries(self, key: VmKey) -> None:
         selector = f"{names.MANAGED_BY_LABEL}={names.MANAGED_BY},{names.VM_LABEL}={key.instance}"
@@ -481,6 +657,17 @@ class Reconciler:
         app = (entry["metadata"].get("labels") or {}).get("app")
         if app:
             self.prune_service(namespace, app)
+
+    def prune_legacy_secret(self, key: VmKey) -> bool:
+        """Delete a meshjoin 2 per-VM secret the sweep listed for a VM that no longer names it; re-read
+        first (one GET): a VM that still names its secret is migrating and keeps it."""
+        vm = self.compute.get_vm(key)
+        if vm is not None and is_legacy(vm):
+            return False
+        if self.secrets.delete_vm_secret(key):
+            log("INFO", "legacy per-VM secret deleted: its VM no longer uses it", key=key, outcome="pruned")
+            return True
+        return False
 
     def prune_service(self, namespace: str, app: str) -> bool:
         """Delete a Service meshjoin made once it selects nothing (checked live, not from a listing).
@@ -528,46 +715,17 @@ class Reconciler:
 
     # --- failure --------------------------------------------------------------------------------
 
-    def _fail(self, key: VmKey, exc: PermanentError, minted: list[str] = ()) -> Outcome:
-        """A permanent failure: tell the VM owner in its status (best effort) and give up.
-
-        Versions this pass minted and the VM's metadata does not name are destroyed: a VM that keeps
-        failing (e.g. a foreign object in the way) must not pile up enabled keys sweep after sweep.
-        """
+    def _fail(self, key: VmKey, exc: PermanentError) -> Outcome:
+        """A permanent failure: tell the VM owner in its status (best effort) and give up."""
         reason = str(exc)
         try:
             vm = self.compute.get_vm(key)
             if vm is not None and vm.wants_mesh:
                 self._write_status(vm, "error", reason)
-            referenced = vm.metadata.get(names.SECRET_KEY) if vm is not None else None
-            self._discard_unused([v for v in minted if v != referenced], keep=None)
         except (TransientError, PermanentError, StaleFingerprint) as status_exc:
             log("WARNING", f"could not record the error in meshjoin-status: {status_exc}", key=key)
         log("ERROR", f"reconcile failed: {reason}", key=key, outcome="failed", error_kind=type(exc).__name__)
         return Outcome("failed", reason, state="error")
-
-    def _discard_undelivered(self, key: VmKey, minted: list[str]) -> None:
-        """A pass that minted and then failed: destroy what it minted unless the VM's metadata names it
-        (the write may have happened although its answer was lost). Best effort: what stays behind is
-        found by the VM's next join pass."""
-        if not minted:
-            return
-        try:
-            vm = self.compute.get_vm(key)
-            referenced = vm.metadata.get(names.SECRET_KEY) if vm is not None else None
-            self._discard_unused(minted, keep=referenced)
-        except (TransientError, PermanentError) as exc:
-            log("WARNING", f"could not destroy undelivered secret versions {', '.join(minted)}: {exc}", key=key)
-
-    def _own_version(self, key: VmKey, version: str) -> bool:
-        secret, _, number = version.rpartition("/versions/")
-        return number.isdigit() and secret.rsplit("/", 1)[-1] == self.secrets.vm_secret_id(key)
-
-    def _discard_unused(self, minted: list[str], keep: str | None) -> None:
-        """Versions minted by a pass that lost a race are destroyed: one current version per VM."""
-        for version in minted:
-            if version != keep:
-                self.secrets.destroy_version(version)
 
 
 AGENT_PATH = "/usr/local/sbin/meshjoin-agent"
@@ -589,8 +747,9 @@ def _entry_vm(entry: dict) -> VmKey | None:
     return VmKey(*parts) if all(isinstance(p, str) and p for p in parts) else None
 
 
-def _same_secret(version: str | None, other: str) -> bool:
-    """Whether two version names belong to the same secret (a recreated VM's old one may not)."""
-    return bool(version) and version.rsplit("/versions/", 1)[0] == other.rsplit("/versions/", 1)[0]
-
-
+def _legacy_not_after(status: dict, now: datetime) -> datetime:
+    """The legacy certificate's end, for the entry's annotation while agent 2 still serves (now if unknown)."""
+    try:
+        return _parse_time(status["certNotAfter"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return now

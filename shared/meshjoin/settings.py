@@ -116,7 +116,10 @@ class Settings:
     cert_ttl: timedelta = timedelta(hours=24)
     renew_fraction: float = 0.5
     renew_jitter_fraction: float = 0.1
-    key_algorithm: str = "ecdsa-p256"
+    key_algorithm: str = "ecdsa-p256"  # what the VMs' agents generate, and the only key type certified
+    # Ask a VM's agent for a new key when a re-certification would make its key's certificate count
+    # exceed this (renewals, CA re-issues); 0: never ask (MESHJOIN_KEY_ROTATION_RENEWALS).
+    key_rotation_renewals: int = 3
     istiod_address: str = "istiod.istio-system.svc:15012"
     istiod_ip: str = ""
     mesh_id: str = ""
@@ -139,7 +142,7 @@ class Settings:
     confirm_timeout: timedelta = timedelta(minutes=15)
     # Per-minute API quotas of the project, and the share one process may use (issue 13, defect 8).
     quota_share: float = 0.5
-    secretmanager_reads_per_minute: int = 600
+    secretmanager_reads_per_minute: int = 600  # the CA reads, the legacy per-VM secret listing
     secretmanager_writes_per_minute: int = 600
     compute_reads_per_minute: int = 1500
     compute_writes_per_minute: int = 1500
@@ -217,6 +220,7 @@ class Settings:
         convert("MESHJOIN_RENEW_JITTER", "renew_jitter_fraction", _fraction)
         convert("MESHJOIN_API_ATTEMPTS", "api_attempts", _positive_int)
         convert("MESHJOIN_KEY_ALGORITHM", "key_algorithm", _key_algorithm)
+        convert("MESHJOIN_KEY_ROTATION_RENEWALS", "key_rotation_renewals", _non_negative_int)
         convert("MESHJOIN_PRUNE_CAP", "prune_cap", _positive_int)
         convert("MESHJOIN_SWEEP_RENEWALS", "sweep_renewals", _positive_int)
         convert("MESHJOIN_SWEEP_SECONDS", "sweep_seconds", parse_duration)
@@ -261,6 +265,13 @@ def _positive_int(raw: str) -> int:
     value = int(raw)
     if value < 1:
         raise ValueError("must be a positive integer")
+    return value
+
+
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("must be 0 or a positive integer")
     return value
 
 

@@ -1,11 +1,17 @@
 """The maintenance sweep: bring the whole fleet to the truth with the per-VM reconcile.
 
-Inventory is three paged listings, never a call per VM: labelled VMs (Compute aggregatedList with
-a server-side label filter; their metadata carries `meshjoin-status`), meshjoin's WorkloadEntries
-and Services (label selector), and per-VM secrets (label filter). A pure `plan_sweep` turns the
-inventory into actions; only VMs with something to do cost further calls. Pruning happens only
-from complete listings, through a reconcile that sees a definitive 404 or a missing label, and at
-most `prune_cap` per sweep.
+Inventory is paged listings, never a call per VM: labelled VMs (Compute aggregatedList with a
+server-side label filter; their metadata carries `meshjoin-status`: keyId, certificate times, CA,
+rekey token), meshjoin's WorkloadEntries and Services (label selector), and the legacy per-VM
+secrets of meshjoin 2 (Secret Manager label filter). A pure `plan_sweep` turns the inventory into
+actions from the statuses alone; only VMs with something to do cost further calls:
+- renewals and CA re-issues: the reconcile re-certifies the VM's current key from its CSR (one
+  getGuestAttributes, one setMetadata; no Secret Manager call);
+- VMs waiting for their agent, with a key rotation pending, or migrating from a per-VM secret: the
+  reconcile reads their guest attributes;
+- legacy secrets whose VM is gone, unlabelled or migrated (no `meshjoin-secret` item): deleted.
+Pruning happens only from complete listings, through a reconcile that sees a definitive 404 or a
+missing label, and at most `prune_cap` per sweep.
 """
 
 from __future__ import annotations
@@ -18,12 +24,12 @@ from typing import Callable
 
 from . import bootstrap, names, pki
 from .adapters.ratelimit import sweep_renewal_budget
-from .errors import BadMessage, MeshjoinError, TransientError
+from .errors import BadMessage, MeshjoinError
 from .events import validated_key
 from .logs import log
 from .model import JOIN_LABEL, JOIN_VALUE, Denial, Vm, VmKey
 from .policy import decide_identity
-from .reconcile import STOPPED_STATES, Delivered, Reconciler, needs_new_cert
+from .reconcile import STOPPED_STATES, Delivered, Reconciler, is_legacy, needs_new_cert, rekey_pending
 from .settings import Settings
 
 LABEL_FILTER = f"labels.{JOIN_LABEL}={JOIN_VALUE}"
@@ -32,7 +38,8 @@ CLUSTER_PAGE = 5000
 OWNED_SELECTOR = f"{names.MANAGED_BY_LABEL}={names.MANAGED_BY}"
 
 # Action kinds, in the order a sweep spends its budget on them.
-JOIN, REISSUE, RENEW, PRUNE, PRUNE_SERVICE = "join", "reissue", "renew", "prune", "prune-service"
+JOIN, REISSUE, RENEW, PRUNE, PRUNE_SERVICE, PRUNE_SECRET = \
+    "join", "reissue", "renew", "prune", "prune-service", "prune-secret"
 TO_BE_DENIED = "to be denied"
 
 
@@ -41,7 +48,7 @@ class Inventory:
     vms: dict[VmKey, Vm]
     entries: list[dict]
     services: list[dict]
-    secrets: dict[VmKey, str]
+    secrets: dict[VmKey, str]  # legacy per-VM secrets (meshjoin 2) by the VM they were made for
     errors: list[str] = field(default_factory=list)
     # Zones the VM listing could not reach (aggregatedList `unreachables`): their VMs are unseen,
     # so nothing of theirs is pruned or re-joined this sweep.
@@ -139,6 +146,12 @@ def plan_sweep(inventory: Inventory, settings: Settings, ca_fingerprint: str, no
         for key in sorted(k for k in orphans if k is not None and k not in inventory.vms
                           and k.zone not in inventory.unreachable_zones):
             prunes.append(Action(PRUNE, key, "no labelled VM by that name (404 or label removed)"))
+        # A denial planned above removes the VM's legacy secret itself.
+        denying = {a.key for a in actions if a.reason.startswith(TO_BE_DENIED)}
+        for key in sorted(k for k in inventory.secrets if k in inventory.vms and k not in denying
+                          and not is_legacy(inventory.vms[k])):
+            prunes.append(Action(PRUNE_SECRET, key, "legacy per-VM secret of a VM that no longer uses one "
+                                                    "(migrated to agent 3, or never named it)"))
         selected = {((e.get("metadata") or {}).get("namespace"), ((e.get("metadata") or {}).get("labels") or {}).get("app"))
                     for e in inventory.entries}
         for svc in inventory.services:
@@ -196,14 +209,17 @@ def _plan_vm(key: VmKey, vm: Vm, settings: Settings, ca_fingerprint: str, now: d
             return None
         return Action(JOIN, key, f"the VM is {vm.status}: to be taken out of routing")
     delivered = Delivered.from_status(status)
-    if status.get("state") == "waiting" and delivered is not None:
-        # meshjoin did its part; re-check whether the VM's agent has confirmed since.
+    if status.get("state") == "waiting":
+        # meshjoin did its part; re-check whether the VM's agent has handed in its key or confirmed since.
+        awaited = "confirm" if delivered is not None else "hand in its key (CSR)"
         since = _time_or_none(status.get("waitingSince"))
         if since is not None and now - since > settings.confirm_timeout:
-            notes.append(f"{key} has waited {str(now - since).split('.')[0]} for its agent to confirm "
+            notes.append(f"{key} has waited {str(now - since).split('.')[0]} for its agent to {awaited} "
                          "(MESHJOIN_CONFIRM_TIMEOUT): reboot it, or run "
                          "`sudo google_metadata_script_runner startup` on it; `meshjoin explain` says more")
-        return Action(JOIN, key, "waiting for the VM to confirm")
+        return Action(JOIN, key, f"waiting for the VM to {awaited}")
+    if is_legacy(vm):
+        return Action(JOIN, key, "migrating from its per-VM secret: checking for agent 3's key")
     if status.get("state") != "joined" or delivered is None:
         return Action(JOIN, key, f"labelled but {str(status.get('state') or 'never handled')[:40]}")
     entry = entries_by_ref.get(status.get("workloadEntry")) if isinstance(status.get("workloadEntry"), str) else None
@@ -216,6 +232,8 @@ def _plan_vm(key: VmKey, vm: Vm, settings: Settings, ca_fingerprint: str, now: d
     why = needs_new_cert(delivered, vm=vm, spiffe=decision.spiffe(settings.trust_domain),
                          ca_fingerprint=ca_fingerprint, now=now, settings=settings)
     if why is None:
+        if rekey_pending(status.get("rekey") if isinstance(status.get("rekey"), str) else None, delivered.key_id):
+            return Action(JOIN, key, "a key rotation was requested: checking for the VM's new key")
         return None
     kind = REISSUE if delivered.ca_fingerprint != ca_fingerprint else RENEW if "renewal" in why else JOIN
     return Action(kind, key, why)
@@ -254,13 +272,13 @@ class Sweeper:
         entries = listing("WorkloadEntries", lambda: list(r.kube.list("WorkloadEntry", OWNED_SELECTOR,
                                                                       page_size=CLUSTER_PAGE)))
         services = listing("Services", lambda: list(r.kube.list("Service", OWNED_SELECTOR, page_size=CLUSTER_PAGE)))
-        secrets = listing("per-VM secrets", lambda: dict(r.secrets.list_vm_secrets()))
+        secrets = listing("legacy per-VM secrets", lambda: dict(r.secrets.list_vm_secrets()))
         return Inventory(vms or {}, entries or [], services or [], secrets or {}, errors, frozenset(unreachable))
 
     def sweep(self, *, dry_run: bool = False, progress: Callable[[int, int], None] | None = None) -> SweepSummary:
         started = time.monotonic()
-        counts = dict.fromkeys(("joined", "waiting", "renewed", "reissued", "pruned", "denied", "errors",
-                                "deferred"), 0)
+        counts = dict.fromkeys(("joined", "waiting", "renewed", "reissued", "rotated", "migrated", "pruned",
+                                "denied", "errors", "deferred"), 0)
         inventory = self.inventory()
         errors = list(inventory.errors)
         if "Compute instances" in " ".join(inventory.errors):
@@ -288,7 +306,7 @@ class Sweeper:
 
     def _execute(self, plan: SweepPlan, inventory: Inventory, counts: dict, errors: list[str], started: float,
                  progress) -> None:
-        # The configured cap, lowered to what this process's share of Secret Manager's quotas allows.
+        # The configured cap, lowered to what this process's share of Compute's quotas allows.
         budget_renewals = sweep_renewal_budget(self.settings)
         deadline = started + self.settings.sweep_seconds.total_seconds()
         runnable: list[Action] = []
@@ -302,7 +320,7 @@ class Sweeper:
         if counts["deferred"]:
             log("WARNING", f"{counts['deferred']} renewals deferred to the next sweep "
                            f"(budget {sweep_renewal_budget(self.settings)}: MESHJOIN_SWEEP_RENEWALS="
-                           f"{self.settings.sweep_renewals}, Secret Manager quota share)", outcome="deferred")
+                           f"{self.settings.sweep_renewals}, Compute quota share)", outcome="deferred")
         done = 0
 
         def run(action: Action) -> tuple[Action, str]:
@@ -312,10 +330,13 @@ class Sweeper:
                 if action.kind == PRUNE_SERVICE:
                     namespace, _, name = action.target.partition("/")
                     return action, "pruned" if self.reconciler.prune_service(namespace, name) else "unchanged"
+                if action.kind == PRUNE_SECRET:
+                    return action, "pruned" if self.reconciler.prune_legacy_secret(action.key) else "unchanged"
                 # A denial the sweep planned removes what meshjoin's listings showed (a key, an entry).
                 outcome = self.reconciler.reconcile(action.key, vm=inventory.vms.get(action.key),
                                                     cleanup=action.kind == PRUNE or
-                                                    action.reason.startswith(TO_BE_DENIED))
+                                                    action.reason.startswith(TO_BE_DENIED),
+                                                    legacy_secret=action.key in inventory.secrets, read_agent=False)
                 return action, outcome.verb
             except MeshjoinError as exc:
                 # One VM's failure, transient, permanent or a missing permission, is that VM's: logged for
@@ -342,5 +363,6 @@ class Sweeper:
 
 
 # Reconcile verbs → summary counters (denials are counted from the plan, once per denied VM).
-SWEEP_COUNTER = {"registered": "joined", "renewed": "renewed", "reissued": "reissued", "left": "pruned",
-                 "pruned": "pruned", "deferred": "deferred", "delivered": "waiting", "rechecked": "waiting"}
+SWEEP_COUNTER = {"registered": "joined", "renewed": "renewed", "reissued": "reissued", "rotated": "rotated",
+                 "migrated": "migrated", "left": "pruned", "pruned": "pruned", "deferred": "deferred",
+                 "delivered": "waiting", "bootstrapped": "waiting", "rechecked": "waiting"}

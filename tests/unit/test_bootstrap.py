@@ -42,7 +42,12 @@ def test_cluster_env_has_istioctl_keys_and_certs_dir():
                  "ISTIO_META_WORKLOAD_NAME", "POD_NAMESPACE", "TRUST_DOMAIN"):
         assert name in env, name
     assert env["ISTIO_SERVICE"] == "orders.apps" and env["SERVICE_ACCOUNT"] == "orders"
-    assert env["PROV_CERT"] == env["OUTPUT_CERTS"] == "/etc/certs"
+    # meshjoin is the only issuer: istio-agent serves the files, and never renews through istiod.
+    assert "PROV_CERT" not in env and "OUTPUT_CERTS" not in env
+    assert env["FILE_MOUNTED_CERTS"] == "true"
+    assert (env["ISTIO_META_TLS_CLIENT_CERT_CHAIN"], env["ISTIO_META_TLS_CLIENT_KEY"],
+            env["ISTIO_META_TLS_CLIENT_ROOT_CERT"]) == ("/etc/certs/cert-chain.pem", "/etc/certs/key.pem",
+                                                        "/etc/certs/root-cert.pem")
     assert env["ISTIO_INBOUND_PORTS"] == "8080,9090"
     assert json.loads(env["ISTIO_METAJSON_LABELS"])["app"] == "orders"
 
@@ -68,18 +73,29 @@ def test_mesh_config_and_hosts():
 
 
 def test_bootstrap_items_carry_no_key_and_the_final_keys():
-    items = bootstrap.bootstrap_items(KEY, IDENTITY, SETTINGS, root_pem="ROOT", secret_version="projects/1/s/v/1")
+    items = bootstrap.bootstrap_items(KEY, IDENTITY, SETTINGS, root_pem="ROOT")
     assert set(items) == {names.CLUSTER_ENV_KEY, names.MESH_CONFIG_KEY, names.ROOT_CERT_KEY, names.HOSTS_KEY,
-                          names.SECRET_KEY, names.STARTUP_SCRIPT_KEY, names.GUEST_ATTRIBUTES_KEY}
-    assert items[names.GUEST_ATTRIBUTES_KEY] == "TRUE"  # the agent confirms through guest attributes
+                          names.KEY_ALGORITHM_KEY, names.STARTUP_SCRIPT_KEY, names.GUEST_ATTRIBUTES_KEY}
+    assert names.SECRET_KEY not in items  # legacy only: no per-VM secret any more
+    assert items[names.KEY_ALGORITHM_KEY] == "ecdsa-p256"  # what the agent generates
+    assert items[names.GUEST_ATTRIBUTES_KEY] == "TRUE"  # the agent hands in its CSR and confirms through them
     assert not any("PRIVATE KEY" in v for v in items.values())
     assert names.STARTUP_SCRIPT_MARKER in items[names.STARTUP_SCRIPT_KEY]
+
+
+def test_key_algorithm_item_follows_the_setting_and_agent_version_is_3():
+    settings = Settings.from_env({"MESHJOIN_PROJECT": "my-proj", "MESHJOIN_CLUSTER": SETTINGS.cluster,
+                                  "MESHJOIN_KEY_ALGORITHM": "rsa-2048"})
+    assert bootstrap.bootstrap_items(KEY, IDENTITY, settings, root_pem="R")[names.KEY_ALGORITHM_KEY] == "rsa-2048"
+    assert bootstrap.AGENT_VERSION == "3"
+    assert (names.CERT_CHAIN_KEY, names.KEY_ALGORITHM_KEY, names.REKEY_KEY) == \
+        ("meshjoin-cert-chain", "meshjoin-key-algorithm", "meshjoin-rekey")
 
 
 def test_defect3_bootstrap_names_the_events_topic_for_the_agents_nudge():
     settings = Settings.from_env({"MESHJOIN_PROJECT": "my-proj", "MESHJOIN_CLUSTER": SETTINGS.cluster,
                                   "MESHJOIN_EVENTS_TOPIC": "meshjoin-events"})
-    items = bootstrap.bootstrap_items(KEY, IDENTITY, settings, root_pem="ROOT", secret_version="projects/1/s/v/1")
+    items = bootstrap.bootstrap_items(KEY, IDENTITY, settings, root_pem="ROOT")
     assert items[names.EVENTS_TOPIC_KEY] == "projects/my-proj/topics/meshjoin-events"
     assert items[names.PUBSUB_ENDPOINT_KEY] == "https://pubsub.googleapis.com"
     script = items[names.STARTUP_SCRIPT_KEY]

@@ -28,6 +28,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from cryptography import x509
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -42,6 +43,8 @@ from meshjoin.policy import decide_identity, parse_ports
 from meshjoin.reconcile import Reconciler
 from meshjoin.settings import IdentityBinding, Settings, protected_namespace
 from meshjoin.sweep import Inventory, plan_sweep
+
+from .vm_keys import csr_pem, ec_key
 
 settings.register_profile("bounded", max_examples=150, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -240,8 +243,7 @@ def test_no_value_adds_a_line_to_cluster_env_hosts_mesh_config_or_the_script(lab
     decision = decide_identity(vm_with(labels, {"mesh-ports": ports}), SETTINGS)
     if isinstance(decision, Denial):
         return
-    items = bootstrap.bootstrap_items(KEY, decision, SETTINGS, root_pem="-----BEGIN CERTIFICATE-----\nR\n",
-                                      secret_version="projects/1/secrets/s/versions/1")
+    items = bootstrap.bootstrap_items(KEY, decision, SETTINGS, root_pem="-----BEGIN CERTIFICATE-----\nR\n")
     reference = bootstrap.cluster_env(KEY, Identity("default", "default", "a", "v"), SETTINGS)
     env_text = items[names.CLUSTER_ENV_KEY]
     assert env_text.count("\n") == reference.count("\n")  # one line per variable, whatever the values
@@ -323,12 +325,17 @@ class FakeCompute:
                  project: dict[str, str] | None = None):
         self.vms = dict(vms)
         self.writes = 0
-        self.guest = dict(guest or {})  # guest attributes meshjoin/* per VM (what its agent reported)
+        self.guest = dict(guest or {})  # guest attributes meshjoin/* per VM (what its agent wrote)
         self.project = dict(project or {})  # the project's common instance metadata
         self.guest_reads = 0
+        self.vm_keys: dict[VmKey, object] = {}  # the keys the VMs' agents made (on the VM: never meshjoin's)
+        self.received: list[tuple[str, str]] = []  # every metadata item meshjoin wrote, for the leak scans
 
     def get_vm(self, key):
         return self.vms.get(key)
+
+    def list_vms(self, label_filter, page_size=500, unreachable=None):
+        return [vm for vm in self.vms.values() if vm.wants_mesh]
 
     def guest_attributes(self, key):
         self.guest_reads += 1
@@ -337,11 +344,21 @@ class FakeCompute:
     def project_metadata(self):
         return self.project
 
+    def hand_in_key(self, key, vm_key=None):
+        """What the VM's agent does first: make its key on the VM and write a CSR for it."""
+        vm_key = vm_key or ec_key()
+        self.vm_keys[key] = vm_key
+        self.guest.setdefault(key, {})[names.CSR_ATTRIBUTE] = csr_pem(vm_key)
+        return vm_key
+
     def confirm(self, key, *, sidecar="running"):
-        """What the VM's agent does after laying down the delivered certificate: report it."""
-        status = json.loads(self.vms[key].metadata[names.STATUS_KEY])
-        self.guest[key] = {"agent-version": "2", "cert-serial": status["certSerial"].upper(), "sidecar": sidecar,
-                           "updated": "2026-11-21T12:00:00Z"}
+        """What the VM's agent does with `meshjoin-cert-chain`: install it only if its leaf certifies the
+        agent's own key, then report the leaf's serial (openssl prints it in upper case)."""
+        chain = self.vms[key].metadata[names.CERT_CHAIN_KEY]
+        assert pki.chain_key_id(chain) == pki.key_id(self.vm_keys[key].public_key()), "not the VM's key"
+        leaf = x509.load_pem_x509_certificate(chain.encode())
+        self.guest.setdefault(key, {}).update({"agent-version": "3", "cert-serial": format(leaf.serial_number, "X"),
+                                               "sidecar": sidecar, "updated": "2026-11-21T12:00:00Z"})
 
     def set_metadata(self, vm, items, remove=frozenset()):
         current = self.vms[vm.key]
@@ -350,46 +367,31 @@ class FakeCompute:
         metadata = {k: v for k, v in current.metadata.items() if k not in remove}
         metadata.update(items)
         self.writes += 1
+        self.received.extend(items.items())
         self.vms[vm.key] = Vm(vm.key, current.instance_id, current.labels, metadata, f"fp-{self.writes}",
-                              current.network_ip, current.service_account)
+                              current.network_ip, current.service_account, current.status)
 
 
 class FakeSecrets:
-    def __init__(self, ca: PluginCa):
+    """Secret Manager as meshjoin now uses it: the CA (read) and meshjoin 2's per-VM secrets (list, delete)."""
+
+    def __init__(self, ca: PluginCa, legacy=()):
         self.ca = ca
-        self.versions: dict[str, list[tuple[int, str]]] = {}  # secret id -> [(number, state)]
-        self.grants: dict[str, str] = {}
+        self.legacy: set[VmKey] = set(legacy)  # VMs that still have a per-VM secret from meshjoin 2
+        self.calls: list[str] = []  # every call but the CA read
 
     def plugin_ca(self):
         return self.ca
 
-    def vm_secret_id(self, key):
-        return names.secret_id(key, "meshjoin-vm")
-
-    def store_vm_material(self, key, cert, reader, exists=False):
-        assert "PRIVATE KEY" in cert.key_pem
-        secret = self.vm_secret_id(key)
-        self.grants[secret] = reader
-        numbers = self.versions.setdefault(secret, [])
-        numbers.append((len(numbers) + 1, "ENABLED"))
-        return f"projects/1/secrets/{secret}/versions/{len(numbers)}"
-
-    def _split(self, name):
-        secret, _, number = name.rpartition("/versions/")
-        return secret.rsplit("/", 1)[-1], int(number)
-
-    def destroy_version(self, name):
-        secret, number = self._split(name)
-        self.versions[secret] = [(n, "DESTROYED" if n == number else s) for n, s in self.versions.get(secret, [])]
-
-    def destroy_undelivered_versions(self, key, delivered, keep=(), minted_before=None):
-        secret, number = self._split(delivered)
-        kept = {self._split(k)[1] for k in keep if k}
-        self.versions[secret] = [(n, "DESTROYED" if n < number and n not in kept else s)
-                                 for n, s in self.versions.get(secret, [])]
+    def list_vm_secrets(self):
+        self.calls.append("secrets.list")
+        return [(key, f"projects/1/secrets/{names.secret_id(key, 'meshjoin-vm')}") for key in sorted(self.legacy)]
 
     def delete_vm_secret(self, key):
-        return self.versions.pop(self.vm_secret_id(key), None) is not None
+        self.calls.append(f"secrets.delete {key}")
+        present = key in self.legacy
+        self.legacy.discard(key)
+        return present
 
 
 class FakeKube:
@@ -434,6 +436,9 @@ class FakeKube:
         return True
 
 
+OTHER = VmKey(PROJECT, ZONE, "victim")
+
+
 def other_vms_entry() -> dict:
     """A meshjoin-owned WorkloadEntry of ANOTHER VM, which a forged status may name."""
     other = Vm(VmKey(PROJECT, ZONE, "victim"), "7", {"mesh": "join"}, {}, "fp", "10.128.0.9", "v@x")
@@ -443,53 +448,62 @@ def other_vms_entry() -> dict:
 FOREIGN = {"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
            "metadata": {"name": "foreign", "namespace": "apps", "labels": {"app": "foreign"}},
            "spec": {"address": "10.0.0.1"}}
-STATUS_KEYS = st.sampled_from(["state", "reason", "identity", "workloadEntry", "secret", "certNotBefore",
-                               "certNotAfter", "caFingerprint", "instanceId", "previousSecret", "warnings"])
+STATUS_KEYS = st.sampled_from(["state", "reason", "identity", "workloadEntry", "keyId", "keyCerts", "certSerial",
+                               "certNotBefore", "certNotAfter", "caFingerprint", "instanceId", "confirmedSerial",
+                               "rekey", "secret", "warnings"])
 FORGED_VALUES = st.one_of(JSON, st.sampled_from([
     "apps/victim-us-central1-a-my-project", "apps/foreign", "kube-system/coredns", "joined", "error", "4242",
     "2026-11-21T00:00:00", "2026-11-21T00:00:00Z", "2999-01-01T00:00:00+00:00", "ca-fingerprint",
     "spiffe://cluster.local/ns/default/sa/default",
     "projects/1/secrets/meshjoin-vm-my-project-us-central1-a-victim/versions/1",
-    "projects/1/secrets/meshjoin-vm-my-project-us-central1-a-vm-1/versions/1"]))
+    "projects/1/secrets/meshjoin-vm-my-project-us-central1-a-vm-1/versions/1",
+    "0123456789abcdef", "1f", "4", "0123456789abcdef.20261121T000000Z", "../../etc"]))
 FORGED_STATUS = st.one_of(TEXT, st.dictionaries(STATUS_KEYS, FORGED_VALUES, max_size=11).map(json.dumps))
 METADATA = st.fixed_dictionaries({}, optional={
     "mesh-ports": PORTS, names.STATUS_KEY: FORGED_STATUS,
     names.STARTUP_SCRIPT_KEY: st.one_of(TEXT, st.just(names.STARTUP_SCRIPT_MARKER + "\nold")),
-    names.SECRET_KEY: TEXT, names.CLUSTER_ENV_KEY: TEXT})
+    names.SECRET_KEY: TEXT, names.CLUSTER_ENV_KEY: TEXT, names.CERT_CHAIN_KEY: TEXT, names.REKEY_KEY: TEXT})
+# What the VM's agent wrote to its guest attributes: nothing, its CSR, junk, or a forged report.
+GUEST = st.sampled_from(["none", "csr", "junk", "report"])
 ANY_LABELS = st.one_of(LABELS, st.dictionaries(st.sampled_from(["mesh", "mesh-namespace"]), TEXT, max_size=2))
 
 
 @hostile
 @given(ANY_LABELS, METADATA, st.sampled_from(["vm-1@my-project.iam.gserviceaccount.com",
-                                              "123-compute@developer.gserviceaccount.com", None]))
-def test_reconcile_of_a_hostile_vm_ends_in_an_outcome_and_harms_nobody_else(plugin_ca, labels, metadata, account):
+                                              "123-compute@developer.gserviceaccount.com", None]), GUEST)
+def test_reconcile_of_a_hostile_vm_ends_in_an_outcome_and_harms_nobody_else(plugin_ca, labels, metadata, account,
+                                                                            guest):
     vm = vm_with(labels, metadata, account)
-    compute, secrets = FakeCompute({KEY: vm}), FakeSecrets(plugin_ca)
+    compute, secrets = FakeCompute({KEY: vm}), FakeSecrets(plugin_ca, legacy=[KEY, OTHER])
+    vm_key = compute.hand_in_key(KEY) if guest == "csr" else None
+    if guest == "junk":
+        compute.guest[KEY] = {names.CSR_ATTRIBUTE: "-----BEGIN CERTIFICATE REQUEST-----\n$(reboot)\n", "sidecar": "x"}
+    elif guest == "report":
+        compute.guest[KEY] = {"cert-serial": "1F", "sidecar": "running", "agent-version": "3"}
     kube = FakeKube([other_vms_entry(), FOREIGN])
     bystanders = {k: json.dumps(v, sort_keys=True) for k, v in kube.objects.items()}
     reconciler = Reconciler(SETTINGS, compute, secrets, kube, clock=lambda: NOW)
 
     outcome = reconciler.reconcile(KEY)
 
-    assert outcome.verb in ("registered", "delivered", "rechecked", "refreshed", "unchanged", "renewed", "reissued",
-                            "left", "denied", "ignored", "failed"), outcome
+    assert outcome.verb in ("registered", "bootstrapped", "delivered", "rechecked", "refreshed", "unchanged",
+                            "renewed", "reissued", "rotated", "migrating", "migrated", "left", "denied", "ignored",
+                            "failed"), outcome
     after = compute.vms[KEY].metadata
     assert not any("PRIVATE KEY" in value for value in after.values())
     assert {k: json.dumps(v, sort_keys=True) for k, v in kube.objects.items() if k in bystanders} == bystanders
+    assert OTHER in secrets.legacy and all(call.endswith(str(KEY)) for call in secrets.calls)  # only its own secret
     decision = decide_identity(vm, SETTINGS)
     entries = [o for o in kube.objects.values() if o["kind"] == "WorkloadEntry"
                and (o["metadata"].get("annotations") or {}).get(names.ANNOTATION_PREFIX + "instance") == "vm-1"]
+    chains = [value for item, value in compute.received if item == names.CERT_CHAIN_KEY]
+    for chain in chains:  # anything meshjoin signed: the VM's own key, and the identity policy grants
+        assert isinstance(decision, Identity) and vm_key is not None
+        assert pki.cert_info(chain).spiffe_id == decision.spiffe(SETTINGS.trust_domain)
+        assert pki.chain_key_id(chain) == pki.key_id(vm_key.public_key())
     if outcome.state == "joined":
         assert isinstance(decision, Identity)
         assert [e["metadata"]["namespace"] for e in entries] == [decision.namespace]
-        secret_id = secrets.vm_secret_id(KEY)
-        # The VM is pointed at its own secret, whatever a forged status named.
-        assert after[names.SECRET_KEY].rsplit("/versions/", 1)[0].endswith("/" + secret_id)
-        enabled = [n for n, s in secrets.versions.get(secret_id, []) if s == "ENABLED"]
-        assert len(enabled) <= 1
-        if enabled:
-            assert secrets.grants[secret_id] == account
-            assert after[names.SECRET_KEY].endswith(f"/versions/{enabled[0]}")
         assert bootstrap.parse_status(after[names.STATUS_KEY])["state"] == "joined"
     else:
         assert entries == []
@@ -523,6 +537,8 @@ def test_a_forged_status_cannot_make_meshjoin_delete_another_vms_entry(plugin_ca
     reconciler = Reconciler(SETTINGS, compute, FakeSecrets(plugin_ca), kube, clock=lambda: NOW)
     assert reconciler.reconcile(KEY).state == "waiting"  # a forged "joined" is not the VM's confirmation
     assert ("WorkloadEntry", "apps", "victim-us-central1-a-my-project") in kube.objects
+    compute.hand_in_key(KEY)
+    assert reconciler.reconcile(KEY).verb == "delivered"
     compute.confirm(KEY)
     assert reconciler.reconcile(KEY).state == "joined"
     assert ("WorkloadEntry", "apps", "victim-us-central1-a-my-project") in kube.objects
@@ -533,73 +549,71 @@ def test_a_forged_status_cannot_make_meshjoin_delete_another_vms_entry(plugin_ca
     {"certNotBefore": None},
     {"certNotBefore": "2026-11-21T00:00:00", "certNotAfter": "2026-11-22T00:00:00"},  # no time zone
     {"workloadEntry": ["apps", "x"]},
-    {"previousSecret": 7},
-], ids=["null time", "naive times", "list entry", "number secret"])
+    {"keyCerts": 7},
+    {"rekey": "x\ny"},
+], ids=["null time", "naive times", "list entry", "number keyCerts", "multi-line rekey"])
 def test_a_forged_status_neither_crashes_the_sweep_nor_the_reconcile(plugin_ca, forged):
     status = {"state": "joined", "identity": "spiffe://cluster.local/ns/default/sa/default", "instanceId": "4242",
-              "caFingerprint": "ca-fingerprint",
-              "secret": "projects/1/secrets/meshjoin-vm-my-project-us-central1-a-vm-1/versions/1",
+              "caFingerprint": "ca-fingerprint", "keyId": "0123456789abcdef", "certSerial": "1f",
               "certNotBefore": "2026-11-21T00:00:00Z", "certNotAfter": "2026-11-22T00:00:00Z", **forged}
     vm = vm_with({"mesh": "join"}, {names.STATUS_KEY: json.dumps(status)})
     plan_sweep(Inventory({KEY: vm}, [], [], {}), SETTINGS, plugin_ca.fingerprint, NOW)
     compute = FakeCompute({KEY: vm})
     reconciler = Reconciler(SETTINGS, compute, FakeSecrets(plugin_ca), FakeKube(), clock=lambda: NOW)
     assert reconciler.reconcile(KEY).state == "waiting"
+    compute.hand_in_key(KEY)
+    assert reconciler.reconcile(KEY).state == "waiting"
     compute.confirm(KEY)
     assert reconciler.reconcile(KEY).state == "joined"
 
 
-def test_a_status_naming_another_vms_secret_is_not_trusted(plugin_ca):
+def test_a_status_naming_a_key_the_vm_never_proved_is_not_certified(plugin_ca):
+    """The owner forges a status whose keyId is some other key's (a public key is public): renewals re-certify
+    only a key the VM proves it holds, so a CSR for another key is certified as a new key, never the forged one."""
     status = {"state": "joined", "identity": "spiffe://cluster.local/ns/default/sa/default", "instanceId": "4242",
-              "caFingerprint": "ca-fingerprint", "certNotBefore": "2026-11-21T11:00:00Z",
-              "certNotAfter": "2026-11-22T11:00:00Z",
-              "secret": "projects/1/secrets/meshjoin-vm-my-project-us-central1-a-victim/versions/3"}
+              "caFingerprint": "ca-fingerprint", "keyId": "0123456789abcdef", "keyCerts": "1", "certSerial": "1f",
+              "confirmedSerial": "1f", "certNotBefore": "2026-11-20T00:00:00Z", "certNotAfter": "2026-11-21T01:00:00Z"}
     compute = FakeCompute({KEY: vm_with({"mesh": "join"}, {names.STATUS_KEY: json.dumps(status)})})
     reconciler = Reconciler(SETTINGS, compute, FakeSecrets(plugin_ca), FakeKube(), clock=lambda: NOW)
-    assert reconciler.reconcile(KEY).verb == "delivered"
-    assert compute.vms[KEY].metadata[names.SECRET_KEY] == "projects/1/secrets/meshjoin-vm-my-project-us-central1-a-vm-1/versions/1"
-    compute.confirm(KEY)
-    assert reconciler.reconcile(KEY).verb == "registered"
+    outcome = reconciler.reconcile(KEY)  # renewal due, no CSR: nothing signed
+    assert names.CERT_CHAIN_KEY not in compute.vms[KEY].metadata and "nothing was certified" in outcome.reason
+    vm_key = compute.hand_in_key(KEY)
+    reconciler.reconcile(KEY)
+    chain = compute.vms[KEY].metadata[names.CERT_CHAIN_KEY]
+    assert pki.chain_key_id(chain) == pki.key_id(vm_key.public_key())
 
 
-def test_orphan_versions_of_an_interrupted_join_are_destroyed_by_the_next_one(plugin_ca):
-    secrets = FakeSecrets(plugin_ca)
-    secrets.versions[secrets.vm_secret_id(KEY)] = [(1, "ENABLED"), (2, "ENABLED")]  # two passes died after minting
-    compute = FakeCompute({KEY: vm_with({"mesh": "join"}, {})})
-    Reconciler(SETTINGS, compute, secrets, FakeKube(), clock=lambda: NOW).reconcile(KEY)
-    assert secrets.versions[secrets.vm_secret_id(KEY)] == [(1, "DESTROYED"), (2, "DESTROYED"), (3, "ENABLED")]
-
-
-def test_a_foreign_object_in_the_way_leaves_no_minted_key_behind(plugin_ca):
+def test_a_foreign_object_in_the_way_leaves_nothing_certified(plugin_ca):
     squatter = {**FOREIGN, "metadata": {**FOREIGN["metadata"], "name": "vm-1-us-central1-a-my-project", "namespace": "default"}}
-    secrets, kube = FakeSecrets(plugin_ca), FakeKube([squatter])
+    kube = FakeKube([squatter])
     compute = FakeCompute({KEY: vm_with({"mesh": "join"}, {})})
-    reconciler = Reconciler(SETTINGS, compute, secrets, kube, clock=lambda: NOW)
-    for _ in range(3):  # every pass: the entry name is taken, so no key is handed out at all
+    compute.hand_in_key(KEY)
+    reconciler = Reconciler(SETTINGS, compute, FakeSecrets(plugin_ca), kube, clock=lambda: NOW)
+    for _ in range(3):  # every pass: the entry name is taken, so nothing is certified at all
         outcome = reconciler.reconcile(KEY)
         assert outcome.verb == "failed" and "not managed by meshjoin" in outcome.reason
     assert bootstrap.parse_status(compute.vms[KEY].metadata[names.STATUS_KEY])["state"] == "error"
-    assert secrets.versions.get(secrets.vm_secret_id(KEY), []) == []  # no readable key for a VM that cannot join
-    assert names.SECRET_KEY not in compute.vms[KEY].metadata
+    assert names.CERT_CHAIN_KEY not in compute.vms[KEY].metadata
     assert kube.objects[("WorkloadEntry", "default", "vm-1-us-central1-a-my-project")]["spec"] == squatter["spec"]
 
 
-def test_a_pass_that_fails_after_minting_destroys_its_undelivered_key(plugin_ca):
+def test_a_pass_that_fails_after_certifying_leaves_nothing_to_clean_up(plugin_ca):
     from meshjoin.errors import TransientError
 
     class FlakyCompute(FakeCompute):
-        def __init__(self, vms, applied: bool):
-            super().__init__(vms)
-            self.applied = applied
+        failing = True
 
         def set_metadata(self, vm, items, remove=frozenset()):
-            if self.applied:  # the write happened, its answer was lost
-                super().set_metadata(vm, items, remove)
-            raise TransientError("setMetadata: 503")
+            if self.failing:
+                raise TransientError("setMetadata: 503")
+            super().set_metadata(vm, items, remove)
 
-    for applied, state in ((False, "DESTROYED"), (True, "ENABLED")):
-        secrets = FakeSecrets(plugin_ca)
-        compute = FlakyCompute({KEY: vm_with({"mesh": "join"}, {})}, applied)
-        with pytest.raises(TransientError):
-            Reconciler(SETTINGS, compute, secrets, FakeKube(), clock=lambda: NOW).reconcile(KEY)
-        assert secrets.versions[secrets.vm_secret_id(KEY)] == [(1, state)]
+    secrets = FakeSecrets(plugin_ca)
+    compute = FlakyCompute({KEY: vm_with({"mesh": "join"}, {})})
+    compute.hand_in_key(KEY)
+    reconciler = Reconciler(SETTINGS, compute, secrets, FakeKube(), clock=lambda: NOW)
+    with pytest.raises(TransientError):
+        reconciler.reconcile(KEY)
+    assert secrets.calls == []  # the certificate of the lost pass is public and unused: nothing to destroy
+    compute.failing = False
+    assert reconciler.reconcile(KEY).verb == "delivered"

@@ -87,27 +87,10 @@ class TenantCompute(FakeCompute):
                               current.metadata_fingerprint, current.network_ip, current.service_account, vm.status)
 
 
-class TenantSecrets(FakeSecrets):
-    def __init__(self, ca):
-        super().__init__(ca)
-        self.keys: dict[str, VmKey] = {}
-
-    def store_vm_material(self, key, cert, reader, exists=False):
-        self.keys[self.vm_secret_id(key)] = key
-        return super().store_vm_material(key, cert, reader, exists)
-
-    def list_vm_secrets(self):
-        return [(self.keys[s], f"projects/1/secrets/{s}") for s in self.versions if s in self.keys]
-
-    def delete_vm_secret(self, key):
-        self.grants.pop(self.vm_secret_id(key), None)
-        return super().delete_vm_secret(key)
-
-
 class World:
     def __init__(self, ca, vms=(), objects=(), settings: Settings = SETTINGS):
         self.compute = TenantCompute({vm.key: vm for vm in vms}, acts_as={b.gsa for b in settings.identity_bindings})
-        self.secrets = TenantSecrets(ca)
+        self.secrets = FakeSecrets(ca)
         self.kube = FakeKube(list(objects))
         self.reconciler = Reconciler(settings, self.compute, self.secrets, self.kube, clock=lambda: NOW)
         self.sweeper = Sweeper(settings, self.reconciler, clock=lambda: NOW)
@@ -118,8 +101,7 @@ class World:
         objects = {str(k): o for k, o in self.kube.objects.items()
                    if (o["metadata"].get("annotations") or {}).get(names.ANNOTATION_PREFIX + "instance")
                    != attacker.instance}
-        mine = self.secrets.vm_secret_id(attacker)
-        secrets = {s: (v, self.secrets.grants.get(s)) for s, v in self.secrets.versions.items() if s != mine}
+        secrets = sorted(str(k) for k in self.secrets.legacy if k != attacker)
         return json.dumps([vms, objects, secrets], sort_keys=True, default=str)
 
 
@@ -139,9 +121,12 @@ def foreign_app(namespace: str, app: str) -> list[dict]:
 
 
 def join(world: World, key: VmKey):
-    """Join a VM as in production: meshjoin delivers (the VM is `waiting`, no entry), the VM's agent reports
-    the delivered certificate through guest attributes, and the next pass registers it."""
+    """Join a VM as in production: meshjoin bootstraps it (`waiting`, no entry), the VM's agent makes its key
+    and hands in a CSR, meshjoin certifies it (still `waiting`), the agent reports the certificate through
+    guest attributes, and the next pass registers it."""
     assert world.reconciler.reconcile(key).state == "waiting"
+    world.compute.hand_in_key(key)
+    assert world.reconciler.reconcile(key).verb == "delivered"
     world.compute.confirm(key)
     outcome = world.reconciler.reconcile(key)
     assert outcome.state == "joined", outcome
@@ -176,7 +161,7 @@ def test_attack_take_over_an_existing_app(plugin_ca):
         outcome = world.reconciler.reconcile(attacker.key)
 
         assert outcome.verb == "denied", (labels, account, outcome)
-        assert entries_with_app(world, "payments") == [] and world.secrets.versions == {}
+        assert entries_with_app(world, "payments") == [] and world.secrets.calls == []
         changed += world.outside(attacker.key) != before
     record("take over an existing app (its SPIFFE identity, its Service)", ATTEMPTS, changed)
     assert changed == 0
@@ -214,7 +199,7 @@ def test_attack_default_or_unbound_account_gets_nothing_written(plugin_ca):
         assert outcome.verb == "denied" and account in outcome.reason and ("bound" in outcome.reason or "bind" in outcome.reason)
         # Denied BEFORE anything is written: no key, no entry, and not even a status (actAs).
         assert world.compute.vms[attacker.key].metadata == {"mesh-ports": "http:8080"} and world.compute.writes == 1
-        assert world.secrets.vm_secret_id(attacker.key) not in world.secrets.versions
+        assert world.secrets.calls == []
         assert not [o for o in world.kube.objects.values()
                     if (o["metadata"].get("labels") or {}).get(names.VM_LABEL) == attacker.key.instance]
         changed += world.outside(attacker.key) != before
@@ -222,41 +207,53 @@ def test_attack_default_or_unbound_account_gets_nothing_written(plugin_ca):
     assert changed == 0
 
 
-def test_an_account_unbound_after_joining_loses_its_key_and_entry(plugin_ca):
+def test_an_account_unbound_after_joining_loses_its_entry_and_gets_no_more_certificates(plugin_ca):
     was_bound = vm("orders-1", ORDERS)
     world = World(plugin_ca, [was_bound])
     join(world, was_bound.key)
     assert world.kube.list("WorkloadEntry", f"{names.VM_LABEL}=orders-1") != []
     world.reconciler.settings = Settings(project=PROJECT, cluster=SETTINGS.cluster)  # the operator unbinds
+    writes = world.compute.writes
+    world.compute.hand_in_key(was_bound.key)  # asking for a certificate for a new key changes nothing
     outcome = world.reconciler.reconcile(was_bound.key)
-    assert outcome.verb == "denied" and world.secrets.versions == {} and world.kube.list(
-        "WorkloadEntry", f"{names.VM_LABEL}=orders-1") == []
+    assert outcome.verb == "denied" and world.kube.list("WorkloadEntry", f"{names.VM_LABEL}=orders-1") == []
+    assert world.compute.writes == writes and world.secrets.calls == []  # no actAs: nothing written, nothing signed
 
 
-def test_an_account_unbound_while_its_vm_waits_loses_its_key_at_the_next_sweep(plugin_ca):
-    """A VM that never confirmed has a key but no entry: the sweep must still find and remove it."""
-    waiting = vm("orders-1", ORDERS)
-    world = World(plugin_ca, [waiting])
-    assert world.reconciler.reconcile(waiting.key).state == "waiting" and world.secrets.versions != {}
+def legacy_vm(name: str, account: str) -> Vm:
+    """A VM meshjoin 2 joined: its key in a per-VM secret named by `meshjoin-secret`."""
+    secret = f"projects/1/secrets/{names.secret_id(VmKey(PROJECT, ZONE, name), 'meshjoin-vm')}/versions/3"
+    status = {"state": "joined", "identity": "spiffe://cluster.local/ns/apps/sa/orders", "instanceId": f"id-{name}",
+              "confirmedSerial": "abc", "certSerial": "abc", "secret": secret, "workloadEntry": "apps/x",
+              "certNotBefore": "2026-11-21T00:00:00Z", "certNotAfter": "2026-11-22T00:00:00Z"}
+    return vm(name, account, {}, {names.SECRET_KEY: secret, names.STATUS_KEY: json.dumps(status)})
+
+
+def test_an_account_unbound_while_its_vm_migrates_loses_its_legacy_secret_at_the_next_sweep(plugin_ca):
+    """The sweep finds a legacy secret by its own listing and removes it, whatever the VM's metadata says."""
+    migrating = legacy_vm("orders-1", ORDERS)
+    world = World(plugin_ca, [migrating])
+    world.secrets.legacy.add(migrating.key)
     unbound = Settings(project=PROJECT, cluster=SETTINGS.cluster)  # the operator unbinds
     world.reconciler.settings = world.sweeper.settings = unbound
     world.sweeper.sweep()
-    assert world.secrets.versions == {} and world.kube.list("WorkloadEntry", f"{names.VM_LABEL}=orders-1") == []
+    assert world.secrets.legacy == set() and world.kube.list("WorkloadEntry", f"{names.VM_LABEL}=orders-1") == []
 
 
-def test_a_forged_denied_status_does_not_keep_a_key_alive(plugin_ca):
-    """The owner of a waiting VM strips meshjoin's items and forges `denied`: meshjoin's listings, not the
+def test_a_forged_denied_status_does_not_keep_a_legacy_key_alive(plugin_ca):
+    """The owner of a migrating VM strips meshjoin's items and forges `denied`: meshjoin's listings, not the
     VM's metadata, decide what is removed, and the sweep converges (nothing left to do afterwards)."""
-    waiting = vm("tenant-1", ATTACKER)
-    world = World(plugin_ca, [waiting])
-    world.reconciler.reconcile(waiting.key)
+    migrating = legacy_vm("tenant-1", ATTACKER)
+    world = World(plugin_ca, [migrating])
+    world.secrets.legacy.add(migrating.key)
     world.reconciler.settings = world.sweeper.settings = Settings(project=PROJECT, cluster=SETTINGS.cluster)
-    current = world.compute.vms[waiting.key]
-    world.compute.vms[waiting.key] = Vm(waiting.key, current.instance_id, current.labels,
-                                        {names.STATUS_KEY: json.dumps({"state": "denied", "reason": "forged"})},
-                                        "fp-x", current.network_ip, current.service_account)
+    current = world.compute.vms[migrating.key]
+    world.compute.vms[migrating.key] = Vm(migrating.key, current.instance_id, current.labels,
+                                          {names.STATUS_KEY: json.dumps({"state": "denied", "reason": "forged"})},
+                                          "fp-x", current.network_ip, current.service_account)
     world.sweeper.sweep()
-    assert world.secrets.versions == {}
+    assert world.secrets.legacy == set()
+    assert world.secrets.calls.count(f"secrets.delete {migrating.key}") == 1
     assert world.sweeper.sweep(dry_run=True).plan.actions == []
 
 
@@ -283,15 +280,14 @@ def test_attack_cross_project_forged_entry(plugin_ca):
         forged_ref = ("WorkloadEntry", "tenant", forged["metadata"]["name"])
         before = json.dumps([world.compute.vms[victim.key].metadata,
                              {str(k): o for k, o in world.kube.objects.items() if k != forged_ref},
-                             world.secrets.versions, world.secrets.grants], sort_keys=True, default=str)
+                             sorted(map(str, world.secrets.legacy))], sort_keys=True, default=str)
 
         world.sweeper.sweep()
 
         after = json.dumps([world.compute.vms[victim.key].metadata,
                             {str(k): o for k, o in world.kube.objects.items() if k != forged_ref},
-                            world.secrets.versions, world.secrets.grants], sort_keys=True, default=str)
-        secret = world.secrets.vm_secret_id(victim.key)
-        assert world.secrets.grants[secret] == ORDERS  # the victim's key is still readable by the victim only
+                            sorted(map(str, world.secrets.legacy))], sort_keys=True, default=str)
+        assert not [c for c in world.secrets.calls if "delete" in c and "orders-1" not in c]
         changed += after != before
     record("cross-project takeover through a forged WorkloadEntry", ATTEMPTS, changed)
     assert changed == 0
@@ -300,7 +296,7 @@ def test_attack_cross_project_forged_entry(plugin_ca):
 def test_reconcile_never_acts_for_another_project(plugin_ca):
     world = World(plugin_ca, [vm("orders-1", ORDERS)])
     outcome = world.reconciler.reconcile(VmKey("attacker-project", ZONE, "orders-1"))
-    assert outcome.verb == "ignored" and world.secrets.versions == {} and world.kube.objects == {}
+    assert outcome.verb == "ignored" and world.secrets.calls == [] and world.kube.objects == {}
 
 
 def test_names_carry_the_project():
@@ -339,8 +335,9 @@ def test_attack_hostile_mesh_ports_cannot_stop_a_sweep(plugin_ca):
         attacker = vm("tenant-1", ATTACKER, {}, {"mesh-ports": ports})
         lost = vm("orders-1", ORDERS)  # labelled, but its event was lost: only the sweep can join it
         world = World(plugin_ca, [attacker, lost])
+        world.compute.hand_in_key(lost.key)  # its agent made its key at boot
 
-        delivering = world.sweeper.sweep()  # the lost VM gets its bootstrap and waits for its agent
+        delivering = world.sweeper.sweep()  # the lost VM's key is certified; it waits for its agent
         world.compute.confirm(lost.key)
         summary = world.sweeper.sweep()  # ... which has confirmed by the next sweep
 
@@ -364,6 +361,7 @@ def test_a_crash_one_vm_triggers_in_the_sweep_costs_only_that_vm(plugin_ca):
 
     world = World(plugin_ca, [vm("tenant-1", ATTACKER), vm("orders-1", ORDERS)])
     world.compute.__class__ = Crashing
+    world.compute.hand_in_key(VmKey(PROJECT, ZONE, "orders-1"))
     delivering = world.sweeper.sweep()
     assert delivering.counts["waiting"] == 1 and delivering.counts["errors"] == 1
     world.compute.confirm(VmKey(PROJECT, ZONE, "orders-1"))
@@ -435,8 +433,9 @@ def test_a_stopped_vm_is_not_routed_nor_renewed_and_rejoins_when_started(plugin_
     current = world.compute.vms[key]
     world.compute.vms[key] = Vm(key, current.instance_id, current.labels, current.metadata,
                                 current.metadata_fingerprint, current.network_ip, current.service_account, "RUNNING")
-    # Started again: a fresh certificate, routed once the agent confirms it (not on the old report).
-    assert world.reconciler.reconcile(key).state == "waiting"
+    # Started again: a fresh certificate for the key it kept, routed once the agent confirms it (not on the old
+    # report).
+    assert world.reconciler.reconcile(key).verb == "delivered"
     assert world.kube.list("WorkloadEntry", f"{names.VM_LABEL}=orders-1") == []
     world.compute.confirm(key)
     assert world.reconciler.reconcile(key).state == "joined"

@@ -1,8 +1,12 @@
-"""meshjoin.pki: renewal timing as tables of named scenarios, and minted certs checked by
-cryptography and by `openssl verify` against CAs built by the sandbox."""
+"""meshjoin.pki: renewal timing as tables of named scenarios, CSR validation as a table of refusals,
+and certificates over a VM's own key checked by cryptography and by `openssl verify` against CAs
+built by the sandbox."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import re
 import subprocess
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -10,11 +14,14 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from meshjoin import pki
 from meshjoin.pki import CaMaterialError, load_ca_bundle, needs_renewal, renewal_time
 from meshjoin_sandbox.ca import make_plugin_ca, make_rotated_ca
+
+from .vm_keys import csr_pem, ec_key, private_pem, rsa_key, secrets_of, tampered_csr_pem
 
 T0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
 DAY = timedelta(days=1)
@@ -181,8 +188,9 @@ def test_load_ca_bundle_accepts_rotation_roots(ca_dirs, bundles):
 
 def _leaf_as_ca(ca_dirs) -> dict[str, bytes]:
     files = _read(ca_dirs["ecdsa"])
-    leaf = pki.issue_workload_cert(_load(files), SPIFFE, T0, DAY)
-    return dict(files, **{"ca-cert.pem": leaf.cert_pem.encode(), "ca-key.pem": leaf.key_pem.encode()})
+    key = ec_key()
+    leaf = pki.certify(_load(files), key.public_key(), SPIFFE, T0, DAY)
+    return dict(files, **{"ca-cert.pem": leaf.cert_pem.encode(), "ca-key.pem": private_pem(key).encode()})
 
 
 def _swap(name: str, donor: str):
@@ -244,15 +252,16 @@ def test_spiffe_id():
 
 
 @pytest.mark.parametrize(
-    "ca_name, key_algorithm",
-    [("ecdsa", "ecdsa-p256"), ("ecdsa", "rsa-2048"), ("rsa", "ecdsa-p256"), ("rsa", "rsa-2048")],
+    "ca_name, make_key",
+    [("ecdsa", ec_key), ("ecdsa", rsa_key), ("rsa", ec_key), ("rsa", rsa_key)],
     ids=["ecdsa CA, ecdsa leaf", "ecdsa CA, rsa leaf", "rsa CA, ecdsa leaf", "rsa CA, rsa leaf"],
 )
-def test_issue_workload_cert_is_istio_shaped(bundles, ca_name, key_algorithm):
+def test_certify_is_istio_shaped_over_the_vms_own_key(bundles, ca_name, make_key):
     ca = bundles[ca_name]
     now = T0 + 7 * DAY
-    wc = pki.issue_workload_cert(ca, SPIFFE, now, DAY, key_algorithm=key_algorithm)
-    cert = x509.load_pem_x509_certificate(wc.cert_pem.encode())
+    vm_key = make_key()
+    issued = pki.certify(ca, vm_key.public_key(), SPIFFE, now, DAY)
+    cert = x509.load_pem_x509_certificate(issued.cert_pem.encode())
     ext = cert.extensions
 
     assert cert.version == x509.Version.v3
@@ -273,33 +282,42 @@ def test_issue_workload_cert_is_istio_shaped(bundles, ca_name, key_algorithm):
     ext.get_extension_for_class(x509.SubjectKeyIdentifier)
 
     cert.verify_directly_issued_by(ca.ca_cert)
-    assert wc.key_pem.startswith("-----BEGIN PRIVATE KEY-----")
-    key = serialization.load_pem_private_key(wc.key_pem.encode(), password=None)
     spki = serialization.PublicFormat.SubjectPublicKeyInfo
     der = serialization.Encoding.DER
-    assert key.public_key().public_bytes(der, spki) == cert.public_key().public_bytes(der, spki)
+    assert vm_key.public_key().public_bytes(der, spki) == cert.public_key().public_bytes(der, spki)
+    assert issued.key_id == pki.key_id(vm_key.public_key()) == pki.chain_key_id(issued.chain_pem)
 
-    assert wc.not_before == cert.not_valid_before_utc == now - timedelta(minutes=5)
-    assert wc.not_after == cert.not_valid_after_utc == now + DAY
-    assert wc.serial == cert.serial_number > 0
-    assert wc.spiffe_id == SPIFFE
-    assert wc.chain_pem == wc.cert_pem + ca.cert_chain_pem
-    assert wc.root_pem == ca.root_certs_pem
+    assert issued.not_before == cert.not_valid_before_utc == now - timedelta(minutes=5)
+    assert issued.not_after == cert.not_valid_after_utc == now + DAY
+    assert issued.serial == cert.serial_number > 0
+    assert issued.spiffe_id == SPIFFE
+    assert issued.chain_pem == issued.cert_pem + ca.cert_chain_pem
+    assert issued.root_pem == ca.root_certs_pem
+    assert "PRIVATE KEY" not in issued.chain_pem + repr(issued)
 
 
-def test_serials_and_keys_are_fresh_per_issue(bundles):
-    a = pki.issue_workload_cert(bundles["ecdsa"], SPIFFE, T0 + DAY, DAY)
-    b = pki.issue_workload_cert(bundles["ecdsa"], SPIFFE, T0 + DAY, DAY)
-    assert a.serial != b.serial and a.key_pem != b.key_pem
+def test_key_id_is_the_first_16_hex_of_sha256_over_der_spki():
+    key = ec_key()
+    spki = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert pki.key_id(key.public_key()) == hashlib.sha256(spki).hexdigest()[:16]
+    assert pki.key_id(ec_key().public_key()) != pki.key_id(key.public_key())
+    assert pki.chain_key_id("") is None and pki.chain_key_id("not pem") is None
+
+
+def test_serials_are_fresh_per_certificate_of_the_same_key(bundles):
+    public = ec_key().public_key()
+    a = pki.certify(bundles["ecdsa"], public, SPIFFE, T0 + DAY, DAY)
+    b = pki.certify(bundles["ecdsa"], public, SPIFFE, T0 + DAY, DAY)
+    assert a.serial != b.serial and a.key_id == b.key_id
 
 
 @pytest.mark.parametrize("ca_name", ["ecdsa", "rsa", "rotated"])
 def test_chain_verifies_with_openssl(tmp_path, bundles, ca_name):
     now = T0 + 30 * DAY
-    wc = pki.issue_workload_cert(bundles[ca_name], SPIFFE, now, DAY)
-    (tmp_path / "root.pem").write_text(wc.root_pem)
-    (tmp_path / "chain.pem").write_text(wc.chain_pem)
-    (tmp_path / "leaf.pem").write_text(wc.cert_pem)
+    issued = pki.certify(bundles[ca_name], ec_key().public_key(), SPIFFE, now, DAY)
+    (tmp_path / "root.pem").write_text(issued.root_pem)
+    (tmp_path / "chain.pem").write_text(issued.chain_pem)
+    (tmp_path / "leaf.pem").write_text(issued.cert_pem)
     for purpose in ("sslserver", "sslclient"):
         result = subprocess.run(
             ["openssl", "verify", "-x509_strict", "-purpose", purpose, "-attime", str(int(now.timestamp())),
@@ -312,49 +330,124 @@ def test_chain_verifies_with_openssl(tmp_path, bundles, ca_name):
 
 def test_not_after_is_clamped_to_ca_expiry(bundles):
     ca = bundles["short"]
-    wc = pki.issue_workload_cert(ca, SPIFFE, T0 + DAY, 30 * DAY)
-    assert wc.not_after == ca.ca_cert.not_valid_after_utc
+    issued = pki.certify(ca, ec_key().public_key(), SPIFFE, T0 + DAY, 30 * DAY)
+    assert issued.not_after == ca.ca_cert.not_valid_after_utc
 
 
 def test_expired_ca_cannot_issue(bundles):
     ca = bundles["short"]
     with pytest.raises(CaMaterialError, match="expired"):
-        pki.issue_workload_cert(ca, SPIFFE, ca.ca_cert.not_valid_after_utc, DAY)
+        pki.certify(ca, ec_key().public_key(), SPIFFE, ca.ca_cert.not_valid_after_utc, DAY)
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
         ({"ttl": timedelta(0)}, "ttl must be positive"),
-        ({"key_algorithm": "dsa"}, "key_algorithm"),
+        ({"public_key": ed25519.Ed25519PrivateKey.generate().public_key()}, "EC or RSA public key"),
         ({"spiffe": "cluster.local/ns/a/sa/b"}, "not a SPIFFE ID"),
         ({"now": datetime(2030, 1, 2)}, "timezone-aware"),
     ],
-    ids=["zero ttl", "unknown key algorithm", "not a SPIFFE ID", "naive now"],
+    ids=["zero ttl", "ed25519 key", "not a SPIFFE ID", "naive now"],
 )
-def test_issue_rejects_bad_arguments(bundles, kwargs, message):
-    args = dict(ca=bundles["ecdsa"], spiffe=SPIFFE, now=T0 + DAY, ttl=DAY) | kwargs
+def test_certify_rejects_bad_arguments(bundles, kwargs, message):
+    args = dict(ca=bundles["ecdsa"], public_key=ec_key().public_key(), spiffe=SPIFFE, now=T0 + DAY, ttl=DAY) | kwargs
     with pytest.raises(ValueError, match=message):
-        pki.issue_workload_cert(**args)
+        pki.certify(**args)
 
 
 def test_cert_info_reads_back_the_leaf(bundles):
     ca = bundles["ecdsa"]
-    wc = pki.issue_workload_cert(ca, SPIFFE, T0 + DAY, DAY)
-    info = pki.cert_info(wc.chain_pem)
-    assert info == (wc.not_before, wc.not_after, SPIFFE, pki.ca_fingerprint(ca))
-    assert pki.cert_info(wc.cert_pem).issuer_fingerprint is None
+    issued = pki.certify(ca, ec_key().public_key(), SPIFFE, T0 + DAY, DAY)
+    info = pki.cert_info(issued.chain_pem)
+    assert info == (issued.not_before, issued.not_after, SPIFFE, pki.ca_fingerprint(ca))
+    assert pki.cert_info(issued.cert_pem).issuer_fingerprint is None
     with pytest.raises(ValueError):
         pki.cert_info("")
     with pytest.raises(ValueError):
         pki.cert_info("not a pem")
 
 
-def test_reprs_hide_private_keys(bundles):
-    wc = pki.issue_workload_cert(bundles["ecdsa"], SPIFFE, T0 + DAY, DAY)
-    key_body = wc.key_pem.splitlines()[1]
-    for obj in (bundles["ecdsa"], wc):
-        for text in (repr(obj), str(obj)):
-            assert "PRIVATE KEY" not in text
-            assert key_body not in text
-    assert SPIFFE in repr(wc)  # the useful parts are still shown
+def test_reprs_hide_the_ca_key(ca_dirs, bundles):
+    key_body = _read(ca_dirs["ecdsa"])["ca-key.pem"].decode().splitlines()[1]
+    for text in (repr(bundles["ecdsa"]), str(bundles["ecdsa"])):
+        assert "PRIVATE KEY" not in text and key_body not in text
+
+
+def test_the_product_mints_no_vm_keys():
+    # Issue 14: no private key of a VM may exist in meshjoin; only the CA's key is ever loaded.
+    assert not hasattr(pki, "issue_workload_cert") and not hasattr(pki, "WorkloadCert")
+    assert "key_pem" not in {f.name for f in dataclasses.fields(pki.IssuedCert)}
+    source = Path(pki.__file__).read_text()
+    assert "generate_private_key" not in source and "private_bytes" not in source
+
+
+# --- CSRs: what a VM hands in -----------------------------------------------------------------
+
+
+def _two_csrs(_key) -> str:
+    return csr_pem(ec_key()) + csr_pem(ec_key())
+
+
+def _csr_plus_key(key) -> str:
+    return csr_pem(key) + private_pem(key)
+
+
+CSR_REFUSALS = [
+    ("empty", lambda key: "", "empty"),
+    ("not PEM", lambda key: "hello", "not PEM"),
+    ("PEM of a certificate", lambda key: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+     "other blocks than one CERTIFICATE REQUEST"),
+    ("garbage inside the PEM armour",
+     lambda key: "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n", "not a parsable"),
+    ("two CSRs", _two_csrs, "2 CSRs where exactly one"),
+    ("a private key beside the CSR", _csr_plus_key, "other blocks"),
+    ("wrong signature (no proof of possession)", tampered_csr_pem, "signature does not verify"),
+    ("RSA when EC P-256 is required", lambda key: csr_pem(rsa_key()), "RSA 2048; MESHJOIN_KEY_ALGORITHM=ecdsa-p256"),
+    ("EC P-384 when P-256 is required", lambda key: csr_pem(ec_key(ec.SECP384R1())), "EC secp384r1"),
+    ("huge input", lambda key: csr_pem(key) + "#" * 4096, "more than 4096"),
+]
+
+
+@pytest.mark.parametrize("build, message", [c[1:] for c in CSR_REFUSALS], ids=[c[0] for c in CSR_REFUSALS])
+def test_parse_csr_refuses(build, message):
+    key = ec_key()
+    text = build(key)
+    with pytest.raises(pki.CsrError, match=re.escape(message)) as err:
+        pki.parse_csr(text, "ecdsa-p256")
+    for secret in secrets_of(key):  # the reason goes to the VM's status and logs: never key bytes
+        assert secret not in str(err.value)
+    assert "PRIVATE KEY" not in str(err.value).replace("never send a private key", "")
+
+
+def test_parse_csr_accepts_p256_and_proves_possession():
+    key = ec_key()
+    verified = pki.parse_csr(csr_pem(key), "ecdsa-p256")
+    assert verified.key_id == pki.key_id(key.public_key())
+    assert pki.parse_csr(csr_pem(key).encode(), "ecdsa-p256").key_id == verified.key_id  # bytes as well
+
+
+@pytest.mark.parametrize("bits, ok", [(2048, True), (3072, True), (4096, True), (1024, False)])
+def test_rsa_setting_allows_rsa_2048_to_4096_only(bits, ok):
+    pem = csr_pem(rsa_key(bits))
+    if ok:
+        assert pki.parse_csr(pem, "rsa-2048").key_id
+    else:
+        with pytest.raises(pki.CsrError, match="RSA keys of 2048 to 4096 bits only"):
+            pki.parse_csr(pem, "rsa-2048")
+    with pytest.raises(pki.CsrError, match="ecdsa-p256 allows EC P-256 keys only"):
+        pki.parse_csr(pem, "ecdsa-p256")
+    with pytest.raises(pki.CsrError, match="rsa-2048 allows RSA"):
+        pki.parse_csr(csr_pem(ec_key()), "rsa-2048")
+
+
+def test_names_in_the_csr_are_ignored(bundles):
+    key = ec_key()
+    greedy = csr_pem(key, common_name="istiod.istio-system.svc",
+                     uris=("spiffe://cluster.local/ns/istio-system/sa/istiod",), dns=("istiod.istio-system.svc",))
+    verified = pki.parse_csr(greedy, "ecdsa-p256")
+    issued = pki.certify(bundles["ecdsa"], verified.public_key, SPIFFE, T0 + DAY, DAY)
+    cert = x509.load_pem_x509_certificate(issued.cert_pem.encode())
+    assert cert.subject == x509.Name([])
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert list(san) == [x509.UniformResourceIdentifier(SPIFFE)]  # what policy granted, nothing the CSR asked

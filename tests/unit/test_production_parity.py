@@ -49,16 +49,23 @@ def test_defect3_a_new_vm_waits_without_traffic_until_its_agent_confirms(world):
     compute, kube, _, reconciler = world
     outcome = reconciler.reconcile(KEY)
     status = status_of(compute)
-    assert (outcome.verb, outcome.state, status["state"]) == ("delivered", "waiting", "waiting")
+    assert (outcome.verb, outcome.state, status["state"]) == ("bootstrapped", "waiting", "waiting")
     assert entries(kube) == [], "no WorkloadEntry (no traffic) before the VM confirmed"
     assert "sudo google_metadata_script_runner startup" in status["reason"] and "reboot" in status["reason"]
+    assert "meshjoin/csr" in status["reason"]  # what is awaited: the VM's key
     assert compute.vms[KEY].metadata[names.GUEST_ATTRIBUTES_KEY] == "TRUE"
-    assert compute.guest_reads == 0, "a serial minted just now cannot have been reported: no read spent"
 
-    # Re-checked while the agent has not reported: nothing changes, nothing is written.
+    # Re-checked while the agent has not handed in its key: nothing changes, nothing is written.
     writes = compute.writes
     assert reconciler.reconcile(KEY).verb == "rechecked"
     assert compute.writes == writes and entries(kube) == []
+
+    compute.hand_in_key(KEY)
+    outcome = reconciler.reconcile(KEY)
+    assert (outcome.verb, outcome.state) == ("delivered", "waiting") and entries(kube) == []
+    assert "confirm" in status_of(compute)["reason"]
+    writes = compute.writes
+    assert reconciler.reconcile(KEY).verb == "rechecked" and compute.writes == writes
 
     compute.confirm(KEY)
     outcome = reconciler.reconcile(KEY)
@@ -77,11 +84,12 @@ def test_defect3_a_new_vm_waits_without_traffic_until_its_agent_confirms(world):
 ])
 def test_defect3_only_the_delivered_serial_with_a_running_sidecar_confirms(world, report, why):
     compute, kube, _, reconciler = world
+    compute.hand_in_key(KEY)
     reconciler.reconcile(KEY)
     if report is None:
         compute.confirm(KEY, sidecar=why.rsplit(" ", 1)[-1])
     else:
-        compute.guest[KEY] = report
+        compute.guest[KEY].update(report)
     outcome = reconciler.reconcile(KEY)
     assert outcome.state == "waiting", why
     assert entries(kube) == []
@@ -90,6 +98,7 @@ def test_defect3_only_the_delivered_serial_with_a_running_sidecar_confirms(world
 
 def test_defect3_confirmation_survives_a_renewal_but_not_a_new_identity(world):
     compute, kube, _, reconciler = world
+    compute.hand_in_key(KEY)
     reconciler.reconcile(KEY)
     compute.confirm(KEY)
     reconciler.reconcile(KEY)
@@ -130,9 +139,10 @@ def test_defect3_guest_attributes_answer_is_read_in_the_real_apis_shape():
 
 def test_defect3_sweep_rechecks_waiting_vms_and_reports_those_waiting_too_long(world):
     compute, kube, secrets, reconciler = world
+    compute.hand_in_key(KEY)
     reconciler.reconcile(KEY)
     vm = compute.vms[KEY]
-    inventory = Inventory({KEY: vm}, [], [], {KEY: "s"})
+    inventory = Inventory({KEY: vm}, [], [], {})
     plan = plan_sweep(inventory, SETTINGS, "ca-fingerprint", NOW + timedelta(minutes=5))
     assert [(a.kind, a.reason) for a in plan.actions] == [(JOIN, "waiting for the VM to confirm")]
     assert plan.notes == []
@@ -142,8 +152,9 @@ def test_defect3_sweep_rechecks_waiting_vms_and_reports_those_waiting_too_long(w
 
 def test_defect3_status_and_explain_show_waiting_and_the_agents_report(world):
     compute, kube, _, reconciler = world
+    compute.hand_in_key(KEY)
     reconciler.reconcile(KEY)
-    compute.guest[KEY] = {"agent-version": "2", "cert-serial": "1", "sidecar": "failed", "updated": "t"}
+    compute.guest[KEY].update({"agent-version": "3", "cert-serial": "1", "sidecar": "failed", "updated": "t"})
     reconciler.reconcile(KEY)
     rows = fleet_rows(Inventory({KEY: compute.vms[KEY]}, [], [], {}), NOW, SETTINGS)
     assert rows[0].state == "waiting" and "sidecar failed" in rows[0].agent
@@ -192,7 +203,7 @@ class RefusingReconciler:
         self.failures = failures
         self.done: list[str] = []
 
-    def reconcile(self, key, vm=None, cleanup=False):
+    def reconcile(self, key, vm=None, cleanup=False, legacy_secret=False, read_agent=True):
         if key.instance in self.failures:
             raise self.failures[key.instance]
         self.done.append(key.instance)
@@ -245,18 +256,21 @@ def test_defect8_the_bucket_paces_a_burst_to_the_rate():
     assert clock.now == pytest.approx(60.0, abs=0.5)
 
 
-def test_defect8_a_200_renewal_sweep_fits_inside_secret_managers_quota():
+def test_defect8_a_200_renewal_sweep_fits_inside_computes_quota():
     settings = SETTINGS
     rates = ratelimit.process_rates(settings)
-    assert rates[("secretmanager", ratelimit.WRITE)] == 300 and rates[("secretmanager", ratelimit.READ)] == 300
+    assert rates[("compute", ratelimit.WRITE)] == 750 and rates[("compute", ratelimit.READ)] == 750
     budget = ratelimit.sweep_renewal_budget(settings)
     assert budget == 200
-    # 200 renewals' writes at this process's pace: the sweep spends at most half a minute's quota per minute.
-    writes = budget * ratelimit.RENEWAL_SECRET_WRITES
-    minutes = writes / rates[("secretmanager", ratelimit.WRITE)]
-    assert minutes * 60 <= settings.sweep_seconds.total_seconds()
-    small = Settings(project="p", cluster=SETTINGS.cluster, secretmanager_writes_per_minute=100)
-    assert ratelimit.sweep_renewal_budget(small) == 100  # 100 × 0.5 × 4 min / 2 writes
+    # 200 renewals' calls at this process's pace: the sweep spends at most half a minute's quota per minute.
+    for kind, per_renewal in ((ratelimit.WRITE, ratelimit.RENEWAL_COMPUTE_WRITES),
+                              (ratelimit.READ, ratelimit.RENEWAL_COMPUTE_READS)):
+        assert budget * per_renewal / rates[("compute", kind)] * 60 <= settings.sweep_seconds.total_seconds()
+    small = Settings(project="p", cluster=SETTINGS.cluster, compute_reads_per_minute=100)
+    assert ratelimit.sweep_renewal_budget(small) == 100  # 100 × 0.5 × 4 min / 2 reads
+    # Secret Manager's quota no longer bounds renewals: they make no Secret Manager call.
+    assert ratelimit.sweep_renewal_budget(Settings(project="p", cluster=SETTINGS.cluster,
+                                                   secretmanager_writes_per_minute=1)) == 200
 
 
 def test_defect8_quota_errors_back_off_past_the_minute_and_honour_retry_after():

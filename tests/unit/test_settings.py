@@ -17,6 +17,7 @@ def test_defaults():
     s = Settings.from_env(BASE)
     assert s.trust_domain == "cluster.local" and s.cert_ttl == timedelta(hours=24)
     assert s.identity_bindings == () and s.key_algorithm == "ecdsa-p256"  # default-deny
+    assert s.key_rotation_renewals == 3  # a new key after 3 certificates for one key
     assert s.cluster_location == "l"
 
 
@@ -24,11 +25,13 @@ def test_parses_values():
     s = Settings.from_env({**BASE, "MESHJOIN_CERT_TTL": "1h30m", "MESHJOIN_IDENTITY_BINDINGS": json.dumps(
         [{"gsa": "orders@my-project.iam.gserviceaccount.com", "namespace": "apps", "serviceAccount": "orders",
           "apps": ["orders", "orders-admin"]}]),
-                           "MESHJOIN_KEY_ALGORITHM": "rsa-2048", "MESHJOIN_RENEW_FRACTION": "0.6"})
+                           "MESHJOIN_KEY_ALGORITHM": "rsa-2048", "MESHJOIN_RENEW_FRACTION": "0.6",
+                           "MESHJOIN_KEY_ROTATION_RENEWALS": "0"})
     assert s.cert_ttl == timedelta(hours=1, minutes=30)
     assert s.identity_bindings == (IdentityBinding("orders@my-project.iam.gserviceaccount.com", "apps", "orders",
                                                    ("orders", "orders-admin")),)
     assert s.key_algorithm == "rsa-2048" and s.renew_fraction == 0.6
+    assert s.key_rotation_renewals == 0  # never ask for a new key
 
 
 @pytest.mark.parametrize("env, variable", [
@@ -39,6 +42,10 @@ def test_parses_values():
     pytest.param({**BASE, "MESHJOIN_CERT_TTL": "10s"}, "MESHJOIN_CERT_TTL", id="ttl too short"),
     pytest.param({**BASE, "MESHJOIN_KEY_ALGORITHM": "dsa"}, "MESHJOIN_KEY_ALGORITHM", id="bad algorithm"),
     pytest.param({**BASE, "MESHJOIN_RENEW_FRACTION": "1.5"}, "MESHJOIN_RENEW_FRACTION", id="fraction > 1"),
+    pytest.param({**BASE, "MESHJOIN_KEY_ROTATION_RENEWALS": "-1"}, "MESHJOIN_KEY_ROTATION_RENEWALS",
+                 id="negative rotation policy"),
+    pytest.param({**BASE, "MESHJOIN_KEY_ROTATION_RENEWALS": "often"}, "MESHJOIN_KEY_ROTATION_RENEWALS",
+                 id="rotation policy not a number"),
     pytest.param({**BASE, "MESHJOIN_API_ATTEMPTS": "0"}, "MESHJOIN_API_ATTEMPTS", id="zero attempts"),
     pytest.param({**BASE, "MESHJOIN_RENEW_FRACTION": "0.95", "MESHJOIN_RENEW_JITTER": "0.1"},
                  "MESHJOIN_RENEW_FRACTION", id="fraction + jitter >= 1"),

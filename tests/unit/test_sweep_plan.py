@@ -25,11 +25,14 @@ def key(name: str) -> VmKey:
     return VmKey("my-project", "us-central1-a", name)
 
 
+KEY_ID = "0123456789abcdef"
+
+
 def status(name: str, *, issued: datetime = NOW - timedelta(hours=1), ca: str = CA, state: str = "joined",
-           instance_id: str = "1", identity: str = SPIFFE) -> str:
+           instance_id: str = "1", identity: str = SPIFFE, rekey: str | None = None) -> str:
     return json.dumps({
         "state": state, "identity": identity, "instanceId": instance_id, "caFingerprint": ca,
-        "secret": f"projects/1/secrets/meshjoin-vm-my-project-us-central1-a-{name}/versions/1",
+        "keyId": KEY_ID, "keyCerts": "1", "certSerial": "1f", **({"rekey": rekey} if rekey else {}),
         "certNotBefore": issued.isoformat(), "certNotAfter": (issued + timedelta(hours=24)).isoformat(),
         "workloadEntry": f"default/{name}-us-central1-a-my-project",
         **({"waitingSince": issued.isoformat()} if state == "waiting" else {})})
@@ -63,14 +66,14 @@ def kinds(plan) -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("inv, expected", [
-    pytest.param(inventory([vm("a", status("a"))], [entry("a")], [], ["a"]), [], id="healthy: nothing to do"),
+    pytest.param(inventory([vm("a", status("a"))], [entry("a")], [], []), [], id="healthy: nothing to do"),
     pytest.param(inventory([vm("a")], [], [], []), [(JOIN, "a")], id="missed join (no status)"),
-    pytest.param(inventory([vm("a", status("a", state="error"))], [], [], ["a"]), [(JOIN, "a")],
+    pytest.param(inventory([vm("a", status("a", state="error"))], [], [], []), [(JOIN, "a")],
                  id="earlier error retried"),
-    pytest.param(inventory([vm("a", status("a"))], [], [], ["a"]), [(JOIN, "a")], id="entry missing: repaired"),
-    pytest.param(inventory([vm("a", status("a", issued=NOW - timedelta(hours=13)))], [entry("a")], [], ["a"]),
+    pytest.param(inventory([vm("a", status("a"))], [], [], []), [(JOIN, "a")], id="entry missing: repaired"),
+    pytest.param(inventory([vm("a", status("a", issued=NOW - timedelta(hours=13)))], [entry("a")], [], []),
                  [(RENEW, "a")], id="past renewal point"),
-    pytest.param(inventory([vm("a", status("a", ca="ca-old"))], [entry("a")], [], ["a"]), [(REISSUE, "a")],
+    pytest.param(inventory([vm("a", status("a", ca="ca-old"))], [entry("a")], [], []), [(REISSUE, "a")],
                  id="CA rotated"),
     pytest.param(inventory([vm("a", status("a"), {"mesh-namespace": "istio-system"})], [], [], []),
                  [(JOIN, "a")], id="now denied by policy: reconcile records it"),
@@ -78,7 +81,7 @@ def kinds(plan) -> list[tuple[str, str]]:
     pytest.param(inventory([], [], [], ["gone"]), [(PRUNE, "gone")], id="secret without VM or entry"),
     pytest.param(inventory([], [], [service("lonely")], []), [(PRUNE_SERVICE, "default/lonely")],
                  id="Service nothing selects"),
-    pytest.param(inventory([vm("a", status("a"))], [entry("a", app="shop")], [service("shop")], ["a"]), [],
+    pytest.param(inventory([vm("a", status("a"))], [entry("a", app="shop")], [service("shop")], []), [],
                  id="Service still selected"),
 ])
 def test_plan(inv, expected):
@@ -120,15 +123,15 @@ def test_denied_vms_are_counted_not_rewritten():
 
 
 @pytest.mark.parametrize("inv, expected", [
-    pytest.param(inventory([vm("a", status("a"), address="10.0.0.3")], [entry("a")], [], ["a"]), [(JOIN, "a")],
+    pytest.param(inventory([vm("a", status("a"), address="10.0.0.3")], [entry("a")], [], []), [(JOIN, "a")],
                  id="address changed: the entry follows"),
-    pytest.param(inventory([vm("a", status("a"), metadata={"mesh-ports": "http:8080"})], [entry("a")], [], ["a"]),
+    pytest.param(inventory([vm("a", status("a"), metadata={"mesh-ports": "http:8080"})], [entry("a")], [], []),
                  [(JOIN, "a")], id="ports changed: the entry and Service follow"),
     pytest.param(inventory([vm("a", status("a"), metadata={"mesh-ports": "http:8080"})],
-                           [entry("a", ports={"http": 8080})], [], ["a"]), [], id="ports unchanged"),
-    pytest.param(inventory([vm("a", status("a"), state="TERMINATED")], [entry("a")], [], ["a"]), [(JOIN, "a")],
+                           [entry("a", ports={"http": 8080})], [], []), [], id="ports unchanged"),
+    pytest.param(inventory([vm("a", status("a"), state="TERMINATED")], [entry("a")], [], []), [(JOIN, "a")],
                  id="stopped but still routed: unroute"),
-    pytest.param(inventory([vm("a", json.dumps({"state": "stopped"}), state="TERMINATED")], [], [], ["a"]), [],
+    pytest.param(inventory([vm("a", json.dumps({"state": "stopped"}), state="TERMINATED")], [], [], []), [],
                  id="stopped and unrouted: nothing, no renewal"),
     pytest.param(inventory([vm("stranger")], [], [], []), [], id="unbound account without traces: nothing to write"),
     pytest.param(inventory([vm("stranger")], [entry("stranger")], [], []), [(JOIN, "stranger")],
@@ -141,24 +144,48 @@ def test_plan_stale_state_and_foreign_keys(inv, expected):
 
 
 WAITING = "waiting for the VM to confirm"
+LEGACY = {names.SECRET_KEY: "projects/1/secrets/meshjoin-vm-my-project-us-central1-a-a/versions/3"}
 
 
 @pytest.mark.parametrize("inv, expected", [
-    pytest.param(inventory([vm("a", status("a", state="waiting"))], [], [], ["a"]), [(JOIN, "a", WAITING)],
+    pytest.param(inventory([vm("a", status("a", rekey=KEY_ID + ".20261121T000000Z"))], [entry("a")], [], []),
+                 [(JOIN, "a", "a key rotation was requested")], id="rotation pending: look for the new key"),
+    pytest.param(inventory([vm("a", status("a", rekey="fedcba9876543210.20261101T000000Z"))], [entry("a")], [], []),
+                 [], id="an old token (the key has rotated since): nothing"),
+    pytest.param(inventory([vm("a", json.dumps({"state": "waiting", "identity": SPIFFE, "instanceId": "1"}))],
+                           [], [], []), [(JOIN, "a", "waiting for the VM to hand in its key")],
+                 id="waiting for the first CSR: re-checked"),
+    pytest.param(inventory([vm("a", status("a"), metadata=LEGACY)], [entry("a")], [], ["a"]),
+                 [(JOIN, "a", "migrating from its per-VM secret")], id="legacy VM: migration checked, secret kept"),
+    pytest.param(inventory([vm("a", status("a"))], [entry("a")], [], ["a"]),
+                 [("prune-secret", "a", "legacy per-VM secret of a VM that no longer uses one")],
+                 id="migrated VM whose secret is left: pruned"),
+    pytest.param(inventory([vm("stranger", json.dumps({"state": "denied", "reason": "forged"}))], [], [],
+                           ["stranger"]), [(JOIN, "stranger", "to be denied")],
+                 id="a denial removes the legacy secret itself: no second prune"),
+])
+def test_plan_follows_keys_rotations_and_legacy_secrets(inv, expected):
+    plan = plan_sweep(inv, SETTINGS, CA, NOW)
+    assert [(a.kind, a.key.instance, a.reason[:len(why)]) for a, (_, _, why) in zip(plan.actions, expected)] \
+        == expected and len(plan.actions) == len(expected)
+
+
+@pytest.mark.parametrize("inv, expected", [
+    pytest.param(inventory([vm("a", status("a", state="waiting"))], [], [], []), [(JOIN, "a", WAITING)],
                  id="waiting: re-checked"),
     pytest.param(inventory([vm("a", status("a", state="waiting"), address="10.0.0.3",
-                               metadata={"mesh-ports": "http:8080"})], [], [], ["a"]), [(JOIN, "a", WAITING)],
+                               metadata={"mesh-ports": "http:8080"})], [], [], []), [(JOIN, "a", WAITING)],
                  id="waiting with drifted address and ports: re-checked, the status follows"),
-    pytest.param(inventory([vm("a", status("a", state="waiting"), state="TERMINATED")], [], [], ["a"]),
+    pytest.param(inventory([vm("a", status("a", state="waiting"), state="TERMINATED")], [], [], []),
                  [(JOIN, "a", "the VM is TERMINATED: to be taken out of routing")],
                  id="waiting but stopped: marked stopped, never re-checked for confirmation"),
     pytest.param(inventory([vm("a", status("a", state="waiting"), {"mesh-namespace": "istio-system"})], [], [],
-                           ["a"]), [(JOIN, "a", "to be denied")], id="waiting but now denied by policy"),
+                           []), [(JOIN, "a", "to be denied")], id="waiting but now denied by policy"),
     pytest.param(inventory([vm("stranger", status("stranger", state="waiting"))], [], [], ["stranger"]),
-                 [(JOIN, "stranger", "to be denied")], id="waiting on an account unbound since: its key goes"),
+                 [(JOIN, "stranger", "to be denied")], id="waiting on an account unbound since, with a legacy secret: it goes"),
     pytest.param(inventory([vm("stranger", json.dumps({"state": "denied", "reason": "forged"}))], [], [],
                            ["stranger"]), [(JOIN, "stranger", "to be denied")],
-                 id="unbound, a forged 'denied' status and a key: the key still goes"),
+                 id="unbound, a forged 'denied' status and a legacy secret: the secret still goes"),
 ])
 def test_plan_of_waiting_vms_honours_stops_denials_and_drift(inv, expected):
     plan = plan_sweep(inv, SETTINGS, CA, NOW)

@@ -16,6 +16,7 @@ import time
 from functools import cached_property
 from typing import Iterator, Mapping
 
+from .. import names
 from ..errors import TransientError
 from ..logs import log
 from ..model import Vm, VmKey
@@ -33,8 +34,8 @@ SHARED_VALUE_BYTES = 1024
 OPERATION_WAIT_TIMEOUT = 150.0
 # How long a setMetadata may stay unfinished before the pass gives up (transient: redelivered).
 OPERATION_PATIENCE = 240.0
-# The guest-attribute namespace meshjoin's agent reports in.
-GUEST_NAMESPACE = "meshjoin"
+# The guest-attribute namespace meshjoin's agent reports in (and hands in its CSR).
+GUEST_NAMESPACE = names.GUEST_NAMESPACE
 
 
 class StaleFingerprint(Exception):
@@ -131,6 +132,7 @@ class ComputeAdapter:
 
         The API answers 404 when the namespace holds nothing yet (or guest attributes are disabled):
         that is "not confirmed", an empty dict. Values are the VM's own words: callers validate them.
+        Values come back verbatim from the JSON answer: a multi-line PEM CSR (`csr`) keeps its newlines.
         """
         url = (f"{self._base_url()}/compute/v1/projects/{key.project}/zones/{key.zone}/instances/{key.instance}"
                "/getGuestAttributes")

@@ -1,10 +1,11 @@
 """Client-side pacing inside Google's per-minute API quotas, shared by every thread of a process.
 
 Secret Manager allows 600 reads (list, get, getIamPolicy) and 600 writes (any mutation, IAM
-included) per minute per project, 90,000 accesses; Compute's rate quotas are per minute too (an
-older published default: 1,500 reads and 1,500 mutations). A sweep of 200 renewals makes ~600
-writes: unpaced it spends the minute's quota in seconds and every other caller (the events
-function joining a new VM) gets 429 until the minute is over. Each process therefore takes at most
+included) per minute per project, 90,000 accesses; meshjoin now only reads the CA there and lists
+and deletes legacy per-VM secrets. Compute's rate quotas are per minute too (an older published
+default: 1,500 reads and 1,500 mutations), and a renewal costs one getGuestAttributes, one
+setMetadata and its operation wait: unpaced, a sweep spends the minute's quota in seconds and every
+other caller (the events function joining a new VM) gets 429 until the minute is over. Each process therefore takes at most
 `MESHJOIN_QUOTA_SHARE` of each quota (the maintenance function runs one instance at a time, so the
 rest is left to events), and the sweep sizes its renewal budget from the same rate.
 
@@ -105,17 +106,18 @@ def shared_limiters(settings) -> Limiters:
         return limiters
 
 
-# Calls a renewal makes, by the quota they count against (reconcile.py, SecretsAdapter): add a
-# version, destroy the retired one (writes); getIamPolicy, list the versions (reads).
-RENEWAL_SECRET_WRITES = 2
-RENEWAL_SECRET_READS = 2
+# Calls a renewal makes, by the Compute quota they count against (reconcile.py, ComputeAdapter):
+# setMetadata (write); getGuestAttributes and at least one zoneOperations.wait (reads). No Secret
+# Manager call: the CA is cached.
+RENEWAL_COMPUTE_WRITES = 1
+RENEWAL_COMPUTE_READS = 2
 
 
 def sweep_renewal_budget(settings) -> int:
     """Renewals one sweep may make: the configured cap, lowered to what this process's share of the
-    Secret Manager quotas allows within the sweep's time budget."""
+    Compute quotas allows within the sweep's time budget."""
     minutes = settings.sweep_seconds.total_seconds() / 60.0
     share = settings.quota_share
-    by_writes = settings.secretmanager_writes_per_minute * share * minutes / RENEWAL_SECRET_WRITES
-    by_reads = settings.secretmanager_reads_per_minute * share * minutes / RENEWAL_SECRET_READS
+    by_writes = settings.compute_writes_per_minute * share * minutes / RENEWAL_COMPUTE_WRITES
+    by_reads = settings.compute_reads_per_minute * share * minutes / RENEWAL_COMPUTE_READS
     return max(1, min(settings.sweep_renewals, int(by_writes), int(by_reads)))

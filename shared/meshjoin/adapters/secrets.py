@@ -1,21 +1,23 @@
-"""Secret Manager: the plug-in CA (read, cached) and the per-VM secrets (write, IAM, delete).
+"""Secret Manager: the plug-in CA (read, cached), and the pruning of legacy per-VM secrets.
 
-A per-VM secret holds `{"key.pem", "cert-chain.pem", "root-cert.pem"}` as JSON; its IAM policy
-grants secretAccessor to the VM's own service account and nobody else.
+Secret Manager holds only the plug-in CA: VMs make their own keys (issue 14), so a join, renewal or
+key rotation makes no Secret Manager call beyond the cached CA read. Meshjoin 2 kept each VM's key in
+a per-VM secret labelled `managed-by=meshjoin`; those are listed by label (the sweep) and deleted
+once their VM has migrated, left or is gone. The calls, hence the permissions the functions need:
+versions.access and versions.list on the four CA secrets, secrets.list on the project, secrets.delete
+on the legacy `{prefix}-*` secrets. Nothing else.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Iterable, Iterator
+from typing import Iterator
 
 from .. import names, pki
-from ..errors import BadMessage, CaMaterialError, TransientError
+from ..errors import BadMessage, CaMaterialError
 from ..events import validated_key
 from ..model import VmKey
 from ..settings import Settings
@@ -23,14 +25,7 @@ from . import ratelimit
 from .ratelimit import ACCESS, READ, WRITE
 from .retry import call
 
-ACCESSOR_ROLE = "roles/secretmanager.secretAccessor"
 LIST_PAGE_SIZE = 25000  # the API's maximum: a secret's listing entry is small, the fleet's secrets one call
-MAX_POLICY_RACES = 3
-
-
-def _version_number(name: str) -> int:
-    number = name.rpartition("/versions/")[2]
-    return int(number) if number.isdigit() else -1
 
 
 @dataclass(frozen=True)
@@ -111,129 +106,13 @@ class SecretsAdapter:
                               f"access {name}", "secretmanager.versions.access", kind=ACCESS)
         return response.name, response.payload.data
 
-    # --- per-VM secrets -------------------------------------------------------------------------
-
-    def store_vm_material(self, key: VmKey, cert: pki.WorkloadCert, reader_service_account: str,
-                          exists: bool = False) -> str:
-        """Add a version holding the VM's key and chain; returns the version's resource name.
-
-        `exists` (a renewal: the status names a version of this secret) skips the create call, one
-        write of the Secret Manager quota saved per renewal; a secret deleted meanwhile (404 on
-        addSecretVersion) is created after all.
-        """
-        # The REST transport maps ALREADY_EXISTS to its HTTP status: Conflict (409).
-        from google.api_core.exceptions import Conflict, NotFound
-
-        secret_id = self.vm_secret_id(key)
-        parent = self._secret_path(secret_id)
-        payload = json.dumps({"key.pem": cert.key_pem, "cert-chain.pem": cert.chain_pem,
-                              "root-cert.pem": cert.root_pem}).encode()
-        if exists:
-            self._restrict_access(parent, reader_service_account, missing_ok=True)
-            try:
-                return self._add_version(secret_id, parent, payload, passthrough=(NotFound,))
-            except NotFound:
-                pass
-        secret = self._sm.Secret(
-            replication=self._sm.Replication(automatic=self._sm.Replication.Automatic()),
-            labels={names.SECRET_OWNER_LABEL: names.MANAGED_BY, "meshjoin-project": names.project_part(key.project),
-                    "meshjoin-zone": key.zone, "meshjoin-instance": key.instance},
-        )
-        try:
-            self._call(lambda: self._client.create_secret(
-                parent=f"projects/{self._settings.project}", secret_id=secret_id, secret=secret, retry=None,
-                timeout=self._timeout),
-                f"create secret {secret_id}", "secretmanager.secrets.create", passthrough=(Conflict,), kind=WRITE)
-            created = True
-        except Conflict:
-            created = False
-        self._restrict_access(parent, reader_service_account, created=created)
-        return self._add_version(secret_id, parent, payload)
-
-    def _add_version(self, secret_id: str, parent: str, payload: bytes, passthrough=()) -> str:
-        version = self._call(lambda: self._client.add_secret_version(
-            parent=parent, payload=self._sm.SecretPayload(data=payload), retry=None, timeout=self._timeout),
-            f"add version to {secret_id}", "secretmanager.versions.add", passthrough=passthrough, kind=WRITE)
-        return version.name
-
-    def _restrict_access(self, secret: str, reader_service_account: str, created: bool = False,
-                         missing_ok: bool = False) -> None:
-        """Exactly one binding: the VM's own service account may access; set only if different.
-
-        A secret this call just created has the empty policy: it is set without reading it first.
-        A stale etag (ABORTED, 409 over REST: a concurrent writer, or our own earlier set whose answer
-        was lost) means read again and decide again.
-        """
-        from google.api_core.exceptions import Conflict, NotFound
-        from google.iam.v1 import iam_policy_pb2, policy_pb2
-
-        wanted = [(ACCESSOR_ROLE, (f"serviceAccount:{reader_service_account}",))]
-        for _ in range(MAX_POLICY_RACES):
-            if created:
-                policy = policy_pb2.Policy()
-                created = False
-            else:
-                try:
-                    policy = self._call(lambda: self._client.get_iam_policy(
-                        request=iam_policy_pb2.GetIamPolicyRequest(resource=secret), retry=None,
-                        timeout=self._timeout),
-                        f"getIamPolicy {secret}", "secretmanager.secrets.getIamPolicy",
-                        passthrough=(NotFound,) if missing_ok else (), kind=READ)
-                except NotFound:
-                    return  # the caller creates the secret (and sets its policy) next
-            current = [(b.role, tuple(sorted(b.members))) for b in policy.bindings]
-            if current == wanted:
-                return
-            new_policy = policy_pb2.Policy(
-                bindings=[policy_pb2.Binding(role=role, members=list(members)) for role, members in wanted],
-                etag=policy.etag)
-            try:
-                self._call(lambda: self._client.set_iam_policy(
-                    request=iam_policy_pb2.SetIamPolicyRequest(resource=secret, policy=new_policy), retry=None,
-                    timeout=self._timeout),
-                    f"setIamPolicy {secret}", "secretmanager.secrets.setIamPolicy", passthrough=(Conflict,), kind=WRITE)
-                return
-            except Conflict:
-                continue
-        raise TransientError(f"setIamPolicy {secret}: the policy kept changing")
+    # --- legacy per-VM secrets (agent 2 and before): listed and deleted, never written -------
 
     def vm_secret_id(self, key: VmKey) -> str:
         return names.secret_id(key, self._settings.secret_prefix)
 
-    def destroy_version(self, version_name: str) -> None:
-        # Over REST, FAILED_PRECONDITION (already destroyed) arrives as BadRequest (400).
-        from google.api_core.exceptions import BadRequest, NotFound
-
-        try:
-            self._call(lambda: self._client.destroy_secret_version(name=version_name, retry=None,
-                                                                   timeout=self._timeout),
-                       f"destroy {version_name}", "secretmanager.versions.destroy",
-                       passthrough=(NotFound, BadRequest), kind=WRITE)
-        except (NotFound, BadRequest):
-            pass  # already gone or destroyed: the goal holds
-
-    def destroy_undelivered_versions(self, key: VmKey, delivered: str, keep: Iterable[str | None] = (),
-                                     minted_before: datetime | None = None) -> int:
-        """Destroy the enabled versions of the VM's secret other than `delivered` and `keep`: those
-        numbered below `delivered`, and newer ones created before `minted_before` (a newer version
-        may be one a concurrent pass is about to deliver, so only once no pass can still be running)."""
-        secret_id = self.vm_secret_id(key)
-        delivered_number = _version_number(delivered)
-        kept = {_version_number(name) for name in keep if name} | {delivered_number}
-        request = self._sm.ListSecretVersionsRequest(parent=self._secret_path(secret_id), filter="state:ENABLED")
-        pager = self._call(lambda: self._client.list_secret_versions(request=request, retry=None,
-                                                                     timeout=self._timeout),
-                           f"list versions of {secret_id}", "secretmanager.versions.list", kind=READ)
-        stale = [v.name for v in pager if v.state == self._sm.SecretVersion.State.ENABLED
-                 and _version_number(v.name) not in kept
-                 and (_version_number(v.name) < delivered_number
-                      or (minted_before is not None and v.create_time < minted_before))]
-        for name in stale:
-            self.destroy_version(name)
-        return len(stale)
-
     def delete_vm_secret(self, key: VmKey) -> bool:
-        """Delete the VM's secret; False when there was none (404 is success)."""
+        """Delete the VM's legacy secret; False when there was none (404 is success)."""
         from google.api_core.exceptions import NotFound
 
         secret_id = self.vm_secret_id(key)
@@ -246,7 +125,7 @@ class SecretsAdapter:
         return True
 
     def list_vm_secrets(self) -> Iterator[tuple[VmKey, str]]:
-        """(VM key, secret name) of every per-VM secret meshjoin made, found by label (paged)."""
+        """(VM key, secret name) of every legacy per-VM secret meshjoin made, found by label (paged)."""
         request = self._sm.ListSecretsRequest(
             parent=f"projects/{self._settings.project}", page_size=LIST_PAGE_SIZE,
             filter=f"labels.{names.SECRET_OWNER_LABEL}={names.MANAGED_BY}")
@@ -277,10 +156,3 @@ class SecretsAdapter:
         except BadMessage:
             return None
         return key if name.rsplit("/", 1)[-1] == self.vm_secret_id(key) else None
-
-    def read_vm_material(self, version_name: str) -> dict[str, str]:
-        """The delivered JSON (tests and `meshjoin explain`); callers must not log it."""
-        response = self._call(lambda: self._client.access_secret_version(name=version_name, retry=None,
-                                                                         timeout=self._timeout),
-                              f"access {version_name}", "secretmanager.versions.access", kind=ACCESS)
-        return json.loads(response.payload.data)
