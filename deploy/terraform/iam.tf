@@ -197,10 +197,9 @@ resource "google_project_iam_member" "functions_secret_inventory" {
 resource "google_project_iam_custom_role" "vm_secrets" {
   role_id     = "${local.role_prefix}.vmSecrets"
   title       = "meshjoin: prune legacy per-VM secrets"
-  description = "Read the metadata of, and delete, per-VM secrets made by earlier versions of meshjoin. No payload access."
+  description = "Delete per-VM secrets made by earlier versions of meshjoin. No payload access."
   permissions = [
-    "secretmanager.secrets.delete", # the VM migrated to an on-VM key, left, or is gone
-    "secretmanager.secrets.get",    # its labels: that it is meshjoin's secret for that VM
+    "secretmanager.secrets.delete", # the VM migrated to an on-VM key, left, or is gone (its labels come from the listing)
   ]
 }
 

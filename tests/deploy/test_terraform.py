@@ -65,7 +65,7 @@ CUSTOM_ROLES = {
     # Keys stay on the VMs (issue 14): Secret Manager holds the plug-in CA; per-VM secrets are only
     # ever listed and pruned (made by earlier versions).
     "secret_inventory": {"secretmanager.secrets.list"},
-    "vm_secrets": {"secretmanager.secrets.delete", "secretmanager.secrets.get"},
+    "vm_secrets": {"secretmanager.secrets.delete"},
     "ca_reader": {"secretmanager.versions.access", "secretmanager.versions.list"},
 }
 # Permissions of the predefined roles granted above that the code relies on.
@@ -281,7 +281,6 @@ FUNCTION_CALLS = [
     ("SecretsAdapter.plugin_ca: versions.access (CA)", "secretmanager.versions.access", CA_VERSION),
     ("SecretsAdapter.plugin_ca: versions.list (enabled roots)", "secretmanager.versions.list", CA_SECRET),
     ("SecretsAdapter.list_vm_secrets: secrets.list (legacy inventory)", "secretmanager.secrets.list", PROJECT),
-    ("SecretsAdapter: secrets.get (a legacy secret's labels)", "secretmanager.secrets.get", VM_SECRET),
     ("SecretsAdapter.delete_vm_secret: secrets.delete (legacy pruning)", "secretmanager.secrets.delete", VM_SECRET),
     ("KubeAdapter._connect: clusters.get", "container.clusters.get", CLUSTER),
 ]

@@ -203,8 +203,9 @@ def b64(data: dict) -> str:
 
 
 def vm_key_dirs(sandbox: Sandbox) -> list[Path]:
-    """Every VM's /etc/certs in the sandbox (fake roots live under STATE_DIR/vms/ZONE/NAME/root)."""
-    return sorted((sandbox.state_dir / "vms").glob("*/*/root/etc/certs"))
+    """Every VM's /etc/certs in the sandbox (each fake root is STATE_DIR/vms/ZONE/NAME/root)."""
+    return sorted(vm / "root" / "etc" / "certs" for vm in (sandbox.state_dir / "vms").glob("*/*")
+                  if (vm / "root" / "etc" / "certs").is_dir())
 
 
 def vm_private_keys(sandbox: Sandbox) -> dict[str, bytes]:
