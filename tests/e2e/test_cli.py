@@ -79,8 +79,10 @@ def test_dry_run_changes_nothing_then_reconcile_joins(fleet):
 
 def test_join_forces_a_fresh_certificate_and_leave_removes(fleet):
     before = fleet.status("cli-ok")
-    out = meshjoin(fleet, "join", "cli-ok").stdout
-    assert "registered" in out
+    assert "unchanged" in meshjoin(fleet, "join", "cli-ok").stdout  # a plain join of a joined VM: nothing to do
+    assert fleet.status("cli-ok")["certSerial"] == before["certSerial"]
+    out = meshjoin(fleet, "join", "--force", "cli-ok").stdout
+    assert "renewed" in out
     after = fleet.status("cli-ok")
     # A forced join re-certifies the key the VM holds: a new certificate, the same key.
     assert after["certSerial"] != before["certSerial"] and after["keyId"] == before["keyId"]
