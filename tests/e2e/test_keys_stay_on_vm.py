@@ -43,6 +43,16 @@ def certified_key(chain_pem: str) -> bytes:
     return leaf(chain_pem).public_key().public_bytes(*SPKI)
 
 
+def guest_csr(sandbox, name: str) -> str:
+    """The CSR the VM's agent wrote (guest attribute meshjoin/csr), as the operator reads it with gcloud."""
+    result = sandbox.run("gcloud", "compute", "instances", "get-guest-attributes", name, f"--zone={sandbox.zone}",
+                         "--query-path=meshjoin/csr", "--format=json", check=False)
+    if result.returncode != 0:
+        return ""
+    items = json.loads(result.stdout or "[]")
+    return next((i.get("value", "") for i in items if i.get("key") == "csr"), "")
+
+
 def root_pem(sandbox) -> str:
     return sandbox.ca_file("root-cert.pem").read_text()
 
@@ -105,7 +115,8 @@ def test_a_clone_with_the_disk_makes_its_own_key_and_never_gets_the_source_key_c
 def test_a_clone_on_an_unbound_account_gets_no_certificate(sandbox, source):
     sandbox.meshjoin("sandbox", "clone", "hk-src", "hk-clone-other", "--service-account", account("hk-unbound"))
     wait_for(lambda: sandbox.logged("hk-clone-other", "denied"), timeout=30, what="the clone denied")
-    sandbox.meshjoin("sandbox", "run-startup", "hk-clone-other", check=False)  # its agent asks anyway
+    # The clone booted with the copied agent, which makes its own key and asks anyway.
+    wait_for(lambda: guest_csr(sandbox, "hk-clone-other"), timeout=60, what="the clone's CSR")
     sandbox.publish({"project": sandbox.project, "zone": sandbox.zone, "instance": "hk-clone-other"})
     wait_for(lambda: len(sandbox.logged("hk-clone-other", "denied")) >= 2, timeout=30, what="the nudge denied")
     metadata = sandbox.metadata("hk-clone-other")
