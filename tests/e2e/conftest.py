@@ -248,8 +248,9 @@ def everything_outside_the_vms(sandbox: Sandbox, names: list[str]) -> dict[str, 
     }
     # The VMs' consoles and journals are outside their roots too: the agent must never print a key.
     for path in sorted((sandbox.state_dir / "vms").glob("*/*/serial.log")) + \
-            sorted((sandbox.state_dir / "vms").glob("*/*/log/*")):
-        corpus[str(path.relative_to(sandbox.state_dir))] = path.read_text(errors="replace")
+            sorted((sandbox.state_dir / "vms").glob("*/*/log/**/*")):
+        if path.is_file():
+            corpus[str(path.relative_to(sandbox.state_dir))] = path.read_text(errors="replace")
     for secret in sandbox.run("gcloud", "secrets", "list", "--format=value(name)").stdout.split():
         secret_id = secret.rsplit("/", 1)[-1]
         corpus[f"secret {secret_id}"] = sandbox.run("gcloud", "secrets", "versions", "access", "latest",
