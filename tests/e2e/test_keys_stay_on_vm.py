@@ -187,3 +187,23 @@ def test_zz_no_private_key_outside_the_vms(sandbox, source):
         if pem:
             keys.setdefault(public_key_of(pem), []).append(name)
     assert all(len(holders) == 1 for holders in keys.values()), json.dumps(list(keys.values()))
+
+
+def test_the_scan_would_find_a_key_in_any_of_its_forms(sandbox, source):
+    """The leak scan is only worth its green if it sees a key: plant the source VM's key in the forms
+    a careless log line or payload would carry it, and each is found."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from .conftest import key_fingerprints
+
+    pem = source["certs"]["key.pem"]
+    key = serialization.load_pem_private_key(pem.encode(), password=None)
+    der = key.private_bytes(serialization.Encoding.DER, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    forms = key_fingerprints(der)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    scalar = key.private_numbers().private_value.to_bytes(32, "big")
+    import base64
+    for planted in (pem, json.dumps({"key.pem": pem}), der.hex(), scalar.hex(), base64.b64encode(der).decode(),
+                    base64.b64encode(scalar).decode()):
+        assert any(form in planted for form in forms), planted[:40]
