@@ -249,6 +249,7 @@ class Vm:
         return serialization.load_pem_private_key(pem, None)
 
     def watcher_pids(self) -> list[int]:
+        """Main processes (each leads its own session, as systemd starts them) of `meshjoin-agent watch`."""
         program = str(self.file(AGENT))
         found = []
         for proc in Path("/proc").iterdir():
@@ -257,9 +258,17 @@ class Vm:
                     cmdline = (proc / "cmdline").read_bytes().split(b"\0")
                 except OSError:
                     continue
-                if program.encode() in cmdline and b"watch" in cmdline:
+                if program.encode() in cmdline and b"watch" in cmdline and session_leader(proc):
                     found.append(int(proc.name))
         return found
+
+
+def session_leader(proc: Path) -> bool:
+    try:
+        fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[0] != "Z" and fields[3] == proc.name  # state, ppid, pgrp, session
 
 
 def spki(public_key) -> bytes:
@@ -450,7 +459,7 @@ def test_the_watcher_installs_a_renewal_for_the_same_key_without_restarting_the_
     wait_for(lambda: vm.guest().get("cert-serial") == serial, timeout=20, what="the renewal reported")
     assert vm.file("etc/certs/cert-chain.pem").read_text() == chain
     assert (vm.file("etc/certs/key.pem").stat().st_ino, vm.file("etc/certs/key.pem").read_bytes()) == key_before
-    assert not any("istio.service" in call for call in vm.systemctl()[calls:])  # istio-agent re-reads the files
+    assert "restart istio.service" not in vm.systemctl()[calls:]  # istio-agent re-reads the files itself
     assert vm.boots_done() == 1  # the watcher did it, not a boot
     assert f"installed certificate {serial} for key" in vm.journal() and "a renewal of the key in use" in vm.journal()
     assert_no_private_key_outside_certs(vm, nudges)
