@@ -271,6 +271,14 @@ def session_leader(proc: Path) -> bool:
     return fields[0] != "Z" and fields[3] == proc.name  # state, ppid, pgrp, session
 
 
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie (a killed grandchild may wait for init to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def spki(public_key) -> bytes:
     return public_key.public_bytes(*SPKI)
 
@@ -745,3 +753,29 @@ def test_istio_proxy_symlinks_never_make_the_agent_touch_other_files(fake_vm):
     owned_by_proxy = sorted(str(p.relative_to(fake.root)) for p in fake.root.rglob("*")
                             if os.lstat(p).st_uid == PROXY_UID and not p.is_symlink())
     assert owned_by_proxy == ["etc/certs/cert-chain.pem", "etc/certs/key.pem", "etc/certs/root-cert.pem"]
+
+
+UNIT_SCRIPT = """#!/bin/bash
+set -e
+mkdir -p "$MESHJOIN_ROOT/etc/systemd/system" "$MESHJOIN_ROOT/usr/local/sbin"
+printf '#!/bin/bash\\necho $$ > "$MESHJOIN_ROOT/watcher-pid"\\nsleep 600 &\\necho $! > "$MESHJOIN_ROOT/child-pid"\\nwait\\n' \\
+  > "$MESHJOIN_ROOT/usr/local/sbin/meshjoin-agent"
+chmod 0755 "$MESHJOIN_ROOT/usr/local/sbin/meshjoin-agent"
+printf '[Service]\\nExecStart=/usr/local/sbin/meshjoin-agent watch\\nRestart=always\\n' \\
+  > "$MESHJOIN_ROOT/etc/systemd/system/meshjoin-watch.service"
+systemctl start meshjoin-watch.service
+"""
+
+
+def test_sandbox_down_leaves_no_guest_process_running(tmp_path):
+    """A VM's watcher unit runs until the sandbox goes down, and not a moment after: `meshjoin sandbox down`
+    ends every guest's processes (the unit's whole process group) before the world process exits."""
+    from .conftest import running_sandbox
+
+    with running_sandbox(tmp_path / "sandbox") as own:
+        Vm(own, "units-1").create({"startup-script": UNIT_SCRIPT})
+        root = Path(own.meshjoin("sandbox", "vm-root", "units-1").stdout.strip())
+        pids = wait_for(lambda: (root / "child-pid").exists() and [int((root / f).read_text()) for f in
+                                                                  ("watcher-pid", "child-pid")], what="the unit")
+        assert all(running(pid) for pid in pids)
+    assert not [pid for pid in pids if running(pid)]
