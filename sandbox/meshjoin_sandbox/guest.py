@@ -13,7 +13,8 @@ a failing script is logged there and never breaks anything else.
 systemd, for one unit: `systemctl start|restart meshjoin-watch.service` in a guest runs that unit's
 `ExecStart` (read from the unit file in the VM's root, the program mapped into the root) as a background
 process in the VM's environment, restarted after `RestartSec` when `Restart=always|on-failure` says so, its
-output timestamped into `serial.log`; `restart` ends the previous process first. The sandbox ends the unit's
+output timestamped into `serial.log`; `restart` ends the previous process first; once `systemctl enable`d,
+each later boot starts it too (before the startup script, as multi-user.target would). The sandbox ends the unit's
 processes (and a startup script still running) when the VM stops, is reset or deleted, and when the sandbox
 shuts down. Every other systemctl call is only recorded (no real services run).
 
@@ -54,6 +55,8 @@ UNIT_STOP_SECONDS = 2.0  # SIGTERM, then SIGKILL after this (systemd's TimeoutSt
 SHIMS = {
     "systemctl": 'echo "$*" >> "$LOG/systemctl"\n'
                  'case "$1 ${2:-}" in\n'
+                 '  "enable meshjoin-watch.service") mkdir -p "$LOG/enabled" && touch "$LOG/enabled/$2" ;;\n'
+                 '  "disable meshjoin-watch.service") rm -f "$LOG/enabled/$2" ;;\n'
                  '  "start meshjoin-watch.service" | "restart meshjoin-watch.service")\n'
                  '    if [ -n "${MESHJOIN_SANDBOX_SYSTEMD:-}" ]; then\n'
                  '      exec curl -sf -X POST --data-binary "$1 $2" "$MESHJOIN_SANDBOX_SYSTEMD" -o /dev/null 9>&-\n'
@@ -197,8 +200,17 @@ class Guests:
     def boot(self, zone: str, name: str) -> None:
         """Called when the VM reaches RUNNING by a boot: run the startup script on its own thread."""
         self.boots[(zone, name)] = self.boots.get((zone, name), 0) + 1
-        threading.Thread(target=self.run_startup, args=(zone, name, "boot"), daemon=True,
-                         name=f"guest-boot-{name}").start()
+        threading.Thread(target=self._boot, args=(zone, name), daemon=True, name=f"guest-boot-{name}").start()
+
+    def _boot(self, zone: str, name: str) -> None:
+        """systemd starts the enabled units (`systemctl enable` in an earlier boot), the runner the script."""
+        for unit in SUPERVISED_UNITS:
+            if (self.vm_dir(zone, name) / "log" / "enabled" / unit).exists():
+                try:
+                    self.unit_action(zone, name, unit, "start")
+                except ValueError as exc:
+                    _append(self.vm_dir(zone, name) / "serial.log", f"{_stamp()} systemd: {exc}\n")
+        self.run_startup(zone, name, "boot")
 
     def run_startup(self, zone: str, name: str, why: str = "manual") -> dict:
         """Run `startup-script` (instance item, else project item) once, as the script runner does.

@@ -137,3 +137,18 @@ def test_only_start_and_restart_of_the_watcher_unit_are_run(gce):
     assert refused.status_code == 400 and "meshjoin-watch.service" in refused.json()["error"]
     missing = requests.post(url, data="start meshjoin-watch.service", timeout=5)  # no unit file in its root
     assert missing.status_code == 400 and "not found" in missing.json()["error"]
+
+
+def test_an_enabled_unit_starts_at_every_boot_even_without_the_script(gce):
+    script = startup().replace("systemctl start istio.service", "systemctl enable meshjoin-watch.service")
+    insert(gce, "unit-7", metadata={"startup-script": script})
+    root = booted(gce, "unit-7", 1)
+    vm = gce.instances.get(project=gce.project, zone=ZONE, instance="unit-7")
+    wait_op(gce, gce.instances.set_metadata_unary(
+        project=gce.project, zone=ZONE, instance="unit-7", metadata_resource=compute_v1.Metadata(
+            fingerprint=vm.metadata.fingerprint, items=[compute_v1.Items(key="startup-script", value="true")])))
+    wait_op(gce, gce.instances.reset_unary(project=gce.project, zone=ZONE, instance="unit-7"))
+    booted(gce, "unit-7", 2)
+    watchers = pids(root, "watch-pids")
+    assert len(watchers) == 2 and [alive(pid) for pid in watchers] == [False, True]
+    assert gce.guests.unit_pids(ZONE, "unit-7") == {"meshjoin-watch.service": watchers[1]}
