@@ -75,9 +75,10 @@ class Issuer:
         self.ca_chain = sandbox.ca_file("cert-chain.pem").read_text()
         self.root = sandbox.ca_file("root-cert.pem").read_text()
 
-    def sign(self, public_key, spiffe: str = "spiffe://cluster.local/ns/apps/sa/agent-test") -> tuple[str, str]:
+    def sign(self, public_key, spiffe: str = "spiffe://cluster.local/ns/apps/sa/agent-test",
+             expired: bool = False) -> tuple[str, str]:
         """(chain PEM: leaf then the CA's chain, serial as meshjoin records it)."""
-        now = datetime.now(timezone.utc)
+        now = datetime.now(timezone.utc) - (timedelta(hours=2) if expired else timedelta())
         serial = x509.random_serial_number()
         leaf = (x509.CertificateBuilder().subject_name(x509.Name([])).issuer_name(self.ca_cert.subject)
                 .public_key(public_key).serial_number(serial)
@@ -314,8 +315,9 @@ def assert_no_private_key_outside_certs(vm: Vm, nudges: Nudges | None = None) ->
     the metadata, what the agent published, or any file of the fake root but /etc/certs/key*.pem."""
     assert vm.keys_seen, "the test never looked at a key: nothing to search for"
     texts = {"serial.log": vm.serial(), "guest attributes": json.dumps(vm.guest()), "metadata": json.dumps(vm.items())}
-    for path in (vm.root.parent / "log").iterdir():
-        texts[f"log/{path.name}"] = path.read_text(errors="replace")
+    for path in (vm.root.parent / "log").rglob("*"):
+        if path.is_file():
+            texts[f"log/{path.name}"] = path.read_text(errors="replace")
     for path in vm.root.rglob("*"):
         relative = str(path.relative_to(vm.root))
         if path.is_file() and not path.is_symlink() and not re.fullmatch(r"etc/certs/key(\.next)?\.pem", relative):
@@ -556,6 +558,31 @@ def test_rsa_2048_when_meshjoin_asks_for_it_and_a_new_key_when_the_algorithm_cha
     assert isinstance(csr.public_key(), ec.EllipticCurvePublicKey)
     assert spki(vm.key().public_key()) == spki(pending.public_key())  # the RSA key serves meanwhile
     vm.key("key.next.pem")
+    assert_no_private_key_outside_certs(vm, nudges)
+
+
+def test_after_a_long_power_off_the_boot_waits_for_a_fresh_certificate_then_restarts_the_sidecar(booted, nudges):
+    """The certificate expired while the VM was off (meshjoin renews no stopped VM): the boot run neither
+    reinstalls the expired chain nor starts the sidecar from it; it waits, installs the renewal, restarts."""
+    vm = booted("ag-off")
+    joined(vm)
+    key = vm.key()
+    vm.sandbox.meshjoin("sandbox", "stop", vm.name)
+    assert vm.watcher_pids() == []  # the VM is off: nothing of it runs
+    expired, _ = vm.issuer.sign(key.public_key(), expired=True)
+    vm.file("etc/certs/cert-chain.pem").write_text(expired)
+    vm.set_items(meshjoin_cert_chain=expired)  # what meshjoin delivered last
+    calls = len(vm.systemctl())
+
+    vm.sandbox.meshjoin("sandbox", "start", vm.name)
+    wait_for(lambda: vm.journal().count("waiting up to") == 2, timeout=30, what="the second boot waiting")
+    assert "start istio.service" not in vm.systemctl()[calls:] and "restart istio.service" not in vm.systemctl()[calls:]
+    _, serial = vm.issue(key.public_key())
+    wait_for(lambda: vm.boots_done() == 2, timeout=30, what="the second boot run")
+    assert vm.serial().count("startup-script exit status 0") == 2
+    assert vm.guest()["cert-serial"] == serial
+    assert "restart istio.service" in vm.systemctl()[calls:]
+    assert spki(leaf_of(vm.file("etc/certs/cert-chain.pem").read_bytes()).public_key()) == spki(key.public_key())
     assert_no_private_key_outside_certs(vm, nudges)
 
 
