@@ -559,6 +559,53 @@ def test_a_clone_deletes_the_copied_key_and_makes_its_own(booted, sandbox, nudge
     assert clone.watcher_pids() == []
 
 
+def test_a_vm_joined_by_an_earlier_agent_keeps_serving_until_its_own_key_is_certified(sandbox, nudges, script):
+    """Agent 2 left a key that came from Secret Manager (no instance id recorded): agent 3 never certifies that
+    key again. It keeps serving it, makes its own, and swaps once meshjoin certifies the new one."""
+    need("openssl", "curl")
+    need_root()
+    vm = Vm(sandbox, "ag-legacy").create(bootstrap_items(sandbox, nudges, script=None))
+    wait_for(lambda: "no startup scripts to run" in vm.serial(), what="the first boot")
+    legacy_key = ec.generate_private_key(ec.SECP256R1())
+    legacy_chain, _ = vm.issuer.sign(legacy_key.public_key())
+    certs = vm.file("etc/certs")
+    certs.mkdir(parents=True)
+    os.chown(certs, PROXY_UID, PROXY_UID)  # as agent 2 left it, for istio-agent's own rotation
+    (certs / "key.pem").write_bytes(legacy_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (certs / "cert-chain.pem").write_text(legacy_chain)
+    vm.keys_seen.add(key_body((certs / "key.pem").read_bytes()))
+    vm.set_items(startup_script=script, meshjoin_cert_chain=legacy_chain)
+
+    vm.reboot()
+    csr = vm.wait_csr()
+    assert spki(csr.public_key()) != spki(legacy_key.public_key())
+    wait_for(lambda: vm.boots_done() == 1, timeout=30, what="the boot run")  # no wait: the old key still serves
+    assert "boot done: this VM is a mesh workload" in vm.journal()
+    assert spki(vm.key().public_key()) == spki(legacy_key.public_key())
+    assert spki(vm.key("key.next.pem").public_key()) == spki(csr.public_key())
+    assert mode_and_owner(certs) == (0o755, 0)
+
+    _, serial = vm.issue(csr.public_key())
+    wait_for(lambda: vm.guest().get("cert-serial") == serial, timeout=20, what="the new key's certificate")
+    assert spki(vm.key().public_key()) == spki(csr.public_key()) and not (certs / "key.next.pem").exists()
+    assert_no_private_key_outside_certs(vm, nudges)
+    vm.delete()
+
+
+def test_without_guest_attributes_the_boot_does_not_wait_and_says_why(sandbox, nudges, script):
+    need("openssl", "curl")
+    need_root()
+    vm = Vm(sandbox, "ag-noattr").create({**bootstrap_items(sandbox, nudges, script),
+                                          "enable-guest-attributes": "FALSE"})
+    wait_for(lambda: vm.boots_done() == 1, timeout=30, what="the boot run")
+    journal = vm.journal()
+    assert "could not write it (the metadata server answered 403" in journal and "enable-guest-attributes" in journal
+    assert "not waiting for a certificate" in journal and "waiting up to" not in journal
+    assert vm.file("etc/certs/key.next.pem").exists() and not vm.file("etc/certs/key.pem").exists()
+    vm.delete()
+
+
 def test_rsa_2048_when_meshjoin_asks_for_it_and_a_new_key_when_the_algorithm_changes(booted, nudges):
     vm = booted("ag-rsa", meshjoin_key_algorithm="rsa-2048")
     pending = vm.key("key.next.pem")
