@@ -439,7 +439,23 @@ def _end_group(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             continue
         _kill_group(proc)  # the leader is gone; its children may linger: kill what is left
-        return
+        break
+    deadline = time.monotonic() + UNIT_STOP_SECONDS  # and only answer once the group is really gone
+    while _group_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group, from /proc."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[2] == str(pgid) and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
