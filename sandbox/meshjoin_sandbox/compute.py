@@ -324,6 +324,12 @@ class ComputeEmulator:
         if guests is not None:
             guests.boot(zone, name)
 
+    def _halted(self, zone: str, name: str) -> None:
+        """The guest goes down (stop, reset, delete): whatever runs in it ends (guest.py)."""
+        guests = self.world.emulators.get("guests")
+        if guests is not None:
+            guests.halt(zone, name)
+
     def stamp(self) -> str:
         return _gce_time(_now())
 
@@ -614,6 +620,7 @@ class ComputeEmulator:
             self.guest_attributes.forget(found["id"])
             operation, entries = self._record(request, zone, "delete", found,
                                               takes=self.world.timing.operation_seconds)
+        self._halted(zone, instance)
         return self._answer(operation, entries)
 
     def _set_labels(self, request, project, zone, instance):
@@ -771,6 +778,8 @@ class ComputeEmulator:
             found = self._must_get(zone, instance)
             takes = getattr(self.lifecycle, verb)(zone, instance)
             operation, entries = self._record(request, zone, verb, found, takes=takes)
+        if verb in ("stop", "reset"):
+            self._halted(zone, instance)
         return self._answer(operation, entries)
 
     def _stop(self, request, project, zone, instance):

@@ -114,8 +114,7 @@ def main(argv: list[str]) -> int:
         "metadata": MetadataEmulator(world).app,
         "control": ControlEmulator(world).app,
     }
-    Guests(world, Path(cfg.state_dir) / "vms",
-           {"MESHJOIN_SECRETMANAGER_URL": cfg.url("secretmanager"), **cfg.guest_env})
+    guests = Guests(world, Path(cfg.state_dir) / "vms", dict(cfg.guest_env))
     servers = [serve(counted(name, app), "127.0.0.1", cfg.ports[name], name=name) for name, app in apps.items()]
     kube = KubeEmulator(world, cfg.crd_path)
     world.emulators.setdefault("kube", kube)  # for the control plane's /seed
@@ -130,6 +129,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     stop.wait()
+    guests.shutdown()  # no VM's watcher or startup script outlives the sandbox
     for server in servers:
         server.shutdown()
     return 0

@@ -113,6 +113,7 @@ def startup_script() -> str:
         "status": names.STATUS_KEY,
         "events_topic": names.EVENTS_TOPIC_KEY,
         "pubsub_endpoint": names.PUBSUB_ENDPOINT_KEY,
+        "cert_chain": "meshjoin-cert-chain", "key_algorithm": "meshjoin-key-algorithm", "rekey": "meshjoin-rekey",
     }
     return env.get_template("startup-script.sh.j2").render(marker=names.STARTUP_SCRIPT_MARKER, keys=keys,
                                                            cert_dir=CERT_DIR, agent_version=AGENT_VERSION,

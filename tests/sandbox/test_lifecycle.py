@@ -55,13 +55,14 @@ def gce(server, tmp_path):
     guests = Guests(world, tmp_path / "vms")
     slot["app"] = emulator.app
     options, creds = {"api_endpoint": url}, Credentials(world.admin_token)
-    return SimpleNamespace(
+    yield SimpleNamespace(
         world=world, emulator=emulator, guests=guests, events=events, url=url, project=world.project,
         instances=compute_v1.InstancesClient(transport="rest", client_options=options, credentials=creds),
         operations=compute_v1.ZoneOperationsClient(transport="rest", client_options=options, credentials=creds),
         projects=compute_v1.ProjectsClient(transport="rest", client_options=options, credentials=creds),
         global_operations=compute_v1.GlobalOperationsClient(transport="rest", client_options=options,
                                                             credentials=creds))
+    guests.shutdown()  # what the guests started (watcher units, scripts still running) ends with the test
 
 
 def insert(gce, name, metadata=None, wait=True):
