@@ -52,14 +52,17 @@ def cluster_env(key: VmKey, identity: Identity, settings: Settings) -> str:
         "POD_NAMESPACE": identity.namespace,
         "SERVICE_ACCOUNT": identity.service_account,
         "TRUST_DOMAIN": settings.trust_domain,
-        # istio-agent serves the files meshjoin's agent installs and never renews through istiod
-        # (no PROV_CERT/OUTPUT_CERTS): meshjoin is the only issuer of the VM's identity, so a VM that
-        # leaves or is denied loses it within one certificate lifetime (MESHJOIN_CERT_TTL). The agent
-        # writes key.pem before cert-chain.pem: istio-agent watches the certificate file.
+        # istio-agent serves the files meshjoin's agent installs and never renews through istiod:
+        # meshjoin is the only issuer of the VM's identity, so a VM that leaves or is denied loses it
+        # within one certificate lifetime (MESHJOIN_CERT_TTL). FILE_MOUNTED_CERTS is read from the
+        # environment (istio pilot/cmd/pilot-agent/options/options.go). PROV_CERT and OUTPUT_CERTS must be
+        # set EMPTY: istio-start.sh defaults both to ./etc/certs when unset, PROV_CERT with
+        # FILE_MOUNTED_CERTS is a startup error (options/security.go), and an OUTPUT_CERTS equal to the
+        # cert directory makes SDS skip the files (security/pkg/nodeagent/cache/secretcache.go).
+        # The agent writes key.pem before cert-chain.pem: istio-agent watches the certificate file.
         "FILE_MOUNTED_CERTS": "true",
-        "ISTIO_META_TLS_CLIENT_CERT_CHAIN": f"{CERT_DIR}/cert-chain.pem",
-        "ISTIO_META_TLS_CLIENT_KEY": f"{CERT_DIR}/key.pem",
-        "ISTIO_META_TLS_CLIENT_ROOT_CERT": f"{CERT_DIR}/root-cert.pem",
+        "PROV_CERT": "",
+        "OUTPUT_CERTS": "",
     }
     return "".join(f"{name}={_shell_value(value)}\n" for name, value in values.items())
 
@@ -74,7 +77,15 @@ def mesh_config(settings: Settings) -> str:
     """`/etc/istio/config/mesh` (JSON is YAML, and json.dumps cannot be tricked into a new key)."""
     default_config = {
         "discoveryAddress": settings.istiod_address,
-        "proxyMetadata": {"CANONICAL_SERVICE_FROM_CLUSTER_ENV": "true"},
+        "proxyMetadata": {
+            "CANONICAL_SERVICE_FROM_CLUSTER_ENV": "true",
+            # With file-mounted certificates istio-agent's connection to istiod presents these files;
+            # it reads them from proxyConfig.proxyMetadata, i.e. this file, not from the environment
+            # (istio pkg/istio-agent/agent.go; Istio's own file_mounted_certs integration test sets them here).
+            "ISTIO_META_TLS_CLIENT_CERT_CHAIN": f"{CERT_DIR}/cert-chain.pem",
+            "ISTIO_META_TLS_CLIENT_KEY": f"{CERT_DIR}/key.pem",
+            "ISTIO_META_TLS_CLIENT_ROOT_CERT": f"{CERT_DIR}/root-cert.pem",
+        },
     }
     if settings.mesh_id:
         default_config["meshId"] = settings.mesh_id
@@ -113,7 +124,6 @@ def startup_script() -> str:
         "status": names.STATUS_KEY,
         "events_topic": names.EVENTS_TOPIC_KEY,
         "pubsub_endpoint": names.PUBSUB_ENDPOINT_KEY,
-        "cert_chain": "meshjoin-cert-chain", "key_algorithm": "meshjoin-key-algorithm", "rekey": "meshjoin-rekey",
     }
     return env.get_template("startup-script.sh.j2").render(marker=names.STARTUP_SCRIPT_MARKER, keys=keys,
                                                            cert_dir=CERT_DIR, agent_version=AGENT_VERSION,

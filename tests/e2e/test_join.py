@@ -64,7 +64,7 @@ def test_labelled_vm_joins_with_a_verifiable_identity(sandbox, tmp_path):
     assert "meshjoin-secret" not in metadata
     # meshjoin is the only issuer: istio-agent serves the files, it does not renew through istiod.
     assert "FILE_MOUNTED_CERTS=true" in metadata["meshjoin-cluster-env"]
-    assert "PROV_CERT" not in metadata["meshjoin-cluster-env"]
+    assert "PROV_CERT=''" in metadata["meshjoin-cluster-env"]  # set empty: istio-start.sh would default it
     assert not any("PRIVATE KEY" in value for value in metadata.values())
     assert "PRIVATE KEY" not in sandbox.raw_logs()
 

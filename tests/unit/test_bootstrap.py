@@ -42,14 +42,27 @@ def test_cluster_env_has_istioctl_keys_and_certs_dir():
                  "ISTIO_META_WORKLOAD_NAME", "POD_NAMESPACE", "TRUST_DOMAIN"):
         assert name in env, name
     assert env["ISTIO_SERVICE"] == "orders.apps" and env["SERVICE_ACCOUNT"] == "orders"
-    # meshjoin is the only issuer: istio-agent serves the files, and never renews through istiod.
-    assert "PROV_CERT" not in env and "OUTPUT_CERTS" not in env
     assert env["FILE_MOUNTED_CERTS"] == "true"
-    assert (env["ISTIO_META_TLS_CLIENT_CERT_CHAIN"], env["ISTIO_META_TLS_CLIENT_KEY"],
-            env["ISTIO_META_TLS_CLIENT_ROOT_CERT"]) == ("/etc/certs/cert-chain.pem", "/etc/certs/key.pem",
-                                                        "/etc/certs/root-cert.pem")
     assert env["ISTIO_INBOUND_PORTS"] == "8080,9090"
     assert json.loads(env["ISTIO_METAJSON_LABELS"])["app"] == "orders"
+
+
+def test_istio_start_sees_file_mounted_certificates_and_no_provisioning():
+    """meshjoin is the only issuer: istio-agent serves the files and never renews through istiod.
+    istio-start.sh defaults PROV_CERT and OUTPUT_CERTS to ./etc/certs when they are UNSET (`${X-...}`),
+    so cluster.env sets them empty; what the script then sees is checked the way it expands them."""
+    text = bootstrap.cluster_env(KEY, IDENTITY, SETTINGS)
+    script = 'set -a; source /dev/stdin; echo "[${PROV_CERT-./etc/certs}][${OUTPUT_CERTS-./etc/certs}][$FILE_MOUNTED_CERTS]"'
+    out = subprocess.run(["bash", "-c", script], input=text, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[][][true]"
+
+
+def test_mesh_config_points_istiods_connection_at_the_files():
+    """With file-mounted certificates istio-agent reads the client files for istiod from proxyMetadata."""
+    metadata = json.loads(bootstrap.mesh_config(SETTINGS))["defaultConfig"]["proxyMetadata"]
+    assert (metadata["ISTIO_META_TLS_CLIENT_CERT_CHAIN"], metadata["ISTIO_META_TLS_CLIENT_KEY"],
+            metadata["ISTIO_META_TLS_CLIENT_ROOT_CERT"]) == ("/etc/certs/cert-chain.pem", "/etc/certs/key.pem",
+                                                             "/etc/certs/root-cert.pem")
 
 
 def test_cluster_env_is_sourceable_by_bash():
