@@ -195,6 +195,13 @@ def waiting_reason(spiffe: str, serial: str, report: AgentReport | None) -> str:
             "`journalctl -t meshjoin`")
 
 
+def serving_lag_warning(serving: str, delivered: Delivered) -> str:
+    return (f"the VM serves certificate {serving}, not {delivered.serial} that meshjoin delivered (valid until "
+            f"{_rfc3339(delivered.not_after)}): its watcher did not install it, so the VM loses its identity when the "
+            f"certificate it serves expires; on the VM: `sudo systemctl restart meshjoin-watch.service` "
+            f"(`journalctl -t meshjoin` says why it stopped)")
+
+
 def no_key_reason(spiffe: str, problem: str, report: AgentReport | None) -> str:
     """Why nothing was signed for a VM that needs its first certificate, and what its owner can do."""
     said = f"; {report.describe()}" if report else ""
@@ -435,6 +442,11 @@ class Reconciler:
         if is_default_compute_account(vm.service_account):  # bound on purpose by an operator, still risky
             warnings.append("the VM runs as the project's default compute service account, which other VMs "
                             "share: any of them could ask for this identity; give it a dedicated service account")
+        if was_confirmed and recorded is not None and report is not None and report.cert_serial and \
+                report.cert_serial != recorded.serial:
+            # istio-agent never renews by itself (file-mounted certificates): a VM whose watcher stopped
+            # keeps serving an older certificate until it expires, while it still counts as joined.
+            warnings.append(serving_lag_warning(report.cert_serial, recorded))
         items, remove = self._bootstrap(vm, identity, ca.bundle.root_certs_pem, warnings)
         if issued is not None:
             items[names.CERT_CHAIN_KEY] = issued.chain_pem

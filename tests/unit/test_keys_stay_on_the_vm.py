@@ -218,6 +218,7 @@ def test_the_rotation_policy_asks_for_a_new_key_and_certifies_it_as_soon_as_it_a
         status = world.status()
         assert status["keyCerts"] == str(renewal)
         assert (names.REKEY_KEY in world.metadata()) == (renewal == 4), renewal  # 4 would exceed 3: ask
+        world.compute.confirm(KEY)  # the VM's watcher installs each renewal and reports it
     token = world.metadata()[names.REKEY_KEY]
     assert world.status()["rekey"] == token and token.startswith(world.status()["keyId"] + ".")
     assert "asked the VM for a new key" in world.status()["reason"]
@@ -228,8 +229,10 @@ def test_the_rotation_policy_asks_for_a_new_key_and_certifies_it_as_soon_as_it_a
     # The sweep looks for the new key while the request is pending (one guest-attribute read, nothing else).
     plan = plan_sweep(world.sweeper.inventory(), SETTINGS, plugin_ca.fingerprint, world.clock.now)
     assert [(a.kind, a.reason[:30]) for a in plan.actions] == [(JOIN, "a key rotation was requested: ")]
+    assert world.reconcile(read_agent=False).verb == "refreshed"  # records the report of the installed renewal
     writes = world.compute.writes
     assert world.reconcile(read_agent=False).verb == "unchanged" and world.compute.writes == writes
+    assert not world.status().get("warnings")
 
     new_key = world.compute.hand_in_key(KEY)  # the agent acted on the token: a new key, a CSR, a nudge
     outcome = world.reconcile()
@@ -498,3 +501,23 @@ def test_the_cli_join_forces_only_when_asked(monkeypatch, args, forced):
         logger.handlers[:] = saved[1]
         logger.propagate = saved[2]
     assert result.exit_code == 0 and asked == {"force_new_cert": forced, "key": KEY}
+
+
+def test_a_vm_still_serving_an_older_certificate_is_warned_about_and_the_warning_clears(plugin_ca):
+    """istio-agent never renews by itself: a VM whose watcher stopped keeps an older certificate, so the
+    status says so (with the remedy) as soon as a pass reads the VM's report, and no longer once it caught up."""
+    world = World(plugin_ca)
+    world.join()
+    first = world.status()
+    world.clock.now = NOW + 13 * HOUR
+    world.sweeper.sweep()  # renewed: a new certificate in metadata, which the VM's watcher does not install
+    renewed = world.status()
+    assert renewed["certSerial"] != first["certSerial"] and not renewed.get("warnings")
+    world.reconcile()  # the next event pass reads the report, which still names the first certificate
+    warnings = world.status().get("warnings") or []
+    assert any(f"serves certificate {first['certSerial']}, not {renewed['certSerial']}" in w and
+               "meshjoin-watch.service" in w for w in warnings), warnings
+    assert world.status()["state"] == "joined"
+    world.compute.confirm(KEY)  # the watcher installed the renewal and reported it
+    world.reconcile()
+    assert not world.status().get("warnings")
