@@ -425,8 +425,11 @@ NOTES = ["", "## How it is measured, and what it is not", "",
          "their startup script (`SandboxConfig.run_startup_scripts=False`), so no real agent competes with the "
          "played one.",
          "- In-process figures (join, renewal, rotation) call `reconcile` as a nudge does; the nudges are not sent "
-         "there. Renewals use a reconciler whose clock is 20 h ahead (not `force_new_cert`); its first pass, which "
-         "refreshes the CA and project caches after the jump, is a warm-up and not counted.",
+         "there. Renewals use a reconciler whose clock is 20 h ahead (not `force_new_cert`, which the CLI's `join "
+         "--force` uses and which takes the same path); its first pass (on a warm-up VM) is not counted. Fractional "
+         "counts of Secret Manager reads, `projects.get` or `container get` in a column are cache refreshes that fell "
+         "into some of its passes (the plug-in CA is re-read every `MESHJOIN_CA_CACHE`; a new runtime looks its "
+         "cluster up once): reads, spread over the passes.",
          "- Rotation: the agent's report of the renewed chain before its new key is skipped (it is the renewal's "
          "report pass, measured apart), to stay inside the guest-attribute write rate.",
          "- Burst: the bench agents act on the function's log lines (a real agent watches its metadata); "
