@@ -387,6 +387,19 @@ def _sweep(sw: dict, bsw: dict) -> list[str]:
         out += ["", "A renewal in the sweep now reads the VM's guest attributes (its CSR: the key to re-certify) and "
                 "no longer writes Secret Manager; the listing gives the VM, so no `instances.get`. Renewals per "
                 "sweep stay capped (`MESHJOIN_SWEEP_RENEWALS`); a deleted VM's prune no longer deletes a secret."]
+    legacy = [r for r in sw["runs"] if r.get("scenario") == "legacy-secrets" and "calls" in r and r["counts"]["pruned"]]
+    if legacy:
+        r = max(legacy, key=lambda r: r["n"])
+        base = next((x for x in sw["runs"] if x.get("scenario") == "nothing-due" and x["n"] == r["n"] and "calls" in x),
+                    None)
+        diff = Counter(r["calls"])
+        if base:
+            diff.subtract(base["calls"])
+        per = ", ".join(f"{k} {round(v / r['counts']['pruned'], 2)}" for k, v in sorted(diff.items()) if v > 0)
+        out += ["", f"`legacy-secrets` (migration from the per-VM-secret design): {r['counts']['pruned']} leftover "
+                f"per-VM secrets of migrated VMs deleted in one sweep of {r['n']:,} VMs (at most "
+                f"`MESHJOIN_PRUNE_CAP` a sweep; {r['prune_candidates']} found); per prune: {per}. These deletes "
+                "are the only Secret Manager writes left, and they end when the last legacy secret is gone."]
     return out
 
 

@@ -3,7 +3,9 @@
 Scenarios (a fresh sandbox each, so they do not leak into each other):
 - `nothing-due`: every certificate is 1 h into its 24 h life;
 - `third-due`: one VM in three is 13 h in (past the 50 % renewal point, whatever its jitter);
-- `tenth-deleted`: every tenth VM was deleted without an event (its WorkloadEntry is an orphan).
+- `tenth-deleted`: every tenth VM was deleted without an event (its WorkloadEntry is an orphan);
+- `legacy-secrets`: every tenth VM migrated from meshjoin 2 and still has its per-VM secret (labelled as
+  meshjoin 2 made them; no `meshjoin-secret` item any more): the sweep deletes them (`MESHJOIN_PRUNE_CAP`).
 
 The fleet is what a real join leaves: one VM is joined through the product (three passes, its agent
 played by a ProtocolAgent), and its instance metadata (status with `keyId`/`keyCerts`/`confirmedSerial`,
@@ -25,6 +27,7 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from meshjoin import names
 from meshjoin.model import VmKey
 
 from .agent import ProtocolAgent
@@ -36,7 +39,7 @@ CHILD = str(Path(__file__).with_name("_sweep_child.py"))
 SOURCE = str(REPO / "functions" / "maintenance" / "main.py")
 TEMPLATE = "tplvm"
 SUBNET = "10.128.0.0/16"  # a /20 holds 4092 VMs
-SCENARIOS = ("nothing-due", "third-due", "tenth-deleted")
+SCENARIOS = ("nothing-due", "third-due", "tenth-deleted", "legacy-secrets")
 SERVER_FIELDS = ("uid", "resourceVersion", "creationTimestamp", "generation", "managedFields")
 
 
@@ -87,6 +90,17 @@ def _templates(world: World) -> dict:
     }
 
 
+def _legacy_secret(world: World) -> dict:
+    """A meshjoin 2 per-VM secret as it made them: its id and labels name the VM (names.secret_id)."""
+    settings = world.settings()
+    part = names.project_part(world.project)
+    return {"id": f"{settings.secret_prefix}-{part}-@@ZONE@@-@@NAME@@",
+            "labels": {names.SECRET_OWNER_LABEL: names.MANAGED_BY, "meshjoin-project": part,
+                       "meshjoin-zone": "@@ZONE@@", "meshjoin-instance": "@@NAME@@"},
+            "data": json.dumps({"key.pem": "(seeded)", "cert-chain.pem": "(seeded)", "root-cert.pem": "(seeded)"}),
+            "reader": f"serviceAccount:{BENCH_ACCOUNT}"}
+
+
 def _vary(scenario: str) -> list[dict]:
     now = datetime.now(timezone.utc)
     fresh_nb = now - timedelta(hours=1)
@@ -101,6 +115,8 @@ def run_one(n: int, scenario: str, timeout_s: float) -> dict:
         templates = _templates(world)
         t0 = time.monotonic()
         chunk = 1000
+        if scenario == "legacy-secrets":
+            templates = {**templates, "secret": _legacy_secret(world), "secret_every": 10}
         for start in range(0, n - 1, chunk):
             world.control("POST", "/seed", {"zone": world.zone, "prefix": "fleet-", "start": start,
                                             "count": min(chunk, n - 1 - start), "vary": _vary(scenario),

@@ -15,7 +15,8 @@ expands it per VM:
 
 `guest_attributes` are what the VM's agent wrote (namespace -> key -> value), stored as if the VM had
 written them, without its write rate limit. `secret` (optional) is a meshjoin 2 per-VM secret, for
-fleets that still carry legacy secrets.
+fleets that still carry legacy secrets; `secret_every` (default 1) seeds it for every k-th VM only
+(index % k == 0).
 
 Placeholders: @@NAME@@, @@ZONE@@, @@INDEX@@, @@ID@@ and @@IP@@ (what Compute assigned), plus the
 keys of the `vary` entry. Nothing here goes through the APIs, so seeding is not counted in /stats and
@@ -53,6 +54,9 @@ def seed_fleet(world, body: dict) -> dict:
     metadata = body.get("metadata") or {}
     vary = body.get("vary") or [{}]
     secret = body.get("secret")
+    secret_every = int(body.get("secret_every", 1))
+    if secret_every < 1:
+        raise ApiError(400, "secret_every must be at least 1")
     guest_attributes = body.get("guest_attributes") or {}
     if not all(isinstance(keys, dict) for keys in guest_attributes.values()):
         raise ApiError(400, "guest_attributes: namespace -> {key: value}")
@@ -77,7 +81,7 @@ def seed_fleet(world, body: dict) -> dict:
                 per_vm = attributes._values.setdefault(created["id"], {})
                 for namespace, keys in guest_attributes.items():
                     per_vm.setdefault(namespace, {}).update({k: _fill(str(v), values) for k, v in keys.items()})
-        if secret:
+        if secret and index % secret_every == 0:
             secret_id = _fill(secret["id"], values)
             secrets.put(secret_id, _fill(secret.get("data", "{}"), values).encode(),
                         labels={k: _fill(v, values) for k, v in (secret.get("labels") or {}).items()})

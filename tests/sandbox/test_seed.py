@@ -50,6 +50,15 @@ def test_seeding_without_secrets_creates_none(world):
     assert world.emulators["secretmanager"]._secrets == {}
 
 
+def test_legacy_secrets_are_seeded_for_every_kth_vm_with_their_labels(world):
+    seed_fleet(world, {"zone": ZONE, "prefix": "fleet-", "count": 5, "secret_every": 2,
+                       "secret": {"id": "meshjoin-vm-p-@@ZONE@@-@@NAME@@", "data": "(seeded)",
+                                  "labels": {"meshjoin-instance": "@@NAME@@"}}})
+    secrets = world.emulators["secretmanager"]._secrets
+    assert sorted(secrets) == [f"meshjoin-vm-p-{ZONE}-fleet-{i:05d}" for i in (0, 2, 4)]
+    assert secrets[f"meshjoin-vm-p-{ZONE}-fleet-00002"].fields["labels"] == {"meshjoin-instance": "fleet-00002"}
+
+
 def test_malformed_guest_attributes_are_refused(world):
     with pytest.raises(ApiError) as refused:
         seed_fleet(world, {"zone": ZONE, "count": 1, "guest_attributes": {"meshjoin": "not a mapping"}})
