@@ -151,6 +151,13 @@ class Floor:
                 http.get(f"{base}/default" if plural == "serviceaccounts" else f"{base}/kubernetes", verify=verify)
         elif kind.startswith("compute "):
             http.get(instance)
+        elif kind.startswith("secretmanager "):
+            # Only cache refreshes of the plug-in CA fall into a pass (a join writes nothing there): read it.
+            secret = f"{w.cfg.url('secretmanager')}/v1/projects/{w.project}/secrets/{w.cfg.ca_secrets[0]}"
+            http.get(secret + ("/versions" if kind.endswith("versions.list") else
+                               "/versions/latest:access" if kind.endswith("versions.access") else ""))
+        elif kind == "container get":
+            http.get(f"{w.cfg.url('container')}/v1/{w.cfg.cluster_path}")
         else:
             raise ValueError(f"no floor request for {kind}")
 
