@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 import traceback
@@ -19,6 +20,8 @@ from . import burst, coldstart, join, keys, report, sweep
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results.json"
+# The previous design's run (per-VM secrets), rendered beside this one's figures.
+BEFORE = REPO / "bench" / "results-per-vm-secrets.json"
 SECTIONS = {"keys": keys.run, "join": join.run, "cold_start": coldstart.run, "burst": burst.run, "sweep": sweep.run}
 
 
@@ -34,6 +37,17 @@ def machine() -> dict:
             "python": platform.python_version(), "load_avg_at_start": [round(x, 2) for x in os.getloadavg()]}
 
 
+def commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return f"{head}{' + uncommitted changes' if dirty else ''}" if head else "?"
+
+
 def main() -> int:
     quick = os.environ.get("BENCH_QUICK", "") not in ("", "0")
     only = [s for s in os.environ.get("BENCH_ONLY", "").split(",") if s]
@@ -44,7 +58,7 @@ def main() -> int:
     previous = json.loads(RESULTS.read_text()) if only and RESULTS.exists() else {}
     results = {"meta": {"started": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "quick": quick,
                         "command": ("BENCH_QUICK=1 " if quick else "") + (f"BENCH_ONLY={','.join(only)} " if only else "")
-                        + "make bench", "machine": machine()},
+                        + "make bench", "machine": machine(), "commit": commit()},
                "sections": dict(previous.get("sections", {}))}
     started = time.monotonic()
     for name, run in SECTIONS.items():
@@ -67,7 +81,8 @@ def main() -> int:
         print(f"bench: {name} done in {section['seconds']} s", file=sys.stderr, flush=True)
     results["meta"]["seconds"] = round(time.monotonic() - started, 1)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    (REPO / "BENCHMARKS.md").write_text(report.render(results))
+    before = json.loads(BEFORE.read_text()) if BEFORE.exists() else None
+    (REPO / "BENCHMARKS.md").write_text(report.render(results, before))
     print(f"bench: wrote {RESULTS.relative_to(REPO)} and BENCHMARKS.md in {results['meta']['seconds']} s",
           file=sys.stderr)
     return 1 if any("error" in s for s in results["sections"].values()) else 0

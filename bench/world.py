@@ -1,5 +1,8 @@
 """One sandbox for one benchmark section: started with the real launcher, reached like a person would.
 
+VMs boot without running their startup script: each VM's agent is played by the bench over the same
+wire (bench/agent.py), and a real agent booting beside it would hand in a second key.
+
 The bench talks to the emulators as an operator (admin token, plain HTTP) to create VMs and read
 results, and to the control plane for request counts (`/stats`) and bulk seeding (`/seed`). The
 product is driven either in-process (a `Runtime` on the sandbox's settings) or as real processes.
@@ -38,7 +41,8 @@ class World:
         started = time.monotonic()
         function_env = {"MESHJOIN_IDENTITY_BINDINGS": json.dumps(BENCH_BINDINGS), **(function_env or {})}
         self.cfg: SandboxConfig = launcher.up(self.state_dir, function_env=function_env,
-                                              compute_subnet=compute_subnet, timeout=120)
+                                              compute_subnet=compute_subnet, timeout=120,
+                                              run_startup_scripts=False)
         self.up_seconds = time.monotonic() - started
         self.env = launcher.read_env_file(self.state_dir / "env")
         self.project = self.cfg.project

@@ -62,6 +62,10 @@ class SandboxConfig:
     time_factor: float = 1.0
     # Extra environment for every VM's startup script (e.g. MESHJOIN_SIDECAR_URL of a local mirror).
     guest_env: dict[str, str] = field(default_factory=dict)
+    # False: a VM's boot runs no startup script (its boot is still counted). For benchmark worlds, whose
+    # VMs' agents are played over the same wire by the benchmark (bench/agent.py): a real agent booting
+    # beside it would hand in a second key, and a thousand bash agents would compete with what is measured.
+    run_startup_scripts: bool = True
     # The values deploy/terraform is evaluated with for the sandbox's IAM and RBAC
     # (project_id, region, cluster, name, identity_bindings, ...).
     terraform_vars: dict = field(default_factory=dict)

@@ -241,9 +241,11 @@ def group_alive(pgid: int) -> bool:
 
 def up(state_dir: Path, ca_dir: Path | None = None, function_env: dict[str, str] | None = None,
        timeout: float = 60.0, compute_subnet: str | None = None,
-       terraform_vars: dict | None = None) -> SandboxConfig:
+       terraform_vars: dict | None = None, run_startup_scripts: bool = True) -> SandboxConfig:
     """Start the sandbox; `terraform_vars` override the sandbox's Terraform variables (IAM, RBAC and
-    the functions' identity bindings follow them), e.g. {"identity_bindings": [...]}."""
+    the functions' identity bindings follow them), e.g. {"identity_bindings": [...]}.
+    `run_startup_scripts=False`: VMs boot without running their startup script (benchmarks, which play
+    each VM's agent themselves; see SandboxConfig.run_startup_scripts)."""
     state_dir = state_dir.resolve()
     state_dir.mkdir(parents=True, exist_ok=True)
     procs = Processes(state_dir)
@@ -271,6 +273,7 @@ def up(state_dir: Path, ca_dir: Path | None = None, function_env: dict[str, str]
         kube_key_file=str(kube_key),
         crd_path=str(istio_crds_path()),
         function_env=dict(function_env or {}),
+        run_startup_scripts=run_startup_scripts,
     )
     if compute_subnet:
         cfg.compute_subnet = compute_subnet

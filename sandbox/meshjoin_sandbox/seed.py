@@ -1,15 +1,22 @@
 """`POST /seed`: a fleet of VMs that meshjoin already registered, written straight into the emulators.
 
-Benchmarks need thousands of joined VMs (instance + metadata + per-VM secret + WorkloadEntry) in
-seconds; joining them one by one through the functions would take longer than the measurement. The
-caller (bench/) renders what meshjoin writes once, with placeholders, and this expands it per VM:
+Benchmarks need thousands of joined VMs (instance + metadata + the agent's guest attributes +
+WorkloadEntry) in seconds; joining them one by one through the functions would take longer than the
+measurement. The caller (bench/) renders what one real join left once, with placeholders, and this
+expands it per VM:
 
     {"zone": "us-central1-a", "prefix": "fleet-", "start": 0, "count": 1000,
      "labels": {...}, "service_account": "@@NAME@@@...",
-     "metadata": {"meshjoin-status": "{... @@ID@@ @@IP@@ @@NOT_AFTER@@ ...}", ...},
+     "metadata": {"meshjoin-status": "{... @@ID@@ @@IP@@ @@NOT_AFTER@@ ...}", "meshjoin-cert-chain": ..., ...},
      "vary": [{"@@NOT_AFTER@@": "..."}, ...],       # cycled over the VMs by index
+     "guest_attributes": {"meshjoin": {"csr": "...", "cert-serial": "...", "sidecar": "running"}},
      "secret": {"id": "...@@NAME@@", "labels": {...}, "data": "...", "reader": "serviceAccount:..."},
      "workload_entry": {... a WorkloadEntry with placeholders ...}}
+
+`guest_attributes` are what the VM's agent wrote (namespace -> key -> value), stored as if the VM had
+written them, without its write rate limit. `secret` (optional) is a meshjoin 2 per-VM secret, for
+fleets that still carry legacy secrets; `secret_every` (default 1) seeds it for every k-th VM only
+(index % k == 0).
 
 Placeholders: @@NAME@@, @@ZONE@@, @@INDEX@@, @@ID@@ and @@IP@@ (what Compute assigned), plus the
 keys of the `vary` entry. Nothing here goes through the APIs, so seeding is not counted in /stats and
@@ -47,6 +54,12 @@ def seed_fleet(world, body: dict) -> dict:
     metadata = body.get("metadata") or {}
     vary = body.get("vary") or [{}]
     secret = body.get("secret")
+    secret_every = int(body.get("secret_every", 1))
+    if secret_every < 1:
+        raise ApiError(400, "secret_every must be at least 1")
+    guest_attributes = body.get("guest_attributes") or {}
+    if not all(isinstance(keys, dict) for keys in guest_attributes.values()):
+        raise ApiError(400, "guest_attributes: namespace -> {key: value}")
     entry_template = json.dumps(body["workload_entry"]) if body.get("workload_entry") else None
     if entry_template and kube is None:
         raise ApiError(400, "no Kubernetes emulator in this world")
@@ -62,7 +75,13 @@ def seed_fleet(world, body: dict) -> dict:
         with world.lock:  # the status names the instance id Compute just assigned
             for item in compute._instances[(zone, name)]["metadata"]["items"]:
                 item["value"] = _fill(item["value"], values)
-        if secret:
+        if guest_attributes:
+            attributes = compute.guest_attributes
+            with attributes._lock:  # the VM's own writes, seeded: no rate limit applies to seeding
+                per_vm = attributes._values.setdefault(created["id"], {})
+                for namespace, keys in guest_attributes.items():
+                    per_vm.setdefault(namespace, {}).update({k: _fill(str(v), values) for k, v in keys.items()})
+        if secret and index % secret_every == 0:
             secret_id = _fill(secret["id"], values)
             secrets.put(secret_id, _fill(secret.get("data", "{}"), values).encode(),
                         labels={k: _fill(v, values) for k, v in (secret.get("labels") or {}).items()})

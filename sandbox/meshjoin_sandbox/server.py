@@ -102,6 +102,15 @@ def seed_plugin_ca(secrets: SecretManagerEmulator, cfg: SandboxConfig) -> None:
         secrets.put(secret_id, data, labels={"meshjoin-role": "plugin-ca"})
 
 
+def skip_startup_scripts(guests: Guests) -> None:
+    """Boots that run no startup script (SandboxConfig.run_startup_scripts=False): the boot is still
+    counted, and each VM still has its own metadata server for whoever plays its agent."""
+    def boot(zone: str, name: str) -> None:
+        guests.boots[(zone, name)] = guests.boots.get((zone, name), 0) + 1
+
+    guests.boot = boot
+
+
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     state_dir = Path(argv[0])
@@ -115,6 +124,8 @@ def main(argv: list[str]) -> int:
         "control": ControlEmulator(world).app,
     }
     guests = Guests(world, Path(cfg.state_dir) / "vms", dict(cfg.guest_env))
+    if not cfg.run_startup_scripts:
+        skip_startup_scripts(guests)
     servers = [serve(counted(name, app), "127.0.0.1", cfg.ports[name], name=name) for name, app in apps.items()]
     kube = KubeEmulator(world, cfg.crd_path)
     world.emulators.setdefault("kube", kube)  # for the control plane's /seed
