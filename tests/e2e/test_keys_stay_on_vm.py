@@ -174,6 +174,7 @@ def test_a_vm_moved_to_an_unbound_account_gets_no_further_certificate(sandbox, s
     assert not chain or format(leaf(chain).serial_number, "x") == before["certSerial"]
 
 
+@pytest.mark.timeout(300)
 def test_zz_no_private_key_outside_the_vms(sandbox, source):
     """After the joins, clones and account changes above, every key is where it was made."""
     names = ["hk-src", "hk-default", "hk-clone", "hk-clone-other", "hk-move", "hk-drop"]

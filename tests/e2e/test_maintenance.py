@@ -177,6 +177,7 @@ def test_prune_cap_limits_deletions_per_sweep(world):
     assert all(world.entries_for(n) == [] for n in names)
 
 
+@pytest.mark.timeout(300)
 def test_zz_after_joins_renewals_and_a_ca_rotation_no_private_key_is_outside_the_vms(world):
     names = [n for n in ("m-lost", "m-renew", "m-rot", "m-fail", "m-cap-1", "m-cap-2", "m-cap-3") if world.vm(n)]
     assert private_key_leaks(world, names) == []
