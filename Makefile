@@ -21,8 +21,10 @@ $(STAMP): requirements.txt requirements-cli.txt requirements-dev.txt pyproject.t
 demo: $(STAMP)
 	$(BIN)/python -m meshjoin_sandbox.demo
 
+# Test files run on 4 workers (pytest-xdist, one file per worker at a time): the end-to-end files each
+# start their own sandbox and mostly wait on it, so 4 fit on 2 cores. `pytest -q` alone runs them serially.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 4 --dist loadfile
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
