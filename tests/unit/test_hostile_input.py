@@ -148,7 +148,9 @@ def test_decoder_answers_a_key_or_a_refusal_and_nothing_else(body):
     assert GCE_NAME.match(key.instance) and "\n" not in str(key) and len(key.project) <= 93
 
 
-class _Capture(logging.Handler):
+class LogCapture(logging.Handler):
+    """meshjoin's log lines as Cloud Logging would receive them (one JSON object per line)."""
+
     def __init__(self):
         super().__init__()
         self.stream = io.StringIO()
@@ -170,7 +172,7 @@ class _Reconciler:
 @given(push_bodies())
 def test_event_function_acks_every_hostile_message_with_one_log_line(monkeypatch_session, body):
     """What Pub/Sub sees: the handler returns (ack) and says what it did in exactly one line."""
-    capture = _Capture()
+    capture = LogCapture()
     logger = logging.getLogger("meshjoin")
     logger.addHandler(capture)
     try:

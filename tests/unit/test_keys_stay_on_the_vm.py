@@ -21,13 +21,12 @@ from meshjoin import bootstrap, names, pki
 from meshjoin.adapters.compute import StaleFingerprint, guest_items
 from meshjoin.adapters.secrets import PluginCa
 from meshjoin.fleet import explain
-from meshjoin.logs import JsonFormatter
 from meshjoin.model import Vm
 from meshjoin.reconcile import Reconciler
 from meshjoin.sweep import JOIN, RENEW, Inventory, Sweeper, plan_sweep
 
-from .test_hostile_input import (KEY, NOW, SETTINGS, FakeCompute, FakeKube, FakeSecrets, plugin_ca,  # noqa: F401
-                                 vm_with)
+from .test_hostile_input import (KEY, NOW, SETTINGS, FakeCompute, FakeKube, FakeSecrets, LogCapture,  # noqa: F401
+                                 plugin_ca, vm_with)
 from .vm_keys import csr_pem, ec_key, private_pem, rsa_key, secrets_of, tampered_csr_pem
 
 SPIFFE = "spiffe://cluster.local/ns/default/sa/default"
@@ -43,21 +42,9 @@ class Clock:
         return self.now
 
 
-class Capture(logging.Handler):
-    """meshjoin's log lines as Cloud Logging would receive them."""
-
-    def __init__(self):
-        super().__init__()
-        self.stream = io.StringIO()
-        self.setFormatter(JsonFormatter())
-
-    def emit(self, record):
-        self.stream.write(self.format(record) + "\n")
-
-
 @pytest.fixture
 def logs():
-    capture = Capture()
+    capture = LogCapture()
     logger = logging.getLogger("meshjoin")
     logger.addHandler(capture)
     yield capture.stream
