@@ -239,9 +239,17 @@ def key_fingerprints(der: bytes) -> list[str]:
 def everything_outside_the_vms(sandbox: Sandbox, names: list[str]) -> dict[str, str]:
     """What a key could leak into outside the VMs: every VM's metadata and guest attributes, project
     metadata, every Secret Manager secret's latest payload, every listable Kubernetes object, the
-    functions' and emulators' logs, and the CLI's output about each VM (status, explain, render)."""
+    functions' and emulators' logs, the VMs' consoles, and the CLI's output (status; explain and render
+    of two of `names`). The CLIs people use where one call covers all; the REST APIs, as the operator,
+    for what gcloud would need a process per VM or secret for."""
+    import requests
+
+    ports, project = sandbox.config["ports"], sandbox.project
+    http = requests.Session()
+    http.headers["Authorization"] = f"Bearer {sandbox.config['admin_token']}"
+    instances = sandbox.run("gcloud", "compute", "instances", "list", "--format=json").stdout
     corpus = {
-        "instances": sandbox.run("gcloud", "compute", "instances", "list", "--format=json").stdout,
+        "instances": instances,
         "project metadata": sandbox.run("gcloud", "compute", "project-info", "describe", "--format=json").stdout,
         "logs": sandbox.raw_logs(),
         "meshjoin status": sandbox.meshjoin("status", "--json").stdout,
@@ -251,17 +259,22 @@ def everything_outside_the_vms(sandbox: Sandbox, names: list[str]) -> dict[str, 
             sorted((sandbox.state_dir / "vms").glob("*/*/log/**/*")):
         if path.is_file():
             corpus[str(path.relative_to(sandbox.state_dir))] = path.read_text(errors="replace")
-    for secret in sandbox.run("gcloud", "secrets", "list", "--format=value(name)").stdout.split():
-        secret_id = secret.rsplit("/", 1)[-1]
-        corpus[f"secret {secret_id}"] = sandbox.run("gcloud", "secrets", "versions", "access", "latest",
-                                                    f"--secret={secret_id}", check=False).stdout
+    for vm in json.loads(instances):
+        zone = vm["zone"].rsplit("/", 1)[-1]
+        answer = http.get(f"http://127.0.0.1:{ports['compute']}/compute/v1/projects/{project}/zones/{zone}/instances/"
+                          f"{vm['name']}/getGuestAttributes", params={"queryPath": "meshjoin/"}, timeout=30)
+        corpus[f"guest attributes of {zone}/{vm['name']}"] = answer.text
+    secrets_url = f"http://127.0.0.1:{ports['secretmanager']}/v1/projects/{project}/secrets"
+    listed = http.get(secrets_url, params={"pageSize": 250}, timeout=30)
+    listed.raise_for_status()
+    for secret in listed.json().get("secrets", []):
+        secret_id = secret["name"].rsplit("/", 1)[-1]
+        answer = http.get(f"{secrets_url}/{secret_id}/versions/latest:access", timeout=30)
+        data = answer.json().get("payload", {}).get("data", "") if answer.ok else ""
+        corpus[f"secret {secret_id}"] = base64.b64decode(data).decode(errors="replace") + answer.text
     resources = sandbox.run("kubectl", "api-resources", "--verbs=list", "-o", "name").stdout.split()
     corpus["kubernetes objects"] = sandbox.run("kubectl", "get", ",".join(resources), "-A", "-o", "json").stdout
     assert '"kind": "WorkloadEntry"' in corpus["kubernetes objects"] or not sandbox.entries(), "the listing is whole"
-    for name in names:
-        corpus[f"guest attributes of {name}"] = sandbox.run(
-            "gcloud", "compute", "instances", "get-guest-attributes", name, f"--zone={sandbox.zone}",
-            "--format=json", check=False).stdout
     for name in names[:2]:  # the CLI's per-VM views print the same fields for every VM: two are enough
         for verb in ("explain", "render"):
             result = sandbox.meshjoin(verb, name, check=False)
@@ -276,8 +289,13 @@ def private_key_leaks(sandbox: Sandbox, names: list[str]) -> list[str]:
     """Where outside the VMs' fake roots a private key (PEM label, or any VM key's bytes) appears."""
     keys = vm_private_keys(sandbox)
     assert keys, "no VM holds a key: nothing to look for"
+    corpus = everything_outside_the_vms(sandbox, names)
+    # The scan reads what it claims to: the CA's key (the one expected private key) and the VMs' CSRs.
+    assert "PRIVATE KEY" in corpus[CA_KEY_SECRET], "the scan did not read Secret Manager"
+    assert any("CERTIFICATE REQUEST" in text for where, text in corpus.items() if where.startswith("guest attr")), \
+        "the scan read no guest attributes"
     leaks = []
-    for where, text in everything_outside_the_vms(sandbox, names).items():
+    for where, text in corpus.items():
         if "PRIVATE KEY" in text and where != CA_KEY_SECRET:
             leaks.append(f"{where}: a PEM private key")
         for path, der in keys.items():
