@@ -44,6 +44,20 @@ def wait_state(env, state_dir, name, states, timeout=30.0) -> tuple[dict, dict, 
         time.sleep(0.25)
     raise SystemExit(f"{name} did not reach {states} within {timeout}s")
 
+def _key_matches_leaf(certs: Path) -> bool:
+    """Whether the VM's key.pem holds the private half of the leaf in its cert-chain.pem."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        key = serialization.load_pem_private_key((certs / "key.pem").read_bytes(), password=None)
+        leaf = x509.load_pem_x509_certificates((certs / "cert-chain.pem").read_bytes())[0]
+    except (OSError, ValueError):
+        return False
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return key.public_key().public_bytes(*spki) == leaf.public_key().public_bytes(*spki)
+
+
 
 def main() -> int:
     state_dir = tempfile.mkdtemp(prefix="meshjoin-demo-")
@@ -84,12 +98,15 @@ def main() -> int:
         table.add_row("identity", status.get("identity", ""))
         table.add_row("address", body["networkInterfaces"][0]["networkIP"])
         table.add_row("WorkloadEntry", status.get("workloadEntry", ""))
+        table.add_row("certificate serial", status.get("certSerial", ""))
         table.add_row("certificate not after", status.get("certNotAfter", ""))
-        table.add_row("key + chain in secret", status.get("secret", ""))
+        table.add_row("certified key (made on the VM)", status.get("keyId", ""))
         console.print(table)
         root = Path(sh(env, MESHJOIN, "sandbox", "vm-root", "orders-1", "--state-dir", state_dir).strip())
         certs = sorted(p.name for p in (root / "etc" / "certs").glob("*.pem")) if (root / "etc" / "certs").is_dir() else []
-        console.print(f"In the VM's own root ({root}): etc/certs holds {', '.join(certs) or 'nothing'}")
+        console.print(f"In the VM's own root ({root}): etc/certs holds {', '.join(certs) or 'nothing'}; "
+                      f"key.pem is the key of the certificate meshjoin signed: "
+                      f"[bold]{'yes' if _key_matches_leaf(root / 'etc' / 'certs') else 'NO'}[/]")
         if status["state"] != "joined":
             raise SystemExit(f"orders-1 did not join: {status.get('state')}: {status.get('reason')}")
         console.print("\n[bold]kubectl get workloadentries -A[/] (real kubectl, KUBECONFIG from the env file):")
@@ -129,3 +146,4 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
