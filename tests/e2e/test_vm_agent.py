@@ -385,21 +385,24 @@ def test_the_script_has_no_secret_manager_and_makes_keys_only_with_openssl(scrip
     assert "ec_paramgen_curve:P-256" in script and "rsa_keygen_bits:2048" in script
 
 
+@pytest.mark.timeout(300)
 def test_metadata_values_cannot_add_lines_to_the_script_or_cluster_env(sandbox):
     """The script is the same text for every VM; a value with quotes or newlines is denied, not rendered."""
-    for name, ports in (("inject-nl", "http:8080\nEVIL=1"), ("inject-q", "http:8080,x'$(reboot)':1"),
-                        ("inject-dq", 'http:"8080"\n')):
+    hostile = (("inject-nl", "http:8080\nEVIL=1"), ("inject-q", "http:8080,x'$(reboot)':1"),
+               ("inject-dq", 'http:"8080"\n'))
+    for name, ports in hostile:  # all created first, then awaited: the events are handled side by side
         sandbox.meshjoin("sandbox", "create-vm", name, "--label", "mesh=join", "--metadata", f"mesh-ports={ports}",
                          "--service-account", f"{name}@meshjoin-sandbox.iam.gserviceaccount.com")
-        status = wait_for(lambda: (s := sandbox.status(name)).get("state") == "denied" and s, what=f"{name} denied")
-        assert "mesh-ports" in status["reason"]
-        metadata = sandbox.metadata(name)
-        assert "meshjoin-cluster-env" not in metadata and "startup-script" not in metadata
-
     sandbox.meshjoin("sandbox", "create-vm", "inject-ok", "--label", "mesh=join", "--label", "mesh-namespace=apps",
                      "--label", "mesh-version=v1", "--metadata", "mesh-ports=http:8080",
                      "--service-account", "inject-ok@meshjoin-sandbox.iam.gserviceaccount.com")
-    wait_for(lambda: "startup-script" in sandbox.metadata("inject-ok"), what="inject-ok's bootstrap")
+    for name, _ in hostile:
+        status = wait_for(lambda: (s := sandbox.status(name)).get("state") == "denied" and s, timeout=60,
+                          what=f"{name} denied")
+        assert "mesh-ports" in status["reason"]
+        metadata = sandbox.metadata(name)
+        assert "meshjoin-cluster-env" not in metadata and "startup-script" not in metadata
+    wait_for(lambda: "startup-script" in sandbox.metadata("inject-ok"), timeout=60, what="inject-ok's bootstrap")
     metadata = sandbox.metadata("inject-ok")
     template_lines = (Path(bootstrap.__file__).parent / "templates" / "startup-script.sh.j2").read_text().count("\n")
     assert metadata["startup-script"] == bootstrap.startup_script()
