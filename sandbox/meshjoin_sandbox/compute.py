@@ -761,6 +761,11 @@ class ComputeEmulator:
                 raise _not_found(path)
         if request.path.endswith("/wait"):
             self.op_clock.hold(scope, operation)
+        if self.op_clock.is_done(scope, operation):
+            with self.world.lock:
+                target = str(self._operations[(scope, operation)].get("targetLink", ""))
+            if "/instances/" in target and scope != "global":
+                self.lifecycle.catch_up(scope, target.rsplit("/", 1)[-1])
         with self.world.lock:
             found = self._operations[(scope, operation)]
             if found["status"] != "DONE" and self.op_clock.is_done(scope, operation):

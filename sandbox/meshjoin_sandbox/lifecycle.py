@@ -58,6 +58,10 @@ class VmLifecycle:
         self.on_boot = on_boot or (lambda zone, name: None)
         self._phase: dict[tuple[str, str], int] = {}
         self._phases = itertools.count(1)  # unique across VMs, so a re-created VM ignores old timers
+        # Transitions whose timer has not fired yet: [due (monotonic), phase, status, boot, fired]. A busy
+        # machine can run a timer late; `catch_up` applies the overdue ones before an operation says DONE.
+        self._pending: dict[tuple[str, str], list[list]] = {}
+        self._fire_lock = threading.Lock()
         self.history: list[tuple[str, str, str]] = []
 
     # ---- called by the emulator with world.lock held ------------------------------------------------
@@ -119,9 +123,32 @@ class VmLifecycle:
         self.history.append((zone, name, status))
 
     def _later(self, delay: float, zone: str, name: str, phase: int, status: str, boot: bool = False) -> None:
-        timer = threading.Timer(max(delay, 0.0), self._transition, (zone, name, phase, status, boot))
+        entry = [time.monotonic() + max(delay, 0.0), phase, status, boot, False]
+        with self._fire_lock:
+            self._pending.setdefault((zone, name), []).append(entry)
+        timer = threading.Timer(max(delay, 0.0), self._fire, (zone, name, entry))
         timer.daemon = True
         timer.start()
+
+    def _fire(self, zone: str, name: str, entry: list) -> None:
+        """Apply one scheduled transition, once, whoever gets there first (its timer or `catch_up`)."""
+        with self._fire_lock:
+            if entry[4]:
+                return
+            entry[4] = True
+            pending = self._pending.get((zone, name), [])
+            if entry in pending:
+                pending.remove(entry)
+        self._transition(zone, name, entry[1], entry[2], entry[3])
+
+    def catch_up(self, zone: str, name: str) -> None:
+        """Apply the VM's transitions that are due but whose timers have not run yet (call without
+        world.lock): an operation that is DONE by the clock must not show a VM still on its way."""
+        now = time.monotonic()
+        with self._fire_lock:
+            due = sorted((e for e in self._pending.get((zone, name), []) if e[0] <= now), key=lambda e: e[0])
+        for entry in due:
+            self._fire(zone, name, entry)
 
     def _transition(self, zone: str, name: str, phase: int, status: str, boot: bool) -> None:
         with self.compute.world.lock:
