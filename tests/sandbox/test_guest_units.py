@@ -63,6 +63,12 @@ def booted(gce, name: str, count: int) -> Path:
     return gce.guests.vm_dir(ZONE, name) / "root"
 
 
+def watchers_started(root: Path, count: int) -> None:
+    """Type=simple: `systemctl start` returns once the watcher is forked, before it has written its pids."""
+    wait_for(lambda: len(pids(root, "watch-pids")) >= count and len(pids(root, "child-pids")) >= count,
+             what=f"watcher {count} to record its pids")
+
+
 def everything_ended(root: Path) -> bool:
     return not any(alive(pid) for pid in pids(root, "watch-pids") + pids(root, "child-pids"))
 
@@ -70,6 +76,8 @@ def everything_ended(root: Path) -> bool:
 def test_start_launches_the_unit_once_in_the_vms_root_and_restart_replaces_it(gce):
     insert(gce, "unit-1", metadata={"startup-script": startup()})
     root = booted(gce, "unit-1", 1)
+    # Type=simple: `systemctl start` returns once the process is forked, before it has written anything
+    watchers_started(root, 1)
     assert len(pids(root, "watch-pids")) == 1  # started once: the second `start` found it running
     (first,) = pids(root, "watch-pids")
     assert alive(first) and gce.guests.unit_pids(ZONE, "unit-1") == {"meshjoin-watch.service": first}
@@ -84,6 +92,7 @@ def test_start_launches_the_unit_once_in_the_vms_root_and_restart_replaces_it(gc
             fingerprint=gce.instances.get(project=gce.project, zone=ZONE, instance="unit-1").metadata.fingerprint,
             items=[compute_v1.Items(key="startup-script", value=startup(action="restart"))])))
     assert gce.guests.run_startup(ZONE, "unit-1")["returncode"] == 0
+    watchers_started(root, 3)
     watchers = pids(root, "watch-pids")
     assert len(watchers) == 3  # each restart replaced the one before
     assert [alive(pid) for pid in watchers] == [False, False, True]
@@ -93,14 +102,17 @@ def test_start_launches_the_unit_once_in_the_vms_root_and_restart_replaces_it(gc
 def test_stop_reset_and_delete_end_what_runs_in_the_guest(gce):
     insert(gce, "unit-2", metadata={"startup-script": startup()})
     root = booted(gce, "unit-2", 1)
+    watchers_started(root, 1)
     wait_op(gce, gce.instances.stop_unary(project=gce.project, zone=ZONE, instance="unit-2"))
     assert everything_ended(root) and gce.guests.unit_pids(ZONE, "unit-2") == {}
 
     wait_op(gce, gce.instances.start_unary(project=gce.project, zone=ZONE, instance="unit-2"))
     booted(gce, "unit-2", 2)
+    watchers_started(root, 2)
     assert [alive(pid) for pid in pids(root, "watch-pids")] == [False, True]
     wait_op(gce, gce.instances.reset_unary(project=gce.project, zone=ZONE, instance="unit-2"))
     booted(gce, "unit-2", 3)
+    watchers_started(root, 3)
     assert [alive(pid) for pid in pids(root, "watch-pids")] == [False, False, True]
 
     wait_op(gce, gce.instances.delete_unary(project=gce.project, zone=ZONE, instance="unit-2"))
@@ -110,6 +122,7 @@ def test_stop_reset_and_delete_end_what_runs_in_the_guest(gce):
 def test_a_unit_that_exits_is_restarted_as_its_unit_file_says(gce):
     insert(gce, "unit-3", metadata={"startup-script": startup(restart_sec="0.2")})
     root = booted(gce, "unit-3", 1)
+    watchers_started(root, 1)
     (first,) = pids(root, "watch-pids")
     os.kill(first, 9)  # the main process dies; Restart=always brings it back after RestartSec
     wait_for(lambda: len(pids(root, "watch-pids")) == 2 and alive(pids(root, "watch-pids")[1]),
@@ -121,6 +134,8 @@ def test_shutdown_leaves_no_guest_process(gce):
     for name in ("unit-4", "unit-5"):
         insert(gce, name, metadata={"startup-script": startup()})
     roots = [booted(gce, name, 1) for name in ("unit-4", "unit-5")]
+    for root in roots:
+        watchers_started(root, 1)
     assert all(alive(pids(root, "watch-pids")[0]) for root in roots)
     gce.guests.shutdown()
     assert all(everything_ended(root) for root in roots)
@@ -149,6 +164,7 @@ def test_an_enabled_unit_starts_at_every_boot_even_without_the_script(gce):
             fingerprint=vm.metadata.fingerprint, items=[compute_v1.Items(key="startup-script", value="true")])))
     wait_op(gce, gce.instances.reset_unary(project=gce.project, zone=ZONE, instance="unit-7"))
     booted(gce, "unit-7", 2)
+    watchers_started(root, 2)
     watchers = pids(root, "watch-pids")
     assert len(watchers) == 2 and [alive(pid) for pid in watchers] == [False, True]
     assert gce.guests.unit_pids(ZONE, "unit-7") == {"meshjoin-watch.service": watchers[1]}
