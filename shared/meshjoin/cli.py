@@ -71,19 +71,24 @@ def _now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def _resolve(rt, name: str, zone: str | None):
-    """The VM key for NAME: in --zone, or the one zone where the project has a VM of that name."""
+def _resolve(rt, name: str, zone: str | None, project: str | None = None):
+    """The VM key for NAME: in --project (default: whichever VM project has it; with --zone, the host
+    project) and --zone, or the one zone where a VM of that name exists."""
     from .model import VmKey
 
+    if project and project not in rt.settings.vm_projects:
+        raise click.ClickException(f"project {project!r} is not among MESHJOIN_VM_PROJECTS "
+                                   f"({', '.join(rt.settings.vm_projects)})")
     if zone:
-        return VmKey(rt.settings.project, zone, name)
-    found = rt.compute.find(name)
+        return VmKey(project or rt.settings.project, zone, name)
+    found = rt.compute.find(name, project)
     if not found:
-        raise click.ClickException(f"no VM named {name!r} in project {rt.settings.project}; "
-                                   "pass --zone for one that was deleted")
+        where = f"project {project}" if project else f"projects {', '.join(rt.settings.vm_projects)}"
+        raise click.ClickException(f"no VM named {name!r} in {where}; pass --zone for one that was deleted")
     if len(found) > 1:
-        zones = ", ".join(vm.key.zone for vm in found)
-        raise click.ClickException(f"VMs named {name!r} exist in several zones ({zones}): pass --zone")
+        places = ", ".join(f"{vm.key.project}/{vm.key.zone}" for vm in found)
+        raise click.ClickException(f"VMs named {name!r} exist in several places ({places}): pass --zone "
+                                   "(and --project)")
     return found[0].key
 
 
@@ -95,6 +100,8 @@ def _console():
 
 
 ZONE_OPTION = click.option("--zone", help="The VM's zone (default: the one zone that has a VM of that name).")
+PROJECT_OPTION = click.option("--project", help="The VM's project, one of MESHJOIN_VM_PROJECTS (default: the "
+                                                "one that has a VM of that name; with --zone, MESHJOIN_PROJECT).")
 
 
 @click.group(cls=PluginGroup)
@@ -125,15 +132,15 @@ def status(as_json: bool):
 
     rt = _runtime()
     inventory = rt.sweeper.inventory()
-    if not inventory.vms and "Compute" in " ".join(inventory.errors):
-        raise click.ClickException("; ".join(inventory.errors))
+    if not inventory.vms and inventory.unlisted_projects:
+        raise click.ClickException("; ".join(inventory.failures))
     rows = fleet_rows(inventory, _now(), rt.settings)
     if as_json:
         click.echo(json.dumps([r.as_dict() for r in rows], indent=2))
     else:
         from rich.table import Table
 
-        table = Table(title=f"meshjoin fleet in {rt.settings.project}")
+        table = Table(title=f"meshjoin fleet in {', '.join(rt.settings.vm_projects)}")
         for column in ("VM", "zone", "namespace/SA", "address", "state", "key", "cert expires", "time left",
                        "updated"):
             table.add_column(column)
@@ -149,7 +156,7 @@ def status(as_json: bool):
                                                      "expiring")]
         for r in attention:
             console.print(f"[{STATE_STYLE.get(r.state, 'white')}]{r.name}[/]: {r.reason}")
-    for error in inventory.errors:
+    for error in inventory.failures:
         click.echo(f"warning: incomplete listing: {error}", err=True)
 
 
@@ -163,15 +170,16 @@ def _duration(seconds: int) -> str:
 @cli.command()
 @click.argument("vm")
 @ZONE_OPTION
+@PROJECT_OPTION
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def explain(vm: str, zone: str | None, as_json: bool):
+def explain(vm: str, zone: str | None, project: str | None, as_json: bool):
     """Why VM is (or is not) in the mesh: facts, policy decision, last status, what to do."""
     from . import names
     from .fleet import explain as explain_vm
 
     rt = _runtime()
-    key = _resolve(rt, vm, zone)
+    key = _resolve(rt, vm, zone, project)
     observed = rt.compute.get_vm(key)
     entries = list(rt.kube.list("WorkloadEntry", f"{names.MANAGED_BY_LABEL}={names.MANAGED_BY},"
                                                  f"{names.VM_LABEL}={key.instance}"))
@@ -196,17 +204,18 @@ def explain(vm: str, zone: str | None, as_json: bool):
 @cli.command()
 @click.argument("vm")
 @ZONE_OPTION
+@PROJECT_OPTION
 @click.option("--force", is_flag=True,
               help="Re-certify the VM's current key now (a fresh certificate), even if none is due.")
 @friendly_errors
-def join(vm: str, zone: str | None, force: bool):
+def join(vm: str, zone: str | None, project: str | None, force: bool):
     """Reconcile VM now: read what its agent reports, certify its key if it handed in a new one.
 
     The VM's key never leaves it: meshjoin certifies the public key of the CSR its agent wrote
     (guest attribute meshjoin/csr); without one, the VM waits and `meshjoin explain` says why.
     """
     rt = _runtime()
-    outcome = rt.reconciler.reconcile(_resolve(rt, vm, zone), force_new_cert=force)
+    outcome = rt.reconciler.reconcile(_resolve(rt, vm, zone, project), force_new_cert=force)
     click.echo(f"{vm}: {outcome.verb}: {outcome.reason}")
     if outcome.verb == "failed":
         sys.exit(1)
@@ -215,13 +224,14 @@ def join(vm: str, zone: str | None, force: bool):
 @cli.command()
 @click.argument("vm")
 @ZONE_OPTION
+@PROJECT_OPTION
 @friendly_errors
-def leave(vm: str, zone: str | None):
+def leave(vm: str, zone: str | None, project: str | None):
     """Take VM out of the mesh now: its WorkloadEntry and bootstrap metadata (and a legacy per-VM secret).
 
     Its last certificate stays valid until it expires (MESHJOIN_CERT_TTL): meshjoin issues no more."""
     rt = _runtime()
-    key = _resolve(rt, vm, zone)
+    key = _resolve(rt, vm, zone, project)
     outcome = rt.reconciler.leave(key)
     click.echo(f"{vm}: {outcome.verb}: {outcome.reason}")
     observed = rt.compute.get_vm(key)
@@ -265,15 +275,16 @@ def reconcile(dry_run: bool, as_json: bool):
 @cli.command()
 @click.argument("vm")
 @ZONE_OPTION
+@PROJECT_OPTION
 @friendly_errors
-def render(vm: str, zone: str | None):
+def render(vm: str, zone: str | None, project: str | None):
     """The bootstrap meshjoin would write for VM (no key material: the VM makes its own key)."""
     from . import bootstrap, names
     from .model import Denial
     from .policy import decide_identity
 
     rt = _runtime()
-    key = _resolve(rt, vm, zone)
+    key = _resolve(rt, vm, zone, project)
     observed = rt.compute.get_vm(key)
     if observed is None:
         raise click.ClickException(f"{key} does not exist")

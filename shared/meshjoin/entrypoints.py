@@ -37,8 +37,8 @@ def handle_vm_event(cloud_event) -> None:
     except Ignored as exc:
         log("INFO", f"message ignored: {exc}", outcome="ignored", message_id=message_id)
         return
-    if key.project != rt.settings.project:
-        log("WARNING", f"message rejected: project {key.project} is not MESHJOIN_PROJECT", key=key,
+    if key.project not in rt.settings.vm_projects:
+        log("WARNING", f"message rejected: project {key.project} is not among MESHJOIN_VM_PROJECTS", key=key,
             outcome="rejected", message_id=message_id)
         return
     try:

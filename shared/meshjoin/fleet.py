@@ -32,6 +32,7 @@ class FleetRow:
     key_id: str = ""  # the VM's certified key (made on the VM; meshjoin only ever saw its public half)
     key_certs: int | None = None  # certificates issued for that key
     legacy: bool = False  # still keyed from a meshjoin 2 per-VM secret (migrating)
+    project: str = ""  # the VM's project (one of MESHJOIN_VM_PROJECTS)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -50,7 +51,7 @@ def fleet_rows(inventory: Inventory, now: datetime, settings: Settings) -> list[
             # No status can be written to such a VM: the decision itself is what the operator must see.
             state, reason = "denied", decision.reason
         row = FleetRow(key.instance, key.zone, state, address=vm.network_ip, updated=str(status.get("updated", "")),
-                       reason=reason)
+                       reason=reason, project=key.project)
         namespace, _, account = _identity_parts(status.get("identity", ""))
         row.namespace, row.service_account = namespace, account
         row.agent = status.get("agent", "")
@@ -65,15 +66,17 @@ def fleet_rows(inventory: Inventory, now: datetime, settings: Settings) -> list[
                 row.state, row.reason = "expiring", "certificate expired; the next sweep renews it"
         rows.append(row)
     # Legacy per-VM secrets count too: one whose VM is gone is an orphan the sweep prunes.
-    registered = {entry_key(e, settings.project): e for e in inventory.entries} | {k: None for k in inventory.secrets}
+    registered = {entry_key(e, settings.vm_projects): e for e in inventory.entries} | \
+        {k: None for k in inventory.secrets}
     for key in sorted(k for k in registered if k is not None and k not in inventory.vms):
         entry = registered.get(key)
         namespace = entry["metadata"]["namespace"] if entry else ""
-        if key.zone in inventory.unreachable_zones:
-            rows.append(FleetRow(key.instance, key.zone, "unreachable", namespace=namespace,
-                                 reason=f"zone {key.zone} did not answer the listing; left as it is"))
+        if not inventory.seen(key):
+            where = f"project {key.project}" if key.project in inventory.unlisted_projects else f"zone {key.zone}"
+            rows.append(FleetRow(key.instance, key.zone, "unreachable", namespace=namespace, project=key.project,
+                                 reason=f"{where} did not answer the listing; left as it is"))
             continue
-        rows.append(FleetRow(key.instance, key.zone, "orphaned", namespace=namespace,
+        rows.append(FleetRow(key.instance, key.zone, "orphaned", namespace=namespace, project=key.project,
                              address=(entry or {}).get("spec", {}).get("address", ""),
                              reason="registered but no labelled VM: the next sweep prunes it"))
     return rows

@@ -313,9 +313,9 @@ class Reconciler:
         attributes are read only when needed (not yet confirmed, a certificate due, a rotation or a
         migration pending); an event (the agent's nudge) always reads them.
         """
-        if key.project != self.settings.project:
+        if key.project not in self.settings.vm_projects:
             # Never act for another project's VM, whatever named it (a forged entry, a message).
-            return Outcome("ignored", f"project {key.project[:80]!r} is not MESHJOIN_PROJECT")
+            return Outcome("ignored", f"project {key.project[:80]!r} is not among MESHJOIN_VM_PROJECTS")
         try:
             for _ in range(MAX_METADATA_RACES):
                 current = vm if vm is not None else self.compute.get_vm(key)
@@ -549,7 +549,7 @@ class Reconciler:
             items.pop(names.STARTUP_SCRIPT_KEY)  # the owner's own script: never overwritten
             warnings.append("startup-script belongs to the VM owner and was kept; run the meshjoin agent "
                             f"({AGENT_PATH}) from it")
-        elif project_startup_script(self.compute.project_metadata()):
+        elif project_startup_script(self.compute.project_metadata(vm.key.project)):
             # An instance-level item would silently replace the project's script on this VM.
             items.pop(names.STARTUP_SCRIPT_KEY)
             if own_script is not None:

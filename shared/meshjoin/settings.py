@@ -36,6 +36,9 @@ _HOST_PORT = re.compile(r"[A-Za-z0-9](?:[-A-Za-z0-9.]*[A-Za-z0-9])?:[0-9]{1,5}")
 _GSA = re.compile(r"[a-z0-9][-a-z0-9]{0,62}@[a-z0-9][-a-z0-9.:]{0,100}\.gserviceaccount\.com")
 _DNS_LABEL = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")  # RFC 1123: namespaces, service accounts
 _SERVICE_NAME = re.compile(r"[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?")  # RFC 1035: Service names (apps)
+# A project id as GCE names it in a VM's resource name (events._PROJECT accepts the same): 6-30
+# characters, or a domain-scoped `example.com:proj`.
+_PROJECT_ID = re.compile(r"(?:[a-z][a-z0-9.-]{0,62}:)?[a-z][-a-z0-9]{4,28}[a-z0-9]")
 BINDING_FIELDS = ("gsa", "namespace", "serviceAccount", "apps")
 # Replaced by MESHJOIN_IDENTITY_BINDINGS; a deployment still setting one is refused at start.
 RETIRED_SETTINGS = ("MESHJOIN_ALLOWED_NAMESPACES", "MESHJOIN_ALLOWED_SERVICE_ACCOUNTS",
@@ -147,6 +150,14 @@ class Settings:
     compute_reads_per_minute: int = 1500
     compute_writes_per_minute: int = 1500
     extra: Mapping[str, str] = field(default_factory=dict)
+    # --- several projects (issue 16) ---
+    # Every project whose VMs meshjoin manages, the host project (`project`: functions, Pub/Sub,
+    # Secret Manager) first (MESHJOIN_VM_PROJECTS); empty means the host project alone.
+    vm_projects: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # The host project is always managed and always first; the rest keep their order, once each.
+        object.__setattr__(self, "vm_projects", tuple(dict.fromkeys((self.project, *self.vm_projects))))
 
     @property
     def cluster_location(self) -> str:
@@ -237,6 +248,7 @@ class Settings:
             raise SettingsError(f"MESHJOIN_EVENTS_TOPIC={values['events_topic']!r} is invalid: "
                                 "want projects/P/topics/T or a topic id")
         convert("MESHJOIN_CLUSTER_ENDPOINT", "cluster_endpoint", _cluster_endpoint)
+        convert("MESHJOIN_VM_PROJECTS", "vm_projects", parse_vm_projects)
         settings = cls(**values)
         if settings.cert_ttl < timedelta(minutes=1):
             raise SettingsError(f"MESHJOIN_CERT_TTL must be at least 1m, got {settings.cert_ttl}")
@@ -245,6 +257,16 @@ class Settings:
         if settings.api_timeout < timedelta(seconds=1):
             raise SettingsError(f"MESHJOIN_API_TIMEOUT must be at least 1s, got {settings.api_timeout}")
         return settings
+
+
+def parse_vm_projects(raw: str) -> tuple[str, ...]:
+    """MESHJOIN_VM_PROJECTS: comma-separated project ids (the host project is added first anyway)."""
+    projects = [p.strip() for p in raw.split(",") if p.strip()]
+    for project in projects:
+        if not _PROJECT_ID.fullmatch(project):
+            raise ValueError(f"{project[:80]!r} is not a project id (6-30 lowercase letters, digits and hyphens, "
+                             "starting with a letter; or example.com:proj)")
+    return tuple(projects)
 
 
 def _fraction(raw: str) -> float:

@@ -20,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Callable
+from typing import Callable, Collection
 
 from . import bootstrap, names, pki
 from .adapters.ratelimit import sweep_renewal_budget
@@ -53,10 +53,28 @@ class Inventory:
     # Zones the VM listing could not reach (aggregatedList `unreachables`): their VMs are unseen,
     # so nothing of theirs is pruned or re-joined this sweep.
     unreachable_zones: frozenset[str] = frozenset()
+    # VM projects whose listing failed (project -> why). Their VMs are unseen, so nothing of theirs is
+    # pruned or re-joined this sweep; the other projects' VMs are planned as usual.
+    unlisted_projects: dict[str, str] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
+        """The cluster's and Secret Manager's listings all answered (VM listings are judged per
+        project: `unlisted_projects`, `seen`)."""
         return not self.errors
+
+    @property
+    def failures(self) -> list[str]:
+        """Every listing that failed, for the log and the summary."""
+        return self.errors + [f"Compute instances in {project}: {why}"
+                              for project, why in sorted(self.unlisted_projects.items())]
+
+    def seen(self, key: VmKey) -> bool:
+        """Whether this sweep's VM listing covered the VM's project and zone: only then may its absence
+        from the listing mean "gone or unlabelled". A zone UNREACHABLE in one project's listing is
+        treated as unreachable in every project (a zonal outage is not a per-project fact; at worst a
+        prune waits one sweep)."""
+        return key.project not in self.unlisted_projects and key.zone not in self.unreachable_zones
 
 
 @dataclass(frozen=True)
@@ -93,13 +111,15 @@ class SweepSummary:
                 "actions_planned": len(self.plan.actions)}
 
 
-def entry_key(entry: dict, project: str) -> VmKey | None:
+def entry_key(entry: dict, projects: str | Collection[str]) -> VmKey | None:
     """The VM a listed WorkloadEntry names, or None. Anyone who may create WorkloadEntries can label
-    one as meshjoin's and annotate any VM: a key naming another project than the one meshjoin manages,
-    or no valid GCE name, is dropped, never acted on."""
+    one as meshjoin's and annotate any VM: a key naming a project outside the VM projects meshjoin
+    manages (`projects`: settings.vm_projects, or one project id), or no valid GCE name, is dropped,
+    never acted on."""
+    projects = (projects,) if isinstance(projects, str) else projects
     annotations = (entry.get("metadata") or {}).get("annotations") or {}
     parts = [annotations.get(names.ANNOTATION_PREFIX + k) for k in ("project", "zone", "instance")]
-    if not all(isinstance(p, str) for p in parts) or parts[0] != project:
+    if not all(isinstance(p, str) for p in parts) or parts[0] not in projects:
         return None
     try:
         return validated_key(*parts)
@@ -118,7 +138,7 @@ def plan_sweep(inventory: Inventory, settings: Settings, ca_fingerprint: str, no
     notes: list[str] = []
     denied = healthy = 0
     entries_by_ref = {_entry_ref(e): e for e in inventory.entries}
-    entry_keys = {entry_key(e, settings.project) for e in inventory.entries}
+    entry_keys = {entry_key(e, settings.vm_projects) for e in inventory.entries}
     for key in sorted(inventory.vms):
         # One VM's data (labels, metadata, a forged status) can only ever affect that VM's plan.
         try:
@@ -141,10 +161,13 @@ def plan_sweep(inventory: Inventory, settings: Settings, ca_fingerprint: str, no
     if inventory.unreachable_zones:
         notes.append("zones unreachable, their VMs neither pruned nor re-joined this sweep: "
                      + ", ".join(sorted(inventory.unreachable_zones)))
+    if inventory.unlisted_projects:
+        notes.append("VM listing incomplete, these projects' VMs neither pruned nor re-joined this sweep: "
+                     + "; ".join(f"{p}: {why}" for p, why in sorted(inventory.unlisted_projects.items())))
     if inventory.complete:
+        # Legacy per-VM secrets live in the host project and were only ever made for its VMs.
         orphans = entry_keys | {k for k in inventory.secrets if k.project == settings.project}
-        for key in sorted(k for k in orphans if k is not None and k not in inventory.vms
-                          and k.zone not in inventory.unreachable_zones):
+        for key in sorted(k for k in orphans if k is not None and k not in inventory.vms and inventory.seen(k)):
             prunes.append(Action(PRUNE, key, "no labelled VM by that name (404 or label removed)"))
         # A denial planned above removes the VM's legacy secret itself.
         denying = {a.key for a in actions if a.reason.startswith(TO_BE_DENIED)}
@@ -267,21 +290,36 @@ class Sweeper:
                 return None
 
         unreachable: set[str] = set()
-        vms = listing("Compute instances", lambda: {vm.key: vm for vm in r.compute.list_vms(LABEL_FILTER,
-                                                                                          unreachable=unreachable)})
+        vms, unlisted = self._list_vm_projects(unreachable)
         entries = listing("WorkloadEntries", lambda: list(r.kube.list("WorkloadEntry", OWNED_SELECTOR,
                                                                       page_size=CLUSTER_PAGE)))
         services = listing("Services", lambda: list(r.kube.list("Service", OWNED_SELECTOR, page_size=CLUSTER_PAGE)))
         secrets = listing("legacy per-VM secrets", lambda: dict(r.secrets.list_vm_secrets()))
-        return Inventory(vms or {}, entries or [], services or [], secrets or {}, errors, frozenset(unreachable))
+        return Inventory(vms, entries or [], services or [], secrets or {}, errors, frozenset(unreachable), unlisted)
+
+    def _list_vm_projects(self, unreachable: set[str]) -> tuple[dict[VmKey, Vm], dict[str, str]]:
+        """Labelled VMs of every VM project, one paged listing each. A project whose listing fails is
+        recorded as unlisted (with why) and contributes no VM at all, not a partial page; the others
+        are kept."""
+        vms: dict[VmKey, Vm] = {}
+        unlisted: dict[str, str] = {}
+        for project in self.settings.vm_projects:
+            try:
+                listed = {vm.key: vm for vm in self.reconciler.compute.list_vms(LABEL_FILTER, project=project,
+                                                                                unreachable=unreachable)}
+            except MeshjoinError as exc:
+                unlisted[project] = str(exc)
+                continue
+            vms.update(listed)
+        return vms, unlisted
 
     def sweep(self, *, dry_run: bool = False, progress: Callable[[int, int], None] | None = None) -> SweepSummary:
         started = time.monotonic()
         counts = dict.fromkeys(("joined", "waiting", "renewed", "reissued", "rotated", "migrated", "pruned",
                                 "denied", "errors", "deferred"), 0)
         inventory = self.inventory()
-        errors = list(inventory.errors)
-        if "Compute instances" in " ".join(inventory.errors):
+        errors = inventory.failures
+        if set(inventory.unlisted_projects) >= set(self.settings.vm_projects):
             plan = SweepPlan([], 0, 0, 0, ["no VM listing: nothing to do this sweep"])
         else:
             try:

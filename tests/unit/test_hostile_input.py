@@ -336,14 +336,14 @@ class FakeCompute:
     def get_vm(self, key):
         return self.vms.get(key)
 
-    def list_vms(self, label_filter, page_size=500, unreachable=None):
-        return [vm for vm in self.vms.values() if vm.wants_mesh]
+    def list_vms(self, label_filter, page_size=500, unreachable=None, *, project=None):
+        return [vm for vm in self.vms.values() if vm.wants_mesh and project in (None, vm.key.project)]
 
     def guest_attributes(self, key):
         self.guest_reads += 1
         return dict(self.guest.get(key, {}))
 
-    def project_metadata(self):
+    def project_metadata(self, project=None):
         return self.project
 
     def hand_in_key(self, key, vm_key=None):

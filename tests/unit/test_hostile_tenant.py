@@ -73,8 +73,8 @@ class TenantCompute(FakeCompute):
         super().__init__(vms)
         self.acts_as = acts_as
 
-    def list_vms(self, label_filter, page_size=500, unreachable=None):
-        return [vm for vm in self.vms.values() if vm.wants_mesh]
+    def list_vms(self, label_filter, page_size=500, unreachable=None, *, project=None):
+        return [vm for vm in self.vms.values() if vm.wants_mesh and project in (None, vm.key.project)]
 
     def set_metadata(self, vm, items, remove=frozenset()):
         account = self.vms[vm.key].service_account

@@ -49,8 +49,8 @@ class ComputeAdapter:
         self._json_session = None  # for listings (see list_vms)
         self._timeout = settings.api_timeout.total_seconds()
         self._limiters = ratelimit.shared_limiters(settings)
-        self._project_metadata: dict[str, str] | None = None
-        self._project_metadata_read_at = float("-inf")
+        # Common instance metadata per VM project: (items, when read).
+        self._project_metadata: dict[str, tuple[dict[str, str], float]] = {}
         self._project_lock = threading.Lock()
 
     # The clients are built on first use: a sweep with nothing to do only lists, and compute_v1 alone
@@ -91,8 +91,10 @@ class ComputeAdapter:
             return None
         return to_vm(key, instance)
 
-    def list_vms(self, label_filter: str, page_size: int = 500, unreachable: set[str] | None = None) -> Iterator[Vm]:
-        """Every VM of the project matching `label_filter` (server-side), across zones, paged.
+    def list_vms(self, label_filter: str, page_size: int = 500, unreachable: set[str] | None = None, *,
+                 project: str | None = None) -> Iterator[Vm]:
+        """Every VM of `project` (None: the host project) matching `label_filter` (server-side), across
+        zones, paged.
 
         Pages are read as plain JSON, not through compute_v1's types: its JSON-to-protobuf conversion
         scans every string with a regex, three quarters of a 10,000-VM sweep's time (each VM carries
@@ -105,7 +107,8 @@ class ComputeAdapter:
         """
         from google.api_core.exceptions import from_http_response
 
-        url = f"{self._base_url()}/compute/v1/projects/{self._settings.project}/aggregated/instances"
+        project = project or self._settings.project
+        url = f"{self._base_url()}/compute/v1/projects/{project}/aggregated/instances"
         params = {"filter": label_filter, "maxResults": page_size, "returnPartialSuccess": "true"}
         shared: dict[str, str] = {}
         unreachable = set() if unreachable is None else unreachable
@@ -122,7 +125,7 @@ class ComputeAdapter:
             for scope, scoped in (body.get("items") or {}).items():
                 zone = scope.rsplit("/", 1)[-1]
                 for instance in scoped.get("instances") or []:
-                    yield vm_from_json(VmKey(self._settings.project, zone, instance["name"]), instance, shared)
+                    yield vm_from_json(VmKey(project, zone, instance["name"]), instance, shared)
             if not body.get("nextPageToken"):
                 return
             params["pageToken"] = body["nextPageToken"]
@@ -142,30 +145,32 @@ class ComputeAdapter:
             return {}
         return guest_items(body)
 
-    def project_metadata(self) -> dict[str, str]:
-        """The project's common instance metadata (projects.get), cached like the CA (`MESHJOIN_CA_CACHE`).
+    def project_metadata(self, project: str | None = None) -> dict[str, str]:
+        """A VM project's common instance metadata (projects.get; None: the host project), cached like
+        the CA (`MESHJOIN_CA_CACHE`).
 
         meshjoin needs one fact from it: whether the project runs its own `startup-script` on every
-        VM, which an instance-level one would silently replace.
+        VM, which an instance-level one would silently replace. Each VM project has its own.
         """
+        project = project or self._settings.project
         with self._project_lock:
-            if self._project_metadata is not None and \
-                    time.monotonic() - self._project_metadata_read_at < self._settings.ca_cache.total_seconds():
-                return self._project_metadata
-            body = self._get_json(f"{self._base_url()}/compute/v1/projects/{self._settings.project}",
-                                  {"fields": "commonInstanceMetadata"}, f"projects.get {self._settings.project}",
+            cached = self._project_metadata.get(project)
+            if cached is not None and time.monotonic() - cached[1] < self._settings.ca_cache.total_seconds():
+                return cached[0]
+            body = self._get_json(f"{self._base_url()}/compute/v1/projects/{project}",
+                                  {"fields": "commonInstanceMetadata"}, f"projects.get {project}",
                                   "compute.projects.get")
             if body is None:
                 # Only a project that does not exist answers 404 (then every other call fails too, with
                 # its own error); an emulator without projects.get does as well. No common metadata.
-                log("WARNING", f"projects.get {self._settings.project}: 404; assuming no common instance metadata",
+                log("WARNING", f"projects.get {project}: 404; assuming no common instance metadata",
                     outcome="assumed")
                 body = {}
             items = (body.get("commonInstanceMetadata") or {}).get("items") or []
-            self._project_metadata = {i["key"]: i.get("value", "") for i in items
-                                      if isinstance(i, dict) and isinstance(i.get("key"), str)}
-            self._project_metadata_read_at = time.monotonic()
-            return self._project_metadata
+            metadata = {i["key"]: i.get("value", "") for i in items
+                        if isinstance(i, dict) and isinstance(i.get("key"), str)}
+            self._project_metadata[project] = (metadata, time.monotonic())
+            return metadata
 
     def _get_json(self, url: str, params: dict, what: str, permission: str) -> dict | None:
         """GET a Compute REST resource the client library does not model well, with the adapter's
@@ -194,9 +199,10 @@ class ComputeAdapter:
             self._json_session = AuthorizedSession(self._credentials)
         return self._json_session
 
-    def find(self, name: str) -> list[Vm]:
-        """VMs of the project with this name, in any zone."""
-        return list(self.list_vms(f'name = "{name}"'))
+    def find(self, name: str, project: str | None = None) -> list[Vm]:
+        """VMs with this name, in any zone of `project`, or of every VM project when None."""
+        projects = (project,) if project else self._settings.vm_projects
+        return [vm for p in projects for vm in self.list_vms(f'name = "{name}"', project=p)]
 
     def set_metadata(self, vm: Vm, items: Mapping[str, str], remove: frozenset[str] = frozenset()) -> None:
         """Write `items` and drop `remove` keys, keeping the owner's other items; 412 → StaleFingerprint."""
