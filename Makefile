@@ -64,7 +64,10 @@ clean:
 .PHONY: package deploy lock
 REGION ?= us-central1
 TF := terraform -chdir=deploy/terraform
-TF_WHERE = -var='project_id=$(PROJECT)' -var='region=$(REGION)' -var='cluster=$(CLUSTER)'
+TF_WHERE = -var='project_id=$(PROJECT)' -var='region=$(REGION)' -var='cluster=$(CLUSTER)' $(TF_VM_PROJECTS)
+# VM_PROJECTS=a,b (optional): further projects whose VMs join, as the list var.vm_projects.
+comma := ,
+TF_VM_PROJECTS = $(if $(VM_PROJECTS),-var='vm_projects=["$(subst $(comma),"$(comma)",$(VM_PROJECTS))"]')
 # With the lock file committed, init refuses providers whose hashes it does not list.
 TF_LOCK = $(if $(wildcard deploy/terraform/.terraform.lock.hcl),-lockfile=readonly)
 

@@ -109,6 +109,7 @@ locals {
   # The endpoint overrides (MESHJOIN_*_ENDPOINT) are for the sandbox and never deployed.
   function_settings = {
     MESHJOIN_PROJECT               = var.project_id
+    MESHJOIN_VM_PROJECTS           = length(local.vm_projects) > 1 ? join(",", local.vm_projects) : null
     MESHJOIN_CLUSTER               = var.cluster
     MESHJOIN_IDENTITY_BINDINGS     = jsonencode(var.identity_bindings)
     MESHJOIN_CA_CERT_SECRET        = var.ca_cert_secret

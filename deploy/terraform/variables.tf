@@ -10,6 +10,17 @@ variable "project_id" {
   type        = string
 }
 
+variable "vm_projects" {
+  description = "Further projects whose VMs meshjoin manages (MESHJOIN_VM_PROJECTS), e.g. Shared VPC service projects; the host project_id is always included. Each gets the functions' Compute role and a Log Router sink to the events topic (vm_projects.tf)."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for p in var.vm_projects : can(regex("^([a-z][a-z0-9.-]{0,62}:)?[a-z][-a-z0-9]{4,28}[a-z0-9]$", p))])
+    error_message = "vm_projects: each entry must be a project id (6-30 lowercase letters, digits and hyphens, starting with a letter)."
+  }
+}
+
 variable "region" {
   description = "Region of the functions, the Cloud Scheduler job and the source bucket."
   type        = string

@@ -56,6 +56,13 @@ GRANTS = {
         "each bound VM identity nudges meshjoin on the events topic after its agent confirmed",
     ("google_cloud_run_v2_service_iam_member", "roles/run.invoker", "serviceAccount:${google_service_account.push.email}"):
         "only the push identity may invoke the functions",
+    # Several VM projects (vm_projects.tf): per further VM project, the same Compute role in that project,
+    # and its sink's writer publishing to the host's events topic.
+    ("google_project_iam_member", "${google_project_iam_custom_role.compute_vm_projects[each.key].id}", FUNCTIONS_SA):
+        "read VMs, write their metadata, in each further VM project (a copy of the host's custom role there)",
+    ("google_pubsub_topic_iam_member", "roles/pubsub.publisher",
+     "${google_logging_project_sink.vm_events_vm_projects[each.key].writer_identity}"):
+        "each further VM project's sink publishes its audit entries to the host's events topic",
 }
 
 # Exactly these permissions per custom role (each one is named by the code, see below).
@@ -243,8 +250,12 @@ def test_no_primitive_or_admin_roles(terraform):
 
 def test_custom_roles_hold_exactly_the_reviewed_permissions(terraform):
     roles = {name: set(body["permissions"]) for (rtype, name), body in terraform.resources.items()
-             if rtype == "google_project_iam_custom_role"}
+             if rtype == "google_project_iam_custom_role" and name != "compute_vm_projects"}
     assert roles == CUSTOM_ROLES
+    # The VM projects' copy of the Compute role cannot drift from the host's: it takes its permissions.
+    copy = terraform.resource("google_project_iam_custom_role", "compute_vm_projects")
+    assert copy["permissions"] == "${google_project_iam_custom_role.compute.permissions}"
+    assert copy["role_id"] == "${google_project_iam_custom_role.compute.role_id}" and copy["project"] == "${each.value}"
     assert not any("*" in p for perms in roles.values() for p in perms)
 
 
@@ -253,6 +264,7 @@ def test_custom_roles_hold_exactly_the_reviewed_permissions(terraform):
 # evaluation below uses: project my-proj (number 123456789), cluster in other-proj, one bound VM identity.
 PROJECT_NUMBER = "123456789"
 PROJECT = "projects/my-proj"
+VM_PROJECT = "vm-proj"  # a further VM project (var.vm_projects = ["vm-proj"])
 CLUSTER = "projects/other-proj/locations/us-central1/clusters/mesh"
 VM = "projects/my-proj/zones/us-central1-a/instances/vm-1"
 ZONE_OPERATION = "projects/my-proj/zones/us-central1-a/operations/operation-1"
@@ -335,9 +347,13 @@ def condition_allows(condition: list | None, resource: str) -> bool:
 
 
 def role_permissions(terraform, role: str) -> set[str]:
-    match = re.fullmatch(r"\$\{google_project_iam_custom_role\.(\w+)\.id\}", role)
+    match = re.fullmatch(r"\$\{google_project_iam_custom_role\.(\w+)(?:\[each\.key\])?\.id\}", role)
     if match:
-        return set(terraform.resource("google_project_iam_custom_role", match.group(1))["permissions"])
+        permissions = terraform.resource("google_project_iam_custom_role", match.group(1))["permissions"]
+        copied = re.fullmatch(r"\$\{google_project_iam_custom_role\.(\w+)\.permissions\}", str(permissions))
+        if copied:  # the VM projects' copy of a role (vm_projects.tf)
+            permissions = terraform.resource("google_project_iam_custom_role", copied.group(1))["permissions"]
+        return set(permissions)
     assert role in PREDEFINED, f"predefined role {role} not in PREDEFINED: list the permissions the code relies on"
     return PREDEFINED[role]
 
@@ -346,6 +362,9 @@ def covered(terraform, body: dict, rtype: str, resource: str) -> bool:
     """Whether the grant `body` of type `rtype` applies to `resource` (its scope, for_each and condition)."""
     if rtype == "google_project_iam_member":
         project = _substitute(body["project"])
+        if unref(body.get("for_each", "")) == "toset(local.other_vm_projects)":
+            assert body["project"] == "${each.value}", "a per-VM-project grant this test cannot place"
+            project = VM_PROJECT  # the further VM project the evaluation below assumes
         in_scope = resource == f"projects/{project}" or resource.startswith(f"projects/{project}/") or \
             (project == "my-proj" and resource.startswith(f"projects/{PROJECT_NUMBER}/"))
         return in_scope and condition_allows(body.get("condition"), resource)
@@ -672,3 +691,54 @@ def test_variable_validation_accepts_good_values(console_module):
             "extra_settings": '{MESHJOIN_FUTURE_SETTING="x"}', "identity_bindings": BINDINGS}
     result = console(console_module, "1", **good)
     assert "Error" not in result.stderr, result.stderr
+
+
+# --- several VM projects (vm_projects.tf) ----------------------------------------------------
+
+_VM_PROJECT_VM = f"projects/{VM_PROJECT}/zones/us-central1-a/instances/vm-2"
+# The Compute calls the product makes for a VM of a further VM project, each on that project's resource.
+VM_PROJECT_CALLS = [
+    ("get_vm", "compute.instances.get", _VM_PROJECT_VM),
+    ("list_vms(project=)", "compute.instances.list", f"projects/{VM_PROJECT}"),
+    ("set_metadata", "compute.instances.setMetadata", _VM_PROJECT_VM),
+    ("_wait", "compute.zoneOperations.get", f"projects/{VM_PROJECT}/zones/us-central1-a/operations/operation-2"),
+    ("guest_attributes", "compute.instances.getGuestAttributes", _VM_PROJECT_VM),
+    ("project_metadata(project)", "compute.projects.get", f"projects/{VM_PROJECT}"),
+]
+
+
+@pytest.mark.parametrize("call, permission, resource", VM_PROJECT_CALLS, ids=[c[0] for c in VM_PROJECT_CALLS])
+def test_every_compute_call_is_granted_in_a_further_vm_project(terraform, call, permission, resource):
+    assert permitted(terraform, FUNCTIONS_SA, permission, resource) == \
+        ["google_project_iam_member.functions_compute_vm_projects"], f"{call}: {permission} on {resource}"
+
+
+def test_nothing_but_compute_is_granted_in_a_further_vm_project(terraform):
+    """A VM project holds VMs only: no Secret Manager, cluster or other grant follows it there."""
+    per_project = [name for (rtype, name), body in terraform.resources.items()
+                   if rtype == "google_project_iam_member" and "other_vm_projects" in str(body.get("for_each", ""))]
+    assert per_project == ["functions_compute_vm_projects"]
+    for permission in ("secretmanager.secrets.list", "secretmanager.secrets.delete", "container.clusters.get",
+                       "compute.instances.create", "compute.instances.delete", "compute.instances.setLabels"):
+        assert permitted(terraform, FUNCTIONS_SA, permission, f"projects/{VM_PROJECT}") == [], permission
+
+
+def test_each_further_vm_project_has_the_hosts_sink_into_the_events_topic(terraform):
+    sink = terraform.resource("google_logging_project_sink", "vm_events_vm_projects")
+    assert unref(sink["for_each"]) == "toset(local.other_vm_projects)" and sink["project"] == "${each.value}"
+    assert sink["destination"] == terraform.resource("google_logging_project_sink", "vm_events")["destination"]
+    # The host's filter, with the project's own audit log in place of the host's.
+    assert "google_logging_project_sink.vm_events.filter" in sink["filter"] and "${each.value}/logs/" in sink["filter"]
+    assert sink["unique_writer_identity"] is True
+
+
+@needs_terraform
+def test_vm_projects_reach_the_functions_host_first_and_once(console_module):
+    rendered = evaluate(console_module, "{ p = local.vm_projects, o = local.other_vm_projects, "
+                                        "s = local.function_settings.MESHJOIN_VM_PROJECTS }",
+                        vm_projects='["vm-proj","my-proj","vm-proj","b-proj"]')
+    assert rendered == {"p": ["my-proj", "vm-proj", "b-proj"], "o": ["vm-proj", "b-proj"], "s": "my-proj,vm-proj,b-proj"}
+    assert Settings.from_env({"MESHJOIN_PROJECT": "my-proj", "MESHJOIN_CLUSTER": CLUSTER,
+                              "MESHJOIN_VM_PROJECTS": rendered["s"]}).vm_projects == tuple(rendered["p"])
+    alone = evaluate(console_module, "{ o = local.other_vm_projects, s = local.function_env }")
+    assert alone["o"] == [] and "MESHJOIN_VM_PROJECTS" not in alone["s"]  # unset: the product's default
