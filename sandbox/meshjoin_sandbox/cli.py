@@ -32,11 +32,20 @@ def parse_pairs(pairs: tuple[str, ...], what: str) -> dict[str, str]:
     return out
 
 
-class SandboxClients:
-    """Real Google clients pointed at one sandbox, authenticated with its operator token."""
+PROJECT_OPTION = click.option("--project", help="The sandbox project of the VM (default: the host project; "
+                                                "see `sandbox.json` projects, e.g. meshjoin-sandbox-2).")
 
-    def __init__(self, state_dir: Path):
+
+class SandboxClients:
+    """Real Google clients pointed at one sandbox, authenticated with its operator token, acting in
+    one of its projects (default: the host project)."""
+
+    def __init__(self, state_dir: Path, project: str | None = None):
         self.cfg = SandboxConfig.load(state_dir)
+        self.project = project or self.cfg.project
+        if self.project not in self.cfg.projects:
+            raise click.ClickException(f"the sandbox holds no project {self.project!r}: "
+                                       f"one of {', '.join(self.cfg.projects)}")
 
     def _credentials(self):
         from google.oauth2.credentials import Credentials
@@ -52,7 +61,7 @@ class SandboxClients:
                                                 credentials=self._credentials()))
 
     def wait(self, ops, operation, zone: str) -> None:
-        result = ops.wait(project=self.cfg.project, zone=zone, operation=operation.name)
+        result = ops.wait(project=self.project, zone=zone, operation=operation.name)
         if result.error and result.error.errors:
             raise click.ClickException(f"operation failed: {result.error.errors[0].message}")
 
@@ -114,15 +123,16 @@ def down(state_dir: Path):
 @click.argument("name")
 @STATE_DIR_OPTION
 @click.option("--zone", help="Zone (default: the sandbox's zone).")
+@PROJECT_OPTION
 @click.option("--label", "labels", multiple=True, metavar="K=V")
 @click.option("--metadata", "metadata", multiple=True, metavar="K=V")
 @click.option("--service-account", help="VM service account (default: the project's default compute SA).")
 @click.option("--no-event", is_flag=True, help="Publish no audit entry (a lost event).")
-def create_vm(name, state_dir, zone, labels, metadata, service_account, no_event):
+def create_vm(name, state_dir, zone, project, labels, metadata, service_account, no_event):
     """Create a VM through the Compute API."""
     from google.cloud import compute_v1
 
-    clients = SandboxClients(state_dir)
+    clients = SandboxClients(state_dir, project)
     zone = zone or clients.cfg.zone
     instances, ops = clients.compute()
     items = [compute_v1.Items(key=k, value=v) for k, v in parse_pairs(metadata, "--metadata").items()]
@@ -136,7 +146,7 @@ def create_vm(name, state_dir, zone, labels, metadata, service_account, no_event
     if service_account:
         body.service_accounts = [compute_v1.ServiceAccount(
             email=service_account, scopes=["https://www.googleapis.com/auth/cloud-platform"])]
-    op = instances.insert_unary(project=clients.cfg.project, zone=zone, instance_resource=body,
+    op = instances.insert_unary(project=clients.project, zone=zone, instance_resource=body,
                                 metadata=clients.metadata(no_event))
     clients.wait(ops, op, zone)
     click.echo(f"created {zone}/{name}")
@@ -158,7 +168,7 @@ def copy_disk(source_root: Path, new_root: Path) -> None:
 
 
 def clone_vm(state_dir: Path, source: str, new: str, zone: str | None = None, with_disk: bool = False,
-             service_account: str | None = None) -> dict:
+             service_account: str | None = None, project: str | None = None) -> dict:
     """Create NEW as a machine image of SOURCE would (GCE: a machine image keeps the instance's
     properties: metadata, labels, service account and scopes, machine type, network; and its disks).
 
@@ -174,15 +184,15 @@ def clone_vm(state_dir: Path, source: str, new: str, zone: str | None = None, wi
 
     from .guest import Guests
 
-    clients = SandboxClients(state_dir)
+    clients = SandboxClients(state_dir, project)
     zone = zone or clients.cfg.zone
     instances, ops = clients.compute()
     try:
-        original = instances.get(project=clients.cfg.project, zone=zone, instance=source)
+        original = instances.get(project=clients.project, zone=zone, instance=source)
     except exceptions.NotFound as exc:
         raise click.ClickException(f"no VM {zone}/{source} to clone") from exc
     try:
-        instances.get(project=clients.cfg.project, zone=zone, instance=new)
+        instances.get(project=clients.project, zone=zone, instance=new)
         raise click.ClickException(f"VM {zone}/{new} already exists")
     except exceptions.NotFound:
         pass
@@ -203,9 +213,9 @@ def clone_vm(state_dir: Path, source: str, new: str, zone: str | None = None, wi
     )
     if with_disk:
         # Guests.root only lays out directories; the running sandbox's Guests uses the same base directory.
-        guests = Guests(SimpleNamespace(emulators={}), Path(clients.cfg.state_dir) / "vms")
+        guests = Guests(SimpleNamespace(emulators={}), clients.cfg.vms_dir(clients.project))
         copy_disk(guests.root(zone, source), guests.vm_dir(zone, new) / "root")
-    op = instances.insert_unary(project=clients.cfg.project, zone=zone, instance_resource=body)
+    op = instances.insert_unary(project=clients.project, zone=zone, instance_resource=body)
     clients.wait(ops, op, zone)
     return {"zone": zone, "name": new, "source": source, "disk": with_disk,
             "serviceAccount": accounts[0].email if accounts else None}
@@ -216,12 +226,13 @@ def clone_vm(state_dir: Path, source: str, new: str, zone: str | None = None, wi
 @click.argument("new")
 @STATE_DIR_OPTION
 @click.option("--zone", help="Zone of both VMs (default: the sandbox's zone).")
+@PROJECT_OPTION
 @click.option("--with-disk", is_flag=True, help="Copy SOURCE's disk (its fake root) too, before NEW boots.")
 @click.option("--service-account", help="Run NEW as this account instead of SOURCE's (needs actAs on it).")
-def clone(source, new, state_dir, zone, with_disk, service_account):
+def clone(source, new, state_dir, zone, project, with_disk, service_account):
     """Create NEW from SOURCE as a machine image would: every metadata item (meshjoin's status and
     certificate chain included), labels, service account; with --with-disk, SOURCE's files too."""
-    result = clone_vm(state_dir, source, new, zone, with_disk, service_account)
+    result = clone_vm(state_dir, source, new, zone, with_disk, service_account, project)
     click.echo(f"cloned {result['zone']}/{source} to {result['zone']}/{new}"
                + (" with its disk" if with_disk else "") + f" (service account {result['serviceAccount']})")
 
@@ -231,20 +242,21 @@ def clone(source, new, state_dir, zone, with_disk, service_account):
 @click.argument("email")
 @STATE_DIR_OPTION
 @click.option("--zone")
+@PROJECT_OPTION
 @click.option("--scope", "scopes", multiple=True, help="OAuth scope (repeatable; default: cloud-platform).")
-def set_service_account(name, email, state_dir, zone, scopes):
+def set_service_account(name, email, state_dir, zone, project, scopes):
     """instances.setServiceAccount on a stopped VM (GCE refuses a running one; `stop` it first)."""
     from google.api_core import exceptions
     from google.cloud import compute_v1
 
-    clients = SandboxClients(state_dir)
+    clients = SandboxClients(state_dir, project)
     zone = zone or clients.cfg.zone
     instances, ops = clients.compute()
     full = [s if "://" in s else f"https://www.googleapis.com/auth/{s}" for s in scopes] or \
         ["https://www.googleapis.com/auth/cloud-platform"]
     request = compute_v1.InstancesSetServiceAccountRequest(email=email, scopes=full)
     try:
-        op = instances.set_service_account_unary(project=clients.cfg.project, zone=zone, instance=name,
+        op = instances.set_service_account_unary(project=clients.project, zone=zone, instance=name,
                                                  instances_set_service_account_request_resource=request)
     except exceptions.GoogleAPICallError as exc:
         raise click.ClickException(f"setServiceAccount {zone}/{name}: {exc.message}") from exc
@@ -256,13 +268,14 @@ def set_service_account(name, email, state_dir, zone, scopes):
 @click.argument("name")
 @STATE_DIR_OPTION
 @click.option("--zone")
+@PROJECT_OPTION
 @click.option("--no-event", is_flag=True, help="Publish no audit entry (a lost event).")
-def delete_vm(name, state_dir, zone, no_event):
+def delete_vm(name, state_dir, zone, project, no_event):
     """Delete a VM through the Compute API."""
-    clients = SandboxClients(state_dir)
+    clients = SandboxClients(state_dir, project)
     zone = zone or clients.cfg.zone
     instances, ops = clients.compute()
-    op = instances.delete_unary(project=clients.cfg.project, zone=zone, instance=name,
+    op = instances.delete_unary(project=clients.project, zone=zone, instance=name,
                                 metadata=clients.metadata(no_event))
     clients.wait(ops, op, zone)
     click.echo(f"deleted {zone}/{name}")
@@ -273,21 +286,22 @@ def delete_vm(name, state_dir, zone, no_event):
 @click.argument("labels", nargs=-1, metavar="K=V...")
 @STATE_DIR_OPTION
 @click.option("--zone")
+@PROJECT_OPTION
 @click.option("--remove", "remove", multiple=True, metavar="KEY", help="Label key to remove.")
 @click.option("--no-event", is_flag=True, help="Publish no audit entry (a lost event).")
-def set_labels(name, labels, state_dir, zone, remove, no_event):
+def set_labels(name, labels, state_dir, zone, project, remove, no_event):
     """Merge labels into a VM's labels (setLabels with the current fingerprint)."""
     from google.cloud import compute_v1
 
-    clients = SandboxClients(state_dir)
+    clients = SandboxClients(state_dir, project)
     zone = zone or clients.cfg.zone
     instances, ops = clients.compute()
-    current = instances.get(project=clients.cfg.project, zone=zone, instance=name)
+    current = instances.get(project=clients.project, zone=zone, instance=name)
     merged = {**dict(current.labels), **parse_pairs(labels, "label")}
     for key in remove:
         merged.pop(key, None)
     request = compute_v1.InstancesSetLabelsRequest(labels=merged, label_fingerprint=current.label_fingerprint)
-    op = instances.set_labels_unary(project=clients.cfg.project, zone=zone, instance=name,
+    op = instances.set_labels_unary(project=clients.project, zone=zone, instance=name,
                                     instances_set_labels_request_resource=request,
                                     metadata=clients.metadata(no_event))
     clients.wait(ops, op, zone)
@@ -298,12 +312,13 @@ def set_labels(name, labels, state_dir, zone, remove, no_event):
 @click.argument("name")
 @STATE_DIR_OPTION
 @click.option("--zone")
+@PROJECT_OPTION
 @click.option("--json", "as_json", is_flag=True, help="The instance as the Compute API returns it.")
-def vm(name, state_dir, zone, as_json):
+def vm(name, state_dir, zone, project, as_json):
     """Show a VM (its labels, address and meshjoin metadata)."""
-    clients = SandboxClients(state_dir)
+    clients = SandboxClients(state_dir, project)
     zone = zone or clients.cfg.zone
-    body = clients.get_json(f"/compute/v1/projects/{clients.cfg.project}/zones/{zone}/instances/{name}")
+    body = clients.get_json(f"/compute/v1/projects/{clients.project}/zones/{zone}/instances/{name}")
     if as_json:
         click.echo(json.dumps(body, indent=2))
         return
@@ -322,7 +337,7 @@ def access_secret(name, state_dir, version):
     """Print the payload of a secret version (the sandbox's Secret Manager)."""
     from google.cloud import secretmanager_v1
 
-    clients = SandboxClients(state_dir)
+    clients = SandboxClients(state_dir)  # secrets live in the host project
     client = secretmanager_v1.SecretManagerServiceClient(
         transport="rest", credentials=clients._credentials(),
         client_options={"api_endpoint": clients.cfg.url("secretmanager")})
@@ -421,13 +436,14 @@ def restart_function(name, state_dir, sig):
 @click.argument("name")
 @STATE_DIR_OPTION
 @click.option("--zone", help="Zone (default: the sandbox's zone).")
-def vm_metadata(name, state_dir, zone):
+@PROJECT_OPTION
+def vm_metadata(name, state_dir, zone, project):
     """Print HOST:PORT of a metadata server with VM NAME's own view (started on first use): run the
     VM agent with GCE_METADATA_HOST set to it."""
     import urllib.error
 
     try:
-        result = control(state_dir, "POST", "/vm-metadata", {"zone": zone, "name": name})
+        result = control(state_dir, "POST", "/vm-metadata", {"zone": zone, "name": name, "project": project})
     except urllib.error.HTTPError as exc:
         raise click.ClickException(f"no metadata server for {name}: {exc.read().decode(errors='replace')}") from exc
     click.echo(result["host"])
@@ -441,16 +457,16 @@ def rotate_ca(state_dir):
     click.echo(f"CA rotated; new files in {result['ca_dir']}")
 
 
-def _power(state_dir: Path, name: str, zone: str | None, verb: str) -> str:
+def _power(state_dir: Path, name: str, zone: str | None, verb: str, project: str | None = None) -> str:
     """instances.stop|start|reset through the real client, waiting for the operation (and the VM)."""
-    clients = SandboxClients(state_dir)
+    clients = SandboxClients(state_dir, project)
     zone = zone or clients.cfg.zone
     instances, ops = clients.compute()
     method = {"stop": instances.stop_unary, "start": instances.start_unary, "reset": instances.reset_unary}[verb]
     from google.api_core import exceptions
 
     try:
-        op = method(project=clients.cfg.project, zone=zone, instance=name)
+        op = method(project=clients.project, zone=zone, instance=name)
     except exceptions.GoogleAPICallError as exc:
         raise click.ClickException(f"{verb} {zone}/{name}: {exc.message}") from exc
     clients.wait(ops, op, zone)
@@ -461,9 +477,10 @@ def _power(state_dir: Path, name: str, zone: str | None, verb: str) -> str:
 @click.argument("name")
 @STATE_DIR_OPTION
 @click.option("--zone")
-def stop(name, state_dir, zone):
+@PROJECT_OPTION
+def stop(name, state_dir, zone, project):
     """Stop a VM (instances.stop: STOPPING, then TERMINATED)."""
-    zone = _power(state_dir, name, zone, "stop")
+    zone = _power(state_dir, name, zone, "stop", project)
     click.echo(f"stopped {zone}/{name}")
 
 
@@ -471,9 +488,10 @@ def stop(name, state_dir, zone):
 @click.argument("name")
 @STATE_DIR_OPTION
 @click.option("--zone")
-def start(name, state_dir, zone):
+@PROJECT_OPTION
+def start(name, state_dir, zone, project):
     """Start a stopped VM (instances.start: PROVISIONING, STAGING, RUNNING; the startup script runs)."""
-    zone = _power(state_dir, name, zone, "start")
+    zone = _power(state_dir, name, zone, "start", project)
     click.echo(f"started {zone}/{name}")
 
 
@@ -481,9 +499,10 @@ def start(name, state_dir, zone):
 @click.argument("name")
 @STATE_DIR_OPTION
 @click.option("--zone")
-def reboot(name, state_dir, zone):
+@PROJECT_OPTION
+def reboot(name, state_dir, zone, project):
     """Reset a running VM (instances.reset): the guest boots again and runs its startup script."""
-    zone = _power(state_dir, name, zone, "reset")
+    zone = _power(state_dir, name, zone, "reset", project)
     click.echo(f"reset {zone}/{name}")
 
 
@@ -491,12 +510,14 @@ def reboot(name, state_dir, zone):
 @click.argument("name")
 @STATE_DIR_OPTION
 @click.option("--zone")
-def vm_root(name, state_dir, zone):
+@PROJECT_OPTION
+def vm_root(name, state_dir, zone, project):
     """Print the directory that is VM NAME's fake root (its startup script writes there)."""
     import urllib.error
 
     try:
-        click.echo(control(state_dir, "POST", "/vm-root", {"zone": zone, "name": name})["root"])
+        root = control(state_dir, "POST", "/vm-root", {"zone": zone, "name": name, "project": project})["root"]
+        click.echo(root)
     except urllib.error.HTTPError as exc:
         raise click.ClickException(f"no VM {name}: {exc.read().decode(errors='replace')}") from exc
 
@@ -505,12 +526,14 @@ def vm_root(name, state_dir, zone):
 @click.argument("name")
 @STATE_DIR_OPTION
 @click.option("--zone")
-def run_startup(name, state_dir, zone):
+@PROJECT_OPTION
+def run_startup(name, state_dir, zone, project):
     """Run VM NAME's startup script now, as `sudo google_metadata_script_runner startup` on it would."""
     import urllib.error
 
     try:
-        result = control(state_dir, "POST", "/run-startup", {"zone": zone, "name": name}, timeout=660)
+        result = control(state_dir, "POST", "/run-startup", {"zone": zone, "name": name, "project": project},
+                         timeout=660)
     except urllib.error.HTTPError as exc:
         raise click.ClickException(exc.read().decode(errors="replace")) from exc
     if not result["ran"]:

@@ -243,10 +243,16 @@ def _metadata_items(metadata: dict) -> list[dict]:
 
 
 class ComputeEmulator:
-    """Instances and zonal operations of one project, kept in memory under `world.lock`."""
+    """Instances and zonal operations of one project, kept in memory under `world.lock`.
 
-    def __init__(self, world, subnet: str = "10.128.0.0/20"):
+    One emulator per sandbox project (`project`, default the host `world.project`), each with its own
+    project number, VMs, common metadata, quotas, default compute account, subnetwork and faults;
+    `ComputeProjects` serves them all on one endpoint, routed by the project in the path."""
+
+    def __init__(self, world, subnet: str = "10.128.0.0/20", project: str | None = None):
         self.world = world
+        self.project = project or world.project
+        self.project_number = world.number_of(self.project)
         self._instances: dict[tuple[str, str], dict] = {}
         self._operations: dict[tuple[str, str], dict] = {}
         self._subnet = ipaddress.ip_network(subnet)
@@ -304,7 +310,9 @@ class ComputeEmulator:
         }
         self.faults = FaultInjector(world, list(handlers))
         self.app = RoutedApp(Map(rules), handlers, render_error=render_error, before=self._before, faults=self.faults)
-        world.emulators["compute"] = self
+        # The host's is "compute" (what the rest of the sandbox and its tests use); another project's
+        # "compute@PROJECT" (`sandbox fault --emulator compute@meshjoin-sandbox-2` reaches it).
+        world.emulators["compute" if self.project == world.project else f"compute@{self.project}"] = self
         self._init_lifecycle()
 
     def _init_lifecycle(self) -> None:
@@ -313,20 +321,29 @@ class ComputeEmulator:
         self.lifecycle = VmLifecycle(self, world.timing, on_boot=self._booted)
         self.op_clock = OperationClock(world.timing)
         self.quotas = compute_quotas(world.timing.time_factor)
-        self.app.limiter = limiter(self.quotas, world, 403, "rateLimitExceeded")
+        self.app.limiter = limiter(self.quotas, self, 403, "rateLimitExceeded")  # charged to this project
         self.guest_attributes = GuestAttributes(world.timing.time_factor)
         self._project_metadata = {"kind": "compute#metadata", "fingerprint": _fingerprint(), "items": []}
         self._pending_last: dict[tuple[str, str], list[dict]] = {}
 
+    @property
+    def default_compute_sa(self) -> str:
+        return f"{self.project_number}-compute@developer.gserviceaccount.com"
+
+    @property
+    def guests(self):
+        """This project's guests (guest.py), if the world runs any."""
+        return self.world.emulators.get("guests" if self.project == self.world.project else f"guests@{self.project}")
+
     def _booted(self, zone: str, name: str) -> None:
         """The guest's boot: its startup script runs now, and only now (guest.py)."""
-        guests = self.world.emulators.get("guests")
+        guests = self.guests
         if guests is not None:
             guests.boot(zone, name)
 
     def _halted(self, zone: str, name: str) -> None:
         """The guest goes down (stop, reset, delete): whatever runs in it ends (guest.py)."""
-        guests = self.world.emulators.get("guests")
+        guests = self.guests
         if guests is not None:
             guests.halt(zone, name)
 
@@ -392,7 +409,7 @@ class ComputeEmulator:
             raise ApiError(500, f"sandbox: no IAM permission is mapped for Compute method {endpoint}")
         permission, target = PERMISSIONS[endpoint]
         args = getattr(request, "url_args", {})
-        project = f"projects/{args.get('project', self.world.project)}"
+        project = f"projects/{args.get('project', self.project)}"
         resource = {
             "project": project,
             "zone": f"{project}/zones/{args.get('zone')}",
@@ -411,7 +428,7 @@ class ComputeEmulator:
                 iam.check(principal, "compute.instances.setMetadata", resource)
             if body.get("labels"):
                 iam.check(principal, "compute.instances.setLabels", resource)
-            accounts = [self.world.default_compute_sa if a.get("email") in (None, "", "default") else a["email"]
+            accounts = [self.default_compute_sa if a.get("email") in (None, "", "default") else a["email"]
                         for a in body.get("serviceAccounts") or []]
         elif endpoint == "instances.setMetadata":
             found = self.instance(args.get("zone", ""), args.get("instance", ""))
@@ -420,10 +437,13 @@ class ComputeEmulator:
             email = self._requested_account(read_json(request))
             accounts = [email] if email else []
         for email in accounts:
-            iam.check(principal, "iam.serviceAccounts.actAs", f"{project}/serviceAccounts/{email}")
+            # IAM checks actAs on the account itself, in the project it belongs to (a VM may run as an
+            # account of another project), not on the VM's project.
+            iam.check(principal, "iam.serviceAccounts.actAs",
+                      f"projects/{self.world.account_project(email)}/serviceAccounts/{email}")
 
     def _check_scope(self, project: str, zone: str | None = None) -> None:
-        if project != self.world.project:
+        if project != self.project:
             raise ApiError(404, f"The resource 'projects/{project}' was not found")
         if zone is not None and not _ZONE.fullmatch(zone):
             raise ApiError(400, f"Invalid value for field 'zone': '{zone}'. Unknown zone.")
@@ -433,12 +453,12 @@ class ComputeEmulator:
         return self.world.authenticate(request).email
 
     def _zone_url(self, zone: str) -> str:
-        return f"{API}/projects/{self.world.project}/zones/{zone}"
+        return f"{API}/projects/{self.project}/zones/{zone}"
 
     def _must_get(self, zone: str, name: str) -> dict:
         found = self._instances.get((zone, name))
         if found is None:
-            raise _not_found(f"projects/{self.world.project}/zones/{zone}/instances/{name}")
+            raise _not_found(f"projects/{self.project}/zones/{zone}/instances/{name}")
         return found
 
     # ---- instances -----------------------------------------------------------------------------------
@@ -460,12 +480,12 @@ class ComputeEmulator:
             raise ApiError(400, f"Invalid value for field 'resource.name': '{name}'. Must be a match of regex "
                                 "'(?:[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?)'")
         if (zone, name) in self._instances:
-            path = f"projects/{self.world.project}/zones/{zone}/instances/{name}"
+            path = f"projects/{self.project}/zones/{zone}/instances/{name}"
             raise ApiError(409, f"The resource '{path}' already exists")
         labels = dict(body.get("labels") or {})
         _check_labels(labels)
         items = _metadata_items(body.get("metadata") or {})
-        project, region = self.world.project, zone.rsplit("-", 1)[0]
+        project, region = self.project, zone.rsplit("-", 1)[0]
         machine_type = (body.get("machineType") or "e2-medium").rsplit("/", 1)[-1]
         nic = (body.get("networkInterfaces") or [{}])[0]
         network = (nic.get("network") or "default").rsplit("/", 1)[-1]
@@ -495,7 +515,7 @@ class ComputeEmulator:
             "disks": body.get("disks") or [],
             "metadata": {"kind": "compute#metadata", "fingerprint": _fingerprint(), "items": items},
             "serviceAccounts": [{
-                "email": self.world.default_compute_sa if a.get("email") in (None, "", "default") else a["email"],
+                "email": self.default_compute_sa if a.get("email") in (None, "", "default") else a["email"],
                 "scopes": a.get("scopes") or DEFAULT_SCOPES,
             } for a in accounts],
             "selfLink": f"{self._zone_url(zone)}/instances/{name}",
@@ -712,7 +732,7 @@ class ComputeEmulator:
 
     def _audit_entries(self, request, zone: str, verb: str, instance: dict, operation: dict) -> list[dict]:
         """The two Admin Activity entries (`first`, then `last`) Cloud Logging writes for one operation."""
-        project = self.world.project
+        project = self.project
         version = request.headers.get("X-Sandbox-Method-Prefix", "v1")
         principal = operation["user"]
         entries = []
@@ -803,7 +823,7 @@ class ComputeEmulator:
         are given) is the project's default compute account; no email and no scopes removes the account."""
         email = body.get("email") or ""
         if email == "default" or (not email and body.get("scopes")):
-            return self.world.default_compute_sa
+            return self.default_compute_sa
         return email or None
 
     def _set_service_account(self, request, project, zone, instance):
@@ -836,14 +856,14 @@ class ComputeEmulator:
     # ---- project (common instance) metadata ----------------------------------------------------------
 
     def _project_json(self) -> dict:
-        project = self.world.project
+        project = self.project
         metadata = copy.deepcopy(self._project_metadata)
         if not metadata["items"]:
             del metadata["items"]
         return {
-            "kind": "compute#project", "id": self.world.project_number, "name": project,
+            "kind": "compute#project", "id": self.project_number, "name": project,
             "creationTimestamp": "2024-01-01T00:00:00.000-07:00", "commonInstanceMetadata": metadata,
-            "defaultServiceAccount": self.world.default_compute_sa, "xpnProjectStatus": "UNSPECIFIED_XPN_PROJECT_STATUS",
+            "defaultServiceAccount": self.default_compute_sa, "xpnProjectStatus": "UNSPECIFIED_XPN_PROJECT_STATUS",
             "defaultNetworkTier": "PREMIUM", "selfLink": f"{API}/projects/{project}",
         }
 
@@ -867,7 +887,7 @@ class ComputeEmulator:
             operation = {
                 "kind": "compute#operation", "id": str(10**18 + secrets.randbelow(8 * 10**18)), "name": op_name,
                 "operationType": "compute.projects.setCommonInstanceMetadata",
-                "targetLink": f"{API}/projects/{project}", "targetId": self.world.project_number,
+                "targetLink": f"{API}/projects/{project}", "targetId": self.project_number,
                 "status": "RUNNING", "user": self._principal(request), "progress": 0,
                 "insertTime": _gce_time(started), "startTime": _gce_time(started),
                 "selfLink": f"{API}/projects/{project}/global/operations/{op_name}",
@@ -903,3 +923,20 @@ class ComputeEmulator:
             raise _not_found(f"{path}/guestAttributes/{query_path}")
         body.update(queryPath=query_path, queryValue={"items": items})
         return json_response(body)
+
+
+class ComputeProjects:
+    """Compute's one endpoint for every sandbox project: `/compute/v1/projects/P/...` goes to P's
+    emulator; a project the sandbox does not hold goes to the host's, which answers as Google does for
+    someone else's project (IAM's 403 first)."""
+
+    _PROJECT = re.compile(r"/compute/v1/projects/([^/]+)")
+
+    def __init__(self, emulators: dict[str, ComputeEmulator], host: str):
+        self.emulators = emulators
+        self.host = host
+
+    def app(self, environ, start_response):
+        match = self._PROJECT.match(environ.get("PATH_INFO", ""))
+        emulator = self.emulators.get(match.group(1) if match else self.host) or self.emulators[self.host]
+        return emulator.app(environ, start_response)

@@ -27,6 +27,10 @@ def sandbox_terraform_vars(project: str, region: str, cluster_path: str, service
     }
 
 
+# The host project and a second VM project (own number); `up(projects=...)` may hold more.
+DEFAULT_PROJECTS = {"meshjoin-sandbox": "123456789012", "meshjoin-sandbox-2": "234567890123"}
+
+
 @dataclass
 class SandboxConfig:
     state_dir: str
@@ -71,10 +75,34 @@ class SandboxConfig:
     terraform_vars: dict = field(default_factory=dict)
     # The person at the terminal (gcloud, kubectl, the CLI): project owner and cluster-admin.
     operator_email: str = "operator@example.com"
+    # Every project the sandbox holds, id -> number (issue 16): the host (`project`) and further VM
+    # projects, each with its own Compute emulator (VMs, quotas, common metadata, default compute
+    # account, subnetwork), guests and audit log. Which of them meshjoin manages is Terraform's
+    # `vm_projects` (terraform_vars), as in a deployment; by default only the host.
+    projects: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PROJECTS))
 
     def __post_init__(self) -> None:
         if not self.terraform_vars:
             self.terraform_vars = self.default_terraform_vars()
+        self.projects = {self.project: self.project_number,
+                         **{p: n for p, n in self.projects.items() if p != self.project}}
+
+    @property
+    def vm_projects(self) -> list[str]:
+        """The projects meshjoin manages here: the host, then Terraform's `vm_projects`, each once."""
+        return list(dict.fromkeys([self.project, *self.terraform_vars.get("vm_projects", [])]))
+
+    def vms_dir(self, project: str | None = None) -> Path:
+        """Where a project's VMs keep their fake roots: DIR/vms (host), DIR/projects/P/vms (others)."""
+        state = Path(self.state_dir)
+        return state / "vms" if project in (None, self.project) else state / "projects" / project / "vms"
+
+    def subnet(self, project: str | None = None) -> str:
+        """A project's subnetwork: the host's `compute_subnet`, 10.(200+i).0.0/20 for the i-th other one
+        (separate VPCs whose addresses never collide, as one mesh needs)."""
+        if project in (None, self.project):
+            return self.compute_subnet
+        return f"10.{200 + list(self.projects).index(project)}.0.0/20"
 
     def default_terraform_vars(self) -> dict:
         return sandbox_terraform_vars(self.project, self.region, self.cluster_path, self.service_account)

@@ -52,7 +52,7 @@ class ControlEmulator:
                                        "vm_root": self.vm_root, "run_startup": self.run_startup,
                                        "clear_stats": self.clear_stats, "seed": self.seed,
                                        "token": self.token})
-        self._vm_servers: dict[tuple[str, str], object] = {}
+        self._vm_servers: dict[tuple[str, str, str], object] = {}
         self._vm_servers_lock = threading.Lock()
 
     def healthz(self, request):
@@ -77,37 +77,40 @@ class ControlEmulator:
 
         return json_response(rotate_plugin_ca(self.world))
 
-    def _vm(self, request) -> tuple[str, str]:
+    def _vm(self, request) -> tuple[str, str, str]:
+        """The VM a body names: {"zone", "name", "project"} (project: the host's unless given)."""
         body = read_json(request)
         zone, name = body.get("zone") or self.world.zone, body.get("name", "")
-        if self.world.emulators["compute"].instance(zone, name) is None:
-            raise ApiError(404, f"no VM {zone}/{name}")
-        return zone, name
+        project = body.get("project") or self.world.project
+        if self.world.compute_for(project).instance(zone, name) is None:
+            raise ApiError(404, f"no VM {project}/{zone}/{name}")
+        return zone, name, project
 
     def vm_metadata(self, request):
-        zone, name = self._vm(request)
-        guests = self.world.emulators.get("guests")
+        zone, name, project = self._vm(request)
+        guests = self.world.guests_for(project)
         if guests is not None:  # one server per VM, shared with its startup script
             return json_response({"host": guests.metadata_host(zone, name)})
         with self._vm_servers_lock:  # one server per VM: asking again answers the same port
-            server = self._vm_servers.get((zone, name))
+            server = self._vm_servers.get((project, zone, name))
             if server is None:
-                server = serve(MetadataEmulator(self.world, instance=(zone, name)).app, "127.0.0.1", 0,
-                               name=f"metadata-{name}")
-                self._vm_servers[(zone, name)] = server
+                server = serve(MetadataEmulator(self.world, instance=(zone, name),
+                                                compute=self.world.compute_for(project)).app,
+                               "127.0.0.1", 0, name=f"metadata-{name}")
+                self._vm_servers[(project, zone, name)] = server
         return json_response({"host": f"127.0.0.1:{server.server_port}"})
 
     def vm_root(self, request):
-        zone, name = self._vm(request)
-        return json_response({"root": str(self.world.emulators["guests"].root(zone, name))})
+        zone, name, project = self._vm(request)
+        return json_response({"root": str(self.world.guests_for(project).root(zone, name))})
 
     def run_startup(self, request):
         """`sudo google_metadata_script_runner startup` on a running VM."""
-        zone, name = self._vm(request)
-        status = self.world.emulators["compute"].instance(zone, name)["status"]
+        zone, name, project = self._vm(request)
+        status = self.world.compute_for(project).instance(zone, name)["status"]
         if status != "RUNNING":
             raise ApiError(409, f"VM {zone}/{name} is {status}, not RUNNING: nothing runs on it")
-        return json_response(self.world.emulators["guests"].run_startup(zone, name, "manual"))
+        return json_response(self.world.guests_for(project).run_startup(zone, name, "manual"))
 
     def faults(self, request):
         body = read_json(request)

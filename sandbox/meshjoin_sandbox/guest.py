@@ -157,8 +157,11 @@ class GuestAttributes:
 class Guests:
     """Every VM's guest side: fake roots under `base_dir`, per-VM metadata servers, the script runner."""
 
-    def __init__(self, world, base_dir: Path | str, extra_env: dict[str, str] | None = None):
+    def __init__(self, world, base_dir: Path | str, extra_env: dict[str, str] | None = None, project: str | None = None):
         self.world = world
+        # The sandbox project whose VMs these are (one Guests per project; None: the host's).
+        host = getattr(world, "project", None)
+        self.project = project or host
         self.base_dir = Path(base_dir)
         self.extra_env = dict(extra_env or {})
         self._servers: dict[tuple[str, str], object] = {}
@@ -169,7 +172,11 @@ class Guests:
         self._units: dict[tuple[str, str, str], UnitProcess] = {}
         self._scripts: dict[tuple[str, str], subprocess.Popen] = {}
         self._systemd = None
-        world.emulators["guests"] = self
+        world.emulators["guests" if self.project == host else f"guests@{self.project}"] = self
+
+    @property
+    def compute(self):
+        return self.world.compute_for(self.project)
 
     def vm_dir(self, zone: str, name: str) -> Path:
         return self.base_dir / zone / name
@@ -192,8 +199,8 @@ class Guests:
         with self._servers_lock:
             server = self._servers.get((zone, name))
             if server is None:
-                server = serve(MetadataEmulator(self.world, instance=(zone, name)).app, "127.0.0.1", 0,
-                               name=f"metadata-{name}")
+                server = serve(MetadataEmulator(self.world, instance=(zone, name), compute=self.compute).app,
+                               "127.0.0.1", 0, name=f"metadata-{name}")
                 self._servers[(zone, name)] = server
         return f"127.0.0.1:{server.server_port}"
 
@@ -217,7 +224,7 @@ class Guests:
 
         Answers {"ran", "returncode", "serial_log"}; one run at a time per VM.
         """
-        compute = self.world.emulators["compute"]
+        compute = self.compute
         lock = self._run_locks.setdefault((zone, name), threading.Lock())
         with lock:
             if compute.instance(zone, name) is None:  # deleted before its boot got this far
@@ -298,7 +305,7 @@ class Guests:
         """`systemctl start|restart UNIT` inside the VM: launch the unit's ExecStart (restart: end it first)."""
         if unit not in SUPERVISED_UNITS or action not in ("start", "restart"):
             raise ValueError(f"the sandbox runs only 'start|restart' of {', '.join(SUPERVISED_UNITS)}")
-        compute = self.world.emulators["compute"]
+        compute = self.compute
         instance = compute.instance(zone, name)
         if instance is None or instance["status"] != "RUNNING":
             raise ValueError(f"VM {zone}/{name} is not running")

@@ -157,9 +157,12 @@ class IamPolicy:
 
     def __init__(self, project: str, project_number: str, roles: dict[str, frozenset[str]],
                  bindings: Iterable[Binding],
-                 runtime_bindings: Callable[[str], list[Binding]] | None = None):
+                 runtime_bindings: Callable[[str], list[Binding]] | None = None,
+                 numbers: dict[str, str] | None = None):
         self.project = project
         self.project_number = project_number
+        # Every sandbox project's number -> id, so a resource named by number finds its bindings.
+        self._ids = {number: pid for pid, number in (numbers or {project: project_number}).items()}
         self.roles = {**PREDEFINED_ROLES, **roles}
         self.bindings = list(bindings)
         # Bindings stored by the emulators at run time (a secret's setIamPolicy), by resource.
@@ -174,11 +177,13 @@ class IamPolicy:
         variables = variables if variables is not None else (world.terraform_vars or world.default_terraform_vars())
         model = load_terraform(directory, variables, project_number=world.project_number)
         project = world.project
+        projects = getattr(world, "projects", None) or {project: world.project_number}
         roles: dict[str, frozenset[str]] = {}
         for role in model.resources("google_project_iam_custom_role"):
             role_project = role.get("project") or model.provider_project()
             roles[f"projects/{role_project}/roles/{role['role_id']}"] = frozenset(role["permissions"])
-        bindings = [Binding(f"projects/{project}", OWNER, f"user:{world.operator_email}", source="operator")]
+        # The operator owns every project of the sandbox (its gcloud works in each).
+        bindings = [Binding(f"projects/{p}", OWNER, f"user:{world.operator_email}", source="operator") for p in projects]
         for grant in model.resources("google_project_iam_member"):
             bindings.append(Binding(f"projects/{grant['project']}", grant["role"], grant["member"],
                                     _condition(grant), grant["_address"]))
@@ -191,8 +196,11 @@ class IamPolicy:
             account = grant["service_account_id"]
             if not account.startswith("projects/"):
                 raise TerraformError(f"{grant['_address']}: service_account_id {account!r} is not a full name")
-            bindings.append(Binding(account.replace("projects/-/", f"projects/{project}/"), grant["role"],
-                                    grant["member"], _condition(grant), grant["_address"]))
+            if account.startswith("projects/-/serviceAccounts/"):  # IAM infers the project from the email
+                email = account.rsplit("/", 1)[-1]
+                owner = world.account_project(email) if hasattr(world, "account_project") else project
+                account = f"projects/{owner}/serviceAccounts/{email}"
+            bindings.append(Binding(account, grant["role"], grant["member"], _condition(grant), grant["_address"]))
         functions = f"serviceAccount:{world.service_account}"
         if not any(b.member == functions for b in bindings):
             raise TerraformError(f"deploy/terraform grants nothing to {functions}: the sandbox's functions account "
@@ -201,7 +209,7 @@ class IamPolicy:
         if unknown:
             raise TerraformError(f"roles granted by Terraform that the sandbox does not know: {sorted(unknown)} "
                                  "(add their permissions to iam.PREDEFINED_ROLES)")
-        policy = cls(project, world.project_number, roles, bindings)
+        policy = cls(project, world.project_number, roles, bindings, numbers=projects)
         policy.runtime_bindings = lambda resource: _runtime_bindings(world, resource)
         return policy
 
@@ -234,8 +242,8 @@ class IamPolicy:
     def _canonical(self, resource: str) -> str:
         """projects/NUMBER/... → projects/ID/... (bindings are keyed by project id)."""
         parts = resource.strip("/").split("/")
-        if len(parts) >= 2 and parts[0] == "projects" and parts[1] == self.project_number:
-            parts[1] = self.project
+        if len(parts) >= 2 and parts[0] == "projects" and parts[1] in self._ids:
+            parts[1] = self._ids[parts[1]]
         return "/".join(parts)
 
     def _applicable(self, resource: str) -> list[Binding]:

@@ -95,6 +95,8 @@ def product_env(cfg: SandboxConfig) -> dict[str, str]:
         "MESHJOIN_SCHEDULE_TOPIC": cfg.schedule_topic,
         # As deploy/terraform sets it (main.tf, function_settings), from the same variable.
         "MESHJOIN_IDENTITY_BINDINGS": json.dumps(cfg.terraform_vars["identity_bindings"]),
+        # As main.tf sets it from var.vm_projects (unset while meshjoin manages the host alone).
+        **({"MESHJOIN_VM_PROJECTS": ",".join(cfg.vm_projects)} if len(cfg.vm_projects) > 1 else {}),
         "MESHJOIN_ISTIOD_ADDRESS": "istiod.istio-system.svc:15012",
         "MESHJOIN_ISTIOD_IP": "10.128.15.250",
         "GCE_METADATA_HOST": f"127.0.0.1:{cfg.ports['metadata']}",
@@ -241,7 +243,8 @@ def group_alive(pgid: int) -> bool:
 
 def up(state_dir: Path, ca_dir: Path | None = None, function_env: dict[str, str] | None = None,
        timeout: float = 60.0, compute_subnet: str | None = None,
-       terraform_vars: dict | None = None, run_startup_scripts: bool = True) -> SandboxConfig:
+       terraform_vars: dict | None = None, run_startup_scripts: bool = True,
+       projects: dict[str, str] | None = None) -> SandboxConfig:
     """Start the sandbox; `terraform_vars` override the sandbox's Terraform variables (IAM, RBAC and
     the functions' identity bindings follow them), e.g. {"identity_bindings": [...]}.
     `run_startup_scripts=False`: VMs boot without running their startup script (benchmarks, which play
@@ -277,6 +280,8 @@ def up(state_dir: Path, ca_dir: Path | None = None, function_env: dict[str, str]
     )
     if compute_subnet:
         cfg.compute_subnet = compute_subnet
+    if projects:  # the sandbox's projects (id -> number), host first, e.g. a third one a test keeps unmanaged
+        cfg.projects = {cfg.project: cfg.project_number, **{p: n for p, n in projects.items() if p != cfg.project}}
     terraform_vars = dict(terraform_vars or {})
     if "MESHJOIN_IDENTITY_BINDINGS" in cfg.function_env:
         # The functions' bindings and Terraform's (actAs, writer RBAC) are one list, as in a deployment.
@@ -301,6 +306,7 @@ def up(state_dir: Path, ca_dir: Path | None = None, function_env: dict[str, str]
     cfg.save()
     (state_dir / "world-ready").unlink(missing_ok=True)
     shutil.rmtree(state_dir / "vms", ignore_errors=True)  # a new world has no VMs: no stale guest roots
+    shutil.rmtree(state_dir / "projects", ignore_errors=True)  # nor in its other projects (cfg.vms_dir)
     (state_dir / "gcloud").mkdir(exist_ok=True)
     write_kubeconfig(cfg)
     write_env_file(cfg)

@@ -102,7 +102,7 @@ class VmLifecycle:
     # ---- internals ----------------------------------------------------------------------------------
 
     def _path(self, zone: str, name: str) -> str:
-        return f"projects/{self.compute.world.project}/zones/{zone}/instances/{name}"
+        return f"projects/{self.compute.project}/zones/{zone}/instances/{name}"
 
     def _next_phase(self, zone: str, name: str) -> int:
         phase = next(self._phases)

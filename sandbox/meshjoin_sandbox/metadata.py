@@ -72,9 +72,12 @@ def _b64(data: dict) -> str:
 class MetadataEmulator:
     """One metadata server: the functions' view, or with `instance=(zone, name)` that VM's view."""
 
-    def __init__(self, world, instance: tuple[str, str] | None = None):
+    def __init__(self, world, instance: tuple[str, str] | None = None, compute=None):
         self.world = world
         self.bound = instance
+        # The Compute emulator of the bound VM's project (another sandbox project's VM sees its own
+        # project); None: the host's, looked up when needed.
+        self._compute = compute
         url_map = Map([
             Rule("/", endpoint="root"),
             Rule("/computeMetadata/v1/", endpoint="get", defaults={"path": ""}),
@@ -82,6 +85,10 @@ class MetadataEmulator:
         ], strict_slashes=False)
         self.app = RoutedApp(url_map, {"root": self._root, "get": self._get},
                              render_error=_render_error, before=self._before)
+
+    @property
+    def compute(self):
+        return self._compute if self._compute is not None else self.world.emulators.get("compute")
 
     def _before(self, request, endpoint: str) -> None:
         """The real server refuses requests without the flavor header, or proxied ones."""
@@ -97,17 +104,20 @@ class MetadataEmulator:
         """Everything this server knows right now, as nested directories of string leaves."""
         world = self.world
         zone = self.bound[0] if self.bound else world.zone
+        compute = self.compute
+        project = compute.project if self.bound and compute is not None else world.project
+        number = compute.project_number if self.bound and compute is not None else world.project_number
         tree = {
-            "project": {"project-id": world.project, "numeric-project-id": world.project_number,
-                        "attributes": _project_attributes(world)},
-            "instance": {"zone": f"projects/{world.project_number}/zones/{zone}",
+            "project": {"project-id": project, "numeric-project-id": number,
+                        "attributes": _project_attributes(compute)},
+            "instance": {"zone": f"projects/{number}/zones/{zone}",
                          "service-accounts": _Data()},
             "universe": {"universe-domain": "googleapis.com"},
         }
         if self.bound is None:
             accounts = [{"email": world.service_account, "scopes": [CLOUD_PLATFORM]}]
         else:
-            instance = world.emulators["compute"].instance(*self.bound)
+            instance = compute.instance(*self.bound)
             if instance is None:  # the VM is gone: only project-level facts remain
                 return tree
             accounts = instance.get("serviceAccounts", [])
@@ -116,11 +126,11 @@ class MetadataEmulator:
             tree["instance"].update({
                 "id": instance["id"],
                 "name": name,
-                "hostname": f"{name}.{zone}.c.{world.project}.internal",
+                "hostname": f"{name}.{zone}.c.{project}.internal",
                 "attributes": _Data((i["key"], i["value"]) for i in instance["metadata"].get("items", [])),
                 "network-interfaces": {"0": {
                     "ip": nic["networkIP"],
-                    "network": f"projects/{world.project_number}/networks/{nic['network'].rsplit('/', 1)[-1]}",
+                    "network": f"projects/{number}/networks/{nic['network'].rsplit('/', 1)[-1]}",
                 }},
             })
         for account in accounts[:1]:
@@ -170,15 +180,15 @@ class MetadataEmulator:
     def _guest_tree(self) -> dict:
         if self.bound is None:
             return {}
-        instance = self.world.emulators["compute"].instance(*self.bound)
-        return _guest_attributes(self.world, self.bound, instance) if instance is not None else {}
+        instance = self.compute.instance(*self.bound)
+        return _guest_attributes(self.compute, self.bound, instance) if instance is not None else {}
 
     def _write_guest_attribute(self, request, path: str) -> Response:
         """PUT/DELETE instance/guest-attributes/NS/KEY: only a VM's own server, only when enabled."""
         parts = path.split("/")[2:]
         if self.bound is None or len(parts) != 2 or not all(parts):
             raise ApiError(404, f"{path} was not found on this server.")
-        compute = self.world.emulators["compute"]
+        compute = self.compute
         instance = compute.instance(*self.bound)
         if instance is None:
             raise ApiError(404, f"{path} was not found on this server.")
@@ -250,17 +260,15 @@ def _etag(node) -> str:
     return hashlib.sha256(json.dumps(node, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _project_attributes(world) -> "_Data":
+def _project_attributes(compute) -> "_Data":
     """project/attributes/: the project's common instance metadata (compute.py keeps it)."""
-    compute = world.emulators.get("compute")
     if compute is None or not hasattr(compute, "project_metadata"):
         return _Data()
     return _Data((i["key"], i["value"]) for i in compute.project_metadata().get("items", []))
 
 
-def _guest_attributes(world, bound: tuple[str, str], instance: dict) -> dict:
+def _guest_attributes(compute, bound: tuple[str, str], instance: dict) -> dict:
     """instance/guest-attributes/ as the VM itself reads it back (absent while the feature is off)."""
-    compute = world.emulators["compute"]
     if not hasattr(compute, "guest_attributes") or not compute.guest_attributes_enabled(*bound):
         return {}
     namespaces = compute.guest_attributes.namespaces(instance["id"])

@@ -16,7 +16,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .compute import ComputeEmulator
+from .compute import ComputeEmulator, ComputeProjects
 from .config import SandboxConfig
 from .container import ContainerEmulator
 from .guest import Guests
@@ -54,18 +54,48 @@ def sink_accepts(entry: dict, methods: frozenset[str] | None = None) -> bool:
     return entry.get("protoPayload", {}).get("methodName", "") in methods
 
 
+_SINK_LOG = re.compile(r'logName="projects/([^/"]+)/logs/cloudaudit\.googleapis\.com%2Factivity"')
+
+
+def sink_routes(terraform_vars: dict, project_number: str | None, events_topic: str) -> dict[str, frozenset[str]]:
+    """Per project, the `methodName`s its Log Router sink(s) in deploy/terraform forward to the events
+    topic: every google_logging_project_sink whose destination is that topic, in the project the sink
+    lives in (its `project`, else the provider's). A sink sees only its own project's log, so one whose
+    filter names another project's logName forwards nothing (a project without a sink: nothing)."""
+    from .terraform import default_terraform_dir, load_terraform
+
+    model = load_terraform(default_terraform_dir(), terraform_vars, project_number=project_number)
+    routes: dict[str, set[str]] = {}
+    for sink in model.resources("google_logging_project_sink"):
+        if not sink["destination"].endswith(f"/topics/{events_topic}"):
+            continue
+        project = sink.get("project") or model.provider_project()
+        logged = _SINK_LOG.search(sink["filter"])
+        if logged is None or logged.group(1) != project:
+            continue
+        methods = {f"{version}.{method}" for version, method in _SINK_METHOD.findall(sink["filter"])}
+        routes.setdefault(project, set()).update(methods)
+    return {project: frozenset(methods) for project, methods in routes.items()}
+
+
+def entry_project(entry: dict) -> str:
+    return str(((entry.get("resource") or {}).get("labels") or {}).get("project_id", ""))
+
+
 def audit_publisher(cfg: SandboxConfig):
-    """The Log Router sink: publish each audit LogEntry JSON to the events topic."""
+    """The Log Router sinks: publish each audit LogEntry JSON to the events topic when a sink of the
+    entry's own project forwards its method (deploy/terraform: the host's sink, and one per further VM
+    project in var.vm_projects)."""
     os.environ["PUBSUB_EMULATOR_HOST"] = f"127.0.0.1:{cfg.ports['pubsub']}"
     from google.cloud import pubsub_v1
 
     publisher = pubsub_v1.PublisherClient()
     topic = publisher.topic_path(cfg.project, cfg.events_topic)
     log = logging.getLogger("sandbox.sink")
-    methods = sink_methods(cfg.terraform_vars, cfg.project_number)
+    routes = sink_routes(cfg.terraform_vars, cfg.project_number, cfg.events_topic)
 
     def publish(entry: dict) -> None:
-        if not sink_accepts(entry, methods):
+        if not sink_accepts(entry, routes.get(entry_project(entry), frozenset())):
             return
         future = publisher.publish(topic, json.dumps(entry).encode())
         future.add_done_callback(lambda f: f.exception() and log.error("sink publish failed: %s", f.exception()))
@@ -86,6 +116,7 @@ def build_world(cfg: SandboxConfig) -> World:
         admin_token=cfg.admin_token,
         operator_email=cfg.operator_email,
         terraform_vars=dict(cfg.terraform_vars),
+        projects=dict(cfg.projects),
         kube_endpoint=f"127.0.0.1:{cfg.ports['kube']}",
         kube_ca_pem=Path(cfg.kube_ca_file).read_text(),
         timing=Timing(boot_seconds=cfg.boot_seconds, stop_seconds=cfg.stop_seconds,
@@ -116,16 +147,21 @@ def main(argv: list[str]) -> int:
     state_dir = Path(argv[0])
     cfg = SandboxConfig.load(state_dir)
     world = build_world(cfg)
+    # One Compute emulator per sandbox project, all behind Compute's one endpoint (routed by project).
+    computes = {project: ComputeEmulator(world, subnet=cfg.subnet(project), project=project)
+                for project in cfg.projects}
     apps = {
-        "compute": ComputeEmulator(world, subnet=cfg.compute_subnet).app,
+        "compute": ComputeProjects(computes, cfg.project).app,
         "secretmanager": SecretManagerEmulator(world).app,
         "container": ContainerEmulator(world).app,
         "metadata": MetadataEmulator(world).app,
         "control": ControlEmulator(world).app,
     }
-    guests = Guests(world, Path(cfg.state_dir) / "vms", dict(cfg.guest_env))
+    all_guests = [Guests(world, cfg.vms_dir(project), dict(cfg.guest_env), project=project)
+                  for project in cfg.projects]
     if not cfg.run_startup_scripts:
-        skip_startup_scripts(guests)
+        for each in all_guests:
+            skip_startup_scripts(each)
     servers = [serve(counted(name, app), "127.0.0.1", cfg.ports[name], name=name) for name, app in apps.items()]
     kube = KubeEmulator(world, cfg.crd_path)
     world.emulators.setdefault("kube", kube)  # for the control plane's /seed
@@ -140,7 +176,8 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     stop.wait()
-    guests.shutdown()  # no VM's watcher or startup script outlives the sandbox
+    for each in all_guests:
+        each.shutdown()  # no VM's watcher or startup script outlives the sandbox
     for server in servers:
         server.shutdown()
     return 0

@@ -91,10 +91,15 @@ class World:
     terraform_vars: dict[str, Any] | None = None
     # The IAM policy every emulator enforces (built from deploy/terraform when not given).
     iam: Any = None
+    # Every project the sandbox holds, id -> number, the host (`project`) first: each has its own
+    # Compute emulator, VMs, quotas and guests (issue 16, "several projects").
+    projects: dict[str, str] = field(default_factory=dict)
     _principals: dict[str, Principal] = field(default_factory=dict, repr=False)
     _issued: dict[tuple[str, frozenset[str]], str] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        self.projects = {self.project: self.project_number,
+                         **{p: n for p, n in self.projects.items() if p != self.project}}
         both = (CLOUD_PLATFORM, USERINFO_EMAIL)
         self._register(self.sa_token, self.service_account, both)
         self._register(self.admin_token, self.operator_email, both)
@@ -110,6 +115,36 @@ class World:
     @property
     def default_compute_sa(self) -> str:
         return f"{self.project_number}-compute@developer.gserviceaccount.com"
+
+    def number_of(self, project: str) -> str:
+        """A sandbox project's number (KeyError for a project the sandbox does not hold)."""
+        return self.projects[project]
+
+    def project_of_number(self, number: str) -> str | None:
+        return next((p for p, n in self.projects.items() if n == number), None)
+
+    def account_project(self, email: str) -> str:
+        """The project a service account belongs to, as IAM infers it from `projects/-/serviceAccounts/
+        EMAIL`: NAME@PROJECT.iam.gserviceaccount.com, or NUMBER-compute@developer.gserviceaccount.com
+        (the default compute account of the project with that number); else the host project."""
+        name, _, domain = email.partition("@")
+        if domain.endswith(".iam.gserviceaccount.com"):
+            return domain.removesuffix(".iam.gserviceaccount.com")
+        if domain == "developer.gserviceaccount.com" and name.endswith("-compute"):
+            return self.project_of_number(name.removesuffix("-compute")) or self.project
+        return self.project
+
+    def compute_for(self, project: str | None = None):
+        """The Compute emulator of a sandbox project (None: the host's)."""
+        if project in (None, self.project):
+            return self.emulators["compute"]
+        found = self.emulators.get(f"compute@{project}")
+        if found is None:
+            raise ApiError(404, f"the sandbox holds no project {project!r} (it holds {', '.join(self.projects)})")
+        return found
+
+    def guests_for(self, project: str | None = None):
+        return self.emulators.get("guests" if project in (None, self.project) else f"guests@{project}")
 
     def default_terraform_vars(self) -> dict[str, Any]:
         """What `sandbox up` deploys with, for a World built without a SandboxConfig (tests)."""
