@@ -95,8 +95,14 @@ def sandbox():
 @click.option("--terraform-var", "terraform_vars", multiple=True, metavar="NAME=VALUE",
               help="deploy/terraform variable the sandbox's IAM and RBAC are evaluated with; VALUE is JSON "
                    "(or a plain string), e.g. 'name=\"meshjoin\"'.")
-def up(state_dir: Path, ca_dir: Path | None, function_env: tuple[str, ...], terraform_vars: tuple[str, ...]):
+@click.option("--project", "projects", multiple=True, metavar="ID=NUMBER",
+              help="A further project for the sandbox to hold (beside meshjoin-sandbox and meshjoin-sandbox-2); "
+                   "meshjoin manages those Terraform's vm_projects names (--terraform-var 'vm_projects=[...]').")
+def up(state_dir: Path, ca_dir: Path | None, function_env: tuple[str, ...], terraform_vars: tuple[str, ...],
+       projects: tuple[str, ...]):
     """Start the sandbox in the background; return when everything answers."""
+    from .config import DEFAULT_PROJECTS
+
     variables = {}
     for name, value in parse_pairs(terraform_vars, "--terraform-var").items():
         try:
@@ -105,7 +111,8 @@ def up(state_dir: Path, ca_dir: Path | None, function_env: tuple[str, ...], terr
             variables[name] = value
     try:
         cfg = launcher.up(state_dir, ca_dir, parse_pairs(function_env, "--function-env"),
-                          terraform_vars=variables)
+                          terraform_vars=variables,
+                          projects={**DEFAULT_PROJECTS, **parse_pairs(projects, "--project")})
     except launcher.SandboxError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"sandbox up in {cfg.state_dir}; use it with: source {cfg.state_dir}/env")

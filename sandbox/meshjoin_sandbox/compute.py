@@ -936,7 +936,16 @@ class ComputeProjects:
         self.emulators = emulators
         self.host = host
 
-    def app(self, environ, start_response):
+    @property
+    def app(self):
+        return self
+
+    @property
+    def url_map(self):
+        """Every project's emulator has the same routes (stats.counted reads them)."""
+        return self.emulators[self.host].app.url_map
+
+    def __call__(self, environ, start_response):
         match = self._PROJECT.match(environ.get("PATH_INFO", ""))
         emulator = self.emulators.get(match.group(1) if match else self.host) or self.emulators[self.host]
         return emulator.app(environ, start_response)

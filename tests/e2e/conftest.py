@@ -167,8 +167,9 @@ E2E_BINDINGS = [
 ]
 
 
-def running_sandbox(state_dir: Path, function_env: dict[str, str] | None = None, bindings: list[dict] | None = None):
-    """Context: `meshjoin sandbox up` with extra function settings, always `down` afterwards."""
+def running_sandbox(state_dir: Path, function_env: dict[str, str] | None = None, bindings: list[dict] | None = None,
+                    up_args: tuple[str, ...] = ()):
+    """Context: `meshjoin sandbox up` with extra function settings (and `up_args`), always `down` afterwards."""
     import contextlib
 
     function_env = {"MESHJOIN_IDENTITY_BINDINGS": json.dumps([*E2E_BINDINGS, *(bindings or [])]),
@@ -177,7 +178,7 @@ def running_sandbox(state_dir: Path, function_env: dict[str, str] | None = None,
     @contextlib.contextmanager
     def manage():
         extra = [arg for k, v in (function_env or {}).items() for arg in ("--function-env", f"{k}={v}")]
-        up = subprocess.run([MESHJOIN, "sandbox", "up", "--state-dir", str(state_dir), *extra],
+        up = subprocess.run([MESHJOIN, "sandbox", "up", "--state-dir", str(state_dir), *extra, *up_args],
                             capture_output=True, text=True, timeout=120)
         assert up.returncode == 0, up.stdout + up.stderr
         try:
