@@ -50,7 +50,9 @@ resource "google_logging_project_sink" "vm_events_vm_projects" {
   filter = replace(google_logging_project_sink.vm_events.filter, "logName=\"projects/${var.project_id}/logs/",
   "logName=\"projects/${each.value}/logs/")
 
-  # A dedicated writer identity per sink, granted publish on the host's events topic only.
+  # A dedicated writer identity per sink, granted publish on the host's events topic only. Required
+  # here: without it a project sink's destination must be in the sink's own project (Logging API,
+  # CreateSinkRequest.unique_writer_identity).
   unique_writer_identity = true
 }
 
