@@ -364,6 +364,12 @@ def tick(state_dir):
     click.echo(f"published tick {message_id}")
 
 
+def _emulator_name(value: str | None) -> str | None:
+    if value is None or value in ("compute", "secretmanager", "kube") or value.startswith("compute@"):
+        return value
+    raise click.BadParameter(f"{value!r}: one of compute, secretmanager, kube, compute@PROJECT")
+
+
 def control(state_dir: Path, method: str, path: str, body: dict | None = None, timeout: float = 30) -> dict:
     """Call the sandbox's own control plane (not a Google API)."""
     import urllib.request
@@ -378,7 +384,8 @@ def control(state_dir: Path, method: str, path: str, body: dict | None = None, t
 
 @sandbox.command()
 @STATE_DIR_OPTION
-@click.option("--emulator", type=click.Choice(["compute", "secretmanager", "kube"]))
+@click.option("--emulator", callback=lambda ctx, param, value: _emulator_name(value),
+              help="compute, secretmanager or kube; compute@PROJECT for another sandbox project's Compute.")
 @click.option("--method", help="API method or fnmatch pattern: instances.aggregatedList, secrets.versions.*, "
                                "workloadentries.create (kube: PLURAL.VERB), * for all.")
 @click.option("--kind", type=click.Choice(["error", "latency", "timeout", "drop", "partial"]), default="error",

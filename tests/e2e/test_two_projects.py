@@ -109,6 +109,13 @@ def test_vms_of_two_projects_join_one_mesh_and_a_third_projects_vm_is_left_alone
     rows = {r["name"]: r for r in json.loads(world.meshjoin("status", "--json").stdout)}
     assert {n: (r["project"], r["state"]) for n, r in rows.items()} == {"tp-host": (HOST, "joined"),
                                                                         "tp-second": (SECOND, "joined")}
+    # The second project's listing fails once (its own Compute: `fault --emulator compute@PROJECT`): that
+    # sweep leaves that project's VMs and entries alone and says so (nothing planned, nothing pruned).
+    world.meshjoin("sandbox", "fault", "--emulator", f"compute@{SECOND}", "--method", "instances.aggregatedList",
+                   "--status", "403", "--count", "1")
+    dry = json.loads(world.meshjoin("reconcile", "--dry-run", "--json").stdout)
+    assert dry["planned"] == [] and [e.split(":")[0] for e in dry["errors"]] == [f"Compute instances in {SECOND}"]
+    assert any("VM listing incomplete" in note and SECOND in note for note in dry["notes"])
     # A lost delete in the second project: the sweep's listing of that project shows the VM gone, and only
     # its entry is pruned.
     world.meshjoin("sandbox", "delete-vm", "tp-second", *in_project("tp-second"), "--no-event")
