@@ -141,15 +141,17 @@ def status(as_json: bool):
         from rich.table import Table
 
         table = Table(title=f"meshjoin fleet in {', '.join(rt.settings.vm_projects)}")
-        for column in ("VM", "zone", "namespace/SA", "address", "state", "key", "cert expires", "time left",
-                       "updated"):
+        several = len(rt.settings.vm_projects) > 1  # then the VM's project is part of its name
+        for column in ("VM", *(("project",) if several else ()), "zone", "namespace/SA", "address", "state", "key",
+                       "cert expires", "time left", "updated"):
             table.add_column(column)
         for r in rows:
             left = "" if r.cert_seconds_left is None else _duration(r.cert_seconds_left)
             identity = f"{r.namespace}/{r.service_account}" if r.namespace else ""
             state = f"[{STATE_STYLE.get(r.state, 'white')}]{r.state}[/]"
             key = "legacy secret" if r.legacy else r.key_id and f"{r.key_id} ×{r.key_certs}"
-            table.add_row(r.name, r.zone, identity, r.address, state, key, r.cert_not_after, left, r.updated[:19])
+            table.add_row(r.name, *((r.project,) if several else ()), r.zone, identity, r.address, state, key,
+                          r.cert_not_after, left, r.updated[:19])
         console = _console()
         console.print(table)
         attention = [r for r in rows if r.state in ("waiting", "denied", "error", "pending", "orphaned",

@@ -191,3 +191,46 @@ def test_a_sweep_with_no_project_listed_does_nothing(plugin_ca):
     summary = sweeper(compute, plugin_ca).sweep(dry_run=True)
     assert summary.plan.actions == [] and summary.plan.notes == ["no VM listing: nothing to do this sweep"]
     assert len(summary.errors) == 2
+
+
+# --- the operator's CLI ----------------------------------------------------------------------------
+
+@pytest.fixture
+def cli_runtime(monkeypatch, plugin_ca):
+    """The CLI over the fakes: a VM named vm-1 in the host project and one named vm-2 in SECOND."""
+    from click.testing import CliRunner
+
+    from meshjoin import cli
+    from meshjoin.reconcile import Outcome
+
+    vms = [in_project(vm("a", status("a")), HOST), in_project(vm("b"), SECOND)]
+    compute = ProjectCompute({v.key: v for v in vms})
+    compute.find = lambda name, project=None: [v for v in vms if v.key.instance == name
+                                               and project in (None, v.key.project)]
+    rt = SimpleNamespace(settings=SETTINGS, compute=compute, sweeper=sweeper(compute, plugin_ca), asked=[])
+    rt.reconciler = SimpleNamespace(reconcile=lambda key, **kw: rt.asked.append(key) or Outcome("unchanged", "ok"))
+    monkeypatch.setattr(cli, "_runtime", lambda: rt)
+    logger = logging.getLogger("meshjoin")  # the CLI configures meshjoin's logger: put it back afterwards
+    saved = (logger.level, list(logger.handlers), logger.propagate)
+    yield rt, lambda *args: CliRunner().invoke(cli.cli, list(args))
+    logger.setLevel(saved[0])
+    logger.handlers[:] = saved[1]
+    logger.propagate = saved[2]
+
+
+def test_the_cli_finds_a_vm_in_whichever_vm_project_holds_it(cli_runtime):
+    rt, run = cli_runtime
+    assert run("join", "b").exit_code == 0 and rt.asked == [VmKey(SECOND, "us-central1-a", "b")]
+    assert run("join", "a", "--zone", "us-central1-a").exit_code == 0 and rt.asked[-1].project == HOST
+    assert run("join", "a", "--zone", "us-central1-a", "--project", SECOND).exit_code == 0
+    assert rt.asked[-1] == VmKey(SECOND, "us-central1-a", "a")
+    refused = run("join", "a", "--project", OUTSIDER)
+    assert refused.exit_code == 1 and "not among MESHJOIN_VM_PROJECTS" in refused.output and len(rt.asked) == 3
+
+
+def test_the_cli_status_shows_each_vms_project(cli_runtime):
+    rt, run = cli_runtime
+    rows = json.loads(run("status", "--json").output)
+    assert {(r["name"], r["project"]) for r in rows} == {("a", HOST), ("b", SECOND)}
+    table = run("status").output
+    assert "project" in table and SECOND in table
