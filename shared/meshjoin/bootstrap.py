@@ -9,10 +9,12 @@ so no label or metadata value can add a line to cluster.env, /etc/hosts or the s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 from datetime import datetime
 from functools import lru_cache
+from importlib import resources
 
 from . import names
 from .model import Identity, VmKey
@@ -100,35 +102,57 @@ def hosts_lines(settings: Settings) -> str:
     return f"{settings.istiod_ip} {host}\n"
 
 
-@lru_cache(maxsize=1)
-def startup_script() -> str:
-    import jinja2  # only the join path needs it; keeps cold start of other paths lean
+# The agent: one static file shipped in this package (and in each function's bundle). Terraform publishes the
+# same file to every VM project's metadata (deploy/terraform/agent.tf), so both sides derive the key and the
+# checksum from identical bytes and agree by construction.
+AGENT_FILE = "agent/meshjoin-agent.sh"
+AGENT_KEY_PREFIX = names.AGENT_KEY_PREFIX
+AGENT_KEY_HEX = 16  # hex digits of the SHA-256 in the key: a new agent is a new key
+AGENT_PATH = "/usr/local/sbin/meshjoin-agent"  # where the agent installs itself (its watcher runs it from there)
 
-    env = jinja2.Environment(
-        loader=jinja2.PackageLoader("meshjoin", "templates"),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        autoescape=False,
-    )
-    keys = {
-        "cluster_env": names.CLUSTER_ENV_KEY,
-        "mesh_config": names.MESH_CONFIG_KEY,
-        "root_cert": names.ROOT_CERT_KEY,
-        "hosts": names.HOSTS_KEY,
-        "secret": names.SECRET_KEY,  # legacy: agent 3 only cleans up after agent 2
-        "cert_chain": names.CERT_CHAIN_KEY,
-        "key_algorithm": names.KEY_ALGORITHM_KEY,
-        "rekey": names.REKEY_KEY,
-        "sidecar_url": names.SIDECAR_URL_KEY,
-        "sidecar_sha256": names.SIDECAR_SHA256_KEY,
-        "status": names.STATUS_KEY,
-        "events_topic": names.EVENTS_TOPIC_KEY,
-        "pubsub_endpoint": names.PUBSUB_ENDPOINT_KEY,
-    }
-    return env.get_template("startup-script.sh.j2").render(marker=names.STARTUP_SCRIPT_MARKER, keys=keys,
-                                                           cert_dir=CERT_DIR, agent_version=AGENT_VERSION,
-                                                           guest_namespace=GUEST_NAMESPACE,
-                                                           csr_attribute=names.CSR_ATTRIBUTE)
+
+@lru_cache(maxsize=1)
+def agent_bytes() -> bytes:
+    return (resources.files("meshjoin") / AGENT_FILE).read_bytes()
+
+
+def agent_text() -> str:
+    """The VM agent (bash + openssl), identical for every VM."""
+    return agent_bytes().decode()
+
+
+def agent_sha256() -> str:
+    return hashlib.sha256(agent_bytes()).hexdigest()
+
+
+def agent_metadata_key() -> str:
+    """The project metadata item holding this agent: `meshjoin-agent-<first 16 hex of its SHA-256>`."""
+    return AGENT_KEY_PREFIX + agent_sha256()[:AGENT_KEY_HEX]
+
+
+@lru_cache(maxsize=1)
+def startup_stub() -> str:
+    """The per-VM `startup-script`: fetch the agent from the *project's* metadata (never an instance item of
+    the same name, which the VM's owner controls), run it only if its full SHA-256 is the one pinned here,
+    else say why on the serial console and exit non-zero. Carries the marker by which meshjoin recognises its
+    own script (reconcile keeps an owner's or a project's own script). `GCE_METADATA_HOST` is honoured as
+    by the agent and google-auth (the sandbox points it at the VM's own metadata server)."""
+    return (f"#!/bin/bash\n{names.STARTUP_SCRIPT_MARKER}\n"
+            "# runs meshjoin's agent (project metadata K, else this VM's installed copy) only if its SHA-256 is S\n"
+            f"S={agent_sha256()}\nK={AGENT_KEY_PREFIX}${{S:0:{AGENT_KEY_HEX}}}\n"
+            f"A=${{MESHJOIN_ROOT:-}}{AGENT_PATH}\n"
+            'F=$(mktemp) || exit 1\ntrap \'rm -f "$F"\' EXIT\n'
+            'curl -sfS --retry 3 -H Metadata-Flavor:Google -o "$F" '
+            '"http://${GCE_METADATA_HOST:-metadata.google.internal}/computeMetadata/v1/project/attributes/$K" ||'
+            ' { echo "meshjoin: cannot read project metadata $K, trying $A" >&2; cp "$A" "$F"; } || exit 1\n'
+            'echo "$S  $F" | sha256sum -c --status ||'
+            ' { echo "meshjoin: the agent is not SHA-256 $S: not run" >&2; exit 1; }\n'
+            'bash "$F" "$@"\n')
+
+
+def startup_script() -> str:
+    """What meshjoin writes as a VM's `startup-script`: the stub (the agent itself is in project metadata)."""
+    return startup_stub()
 
 
 def bootstrap_items(key: VmKey, identity: Identity, settings: Settings, *, root_pem: str) -> dict[str, str]:
