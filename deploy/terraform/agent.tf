@@ -19,7 +19,8 @@ locals {
 }
 
 locals {
-  agent_file   = "${path.module}/../../shared/meshjoin/agent/meshjoin-agent.sh"
+  checkout     = "${path.module}/../.."
+  agent_file   = "${local.checkout}/shared/meshjoin/agent/meshjoin-agent.sh"
   agent_sha256 = filesha256(local.agent_file)
   agent_key    = "meshjoin-agent-${substr(local.agent_sha256, 0, 16)}"
 }

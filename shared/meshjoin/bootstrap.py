@@ -29,6 +29,9 @@ PUBSUB_ENDPOINT = "https://pubsub.googleapis.com"
 LOCAL_EXCLUDE_PORTS = "15090,15021,15020"
 
 
+OPTIONAL_CLUSTER_ENV = ("ISTIO_META_MESH_ID", "ISTIO_META_NETWORK")
+
+
 def cluster_env(key: VmKey, identity: Identity, settings: Settings) -> str:
     """`/var/lib/istio/envoy/cluster.env`, with the keys `istioctl x workload entry configure` writes."""
     workload_labels = {
@@ -66,7 +69,10 @@ def cluster_env(key: VmKey, identity: Identity, settings: Settings) -> str:
         "PROV_CERT": "",
         "OUTPUT_CERTS": "",
     }
-    return "".join(f"{name}={_shell_value(value)}\n" for name, value in values.items())
+    # An empty mesh id or network is istio-agent's default whether set empty or unset: left out (4 kB a VM).
+    # PROV_CERT and OUTPUT_CERTS are the exception: istio-start.sh defaults them when unset.
+    return "".join(f"{name}={_shell_value(value)}\n" for name, value in values.items()
+                   if value or name not in OPTIONAL_CLUSTER_ENV)
 
 
 def _shell_value(value: str) -> str:
@@ -91,7 +97,9 @@ def mesh_config(settings: Settings) -> str:
     }
     if settings.mesh_id:
         default_config["meshId"] = settings.mesh_id
-    return json.dumps({"defaultConfig": default_config}, indent=2) + "\n"
+    # One line with JSON's default ", " and ": " separators (what a YAML 1.1 parser still reads as JSON):
+    # every byte of metadata is listed with every VM (meshjoin's budget is 4 kB a VM).
+    return json.dumps({"defaultConfig": default_config}) + "\n"
 
 
 def hosts_lines(settings: Settings) -> str:
@@ -137,16 +145,16 @@ def startup_stub() -> str:
     else say why on the serial console and exit non-zero. Carries the marker by which meshjoin recognises its
     own script (reconcile keeps an owner's or a project's own script). `GCE_METADATA_HOST` is honoured as
     by the agent and google-auth (the sandbox points it at the VM's own metadata server)."""
-    return (f"#!/bin/bash\n{names.STARTUP_SCRIPT_MARKER}\n"
-            "# runs meshjoin's agent (project metadata K, else this VM's installed copy) only if its SHA-256 is S\n"
-            f"S={agent_sha256()}\nK={AGENT_KEY_PREFIX}${{S:0:{AGENT_KEY_HEX}}}\n"
-            f"A=${{MESHJOIN_ROOT:-}}{AGENT_PATH}\n"
-            'F=$(mktemp) || exit 1\ntrap \'rm -f "$F"\' EXIT\n'
-            'curl -sfS --retry 3 -H Metadata-Flavor:Google -o "$F" '
-            '"http://${GCE_METADATA_HOST:-metadata.google.internal}/computeMetadata/v1/project/attributes/$K" ||'
-            ' { echo "meshjoin: cannot read project metadata $K, trying $A" >&2; cp "$A" "$F"; } || exit 1\n'
-            'echo "$S  $F" | sha256sum -c --status ||'
-            ' { echo "meshjoin: the agent is not SHA-256 $S: not run" >&2; exit 1; }\n'
+    # Terse on purpose: it is listed with every VM (4 kB of meshjoin metadata a VM, all items together).
+    # `${S::16}` derives the item's key from the pinned checksum, as agent_metadata_key() does.
+    return (f"#!/bin/bash\n{names.STARTUP_SCRIPT_MARKER}: runs meshjoin's agent only if its SHA-256 is S\n"
+            f"S={agent_sha256()}\n"
+            f"A=${{MESHJOIN_ROOT:-}}{AGENT_PATH} F=$(mktemp)||exit\n"
+            'trap \'rm -f "$F"\' EXIT\n'
+            'curl -sfSo"$F" -HMetadata-Flavor:Google "http://${GCE_METADATA_HOST:-metadata.google.internal}'
+            f'/computeMetadata/v1/project/attributes/{AGENT_KEY_PREFIX}${{S::{AGENT_KEY_HEX}}}"||cp "$A" "$F"\n'
+            'sha256sum "$F"|grep -q "^$S "||{ echo "meshjoin: no agent with SHA-256 $S in project metadata '
+            'or $A: not run">&2;exit 1;}\n'
             'bash "$F" "$@"\n')
 
 
@@ -181,8 +189,8 @@ def bootstrap_items(key: VmKey, identity: Identity, settings: Settings, *, root_
 def status_value(state: str, reason: str, now: datetime, **fields) -> str:
     """`meshjoin-status`: what the VM owner reads with `gcloud compute instances describe`."""
     status = {"state": state, "reason": reason, **{k: v for k, v in fields.items() if v is not None},
-              "updated": now.isoformat().replace("+00:00", "Z")}
-    return json.dumps(status, sort_keys=True)
+              "updated": now.replace(microsecond=0).isoformat().replace("+00:00", "Z")}
+    return json.dumps(status, sort_keys=True, separators=(",", ":"))  # compact: it is listed with every VM
 
 
 def parse_status(raw: str | None) -> dict:
