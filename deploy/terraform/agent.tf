@@ -13,22 +13,22 @@
 # (deploy/README.md, "Updating the agent").
 
 # FALLBACK until the several-projects work (issue 16) is merged, which defines local.vm_projects (host +
-# var.vm_projects, deduplicated) in main.tf: delete this block then.
+# the vm_projects variable, deduplicated) in main.tf: delete this block then.
 locals {
   vm_projects = [var.project_id]
 }
 
 locals {
-  checkout     = "${path.module}/../.."
-  agent_file   = "${local.checkout}/shared/meshjoin/agent/meshjoin-agent.sh"
-  agent_sha256 = filesha256(local.agent_file)
-  agent_key    = "meshjoin-agent-${substr(local.agent_sha256, 0, 16)}"
+  # The file the functions' bundle carries too (deploy/package.py copies the meshjoin package whole).
+  checkout   = "${path.module}/../.."
+  agent_file = "${local.checkout}/shared/meshjoin/agent/meshjoin-agent.sh"
 }
 
 resource "google_compute_project_metadata_item" "agent" {
   for_each = toset(local.vm_projects)
 
   project = each.value
-  key     = local.agent_key
-  value   = file(local.agent_file)
+  # bootstrap.agent_metadata_key(): the first 16 hex digits of the agent's SHA-256.
+  key   = "meshjoin-agent-${substr(filesha256(local.agent_file), 0, 16)}"
+  value = file(local.agent_file)
 }

@@ -116,7 +116,6 @@ def hosts_lines(settings: Settings) -> str:
 AGENT_FILE = "agent/meshjoin-agent.sh"
 AGENT_KEY_PREFIX = names.AGENT_KEY_PREFIX
 AGENT_KEY_HEX = 16  # hex digits of the SHA-256 in the key: a new agent is a new key
-AGENT_PATH = "/usr/local/sbin/meshjoin-agent"  # where the agent installs itself (its watcher runs it from there)
 
 
 @lru_cache(maxsize=1)
@@ -146,15 +145,17 @@ def startup_stub() -> str:
     own script (reconcile keeps an owner's or a project's own script). `GCE_METADATA_HOST` is honoured as
     by the agent and google-auth (the sandbox points it at the VM's own metadata server)."""
     # Terse on purpose: it is listed with every VM (4 kB of meshjoin metadata a VM, all items together).
-    # `${S::16}` derives the item's key from the pinned checksum, as agent_metadata_key() does.
+    # `${S::16}` derives the item's key from the pinned checksum, as agent_metadata_key() does. A VM whose
+    # stub pins an agent that is no longer published fails this run with that line; the watcher its earlier
+    # boots installed keeps converging, and the next reconcile writes the current stub (deploy/README.md).
     return (f"#!/bin/bash\n{names.STARTUP_SCRIPT_MARKER}: runs meshjoin's agent only if its SHA-256 is S\n"
             f"S={agent_sha256()}\n"
-            f"A=${{MESHJOIN_ROOT:-}}{AGENT_PATH} F=$(mktemp)||exit\n"
+            "F=$(mktemp)||exit\n"
             'trap \'rm -f "$F"\' EXIT\n'
-            'curl -sfSo"$F" -HMetadata-Flavor:Google "http://${GCE_METADATA_HOST:-metadata.google.internal}'
-            f'/computeMetadata/v1/project/attributes/{AGENT_KEY_PREFIX}${{S::{AGENT_KEY_HEX}}}"||cp "$A" "$F"\n'
-            'sha256sum "$F"|grep -q "^$S "||{ echo "meshjoin: no agent with SHA-256 $S in project metadata '
-            'or $A: not run">&2;exit 1;}\n'
+            'curl -sSo"$F" -fHMetadata-Flavor:Google "http://${GCE_METADATA_HOST:-metadata.google.internal}'
+            f'/computeMetadata/v1/project/attributes/{AGENT_KEY_PREFIX}${{S::{AGENT_KEY_HEX}}}"\n'
+            'sha256sum "$F"|grep -q "^$S "||{ echo "meshjoin: no agent of SHA-256 $S in project metadata: '
+            'not run">&2;exit 1;}\n'
             'bash "$F" "$@"\n')
 
 
