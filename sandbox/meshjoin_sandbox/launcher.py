@@ -22,6 +22,7 @@ from pathlib import Path
 from .config import PORT_NAMES, SandboxConfig
 from .crds import istio_crds_path
 from .kube_rbac import apply_terraform_rbac
+from .project_metadata import apply_project_metadata_items
 
 REPO = Path(__file__).resolve().parents[2]
 PUBSUB_EMULATOR = "platform/pubsub-emulator/bin/cloud-pubsub-emulator"
@@ -325,6 +326,7 @@ def up(state_dir: Path, ca_dir: Path | None = None, function_env: dict[str, str]
             time.sleep(0.05)
         create_app_namespaces(cfg)
         apply_terraform_rbac(cfg)  # kubernetes.tf's Roles and bindings, as `terraform apply` creates them
+        apply_project_metadata_items(cfg)  # agent.tf: the VM agent in each VM project's metadata
         for port_name, *_ in FUNCTIONS:
             start_function(cfg, procs, port_name, base_env, deadline)
         create_push_subscriptions(cfg)

@@ -15,6 +15,7 @@ resource types IAM and RBAC refer to (`COMPUTED`); any other such reference is a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Mapping
@@ -361,7 +362,27 @@ FUNCTIONS: dict[str, Callable[..., Any]] = {
     "tostring": _tostring,
     "coalesce": _coalesce,
     "jsonencode": lambda value: json.dumps(value, separators=(",", ":")),
+    "substr": lambda text, offset, length: _substr(text, offset, length),
 }
+
+
+def _substr(text: str, offset: int, length: int) -> str:
+    """Terraform's substr(): `length` -1 means to the end; a negative offset counts from the end."""
+    if not isinstance(text, str) or not all(isinstance(n, int) and not isinstance(n, bool) for n in (offset, length)):
+        raise TerraformError("substr takes a string and two whole numbers")
+    start = offset if offset >= 0 else max(len(text) + offset, 0)
+    return text[start:] if length == -1 else text[start:start + length]
+
+
+def _repository_root(directory: Path) -> Path:
+    """The checkout holding the module (the nearest ancestor with .git), else the module itself."""
+    for candidate in (directory, *directory.parents):
+        if (candidate / ".git").exists():
+            return candidate
+    return directory
+
+# Functions that read files: evaluated by the model, which knows the module's directory.
+FILE_FUNCTIONS = ("file", "filesha256")
 
 
 # --- the module ---------------------------------------------------------------------------------
@@ -662,6 +683,8 @@ class TerraformModel:
             return -self._eval(node[1], scope)
         if kind == "op":
             return self._operate(node[1], node[2], node[3], scope)
+        if kind == "call" and node[1] in FILE_FUNCTIONS:
+            return self._file_function(node[1], [self._eval(arg, scope) for arg in node[2]])
         if kind == "call":
             function = FUNCTIONS.get(node[1])
             if function is None:
@@ -676,6 +699,27 @@ class TerraformModel:
         if kind == "for":
             return self._for(node, scope)
         raise TerraformError(f"unknown expression node {kind}")
+
+    def _file_function(self, name: str, args: list):
+        """file() and filesha256(): a path relative to the module (Terraform resolves it against the working
+        directory, which is the root module's), read as UTF-8. Only files of the module's own checkout: a
+        sandbox world must not depend on anything beside it."""
+        if len(args) != 1 or not isinstance(args[0], str):
+            raise TerraformError(f"{name}() takes one path")
+        path = (self.directory / args[0]).resolve()
+        root = _repository_root(self.directory.resolve())
+        if not path.is_relative_to(root):
+            raise TerraformError(f"{name}(): {args[0]} is outside the module's repository {root}")
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise TerraformError(f"{name}(): no file {args[0]}: {exc.strerror}") from None
+        if name == "filesha256":
+            return hashlib.sha256(data).hexdigest()
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise TerraformError(f"file(): {args[0]} is not UTF-8 (Terraform refuses it too)") from None
 
     def _for(self, node, scope: _Scope):
         _, close, names, collection_node, key_node, value_node, condition = node

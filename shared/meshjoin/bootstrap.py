@@ -9,10 +9,12 @@ so no label or metadata value can add a line to cluster.env, /etc/hosts or the s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 from datetime import datetime
 from functools import lru_cache
+from importlib import resources
 
 from . import names
 from .model import Identity, VmKey
@@ -25,6 +27,9 @@ GUEST_NAMESPACE = names.GUEST_NAMESPACE
 PUBSUB_ENDPOINT = "https://pubsub.googleapis.com"
 # Ports istio-agent and envoy use on the VM itself (istioctl writes the same list).
 LOCAL_EXCLUDE_PORTS = "15090,15021,15020"
+
+
+OPTIONAL_CLUSTER_ENV = ("ISTIO_META_MESH_ID", "ISTIO_META_NETWORK")
 
 
 def cluster_env(key: VmKey, identity: Identity, settings: Settings) -> str:
@@ -64,7 +69,10 @@ def cluster_env(key: VmKey, identity: Identity, settings: Settings) -> str:
         "PROV_CERT": "",
         "OUTPUT_CERTS": "",
     }
-    return "".join(f"{name}={_shell_value(value)}\n" for name, value in values.items())
+    # An empty mesh id or network is istio-agent's default whether set empty or unset: left out (4 kB a VM).
+    # PROV_CERT and OUTPUT_CERTS are the exception: istio-start.sh defaults them when unset.
+    return "".join(f"{name}={_shell_value(value)}\n" for name, value in values.items()
+                   if value or name not in OPTIONAL_CLUSTER_ENV)
 
 
 def _shell_value(value: str) -> str:
@@ -89,7 +97,9 @@ def mesh_config(settings: Settings) -> str:
     }
     if settings.mesh_id:
         default_config["meshId"] = settings.mesh_id
-    return json.dumps({"defaultConfig": default_config}, indent=2) + "\n"
+    # One line with JSON's default ", " and ": " separators (what a YAML 1.1 parser still reads as JSON):
+    # every byte of metadata is listed with every VM (meshjoin's budget is 4 kB a VM).
+    return json.dumps({"defaultConfig": default_config}) + "\n"
 
 
 def hosts_lines(settings: Settings) -> str:
@@ -100,35 +110,58 @@ def hosts_lines(settings: Settings) -> str:
     return f"{settings.istiod_ip} {host}\n"
 
 
-@lru_cache(maxsize=1)
-def startup_script() -> str:
-    import jinja2  # only the join path needs it; keeps cold start of other paths lean
+# The agent: one static file shipped in this package (and in each function's bundle). Terraform publishes the
+# same file to every VM project's metadata (deploy/terraform/agent.tf), so both sides derive the key and the
+# checksum from identical bytes and agree by construction.
+AGENT_FILE = "agent/meshjoin-agent.sh"
+AGENT_KEY_PREFIX = names.AGENT_KEY_PREFIX
+AGENT_KEY_HEX = 16  # hex digits of the SHA-256 in the key: a new agent is a new key
 
-    env = jinja2.Environment(
-        loader=jinja2.PackageLoader("meshjoin", "templates"),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=True,
-        autoescape=False,
-    )
-    keys = {
-        "cluster_env": names.CLUSTER_ENV_KEY,
-        "mesh_config": names.MESH_CONFIG_KEY,
-        "root_cert": names.ROOT_CERT_KEY,
-        "hosts": names.HOSTS_KEY,
-        "secret": names.SECRET_KEY,  # legacy: agent 3 only cleans up after agent 2
-        "cert_chain": names.CERT_CHAIN_KEY,
-        "key_algorithm": names.KEY_ALGORITHM_KEY,
-        "rekey": names.REKEY_KEY,
-        "sidecar_url": names.SIDECAR_URL_KEY,
-        "sidecar_sha256": names.SIDECAR_SHA256_KEY,
-        "status": names.STATUS_KEY,
-        "events_topic": names.EVENTS_TOPIC_KEY,
-        "pubsub_endpoint": names.PUBSUB_ENDPOINT_KEY,
-    }
-    return env.get_template("startup-script.sh.j2").render(marker=names.STARTUP_SCRIPT_MARKER, keys=keys,
-                                                           cert_dir=CERT_DIR, agent_version=AGENT_VERSION,
-                                                           guest_namespace=GUEST_NAMESPACE,
-                                                           csr_attribute=names.CSR_ATTRIBUTE)
+
+@lru_cache(maxsize=1)
+def agent_bytes() -> bytes:
+    return (resources.files("meshjoin") / AGENT_FILE).read_bytes()
+
+
+def agent_text() -> str:
+    """The VM agent (bash + openssl), identical for every VM."""
+    return agent_bytes().decode()
+
+
+def agent_sha256() -> str:
+    return hashlib.sha256(agent_bytes()).hexdigest()
+
+
+def agent_metadata_key() -> str:
+    """The project metadata item holding this agent: `meshjoin-agent-<first 16 hex of its SHA-256>`."""
+    return AGENT_KEY_PREFIX + agent_sha256()[:AGENT_KEY_HEX]
+
+
+@lru_cache(maxsize=1)
+def startup_stub() -> str:
+    """The per-VM `startup-script`: fetch the agent from the *project's* metadata (never an instance item of
+    the same name, which the VM's owner controls), run it only if its full SHA-256 is the one pinned here,
+    else say why on the serial console and exit non-zero. Carries the marker by which meshjoin recognises its
+    own script (reconcile keeps an owner's or a project's own script). `GCE_METADATA_HOST` is honoured as
+    by the agent and google-auth (the sandbox points it at the VM's own metadata server)."""
+    # Terse on purpose: it is listed with every VM (4 kB of meshjoin metadata a VM, all items together).
+    # `${S::16}` derives the item's key from the pinned checksum, as agent_metadata_key() does. A VM whose
+    # stub pins an agent that is no longer published fails this run with that line; the watcher its earlier
+    # boots installed keeps converging, and the next reconcile writes the current stub (deploy/README.md).
+    return (f"#!/bin/bash\n{names.STARTUP_SCRIPT_MARKER}: runs meshjoin's agent only if its SHA-256 is S\n"
+            f"S={agent_sha256()}\n"
+            "F=$(mktemp)||exit\n"
+            'trap \'rm -f "$F"\' EXIT\n'
+            'curl -sSo"$F" -fHMetadata-Flavor:Google "http://${GCE_METADATA_HOST:-metadata.google.internal}'
+            f'/computeMetadata/v1/project/attributes/{AGENT_KEY_PREFIX}${{S::{AGENT_KEY_HEX}}}"\n'
+            'sha256sum "$F"|grep -q "^$S "||{ echo "meshjoin: no agent of SHA-256 $S in project metadata: '
+            'not run">&2;exit 1;}\n'
+            'bash "$F" "$@"\n')
+
+
+def startup_script() -> str:
+    """What meshjoin writes as a VM's `startup-script`: the stub (the agent itself is in project metadata)."""
+    return startup_stub()
 
 
 def bootstrap_items(key: VmKey, identity: Identity, settings: Settings, *, root_pem: str) -> dict[str, str]:
@@ -157,8 +190,8 @@ def bootstrap_items(key: VmKey, identity: Identity, settings: Settings, *, root_
 def status_value(state: str, reason: str, now: datetime, **fields) -> str:
     """`meshjoin-status`: what the VM owner reads with `gcloud compute instances describe`."""
     status = {"state": state, "reason": reason, **{k: v for k, v in fields.items() if v is not None},
-              "updated": now.isoformat().replace("+00:00", "Z")}
-    return json.dumps(status, sort_keys=True)
+              "updated": now.replace(microsecond=0).isoformat().replace("+00:00", "Z")}
+    return json.dumps(status, sort_keys=True, separators=(",", ":"))  # compact: it is listed with every VM
 
 
 def parse_status(raw: str | None) -> dict:

@@ -32,6 +32,9 @@ PUBSUB_ENDPOINT_KEY = "meshjoin-pubsub-endpoint"
 GUEST_ATTRIBUTES_KEY = "enable-guest-attributes"  # GCE's switch; the agent reports through them
 STARTUP_SCRIPT_KEY = "startup-script"
 STARTUP_SCRIPT_MARKER = "# meshjoin-startup-script"
+# Project metadata (of every VM project, written by Terraform, never by the functions): the agent's text
+# under `meshjoin-agent-<first 16 hex of its SHA-256>`, fetched and checked by each VM's startup-script stub.
+AGENT_KEY_PREFIX = "meshjoin-agent-"
 MESHJOIN_KEYS = (STATUS_KEY, CERT_CHAIN_KEY, KEY_ALGORITHM_KEY, REKEY_KEY, SECRET_KEY, CLUSTER_ENV_KEY,
                  MESH_CONFIG_KEY, ROOT_CERT_KEY, HOSTS_KEY, SIDECAR_URL_KEY, SIDECAR_SHA256_KEY, EVENTS_TOPIC_KEY,
                  PUBSUB_ENDPOINT_KEY)

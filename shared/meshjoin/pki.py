@@ -49,6 +49,10 @@ class CaBundle:
     ca_key: CaPrivateKey = field(repr=False, compare=False)
     cert_chain_pem: str = ""  # ca-cert first, then its issuers up to the root (Istio's cert-chain.pem)
     root_certs_pem: str = ""  # root-cert.pem: one or more roots (several during a rotation)
+    # cert_chain_pem without its root: what follows a leaf in `meshjoin-cert-chain`. The root is already in
+    # `meshjoin-root-cert` (and root-cert.pem on the VM), and TLS peers verify against their own roots, so a
+    # served chain need not carry it (RFC 8446 4.4.2); leaving it out keeps a VM's metadata within 4 kB.
+    issuers_pem: str = ""
 
 
 @dataclass(frozen=True)
@@ -137,6 +141,7 @@ def load_ca_bundle(
         ca_key=ca_key,
         cert_chain_pem=_pem(chain),
         root_certs_pem=_pem(roots),
+        issuers_pem=_pem([cert for cert in chain if cert not in roots]),
     )
 
 
@@ -322,7 +327,7 @@ def certify(
     cert_pem = cert.public_bytes(serialization.Encoding.PEM).decode()
     return IssuedCert(
         cert_pem=cert_pem,
-        chain_pem=cert_pem + ca.cert_chain_pem,
+        chain_pem=cert_pem + ca.issuers_pem,
         root_pem=ca.root_certs_pem,
         not_before=cert.not_valid_before_utc,
         not_after=cert.not_valid_after_utc,

@@ -499,7 +499,9 @@ class Reconciler:
             certSerial=(delivered.serial or None) if cert else None,
             keyId=delivered.key_id if cert else None, keyCerts=str(delivered.key_certs) if cert else None,
             rekey=token, confirmedSerial=confirmed_serial, waitingSince=waiting_since,
-            agent=report.describe() if report else None if read else status.get("agent"),
+            agent=None if report and confirmed_serial and report.cert_serial == confirmed_serial and
+            report.sidecar == "running" else  # the report only repeats confirmedSerial: 4 kB a VM
+            report.describe() if report else None if read else status.get("agent"),
             warnings=warnings or None)
         changed = self._write_metadata(vm, items, state, reason, status_fields, remove=frozenset(remove))
         if migrated:

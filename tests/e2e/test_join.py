@@ -9,6 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from meshjoin import bootstrap
+
 from .conftest import verify_vm_identity, wait_for
 
 
@@ -67,6 +69,13 @@ def test_labelled_vm_joins_with_a_verifiable_identity(sandbox, tmp_path):
     assert "PROV_CERT=''" in metadata["meshjoin-cluster-env"]  # set empty: istio-start.sh would default it
     assert not any("PRIVATE KEY" in value for value in metadata.values())
     assert "PRIVATE KEY" not in sandbox.raw_logs()
+
+    # Issue 16: the agent lives once in project metadata; each item of the VM says its part once.
+    assert metadata["startup-script"] == bootstrap.startup_stub()
+    roots = x509.load_pem_x509_certificates(metadata["meshjoin-root-cert"].encode())
+    assert not set(x509.load_pem_x509_certificates(metadata["meshjoin-cert-chain"].encode())) & set(roots)
+    ours = {k: len(k) + len(v.encode()) for k, v in metadata.items() if k != "mesh-ports"}  # mesh-ports: the owner's
+    assert ours["startup-script"] < 512 and sum(ours.values()) < 4600, ours  # 46,628 before (README, "Metadata size")
 
 
 def test_vm_without_the_label_gets_nothing(sandbox):

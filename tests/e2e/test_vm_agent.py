@@ -1,4 +1,4 @@
-"""The VM agent (the rendered startup-script, agent 3) run for real against the sandbox.
+"""The VM agent (agent 3, fetched and checked by the startup-script stub) run for real against the sandbox.
 
 Most tests let the sandbox boot the agent in a VM's own fake root: its startup script at boot, then the
 watcher (meshjoin-watch.service), which the sandbox runs as systemd would. They play meshjoin's part with a
@@ -371,15 +371,17 @@ def joined(vm: Vm) -> tuple[str, str]:
 # --- the script as text -------------------------------------------------------------------------------------------
 
 
-def test_rendered_script_is_shellcheck_clean(tmp_path, script):
+@pytest.mark.parametrize("text", [bootstrap.startup_stub(), bootstrap.agent_text()], ids=["stub", "agent"])
+def test_the_stub_and_the_agent_are_shellcheck_clean(tmp_path, text):
     need("shellcheck")
     path = tmp_path / "startup-script"
-    path.write_text(script)
+    path.write_text(text)
     result = subprocess.run(["shellcheck", "--shell=bash", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
 
 
-def test_the_script_has_no_secret_manager_and_makes_keys_only_with_openssl(script):
+def test_the_script_has_no_secret_manager_and_makes_keys_only_with_openssl():
+    script = bootstrap.agent_text()  # what the stub runs
     assert "secretmanager" not in script.lower() and "SECRETMANAGER" not in script
     assert "openssl genpkey" in script and "openssl req -new" in script and "openssl x509" in script
     assert "ec_paramgen_curve:P-256" in script and "rsa_keygen_bits:2048" in script
@@ -404,15 +406,75 @@ def test_metadata_values_cannot_add_lines_to_the_script_or_cluster_env(sandbox):
         assert "meshjoin-cluster-env" not in metadata and "startup-script" not in metadata
     wait_for(lambda: "startup-script" in sandbox.metadata("inject-ok"), timeout=60, what="inject-ok's bootstrap")
     metadata = sandbox.metadata("inject-ok")
-    template_lines = (Path(bootstrap.__file__).parent / "templates" / "startup-script.sh.j2").read_text().count("\n")
-    assert metadata["startup-script"] == bootstrap.startup_script()
-    assert metadata["startup-script"].count("\n") == template_lines
+    assert metadata["startup-script"] == bootstrap.startup_stub()  # the same stub for every VM, no value in it
     expected_keys = bootstrap.cluster_env(
         VmKey("p", "z", "i"), Identity("ns", "sa", "app", "v1", {"http": 1}),
         Settings(project="p", cluster="projects/p/locations/l/clusters/c")).count("\n")
     env_lines = metadata["meshjoin-cluster-env"].splitlines()
     assert len(env_lines) == expected_keys
     assert all(re.fullmatch(r"[A-Z][A-Z0-9_]*=\S*", line) for line in env_lines), env_lines
+
+
+# --- the stub: the agent's text lives once, in project metadata ----------------------------------------------
+
+
+def set_project_item(sandbox, key: str, value: str | None) -> None:
+    """The project's common metadata, as Terraform's google_compute_project_metadata_item sets one key."""
+    clients = SandboxClients(sandbox.state_dir)
+    opts = {"api_endpoint": clients.cfg.url("compute")}
+    projects = compute_v1.ProjectsClient(transport="rest", client_options=opts, credentials=clients._credentials())
+    operations = compute_v1.GlobalOperationsClient(transport="rest", client_options=opts,
+                                                   credentials=clients._credentials())
+    current = projects.get(project=sandbox.project).common_instance_metadata
+    items = {i.key: i.value for i in current.items if i.key != key}
+    if value is not None:
+        items[key] = value
+    op = projects.set_common_instance_metadata_unary(project=sandbox.project, metadata_resource=compute_v1.Metadata(
+        fingerprint=current.fingerprint, items=[compute_v1.Items(key=k, value=v) for k, v in items.items()]))
+    operations.wait(project=sandbox.project, operation=op.name)
+
+
+EVIL = '#!/bin/bash\ntouch "${MESHJOIN_ROOT:-}/pwned"\n'
+
+
+def test_the_stub_runs_the_projects_agent_not_an_instance_item_of_the_same_name(sandbox, nudges, script):
+    """The VM owner may set an instance item named like the agent's: the stub reads the project's, explicitly."""
+    need("openssl", "curl", "python3", "flock", "sha256sum")
+    need_root()
+    vm = Vm(sandbox, "stub-shadow").create({**bootstrap_items(sandbox, nudges, script),
+                                            bootstrap.agent_metadata_key(): EVIL})
+    try:
+        vm.wait_csr()  # the real agent ran: it made its key and handed in its CSR
+        assert not vm.file("pwned").exists()
+        assert vm.file(AGENT).read_text() == bootstrap.agent_text()  # it installed itself, byte for byte
+    finally:
+        vm.delete()
+
+
+@pytest.mark.parametrize("published", [True, False], ids=["tampered", "missing"])
+def test_the_stub_never_runs_text_that_is_not_its_pinned_sha256(sandbox, nudges, published):
+    """A stub pinning S runs nothing when project metadata holds other text under S's key, or nothing at all:
+    one line on the serial console, a failed run, no agent, no key."""
+    pinned = "0" * 16 + hashlib.sha256(b"an agent nobody published").hexdigest()[16:]
+    key = "meshjoin-agent-" + pinned[:16]
+    stub = bootstrap.startup_stub().replace(bootstrap.agent_sha256(), pinned)
+    if published:
+        set_project_item(sandbox, key, EVIL)  # text whose SHA-256 is not the pinned one
+    name = f"stub-{'tampered' if published else 'missing'}"
+    vm = Vm(sandbox, name).create(bootstrap_items(sandbox, nudges, stub))
+    try:
+        wait_for(lambda: vm.boots_done() >= 1, timeout=30, what=f"{name}'s boot run")
+        serial = vm.serial()
+        assert f"meshjoin: no agent of SHA-256 {pinned} in project metadata: not run" in serial, serial
+        assert "startup-script exit status 1" in serial
+        if not published:
+            assert "404" in serial  # curl names the missing item's answer
+        assert not vm.file("pwned").exists() and not vm.file(AGENT).exists()
+        assert not vm.file("etc/certs/key.next.pem").exists() and vm.guest().get("csr") is None
+    finally:
+        vm.delete()
+        if published:
+            set_project_item(sandbox, key, None)
 
 
 def test_vm_metadata_verb_serves_one_vms_own_view(sandbox):

@@ -146,3 +146,40 @@ def test_a_copy_of_the_module_is_read_from_where_it_is(tmp_path):
     roles = {r["_name"]: r["permissions"] for r in load_terraform(copy, VARS).resources(
         "google_project_iam_custom_role")}
     assert "compute.instances.list" not in roles["compute"] and "compute.instances.get" in roles["compute"]
+
+
+def test_file_and_filesha256_read_the_modules_checkout_only(tmp_path):
+    import hashlib
+
+    (tmp_path / ".git").mkdir()  # tmp_path is the checkout; the module is a folder in it
+    module = tmp_path / "deploy"
+    module.mkdir()
+    (tmp_path / "agent.sh").write_text("#!/bin/bash\necho ok\n")
+    write_module(module, 'locals {\n'
+                         '  text = file("${path.module}/../agent.sh")\n'
+                         '  sha  = filesha256("${path.module}/../agent.sh")\n'
+                         '  key  = "meshjoin-agent-${substr(filesha256("../agent.sh"), 0, 16)}"\n'
+                         '  tail = substr("abcdef", -2, -1)\n'
+                         '  out  = file("${path.module}/../../outside.txt")\n'
+                         '  none = file("missing.txt")\n}\n')
+    (tmp_path.parent / "outside.txt").write_text("beside the checkout")
+    model = load_terraform(module, {})
+    sha = hashlib.sha256(b"#!/bin/bash\necho ok\n").hexdigest()
+    assert model.locals["text"] == "#!/bin/bash\necho ok\n"
+    assert model.locals["sha"] == sha
+    assert model.locals["key"] == "meshjoin-agent-" + sha[:16]  # relative paths are the module's, as in Terraform
+    assert model.locals["tail"] == "ef"
+    with pytest.raises(TerraformError, match="outside the module's repository"):
+        model.local("out")
+    with pytest.raises(TerraformError, match="no file missing.txt"):
+        model.local("none")
+
+
+def test_agent_tf_publishes_the_packaged_agent_under_the_key_the_functions_compute(model):
+    from meshjoin import bootstrap
+
+    items = model.resources("google_compute_project_metadata_item")
+    assert [(i["_address"], i["project"]) for i in items] == \
+        [('google_compute_project_metadata_item.agent["p1"]', "p1")]
+    assert items[0]["key"] == bootstrap.agent_metadata_key()  # Terraform and the functions agree by construction
+    assert items[0]["value"] == bootstrap.agent_text()

@@ -111,7 +111,7 @@ def test_defect3_bootstrap_names_the_events_topic_for_the_agents_nudge():
     items = bootstrap.bootstrap_items(KEY, IDENTITY, settings, root_pem="ROOT")
     assert items[names.EVENTS_TOPIC_KEY] == "projects/my-proj/topics/meshjoin-events"
     assert items[names.PUBSUB_ENDPOINT_KEY] == "https://pubsub.googleapis.com"
-    script = items[names.STARTUP_SCRIPT_KEY]
+    script = bootstrap.agent_text()  # what the VM's startup-script stub fetches and runs
     # The agent reports in the namespace and keys meshjoin reads, and only then nudges.
     for key in ("agent-version", "cert-serial", "sidecar", "updated"):
         assert key in script

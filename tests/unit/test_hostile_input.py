@@ -303,8 +303,14 @@ def test_a_setting_is_refused_at_start_or_renders_without_extra_lines(variable, 
         assert variable in str(exc)
         return
     identity = Identity("default", "default", "vm-1", "latest")
-    assert bootstrap.cluster_env(KEY, identity, s).count("\n") == \
-        bootstrap.cluster_env(KEY, identity, SETTINGS).count("\n")
+    # One line per known variable, each at most once (an empty mesh id or network is left out, not blank).
+    full = Settings.from_env({**env, "MESHJOIN_MESH_ID": "m", "MESHJOIN_NETWORK": "n", variable: "x"}) \
+        if variable in ("MESHJOIN_MESH_ID", "MESHJOIN_NETWORK") else \
+        Settings.from_env({**env, "MESHJOIN_MESH_ID": "m", "MESHJOIN_NETWORK": "n", variable: value})
+    known = [line.split("=", 1)[0] for line in bootstrap.cluster_env(KEY, identity, full).splitlines()]
+    rendered = [line.split("=", 1)[0] for line in bootstrap.cluster_env(KEY, identity, s).splitlines()]
+    assert len(rendered) == len(set(rendered)) and set(rendered) <= set(known)
+    assert bootstrap.cluster_env(KEY, identity, s).count("\n") == len(rendered)
     assert bootstrap.hosts_lines(s).count("\n") <= 1
     assert set(json.loads(bootstrap.mesh_config(s))) == {"defaultConfig"}
 

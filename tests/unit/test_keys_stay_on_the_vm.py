@@ -130,8 +130,8 @@ def test_first_join_waits_for_the_key_then_certifies_the_csr_with_no_secret_writ
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert list(san) == [x509.UniformResourceIdentifier(SPIFFE)]
     cert.verify_directly_issued_by(plugin_ca.bundle.ca_cert)  # chains to the mesh's CA
-    leaf_pem = world.chain()[:-len(plugin_ca.bundle.cert_chain_pem)]  # the leaf, then the CA's chain
-    assert world.chain().endswith(plugin_ca.bundle.cert_chain_pem) and len(x509.load_pem_x509_certificates(
+    leaf_pem = world.chain()[:-len(plugin_ca.bundle.issuers_pem)]  # the leaf, then the CA's chain but its root
+    assert world.chain().endswith(plugin_ca.bundle.issuers_pem) and len(x509.load_pem_x509_certificates(
         leaf_pem.encode())) == 1
 
     world.compute.confirm(KEY)

@@ -291,7 +291,13 @@ def test_certify_is_istio_shaped_over_the_vms_own_key(bundles, ca_name, make_key
     assert issued.not_after == cert.not_valid_after_utc == now + DAY
     assert issued.serial == cert.serial_number > 0
     assert issued.spiffe_id == SPIFFE
-    assert issued.chain_pem == issued.cert_pem + ca.cert_chain_pem
+    # The leaf, then the CA's chain without its root: the root is meshjoin-root-cert's (root-cert.pem), once.
+    assert issued.chain_pem == issued.cert_pem + ca.issuers_pem
+    chain = x509.load_pem_x509_certificates(issued.chain_pem.encode())
+    roots = x509.load_pem_x509_certificates(ca.root_certs_pem.encode())
+    assert not set(chain) & set(roots)
+    assert chain[1:] + [c for c in x509.load_pem_x509_certificates(ca.cert_chain_pem.encode()) if c in roots] == \
+        x509.load_pem_x509_certificates(ca.cert_chain_pem.encode())
     assert issued.root_pem == ca.root_certs_pem
     assert "PRIVATE KEY" not in issued.chain_pem + repr(issued)
 

@@ -89,7 +89,7 @@ def test_the_guard_catches_each_kind_of_reference(path, line):
     ("bench/sweep.py", "REPO = Path(__file__).resolve().parents[1]"),
     ("deploy/package.py", 'SHARED = REPO / "shared"'),
     ("sandbox/meshjoin_sandbox/metadata.py", 'url = "http://metadata.google.internal/computeMetadata/v1/"'),
-    ("shared/meshjoin/templates/startup-script.sh.j2", "install -d /var/lib/istio/envoy /etc/certs"),
+    ("shared/meshjoin/agent/meshjoin-agent.sh", "install -d /var/lib/istio/envoy /etc/certs"),
     ("README.md", "see https://github.com/istio/api/blob/master/README.md"),
 ])
 def test_the_guard_allows_paths_inside_the_checkout_and_the_vm(path, line):

@@ -1,23 +1,24 @@
 #!/bin/bash
-{{ marker }}
-# The meshjoin VM agent. meshjoin renders it into the `startup-script` metadata item and GCE runs it as root
-# at every boot. It turns a stock Debian/Ubuntu VM into an Istio mesh workload from the bootstrap items meshjoin
+# meshjoin-startup-script
+# The meshjoin VM agent. One static file for every VM: Terraform publishes it to project metadata as
+# `meshjoin-agent-<first 16 hex of its SHA-256>`, and each VM's `startup-script` is a short stub that fetches that
+# item, checks its full SHA-256 and runs it as root at every boot. It turns a stock Debian/Ubuntu VM into an Istio mesh workload from the bootstrap items meshjoin
 # writes into instance metadata, and keeps it one:
 #   (no argument)   boot: install the watcher, lay down Istio's VM files, make this VM's key, ask meshjoin to
 #                   certify it, wait (at most MESHJOIN_WAIT_SECONDS) for the certificate, start the sidecar
 #   watch [--once]  the watcher (meshjoin-watch.service): converge again whenever the metadata changes
 #                   (renewed certificates, a new key when meshjoin asks for one, leaving the mesh)
 # The private key is made here, with openssl, straight into /etc/certs, and never leaves the VM: meshjoin only
-# ever sees a PKCS#10 request for it (guest attribute `{{ guest_namespace }}/csr`) and answers with a public
-# certificate (metadata item `{{ keys.cert_chain }}`), which is installed only if it certifies a key this VM holds.
-# After every converge it reports what this VM holds through guest attributes `{{ guest_namespace }}/*`
+# ever sees a PKCS#10 request for it (guest attribute `meshjoin/csr`) and answers with a public
+# certificate (metadata item `meshjoin-cert-chain`), which is installed only if it certifies a key this VM holds.
+# After every converge it reports what this VM holds through guest attributes `meshjoin/*`
 # (agent-version, cert-serial, sidecar, updated): meshjoin calls the VM `joined`, and gives it mesh traffic, only
 # once that report names a certificate meshjoin issued and a running sidecar. It then nudges meshjoin by
 # publishing {"project","zone","instance"} to meshjoin's events topic (a failed nudge is only logged: meshjoin's
 # scheduled sweep reads the report anyway).
 # Each step is logged with `logger -t meshjoin` (journalctl -t meshjoin); a failure names the step and the remedy,
-# and leaves the files already in place untouched. Rendered by a template, identical for every VM: no value of
-# any VM reaches this text; per-VM values are read from metadata at run time and validated before use.
+# and leaves the files already in place untouched. Identical for every VM: no value of any VM reaches
+# this text (the metadata key names below must equal meshjoin/names.py's; a unit test checks them); per-VM values are read from metadata at run time and validated before use.
 # JSON and base64 go through python3, which stock Debian/Ubuntu images ship (jq they do not).
 # Overrides: MESHJOIN_ROOT (prefix of every path, for tests), GCE_METADATA_HOST, MESHJOIN_SIDECAR_URL and
 # MESHJOIN_SIDECAR_SHA256 (instead of metadata), MESHJOIN_WAIT_SECONDS (longest wait for a metadata change).
@@ -27,7 +28,7 @@ umask 077 # nothing is readable by others unless a mode is given explicitly
 ROOT="${MESHJOIN_ROOT:-}"
 METADATA="http://${GCE_METADATA_HOST:-metadata.google.internal}/computeMetadata/v1"
 WAIT_SECONDS="${MESHJOIN_WAIT_SECONDS:-300}"
-CERTS="$ROOT{{ cert_dir }}"
+CERTS="$ROOT/etc/certs"
 CLUSTER_ENV="$ROOT/var/lib/istio/envoy/cluster.env"
 MESH_CONFIG="$ROOT/etc/istio/config/mesh"
 HOSTS="$ROOT/etc/hosts"
@@ -38,20 +39,20 @@ UNIT="$ROOT/etc/systemd/system/meshjoin-watch.service"
 PROXY_USER=istio-proxy
 HOSTS_BEGIN="# BEGIN meshjoin (istiod; rewritten by the meshjoin agent)"
 HOSTS_END="# END meshjoin"
-MARKER='{{ marker }}'
-KEY_CERT_CHAIN='{{ keys.cert_chain }}'
-KEY_ROOT_CERT='{{ keys.root_cert }}'
-KEY_KEY_ALGORITHM='{{ keys.key_algorithm }}'
-KEY_REKEY='{{ keys.rekey }}'
-KEY_CLUSTER_ENV='{{ keys.cluster_env }}'
-KEY_MESH_CONFIG='{{ keys.mesh_config }}'
-KEY_HOSTS='{{ keys.hosts }}'
-KEY_SIDECAR_URL='{{ keys.sidecar_url }}'
-KEY_SIDECAR_SHA256='{{ keys.sidecar_sha256 }}'
-KEY_EVENTS_TOPIC='{{ keys.events_topic }}'
-KEY_PUBSUB_ENDPOINT='{{ keys.pubsub_endpoint }}'
-AGENT_VERSION='{{ agent_version }}'
-GUEST="$METADATA/instance/guest-attributes/{{ guest_namespace }}"
+MARKER='# meshjoin-startup-script'
+KEY_CERT_CHAIN='meshjoin-cert-chain'
+KEY_ROOT_CERT='meshjoin-root-cert'
+KEY_KEY_ALGORITHM='meshjoin-key-algorithm'
+KEY_REKEY='meshjoin-rekey'
+KEY_CLUSTER_ENV='meshjoin-cluster-env'
+KEY_MESH_CONFIG='meshjoin-mesh-config'
+KEY_HOSTS='meshjoin-hosts'
+KEY_SIDECAR_URL='meshjoin-sidecar-url'
+KEY_SIDECAR_SHA256='meshjoin-sidecar-sha256'
+KEY_EVENTS_TOPIC='meshjoin-events-topic'
+KEY_PUBSUB_ENDPOINT='meshjoin-pubsub-endpoint'
+AGENT_VERSION='3'
+GUEST="$METADATA/instance/guest-attributes/meshjoin"
 METADATA_REMEDY="run on a GCE VM, or point GCE_METADATA_HOST at a metadata server"
 REISSUE_REMEDY="an operator runs 'meshjoin join THIS_VM' (meshjoin-status says what meshjoin last did); the \
 files in place are kept until then"
@@ -395,7 +396,7 @@ it is served until meshjoin certifies the new one"
 }
 
 request_cert() { # ask meshjoin to certify the key that needs a certificate (guest attribute csr), once per key
-  STEP="ask meshjoin to certify this VM's key (guest attribute {{ guest_namespace }}/csr)"
+  STEP="ask meshjoin to certify this VM's key (guest attribute meshjoin/csr)"
   local wanted=key.pem
   if [ -f "$CERTS/key.next.pem" ]; then wanted=key.next.pem; fi
   if ! public_key "$CERTS/$wanted" "$WORK/csr.pub"; then
@@ -412,7 +413,7 @@ request_cert() { # ask meshjoin to certify the key that needs a certificate (gue
     put_state csr-key-id "$WANTED_KEY_ID"
     REQUESTED=1
     log notice "asked meshjoin to certify key $WANTED_KEY_ID ($CERTS/$wanted): CSR in guest attribute \
-{{ guest_namespace }}/csr"
+meshjoin/csr"
   else
     RETRY=1
     log warning "$STEP: could not write it (the metadata server answered ${GUEST_STATUS:-000} $(curl_error)). \
