@@ -7,16 +7,11 @@
 # Only this deployment writes project metadata: the functions hold no grant for it.
 #
 # A new agent is a new key: `terraform apply` replaces the item (the key forces a new resource) and so
-# removes the previous version. A VM whose stub still pins it runs its installed copy of that agent
-# (/usr/local/sbin/meshjoin-agent, from its last boot) if that copy has the pinned SHA-256, and gets the new
-# stub with its next reconcile: a waiting VM at the next sweep, a joined one at its next renewal or event
-# (deploy/README.md, "Updating the agent").
-
-# FALLBACK until the several-projects work (issue 16) is merged, which defines local.vm_projects (host +
-# the vm_projects variable, deduplicated) in main.tf: delete this block then.
-locals {
-  vm_projects = [var.project_id]
-}
+# removes the previous version. A VM whose stub still pins it keeps converging through its running watcher
+# (meshjoin-watch.service, installed at an earlier boot); if it reboots before its next reconcile writes the
+# new stub, that boot runs nothing and says so on the serial console ("no agent of SHA-256 ... not run").
+# The next reconcile writes the new stub: a waiting VM at the next sweep, a joined one at its next renewal
+# or event (deploy/README.md, "Updating the agent"). local.vm_projects: vm_projects.tf.
 
 locals {
   # The file the functions' bundle carries too (deploy/package.py copies the meshjoin package whole).
