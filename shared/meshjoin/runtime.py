@@ -69,8 +69,8 @@ class Runtime:
     @cached_property
     def publisher(self):
         """The events topic's publisher (the sweep's per-VM work), or None without MESHJOIN_EVENTS_TOPIC
-        or with MESHJOIN_SWEEP_INLINE (the sweep then works inline)."""
-        if not self.settings.events_topic or self.settings.sweep_inline:
+        (the sweep then works inline)."""
+        if not self.settings.events_topic:
             return None
         from .adapters.pubsub import PubSubPublisher
 

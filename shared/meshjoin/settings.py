@@ -158,9 +158,6 @@ class Settings:
     # Share of each per-minute quota the work one sweep publishes may use, spread over the interval;
     # what is left of meshjoin's part goes to event traffic (new VMs, label changes, the agents' nudges).
     sweep_work_share: float = 0.4
-    # `meshjoin reconcile` (the CLI) and the functions publish per-VM work to the events topic; True
-    # runs it inline in the sweep's own process instead (operators without Pub/Sub: `--inline`).
-    sweep_inline: bool = False
     extra: Mapping[str, str] = field(default_factory=dict)
 
     @property
@@ -250,7 +247,6 @@ class Settings:
         convert("MESHJOIN_SWEEP_INTERVAL", "sweep_interval", parse_duration)
         convert("MESHJOIN_QUOTA_RESERVE", "quota_reserve", _fraction)
         convert("MESHJOIN_SWEEP_WORK_SHARE", "sweep_work_share", _share)
-        convert("MESHJOIN_SWEEP_INLINE", "sweep_inline", _boolean)
         if "events_topic" in values and "/" not in values["events_topic"]:
             values["events_topic"] = f"projects/{values['project']}/topics/{values['events_topic']}"
         if "events_topic" in values and not _TOPIC.fullmatch(values["events_topic"]):
@@ -284,13 +280,6 @@ def _share(raw: str) -> float:
     if not 0 < value <= 1:
         raise ValueError("must be a fraction in (0, 1]")
     return value
-
-
-def _boolean(raw: str) -> bool:
-    value = raw.lower()
-    if value not in ("true", "false", "1", "0"):
-        raise ValueError("must be true or false")
-    return value in ("true", "1")
 
 
 def _positive_int(raw: str) -> int:

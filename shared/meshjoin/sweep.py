@@ -251,7 +251,7 @@ def _renewal_order(inventory: Inventory, action: Action, settings: Settings) -> 
 class Sweeper:
     """Lists, plans, and has the plan done: by publishing each per-VM action to the events topic
     (`publisher`; the events function's instances do the work), or inline in this process (no
-    publisher: `meshjoin reconcile --inline`, MESHJOIN_SWEEP_INLINE, or no MESHJOIN_EVENTS_TOPIC)."""
+    publisher: no MESHJOIN_EVENTS_TOPIC; or `inline=True`: `meshjoin reconcile --inline`)."""
 
     def __init__(self, settings: Settings, reconciler: Reconciler, clock: Callable[[], datetime],
                  publisher: WorkPublisher | None = None):

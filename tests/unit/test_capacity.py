@@ -75,7 +75,6 @@ def test_events_aggregate_share():
     ({"MESHJOIN_QUOTA_RESERVE": "1.5"}, "MESHJOIN_QUOTA_RESERVE"),
     ({"MESHJOIN_SWEEP_WORK_SHARE": "0"}, "MESHJOIN_SWEEP_WORK_SHARE"),
     ({"MESHJOIN_SWEEP_WORK_SHARE": "0.9", "MESHJOIN_QUOTA_RESERVE": "0.2"}, "MESHJOIN_SWEEP_WORK_SHARE"),
-    ({"MESHJOIN_SWEEP_INLINE": "maybe"}, "MESHJOIN_SWEEP_INLINE"),
 ])
 def test_pacing_settings_refuse_bad_values(env, message):
     with pytest.raises(SettingsError, match=message):
@@ -85,7 +84,7 @@ def test_pacing_settings_refuse_bad_values(env, message):
 def test_pacing_settings_are_read():
     s = Settings.from_env({"MESHJOIN_PROJECT": "p", "MESHJOIN_CLUSTER": S.cluster, "MESHJOIN_SWEEP_INTERVAL": "15m",
                            "MESHJOIN_QUOTA_RESERVE": "0.1", "MESHJOIN_SWEEP_WORK_SHARE": "0.6",
-                           "MESHJOIN_SWEEP_INLINE": "true", "MESHJOIN_SWEEP_RENEWALS": "300"})
-    assert (s.sweep_interval, s.quota_reserve, s.sweep_work_share, s.sweep_inline, s.sweep_renewals) == \
-        (timedelta(minutes=15), 0.1, 0.6, True, 300)
-    assert S.sweep_renewals is None and S.sweep_inline is False
+                           "MESHJOIN_SWEEP_RENEWALS": "300"})
+    assert (s.sweep_interval, s.quota_reserve, s.sweep_work_share, s.sweep_renewals) == \
+        (timedelta(minutes=15), 0.1, 0.6, 300)
+    assert S.sweep_renewals is None
