@@ -208,3 +208,27 @@ def test_the_adapter_reports_each_failure_and_timeout_as_that_messages_result():
 def test_the_adapter_needs_a_topic():
     with pytest.raises(ValueError, match="MESHJOIN_EVENTS_TOPIC"):
         PubSubPublisher(SETTINGS, credentials=None)
+
+
+@pytest.mark.parametrize("hints, cleanup", [({"work": "prune", "sweep": "s-1"}, True),
+                                            ({"work": "renew", "sweep": "s-2"}, False), ({}, False)])
+def test_the_events_entrypoint_logs_the_hints_and_only_prune_asks_for_cleanup(monkeypatch, caplog, hints, cleanup):
+    from types import SimpleNamespace
+
+    from meshjoin import entrypoints
+
+    calls = []
+
+    class Recording:
+        def reconcile(self, key, cleanup=False):
+            calls.append((key, cleanup))
+            return SimpleNamespace(verb="renewed", reason="due", state="joined", details={})
+
+    monkeypatch.setattr(entrypoints, "runtime", lambda: SimpleNamespace(settings=SETTINGS, reconciler=Recording()))
+    monkeypatch.setattr(entrypoints, "utc_now", lambda: NOW)
+    message = {"project": PROJECT, "zone": ZONE, "instance": "e-1", **hints}
+    with caplog.at_level("INFO", logger="meshjoin"):
+        entrypoints.handle_vm_event(SimpleNamespace(data=push(message, NOW)))
+    assert calls == [(key("e-1"), cleanup)]
+    (record,) = [r for r in caplog.records if r.getMessage().startswith("renewed")]
+    assert {k: record.fields.get(k) for k in ("work", "sweep")} == {"work": hints.get("work"), "sweep": hints.get("sweep")}
