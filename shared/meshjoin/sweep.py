@@ -12,6 +12,14 @@ actions from the statuses alone; only VMs with something to do cost further call
 - legacy secrets whose VM is gone, unlabelled or migrated (no `meshjoin-secret` item): deleted.
 Pruning happens only from complete listings, through a reconcile that sees a definitive 404 or a
 missing label, and at most `prune_cap` per sweep.
+
+The sweep plans; the fleet works (issue 16): each per-VM action (join, renew, reissue, prune) is
+published to the events topic as `{"project", "zone", "instance", "work", "sweep"}`, and the events
+function's instances do it with the same reconcile as any event. Service and legacy-secret prunes (few,
+host-project objects) stay here. How much one sweep publishes per VM project is
+`capacity.sweep_work_budget` (most urgent first; the rest is deferred and counted); a message that
+cannot be published is that VM's deferral. Without a publisher (no MESHJOIN_EVENTS_TOPIC) or with
+`inline=True` (`meshjoin reconcile --inline`) this process does the work itself, as before.
 """
 
 from __future__ import annotations
