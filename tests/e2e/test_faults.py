@@ -683,15 +683,23 @@ def test_failing_or_partial_listings_delete_nothing(world):
         "secrets list 503": [("secretmanager", "secrets.list", {"count": 50})],
     }
     deleted_before = sum(world.calls(e, m) for e, m in DELETIONS)
-    outcomes = {}
+    outcomes, published_prunes = {}, {}
     for scenario, faults in scenarios.items():
         for emulator, method, spec in faults:
             world.fault(emulator, method, principal="product", **spec)
         # A quota error is retried until the backoff outlasts the quota's minute (~92 s): a longer wait.
         summary = world.tick(timeout=200 if "429" in scenario else 90)
         world.clear_faults()
-        outcomes[scenario] = summary["pruned"] + summary["published_prune"]
-        assert summary["pruned"] == 0 and summary["published_prune"] == 0, (scenario, summary)
+        outcomes[scenario] = summary["pruned"]
+        assert summary["pruned"] == 0, (scenario, summary)
+        # A prune the sweep published (a zone the listing silently left out, unmarked) is the events
+        # function's to judge: it re-reads the VM, finds it live and labelled, and deletes nothing. Wait
+        # until it has handled every message of this sweep, so the deletions counted below include them.
+        published_prunes[scenario] = summary["published_prune"]
+        if summary["published"]:
+            wait_for(lambda: len([e for e in world.log() if e.get("sweep") == summary["sweep"]
+                                  and e.get("outcome") != "retrying"]) >= summary["published"],
+                     timeout=120, what=f"the events function's handling of sweep {summary['sweep']}")
     deletions = sum(world.calls(e, m) for e, m in DELETIONS) - deleted_before
     assert deletions == 0
     for name, zone in names:
@@ -702,7 +710,8 @@ def test_failing_or_partial_listings_delete_nothing(world):
     assert world.tick()["published_prune"] >= 1
     wait_for(lambda: world.entries_for("list-a-0") == [], timeout=60, what="list-a-0's entry pruned")
     FIGURES["listing_faults"] = {"scenarios": len(scenarios), "sweeps": len(scenarios), "deletions": deletions,
-                                 "pruned": sum(outcomes.values())}
+                                 "pruned": sum(outcomes.values()),
+                                 "prunes_published_and_refused_by_the_vms_truth": sum(published_prunes.values())}
 
 
 # --- a corpus of hostile messages through the real Pub/Sub emulator ------------------------------------
