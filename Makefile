@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all venv demo test unit faults bench clean sandbox-up sandbox-down
+.PHONY: all venv demo test unit faults bench fleet48h clean sandbox-up sandbox-down
 
 all: venv
 
@@ -41,6 +41,10 @@ faults: $(STAMP)
 # BENCH_QUICK=1 for small sizes; BENCH_ONLY=keys,join,cold_start,burst,sweep for some sections.
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# A simulated 48 hours of a 100,000-VM fleet, on paper (the sweep's planner + the quota model; a few minutes).
+fleet48h: $(STAMP)
+	$(BIN)/python -m bench.fleet48h --json bench/fleet48h.json
 
 sandbox-up: $(STAMP)
 	$(BIN)/meshjoin sandbox up

@@ -189,6 +189,7 @@ def render(results: dict, before: dict | None = None) -> str:
     out += _burst(s.get("burst", {}), b.get("burst", {}))
     out += _sweep(s.get("sweep", {}), b.get("sweep", {}))
     out += _cold(s.get("cold_start", {}), b.get("cold_start", {}))
+    out += __import__("bench.fleet48h", fromlist=["markdown"]).markdown()  # `make fleet48h`'s section, if run
     out += NOTES + FINDINGS
     return "\n".join(out) + "\n"
 

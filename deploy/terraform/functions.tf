@@ -77,7 +77,18 @@ resource "google_cloudfunctions2_function" "fn" {
     all_traffic_on_latest_revision = true
     # THREADS: functions-framework's gunicorn serves this many requests at once (default 4 per
     # CPU it sees); it must match the concurrency Cloud Run sends.
-    environment_variables = merge(local.function_env, { THREADS = tostring(each.value.concurrency) })
+    # MESHJOIN_QUOTA_SHARE of the events function: see local.events_quota_share (main.tf).
+    environment_variables = merge(local.function_env, { THREADS = tostring(each.value.concurrency) },
+    each.key == "events" ? { MESHJOIN_QUOTA_SHARE = tostring(local.events_quota_share) } : {})
+  }
+
+  lifecycle {
+    # Decision 2 of issue 16: the events function's instances together stay inside 1 - quota_reserve
+    # of every per-minute quota (each paces itself to MESHJOIN_QUOTA_SHARE).
+    precondition {
+      condition     = each.key != "events" || var.events_max_instances * local.events_quota_share <= 1 - var.quota_reserve + 0.0001
+      error_message = "events_max_instances x quota_share = ${var.events_max_instances} x ${local.events_quota_share} would take more than 1 - quota_reserve (${1 - var.quota_reserve}) of every API quota; lower quota_share (or leave it unset: it is then derived) or events_max_instances."
+    }
   }
 
   # The functions act on their first event: their permissions must already be in place.
@@ -88,6 +99,7 @@ resource "google_cloudfunctions2_function" "fn" {
     google_project_iam_member.functions_vm_secrets,
     google_secret_manager_secret_iam_member.ca_reader,
     google_project_iam_member.functions_cluster_viewer,
+    google_pubsub_topic_iam_member.functions_publish_work,
   ]
 }
 

@@ -243,6 +243,15 @@ resource "google_pubsub_topic_iam_member" "vm_nudge" {
   member = "serviceAccount:${each.value}"
 }
 
+# The sweep plans and publishes each VM's work (join, renew, re-issue, prune) to the events topic, where
+# the events function's instances do it (shared/meshjoin/adapters/pubsub.py; README, "Maintenance").
+# On the events topic only: the functions never publish ticks or dead letters.
+resource "google_pubsub_topic_iam_member" "functions_publish_work" {
+  topic  = google_pubsub_topic.events.id
+  role   = "roles/pubsub.publisher"
+  member = local.functions_member
+}
+
 # --- GKE -------------------------------------------------------------------------------------
 
 # container.clusters.get: the functions read the cluster's endpoint and CA, and GKE admits a

@@ -98,6 +98,15 @@ locals {
   # tick that arrives mid-sweep (see local.functions.maintenance).
   sweep_spacing_ok = var.sweep_interval_minutes * 60 > 540
 
+  # --- the quota share of each function instance (issue 16; shared/meshjoin/capacity.py) -----
+  # Each instance paces itself to MESHJOIN_QUOTA_SHARE of every per-minute quota; the events
+  # function's instances do the sweep's published work and the event traffic together, so at most
+  # events_max_instances x share of a quota, which must leave quota_reserve to everyone else
+  # (operators, consoles, other tools). Unset, the share is derived so the bound holds exactly
+  # (default 8 instances, reserve 0.2: 0.1 each). The maintenance function (one instance) mostly
+  # lists, a quota group of its own, so it keeps the product's default share.
+  events_quota_share = var.quota_share != null ? var.quota_share : floor(100 * (1 - var.quota_reserve) / var.events_max_instances) / 100
+
   ca_secrets = {
     cert  = var.ca_cert_secret
     key   = var.ca_key_secret
@@ -142,6 +151,9 @@ locals {
     MESHJOIN_EVENTS_TOPIC                    = google_pubsub_topic.events.id
     MESHJOIN_CONFIRM_TIMEOUT                 = var.confirm_timeout
     MESHJOIN_QUOTA_SHARE                     = var.quota_share == null ? null : tostring(var.quota_share)
+    MESHJOIN_QUOTA_RESERVE                   = tostring(var.quota_reserve)
+    MESHJOIN_SWEEP_INTERVAL                  = "${var.sweep_interval_minutes}m" # sizes the sweep's work budget
+    MESHJOIN_SWEEP_WORK_SHARE                = var.sweep_work_share == null ? null : tostring(var.sweep_work_share)
     MESHJOIN_SECRETMANAGER_READS_PER_MINUTE  = var.secretmanager_reads_per_minute == null ? null : tostring(var.secretmanager_reads_per_minute)
     MESHJOIN_SECRETMANAGER_WRITES_PER_MINUTE = var.secretmanager_writes_per_minute == null ? null : tostring(var.secretmanager_writes_per_minute)
     MESHJOIN_COMPUTE_READS_PER_MINUTE        = var.compute_reads_per_minute == null ? null : tostring(var.compute_reads_per_minute)

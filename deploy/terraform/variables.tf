@@ -326,7 +326,7 @@ variable "prune_cap" {
 }
 
 variable "sweep_renewals" {
-  description = "Most certificates one sweep renews (MESHJOIN_SWEEP_RENEWALS; each renewal is one Compute metadata write, no Secret Manager write); the rest wait for the next sweep. null keeps the product default."
+  description = "Optional upper bound on the per-VM work one sweep publishes, in renewals (MESHJOIN_SWEEP_RENEWALS); the quota model (shared/meshjoin/capacity.py) sets the budget, this only lowers it. null: no bound."
   type        = number
   default     = null
 
@@ -438,7 +438,24 @@ variable "confirm_timeout" {
 }
 
 variable "quota_share" {
-  description = "Share of each per-minute API quota one function instance may use (MESHJOIN_QUOTA_SHARE); the rest is left to other callers."
+  description = "Share of each per-minute API quota one function instance may use (MESHJOIN_QUOTA_SHARE); the rest is left to other callers. null: the events function's share is derived, (1 - quota_reserve) / events_max_instances, and the maintenance function keeps the product default."
+  type        = number
+  default     = null
+}
+
+variable "quota_reserve" {
+  description = "Share of each per-minute API quota left to callers that are not meshjoin's functions (MESHJOIN_QUOTA_RESERVE): events_max_instances x quota_share must stay within 1 - this."
+  type        = number
+  default     = 0.2
+
+  validation {
+    condition     = var.quota_reserve >= 0 && var.quota_reserve < 1
+    error_message = "quota_reserve must be a fraction in [0, 1)."
+  }
+}
+
+variable "sweep_work_share" {
+  description = "Share of each per-minute API quota the per-VM work one sweep publishes may use over a sweep interval (MESHJOIN_SWEEP_WORK_SHARE); at most 1 - quota_reserve. null keeps the product default (0.4)."
   type        = number
   default     = null
 }

@@ -244,27 +244,37 @@ def leave(vm: str, zone: str | None, project: str | None):
 
 @cli.command()
 @click.option("--dry-run", is_flag=True, help="Report what the sweep would do, change nothing.")
+@click.option("--inline", is_flag=True,
+              help="Do the per-VM work in this process instead of publishing it to the events topic "
+                   "(for operators without Pub/Sub access; also the mode when MESHJOIN_EVENTS_TOPIC is unset).")
 @click.option("--json", "as_json", is_flag=True)
 @friendly_errors
-def reconcile(dry_run: bool, as_json: bool):
-    """One maintenance sweep now: missed joins, renewals, CA re-issue, pruning."""
+def reconcile(dry_run: bool, inline: bool, as_json: bool):
+    """One maintenance sweep now: missed joins, renewals, CA re-issue, pruning.
+
+    Like the maintenance function, it lists and plans here and publishes each VM's work to the events
+    topic, where the events function does it; --inline does that work here, paced by this process's
+    share of the quotas."""
     rt = _runtime()
+    inline = inline or rt.publisher is None
     if as_json:
-        summary = rt.sweeper.sweep(dry_run=dry_run)
+        summary = rt.sweeper.sweep(dry_run=dry_run, inline=inline)
     else:
         from rich.progress import Progress
 
         with Progress(transient=True, console=_console()) as progress:
             task = progress.add_task("reconciling", total=None)
             summary = rt.sweeper.sweep(
-                dry_run=dry_run, progress=lambda done, total: progress.update(task, completed=done, total=total))
+                dry_run=dry_run, inline=inline,
+                progress=lambda done, total: progress.update(task, completed=done, total=total))
     planned = [a.describe() for a in summary.plan.actions]
     if as_json:
-        click.echo(json.dumps({**summary.as_log_fields(), "planned": planned, "notes": summary.plan.notes,
-                               "errors": summary.errors}, indent=2))
+        click.echo(json.dumps({**summary.as_log_fields(), "mode": "inline" if inline else "published",
+                               "planned": planned, "notes": summary.plan.notes, "errors": summary.errors}, indent=2))
         return
     console = _console()
-    console.print(f"[bold]{'would do' if dry_run else 'did'}[/] {len(planned)} action(s):")
+    verb = "would do" if dry_run else "did" if inline else "planned (per-VM work published to the events topic)"
+    console.print(f"[bold]{verb}[/] {len(planned)} action(s):")
     for line in planned:
         console.print(f"  {line}")
     if not dry_run:

@@ -8,7 +8,7 @@ and acked, so nothing loops.
 from __future__ import annotations
 
 from .errors import BadMessage, SettingsError, TransientError
-from .events import Ignored, decode_push
+from .events import Ignored, decode_work
 from .logs import configure, log
 from .runtime import runtime, utc_now
 
@@ -30,30 +30,35 @@ def handle_vm_event(cloud_event) -> None:
     if rt is None:
         return
     try:
-        key = decode_push(cloud_event.data, now=utc_now(), max_age=rt.settings.max_event_age)
+        work = decode_work(cloud_event.data, now=utc_now(), max_age=rt.settings.max_event_age)
     except BadMessage as exc:
         log("WARNING", f"message rejected: {exc}", outcome="rejected", message_id=message_id)
         return
     except Ignored as exc:
         log("INFO", f"message ignored: {exc}", outcome="ignored", message_id=message_id)
         return
+    key, hints = work.key, work.log_fields()  # the sweep's hints: logged, never trusted
     if key.project not in rt.settings.vm_projects:
         log("WARNING", f"message rejected: project {key.project} is not among MESHJOIN_VM_PROJECTS", key=key,
-            outcome="rejected", message_id=message_id)
+            outcome="rejected", message_id=message_id, **hints)
         return
     try:
-        outcome = rt.reconciler.reconcile(key)
+        # "prune" (the sweep saw meshjoin's registration of a VM it did not list as labelled) lets the
+        # reconcile remove that registration when ITS OWN read finds the VM gone (404) or unlabelled,
+        # even if the VM's metadata shows no trace of a join. For a live labelled VM it changes
+        # nothing: the reconcile joins or renews from the VM's truth, whoever forged the message.
+        outcome = rt.reconciler.reconcile(key, cleanup=work.work == "prune")
     except TransientError as exc:
         log("WARNING", f"transient failure, Pub/Sub will redeliver: {exc}", key=key, outcome="retrying",
-            message_id=message_id)
+            message_id=message_id, **hints)
         raise
     except Exception as exc:  # noqa: BLE001 - a bug one VM's data triggers: that VM's problem, logged and acked
         # Redelivering would replay the same crash five times into the dead-letter topic; the sweep retries.
         log("ERROR", f"reconcile failed unexpectedly: {type(exc).__name__}: {str(exc)[:300]}", key=key,
-            outcome="failed", error_kind=type(exc).__name__, message_id=message_id)
+            outcome="failed", error_kind=type(exc).__name__, message_id=message_id, **hints)
         return
     log("INFO", f"{outcome.verb}: {outcome.reason}", key=key, outcome=outcome.verb, state=outcome.state,
-        message_id=message_id, **_public(outcome.details))
+        message_id=message_id, **hints, **_public(outcome.details))
 
 
 def handle_schedule(cloud_event) -> None:

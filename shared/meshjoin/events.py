@@ -3,10 +3,16 @@
 Two message kinds reach the events topic:
 - a Cloud Audit Log `LogEntry` routed by the Log Router sink, for `v1.`/`beta.`
   `compute.instances.insert|delete|setLabels`;
-- an operator's `{"project": ..., "zone": ..., "instance": ...}` from `gcloud pubsub topics publish`.
+- an operator's `{"project": ..., "zone": ..., "instance": ...}` from `gcloud pubsub topics publish`,
+  the VM agent's nudge (the same three fields), or the sweep's per-VM work: the same three plus the
+  optional hints `work` (join|renew|reissue|prune) and `sweep` (the sweep's id, a short token).
 
-The result is only a `VmKey`: an event is a hint, and the reconcile reads the VM's truth itself,
-so duplicates and reordering cannot matter. Everything else raises `BadMessage` (malformed: a bug
+The result is only a `VmKey` (with `decode_work`, also the validated hints): an event is a hint, and
+the reconcile reads the VM's truth itself, so duplicates and reordering cannot matter. The `work` and
+`sweep` hints are NEVER trusted: VM accounts may publish to the events topic (the agent's nudge), so
+anyone holding one can forge them. They are for logs and metrics; "prune" only lets the reconcile
+remove meshjoin's registration of a VM that its own read shows gone (404) or unlabelled, which is
+what the reconcile would do for that VM anyway once it sees traces of a join. Everything else raises `BadMessage` (malformed: a bug
 or an attack upstream) or `Ignored` (well-formed, but nothing for meshjoin to do); both are acked.
 """
 
@@ -16,6 +22,7 @@ import base64
 import binascii
 import json
 import re
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -37,22 +44,54 @@ _ZONE = re.compile(r"[a-z]+-[a-z]+[0-9]+-[a-z](?:[a-z0-9]{0,8}[a-z])?")
 _INSTANCE = re.compile(r"[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?")
 
 
+WORK_KINDS = ("join", "renew", "reissue", "prune")  # what a sweep publishes (capacity.WORK_KINDS)
+_SWEEP_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+@dataclass(frozen=True)
+class Work:
+    """The VM a message names, and the hints a sweep's message carries (None: absent)."""
+
+    key: VmKey
+    work: str | None = None
+    sweep: str | None = None
+
+    def log_fields(self) -> dict[str, str]:
+        return {name: value for name, value in (("work", self.work), ("sweep", self.sweep)) if value is not None}
+
+
 class Ignored(Exception):
     """A well-formed message that asks nothing of meshjoin (another method, a `first` entry, ...)."""
 
 
 def decode_push(data: Any, *, now: datetime, max_age: timedelta) -> VmKey:
     """From the CloudEvent `data` of a Pub/Sub push to the VM it names."""
+    return decode_work(data, now=now, max_age=max_age).key
+
+
+def decode_work(data: Any, *, now: datetime, max_age: timedelta) -> Work:
+    """From the CloudEvent `data` of a Pub/Sub push to the VM it names, with the sweep's hints."""
     if not isinstance(data, dict) or not isinstance(data.get("message"), dict):
         raise BadMessage("push body has no `message` object")
     message = data["message"]
     check_age(message.get("publishTime"), now=now, max_age=max_age)
     payload = decode_payload(message.get("data"))
     if isinstance(payload, dict) and "protoPayload" in payload:
-        return key_from_audit_entry(payload)
+        return Work(key_from_audit_entry(payload))
     if isinstance(payload, dict) and {"project", "zone", "instance"} <= payload.keys():
-        return key_from_operator_message(payload)
+        return Work(key_from_operator_message(payload), *work_hints(payload))
     raise BadMessage("message is neither a Cloud Audit Log entry nor {project, zone, instance}")
+
+
+def work_hints(message: dict) -> tuple[str | None, str | None]:
+    """The optional `work` and `sweep` fields, validated (a value outside the enum or the token
+    pattern is refused, never passed on to logs or decisions)."""
+    work, sweep = message.get("work"), message.get("sweep")
+    if work is not None and work not in WORK_KINDS:
+        raise BadMessage(f"work must be one of {', '.join(WORK_KINDS)}: {str(work)[:40]!r}")
+    if sweep is not None and not (isinstance(sweep, str) and _SWEEP_ID.fullmatch(sweep)):
+        raise BadMessage(f"sweep must be a token of 1-64 letters, digits, '.', '_' or '-': {str(sweep)[:40]!r}")
+    return work, sweep
 
 
 def check_age(publish_time: Any, *, now: datetime, max_age: timedelta) -> None:

@@ -67,10 +67,20 @@ class Runtime:
             return Reconciler(self.settings, self.compute, self.secrets, self.kube, clock=utc_now)
 
     @cached_property
+    def publisher(self):
+        """The events topic's publisher (the sweep's per-VM work), or None without MESHJOIN_EVENTS_TOPIC
+        (the sweep then works inline)."""
+        if not self.settings.events_topic:
+            return None
+        from .adapters.pubsub import PubSubPublisher
+
+        return PubSubPublisher(self.settings, self.credentials)
+
+    @cached_property
     def sweeper(self):
         from .sweep import Sweeper
 
-        return Sweeper(self.settings, self.reconciler, clock=utc_now)
+        return Sweeper(self.settings, self.reconciler, clock=utc_now, publisher=self.publisher)
 
 
 _runtime: Runtime | None = None

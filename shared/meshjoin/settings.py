@@ -133,7 +133,9 @@ class Settings:
     api_attempts: int = 4
     api_timeout: timedelta = timedelta(seconds=30)  # per API call; a hung call is then a transient failure
     prune_cap: int = 50
-    sweep_renewals: int = 200
+    # Optional upper bound on the per-VM works one sweep publishes (MESHJOIN_SWEEP_RENEWALS, kept from
+    # the fixed-budget days); None: the quota model alone decides (capacity.sweep_work_budget).
+    sweep_renewals: int | None = None
     sweep_seconds: timedelta = timedelta(minutes=4)
     sweep_workers: int = 8
     sidecar_url: str = ""
@@ -149,6 +151,16 @@ class Settings:
     secretmanager_writes_per_minute: int = 600
     compute_reads_per_minute: int = 1500
     compute_writes_per_minute: int = 1500
+    # --- pacing of the sweep's published work (issue 16; shared/meshjoin/capacity.py) ---
+    # How often Cloud Scheduler ticks (Terraform's sweep_interval_minutes): the sweep's work budget
+    # is a per-minute pace times this.
+    sweep_interval: timedelta = timedelta(minutes=10)
+    # Share of each per-minute quota left to callers that are not meshjoin's functions (operators,
+    # consoles, other tools). Terraform checks events max_instances x MESHJOIN_QUOTA_SHARE <= 1 - this.
+    quota_reserve: float = 0.2
+    # Share of each per-minute quota the work one sweep publishes may use, spread over the interval;
+    # what is left of meshjoin's part goes to event traffic (new VMs, label changes, the agents' nudges).
+    sweep_work_share: float = 0.4
     extra: Mapping[str, str] = field(default_factory=dict)
     # --- several projects (issue 16) ---
     # Every project whose VMs meshjoin manages, the host project (`project`: functions, Pub/Sub,
@@ -242,6 +254,10 @@ class Settings:
         convert("MESHJOIN_SECRETMANAGER_WRITES_PER_MINUTE", "secretmanager_writes_per_minute", _positive_int)
         convert("MESHJOIN_COMPUTE_READS_PER_MINUTE", "compute_reads_per_minute", _positive_int)
         convert("MESHJOIN_COMPUTE_WRITES_PER_MINUTE", "compute_writes_per_minute", _positive_int)
+        # Pacing of the sweep's published work (issue 16).
+        convert("MESHJOIN_SWEEP_INTERVAL", "sweep_interval", parse_duration)
+        convert("MESHJOIN_QUOTA_RESERVE", "quota_reserve", _fraction)
+        convert("MESHJOIN_SWEEP_WORK_SHARE", "sweep_work_share", _share)
         if "events_topic" in values and "/" not in values["events_topic"]:
             values["events_topic"] = f"projects/{values['project']}/topics/{values['events_topic']}"
         if "events_topic" in values and not _TOPIC.fullmatch(values["events_topic"]):
@@ -254,6 +270,11 @@ class Settings:
             raise SettingsError(f"MESHJOIN_CERT_TTL must be at least 1m, got {settings.cert_ttl}")
         if settings.renew_fraction + settings.renew_jitter_fraction >= 1:
             raise SettingsError("MESHJOIN_RENEW_FRACTION + MESHJOIN_RENEW_JITTER must stay below 1")
+        if settings.sweep_interval < timedelta(minutes=1):
+            raise SettingsError(f"MESHJOIN_SWEEP_INTERVAL must be at least 1m, got {settings.sweep_interval}")
+        if settings.sweep_work_share > 1 - settings.quota_reserve + 1e-9:
+            raise SettingsError("MESHJOIN_SWEEP_WORK_SHARE must not exceed 1 - MESHJOIN_QUOTA_RESERVE "
+                                f"({settings.sweep_work_share} > 1 - {settings.quota_reserve})")
         if settings.api_timeout < timedelta(seconds=1):
             raise SettingsError(f"MESHJOIN_API_TIMEOUT must be at least 1s, got {settings.api_timeout}")
         return settings

@@ -12,6 +12,14 @@ actions from the statuses alone; only VMs with something to do cost further call
 - legacy secrets whose VM is gone, unlabelled or migrated (no `meshjoin-secret` item): deleted.
 Pruning happens only from complete listings, through a reconcile that sees a definitive 404 or a
 missing label, and at most `prune_cap` per sweep.
+
+The sweep plans; the fleet works (issue 16): each per-VM action (join, renew, reissue, prune) is
+published to the events topic as `{"project", "zone", "instance", "work", "sweep"}`, and the events
+function's instances do it with the same reconcile as any event. Service and legacy-secret prunes (few,
+host-project objects) stay here. How much one sweep publishes per VM project is
+`capacity.sweep_work_budget` (most urgent first; the rest is deferred and counted); a message that
+cannot be published is that VM's deferral. Without a publisher (no MESHJOIN_EVENTS_TOPIC) or with
+`inline=True` (`meshjoin reconcile --inline`) this process does the work itself, as before.
 """
 
 from __future__ import annotations
@@ -20,10 +28,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Callable, Collection
+from secrets import token_hex
+from typing import Callable, Collection, Protocol, Sequence
 
-from . import bootstrap, names, pki
-from .adapters.ratelimit import sweep_renewal_budget
+from . import bootstrap, capacity, names, pki
 from .errors import BadMessage, MeshjoinError
 from .events import validated_key
 from .logs import log
@@ -272,10 +280,16 @@ def _renewal_order(inventory: Inventory, action: Action, settings: Settings) -> 
 
 
 class Sweeper:
-    def __init__(self, settings: Settings, reconciler: Reconciler, clock: Callable[[], datetime]):
+    """Lists, plans, and has the plan done: by publishing each per-VM action to the events topic
+    (`publisher`; the events function's instances do the work), or inline in this process (no
+    publisher: no MESHJOIN_EVENTS_TOPIC; or `inline=True`: `meshjoin reconcile --inline`)."""
+
+    def __init__(self, settings: Settings, reconciler: Reconciler, clock: Callable[[], datetime],
+                 publisher: WorkPublisher | None = None):
         self.settings = settings
         self.reconciler = reconciler
         self.clock = clock
+        self.publisher = publisher
 
     def inventory(self) -> Inventory:
         """The three listings; a failed one is recorded, so the plan knows not to prune."""
@@ -313,10 +327,11 @@ class Sweeper:
             vms.update(listed)
         return vms, unlisted
 
-    def sweep(self, *, dry_run: bool = False, progress: Callable[[int, int], None] | None = None) -> SweepSummary:
+    def sweep(self, *, dry_run: bool = False, progress: Callable[[int, int], None] | None = None,
+              inline: bool | None = None) -> SweepSummary:
+        """One sweep. `inline` None: publish when there is a publisher, else work inline."""
         started = time.monotonic()
-        counts = dict.fromkeys(("joined", "waiting", "renewed", "reissued", "rotated", "migrated", "pruned",
-                                "denied", "errors", "deferred"), 0)
+        counts = dict.fromkeys(SUMMARY_COUNTERS, 0)
         inventory = self.inventory()
         errors = inventory.failures
         if set(inventory.unlisted_projects) >= set(self.settings.vm_projects):
@@ -334,32 +349,99 @@ class Sweeper:
         for note in plan.notes:
             log("ERROR" if "exceed" in note or "incomplete" in note else "WARNING", note,
                 outcome="overdue" if "to confirm" in note else "deferred")
+        publishing = self.publisher is not None if inline is None else not inline
+        if publishing and self.publisher is None:
+            raise ValueError("no publisher: MESHJOIN_EVENTS_TOPIC is not set; sweep inline instead")
+        sweep_id = new_sweep_id(self.clock())
         if not dry_run:
-            self._execute(plan, inventory, counts, errors, started, progress)
+            if publishing:
+                self._publish(plan, inventory, counts, errors, started, progress, sweep_id)
+            else:
+                self._execute(plan, inventory, counts, errors, started, progress)
         summary = SweepSummary(counts, time.monotonic() - started, dry_run, plan, errors)
         log("ERROR" if errors else "INFO", "sweep finished" + (" (dry run)" if dry_run else ""),
-            outcome="swept", soonest_cert_expiry_s=soonest_cert_expiry(inventory, self.clock()),
-            **summary.as_log_fields())
+            outcome="swept", sweep=sweep_id, mode="published" if publishing else "inline",
+            soonest_cert_expiry_s=soonest_cert_expiry(inventory, self.clock()), **summary.as_log_fields())
         return summary
+
+    # --- pacing (both modes) ------------------------------------------------------------------------
+
+    def _paced(self, plan: SweepPlan, counts: dict) -> tuple[list[Action], list[Action]]:
+        """Split the plan into the per-VM actions this sweep may do within its work budget (most urgent
+        first: the plan's order) and the deferred rest, counted. Prunes are bounded by MESHJOIN_PRUNE_CAP
+        in the plan, not by the budget: they are few and each frees the cluster of a stale entry."""
+        # Compute's quotas are per project: each VM project has a budget of its own.
+        budgets: dict[str, float] = {}
+        costs = {kind: capacity.work_cost(self.settings, kind) for kind in (JOIN, RENEW, REISSUE)}
+        runnable: list[Action] = []
+        deferred: list[Action] = []
+        for action in plan.actions:
+            cost = costs.get(action.kind, 0.0)
+            if cost and action.reason.startswith(TO_BE_DENIED):
+                cost = 0.0  # a denial removes; it renews nothing
+            if cost:
+                project = action.key.project
+                left = budgets.setdefault(project, float(capacity.sweep_work_budget(self.settings)))
+                if cost > left:
+                    deferred.append(action)
+                    continue
+                budgets[project] = left - cost
+            runnable.append(action)
+        counts["deferred"] += len(deferred)
+        if deferred:
+            log("WARNING", f"{len(deferred)} per-VM works deferred to the next sweep (work budget "
+                           f"{capacity.sweep_work_budget(self.settings)} renewal-equivalents per VM project per "
+                           f"{self.settings.sweep_interval}: capacity.sweep_work_budget)", outcome="deferred")
+        return runnable, deferred
+
+    # --- publishing: the events function's instances do the work ----------------------------------
+
+    def _publish(self, plan: SweepPlan, inventory: Inventory, counts: dict, errors: list[str], started: float,
+                 progress, sweep_id: str) -> None:
+        runnable, _ = self._paced(plan, counts)
+        messages: list[dict] = []
+        published_actions: list[Action] = []
+        inline: list[Action] = []
+        for action in runnable:
+            if action.kind in (PRUNE_SERVICE, PRUNE_SECRET):
+                inline.append(action)  # host-project objects, few: done here
+                continue
+            messages.append(work_message(action, sweep_id))
+            published_actions.append(action)
+            # A legacy per-VM secret listed for a VM being pruned or denied: deleted here (Secret
+            # Manager lives in the host project; the event's reconcile only knows the VM's own item).
+            if work_of(action) == PRUNE and action.key in inventory.secrets:
+                inline.append(Action(PRUNE_SECRET, action.key, f"legacy per-VM secret of a VM to prune: {action.reason}"))
+        results = self.publisher.publish(messages) if messages else []
+        for action, message, result in zip(published_actions, messages, results):
+            if result.ok:
+                counts["published"] += 1
+                counts[f"published_{message['work']}"] += 1
+            else:
+                counts["publish_failed"] += 1
+                counts["deferred"] += 1
+                log("WARNING", f"publishing {message['work']} failed, deferred to the next sweep: {result.error}",
+                    key=action.key, outcome="deferred", work=message["work"], sweep=sweep_id)
+        if progress:
+            progress(len(messages), len(messages) + len(inline))
+        if counts["publish_failed"]:
+            log("WARNING", f"{counts['publish_failed']} of {len(messages)} works could not be published "
+                           f"to {self.settings.events_topic}; the next sweep plans them again", outcome="deferred",
+                sweep=sweep_id)
+        self._run_inline(inline, inventory, counts, errors, started, progress, offset=len(messages))
+
+    # --- inline: this process does the work (the CLI's --inline, no events topic) ------------------
 
     def _execute(self, plan: SweepPlan, inventory: Inventory, counts: dict, errors: list[str], started: float,
                  progress) -> None:
-        # The configured cap, lowered to what this process's share of Compute's quotas allows.
-        budget_renewals = sweep_renewal_budget(self.settings)
+        runnable, _ = self._paced(plan, counts)
+        self._run_inline(runnable, inventory, counts, errors, started, progress)
+
+    def _run_inline(self, runnable: list[Action], inventory: Inventory, counts: dict, errors: list[str],
+                    started: float, progress, offset: int = 0) -> None:
         deadline = started + self.settings.sweep_seconds.total_seconds()
-        runnable: list[Action] = []
-        for action in plan.actions:
-            if action.kind in (RENEW, REISSUE):
-                if budget_renewals <= 0:
-                    counts["deferred"] += 1
-                    continue
-                budget_renewals -= 1
-            runnable.append(action)
-        if counts["deferred"]:
-            log("WARNING", f"{counts['deferred']} renewals deferred to the next sweep "
-                           f"(budget {sweep_renewal_budget(self.settings)}: MESHJOIN_SWEEP_RENEWALS="
-                           f"{self.settings.sweep_renewals}, Compute quota share)", outcome="deferred")
-        done = 0
+        done = offset
+        total = offset + len(runnable)
 
         def run(action: Action) -> tuple[Action, str]:
             if time.monotonic() > deadline:
@@ -389,7 +471,7 @@ class Sweeper:
             for action, verb in pool.map(run, runnable):
                 done += 1
                 if progress:
-                    progress(done, len(runnable))
+                    progress(done, total)
                 if verb.startswith("error"):
                     counts["errors"] += 1
                     errors.append(f"{action.describe()}: {verb}")
@@ -398,6 +480,37 @@ class Sweeper:
                     counts["errors"] += 1
                 elif verb in SWEEP_COUNTER:
                     counts[SWEEP_COUNTER[verb]] += 1
+
+
+class WorkPublisher(Protocol):
+    """adapters.pubsub.PubSubPublisher, or adapters.fake_pubsub.InMemoryPublisher in tests."""
+
+    def publish(self, messages: Sequence[dict], *, timeout: float | None = None) -> list: ...
+
+
+SUMMARY_COUNTERS = ("joined", "waiting", "renewed", "reissued", "rotated", "migrated", "pruned", "denied", "errors",
+                    "deferred", "published", "published_join", "published_renew", "published_reissue",
+                    "published_prune", "publish_failed")
+
+
+def work_of(action: Action) -> str:
+    """The `work` hint of a per-VM action's message. A denial the sweep planned is a removal ("prune":
+    the event's reconcile then removes the registration the sweep's listings showed)."""
+    if action.kind == JOIN and action.reason.startswith(TO_BE_DENIED):
+        return PRUNE
+    return action.kind
+
+
+def work_message(action: Action, sweep_id: str) -> dict:
+    """Decision 1's contract: the operator's {project, zone, instance} plus the hints."""
+    key = action.key
+    return {"project": key.project, "zone": key.zone, "instance": key.instance, "work": work_of(action),
+            "sweep": sweep_id}
+
+
+def new_sweep_id(now: datetime) -> str:
+    """A short token naming one sweep in its messages and logs: its start time and 6 random hex."""
+    return now.strftime("%Y%m%dT%H%M%SZ") + "-" + token_hex(3)
 
 
 # Reconcile verbs → summary counters (denials are counted from the plan, once per denied VM).

@@ -79,3 +79,22 @@ def test_sweep_spacing(console_module):
     assert evaluate(console_module, "local.sweep_spacing_ok", sweep_interval_minutes="10") is True
     functions = evaluate(console_module, "{ for k, f in local.functions : k => f.timeout_seconds }")
     assert functions["maintenance"] < 10 * 60
+
+
+# --- issue 16: the events function's instances share the quotas the sweep's published work uses -----
+
+
+def test_the_events_quota_share_is_bounded_by_a_precondition(terraform):
+    fn = terraform.resource("google_cloudfunctions2_function", "fn")
+    conditions = [unref(p["condition"]) for p in fn["lifecycle"][0]["precondition"]]
+    assert any("var.events_max_instances * local.events_quota_share" in c and "var.quota_reserve" in c
+               for c in conditions)
+
+
+@needs_terraform
+def test_the_derived_events_share_keeps_the_reserve(console_module):
+    assert evaluate(console_module, "local.events_quota_share") == 0.1  # (1 - 0.2) / 8
+    assert evaluate(console_module, "local.events_quota_share", events_max_instances="3") == 0.26
+    assert evaluate(console_module, "local.events_quota_share", quota_share="0.05") == 0.05
+    env = evaluate(console_module, "local.function_env")
+    assert env["MESHJOIN_SWEEP_INTERVAL"] == "10m" and env["MESHJOIN_QUOTA_RESERVE"] == "0.2"

@@ -52,6 +52,8 @@ GRANTS = {
         "Pub/Sub signs push OIDC tokens as the push identity (projects before 2021-04)",
     ("google_service_account_iam_member", "roles/iam.serviceAccountUser", FUNCTIONS_SA):
         "act as the bound VM identities only (var.identity_bindings): Compute Engine requires it to set their metadata",
+    ("google_pubsub_topic_iam_member", "roles/pubsub.publisher", FUNCTIONS_SA):
+        "the sweep publishes each VM's work (join, renew, re-issue, prune) to the events topic (issue 16)",
     ("google_pubsub_topic_iam_member", "roles/pubsub.publisher", "serviceAccount:${each.value}"):
         "each bound VM identity nudges meshjoin on the events topic after its agent confirmed",
     ("google_cloud_run_v2_service_iam_member", "roles/run.invoker", "serviceAccount:${google_service_account.push.email}"):
@@ -202,9 +204,11 @@ def test_functions_are_the_packaged_entry_points(terraform):
     service = fn["service_config"][0]
     assert service["ingress_settings"] == "ALLOW_INTERNAL_ONLY"
     assert unref(service["service_account_email"]) == "google_service_account.functions.email"
-    # The product's settings, plus functions-framework's thread count matching the concurrency.
+    # The product's settings, plus functions-framework's thread count matching the concurrency, and the
+    # events function's quota share (issue 16: derived so that its instances keep the reserve).
     assert unref(service["environment_variables"]) == \
-        "merge(local.function_env, {THREADS = tostring(each.value.concurrency)})"
+        "merge(local.function_env, {THREADS = tostring(each.value.concurrency)}, each.key == \"events\" ? " \
+        "{MESHJOIN_QUOTA_SHARE = tostring(local.events_quota_share)} : {})"
     assert functions["maintenance"]["max_instances"] == 1, "sweeps must not overlap"
 
 
@@ -295,6 +299,7 @@ FUNCTION_CALLS = [
     ("SecretsAdapter.list_vm_secrets: secrets.list (legacy inventory)", "secretmanager.secrets.list", PROJECT),
     ("SecretsAdapter.delete_vm_secret: secrets.delete (legacy pruning)", "secretmanager.secrets.delete", VM_SECRET),
     ("KubeAdapter._connect: clusters.get", "container.clusters.get", CLUSTER),
+    ("PubSubPublisher.publish: topics.publish (the sweep's per-VM work)", "pubsub.topics.publish", EVENTS_TOPIC),
 ]
 # What the functions must NOT be able to do, on the resources where it would matter.
 FUNCTION_REFUSALS = [
@@ -318,6 +323,7 @@ FUNCTION_REFUSALS = [
      "projects/my-proj/serviceAccounts/123-compute@developer.gserviceaccount.com"),
     ("act as an unbound identity of another project", "iam.serviceAccounts.actAs",
      "projects/shared-proj/serviceAccounts/admin@shared-proj.iam.gserviceaccount.com"),
+    ("publish a tick (start sweeps)", "pubsub.topics.publish", "projects/my-proj/topics/meshjoin-schedule"),
 ]
 # The VM agent's own calls, as its service account.
 VM_CALLS = [("the agent's nudge: topics.publish", "pubsub.topics.publish", EVENTS_TOPIC)]

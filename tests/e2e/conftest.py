@@ -155,7 +155,7 @@ def bound(name: str, namespace: str = "default", ksa: str = "default", apps: lis
 E2E_BINDINGS = [
     {"gsa": account("orders"), "namespace": "apps", "serviceAccount": "orders", "apps": ["orders"]},
     *(bound(name) for name in ("plain-1", "flip-1", "gone-1", "lost-1", "dup-live", "dup-dead", "evil-1", "evil-2",
-                               "cli-denied", "cli-missed", "m-lost", "m-gone", "m-renew", "m-rot", "m-fail",
+                               "cli-denied", "cli-missed", "cli-inline", "m-lost", "m-gone", "m-renew", "m-rot", "m-fail",
                                "m-cap-1", "m-cap-2", "m-cap-3", "bad-ports", "lost-2", "inject-nl", "inject-q",
                                "inject-dq", "late-1", "gc-1")),
     bound("web-1", "apps", "web"), bound("cli-ok", "apps", "api"),

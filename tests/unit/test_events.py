@@ -158,3 +158,48 @@ def test_defect6_trailing_newline_in_any_name_is_refused():
                     {"project": "my-project", "zone": "us-central1-a", "instance": "vm-1\n"}):
         with pytest.raises(BadMessage):
             decode(push(message))
+
+
+# --- the sweep's per-VM work (issue 16): hints validated, returned beside the key, never needed -------
+
+OPERATOR = {"project": "my-project", "zone": "us-central1-a", "instance": "vm-1"}
+
+
+@pytest.mark.parametrize("hints, work, sweep", [
+    ({}, None, None),
+    ({"work": "renew", "sweep": "20261121T120000Z-a1b2c3"}, "renew", "20261121T120000Z-a1b2c3"),
+    ({"work": "join"}, "join", None),
+    ({"work": "reissue", "sweep": "s"}, "reissue", "s"),
+    ({"work": "prune", "sweep": "x" * 64}, "prune", "x" * 64),
+    ({"unknown-extra": "ignored as before"}, None, None),
+])
+def test_work_hints_are_decoded_beside_the_key(hints, work, sweep):
+    from meshjoin.events import decode_work
+
+    decoded = decode_work(push({**OPERATOR, **hints}), now=NOW, max_age=MAX_AGE)
+    assert (decoded.key, decoded.work, decoded.sweep) == (KEY, work, sweep)
+    assert decode(push({**OPERATOR, **hints})) == KEY  # decode_push: the key alone, as before
+    assert decoded.log_fields() == {k: v for k, v in (("work", work), ("sweep", sweep)) if v is not None}
+
+
+@pytest.mark.parametrize("hints, words", [
+    ({"work": "delete"}, "work must be one of"),
+    ({"work": "PRUNE"}, "work must be one of"),
+    ({"work": ["prune"]}, "work must be one of"),
+    ({"work": ""}, "work must be one of"),
+    ({"sweep": "x" * 65}, "sweep must be a token"),
+    ({"sweep": "a b"}, "sweep must be a token"),
+    ({"sweep": "s\n"}, "sweep must be a token"),
+    ({"sweep": 7}, "sweep must be a token"),
+    ({"sweep": ""}, "sweep must be a token"),
+])
+def test_bad_work_hints_are_refused_with_a_clear_reason(hints, words):
+    with pytest.raises(BadMessage, match=words):
+        decode(push({**OPERATOR, **hints}))
+
+
+def test_an_audit_entry_carries_no_hints():
+    from meshjoin.events import decode_work
+
+    decoded = decode_work(push(audit_entry()), now=NOW, max_age=MAX_AGE)
+    assert decoded.work is None and decoded.sweep is None

@@ -164,7 +164,7 @@ class LogCapture(logging.Handler):
 
 
 class _Reconciler:
-    def reconcile(self, key):
+    def reconcile(self, key, cleanup=False):
         return SimpleNamespace(verb="left", reason="the VM no longer exists", state=None, details={})
 
 

@@ -464,7 +464,7 @@ def test_a_crash_in_one_vms_reconcile_is_logged_with_the_vm_and_acked(monkeypatc
     from meshjoin import entrypoints
 
     class Crashing:
-        def reconcile(self, key):
+        def reconcile(self, key, cleanup=False):
             raise ValueError("invalid literal for int() with base 10: '²'")
 
     monkeypatch.setattr(entrypoints, "runtime", lambda: SimpleNamespace(settings=SETTINGS, reconciler=Crashing()))

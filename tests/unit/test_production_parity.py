@@ -256,21 +256,22 @@ def test_defect8_the_bucket_paces_a_burst_to_the_rate():
     assert clock.now == pytest.approx(60.0, abs=0.5)
 
 
-def test_defect8_a_200_renewal_sweep_fits_inside_computes_quota():
+def test_defect8_a_sweeps_published_work_fits_inside_computes_quota():
+    """The sweep's budget (renewal-equivalents per interval) spends at most MESHJOIN_SWEEP_WORK_SHARE of
+    every quota over the interval, counting every call a renewal and its key rotations make."""
+    from meshjoin import capacity
+
     settings = SETTINGS
-    rates = ratelimit.process_rates(settings)
-    assert rates[("compute", ratelimit.WRITE)] == 750 and rates[("compute", ratelimit.READ)] == 750
-    budget = ratelimit.sweep_renewal_budget(settings)
-    assert budget == 200
-    # 200 renewals' calls at this process's pace: the sweep spends at most half a minute's quota per minute.
-    for kind, per_renewal in ((ratelimit.WRITE, ratelimit.RENEWAL_COMPUTE_WRITES),
-                              (ratelimit.READ, ratelimit.RENEWAL_COMPUTE_READS)):
-        assert budget * per_renewal / rates[("compute", kind)] * 60 <= settings.sweep_seconds.total_seconds()
+    budget = capacity.sweep_work_budget(settings)
+    minutes = settings.sweep_interval.total_seconds() / 60
+    use = capacity.quota_use(settings, {capacity.RENEW: budget}, minutes)
+    assert max(use.values()) <= settings.sweep_work_share + 1e-9
+    assert max(use.values()) > settings.sweep_work_share * 0.95, "the budget leaves a bound quota idle"
     small = Settings(project="p", cluster=SETTINGS.cluster, compute_reads_per_minute=100)
-    assert ratelimit.sweep_renewal_budget(small) == 100  # 100 × 0.5 × 4 min / 2 reads
-    # Secret Manager's quota no longer bounds renewals: they make no Secret Manager call.
-    assert ratelimit.sweep_renewal_budget(Settings(project="p", cluster=SETTINGS.cluster,
-                                                   secretmanager_writes_per_minute=1)) == 200
+    assert capacity.sweep_work_budget(small) < budget / 10
+    # Secret Manager's quota does not bound renewals: they make no Secret Manager call.
+    assert capacity.sweep_work_budget(Settings(project="p", cluster=SETTINGS.cluster,
+                                               secretmanager_writes_per_minute=1)) == budget
 
 
 def test_defect8_quota_errors_back_off_past_the_minute_and_honour_retry_after():

@@ -6,8 +6,10 @@ and deletes legacy per-VM secrets. Compute's rate quotas are per minute too (an 
 default: 1,500 reads and 1,500 mutations), and a renewal costs one getGuestAttributes, one
 setMetadata and its operation wait: unpaced, a sweep spends the minute's quota in seconds and every
 other caller (the events function joining a new VM) gets 429 until the minute is over. Each process therefore takes at most
-`MESHJOIN_QUOTA_SHARE` of each quota (the maintenance function runs one instance at a time, so the
-rest is left to events), and the sweep sizes its renewal budget from the same rate.
+`MESHJOIN_QUOTA_SHARE` of each quota. The events function's instances do the sweep's published
+work, so together they may take `events max_instances x MESHJOIN_QUOTA_SHARE`, which Terraform keeps
+at most `1 - MESHJOIN_QUOTA_RESERVE`; how much work one sweep publishes is the quota model's
+(shared/meshjoin/capacity.py, sweep_work_budget).
 
 A token bucket per (API, kind): `capacity` tokens refill at `rate_per_minute / 60` per second; a
 call takes one token, waiting for it if none is left. Time and sleep are injected, so the pacing
@@ -104,20 +106,3 @@ def shared_limiters(settings) -> Limiters:
         if limiters is None:
             limiters = _shared[key] = Limiters(rates)
         return limiters
-
-
-# Calls a renewal makes, by the Compute quota they count against (reconcile.py, ComputeAdapter):
-# setMetadata (write); getGuestAttributes and at least one zoneOperations.wait (reads). No Secret
-# Manager call: the CA is cached.
-RENEWAL_COMPUTE_WRITES = 1
-RENEWAL_COMPUTE_READS = 2
-
-
-def sweep_renewal_budget(settings) -> int:
-    """Renewals one sweep may make: the configured cap, lowered to what this process's share of the
-    Compute quotas allows within the sweep's time budget."""
-    minutes = settings.sweep_seconds.total_seconds() / 60.0
-    share = settings.quota_share
-    by_writes = settings.compute_writes_per_minute * share * minutes / RENEWAL_COMPUTE_WRITES
-    by_reads = settings.compute_reads_per_minute * share * minutes / RENEWAL_COMPUTE_READS
-    return max(1, min(settings.sweep_renewals, int(by_writes), int(by_reads)))
