@@ -229,6 +229,10 @@ class Settings:
             text(name, attr)
         convert("MESHJOIN_ISTIOD_IP", "istiod_ip", _ip_address)
         convert("MESHJOIN_ISTIOD_ADDRESS", "istiod_address", _host_port)
+        for name, attr in [("MESHJOIN_MESH_ID", "mesh_id"), ("MESHJOIN_CLUSTER_ID", "cluster_id"),
+                           ("MESHJOIN_NETWORK", "network")]:
+            convert(name, attr, _mesh_name)
+        convert("MESHJOIN_TRUST_DOMAIN", "trust_domain", _trust_domain)
         convert("MESHJOIN_API_TIMEOUT", "api_timeout", parse_duration)
         for retired in RETIRED_SETTINGS:
             if env.get(retired, "").strip():
@@ -327,6 +331,28 @@ def _ip_address(raw: str) -> str:
 def _host_port(raw: str) -> str:
     if not _HOST_PORT.fullmatch(raw):
         raise ValueError("want HOST:PORT, e.g. istiod.istio-system.svc:15012")
+    return raw
+
+
+# Istio's mesh, cluster and network names as meshjoin accepts them: one token of letters, digits and
+# `-_.` (they land in cluster.env, the mesh config and labels; a control or line-separator character in
+# one would be a broken line for some reader of those files).
+_MESH_NAME = re.compile(r"[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+
+
+def _mesh_name(raw: str) -> str:
+    if not _MESH_NAME.fullmatch(raw):
+        raise ValueError("want 1-63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit")
+    return raw
+
+
+# SPIFFE ID spec, "Trust Domain": lower-case letters, digits, dots, dashes and underscores.
+_TRUST_DOMAIN = re.compile(r"[a-z0-9._-]{1,255}")
+
+
+def _trust_domain(raw: str) -> str:
+    if not _TRUST_DOMAIN.fullmatch(raw):
+        raise ValueError("a SPIFFE trust domain has only lower-case letters, digits, '.', '-' and '_'")
     return raw
 
 

@@ -72,7 +72,7 @@ def test_the_event_function_reconciles_vms_of_every_vm_project_and_no_other(monk
     seen = []
 
     class Recorder:
-        def reconcile(self, key):
+        def reconcile(self, key, cleanup=False):
             seen.append(key)
             return SimpleNamespace(verb="unchanged", reason="", state="", details={})
 
