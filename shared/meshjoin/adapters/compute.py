@@ -15,7 +15,6 @@ requests, answers and errors are the REST API's own (`from_http_response` raises
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from typing import Iterator, Mapping
@@ -38,9 +37,6 @@ SHARED_VALUE_BYTES = 1024
 OPERATION_WAIT_TIMEOUT = 150.0
 # How long a setMetadata may stay unfinished before the pass gives up (transient: redelivered).
 OPERATION_PATIENCE = 240.0
-# Environment variables requests consults while `trust_env` holds (proxies, CA bundles, netrc), lower case.
-REQUESTS_ENV = frozenset({"http_proxy", "https_proxy", "all_proxy", "no_proxy", "requests_ca_bundle",
-                          "curl_ca_bundle", "netrc"})
 # The guest-attribute namespace meshjoin's agent reports in (and hands in its CSR).
 GUEST_NAMESPACE = names.GUEST_NAMESPACE
 
@@ -177,12 +173,19 @@ class ComputeAdapter:
     def _session(self):
         if self._json_session is None:
             from google.auth.transport.requests import AuthorizedSession
+            from requests.utils import get_netrc_auth
 
             session = AuthorizedSession(self._credentials)
-            # requests re-reads the proxy variables (scanning the whole environment) and ~/.netrc on every
-            # request while `trust_env` holds: ~10 % of a join's CPU. Without any of the variables it
-            # consults there is nothing to find, so it stops looking; with one set, nothing changes.
-            session.trust_env = any(name.lower() in REQUESTS_ENV for name in os.environ)
+            if session.trust_env:
+                # requests re-derives proxies, the CA bundle and ~/.netrc from the environment on every request
+                # (scanning all of os.environ): ~10 % of a join's CPU. Every call goes to one endpoint, so what it
+                # would find is derived once, for that endpoint, exactly as requests derives it, and kept.
+                url = self._base_url()
+                found = session.merge_environment_settings(url, {}, None, None, None)
+                session.proxies.update(found["proxies"])
+                session.verify, session.cert = found["verify"], found["cert"]
+                session.auth = get_netrc_auth(url)
+                session.trust_env = False
             self._json_session = session
         return self._json_session
 
