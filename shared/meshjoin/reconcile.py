@@ -393,7 +393,12 @@ class Reconciler:
                              settings=self.settings, force=force)
         pending = delivered is not None and rekey_pending(token, delivered.key_id)
         report, csr = None, None
-        read = read_agent or not was_confirmed or due is not None or pending or legacy
+        # A VM that carries no meshjoin item at all was never bootstrapped: agent 3 writes its CSR only once it has
+        # read the bootstrap, and deletes it when the bootstrap goes (a VM that left keeps its status item), so
+        # there is nothing to read yet. Its owner can remove every item to skip this read: that only delays the
+        # certificate of their own VM (its agent's nudge, or the sweep, reads at the next pass).
+        fresh = not any(k in vm.metadata for k in names.MESHJOIN_KEYS)
+        read = not fresh and (read_agent or not was_confirmed or due is not None or pending or legacy)
         if read:
             attributes = self.compute.guest_attributes(vm.key)
             report = AgentReport.from_attributes(attributes)

@@ -151,6 +151,7 @@ def test_first_join_waits_for_the_key_then_certifies_the_csr_with_no_secret_writ
 ], ids=["wrong signature", "RSA when EC is required", "garbage", "two CSRs"])
 def test_an_invalid_csr_is_never_signed_and_the_status_says_why(plugin_ca, csr, why):
     world = World(plugin_ca)
+    assert world.reconcile().verb == "bootstrapped"  # the agent acts once the bootstrap is there
     world.compute.guest[KEY] = {names.CSR_ATTRIBUTE: csr()}
     outcome = world.reconcile()
     assert outcome.state == "waiting" and why in world.status()["reason"]
@@ -162,6 +163,7 @@ def test_an_invalid_csr_is_never_signed_and_the_status_says_why(plugin_ca, csr, 
 
 def test_names_a_csr_asks_for_are_ignored(plugin_ca):
     world = World(plugin_ca)
+    world.reconcile()  # the bootstrap
     vm_key = ec_key()
     world.compute.vm_keys[KEY] = vm_key
     world.compute.guest[KEY] = {names.CSR_ATTRIBUTE: csr_pem(
@@ -308,6 +310,7 @@ def test_a_412_race_rereads_and_converges_on_one_certificate_for_the_vms_key(plu
             super().set_metadata(vm, items, remove)
 
     world = World(plugin_ca)
+    assert world.reconcile().verb == "bootstrapped"
     world.compute = RacingCompute(world.compute.vms)
     world.reconciler.compute = world.compute
     vm_key = world.compute.hand_in_key(KEY)
@@ -565,3 +568,17 @@ def test_without_a_waiting_status_for_this_vm_and_identity_a_foreign_entry_stops
     world.compute.hand_in_key(KEY)
     outcome = world.reconcile()
     assert outcome.verb == "failed" and names.CERT_CHAIN_KEY not in world.metadata()
+
+
+def test_a_vm_without_any_meshjoin_item_is_bootstrapped_without_reading_its_guest_attributes(plugin_ca):
+    world = World(plugin_ca)
+    world.compute.hand_in_key(KEY)  # whatever is there already (no agent 3 writes before the bootstrap)
+    assert world.reconcile().verb == "bootstrapped" and world.compute.guest_reads == 0
+    assert names.CERT_CHAIN_KEY not in world.metadata()
+    assert world.reconcile().verb == "delivered" and world.compute.guest_reads == 1  # from the next pass on
+
+    # Any meshjoin item, the status of a VM that left included, means the VM was bootstrapped before: read.
+    left = json.dumps({"state": "left", "reason": "the label mesh=join was removed"})
+    world = World(plugin_ca, vms={KEY: vm_with({"mesh": "join"}, {names.STATUS_KEY: left})})
+    world.compute.hand_in_key(KEY)
+    assert world.reconcile().verb == "delivered" and world.compute.guest_reads == 1
