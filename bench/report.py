@@ -19,11 +19,12 @@ BEFORE_MINIMUM_CALLS = [
 # Why each call of the three-pass join (issue 14) is there.
 WHY = {
     "compute instances.get": "read the VM (labels, metadata, fingerprint): once per pass",
-    "compute instances.getGuestAttributes": "the VM's words: its CSR (pass 2) and its report (pass 3); pass 1 "
-                                            "reads them too (an event), finding none",
+    "compute instances.getGuestAttributes": "the VM's words: its CSR (pass 2) and its report (pass 3); not in "
+                                            "pass 1 (a VM with no meshjoin item has no agent 3 CSR yet)",
     "compute instances.setMetadata": "bootstrap items / the certificate chain / the status, once per pass",
     "compute zoneOperations.wait": "setMetadata is an operation: done before the event is acked",
-    "kubernetes get workloadentries": "before a first delivery: the entry's name is free or meshjoin's",
+    "kubernetes get workloadentries": "before a first bootstrap: the entry's name is free or meshjoin's (pass 2 "
+                                      "trusts pass 1's check)",
     "kubernetes get serviceaccounts": "the identity's ServiceAccount exists (a create when it does not)",
     "kubernetes create workloadentries": "register the VM, once it confirmed",
     "kubernetes replace workloadentries": "the entry's certificate-expiry annotation follows the new certificate",
@@ -349,14 +350,18 @@ def _function_cost(j: dict, b: dict) -> list[str]:
             "the same VM and identity (its `waiting` status records it): one Kubernetes call less per join. A status "
             "forged `waiting` skips only this early courtesy check, for the forger's own VM; the registration never "
             "replaces an entry meshjoin did not make (tests/unit/test_keys_stay_on_the_vm.py).",
+            "- The bootstrap pass of a VM that carries no meshjoin item at all reads no guest attributes: agent 3 "
+            "writes its CSR only once it has read the bootstrap and deletes it when the bootstrap goes (a VM that "
+            "left keeps its status item, so it is read). An owner who strips every item only delays their own VM's "
+            "certificate to the next pass. One Compute call less per join.",
             "",
-            "Left as they are, with the reason: the bootstrap pass still reads the guest attributes (agent 3 never "
-            "writes a CSR before the bootstrap exists, so the read finds nothing on a fresh VM, but a dozen unit "
-            "and hostile-input tests hand in a CSR before the first pass and would need rewriting: one Compute call "
-            "per join, next round). Every emulator is werkzeug's development server, which answers "
-            "`Connection: close`: each call opens a TCP connection and each Kubernetes call pays a TLS handshake, "
-            "which Google's and GKE's front ends (keep-alive) do not charge; the floor pays them too. The ≤ 15 ms "
-            "target is therefore compared with the floor of the same run: meshjoin's own share is join − floor."]
+            "What is left is the round trips themselves: the join's CPU stands at its floor (the same requests, "
+            "bare). Every emulator is werkzeug's development server, which answers `Connection: close`, so each "
+            "call opens a TCP connection and each Kubernetes call pays a TLS handshake (and urllib3 loads the "
+            "cluster CA into a new SSL context for it), which Google's and GKE's front ends, keeping connections "
+            "alive, do not charge after the first call; the floor pays them too. A ≤ 15 ms join needs either fewer "
+            "round trips or cheaper ones: here, about 1 ms of CPU per plain HTTP call and several per TLS "
+            "connection, 13 calls a join."]
     return out
 
 
@@ -436,23 +441,37 @@ def _burst(b: dict, bb: dict) -> list[str]:
             "sets a 1 s deadline on failure) before the next (read with `javap -c`). No flag or subscription "
             "setting changes it; several push subscriptions on the topic would deliver every message several "
             "times. Google's push has no such cap: it keeps many requests outstanding and adjusts the rate to the "
-            "rate of successful answers (Pub/Sub push documentation), up to what the function accepts.",
+            "rate of successful answers (Pub/Sub push documentation), up to what the function accepts. A pass "
+            "holds its push for at least its metadata operation (0.5 s here), so two loops allow about 4 passes/s: "
+            "in the Pub/Sub run this bound and the pacing below coincide.",
             "- *The function serves 8 requests at once.* functions-framework 3.10.2 runs gunicorn with `WORKERS` "
             "(default 1) processes of `THREADS` (default 4 × CPUs = 8 here) threads. Cloud Run functions handle "
             "one request per instance by default (their concurrency documentation), and recommend THREADS = the "
             "concurrency; meshjoin's Terraform sets both to `events_concurrency` (8) with `events_max_instances` "
             "(8): up to 64 passes in flight in production, 8 in the sandbox's one instance, which the direct run "
             "fills.",
-            "- *The machine.* A pass holds its push for its metadata operation (0.5 s here), so two push loops give "
-            "at most ~4 passes/s (~1.3 joins/s) and the direct run's 8 at most 16 passes/s; the direct run reaches "
-            "less because every process of the sandbox (function, emulators, Pub/Sub, the bench's agents) shares "
-            "2 cores with the other work of this machine (load averages in the tables): CPU, not the design, sets "
-            "its pace.",
+            "- *meshjoin's own quota pacing, the bound actually reached.* Each function process takes at most "
+            "`MESHJOIN_QUOTA_SHARE` (0.5) of Compute's per-minute read quota (1,500 by default: 750 reads a "
+            "minute, 12.5 a second, `adapters/ratelimit.py`), and a pass reads 3 times (instances.get, "
+            "getGuestAttributes, zoneOperations.wait, which the bucket counts as a read): at most 4.17 passes/s, "
+            "1.39 joins/s per instance, what both runs above measured (4.2 passes/s) under very different machine "
+            "loads. The bootstrap pass now reads twice, so a join reads 8 times: 1.56 joins/s per instance. In "
+            "production the same pacing holds per instance and Terraform keeps `events_max_instances × "
+            "MESHJOIN_QUOTA_SHARE` within the project's quota, so the project's Compute read quota bounds a burst: "
+            "~1,500 / 8 ≈ 190 joins a minute on the default quota (3.1/s), whatever the concurrency. Raising the "
+            "quota raises it. (The sandbox's Compute counts operation reads in a group of their own, "
+            "`OperationReadRequestsPerMinutePerProject`, as its quota model cites; pacing the wait against that "
+            "bucket instead would make a pass cost 2 reads: a question for the quota model's owner.)",
+            "- *The machine.* Every process of the sandbox (function, emulators, Pub/Sub, the bench's agents) "
+            "shares 2 cores with the other work of this machine (load averages in the tables, up to ~100 during "
+            "these runs); the function's CPU per join (Function cost) would allow tens of joins a second per core.",
             "",
             "During a burst a VM's CSR pass queues behind every event before it, hence CSR → certificate far above "
-            "the idle figure. 10,000 VMs were not run: at the measured rates it would take about 10,000 / (joins/s) "
-            "seconds (over two hours through the emulator's push loops), beyond this machine's budget; the "
-            "projection is the figure to read, bounded as above."]
+            "the idle figure. **10,000 VMs were not run**: at the measured pace (1.4 joins/s, the pacing bound of one "
+            "instance) they would take about 2 hours here; in production the project's Compute read quota bounds "
+            "them: 10,000 × 8 reads / 1,500 a minute ≈ 53 minutes on the default quota (about 33 minutes if the "
+            "operation waits counted against their own quota group), less with a raised quota. The sandbox run "
+            "would only measure the same token bucket for longer."]
     return out
 
 
