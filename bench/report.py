@@ -331,7 +331,15 @@ def _function_cost(j: dict, b: dict) -> list[str]:
                 f"{d.get('load_avg')} before → after): the CPU of the event function's process group (functions-"
                 "framework, gunicorn, the CloudEvent decoding, meshjoin's log lines) during each phase of pushes, "
                 f"per VM: bootstrap {per.get('bootstrap')} ms, certificate {per.get('certificate')} ms, confirmation "
-                f"{per.get('confirmation')} ms: **{d['function_cpu_ms_per_join']} ms per join**."]
+                f"{per.get('confirmation')} ms: **{d['function_cpu_ms_per_join']} ms per join**"
+                + (f" (on commit {b['commit']})" if b.get("commit") else "") + "."]
+    f = b.get("direct_final") or {}
+    if "function_cpu_ms_per_join" in f:
+        per = f["function_cpu_ms_per_pass"]
+        out += ["", f"The same on this branch's final code ({f.get('commit', '?')}), {f['n']:,} joins, load average "
+                f"{f.get('load_avg')}: bootstrap {per.get('bootstrap')} ms, certificate {per.get('certificate')} ms, "
+                f"confirmation {per.get('confirmation')} ms: **{f['function_cpu_ms_per_join']} ms per join**, "
+                f"{f['joins_per_s']} joins/s, lost {f['lost']}, duplicates {f['duplicates']}."]
     out += ["", "Where a join's CPU went (py-spy `--gil` over 40 in-process joins, before the changes below): the "
             "Compute calls through `google-cloud-compute` (61 %: protobuf's `json_format` parsing each instance's "
             "JSON, proto-plus building each request), `requests` re-reading proxies, CA bundle and netrc from the "

@@ -554,7 +554,8 @@ def test_a_status_forged_waiting_skips_the_check_but_never_lets_a_foreign_entry_
     assert world.reconcile().verb == "delivered" and world.kube.entry_gets == 0
     world.compute.confirm(KEY)
     outcome = world.reconcile()
-    assert (outcome.verb, world.status()["state"]) == ("failed", "error") and "not managed by meshjoin" in outcome.reason
+    assert (outcome.verb, world.status()["state"]) == ("failed", "error")
+    assert "not managed by meshjoin" in outcome.reason
     assert json.dumps(world.kube.objects[entry_key], sort_keys=True) == before  # the foreign entry, untouched
 
 

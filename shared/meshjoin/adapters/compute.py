@@ -1,9 +1,8 @@
 """Compute Engine: read VMs, write their metadata with the fingerprint. Returns `Vm`, never SDK types.
 
-Calls pass `retry=None`: `retry.call` is the one retry policy, so a failing API costs a bounded
-number of attempts instead of the library's minute-long default on top of ours. They also pass
-`timeout` (MESHJOIN_API_TIMEOUT): the library's default for Compute is 600 s per call, so a hung
-call would otherwise hold the function far past Pub/Sub's ack deadline.
+`retry.call` is the one retry policy, so a failing API costs a bounded number of attempts. Every call
+passes `timeout` (MESHJOIN_API_TIMEOUT; the client library's default for Compute was 600 s per call), so
+a hung call cannot hold the function past Pub/Sub's ack deadline.
 
 Every call is plain JSON over one authorized `requests` session, not through `google.cloud.compute_v1`:
 its REST transport converts each answer to protobuf through `json_format` (a regex over every string of
@@ -108,8 +107,8 @@ class ComputeAdapter:
         that is "not confirmed", an empty dict. Values are the VM's own words: callers validate them.
         Values come back verbatim from the JSON answer: a multi-line PEM CSR (`csr`) keeps its newlines.
         """
-        body = self._get_json(self._instance_url(key) + "/getGuestAttributes", {"queryPath": f"{GUEST_NAMESPACE}/"}, f"instances.getGuestAttributes {key}",
-                              "compute.instances.getGuestAttributes")
+        body = self._get_json(self._instance_url(key) + "/getGuestAttributes", {"queryPath": f"{GUEST_NAMESPACE}/"},
+                              f"instances.getGuestAttributes {key}", "compute.instances.getGuestAttributes")
         if body is None:
             return {}
         return guest_items(body)
