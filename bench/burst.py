@@ -304,15 +304,31 @@ def run_direct(n: int, concurrency: int = 8) -> dict:
 
         pushes(["warm-0"]), csr("warm-0"), pushes(["warm-0"]), report("warm-0"), pushes(["warm-0"])
         world.reset_stats()
-        phases = {"bootstrap_pushes_s": pushes(names), "agents_csr_s": agents_do(csr, names),
-                  "certificate_pushes_s": pushes(names), "agents_report_s": agents_do(report, names),
-                  "confirmation_pushes_s": pushes(names)}
+        pids = json.loads((world.state_dir / "pids.json").read_text())
+        load0 = os.getloadavg()[0]
+        # The event function's process group CPU during each push phase only (the agents' phases between them
+        # run in this process): what the function spends per pass, functions-framework included.
+        fn_cpu: dict[str, float] = {}
+
+        def pushes_cpu(phase: str, targets: list[str]) -> float:
+            before = group_cpu(pids)["events_fn"]
+            elapsed = pushes(targets)
+            fn_cpu[phase] = group_cpu(pids)["events_fn"] - before
+            return elapsed
+
+        phases = {"bootstrap_pushes_s": pushes_cpu("bootstrap", names), "agents_csr_s": agents_do(csr, names),
+                  "certificate_pushes_s": pushes_cpu("certificate", names),
+                  "agents_report_s": agents_do(report, names),
+                  "confirmation_pushes_s": pushes_cpu("confirmation", names)}
         calls = world.stats()
         pushing = phases["bootstrap_pushes_s"] + phases["certificate_pushes_s"] + phases["confirmation_pushes_s"]
         check = _end_state(world, names, n, None)
         return {"n": n, "concurrency": concurrency, "phases_s": {k: round(v, 2) for k, v in phases.items()},
                 "push_phases_s": round(pushing, 2), "joins_per_s": round(n / pushing, 1),
                 "passes_per_s": round(3 * n / pushing, 1),
+                "function_cpu_ms_per_pass": {k: round(v * 1000 / n, 2) for k, v in fn_cpu.items()},
+                "function_cpu_ms_per_join": round(sum(fn_cpu.values()) * 1000 / n, 2),
+                "load_avg": [round(load0, 2), round(os.getloadavg()[0], 2)],
                 "http_statuses": {str(k): v for k, v in statuses.items()},
                 "calls_per_vm": {k: round(v / n, 2) for k, v in sorted(calls.items())},
                 "lost": n - check["joined"], "duplicates": check["duplicates"], "end_state": check}
@@ -321,11 +337,17 @@ def run_direct(n: int, concurrency: int = 8) -> dict:
 def run(quick: bool = False) -> dict:
     # (N, deadline, repeats). A join is three passes now, each waiting for its metadata operation.
     # About 3.5 passes a second get through the Pub/Sub emulator's push loop here: 1,000 VMs would take ~15 min.
-    sizes = [(50, 240.0, 1)] if quick else [(100, 300.0, 1), (300, 600.0, 1)]
+    # BENCH_BURST_N=1000,10000 / BENCH_BURST_DIRECT=1000: other sizes (deadline: 2 s per VM, at least 5 min).
+    env_sizes = [int(x) for x in os.environ.get("BENCH_BURST_N", "").split(",") if x.strip()]
+    sizes = [(n, max(300.0, 2.0 * n), 1) for n in env_sizes] if env_sizes else \
+        [(50, 240.0, 1)] if quick else [(1000, 2400.0, 1)]
     runs = []
     for n, deadline, repeats in sizes:
         for repeat in range(repeats):
-            runs.append({**run_one(n, deadline), "repeat": repeat + 1})
+            load0 = os.getloadavg()[0]
+            runs.append({**run_one(n, deadline), "repeat": repeat + 1,
+                         "load_avg": [round(load0, 2), round(os.getloadavg()[0], 2)]})
             print(f"  burst n={n} #{repeat + 1}: {runs[-1]['time_to_all_joined_s']} s", file=sys.stderr, flush=True)
-    direct = run_direct(50 if quick else 300)
+    direct_n = int(os.environ.get("BENCH_BURST_DIRECT", "0") or 0) or (50 if quick else 1000)
+    direct = run_direct(direct_n)
     return {"runs": runs, "direct": direct}

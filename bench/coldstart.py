@@ -26,7 +26,8 @@ from .world import World
 
 REPO = Path(__file__).resolve().parents[1]
 CHILD = str(Path(__file__).with_name("_cold_child.py"))
-FLOOR_MODULES = ["google.cloud.compute_v1", "google.cloud.secretmanager_v1", "google.cloud.container_v1",
+# The client libraries a join imports (Compute is spoken as REST JSON through google-auth's requests session).
+FLOOR_MODULES = ["google.auth.transport.requests", "google.cloud.secretmanager_v1", "google.cloud.container_v1",
                  "kubernetes.client", "google.auth", "cryptography.x509"]
 
 

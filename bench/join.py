@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import statistics
 import time
 from collections import Counter
@@ -163,16 +164,25 @@ class Floor:
 
 
 class Timed:
-    """reconcile passes with their time and the emulators' request counts."""
+    """reconcile passes with their time, their CPU time and the emulators' request counts.
+
+    CPU: `time.process_time()` of this process around the pass. The product runs here and nothing else
+    does meanwhile (the agent acts between passes, the emulators are other processes), so it is the CPU
+    an event function's process spends on the pass itself (without functions-framework's share, which
+    bench/burst.py's direct run measures in the real function process).
+    """
 
     def __init__(self, world: World):
         self.world = world
+        self.last_cpu = 0.0
 
     def __call__(self, reconciler, key: VmKey, expect: tuple[str, ...], **kwargs):
         self.world.reset_stats()
+        c0 = time.process_time()
         t0 = time.perf_counter()
         outcome = reconciler.reconcile(key, **kwargs)
         elapsed = time.perf_counter() - t0
+        self.last_cpu = time.process_time() - c0
         calls = self.world.stats()
         if outcome.verb not in expect:
             raise RuntimeError(f"{key.instance}: reconcile said {outcome.verb!r} ({outcome.reason[:300]}), "
@@ -180,19 +190,20 @@ class Timed:
         return outcome, elapsed, calls
 
 
-def join_one(world: World, rec, key: VmKey, timed: Timed) -> tuple[ProtocolAgent, list[float], list[Counter]]:
-    """The three passes of one VM's first join, the VM's side played between them."""
+def join_one(world: World, rec, key: VmKey, timed: Timed,
+             cpu: list[float] | None = None) -> tuple[ProtocolAgent, list[float], list[Counter]]:
+    """The three passes of one VM's first join, the VM's side played between them (`cpu`: each pass's CPU s)."""
     agent = ProtocolAgent(world, key.instance)
-    times, calls = [], []
+    times, calls, cpu = [], [], [] if cpu is None else cpu
     _, t, c = timed(rec, key, ("bootstrapped",))
-    times.append(t), calls.append(c)
+    times.append(t), calls.append(c), cpu.append(timed.last_cpu)
     agent.send_csr()
     _, t, c = timed(rec, key, ("delivered",))
-    times.append(t), calls.append(c)
+    times.append(t), calls.append(c), cpu.append(timed.last_cpu)
     agent.wait_certificate(30)
     agent.report()
     _, t, c = timed(rec, key, ("registered",))
-    times.append(t), calls.append(c)
+    times.append(t), calls.append(c), cpu.append(timed.last_cpu)
     return agent, times, calls
 
 
@@ -220,10 +231,11 @@ def renewals(world: World, rec, timed: Timed, joined: list[tuple[VmKey, Protocol
     # The jump of the clock expires the CA and project-metadata caches once: a warm-up VM pays for it.
     timed(ahead, warm[0], ("renewed",), read_agent=False)
     renew_calls, confirm_calls, renew_s, verbs = [], [], [], Counter()
+    renew_cpu, report_cpu = [], []
     for key, agent in joined:
         old = agent.serial
         outcome, t, calls = timed(ahead, key, ("renewed",), read_agent=False)
-        renew_calls.append(calls), renew_s.append(t)
+        renew_calls.append(calls), renew_s.append(t), renew_cpu.append(timed.last_cpu)
         status = status_of(world.get_vm(key.instance))
         if status.get("keyCerts") != "2" or status.get("state") != "joined":
             raise RuntimeError(f"{key.instance}: after a renewal the status says {status}")
@@ -231,8 +243,8 @@ def renewals(world: World, rec, timed: Timed, joined: list[tuple[VmKey, Protocol
         agent.report()
         outcome, t, calls = timed(ahead, key, ("refreshed", "unchanged"))
         verbs[outcome.verb] += 1
-        confirm_calls.append(calls)
-    return {"vms": len(joined), "how": f"reconciler clock {RENEWAL_CLOCK_AHEAD} ahead, read_agent=False (as the sweep)",
+        confirm_calls.append(calls), report_cpu.append(timed.last_cpu)
+    return {"vms": len(joined), "renewal_pass_cpu_ms": summary_ms(renew_cpu), "report_pass_cpu_ms": summary_ms(report_cpu), "how": f"reconciler clock {RENEWAL_CLOCK_AHEAD} ahead, read_agent=False (as the sweep)",
             "renewal_pass": mean_calls(renew_calls), "renewal_pass_total": round(sum(sum(c.values()) for c in renew_calls) / len(renew_calls), 2),
             "renewal_pass_ms": summary_ms(renew_s),
             "report_pass": mean_calls(confirm_calls), "report_pass_verbs": dict(verbs),
@@ -297,29 +309,35 @@ def run(quick: bool = False) -> dict:
         floor = Floor(world, vm_names[0])
         floor_csrs = [vm_csr(vm_key("ecdsa-p256")) for _ in range(samples)]
         join_s, floor_s, pass_s, per_join = [], [], {p: [] for p in PASSES}, []
+        join_cpu, floor_cpu, pass_cpu = [], [], {p: [] for p in PASSES}
         joined = []
         for i, name in enumerate(vm_names[warmup:]):
             key = VmKey(world.project, world.zone, name)
             order = ("join", "floor") if i % 2 == 0 else ("floor", "join")
             for what in order:
                 if what == "join":
-                    agent, times, calls = join_one(world, rec, key, timed)
+                    cpu: list[float] = []
+                    agent, times, calls = join_one(world, rec, key, timed, cpu)
                     joined.append((key, agent))
                     join_s.append(sum(times))
-                    for p, t in zip(PASSES, times):
+                    join_cpu.append(sum(cpu))
+                    for p, t, c in zip(PASSES, times, cpu):
                         pass_s[p].append(t)
+                        pass_cpu[p].append(c)
                     per_join.append(calls)
                 else:
                     replay = per_join[-1] if per_join else None
                     if replay is None:  # i == 0 measures the join first
                         continue
-                    t0 = time.perf_counter()
+                    c0, t0 = time.process_time(), time.perf_counter()
                     floor.run(floors[i], replay, floor_csrs[i])
                     floor_s.append(time.perf_counter() - t0)
+                    floor_cpu.append(time.process_time() - c0)
             if len(floor_s) < len(join_s) and i == 0:
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 floor.run(floors[i], per_join[-1], floor_csrs[i])
                 floor_s.append(time.perf_counter() - t0)
+                floor_cpu.append(time.process_time() - c0)
         by_pass = {p: mean_calls([calls[j] for calls in per_join]) for j, p in enumerate(PASSES)}
         whole = [sum(calls, Counter()) for calls in per_join]
         typical = mean_calls(whole)
@@ -337,6 +355,10 @@ def run(quick: bool = False) -> dict:
             "join": join_summary,
             "floor": floor_summary,
             "passes_ms": {p: summary_ms(v) for p, v in pass_s.items()},
+            # CPU of this process (process_time) during the passes / the floor's replay: meshjoin's CPU per join.
+            "cpu": {"join_ms": summary_ms(join_cpu), "floor_ms": summary_ms(floor_cpu),
+                    "passes_ms": {p: summary_ms(v) for p, v in pass_cpu.items()},
+                    "load_avg": [round(x, 2) for x in os.getloadavg()]},
             "ratio_p50": round(join_summary["p50_ms"] / floor_summary["p50_ms"], 2),
             "ratio_p99": round(join_summary["p99_ms"] / floor_summary["p99_ms"], 2),
             "ratio_p99_to_floor_p50": round(join_summary["p99_ms"] / floor_summary["p50_ms"], 2),

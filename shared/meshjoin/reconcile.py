@@ -393,7 +393,12 @@ class Reconciler:
                              settings=self.settings, force=force)
         pending = delivered is not None and rekey_pending(token, delivered.key_id)
         report, csr = None, None
-        read = read_agent or not was_confirmed or due is not None or pending or legacy
+        # A VM that carries no meshjoin item at all was never bootstrapped: agent 3 writes its CSR only once it has
+        # read the bootstrap, and deletes it when the bootstrap goes (a VM that left keeps its status item), so
+        # there is nothing to read yet. Its owner can remove every item to skip this read: that only delays the
+        # certificate of their own VM (its agent's nudge, or the sweep, reads at the next pass).
+        fresh = not any(k in vm.metadata for k in names.MESHJOIN_KEYS)
+        read = not fresh and (read_agent or not was_confirmed or due is not None or pending or legacy)
         if read:
             attributes = self.compute.guest_attributes(vm.key)
             report = AgentReport.from_attributes(attributes)
@@ -404,6 +409,12 @@ class Reconciler:
         if why in FIRST_DELIVERY and not (legacy and why == NO_CERT):
             was_confirmed = False  # a new VM, a copy of one, or a new identity confirms afresh
 
+        # The pass that wrote a `waiting` status for this VM and identity checked that the entry name is free or
+        # meshjoin's (below): a first delivery after it does not repeat the GET. A status forged `waiting` skips
+        # only this courtesy check for its own VM: the registration itself never replaces an entry meshjoin did
+        # not make (KubeAdapter.apply_owned), whatever the status says.
+        entry_checked = status.get("state") == "waiting" and same_vm
+
         issued: pki.IssuedCert | None = None
         problem = None
         if why:
@@ -411,7 +422,7 @@ class Reconciler:
             if isinstance(choice, str):
                 problem = choice
             else:
-                if why in FIRST_DELIVERY:
+                if why in FIRST_DELIVERY and not entry_checked:
                     self._refuse_a_foreign_entry(vm, identity)
                 issued = pki.certify(ca.bundle, choice.public_key, spiffe, now=now, ttl=self.settings.cert_ttl,
                                      backdate=min(MAX_BACKDATE, self.settings.cert_ttl / 10))
@@ -422,7 +433,7 @@ class Reconciler:
                                       issued.not_after, serial_hex(issued.serial), key_certs)
                 log("INFO", f"certified key {issued.key_id} as {spiffe} ({why})", key=vm.key, outcome="certified",
                     keyId=issued.key_id, certSerial=delivered.serial)
-        if delivered is None and (status.get("state") != "waiting" or not same_vm):
+        if delivered is None and not entry_checked:
             # Before a first bootstrap: the entry name the VM will register under must be free or meshjoin's,
             # or its owner would wait for a join that can never complete.
             self._refuse_a_foreign_entry(vm, identity)

@@ -151,6 +151,7 @@ def test_first_join_waits_for_the_key_then_certifies_the_csr_with_no_secret_writ
 ], ids=["wrong signature", "RSA when EC is required", "garbage", "two CSRs"])
 def test_an_invalid_csr_is_never_signed_and_the_status_says_why(plugin_ca, csr, why):
     world = World(plugin_ca)
+    assert world.reconcile().verb == "bootstrapped"  # the agent acts once the bootstrap is there
     world.compute.guest[KEY] = {names.CSR_ATTRIBUTE: csr()}
     outcome = world.reconcile()
     assert outcome.state == "waiting" and why in world.status()["reason"]
@@ -162,6 +163,7 @@ def test_an_invalid_csr_is_never_signed_and_the_status_says_why(plugin_ca, csr, 
 
 def test_names_a_csr_asks_for_are_ignored(plugin_ca):
     world = World(plugin_ca)
+    world.reconcile()  # the bootstrap
     vm_key = ec_key()
     world.compute.vm_keys[KEY] = vm_key
     world.compute.guest[KEY] = {names.CSR_ATTRIBUTE: csr_pem(
@@ -308,6 +310,7 @@ def test_a_412_race_rereads_and_converges_on_one_certificate_for_the_vms_key(plu
             super().set_metadata(vm, items, remove)
 
     world = World(plugin_ca)
+    assert world.reconcile().verb == "bootstrapped"
     world.compute = RacingCompute(world.compute.vms)
     world.reconciler.compute = world.compute
     vm_key = world.compute.hand_in_key(KEY)
@@ -508,3 +511,75 @@ def test_a_vm_still_serving_an_older_certificate_is_warned_about_and_the_warning
     world.compute.confirm(KEY)  # the watcher installed the renewal and reported it
     world.reconcile()
     assert not world.status().get("warnings")
+
+
+# --- the entry-name check: once per first delivery (issue 16) ------------------------------------------------
+
+
+class CountingKube(FakeKube):
+    def __init__(self):
+        super().__init__()
+        self.entry_gets = 0
+
+    def get(self, kind, namespace, name):
+        self.entry_gets += kind == "WorkloadEntry"
+        return super().get(kind, namespace, name)
+
+
+def test_the_entry_name_is_checked_once_per_first_delivery(plugin_ca):
+    world = World(plugin_ca)
+    world.kube = world.reconciler.kube = CountingKube()
+    assert world.reconcile().verb == "bootstrapped" and world.kube.entry_gets == 1  # the bootstrap pass checks
+    world.compute.hand_in_key(KEY)
+    assert world.reconcile().verb == "delivered" and world.kube.entry_gets == 1  # its `waiting` status says so
+    world.compute.confirm(KEY)
+    assert world.reconcile().verb == "registered" and world.entries() == [ENTRY]
+
+
+def test_a_status_forged_waiting_skips_the_check_but_never_lets_a_foreign_entry_be_replaced(plugin_ca):
+    """The VM's owner forges `waiting` for their own VM and identity, so the certificate pass does not look at
+    the entry name first: they get a certificate for the identity policy grants them anyway, and the entry that
+    someone else made at their entry's name stays untouched (the registration refuses it)."""
+    namespace, name = ENTRY.split("/")
+    foreign = {"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
+               "metadata": {"name": name, "namespace": namespace, "labels": {"app": "someone-else"}},
+               "spec": {"address": "10.0.0.1"}}
+    forged = json.dumps({"state": "waiting", "instanceId": "4242", "identity": SPIFFE})
+    world = World(plugin_ca, vms={KEY: vm_with({"mesh": "join"}, {names.STATUS_KEY: forged})})
+    world.kube = world.reconciler.kube = CountingKube()
+    world.kube._store(foreign)
+    entry_key = ("WorkloadEntry", namespace, name)
+    before = json.dumps(world.kube.objects[entry_key], sort_keys=True)
+    world.compute.hand_in_key(KEY)
+    assert world.reconcile().verb == "delivered" and world.kube.entry_gets == 0
+    world.compute.confirm(KEY)
+    outcome = world.reconcile()
+    assert (outcome.verb, world.status()["state"]) == ("failed", "error")
+    assert "not managed by meshjoin" in outcome.reason
+    assert json.dumps(world.kube.objects[entry_key], sort_keys=True) == before  # the foreign entry, untouched
+
+
+def test_without_a_waiting_status_for_this_vm_and_identity_a_foreign_entry_stops_the_delivery(plugin_ca):
+    namespace, name = ENTRY.split("/")
+    foreign = {"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
+               "metadata": {"name": name, "namespace": namespace}, "spec": {"address": "10.0.0.1"}}
+    forged = json.dumps({"state": "waiting", "instanceId": "another-instance", "identity": SPIFFE})
+    world = World(plugin_ca, vms={KEY: vm_with({"mesh": "join"}, {names.STATUS_KEY: forged})})
+    world.kube._store(foreign)
+    world.compute.hand_in_key(KEY)
+    outcome = world.reconcile()
+    assert outcome.verb == "failed" and names.CERT_CHAIN_KEY not in world.metadata()
+
+
+def test_a_vm_without_any_meshjoin_item_is_bootstrapped_without_reading_its_guest_attributes(plugin_ca):
+    world = World(plugin_ca)
+    world.compute.hand_in_key(KEY)  # whatever is there already (no agent 3 writes before the bootstrap)
+    assert world.reconcile().verb == "bootstrapped" and world.compute.guest_reads == 0
+    assert names.CERT_CHAIN_KEY not in world.metadata()
+    assert world.reconcile().verb == "delivered" and world.compute.guest_reads == 1  # from the next pass on
+
+    # Any meshjoin item, the status of a VM that left included, means the VM was bootstrapped before: read.
+    left = json.dumps({"state": "left", "reason": "the label mesh=join was removed"})
+    world = World(plugin_ca, vms={KEY: vm_with({"mesh": "join"}, {names.STATUS_KEY: left})})
+    world.compute.hand_in_key(KEY)
+    assert world.reconcile().verb == "delivered" and world.compute.guest_reads == 1

@@ -84,6 +84,7 @@ def test_defect3_a_new_vm_waits_without_traffic_until_its_agent_confirms(world):
 ])
 def test_defect3_only_the_delivered_serial_with_a_running_sidecar_confirms(world, report, why):
     compute, kube, _, reconciler = world
+    reconciler.reconcile(KEY)  # the bootstrap: the VM's agent acts once it is there
     compute.hand_in_key(KEY)
     reconciler.reconcile(KEY)
     if report is None:
@@ -98,6 +99,7 @@ def test_defect3_only_the_delivered_serial_with_a_running_sidecar_confirms(world
 
 def test_defect3_confirmation_survives_a_renewal_but_not_a_new_identity(world):
     compute, kube, _, reconciler = world
+    reconciler.reconcile(KEY)  # the bootstrap: the VM's agent acts once it is there
     compute.hand_in_key(KEY)
     reconciler.reconcile(KEY)
     compute.confirm(KEY)
@@ -139,6 +141,7 @@ def test_defect3_guest_attributes_answer_is_read_in_the_real_apis_shape():
 
 def test_defect3_sweep_rechecks_waiting_vms_and_reports_those_waiting_too_long(world):
     compute, kube, secrets, reconciler = world
+    reconciler.reconcile(KEY)  # the bootstrap: the VM's agent acts once it is there
     compute.hand_in_key(KEY)
     reconciler.reconcile(KEY)
     vm = compute.vms[KEY]
@@ -152,6 +155,7 @@ def test_defect3_sweep_rechecks_waiting_vms_and_reports_those_waiting_too_long(w
 
 def test_defect3_status_and_explain_show_waiting_and_the_agents_report(world):
     compute, kube, _, reconciler = world
+    reconciler.reconcile(KEY)  # the bootstrap: the VM's agent acts once it is there
     compute.hand_in_key(KEY)
     reconciler.reconcile(KEY)
     compute.guest[KEY].update({"agent-version": "3", "cert-serial": "1", "sidecar": "failed", "updated": "t"})

@@ -1,4 +1,5 @@
-"""The sweep reads Compute listings as plain JSON: `vm_from_json` must see what `to_vm` sees in the SDK type."""
+"""meshjoin reads Compute as plain JSON (listings and single VMs): `vm_from_json` must see what the SDK's
+type holds, read field by field as meshjoin read it when it used the SDK (`sdk_vm`)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,22 @@ import json
 import pytest
 from google.cloud import compute_v1
 
-from meshjoin.adapters.compute import SHARED_VALUE_BYTES, to_vm, vm_from_json
-from meshjoin.model import VmKey
+from meshjoin.adapters.compute import SHARED_VALUE_BYTES, vm_from_json
+from meshjoin.model import Vm, VmKey
 
 KEY = VmKey("p", "us-central1-a", "vm-1")
 SCRIPT = "#!/bin/bash\n" + "x" * SHARED_VALUE_BYTES
+
+
+def sdk_vm(key: VmKey, instance: compute_v1.Instance) -> Vm:
+    """The reference: a `Vm` from google-cloud-compute's `Instance`."""
+    interfaces = list(instance.network_interfaces)
+    accounts = list(instance.service_accounts)
+    return Vm(key=key, instance_id=str(instance.id), labels=dict(instance.labels),
+              metadata={item.key: item.value for item in instance.metadata.items},
+              metadata_fingerprint=instance.metadata.fingerprint,
+              network_ip=interfaces[0].network_i_p if interfaces else "",
+              service_account=accounts[0].email if accounts else None, status=instance.status)
 
 
 def instance(**fields) -> compute_v1.Instance:
@@ -34,7 +46,7 @@ CASES = {
 def test_json_listing_reads_the_same_vm_as_the_sdk(case):
     proto = CASES[case]
     wire = json.loads(compute_v1.Instance.to_json(proto))  # the REST API's JSON (lowerCamel, int64 as strings)
-    assert vm_from_json(KEY, wire) == to_vm(KEY, proto)
+    assert vm_from_json(KEY, wire) == sdk_vm(KEY, proto)
 
 
 def test_large_values_repeated_across_vms_are_kept_once():

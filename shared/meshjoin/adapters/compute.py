@@ -1,19 +1,21 @@
 """Compute Engine: read VMs, write their metadata with the fingerprint. Returns `Vm`, never SDK types.
 
-Calls pass `retry=None`: `retry.call` is the one retry policy, so a failing API costs a bounded
-number of attempts instead of the library's minute-long default on top of ours. They also pass
-`timeout` (MESHJOIN_API_TIMEOUT): the library's default for Compute is 600 s per call, so a hung
-call would otherwise hold the function far past Pub/Sub's ack deadline.
+`retry.call` is the one retry policy, so a failing API costs a bounded number of attempts. Every call
+passes `timeout` (MESHJOIN_API_TIMEOUT; the client library's default for Compute was 600 s per call), so
+a hung call cannot hold the function past Pub/Sub's ack deadline.
 
-`google.cloud.compute_v1` costs over a second to import (it loads every type), so it is imported
-when the first client is built, not with this module.
+Every call is plain JSON over one authorized `requests` session, not through `google.cloud.compute_v1`:
+its REST transport converts each answer to protobuf through `json_format` (a regex over every string of
+an instance's metadata) and each request from proto-plus back to JSON, about two thirds of the event
+function's CPU per join (py-spy, issue 16), and it costs over a second and ~100 MB to import. The
+requests, answers and errors are the REST API's own (`from_http_response` raises the same
+`google.api_core` exceptions the library raises).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from functools import cached_property
 from typing import Iterator, Mapping
 
 from .. import names
@@ -53,43 +55,14 @@ class ComputeAdapter:
         self._project_metadata: dict[str, tuple[dict[str, str], float]] = {}
         self._project_lock = threading.Lock()
 
-    # The clients are built on first use: a sweep with nothing to do only lists, and compute_v1 alone
-    # costs ~100 MB of RSS and over a second to import.
-    @cached_property
-    def _compute_v1(self):
-        from google.cloud import compute_v1
-
-        return compute_v1
-
-    def _client_kwargs(self) -> dict:
-        options = {"api_endpoint": self._settings.compute_endpoint} if self._settings.compute_endpoint else None
-        return dict(transport="rest", credentials=self._credentials, client_options=options)
-
-    @cached_property
-    def _instances(self):
-        return self._compute_v1.InstancesClient(**self._client_kwargs())
-
-    @cached_property
-    def _operations(self):
-        # Built with the same endpoint: the client's own operation polling would ignore it.
-        return self._compute_v1.ZoneOperationsClient(**self._client_kwargs())
-
     def _call(self, fn, what: str, permission: str, passthrough=(), kind: str = ratelimit.READ,
               attempts: int | None = None):
         return call(fn, what=what, permission=permission, attempts=attempts or self._settings.api_attempts,
                     passthrough=passthrough, pace=lambda: self._limiters.acquire("compute", kind))
 
     def get_vm(self, key: VmKey) -> Vm | None:
-        from google.api_core.exceptions import NotFound
-
-        try:
-            instance = self._call(
-                lambda: self._instances.get(project=key.project, zone=key.zone, instance=key.instance, retry=None,
-                                            timeout=self._timeout),
-                f"instances.get {key}", "compute.instances.get", passthrough=(NotFound,))
-        except NotFound:
-            return None
-        return to_vm(key, instance)
+        body = self._get_json(self._instance_url(key), {}, f"instances.get {key}", "compute.instances.get")
+        return None if body is None else vm_from_json(key, body)
 
     def list_vms(self, label_filter: str, page_size: int = 500, unreachable: set[str] | None = None, *,
                  project: str | None = None) -> Iterator[Vm]:
@@ -137,10 +110,8 @@ class ComputeAdapter:
         that is "not confirmed", an empty dict. Values are the VM's own words: callers validate them.
         Values come back verbatim from the JSON answer: a multi-line PEM CSR (`csr`) keeps its newlines.
         """
-        url = (f"{self._base_url()}/compute/v1/projects/{key.project}/zones/{key.zone}/instances/{key.instance}"
-               "/getGuestAttributes")
-        body = self._get_json(url, {"queryPath": f"{GUEST_NAMESPACE}/"}, f"instances.getGuestAttributes {key}",
-                              "compute.instances.getGuestAttributes")
+        body = self._get_json(self._instance_url(key) + "/getGuestAttributes", {"queryPath": f"{GUEST_NAMESPACE}/"},
+                              f"instances.getGuestAttributes {key}", "compute.instances.getGuestAttributes")
         if body is None:
             return {}
         return guest_items(body)
@@ -192,11 +163,34 @@ class ComputeAdapter:
         endpoint = self._settings.compute_endpoint or "compute.googleapis.com"
         return (endpoint if "://" in endpoint else f"https://{endpoint}").rstrip("/")
 
+    def _instance_url(self, key: VmKey) -> str:
+        return f"{self._base_url()}/compute/v1/projects/{key.project}/zones/{key.zone}/instances/{key.instance}"
+
+    def _post_json(self, url: str, body: dict | None, timeout: float) -> dict:
+        from google.api_core.exceptions import from_http_response
+
+        response = self._session().post(url, json=body, timeout=timeout)
+        if response.status_code >= 400:
+            raise from_http_response(response)
+        return response.json()
+
     def _session(self):
         if self._json_session is None:
             from google.auth.transport.requests import AuthorizedSession
+            from requests.utils import get_netrc_auth
 
-            self._json_session = AuthorizedSession(self._credentials)
+            session = AuthorizedSession(self._credentials)
+            if session.trust_env:
+                # requests re-derives proxies, the CA bundle and ~/.netrc from the environment on every request
+                # (scanning all of os.environ): ~10 % of a join's CPU. Every call goes to one endpoint, so what it
+                # would find is derived once, for that endpoint, exactly as requests derives it, and kept.
+                url = self._base_url()
+                found = session.merge_environment_settings(url, {}, None, None, None)
+                session.proxies.update(found["proxies"])
+                session.verify, session.cert = found["verify"], found["cert"]
+                session.auth = get_netrc_auth(url)
+                session.trust_env = False
+            self._json_session = session
         return self._json_session
 
     def find(self, name: str, project: str | None = None) -> list[Vm]:
@@ -210,41 +204,37 @@ class ComputeAdapter:
 
         merged = {k: v for k, v in vm.metadata.items() if k not in remove}
         merged.update(items)
-        body = self._compute_v1.Metadata(
-            fingerprint=vm.metadata_fingerprint,
-            items=[self._compute_v1.Items(key=k, value=v) for k, v in merged.items()],
-        )
+        body = {"fingerprint": vm.metadata_fingerprint, "items": [{"key": k, "value": v} for k, v in merged.items()]}
         key = vm.key
+        url = self._instance_url(key) + "/setMetadata"
         try:
-            operation = self._call(
-                lambda: self._instances.set_metadata_unary(
-                    project=key.project, zone=key.zone, instance=key.instance, metadata_resource=body, retry=None,
-                    timeout=self._timeout),
-                f"instances.setMetadata {key}", "compute.instances.setMetadata",
-                passthrough=(PreconditionFailed,), kind=ratelimit.WRITE)
+            operation = self._call(lambda: self._post_json(url, body, self._timeout),
+                                   f"instances.setMetadata {key}", "compute.instances.setMetadata",
+                                   passthrough=(PreconditionFailed,), kind=ratelimit.WRITE)
         except PreconditionFailed as exc:
             raise StaleFingerprint(str(key)) from exc
-        self._wait(key, operation.name)
+        self._wait(key, operation["name"])
 
     def _wait(self, key: VmKey, operation: str, patience: float = OPERATION_PATIENCE) -> None:
         """Until the operation is DONE: `wait` calls whose client deadline exceeds the server's ~2 min
         hold, repeated (a wait may return early, still RUNNING) until `patience` runs out."""
         deadline = time.monotonic() + patience
+        url = f"{self._base_url()}/compute/v1/projects/{key.project}/zones/{key.zone}/operations/{operation}/wait"
         last_error: Exception | None = None
         while time.monotonic() < deadline:
             timeout = max(self._timeout, min(OPERATION_WAIT_TIMEOUT, deadline - time.monotonic() + 1))
             try:
-                result = self._call(
-                    lambda: self._operations.wait(project=key.project, zone=key.zone, operation=operation,
-                                                  retry=None, timeout=timeout),
-                    f"zoneOperations.wait {operation}", "compute.zoneOperations.get", attempts=1)
+                result = self._call(lambda: self._post_json(url, None, timeout),
+                                    f"zoneOperations.wait {operation}", "compute.zoneOperations.get", attempts=1)
             except TransientError as exc:  # a lost answer: ask again while patience lasts
                 last_error = exc
                 time.sleep(1.0)
                 continue
-            if result.status == self._compute_v1.Operation.Status.DONE:
-                if result.error and result.error.errors:
-                    raise TransientError(f"operation {operation} on {key} failed: {result.error.errors[0].message}")
+            if result.get("status") == "DONE":
+                errors = (result.get("error") or {}).get("errors") or []
+                if errors:
+                    raise TransientError(f"operation {operation} on {key} failed: "
+                                         f"{(errors[0] or {}).get('message', errors[0])}")
                 return
         raise TransientError(f"operation {operation} on {key} did not finish within {patience:.0f}s"
                              + (f" ({last_error})" if last_error else ""))
@@ -268,23 +258,8 @@ def guest_items(body: dict) -> dict[str, str]:
             and isinstance(item.get("key"), str) and isinstance(item.get("value"), str)}
 
 
-def to_vm(key: VmKey, instance) -> Vm:
-    interfaces = list(instance.network_interfaces)
-    accounts = list(instance.service_accounts)
-    return Vm(
-        key=key,
-        instance_id=str(instance.id),
-        labels=dict(instance.labels),
-        metadata={item.key: item.value for item in instance.metadata.items},
-        metadata_fingerprint=instance.metadata.fingerprint,
-        network_ip=interfaces[0].network_i_p if interfaces else "",
-        service_account=accounts[0].email if accounts else None,
-        status=instance.status,
-    )
-
-
 def vm_from_json(key: VmKey, instance: dict, shared: dict[str, str] | None = None) -> Vm:
-    """`to_vm` for an Instance as the REST API's JSON; large values equal to one in `shared` reuse it."""
+    """A `Vm` from an Instance as the REST API's JSON; large values equal to one in `shared` reuse it."""
     shared = {} if shared is None else shared
 
     def value(item: dict) -> str:
