@@ -26,9 +26,10 @@ from .world import World
 
 REPO = Path(__file__).resolve().parents[1]
 CHILD = str(Path(__file__).with_name("_cold_child.py"))
-# The client libraries a join imports (Compute is spoken as REST JSON through google-auth's requests session).
-FLOOR_MODULES = ["google.auth.transport.requests", "google.cloud.secretmanager_v1", "google.cloud.container_v1",
-                 "kubernetes.client", "google.auth", "cryptography.x509"]
+# The client libraries a join imports (Compute reads are REST JSON through google-auth's requests session,
+# its writes go through google-cloud-compute).
+FLOOR_MODULES = ["google.cloud.compute_v1", "google.auth.transport.requests", "google.cloud.secretmanager_v1",
+                 "google.cloud.container_v1", "kubernetes.client", "google.auth", "cryptography.x509"]
 
 
 def _child(args: list[str], env: dict) -> dict:

@@ -4,18 +4,20 @@
 passes `timeout` (MESHJOIN_API_TIMEOUT; the client library's default for Compute was 600 s per call), so
 a hung call cannot hold the function past Pub/Sub's ack deadline.
 
-Every call is plain JSON over one authorized `requests` session, not through `google.cloud.compute_v1`:
-its REST transport converts each answer to protobuf through `json_format` (a regex over every string of
-an instance's metadata) and each request from proto-plus back to JSON, about two thirds of the event
-function's CPU per join (py-spy, issue 16), and it costs over a second and ~100 MB to import. The
-requests, answers and errors are the REST API's own (`from_http_response` raises the same
-`google.api_core` exceptions the library raises).
+Reads (`instances.get`, `getGuestAttributes`, the listing) are plain JSON over one authorized `requests`
+session, not through `google.cloud.compute_v1`: its REST transport converts each answer to protobuf through
+`json_format` (a regex over every string of an instance's metadata), about two thirds of the event
+function's CPU per join (py-spy, issue 16), and the listing needs a partial response it cannot ask for.
+Their errors are the REST API's own (`from_http_response` raises the same `google.api_core` exceptions the
+library raises). Writes (`setMetadata` and waiting on its operation) go through google-cloud-compute's
+client, whose types carry the fingerprint and the operation's status.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from functools import cached_property
 from typing import Iterator, Mapping
 
 from .. import names
@@ -54,6 +56,28 @@ class ComputeAdapter:
         # Common instance metadata per VM project: (items, when read).
         self._project_metadata: dict[str, tuple[dict[str, str], float]] = {}
         self._project_lock = threading.Lock()
+
+    # The write path (setMetadata and its operation) goes through google-cloud-compute's client, built on
+    # first use: a sweep or a read-only pass never pays its import (~1 s, ~100 MB). Reads, which are most
+    # calls and carry whole instances, are plain JSON (see the module docstring).
+    @cached_property
+    def _compute_v1(self):
+        from google.cloud import compute_v1
+
+        return compute_v1
+
+    def _client_kwargs(self) -> dict:
+        options = {"api_endpoint": self._settings.compute_endpoint} if self._settings.compute_endpoint else None
+        return dict(transport="rest", credentials=self._credentials, client_options=options)
+
+    @cached_property
+    def _instances(self):
+        return self._compute_v1.InstancesClient(**self._client_kwargs())
+
+    @cached_property
+    def _operations(self):
+        # Built with the same endpoint: the client's own operation polling would ignore it.
+        return self._compute_v1.ZoneOperationsClient(**self._client_kwargs())
 
     def _call(self, fn, what: str, permission: str, passthrough=(), kind: str = ratelimit.READ,
               attempts: int | None = None):
@@ -204,37 +228,41 @@ class ComputeAdapter:
 
         merged = {k: v for k, v in vm.metadata.items() if k not in remove}
         merged.update(items)
-        body = {"fingerprint": vm.metadata_fingerprint, "items": [{"key": k, "value": v} for k, v in merged.items()]}
+        body = self._compute_v1.Metadata(
+            fingerprint=vm.metadata_fingerprint,
+            items=[self._compute_v1.Items(key=k, value=v) for k, v in merged.items()],
+        )
         key = vm.key
-        url = self._instance_url(key) + "/setMetadata"
         try:
-            operation = self._call(lambda: self._post_json(url, body, self._timeout),
-                                   f"instances.setMetadata {key}", "compute.instances.setMetadata",
-                                   passthrough=(PreconditionFailed,), kind=ratelimit.WRITE)
+            operation = self._call(
+                lambda: self._instances.set_metadata_unary(
+                    project=key.project, zone=key.zone, instance=key.instance, metadata_resource=body, retry=None,
+                    timeout=self._timeout),
+                f"instances.setMetadata {key}", "compute.instances.setMetadata",
+                passthrough=(PreconditionFailed,), kind=ratelimit.WRITE)
         except PreconditionFailed as exc:
             raise StaleFingerprint(str(key)) from exc
-        self._wait(key, operation["name"])
+        self._wait(key, operation.name)
 
     def _wait(self, key: VmKey, operation: str, patience: float = OPERATION_PATIENCE) -> None:
         """Until the operation is DONE: `wait` calls whose client deadline exceeds the server's ~2 min
         hold, repeated (a wait may return early, still RUNNING) until `patience` runs out."""
         deadline = time.monotonic() + patience
-        url = f"{self._base_url()}/compute/v1/projects/{key.project}/zones/{key.zone}/operations/{operation}/wait"
         last_error: Exception | None = None
         while time.monotonic() < deadline:
             timeout = max(self._timeout, min(OPERATION_WAIT_TIMEOUT, deadline - time.monotonic() + 1))
             try:
-                result = self._call(lambda: self._post_json(url, None, timeout),
-                                    f"zoneOperations.wait {operation}", "compute.zoneOperations.get", attempts=1)
+                result = self._call(
+                    lambda: self._operations.wait(project=key.project, zone=key.zone, operation=operation,
+                                                  retry=None, timeout=timeout),
+                    f"zoneOperations.wait {operation}", "compute.zoneOperations.get", attempts=1)
             except TransientError as exc:  # a lost answer: ask again while patience lasts
                 last_error = exc
                 time.sleep(1.0)
                 continue
-            if result.get("status") == "DONE":
-                errors = (result.get("error") or {}).get("errors") or []
-                if errors:
-                    raise TransientError(f"operation {operation} on {key} failed: "
-                                         f"{(errors[0] or {}).get('message', errors[0])}")
+            if result.status == self._compute_v1.Operation.Status.DONE:
+                if result.error and result.error.errors:
+                    raise TransientError(f"operation {operation} on {key} failed: {result.error.errors[0].message}")
                 return
         raise TransientError(f"operation {operation} on {key} did not finish within {patience:.0f}s"
                              + (f" ({last_error})" if last_error else ""))
