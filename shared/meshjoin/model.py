@@ -40,6 +40,9 @@ class Vm:
     network_ip: str
     service_account: str | None
     status: str = "RUNNING"
+    # False for a sweep listing's view: `metadata` holds only the items the planner reads (the VM has
+    # more). Such a VM is planned from, never written from: a write merges into the whole metadata.
+    metadata_complete: bool = True
 
     @property
     def wants_mesh(self) -> bool:
