@@ -162,25 +162,42 @@ def check(tree: dict | _All, schema: dict | None, path: str = "") -> None:
 
 def apply(value: Any, tree: dict | _All) -> Any:
     """The selected part of `value` (a JSON value); arrays select within each element."""
+    return compile_mask(tree)(value)
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def compile_mask(tree: dict | _All):
+    """`tree` as a function of a JSON value: a listing applies one mask to every VM of a page, so the
+    mask is walked once, not once per VM."""
     if tree is ALL:
-        return value
-    if isinstance(value, list):
-        return [apply(element, tree) for element in value]
-    if not isinstance(value, dict):
-        return value
-    out = {}
+        return _identity
     wildcard = tree.get("*")
+    named = []
     for name, sub in tree.items():
-        if name != "*" and name in value:
-            if wildcard is not None and wildcard is not ALL and sub is not ALL:
-                sub = dict(sub)
-                _merge_into(sub, wildcard)
-            out[name] = apply(value[name], ALL if wildcard is ALL else sub)
-    if wildcard is not None:
-        for name, item in value.items():
-            if name not in tree:
-                out[name] = apply(item, wildcard)
-    return out
+        if name == "*":
+            continue
+        if wildcard is not None and wildcard is not ALL and sub is not ALL:
+            sub = dict(sub)
+            _merge_into(sub, wildcard)
+        named.append((name, compile_mask(ALL if wildcard is ALL else sub)))
+    every = compile_mask(wildcard) if wildcard is not None else None
+    names = {name for name, _ in named}
+
+    def select_dict(value: dict) -> dict:
+        out = {name: fn(value[name]) for name, fn in named if name in value}
+        if every is not None:
+            out.update((name, every(item)) for name, item in value.items() if name not in names)
+        return out
+
+    def select(value: Any) -> Any:
+        if isinstance(value, list):
+            return [select(element) for element in value]
+        return select_dict(value) if isinstance(value, dict) else value
+
+    return select
 
 
 def select(request, body: Any, schema: dict) -> Any:
@@ -190,4 +207,4 @@ def select(request, body: Any, schema: dict) -> Any:
         return body
     tree = parse(text)
     check(tree, schema)
-    return apply(body, tree)
+    return compile_mask(tree)(body)

@@ -107,6 +107,31 @@ def entry_key(entry: dict, project: str) -> VmKey | None:
         return None
 
 
+def planning_entry(entry: dict, shared: dict[str, str]) -> dict:
+    """What the plan (and `meshjoin status`) read of a listed WorkloadEntry: its name, namespace, labels,
+    annotations, address and ports. The rest (managedFields, the server's fields, the spec's other parts)
+    is dropped as the listing is read: a 100,000-VM inventory holds one entry per VM. Strings a fleet
+    repeats (keys, namespaces, apps, the project and zone) are kept once in `shared`."""
+    meta = entry.get("metadata") if isinstance(entry.get("metadata"), dict) else {}
+    spec = entry.get("spec") if isinstance(entry.get("spec"), dict) else {}
+    intern = shared.setdefault
+
+    def strings(mapping, repeated) -> dict:
+        if not isinstance(mapping, dict):
+            return {}
+        return {intern(k, k): intern(v, v) if repeated(k) and isinstance(v, str) else v for k, v in mapping.items()}
+
+    namespace = meta.get("namespace")
+    return {"metadata": {"name": meta.get("name"),
+                         "namespace": intern(namespace, namespace) if isinstance(namespace, str) else namespace,
+                         "labels": strings(meta.get("labels"), lambda k: k != names.VM_LABEL),
+                         "annotations": strings(meta.get("annotations"), _REPEATED_ANNOTATIONS.__contains__)},
+            "spec": {k: spec[k] for k in ("address", "ports") if k in spec}}
+
+
+_REPEATED_ANNOTATIONS = frozenset({names.ANNOTATION_PREFIX + "project", names.ANNOTATION_PREFIX + "zone"})
+
+
 def _entry_ref(entry: dict) -> str:
     meta = entry.get("metadata") or {}
     return f"{meta.get('namespace')}/{meta.get('name')}"
@@ -269,8 +294,9 @@ class Sweeper:
         unreachable: set[str] = set()
         vms = listing("Compute instances", lambda: {vm.key: vm for vm in r.compute.list_vms(LABEL_FILTER,
                                                                                           unreachable=unreachable)})
-        entries = listing("WorkloadEntries", lambda: list(r.kube.list("WorkloadEntry", OWNED_SELECTOR,
-                                                                      page_size=CLUSTER_PAGE)))
+        shared: dict[str, str] = {}
+        entries = listing("WorkloadEntries", lambda: [planning_entry(e, shared) for e in r.kube.list(
+            "WorkloadEntry", OWNED_SELECTOR, page_size=CLUSTER_PAGE)])
         services = listing("Services", lambda: list(r.kube.list("Service", OWNED_SELECTOR, page_size=CLUSTER_PAGE)))
         secrets = listing("legacy per-VM secrets", lambda: dict(r.secrets.list_vm_secrets()))
         return Inventory(vms or {}, entries or [], services or [], secrets or {}, errors, frozenset(unreachable))

@@ -13,7 +13,7 @@ from meshjoin import names
 from meshjoin.adapters.compute import SHARED_VALUE_BYTES, SWEEP_METADATA_KEYS, ComputeAdapter, to_vm, vm_from_json
 from meshjoin.fleet import fleet_rows
 from meshjoin.model import Vm, VmKey
-from meshjoin.sweep import plan_sweep, soonest_cert_expiry
+from meshjoin.sweep import plan_sweep, planning_entry, soonest_cert_expiry
 
 from meshjoin.settings import IdentityBinding
 
@@ -92,14 +92,29 @@ FLEET_SETTINGS = SETTINGS.__class__(**{**SETTINGS.__dict__, "identity_bindings":
     for v in FLEET if v.key.instance != "unbound")})
 
 
+def served(e: dict) -> dict:
+    """A WorkloadEntry as the API server lists it: server fields and spec parts the plan does not read."""
+    meta = e["metadata"]
+    return {"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
+            "metadata": {**meta, "uid": "u-" + meta["name"], "resourceVersion": "42", "generation": 1,
+                         "creationTimestamp": "2026-11-21T00:00:00Z", "managedFields": [{"manager": "meshjoin"}],
+                         "labels": {**meta["labels"], names.VM_LABEL: meta["annotations"]["meshjoin.dev/instance"]},
+                         "annotations": {**meta["annotations"], "meshjoin.dev/cert-not-after": "2026-11-22T00:00:00Z"}},
+            "spec": {**e["spec"], "serviceAccount": "default", "labels": {"app": meta["labels"]["app"]},
+                     "network": "", "locality": "us-central1/us-central1-a"}}
+
+
 def test_the_sweeps_slim_view_plans_exactly_as_the_whole_vm():
-    entries = [entry(v.key.instance) for v in FLEET] + [entry("orphan")]
+    entries = [served(entry(v.key.instance)) for v in FLEET] + [served(entry("orphan")),
+                                                               served(entry("ports", ports={"http": 8080}))]
     whole = inventory(FLEET, entries, [], ["legacy", "gone"])
     shared: dict[str, str] = {}
     slim_vms = [vm_from_json(v.key, as_json(v), shared, SWEEP_METADATA_KEYS) for v in FLEET]
     assert all(not s.metadata_complete and set(s.metadata) <= SWEEP_METADATA_KEYS for s in slim_vms)
     assert any(names.SECRET_KEY in s.metadata for s in slim_vms)
-    slim = inventory(slim_vms, entries, [], ["legacy", "gone"])
+    slim_entries = [planning_entry(e, shared) for e in entries]
+    assert all("managedFields" not in e["metadata"] and set(e["spec"]) <= {"address", "ports"} for e in slim_entries)
+    slim = inventory(slim_vms, slim_entries, [], ["legacy", "gone"])
     planned, planned_slim = plan_sweep(whole, FLEET_SETTINGS, CA, NOW), plan_sweep(slim, FLEET_SETTINGS, CA, NOW)
     assert planned.actions == planned_slim.actions
     # The fleet covers the planner's cases: renewal, re-issue, joins of several kinds, a prune, health.
