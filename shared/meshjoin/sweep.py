@@ -108,28 +108,31 @@ def entry_key(entry: dict, project: str) -> VmKey | None:
 
 
 def planning_entry(entry: dict, shared: dict[str, str]) -> dict:
-    """What the plan (and `meshjoin status`) read of a listed WorkloadEntry: its name, namespace, labels,
-    annotations, address and ports. The rest (managedFields, the server's fields, the spec's other parts)
-    is dropped as the listing is read: a 100,000-VM inventory holds one entry per VM. Strings a fleet
-    repeats (keys, namespaces, apps, the project and zone) are kept once in `shared`."""
+    """What the plan (and `meshjoin status`) read of a listed WorkloadEntry: its name and namespace, its
+    `app` label, the annotations naming its VM, its address and ports. The rest (managedFields, the
+    server's fields, other labels and annotations, the spec's other parts) is dropped as the listing is
+    read: a 100,000-VM inventory holds one entry per VM. Strings a fleet repeats (namespaces, apps, the
+    project and zone) are kept once in `shared`."""
     meta = entry.get("metadata") if isinstance(entry.get("metadata"), dict) else {}
     spec = entry.get("spec") if isinstance(entry.get("spec"), dict) else {}
     intern = shared.setdefault
 
-    def strings(mapping, repeated) -> dict:
+    def kept(mapping, keys, repeated=()) -> dict:
         if not isinstance(mapping, dict):
             return {}
-        return {intern(k, k): intern(v, v) if repeated(k) and isinstance(v, str) else v for k, v in mapping.items()}
+        return {intern(k, k): intern(v, v) if k in repeated and isinstance(v, str) else v
+                for k, v in mapping.items() if k in keys}
 
     namespace = meta.get("namespace")
     return {"metadata": {"name": meta.get("name"),
                          "namespace": intern(namespace, namespace) if isinstance(namespace, str) else namespace,
-                         "labels": strings(meta.get("labels"), lambda k: k != names.VM_LABEL),
-                         "annotations": strings(meta.get("annotations"), _REPEATED_ANNOTATIONS.__contains__)},
+                         "labels": kept(meta.get("labels"), ("app",), ("app",)),
+                         "annotations": kept(meta.get("annotations"), _VM_ANNOTATIONS, _REPEATED_ANNOTATIONS)},
             "spec": {k: spec[k] for k in ("address", "ports") if k in spec}}
 
 
-_REPEATED_ANNOTATIONS = frozenset({names.ANNOTATION_PREFIX + "project", names.ANNOTATION_PREFIX + "zone"})
+_VM_ANNOTATIONS = frozenset(names.ANNOTATION_PREFIX + k for k in ("project", "zone", "instance"))
+_REPEATED_ANNOTATIONS = frozenset(names.ANNOTATION_PREFIX + k for k in ("project", "zone"))
 
 
 def _entry_ref(entry: dict) -> str:
