@@ -137,7 +137,27 @@ def targets(results: dict, before: dict) -> list[tuple[str, str, str, str]]:
         worst = max(peaks, key=lambda r: r["peak_rss_mb"])
         rows.append(("sweep peak RSS ≤ 300 MB", f"{worst['peak_rss_mb']} MB (worst scenario: {worst['scenario']})",
                      _verdict(worst["peak_rss_mb"] <= 300), "VmHWM of the sweeping function process"))
+    rows += _sweep_scale_targets(s.get("sweep_scale", {}))
     return rows
+
+
+def _sweep_scale_targets(sc: dict) -> list[tuple[str, str, str, str]]:
+    """Issue 16's sweep targets, from the largest `sweep_scale` run with nothing due."""
+    runs = [r for r in sc.get("runs", []) if r.get("scenario") == "nothing-due" and "wall_s" in r]
+    if not runs:
+        return []
+    big = max(runs, key=lambda r: r["n"])
+    load = big.get("load_avg", {}).get("before", ["?"])[0]
+    return [
+        (f"{big['n']:,}-VM sweep, nothing due: ≤ 60 s wall", f"{big['wall_s']} s (sweep process CPU {big['cpu_s']} s, "
+         f"emulators' CPU {big['world_cpu_s']} s)", _verdict(big["wall_s"] <= 60),
+         f"1-min load average {load} on 2 shared cores"),
+        (f"{big['n']:,}-VM sweep: peak RSS ≤ 512 MB", f"{big['peak_rss_mb']} MB", _verdict(big["peak_rss_mb"] <= 512),
+         "VmHWM of the sweeping function process"),
+        (f"{big['n']:,}-VM sweep: ≤ 2 list calls per 500 VMs", f"{big['list_calls_per_500_vms']} "
+         f"(Compute: {big['compute_list_calls_per_500_vms']})", _verdict(big["list_calls_per_500_vms"] <= 2),
+         "every listing of the inventory: Compute, WorkloadEntries, Services, legacy secrets"),
+    ]
 
 
 def _run_line(results: dict) -> str:
@@ -188,6 +208,7 @@ def render(results: dict, before: dict | None = None) -> str:
     out += _keys(s.get("keys", {}), b.get("keys", {}))
     out += _burst(s.get("burst", {}), b.get("burst", {}))
     out += _sweep(s.get("sweep", {}), b.get("sweep", {}))
+    out += _sweep_scale(s.get("sweep_scale", {}))
     out += _cold(s.get("cold_start", {}), b.get("cold_start", {}))
     out += NOTES + FINDINGS
     return "\n".join(out) + "\n"
@@ -413,6 +434,81 @@ def _sweep(sw: dict, bsw: dict) -> list[str]:
                 f"per-VM secrets of migrated VMs deleted in one sweep of {r['n']:,} VMs (at most "
                 f"`MESHJOIN_PRUNE_CAP` a sweep; {r['prune_candidates']} found); per prune: {per}. These deletes "
                 "are the only Secret Manager writes left, and they end when the last legacy secret is gone."]
+    return out
+
+
+def _sweep_scale(sc: dict) -> list[str]:
+    """BENCHMARKS.md "Sweep at 100,000 VMs" (issue 16), from bench/results.json's `sweep_scale` runs."""
+    runs = sc.get("runs", [])
+    if not runs:
+        return []
+    sample = next((r for r in runs if "metadata_bytes_per_vm" in r), {})
+    commands = sorted({r["command"] for r in runs if r.get("command")})
+    out = ["", "## Sweep at 100,000 VMs", "",
+           "`" + "`, `".join(commands or ["python -m bench.sweep --sizes 10000,30000,100000"]) + "` (or "
+           "`BENCH_ONLY=sweep_scale make bench`, `make bench-sweep SIZES=10000,30000,100000`). A fresh sandbox per "
+           "size and scenario, its fleet seeded through the control plane's documented `POST /seed` "
+           "(sandbox/meshjoin_sandbox/seed.py) from what one real join left, spread over four zones. **Each VM carries "
+           "the metadata a joined VM has once the agent's text lives in project metadata** (issue 16): its status, "
+           "its own certificate chain (unique per VM, so the listing cannot share it), cluster.env, mesh config, root "
+           f"certificate and the other bootstrap items, and a {sample.get('startup_stub_bytes', '~400')}-byte "
+           "`startup-script` stub instead of today's ~23 kB script: "
+           f"{sample.get('metadata_bytes_per_vm', '?')} bytes of meshjoin metadata per VM (len(key) + len(value)). "
+           "One tick of the maintenance function in a fresh process (functions-framework, the function's "
+           "environment). **Wall** is the tick; **sweep CPU** is that process's own CPU over the tick (user + "
+           "system); **emulators' CPU** is the sandbox's world process (every emulator: Compute serving the "
+           "listing, Kubernetes the WorkloadEntries) over the same time, on the same 2 cores; **peak RSS** is the "
+           "sweeping process's VmHWM; **list calls** are every listing of the inventory (Compute aggregatedList, "
+           "WorkloadEntries, Services, legacy secrets), per 500 VMs; the load average (1 min) was read as the tick "
+           "started, on a machine shared with other work. `third-due` (one VM in three past its renewal point) "
+           "runs the tick's sweep as a dry run: listing and plan (the time to publish is measured by a real tick, "
+           "`--publish`, once the sweep publishes its work instead of reconciling it inline).", "",
+           "| N | scenario | mode | wall | sweep CPU | emulators' CPU | listing (wall / CPU) | plan (wall / CPU) | "
+           "after the plan | actions planned | peak RSS | list calls per 500 VMs (Compute) | load avg |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(runs, key=lambda r: (r["scenario"], r.get("mode", ""), r["n"])):
+        if "wall_s" not in r:
+            out.append(f"| {r['n']:,} | {r['scenario']} | {r.get('mode')} | timed out after "
+                       f"{r.get('timed_out_after_s')} s | | | | | | | | | |")
+            continue
+        p = r["phases"]
+        load = r.get("load_avg", {}).get("before", ["?"])[0]
+        # After the plan: the CA read, the execution (a dry run skips it; a real tick publishes or acts), the log.
+        after = round(r["sweep_s"] - p.get("inventory_s", 0) - p.get("plan_s", 0), 3)
+        out.append(f"| {r['n']:,} | {r['scenario']} | {r['mode']} | {r['wall_s']} s | {r['cpu_s']} s | "
+                   f"{r['world_cpu_s']} s | {p.get('inventory_s')} s / {p.get('inventory_cpu_s')} s | "
+                   f"{p.get('plan_s')} s / {p.get('plan_cpu_s')} s | {after} s | {r['actions_planned']:,} | "
+                   f"{r['peak_rss_mb']} MB | {r['list_calls_per_500_vms']} ({r['compute_list_calls_per_500_vms']}) | "
+                   f"{load} |")
+    ticks = [r for r in runs if r.get("scenario") == "third-due" and r.get("mode") == "tick" and "counts" in r]
+    for r in ticks:
+        counts = ", ".join(f"{k} {v}" for k, v in r["counts"].items() if v)
+        out += ["", f"`third-due` at {r['n']:,} VMs, real tick: {counts or 'nothing done'}; "
+                f"{r['sweep_s']} s in the sweep, of which {round(r['sweep_s'] - r['phases'].get('inventory_s', 0) - r['phases'].get('plan_s', 0), 3)} s "
+                f"after the plan; API calls during the tick: {sum(r.get('calls', {}).values())}."]
+    out += _sweep_scale_growth(runs)
+    return out
+
+
+def _sweep_scale_growth(runs: list[dict]) -> list[str]:
+    """How each figure grows from the smallest to the largest N: per-VM costs, and the growth factor."""
+    done = [r for r in runs if r.get("scenario") == "nothing-due" and "wall_s" in r]
+    if len(done) < 2:
+        return []
+    done.sort(key=lambda r: r["n"])
+    out = ["", "Growth with nothing due (per 1,000 VMs; RSS above the function's own footprint once loaded):", "",
+           "| N | wall | sweep CPU | emulators' CPU | peak RSS − loaded |", "|---|---|---|---|---|"]
+    for r in done:
+        k = r["n"] / 1000
+        out.append(f"| {r['n']:,} | {r['wall_s'] / k:.3f} s | {r['cpu_s'] / k:.3f} s | {r['world_cpu_s'] / k:.3f} s | "
+                   f"{(r['peak_rss_mb'] - r['rss_function_loaded_mb']) / k:.2f} MB |")
+    small, big = done[0], done[-1]
+    factor = big["n"] / small["n"]
+    out += ["", f"From {small['n']:,} to {big['n']:,} VMs ({factor:g}×): wall ×{big['wall_s'] / small['wall_s']:.1f}, "
+            f"sweep CPU ×{big['cpu_s'] / small['cpu_s']:.1f}, emulators' CPU ×{big['world_cpu_s'] / small['world_cpu_s']:.1f}, "
+            f"peak RSS ×{big['peak_rss_mb'] / small['peak_rss_mb']:.1f}, list calls ×"
+            f"{big['list_calls'] / small['list_calls']:.1f}. Wall time follows the machine's load (last column above); "
+            "CPU seconds and calls do not."]
     return out
 
 

@@ -121,6 +121,7 @@ class ComputeAdapter:
         silently missing from the listing; those zones are added to `unreachable`, so the caller
         knows which zones' VMs it did not see (and must neither prune nor re-join them).
         """
+        import urllib3
         from google.api_core.exceptions import from_http_response
 
         project = project or self._settings.project
@@ -131,10 +132,16 @@ class ComputeAdapter:
         unreachable = set() if unreachable is None else unreachable
 
         def page() -> dict:
-            response = self._session().get(url, params=params, timeout=self._timeout)
-            if response.status_code >= 400:
-                raise from_http_response(response)
-            return json.loads(response.content)
+            # The answer is read in one call: requests' `.content` reads 10 kB at a time, twice the CPU
+            # for a page of 500 VMs (~3 MB).
+            with self._session().get(url, params=params, timeout=self._timeout, stream=True) as response:
+                if response.status_code >= 400:
+                    raise from_http_response(response)
+                try:
+                    raw = response.raw.read(decode_content=True)
+                except urllib3.exceptions.HTTPError as exc:  # cut short or timed out: as requests' own read
+                    raise TransientError(f"instances.aggregatedList: the answer broke off ({exc})") from exc
+            return json.loads(raw)
 
         while True:
             body = self._call(page, "instances.aggregatedList", "compute.instances.list")
