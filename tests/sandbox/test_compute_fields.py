@@ -130,3 +130,21 @@ def test_a_listing_that_fails_is_retried_then_raised(fleet):
     fleet.emulator.fail_next("instances.aggregatedList", 403, count=1)
     with pytest.raises(ApiPermissionError, match="compute.instances.list"):
         list(adapter(fleet).list_vms("labels.mesh=join"))
+
+
+def test_pages_follow_inserts_and_deletes_made_between_them(fleet):
+    """The emulator keeps the listing order between pages: a VM made or deleted meanwhile shows (or not) on
+    the pages still to come, as a cursor over names does."""
+    first = aggregated(fleet, filter="labels.mesh=join", maxResults=3, fields="nextPageToken,items/*/instances/name")
+    body = first.json()
+    assert [vm["name"] for vm in listed(body)] == JOINED[:3]
+    fleet.emulator.seed_instance(ZONE, "joined-45", labels={"mesh": "join"})  # sorts after joined-4
+    requests.delete(f"{fleet.url}/compute/v1/projects/{fleet.project}/zones/{ZONE}/instances/joined-5",
+                    headers={"Authorization": f"Bearer {fleet.world.admin_token}"}, timeout=10).raise_for_status()
+    rest, token = [], body["nextPageToken"]
+    while token:
+        page = aggregated(fleet, filter="labels.mesh=join", maxResults=3, pageToken=token,
+                          fields="nextPageToken,items/*/instances/name").json()
+        rest += [vm["name"] for vm in listed(page)]
+        token = page.get("nextPageToken")
+    assert rest == ["joined-4", "joined-45", "joined-6", "joined-7", "joined-b"]
