@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all venv demo test unit faults bench fleet48h clean sandbox-up sandbox-down
+.PHONY: all venv demo test unit faults bench bench-sweep fleet48h clean sandbox-up sandbox-down
 
 all: venv
 
@@ -38,13 +38,20 @@ faults: $(STAMP)
 		tests/e2e/test_faults.py
 
 # Benchmarks against the sandbox (not part of `make test`): bench/results.json and BENCHMARKS.md.
-# BENCH_QUICK=1 for small sizes; BENCH_ONLY=keys,join,cold_start,burst,sweep for some sections.
+# BENCH_QUICK=1 for small sizes; BENCH_ONLY=keys,join,cold_start,burst,sweep,sweep_scale for some sections.
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
 # A simulated 48 hours of a 100,000-VM fleet, on paper (the sweep's planner + the quota model; a few minutes).
 fleet48h: $(STAMP)
 	$(BIN)/python -m bench.fleet48h --json bench/fleet48h.json
+
+# The sweep at scale alone (BENCHMARKS.md "Sweep at 100,000 VMs"): e.g. `make bench-sweep SIZES=10000,30000`;
+# PUBLISH=1 adds a real tick to third-due (the time to publish its work). Merged into bench/results.json.
+SIZES ?= 10000,30000,100000
+SCENARIOS ?= nothing-due,third-due
+bench-sweep: $(STAMP)
+	$(BIN)/python -m bench.sweep --sizes $(SIZES) --scenarios $(SCENARIOS) $(if $(PUBLISH),--publish)
 
 sandbox-up: $(STAMP)
 	$(BIN)/meshjoin sandbox up

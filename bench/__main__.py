@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results.json"
 # The previous design's run (per-VM secrets), rendered beside this one's figures.
 BEFORE = REPO / "bench" / "results-per-vm-secrets.json"
-SECTIONS = {"keys": keys.run, "join": join.run, "cold_start": coldstart.run, "burst": burst.run, "sweep": sweep.run}
+SECTIONS = {"keys": keys.run, "join": join.run, "cold_start": coldstart.run, "burst": burst.run, "sweep": sweep.run,
+            "sweep_scale": sweep.run_scale_section}
 
 
 def machine() -> dict:

@@ -11,6 +11,7 @@ setLabels.
 from __future__ import annotations
 
 import base64
+import bisect
 import copy
 import ipaddress
 import json
@@ -21,6 +22,7 @@ from datetime import datetime, timedelta, timezone
 
 from werkzeug.routing import Map, Rule
 
+from . import fieldmask
 from .guest import GuestAttributes
 from .iam import check_scopes
 from .lifecycle import OperationClock, VmLifecycle
@@ -254,6 +256,10 @@ class ComputeEmulator:
         self.project = project or world.project
         self.project_number = world.number_of(self.project)
         self._instances: dict[tuple[str, str], dict] = {}
+        # Listing order (zone, name) and the zones holding VMs, rebuilt after an insert or a delete only:
+        # a 100,000-VM listing is 200 pages, and each page must not sort or scan the whole fleet again.
+        self._order: list[tuple[str, str]] | None = None
+        self._zones_in_use: set[str] = set()
         self._operations: dict[tuple[str, str], dict] = {}
         self._subnet = ipaddress.ip_network(subnet)
         # The first two and last two addresses of a GCE subnet are reserved.
@@ -529,25 +535,38 @@ class ComputeEmulator:
             "lastStartTimestamp": now,
         }
         self._instances[(zone, name)] = instance
+        self._order = None
         return instance
 
     @staticmethod
     def _render(instance: dict) -> dict:
-        """GCE omits empty `labels` and empty `metadata.items` from its answers."""
-        out = copy.deepcopy(instance)
+        """GCE omits empty `labels` and empty `metadata.items` from its answers. A shallow view of the
+        stored instance (no deep copy per VM per page): serialize it before the lock is released."""
+        out = dict(instance)
         if not out["labels"]:
             del out["labels"]
         if not out["metadata"]["items"]:
-            del out["metadata"]["items"]
+            out["metadata"] = {k: v for k, v in out["metadata"].items() if k != "items"}
         return out
 
     def _get(self, request, project, zone, instance):
         self._check_scope(project, zone)
         with self.world.lock:
-            return json_response(self._render(self._must_get(zone, instance)))
+            return json_response(fieldmask.select(request, self._render(self._must_get(zone, instance)),
+                                                  fieldmask.INSTANCE))
 
-    def _page(self, request, keys: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], str | None]:
-        """Filter, order by (zone, name) and cut one page out of `keys` (lock held)."""
+    def _listing_order(self) -> list[tuple[str, str]]:
+        """Every VM's (zone, name) in listing order (lock held)."""
+        if self._order is None:
+            self._order = sorted(self._instances)
+            self._zones_in_use = {zone for zone, _ in self._order}
+        return self._order
+
+    def _page(self, request, zone: str | None = None) -> tuple[list[tuple[str, str]], str | None]:
+        """Filter, order by (zone, name) and cut one page, of one zone or of all (lock held).
+
+        The page starts right after the token's cursor (a bisection of the listing order) and stops at
+        the first match past the page, so a whole listing reads each VM once."""
         args = request.args
         terms = parse_filter(args.get("filter", ""))
         if args.get("orderBy", "name") not in ("", "name"):
@@ -559,59 +578,69 @@ class ComputeEmulator:
         if not 0 < limit <= MAX_RESULTS:
             raise ApiError(400, f"Invalid value for field 'maxResults': '{limit}'. Must be less than or equal to 500")
         cursor = _decode_token(args["pageToken"]) if args.get("pageToken") else None
-        matching = [key for key in sorted(keys)
-                    if (cursor is None or key > cursor) and all(t.matches(self._instances[key]) for t in terms)]
-        page = matching[:limit]
-        token = _encode_token(page[-1]) if len(matching) > limit else None
-        return page, token
+        order = self._listing_order()
+        start, stop = 0, len(order)
+        if zone is not None:  # (zone,) sorts before every (zone, name); (zone + NUL,) after them
+            start, stop = bisect.bisect_left(order, (zone,)), bisect.bisect_left(order, (zone + "\0",))
+        if cursor is not None:
+            start = max(start, bisect.bisect_right(order, cursor))
+        page: list[tuple[str, str]] = []
+        for index in range(start, stop):
+            key = order[index]
+            if all(t.matches(self._instances[key]) for t in terms):
+                if len(page) == limit:
+                    return page, _encode_token(page[-1])
+                page.append(key)
+        return page, None
 
     def _list(self, request, project, zone):
         self._check_scope(project, zone)
-        with self.world.lock:
-            page, token = self._page(request, [k for k in self._instances if k[0] == zone])
-            items = [self._render(self._instances[key]) for key in page]
         body = {"kind": "compute#instanceList", "id": f"projects/{project}/zones/{zone}/instances",
                 "selfLink": f"{self._zone_url(zone)}/instances"}
-        if items:
-            body["items"] = items
-        if token:
-            body["nextPageToken"] = token
-        return json_response(body)
+        with self.world.lock:
+            page, token = self._page(request, zone)
+            if page:
+                body["items"] = [self._render(self._instances[key]) for key in page]
+            if token:
+                body["nextPageToken"] = token
+            return json_response(fieldmask.select(request, body, fieldmask.INSTANCE_LIST))
 
     def _aggregated_list(self, request, project):
         self._check_scope(project)
         region = self.world.region
+        marked_fault = request.environ.get("sandbox.fault") is not None and request.environ["sandbox.fault"].mark
         with self.world.lock:
-            page, token = self._page(request, list(self._instances))
-            zones = {f"{region}-{s}" for s in ZONE_SUFFIXES} | {self.world.zone} | {z for z, _ in self._instances}
+            page, token = self._page(request)
+            zones = {f"{region}-{s}" for s in ZONE_SUFFIXES} | {self.world.zone} | self._zones_in_use
             hidden = self._hidden_zone(request, page)
             items = {f"zones/{zone}": {"instances": []} for zone in sorted(zones)}
             for zone, name in page:
                 if zone != hidden:
                     items[f"zones/{zone}"]["instances"].append(self._render(self._instances[(zone, name)]))
-        unreachable = []
-        marked = f"zones/{hidden}" if hidden and request.environ["sandbox.fault"].mark else None
-        for scope, scoped in items.items():
-            if scope == marked:
-                unreachable.append(scope)
-                items[scope] = {"warning": {
-                    "code": "UNREACHABLE",
-                    "message": f"Scope '{scope}' is unreachable (sandbox fault).",
-                    "data": [{"key": "scope", "value": scope}],
-                }}
-            elif not scoped["instances"]:
-                items[scope] = {"warning": {
-                    "code": "NO_RESULTS_ON_PAGE",
-                    "message": f"There are no results for scope '{scope}' on this page.",
-                    "data": [{"key": "scope", "value": scope}],
-                }}
-        body = {"kind": "compute#instanceAggregatedList", "id": f"projects/{project}/aggregated/instances",
-                "items": items, "selfLink": f"{API}/projects/{project}/aggregated/instances"}
-        if unreachable:
-            body["unreachables"] = unreachable
-        if token:
-            body["nextPageToken"] = token
-        return json_response(body)
+            unreachable = []
+            marked = f"zones/{hidden}" if hidden and marked_fault else None
+            for scope, scoped in items.items():
+                if scope == marked:
+                    unreachable.append(scope)
+                    items[scope] = {"warning": {
+                        "code": "UNREACHABLE",
+                        "message": f"Scope '{scope}' is unreachable (sandbox fault).",
+                        "data": [{"key": "scope", "value": scope}],
+                    }}
+                elif not scoped["instances"]:
+                    items[scope] = {"warning": {
+                        "code": "NO_RESULTS_ON_PAGE",
+                        "message": f"There are no results for scope '{scope}' on this page.",
+                        "data": [{"key": "scope", "value": scope}],
+                    }}
+            body = {"kind": "compute#instanceAggregatedList", "id": f"projects/{project}/aggregated/instances",
+                    "items": items, "selfLink": f"{API}/projects/{project}/aggregated/instances"}
+            if unreachable:
+                body["unreachables"] = unreachable
+            if token:
+                body["nextPageToken"] = token
+            # Serialized under the lock: the page holds shallow views of the stored VMs.
+            return json_response(fieldmask.select(request, body, fieldmask.INSTANCE_AGGREGATED_LIST))
 
     @staticmethod
     def _hidden_zone(request, page: list[tuple[str, str]]) -> str | None:
@@ -635,6 +664,7 @@ class ComputeEmulator:
         with self.world.lock:
             found = self._must_get(zone, instance)
             del self._instances[(zone, instance)]
+            self._order = None
             self._ips_in_use.discard(found["networkInterfaces"][0]["networkIP"])
             self.lifecycle.deleted(zone, instance)
             self.guest_attributes.forget(found["id"])
@@ -870,7 +900,7 @@ class ComputeEmulator:
     def _get_project(self, request, project):
         self._check_scope(project)
         with self.world.lock:
-            return json_response(self._project_json())
+            return json_response(fieldmask.select(request, self._project_json(), fieldmask.PROJECT))
 
     def _set_common_metadata(self, request, project):
         """projects.setCommonInstanceMetadata: the fingerprint rule of instance metadata, a global operation."""

@@ -21,6 +21,7 @@ merge patch is applied as a JSON merge patch, minus its `$` directives).
 from __future__ import annotations
 
 import base64
+import bisect
 import copy
 import ipaddress
 import json
@@ -691,6 +692,8 @@ class KubeEmulator:
         for kind in (*CORE_KINDS, *load_crd_kinds(crd_path, CelRules())):
             self._kinds[(kind.group, kind.plural)] = kind
         self._objects: dict[str, dict[tuple[str, str], dict]] = {k.resource: {} for k in self._kinds.values()}
+        # Per resource: (resourceVersion when sorted, keys in listing order); see _listing_order.
+        self._orders: dict[str, tuple[int, list[tuple[str, str]]]] = {}
         self.authorizer = kube_rbac.Authorizer(self._objects.__getitem__, self._iam_permitted)
         self._seed()
         self._seed_rbac()
@@ -1164,25 +1167,57 @@ class KubeEmulator:
         token = request.args.get("continue")
         after = decode_continue(token) if token else None
         with self._lock:
-            matched = []
-            for key, obj in sorted(self._objects[kind.resource].items()):
-                meta = obj["metadata"]
-                if (
-                    (namespace is None or key[0] == namespace)
-                    and (after is None or key > after)
-                    and selector_matches(labels, meta.get("labels") or {})
-                    and selector_matches(fields, {"metadata.name": key[1], "metadata.namespace": key[0]})
-                ):
-                    matched.append(obj)
-            page = matched[:limit] if limit > 0 else matched
-            items = [self._render(kind, obj, version, in_list=True) for obj in page]
+            # A page starts right after the continue token's key (bisection of the kept listing order) and
+            # stops at the first match past the limit: a chunked listing of N objects reads each once.
+            objects = self._objects[kind.resource]
+            order = self._listing_order(kind.resource)
+            start, stop = 0, len(order)
+            if namespace is not None:  # (ns,) sorts before every (ns, name); (ns + NUL,) after them
+                start, stop = bisect.bisect_left(order, (namespace,)), bisect.bisect_left(order, (namespace + "\0",))
+            if after is not None:
+                start = max(start, bisect.bisect_right(order, after))
+            page, more, end = [], False, stop
+            for index in range(start, stop):
+                key = order[index]
+                obj = objects[key]
+                if selector_matches(labels, obj["metadata"].get("labels") or {}) and \
+                        selector_matches(fields, {"metadata.name": key[1], "metadata.namespace": key[0]}):
+                    if 0 < limit == len(page):
+                        more, end = True, index
+                        break
+                    page.append(obj)
             list_meta: dict[str, Any] = {"resourceVersion": str(self._rv)}
-        if len(page) < len(matched):
-            last = page[-1]["metadata"]
-            list_meta["continue"] = encode_continue(last.get("namespace") or "", last["name"])
-            list_meta["remainingItemCount"] = len(matched) - len(page)
-        return json_response({"kind": f"{kind.kind}List", "apiVersion": kind.api_version(version),
-                              "metadata": list_meta, "items": items})
+            if more:
+                last = page[-1]["metadata"]
+                list_meta["continue"] = encode_continue(last.get("namespace") or "", last["name"])
+                # ListMeta: "If the list request contained label or field selectors, then the number of
+                # remaining items is unknown and the field will be left unset".
+                if not labels and not fields:
+                    list_meta["remainingItemCount"] = stop - end
+            # Shallow views of the stored objects, serialized before the lock is released.
+            return json_response({"kind": f"{kind.kind}List", "apiVersion": kind.api_version(version),
+                                  "metadata": list_meta,
+                                  "items": [self._list_item(kind, obj, version) for obj in page]})
+
+    def _listing_order(self, resource: str) -> list[tuple[str, str]]:
+        """The keys of one resource in listing order, kept until the next write (every write bumps the
+        resourceVersion) or a change of count (lock held)."""
+        cached = self._orders.get(resource)
+        objects = self._objects[resource]
+        if cached is None or cached[0] != self._rv or len(cached[1]) != len(objects):
+            cached = self._orders[resource] = (self._rv, sorted(objects))
+        return cached[1]
+
+    @staticmethod
+    def _list_item(kind: Kind, obj: dict, version: str) -> dict:
+        """`_render(..., in_list=True)` without the deep copy: a shallow view, serialized under the lock."""
+        out = dict(obj)
+        if not kind.group:
+            out.pop("apiVersion", None)
+            out.pop("kind", None)
+        else:
+            out["apiVersion"] = kind.api_version(version)
+        return out
 
     def _create(self, request: Request, version: str, plural: str, group: str = "",
                 namespace: str | None = None) -> Response:

@@ -18,8 +18,9 @@ written them, without its write rate limit. `secret` (optional) is a meshjoin 2 
 fleets that still carry legacy secrets; `secret_every` (default 1) seeds it for every k-th VM only
 (index % k == 0).
 
-Placeholders: @@NAME@@, @@ZONE@@, @@INDEX@@, @@ID@@ and @@IP@@ (what Compute assigned), plus the
-keys of the `vary` entry. Nothing here goes through the APIs, so seeding is not counted in /stats and
+Placeholders: @@NAME@@, @@ZONE@@, @@INDEX@@, @@INDEX9@@ (the index as nine digits: a fixed-width value
+that makes an item unique per VM, e.g. inside a PEM body), @@ID@@ and @@IP@@ (what Compute assigned), plus
+the keys of the `vary` entry. Nothing here goes through the APIs, so seeding is not counted in /stats and
 publishes no audit entries. The WorkloadEntry template is admitted (schema + CEL) once per call.
 """
 
@@ -70,7 +71,8 @@ def seed_fleet(world, body: dict) -> dict:
         account = body.get("service_account")
         created = compute.seed_instance(zone, name, labels=labels, metadata=metadata,
                                         service_account=_fill(account, {"@@NAME@@": name}) if account else None)
-        values = {"@@NAME@@": name, "@@ZONE@@": zone, "@@INDEX@@": str(index), "@@ID@@": created["id"],
+        values = {"@@NAME@@": name, "@@ZONE@@": zone, "@@INDEX@@": str(index),
+                  "@@INDEX9@@": f"{index:09d}", "@@ID@@": created["id"],
                   "@@IP@@": created["networkInterfaces"][0]["networkIP"], **vary[index % len(vary)]}
         with world.lock:  # the status names the instance id Compute just assigned
             for item in compute._instances[(zone, name)]["metadata"]["items"]:

@@ -9,7 +9,8 @@ JOIN_LABEL = "mesh"
 JOIN_VALUE = "join"
 
 
-@dataclass(frozen=True, order=True)
+# slots: a 100,000-VM sweep holds one VmKey and one Vm per VM (no per-instance __dict__).
+@dataclass(frozen=True, order=True, slots=True)
 class VmKey:
     """Names one VM. Everything else about it is read from Compute when it is reconciled."""
 
@@ -28,7 +29,7 @@ class VmKey:
         return {"project": self.project, "zone": self.zone, "instance": self.instance}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Vm:
     """What Compute says about a VM right now."""
 
@@ -40,6 +41,9 @@ class Vm:
     network_ip: str
     service_account: str | None
     status: str = "RUNNING"
+    # False for a sweep listing's view: `metadata` holds only the items the planner reads (the VM has
+    # more). Such a VM is planned from, never written from: a write merges into the whole metadata.
+    metadata_complete: bool = True
 
     @property
     def wants_mesh(self) -> bool:

@@ -318,7 +318,8 @@ class Reconciler:
             return Outcome("ignored", f"project {key.project[:80]!r} is not among MESHJOIN_VM_PROJECTS")
         try:
             for _ in range(MAX_METADATA_RACES):
-                current = vm if vm is not None else self.compute.get_vm(key)
+                # A listing's slim view (metadata_complete False) is read whole before any decision.
+                current = vm if vm is not None and vm.metadata_complete else self.compute.get_vm(key)
                 vm = None  # a given VM is only trusted for the first pass
                 try:
                     return self._decide_and_act(key, current, force_new_cert, cleanup, legacy_secret, read_agent)

@@ -135,6 +135,34 @@ def entry_key(entry: dict, projects: str | Collection[str]) -> VmKey | None:
         return None
 
 
+def planning_entry(entry: dict, shared: dict[str, str]) -> dict:
+    """What the plan (and `meshjoin status`) read of a listed WorkloadEntry: its name and namespace, its
+    `app` label, the annotations naming its VM, its address and ports. The rest (managedFields, the
+    server's fields, other labels and annotations, the spec's other parts) is dropped as the listing is
+    read: a 100,000-VM inventory holds one entry per VM. Strings a fleet repeats (namespaces, apps, the
+    project and zone) are kept once in `shared`."""
+    meta = entry.get("metadata") if isinstance(entry.get("metadata"), dict) else {}
+    spec = entry.get("spec") if isinstance(entry.get("spec"), dict) else {}
+    intern = shared.setdefault
+
+    def kept(mapping, keys, repeated=()) -> dict:
+        if not isinstance(mapping, dict):
+            return {}
+        return {intern(k, k): intern(v, v) if k in repeated and isinstance(v, str) else v
+                for k, v in mapping.items() if k in keys}
+
+    namespace = meta.get("namespace")
+    return {"metadata": {"name": meta.get("name"),
+                         "namespace": intern(namespace, namespace) if isinstance(namespace, str) else namespace,
+                         "labels": kept(meta.get("labels"), ("app",), ("app",)),
+                         "annotations": kept(meta.get("annotations"), _VM_ANNOTATIONS, _REPEATED_ANNOTATIONS)},
+            "spec": {k: spec[k] for k in ("address", "ports") if k in spec}}
+
+
+_VM_ANNOTATIONS = frozenset(names.ANNOTATION_PREFIX + k for k in ("project", "zone", "instance"))
+_REPEATED_ANNOTATIONS = frozenset(names.ANNOTATION_PREFIX + k for k in ("project", "zone"))
+
+
 def _entry_ref(entry: dict) -> str:
     meta = entry.get("metadata") or {}
     return f"{meta.get('namespace')}/{meta.get('name')}"
@@ -305,8 +333,9 @@ class Sweeper:
 
         unreachable: set[str] = set()
         vms, unlisted = self._list_vm_projects(unreachable)
-        entries = listing("WorkloadEntries", lambda: list(r.kube.list("WorkloadEntry", OWNED_SELECTOR,
-                                                                      page_size=CLUSTER_PAGE)))
+        shared: dict[str, str] = {}
+        entries = listing("WorkloadEntries", lambda: [planning_entry(e, shared) for e in r.kube.list(
+            "WorkloadEntry", OWNED_SELECTOR, page_size=CLUSTER_PAGE)])
         services = listing("Services", lambda: list(r.kube.list("Service", OWNED_SELECTOR, page_size=CLUSTER_PAGE)))
         secrets = listing("legacy per-VM secrets", lambda: dict(r.secrets.list_vm_secrets()))
         return Inventory(vms, entries or [], services or [], secrets or {}, errors, frozenset(unreachable), unlisted)

@@ -558,6 +558,21 @@ def test_paging_with_limit_and_continue(custom, labelled):
     assert seen == list("abcd") and pages == 2
 
 
+def test_paging_with_a_selector_leaves_the_remaining_count_unset(custom, labelled):
+    """ListMeta: with label or field selectors the number of remaining items is unknown and left unset."""
+    seen, token = [], None
+    while True:
+        page = custom.list_namespaced_custom_object(GROUP, "v1", labelled, "workloadentries", limit=1,
+                                                    label_selector="app", _continue=token)
+        seen += [i["metadata"]["name"] for i in page["items"]]
+        token = page["metadata"].get("continue")
+        assert "remainingItemCount" not in page["metadata"]
+        if not token:
+            break
+    everything = custom.list_namespaced_custom_object(GROUP, "v1", labelled, "workloadentries", label_selector="app")
+    assert seen == [i["metadata"]["name"] for i in everything["items"]] and len(seen) >= 2
+
+
 def test_cluster_wide_list_of_workload_entries(custom, labelled, core):
     other = "t-" + uuid.uuid4().hex[:8]
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=other)))

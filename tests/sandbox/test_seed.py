@@ -45,6 +45,15 @@ def test_seeded_vms_carry_their_agents_guest_attributes_filled_per_vm(world):
         compute.guest_attributes.put(first, "meshjoin", key, "x")
 
 
+def test_index9_makes_an_item_unique_per_vm_at_a_fixed_width(world):
+    """The scale benchmark gives each VM its own certificate chain: nine digits in place of nine characters."""
+    seed_fleet(world, {"zone": ZONE, "prefix": "fleet-", "start": 41, "count": 2,
+                       "metadata": {"meshjoin-cert-chain": "ABC@@INDEX9@@DEF", "startup-script": "shared"}})
+    compute = world.emulators["compute"]
+    assert [compute.metadata_value(ZONE, f"fleet-{i:05d}", "meshjoin-cert-chain") for i in (41, 42)] == \
+        ["ABC000000041DEF", "ABC000000042DEF"]
+
+
 def test_seeding_without_secrets_creates_none(world):
     seed_fleet(world, {"zone": ZONE, "prefix": "fleet-", "count": 2, "metadata": {}})
     assert world.emulators["secretmanager"]._secrets == {}

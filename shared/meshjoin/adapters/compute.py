@@ -15,6 +15,7 @@ client, whose types carry the fingerprint and the operation's status.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from functools import cached_property
@@ -24,6 +25,7 @@ from .. import names
 from ..errors import TransientError
 from ..logs import log
 from ..model import Vm, VmKey
+from ..policy import PORTS_METADATA
 from ..settings import Settings
 from . import ratelimit
 from .retry import call
@@ -31,6 +33,18 @@ from .retry import call
 
 # Metadata values at least this long are kept once per listing however many VMs carry them.
 SHARED_VALUE_BYTES = 1024
+# What the sweep's listing keeps of each VM's metadata: the items the planner reads (plan_sweep,
+# fleet_rows): the status, the served ports (policy), and whether a legacy per-VM secret is named. The
+# rest (certificate chain, bootstrap items, the startup script) is dropped as each page is read, so a
+# 100,000-VM inventory holds ~1 kB per VM; such a Vm says `metadata_complete=False`, and the reconcile
+# reads the VM whole before it decides anything for it.
+SWEEP_METADATA_KEYS = frozenset({names.STATUS_KEY, PORTS_METADATA, names.SECRET_KEY})
+# The listing's partial response (the `fields` system parameter): only what `vm_from_json` reads, plus
+# what paging and partial success need. `nextPageToken` must be named, or a masked answer drops it and
+# the listing would silently stop after one page.
+LISTING_FIELDS = ("nextPageToken,unreachables,items/*/warning/code,"
+                  "items/*/instances(name,id,status,labels,metadata(fingerprint,items),"
+                  "networkInterfaces/networkIP,serviceAccounts/email)")
 # zoneOperations.wait holds the request up to ~2 minutes server-side ("waits for no more than the
 # default deadline (2 minutes) and then returns the current state of the operation, which might be
 # DONE or still in progress", Compute API reference): the client deadline must exceed that, or
@@ -88,44 +102,61 @@ class ComputeAdapter:
         body = self._get_json(self._instance_url(key), {}, f"instances.get {key}", "compute.instances.get")
         return None if body is None else vm_from_json(key, body)
 
-    def list_vms(self, label_filter: str, page_size: int = 500, unreachable: set[str] | None = None, *,
-                 project: str | None = None) -> Iterator[Vm]:
-        """Every VM of `project` (None: the host project) matching `label_filter` (server-side), across
-        zones, paged.
+    def list_vms(self, label_filter: str, *, project: str | None = None, unreachable: set[str] | None = None,
+                 page_size: int = 500, metadata_keys: frozenset[str] | None = SWEEP_METADATA_KEYS) -> Iterator[Vm]:
+        """Every VM of `project` (default: MESHJOIN_PROJECT) matching `label_filter` (server-side), across
+        zones, a page at a time (Compute's maximum, 500 a page).
 
-        Pages are read as plain JSON, not through compute_v1's types: its JSON-to-protobuf conversion
-        scans every string with a regex, three quarters of a 10,000-VM sweep's time (each VM carries
-        ~23 kB of metadata). Metadata values repeated across VMs (the startup script) are kept once.
+        The sweep's listing by default: each Vm's metadata holds only `metadata_keys` (the planner's items;
+        `metadata_complete=False`); None keeps every item (`find`). Pages ask for a partial response
+        (`LISTING_FIELDS`) and are read as plain JSON, not through compute_v1's types (its JSON-to-protobuf
+        conversion scans every string with a regex). Repeated values (labels, accounts, zones, long shared
+        metadata) are kept once per listing, and no page is held once its VMs are yielded.
 
         `returnPartialSuccess=true`: a zone the API cannot reach is named in the answer's
         `unreachables` (or as a scope whose `warning.code` is UNREACHABLE) instead of failing or
         silently missing from the listing; those zones are added to `unreachable`, so the caller
         knows which zones' VMs it did not see (and must neither prune nor re-join them).
         """
+        import urllib3
         from google.api_core.exceptions import from_http_response
 
         project = project or self._settings.project
         url = f"{self._base_url()}/compute/v1/projects/{project}/aggregated/instances"
-        params = {"filter": label_filter, "maxResults": page_size, "returnPartialSuccess": "true"}
+        params = {"filter": label_filter, "maxResults": page_size, "returnPartialSuccess": "true",
+                  "fields": LISTING_FIELDS}
         shared: dict[str, str] = {}
         unreachable = set() if unreachable is None else unreachable
 
         def page() -> dict:
-            response = self._session().get(url, params=params, timeout=self._timeout)
-            if response.status_code >= 400:
-                raise from_http_response(response)
-            return response.json()
+            # The answer is read in one call: requests' `.content` reads 10 kB at a time, twice the CPU
+            # for a page of 500 VMs (~3 MB).
+            with self._session().get(url, params=params, timeout=self._timeout, stream=True) as response:
+                if response.status_code >= 400:
+                    raise from_http_response(response)
+                try:
+                    raw = response.raw.read(decode_content=True)
+                except urllib3.exceptions.HTTPError as exc:  # cut short or timed out: as requests' own read
+                    raise TransientError(f"instances.aggregatedList: the answer broke off ({exc})") from exc
+            return json.loads(raw)
 
         while True:
             body = self._call(page, "instances.aggregatedList", "compute.instances.list")
             unreachable.update(unreachable_zones(body))
-            for scope, scoped in (body.get("items") or {}).items():
-                zone = scope.rsplit("/", 1)[-1]
-                for instance in scoped.get("instances") or []:
-                    yield vm_from_json(VmKey(project, zone, instance["name"]), instance, shared)
-            if not body.get("nextPageToken"):
+            token = body.get("nextPageToken")
+            scopes = body.get("items") or {}
+            del body  # the page's VMs go as they are yielded
+            while scopes:
+                scope, scoped = scopes.popitem()
+                zone = shared.setdefault(scope.rsplit("/", 1)[-1], scope.rsplit("/", 1)[-1])
+                instances = (scoped or {}).get("instances") or []
+                instances.reverse()
+                while instances:
+                    instance = instances.pop()
+                    yield vm_from_json(VmKey(project, zone, instance["name"]), instance, shared, metadata_keys)
+            if not token:
                 return
-            params["pageToken"] = body["nextPageToken"]
+            params["pageToken"] = token
 
     def guest_attributes(self, key: VmKey) -> dict[str, str]:
         """What the VM's agent reported under guest attributes `meshjoin/` (instances.getGuestAttributes).
@@ -218,13 +249,17 @@ class ComputeAdapter:
         return self._json_session
 
     def find(self, name: str, project: str | None = None) -> list[Vm]:
-        """VMs with this name, in any zone of `project`, or of every VM project when None."""
+        """VMs with this name, in any zone of `project`, or of every VM project when None (whole: every
+        metadata item)."""
         projects = (project,) if project else self._settings.vm_projects
-        return [vm for p in projects for vm in self.list_vms(f'name = "{name}"', project=p)]
+        return [vm for p in projects for vm in self.list_vms(f'name = "{name}"', project=p, metadata_keys=None)]
 
     def set_metadata(self, vm: Vm, items: Mapping[str, str], remove: frozenset[str] = frozenset()) -> None:
         """Write `items` and drop `remove` keys, keeping the owner's other items; 412 → StaleFingerprint."""
         from google.api_core.exceptions import PreconditionFailed
+
+        if not vm.metadata_complete:  # the merge below would drop every item the listing left out
+            raise ValueError(f"{vm.key}: a listing's partial view of the metadata cannot be written back")
 
         merged = {k: v for k, v in vm.metadata.items() if k not in remove}
         merged.update(items)
@@ -286,24 +321,34 @@ def guest_items(body: dict) -> dict[str, str]:
             and isinstance(item.get("key"), str) and isinstance(item.get("value"), str)}
 
 
-def vm_from_json(key: VmKey, instance: dict, shared: dict[str, str] | None = None) -> Vm:
-    """A `Vm` from an Instance as the REST API's JSON; large values equal to one in `shared` reuse it."""
+def vm_from_json(key: VmKey, instance: dict, shared: dict[str, str] | None = None,
+                 metadata_keys: frozenset[str] | None = None) -> Vm:
+    """A `Vm` from an Instance as the REST API's JSON. Values equal to one in `shared` reuse it: metadata
+    values of SHARED_VALUE_BYTES or more, labels, the account and the status (a listing repeats them).
+    `metadata_keys`: keep only these metadata items (the Vm says `metadata_complete=False`); None: all."""
     shared = {} if shared is None else shared
-
-    def value(item: dict) -> str:
-        text = item.get("value", "")
-        return shared.setdefault(text, text) if len(text) >= SHARED_VALUE_BYTES else text
+    intern = shared.setdefault
 
     metadata = instance.get("metadata") or {}
+    items = metadata.get("items") or []
+    if metadata_keys is not None:
+        kept = {item["key"]: item.get("value", "") for item in items if item.get("key") in metadata_keys}
+    else:
+        kept = {}
+        for item in items:
+            text = item.get("value", "")
+            kept[item["key"]] = intern(text, text) if len(text) >= SHARED_VALUE_BYTES else text
     interfaces = instance.get("networkInterfaces") or []
     accounts = instance.get("serviceAccounts") or []
+    account = accounts[0].get("email", "") if accounts else None
     return Vm(
         key=key,
         instance_id=str(instance.get("id", "")),
-        labels=dict(instance.get("labels") or {}),
-        metadata={item["key"]: value(item) for item in metadata.get("items") or []},
+        labels={intern(k, k): intern(v, v) for k, v in (instance.get("labels") or {}).items()},
+        metadata=kept,
         metadata_fingerprint=metadata.get("fingerprint", ""),
         network_ip=interfaces[0].get("networkIP", "") if interfaces else "",
-        service_account=accounts[0].get("email", "") if accounts else None,
-        status=instance.get("status", ""),
+        service_account=intern(account, account) if account else account,
+        status=intern(instance.get("status", ""), instance.get("status", "")),
+        metadata_complete=metadata_keys is None,
     )
