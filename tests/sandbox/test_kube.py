@@ -23,7 +23,10 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from meshjoin_sandbox.crds import istio_crds_path
-from meshjoin_sandbox.kube import CelRules, KubeEmulator, json_patch, merge_patch, parse_selector, selector_matches
+from meshjoin_sandbox.kube import KubeEmulator
+from meshjoin_sandbox.kube_patch import json_patch, merge_patch
+from meshjoin_sandbox.kube_schema import CelRules
+from meshjoin_sandbox.kube_selectors import parse_selector, selector_matches
 from meshjoin_sandbox.kube_protobuf import MAGIC, PROTOBUF_MEDIA_TYPE, UNKNOWN, encode_message, encode_object
 from meshjoin_sandbox.web import serve
 from meshjoin_sandbox.world import World
