@@ -82,7 +82,10 @@ def _shell_value(value: str) -> str:
 
 
 def mesh_config(settings: Settings) -> str:
-    """`/etc/istio/config/mesh` (JSON is YAML, and json.dumps cannot be tricked into a new key)."""
+    """`/etc/istio/config/mesh` (JSON is YAML, and json.dumps cannot be tricked into a new key).
+
+    In the form Terraform's `"${jsonencode(...)}\n"` renders (deploy/terraform/agent.tf publishes it to project
+    metadata): keys sorted, no spaces, `<`, `>` and `&` escaped as Go's encoder does (tests/deploy compares both)."""
     default_config = {
         "discoveryAddress": settings.istiod_address,
         "proxyMetadata": {
@@ -97,9 +100,17 @@ def mesh_config(settings: Settings) -> str:
     }
     if settings.mesh_id:
         default_config["meshId"] = settings.mesh_id
-    # One line with JSON's default ", " and ": " separators (what a YAML 1.1 parser still reads as JSON):
-    # every byte of metadata is listed with every VM (meshjoin's budget is 4 kB a VM).
-    return json.dumps({"defaultConfig": default_config}) + "\n"
+    return terraform_jsonencode({"defaultConfig": default_config}) + "\n"
+
+
+def terraform_jsonencode(value) -> str:
+    """JSON as Terraform's jsonencode() writes it: object keys sorted, compact, UTF-8 kept, and `<`, `>`, `&`,
+    U+2028, U+2029 escaped (Go's encoding/json, which Terraform's cty JSON marshalling uses)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    for char, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"),
+                          ("\u2029", "\\u2029")):
+        text = text.replace(char, escaped)
+    return text
 
 
 def hosts_lines(settings: Settings) -> str:
@@ -164,23 +175,34 @@ def startup_script() -> str:
     return startup_stub()
 
 
-def bootstrap_items(key: VmKey, identity: Identity, settings: Settings, *, root_pem: str) -> dict[str, str]:
-    """The metadata items the VM agent reads, but the status and what belongs to one certificate
-    (`meshjoin-cert-chain`, `meshjoin-rekey`: the reconcile adds those)."""
+def deployment_items(settings: Settings) -> dict[str, str]:
+    """The agent's inputs that every VM of a deployment shares. Not written per VM: Terraform publishes them to
+    each VM project's metadata (deploy/terraform/agent.tf renders the same values from the variables the
+    functions' settings come from; tests/deploy/test_agent_settings_tf.py compares them), and the agent reads
+    an instance item of the same key first, else the project's. Empty values are left out, as Terraform does."""
     items = {
-        names.CLUSTER_ENV_KEY: cluster_env(key, identity, settings),
         names.MESH_CONFIG_KEY: mesh_config(settings),
-        names.ROOT_CERT_KEY: root_pem,
         names.HOSTS_KEY: hosts_lines(settings),
         names.KEY_ALGORITHM_KEY: settings.key_algorithm,
-        names.STARTUP_SCRIPT_KEY: startup_script(),
+        names.SIDECAR_URL_KEY: settings.sidecar_url,
+        names.SIDECAR_SHA256_KEY: settings.sidecar_sha256 if settings.sidecar_url else "",
     }
-    if settings.sidecar_url:
-        items[names.SIDECAR_URL_KEY] = settings.sidecar_url
-        items[names.SIDECAR_SHA256_KEY] = settings.sidecar_sha256
     if settings.events_topic:  # the agent's nudge after it confirmed (the sweep catches up without it)
         items[names.EVENTS_TOPIC_KEY] = settings.events_topic
         items[names.PUBSUB_ENDPOINT_KEY] = settings.pubsub_endpoint or PUBSUB_ENDPOINT
+    return {key: value for key, value in items.items() if value}
+
+
+def bootstrap_items(key: VmKey, identity: Identity, settings: Settings, *, root_pem: str) -> dict[str, str]:
+    """The metadata items of one VM the agent reads, but the status, what belongs to one certificate
+    (`meshjoin-cert-chain`, `meshjoin-rekey`: the reconcile adds those) and what every VM shares
+    (deployment_items(): in project metadata). The root certificate stays per VM: the functions drive a CA
+    rotation, and they never write project metadata."""
+    items = {
+        names.CLUSTER_ENV_KEY: cluster_env(key, identity, settings),
+        names.ROOT_CERT_KEY: root_pem,
+        names.STARTUP_SCRIPT_KEY: startup_script(),
+    }
     # The agent confirms through guest attributes, which GCE enables per VM by this item
     # (the reconcile keeps an owner's own value of it).
     items[names.GUEST_ATTRIBUTES_KEY] = "TRUE"

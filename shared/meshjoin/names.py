@@ -35,6 +35,10 @@ STARTUP_SCRIPT_MARKER = "# meshjoin-startup-script"
 # Project metadata (of every VM project, written by Terraform, never by the functions): the agent's text
 # under `meshjoin-agent-<first 16 hex of its SHA-256>`, fetched and checked by each VM's startup-script stub.
 AGENT_KEY_PREFIX = "meshjoin-agent-"
+# What every VM of a deployment shares: in project metadata (Terraform), read by the agent when its instance
+# has no item of the same key. meshjoin no longer writes them per VM, and removes the copies it wrote before.
+DEPLOYMENT_KEYS = (MESH_CONFIG_KEY, HOSTS_KEY, KEY_ALGORITHM_KEY, SIDECAR_URL_KEY, SIDECAR_SHA256_KEY, EVENTS_TOPIC_KEY,
+                   PUBSUB_ENDPOINT_KEY)
 MESHJOIN_KEYS = (STATUS_KEY, CERT_CHAIN_KEY, KEY_ALGORITHM_KEY, REKEY_KEY, SECRET_KEY, CLUSTER_ENV_KEY,
                  MESH_CONFIG_KEY, ROOT_CERT_KEY, HOSTS_KEY, SIDECAR_URL_KEY, SIDECAR_SHA256_KEY, EVENTS_TOPIC_KEY,
                  PUBSUB_ENDPOINT_KEY)

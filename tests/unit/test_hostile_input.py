@@ -254,8 +254,11 @@ def test_no_value_adds_a_line_to_cluster_env_hosts_mesh_config_or_the_script(lab
     assert env["ISTIO_NAMESPACE"] == decision.namespace and env["SERVICE_ACCOUNT"] == decision.service_account
     assert env["CANONICAL_SERVICE"] == decision.app and env["CANONICAL_REVISION"] == decision.version
     assert json.loads(env["ISTIO_METAJSON_LABELS"])["app"] == decision.app
-    assert items[names.HOSTS_KEY] == "10.0.0.9 istiod.istio-system.svc\n"
-    assert set(json.loads(items[names.MESH_CONFIG_KEY])) == {"defaultConfig"}
+    # Hosts and mesh config are the deployment's (project metadata): no VM's value can reach them.
+    assert not set(items) & set(names.DEPLOYMENT_KEYS)
+    shared = bootstrap.deployment_items(SETTINGS)
+    assert shared[names.HOSTS_KEY] == "10.0.0.9 istiod.istio-system.svc\n"
+    assert set(json.loads(shared[names.MESH_CONFIG_KEY])) == {"defaultConfig"}
     assert items[names.STARTUP_SCRIPT_KEY] == bootstrap.startup_script()  # the script never embeds a value
 
 

@@ -117,7 +117,9 @@ def test_first_join_waits_for_the_key_then_certifies_the_csr_with_no_secret_writ
     assert "waiting for the VM's key" in status["reason"] and "meshjoin/csr" in status["reason"]
     assert "google_metadata_script_runner startup" in status["reason"]  # the remedy
     assert names.CERT_CHAIN_KEY not in world.metadata() and "keyId" not in status
-    assert world.metadata()[names.KEY_ALGORITHM_KEY] == "ecdsa-p256"
+    # What the agent generates is the deployment's (project metadata), not written per VM.
+    assert names.KEY_ALGORITHM_KEY not in world.metadata()
+    assert bootstrap.deployment_items(world.reconciler.settings)[names.KEY_ALGORITHM_KEY] == "ecdsa-p256"
     assert world.entries() == []
 
     vm_key = world.compute.hand_in_key(KEY)

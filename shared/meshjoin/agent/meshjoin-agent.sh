@@ -3,7 +3,8 @@
 # The meshjoin VM agent. One static file for every VM: Terraform publishes it to project metadata as
 # `meshjoin-agent-<first 16 hex of its SHA-256>`, and each VM's `startup-script` is a short stub that fetches that
 # item, checks its full SHA-256 and runs it as root at every boot. It turns a stock Debian/Ubuntu VM into an Istio mesh workload from the bootstrap items meshjoin
-# writes into instance metadata, and keeps it one:
+# writes into instance metadata (and those every VM shares, which meshjoin's Terraform writes into project
+# metadata), and keeps it one:
 #   (no argument)   boot: install the watcher, lay down Istio's VM files, make this VM's key, ask meshjoin to
 #                   certify it, wait (at most MESHJOIN_WAIT_SECONDS) for the certificate, start the sidecar
 #   watch [--once]  the watcher (meshjoin-watch.service): converge again whenever the metadata changes
@@ -51,6 +52,8 @@ KEY_SIDECAR_URL='meshjoin-sidecar-url'
 KEY_SIDECAR_SHA256='meshjoin-sidecar-sha256'
 KEY_EVENTS_TOPIC='meshjoin-events-topic'
 KEY_PUBSUB_ENDPOINT='meshjoin-pubsub-endpoint'
+DEPLOYMENT_KEYS=("$KEY_MESH_CONFIG" "$KEY_HOSTS" "$KEY_KEY_ALGORITHM" "$KEY_SIDECAR_URL" "$KEY_SIDECAR_SHA256"
+  "$KEY_EVENTS_TOPIC" "$KEY_PUBSUB_ENDPOINT") # in project metadata, unless the instance has its own
 AGENT_VERSION='3'
 GUEST="$METADATA/instance/guest-attributes/meshjoin"
 METADATA_REMEDY="run on a GCE VM, or point GCE_METADATA_HOST at a metadata server"
@@ -221,13 +224,18 @@ md_get() { # PATH OUT REMEDY
 }
 
 read_attributes() { # [QUERY]: one consistent snapshot of the instance attributes into $WORK/md; ETag in MD_ETAG
+  # What every VM of the deployment shares (DEPLOYMENT_KEYS) is in project metadata (meshjoin's Terraform writes
+  # it): taken from one snapshot of the project's attributes, then the instance's own item of the same key wins,
+  # as GCE's own precedence for startup-script (an owner's instance item only affects the owner's VM). Only the
+  # instance's ETag is watched: a project change applies at the next boot or the next time the watcher wakes.
   rm -rf "$WORK/md"
   mkdir "$WORK/md"
   md_get "instance/attributes/?recursive=true&alt=json${1:-}" "$WORK/attributes.json" "$METADATA_REMEDY"
   MD_ETAG="$(sed -n 's/^[Ee][Tt][Aa][Gg]: *//p' "$WORK/headers" | tr -d '\r' | tail -n 1)"
-  if ! py attributes "$WORK/attributes.json" "$WORK/md" "$KEY_CLUSTER_ENV" "$KEY_MESH_CONFIG" \
-    "$KEY_ROOT_CERT" "$KEY_CERT_CHAIN" "$KEY_KEY_ALGORITHM" "$KEY_REKEY" "$KEY_HOSTS" "$KEY_SIDECAR_URL" "$KEY_SIDECAR_SHA256" "$KEY_EVENTS_TOPIC" "$KEY_PUBSUB_ENDPOINT" \
-    2>"$WORK/py.err"; then
+  md_get "project/attributes/?recursive=true&alt=json" "$WORK/project-attributes.json" "$METADATA_REMEDY"
+  if ! py attributes "$WORK/project-attributes.json" "$WORK/md" "${DEPLOYMENT_KEYS[@]}" 2>"$WORK/py.err" ||
+    ! py attributes "$WORK/attributes.json" "$WORK/md" "$KEY_CLUSTER_ENV" "$KEY_ROOT_CERT" "$KEY_CERT_CHAIN" \
+      "$KEY_REKEY" "${DEPLOYMENT_KEYS[@]}" 2>"$WORK/py.err"; then
     fail "$(cat "$WORK/py.err")" "$METADATA_REMEDY"
   fi
 }
@@ -507,8 +515,12 @@ own_config_dirs() { # root's: istio-start.sh sources cluster.env as root, so ist
 write_config() {
   STEP="write cluster.env and the mesh config"
   local env="$WORK/md/$KEY_CLUSTER_ENV" mesh="$WORK/md/$KEY_MESH_CONFIG"
-  if [ ! -s "$env" ] || [ ! -s "$mesh" ]; then
-    fail "metadata item $KEY_CLUSTER_ENV or $KEY_MESH_CONFIG is missing" "$REISSUE_REMEDY"
+  if [ ! -s "$env" ]; then
+    fail "metadata item $KEY_CLUSTER_ENV is missing" "$REISSUE_REMEDY"
+  fi
+  if [ ! -s "$mesh" ]; then
+    fail "metadata item $KEY_MESH_CONFIG is missing from the project's metadata (and the instance's)" \
+      "an operator applies meshjoin's Terraform to this VM's project (deploy/terraform/agent.tf writes it)"
   fi
   if grep -Evq '^[A-Z][A-Z0-9_]*=' "$env"; then # istio-start.sh sources it: only NAME=value lines may pass
     fail "metadata item $KEY_CLUSTER_ENV holds a line that is not NAME=value" "$REISSUE_REMEDY"
