@@ -38,7 +38,26 @@ resource "google_compute_project_metadata_item" "agent" {
 locals {
   # settings.py's defaults, where the functions get the variable unset (main.tf drops null and "").
   vm_istiod_address = coalesce(var.istiod_address, "istiod.istio-system.svc:15012")
+  # bootstrap.mesh_env(): the lines of cluster.env every VM shares, each value quoted as shlex.quote does
+  # (left bare when it only has characters from its safe set, else in single quotes); an empty mesh id or
+  # network is left out.
+  vm_mesh_env_values = [
+    ["ISTIO_LOCAL_EXCLUDE_PORTS", "15090,15021,15020"],
+    ["ISTIO_META_CLUSTER_ID", coalesce(var.cluster_id, "Kubernetes")],
+    ["ISTIO_META_DNS_CAPTURE", "true"],
+    ["ISTIO_META_MESH_ID", var.mesh_id != null ? var.mesh_id : ""],
+    ["ISTIO_META_NETWORK", var.network != null ? var.network : ""],
+    ["ISTIO_SERVICE_CIDR", "*"],
+    ["TRUST_DOMAIN", coalesce(var.trust_domain, "cluster.local")],
+    ["FILE_MOUNTED_CERTS", "true"],
+    ["PROV_CERT", ""],
+    ["OUTPUT_CERTS", ""],
+  ]
+  vm_mesh_env = join("", [for line in local.vm_mesh_env_values :
+    "${line[0]}=${line[1] != "" && replace(line[1], "/[A-Za-z0-9_@%+=:,./-]/", "") == "" ? line[1] : "'${replace(line[1], "'", "'\"'\"'")}'"}\n"
+  if line[1] != "" || !contains(["ISTIO_META_MESH_ID", "ISTIO_META_NETWORK"], line[0])])
   vm_settings_all = {
+    "meshjoin-mesh-env" = local.vm_mesh_env
     # bootstrap.mesh_config(): /etc/istio/config/mesh.
     "meshjoin-mesh-config" = "${jsonencode({ defaultConfig = merge({
       discoveryAddress = local.vm_istiod_address

@@ -33,7 +33,14 @@ OPTIONAL_CLUSTER_ENV = ("ISTIO_META_MESH_ID", "ISTIO_META_NETWORK")
 
 
 def cluster_env(key: VmKey, identity: Identity, settings: Settings) -> str:
-    """`/var/lib/istio/envoy/cluster.env`, with the keys `istioctl x workload entry configure` writes."""
+    """`/var/lib/istio/envoy/cluster.env`, with the keys `istioctl x workload entry configure` writes: this VM's
+    own lines (vm_env(), instance metadata) then those every VM of the deployment shares (mesh_env(), project
+    metadata), as the agent joins them."""
+    return vm_env(key, identity, settings) + mesh_env(settings)
+
+
+def vm_env(key: VmKey, identity: Identity, settings: Settings) -> str:
+    """The lines of cluster.env that name this VM's identity: `meshjoin-cluster-env`."""
     workload_labels = {
         "app": identity.app,
         "version": identity.version,
@@ -44,18 +51,26 @@ def cluster_env(key: VmKey, identity: Identity, settings: Settings) -> str:
         "CANONICAL_REVISION": identity.version,
         "CANONICAL_SERVICE": identity.app,
         "ISTIO_INBOUND_PORTS": ",".join(str(p) for p in identity.ports.values()) or "*",
-        "ISTIO_LOCAL_EXCLUDE_PORTS": LOCAL_EXCLUDE_PORTS,
         "ISTIO_METAJSON_LABELS": json.dumps(workload_labels, separators=(",", ":")),
+        "ISTIO_META_WORKLOAD_NAME": identity.app,
+        "ISTIO_NAMESPACE": identity.namespace,
+        "ISTIO_SERVICE": f"{identity.app}.{identity.namespace}",
+        "POD_NAMESPACE": identity.namespace,
+        "SERVICE_ACCOUNT": identity.service_account,
+    }
+    return "".join(f"{name}={_shell_value(value)}\n" for name, value in values.items())
+
+
+def mesh_env(settings: Settings) -> str:
+    """The lines of cluster.env every VM of the deployment shares: `meshjoin-mesh-env`, in project metadata
+    (deploy/terraform/agent.tf renders the same text: quoted as shlex.quote does, constants as they are)."""
+    values = {
+        "ISTIO_LOCAL_EXCLUDE_PORTS": LOCAL_EXCLUDE_PORTS,
         "ISTIO_META_CLUSTER_ID": settings.cluster_id,
         "ISTIO_META_DNS_CAPTURE": "true",
         "ISTIO_META_MESH_ID": settings.mesh_id,
         "ISTIO_META_NETWORK": settings.network,
-        "ISTIO_META_WORKLOAD_NAME": identity.app,
-        "ISTIO_NAMESPACE": identity.namespace,
-        "ISTIO_SERVICE": f"{identity.app}.{identity.namespace}",
         "ISTIO_SERVICE_CIDR": "*",
-        "POD_NAMESPACE": identity.namespace,
-        "SERVICE_ACCOUNT": identity.service_account,
         "TRUST_DOMAIN": settings.trust_domain,
         # istio-agent serves the files meshjoin's agent installs and never renews through istiod:
         # meshjoin is the only issuer of the VM's identity, so a VM that leaves or is denied loses it
@@ -69,7 +84,7 @@ def cluster_env(key: VmKey, identity: Identity, settings: Settings) -> str:
         "PROV_CERT": "",
         "OUTPUT_CERTS": "",
     }
-    # An empty mesh id or network is istio-agent's default whether set empty or unset: left out (4 kB a VM).
+    # An empty mesh id or network is istio-agent's default whether set empty or unset: left out.
     # PROV_CERT and OUTPUT_CERTS are the exception: istio-start.sh defaults them when unset.
     return "".join(f"{name}={_shell_value(value)}\n" for name, value in values.items()
                    if value or name not in OPTIONAL_CLUSTER_ENV)
@@ -159,7 +174,7 @@ def startup_stub() -> str:
     # `${S::16}` derives the item's key from the pinned checksum, as agent_metadata_key() does. A VM whose
     # stub pins an agent that is no longer published fails this run with that line; the watcher its earlier
     # boots installed keeps converging, and the next reconcile writes the current stub (deploy/README.md).
-    return (f"#!/bin/bash\n{names.STARTUP_SCRIPT_MARKER}: runs meshjoin's agent only if its SHA-256 is S\n"
+    return (f"#!/bin/bash\n{names.STARTUP_SCRIPT_MARKER}\n"
             f"S={agent_sha256()}\n"
             "F=$(mktemp)||exit\n"
             'trap \'rm -f "$F"\' EXIT\n'
@@ -181,6 +196,7 @@ def deployment_items(settings: Settings) -> dict[str, str]:
     functions' settings come from; tests/deploy/test_agent_settings_tf.py compares them), and the agent reads
     an instance item of the same key first, else the project's. Empty values are left out, as Terraform does."""
     items = {
+        names.MESH_ENV_KEY: mesh_env(settings),
         names.MESH_CONFIG_KEY: mesh_config(settings),
         names.HOSTS_KEY: hosts_lines(settings),
         names.KEY_ALGORITHM_KEY: settings.key_algorithm,
@@ -199,7 +215,7 @@ def bootstrap_items(key: VmKey, identity: Identity, settings: Settings, *, root_
     (deployment_items(): in project metadata). The root certificate stays per VM: the functions drive a CA
     rotation, and they never write project metadata."""
     items = {
-        names.CLUSTER_ENV_KEY: cluster_env(key, identity, settings),
+        names.CLUSTER_ENV_KEY: vm_env(key, identity, settings),
         names.ROOT_CERT_KEY: root_pem,
         names.STARTUP_SCRIPT_KEY: startup_script(),
     }

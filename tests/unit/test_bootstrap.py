@@ -101,7 +101,7 @@ def test_bootstrap_items_carry_no_key_and_the_final_keys():
                           names.GUEST_ATTRIBUTES_KEY}
     assert names.SECRET_KEY not in items  # legacy only: no per-VM secret any more
     shared = bootstrap.deployment_items(SETTINGS)
-    assert set(shared) == {names.MESH_CONFIG_KEY, names.HOSTS_KEY, names.KEY_ALGORITHM_KEY} and \
+    assert set(shared) == {names.MESH_ENV_KEY, names.MESH_CONFIG_KEY, names.HOSTS_KEY, names.KEY_ALGORITHM_KEY} and \
         set(shared) <= set(names.DEPLOYMENT_KEYS)
     assert shared[names.KEY_ALGORITHM_KEY] == "ecdsa-p256"  # what the agent generates
     assert items[names.GUEST_ATTRIBUTES_KEY] == "TRUE"  # the agent hands in its CSR and confirms through them

@@ -405,7 +405,11 @@ def test_legacy_vm_keeps_its_secret_until_agent_3_is_confirmed_then_the_secret_g
     vm_key = world.compute.hand_in_key(KEY)  # the VM rebooted: agent 3 made its key
     assert world.reconcile().verb == "delivered"
     assert world.status()["state"] == "joined" and names.SECRET_KEY in world.metadata()
-    assert "FILE_MOUNTED_CERTS=true" in world.metadata()[names.CLUSTER_ENV_KEY]
+    # Agent 3's configuration: this VM's lines now (the shared ones, FILE_MOUNTED_CERTS among them, are in
+    # project metadata), and agent 2's copies of the shared items go.
+    own = world.metadata()[names.CLUSTER_ENV_KEY]
+    assert own != before[names.CLUSTER_ENV_KEY] and "SERVICE_ACCOUNT=" in own and "FILE_MOUNTED_CERTS" not in own
+    assert "FILE_MOUNTED_CERTS=true" in bootstrap.mesh_env(world.reconciler.settings)
     assert world.secrets.legacy == {KEY}, "kept until agent 3 confirms"
 
     world.compute.confirm(KEY)

@@ -46,13 +46,14 @@ KEY_ROOT_CERT='meshjoin-root-cert'
 KEY_KEY_ALGORITHM='meshjoin-key-algorithm'
 KEY_REKEY='meshjoin-rekey'
 KEY_CLUSTER_ENV='meshjoin-cluster-env'
+KEY_MESH_ENV='meshjoin-mesh-env'
 KEY_MESH_CONFIG='meshjoin-mesh-config'
 KEY_HOSTS='meshjoin-hosts'
 KEY_SIDECAR_URL='meshjoin-sidecar-url'
 KEY_SIDECAR_SHA256='meshjoin-sidecar-sha256'
 KEY_EVENTS_TOPIC='meshjoin-events-topic'
 KEY_PUBSUB_ENDPOINT='meshjoin-pubsub-endpoint'
-DEPLOYMENT_KEYS=("$KEY_MESH_CONFIG" "$KEY_HOSTS" "$KEY_KEY_ALGORITHM" "$KEY_SIDECAR_URL" "$KEY_SIDECAR_SHA256"
+DEPLOYMENT_KEYS=("$KEY_MESH_ENV" "$KEY_MESH_CONFIG" "$KEY_HOSTS" "$KEY_KEY_ALGORITHM" "$KEY_SIDECAR_URL" "$KEY_SIDECAR_SHA256"
   "$KEY_EVENTS_TOPIC" "$KEY_PUBSUB_ENDPOINT") # in project metadata, unless the instance has its own
 AGENT_VERSION='3'
 GUEST="$METADATA/instance/guest-attributes/meshjoin"
@@ -514,19 +515,24 @@ own_config_dirs() { # root's: istio-start.sh sources cluster.env as root, so ist
 
 write_config() {
   STEP="write cluster.env and the mesh config"
-  local env="$WORK/md/$KEY_CLUSTER_ENV" mesh="$WORK/md/$KEY_MESH_CONFIG"
+  local env="$WORK/md/$KEY_CLUSTER_ENV" shared="$WORK/md/$KEY_MESH_ENV" mesh="$WORK/md/$KEY_MESH_CONFIG" item
   if [ ! -s "$env" ]; then
     fail "metadata item $KEY_CLUSTER_ENV is missing" "$REISSUE_REMEDY"
   fi
-  if [ ! -s "$mesh" ]; then
-    fail "metadata item $KEY_MESH_CONFIG is missing from the project's metadata (and the instance's)" \
-      "an operator applies meshjoin's Terraform to this VM's project (deploy/terraform/agent.tf writes it)"
-  fi
-  if grep -Evq '^[A-Z][A-Z0-9_]*=' "$env"; then # istio-start.sh sources it: only NAME=value lines may pass
-    fail "metadata item $KEY_CLUSTER_ENV holds a line that is not NAME=value" "$REISSUE_REMEDY"
-  fi
+  for item in "$shared" "$mesh"; do
+    if [ ! -s "$item" ]; then
+      fail "metadata item ${item##*/} is missing from the project's metadata (and the instance's)" \
+        "an operator applies meshjoin's Terraform to this VM's project (deploy/terraform/agent.tf writes it)"
+    fi
+  done
+  for item in "$env" "$shared"; do # istio-start.sh sources cluster.env: only NAME=value lines may pass
+    if grep -Evq '^[A-Z][A-Z0-9_]*=' "$item"; then
+      fail "metadata item ${item##*/} holds a line that is not NAME=value" "$REISSUE_REMEDY"
+    fi
+  done
+  cat "$env" "$shared" >"$WORK/cluster.env" # this VM's lines, then the deployment's (bootstrap.cluster_env)
   own_config_dirs
-  install_file "$env" "$CLUSTER_ENV" 0644
+  install_file "$WORK/cluster.env" "$CLUSTER_ENV" 0644
   install_file "$mesh" "$MESH_CONFIG" 0644
   log info "cluster.env and mesh config in place"
 }
