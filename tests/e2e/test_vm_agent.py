@@ -407,7 +407,7 @@ def test_metadata_values_cannot_add_lines_to_the_script_or_cluster_env(sandbox):
     wait_for(lambda: "startup-script" in sandbox.metadata("inject-ok"), timeout=60, what="inject-ok's bootstrap")
     metadata = sandbox.metadata("inject-ok")
     assert metadata["startup-script"] == bootstrap.startup_stub()  # the same stub for every VM, no value in it
-    expected_keys = bootstrap.cluster_env(
+    expected_keys = bootstrap.vm_env(  # the VM's own lines (the shared ones are in project metadata)
         VmKey("p", "z", "i"), Identity("ns", "sa", "app", "v1", {"http": 1}),
         Settings(project="p", cluster="projects/p/locations/l/clusters/c")).count("\n")
     env_lines = metadata["meshjoin-cluster-env"].splitlines()
