@@ -7,7 +7,8 @@
 # metadata), and keeps it one:
 #   (no argument)   boot: install the watcher, lay down Istio's VM files, make this VM's key, ask meshjoin to
 #                   certify it, wait (at most MESHJOIN_WAIT_SECONDS) for the certificate, start the sidecar
-#   watch [--once]  the watcher (meshjoin-watch.service): converge again whenever the metadata changes
+#   watch [--once]  the watcher (meshjoin-watch.service): converge again whenever the instance metadata changes
+#                   (each converge reads the project's shared items afresh)
 #                   (renewed certificates, a new key when meshjoin asks for one, leaving the mesh)
 # The private key is made here, with openssl, straight into /etc/certs, and never leaves the VM: meshjoin only
 # ever sees a PKCS#10 request for it (guest attribute `meshjoin/csr`) and answers with a public
@@ -375,7 +376,7 @@ ensure_key() { # the key that needs a certificate exists, of the kind meshjoin c
   case "$KEY_ALGORITHM" in
     ecdsa-p256 | rsa-2048) ;;
     *) fail "metadata item $KEY_KEY_ALGORITHM names no key algorithm this agent makes (ecdsa-p256, rsa-2048)" \
-      "set MESHJOIN_KEY_ALGORITHM of meshjoin's functions to ecdsa-p256 or rsa-2048" ;;
+      "set meshjoin's Terraform variable key_algorithm to ecdsa-p256 or rsa-2048 (project metadata)" ;;
   esac
   token="$(md "$KEY_REKEY")"
   if [ -n "$token" ] && ! printf '%s' "$token" | grep -Eqx '[A-Za-z0-9._-]{1,64}'; then
@@ -543,7 +544,7 @@ write_hosts() {
   local line_re='^[0-9A-Fa-f.:]+[[:blank:]]+[A-Za-z0-9.-]+([[:blank:]]+[A-Za-z0-9.-]+)*$' # ADDRESS NAME...
   if [ -s "$lines" ] && grep -Evq "$line_re" "$lines"; then
     fail "metadata item $KEY_HOSTS holds a line that is not 'ADDRESS NAME'" \
-      "fix MESHJOIN_ISTIOD_IP and MESHJOIN_ISTIOD_ADDRESS of meshjoin's functions"
+      "fix meshjoin's Terraform variables istiod_ip and istiod_address (project metadata)"
   fi
   { # the file without our block, then the block anew: the same lines once, however often this runs
     if [ -f "$HOSTS" ]; then
@@ -576,7 +577,7 @@ install_sidecar() {
   if [ -z "$url" ]; then
     if [ -z "$installed" ]; then
       fail "istio-sidecar is not installed and no package URL is configured" \
-        "set MESHJOIN_SIDECAR_URL and MESHJOIN_SIDECAR_SHA256 on meshjoin's functions, or bake istio-sidecar \
+        "set meshjoin's Terraform variables sidecar_url and sidecar_sha256, or bake istio-sidecar \
 into the image"
     fi
     log info "istio-sidecar $installed kept (no package URL configured)"
