@@ -82,7 +82,9 @@ def tail(path: Path, lines: int = 20) -> str:
 # Settings of the functions that agent.tf also renders into the VM projects' metadata, and their variables.
 VM_SETTING_VARIABLES = {"MESHJOIN_ISTIOD_ADDRESS": "istiod_address", "MESHJOIN_ISTIOD_IP": "istiod_ip",
                         "MESHJOIN_MESH_ID": "mesh_id", "MESHJOIN_KEY_ALGORITHM": "key_algorithm",
-                        "MESHJOIN_SIDECAR_URL": "sidecar_url", "MESHJOIN_SIDECAR_SHA256": "sidecar_sha256"}
+                        "MESHJOIN_SIDECAR_URL": "sidecar_url", "MESHJOIN_SIDECAR_SHA256": "sidecar_sha256",
+                        "MESHJOIN_NETWORK": "network", "MESHJOIN_CLUSTER_ID": "cluster_id",
+                        "MESHJOIN_TRUST_DOMAIN": "trust_domain"}
 
 
 def product_env(cfg: SandboxConfig) -> dict[str, str]:
