@@ -268,6 +268,17 @@ variable "sidecar_sha256" {
   default     = null
 }
 
+variable "pubsub_endpoint" {
+  description = "The Pub/Sub API as the VMs reach it, where their agents publish the nudge after confirming (project metadata meshjoin-pubsub-endpoint): e.g. a Private Service Connect endpoint for VMs without internet access. Only the VMs use it."
+  type        = string
+  default     = "https://pubsub.googleapis.com"
+
+  validation {
+    condition     = can(regex("^https?://[A-Za-z0-9.-]+(:[0-9]+)?$", var.pubsub_endpoint))
+    error_message = "pubsub_endpoint must be a scheme and host (and port), e.g. https://pubsub.googleapis.com."
+  }
+}
+
 # --- event handling --------------------------------------------------------------------------
 
 variable "max_event_age" {

@@ -24,6 +24,10 @@ def sandbox_terraform_vars(project: str, region: str, cluster_path: str, service
         # The sandbox's default binds the demo's account: orders@ may be apps/orders, app orders.
         "identity_bindings": [{"gsa": f"orders@{project}.iam.gserviceaccount.com", "namespace": "apps",
                                "serviceAccount": "orders", "apps": ["orders"]}],
+        # The VMs reach istiod through the sandbox's east-west gateway address (MESHJOIN_ISTIOD_*; agent.tf
+        # publishes the mesh config and hosts line from them, launcher.product_env hands them to the functions).
+        "istiod_address": "istiod.istio-system.svc:15012",
+        "istiod_ip": "10.128.15.250",
     }
 
 

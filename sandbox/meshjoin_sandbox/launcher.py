@@ -79,6 +79,14 @@ def tail(path: Path, lines: int = 20) -> str:
         return ""
 
 
+# Settings of the functions that agent.tf also renders into the VM projects' metadata, and their variables.
+VM_SETTING_VARIABLES = {"MESHJOIN_ISTIOD_ADDRESS": "istiod_address", "MESHJOIN_ISTIOD_IP": "istiod_ip",
+                        "MESHJOIN_MESH_ID": "mesh_id", "MESHJOIN_KEY_ALGORITHM": "key_algorithm",
+                        "MESHJOIN_SIDECAR_URL": "sidecar_url", "MESHJOIN_SIDECAR_SHA256": "sidecar_sha256",
+                        "MESHJOIN_NETWORK": "network", "MESHJOIN_CLUSTER_ID": "cluster_id",
+                        "MESHJOIN_TRUST_DOMAIN": "trust_domain"}
+
+
 def product_env(cfg: SandboxConfig) -> dict[str, str]:
     """The settings the product reads, pointed at the sandbox (also what DIR/env exports)."""
     return {
@@ -98,8 +106,9 @@ def product_env(cfg: SandboxConfig) -> dict[str, str]:
         "MESHJOIN_IDENTITY_BINDINGS": json.dumps(cfg.terraform_vars["identity_bindings"]),
         # As main.tf sets it from var.vm_projects (unset while meshjoin manages the host alone).
         **({"MESHJOIN_VM_PROJECTS": ",".join(cfg.vm_projects)} if len(cfg.vm_projects) > 1 else {}),
-        "MESHJOIN_ISTIOD_ADDRESS": "istiod.istio-system.svc:15012",
-        "MESHJOIN_ISTIOD_IP": "10.128.15.250",
+        # As main.tf sets them, from the variables agent.tf renders the VMs' project metadata from.
+        "MESHJOIN_ISTIOD_ADDRESS": cfg.terraform_vars["istiod_address"],
+        "MESHJOIN_ISTIOD_IP": cfg.terraform_vars["istiod_ip"],
         "GCE_METADATA_HOST": f"127.0.0.1:{cfg.ports['metadata']}",
         "GCE_METADATA_IP": f"127.0.0.1:{cfg.ports['metadata']}",
         "PUBSUB_EMULATOR_HOST": f"127.0.0.1:{cfg.ports['pubsub']}",
@@ -290,6 +299,13 @@ def up(state_dir: Path, ca_dir: Path | None = None, function_env: dict[str, str]
             terraform_vars.setdefault("identity_bindings", json.loads(cfg.function_env["MESHJOIN_IDENTITY_BINDINGS"]))
         except ValueError as exc:
             raise SandboxError(f"MESHJOIN_IDENTITY_BINDINGS is not JSON: {exc}") from exc
+    # What every VM shares is in project metadata (agent.tf), rendered from Terraform variables: settings given
+    # to the functions become those variables, so both sides say the same, as in a deployment.
+    for setting, variable in VM_SETTING_VARIABLES.items():
+        if cfg.function_env.get(setting):
+            terraform_vars.setdefault(variable, cfg.function_env[setting])
+    # The VMs' agents publish their nudge to the sandbox's Pub/Sub emulator.
+    terraform_vars.setdefault("pubsub_endpoint", cfg.url("pubsub"))
     from .quota import time_factor_from_env
 
     try:

@@ -324,6 +324,26 @@ def _concat(*lists):
     return out
 
 
+def _flatten(values) -> list:
+    """Terraform's flatten(): nested lists (and tuples) into one list, depth first."""
+    if not isinstance(values, (list, tuple)):
+        raise TerraformError(f"flatten takes a list, not {type(values).__name__}")
+    out: list = []
+    for value in values:
+        out.extend(_flatten(value) if isinstance(value, (list, tuple)) else [value])
+    return out
+
+
+def _jsonencode(value) -> str:
+    """Terraform's jsonencode(): object keys sorted (cty objects and maps are), compact, UTF-8 kept, and the
+    characters Go's encoding/json escapes (`<`, `>`, `&`, U+2028, U+2029) escaped."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    for char, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"),
+                          ("\u2029", "\\u2029")):
+        text = text.replace(char, escaped)
+    return text
+
+
 def _distinct(values) -> list:
     """Terraform's distinct(): a list without its repeats, each first occurrence kept in order. It takes a
     list; a set converts to one in its own order, a map does not. Elements may be objects, compared by value."""
@@ -361,7 +381,8 @@ FUNCTIONS: dict[str, Callable[..., Any]] = {
     "endswith": lambda text, suffix: text.endswith(suffix),
     "tostring": _tostring,
     "coalesce": _coalesce,
-    "jsonencode": lambda value: json.dumps(value, separators=(",", ":")),
+    "jsonencode": _jsonencode,
+    "flatten": _flatten,
     "substr": lambda text, offset, length: _substr(text, offset, length),
 }
 

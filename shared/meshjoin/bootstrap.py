@@ -33,7 +33,14 @@ OPTIONAL_CLUSTER_ENV = ("ISTIO_META_MESH_ID", "ISTIO_META_NETWORK")
 
 
 def cluster_env(key: VmKey, identity: Identity, settings: Settings) -> str:
-    """`/var/lib/istio/envoy/cluster.env`, with the keys `istioctl x workload entry configure` writes."""
+    """`/var/lib/istio/envoy/cluster.env`, with the keys `istioctl x workload entry configure` writes: this VM's
+    own lines (vm_env(), instance metadata) then those every VM of the deployment shares (mesh_env(), project
+    metadata), as the agent joins them."""
+    return vm_env(key, identity, settings) + mesh_env(settings)
+
+
+def vm_env(key: VmKey, identity: Identity, settings: Settings) -> str:
+    """The lines of cluster.env that name this VM's identity: `meshjoin-cluster-env`."""
     workload_labels = {
         "app": identity.app,
         "version": identity.version,
@@ -44,18 +51,26 @@ def cluster_env(key: VmKey, identity: Identity, settings: Settings) -> str:
         "CANONICAL_REVISION": identity.version,
         "CANONICAL_SERVICE": identity.app,
         "ISTIO_INBOUND_PORTS": ",".join(str(p) for p in identity.ports.values()) or "*",
-        "ISTIO_LOCAL_EXCLUDE_PORTS": LOCAL_EXCLUDE_PORTS,
         "ISTIO_METAJSON_LABELS": json.dumps(workload_labels, separators=(",", ":")),
+        "ISTIO_META_WORKLOAD_NAME": identity.app,
+        "ISTIO_NAMESPACE": identity.namespace,
+        "ISTIO_SERVICE": f"{identity.app}.{identity.namespace}",
+        "POD_NAMESPACE": identity.namespace,
+        "SERVICE_ACCOUNT": identity.service_account,
+    }
+    return "".join(f"{name}={_shell_value(value)}\n" for name, value in values.items())
+
+
+def mesh_env(settings: Settings) -> str:
+    """The lines of cluster.env every VM of the deployment shares: `meshjoin-mesh-env`, in project metadata
+    (deploy/terraform/agent.tf renders the same text: quoted as shlex.quote does, constants as they are)."""
+    values = {
+        "ISTIO_LOCAL_EXCLUDE_PORTS": LOCAL_EXCLUDE_PORTS,
         "ISTIO_META_CLUSTER_ID": settings.cluster_id,
         "ISTIO_META_DNS_CAPTURE": "true",
         "ISTIO_META_MESH_ID": settings.mesh_id,
         "ISTIO_META_NETWORK": settings.network,
-        "ISTIO_META_WORKLOAD_NAME": identity.app,
-        "ISTIO_NAMESPACE": identity.namespace,
-        "ISTIO_SERVICE": f"{identity.app}.{identity.namespace}",
         "ISTIO_SERVICE_CIDR": "*",
-        "POD_NAMESPACE": identity.namespace,
-        "SERVICE_ACCOUNT": identity.service_account,
         "TRUST_DOMAIN": settings.trust_domain,
         # istio-agent serves the files meshjoin's agent installs and never renews through istiod:
         # meshjoin is the only issuer of the VM's identity, so a VM that leaves or is denied loses it
@@ -69,7 +84,7 @@ def cluster_env(key: VmKey, identity: Identity, settings: Settings) -> str:
         "PROV_CERT": "",
         "OUTPUT_CERTS": "",
     }
-    # An empty mesh id or network is istio-agent's default whether set empty or unset: left out (4 kB a VM).
+    # An empty mesh id or network is istio-agent's default whether set empty or unset: left out.
     # PROV_CERT and OUTPUT_CERTS are the exception: istio-start.sh defaults them when unset.
     return "".join(f"{name}={_shell_value(value)}\n" for name, value in values.items()
                    if value or name not in OPTIONAL_CLUSTER_ENV)
@@ -82,7 +97,10 @@ def _shell_value(value: str) -> str:
 
 
 def mesh_config(settings: Settings) -> str:
-    """`/etc/istio/config/mesh` (JSON is YAML, and json.dumps cannot be tricked into a new key)."""
+    """`/etc/istio/config/mesh` (JSON is YAML, and json.dumps cannot be tricked into a new key).
+
+    In the form Terraform's `"${jsonencode(...)}\n"` renders (deploy/terraform/agent.tf publishes it to project
+    metadata): keys sorted, no spaces, `<`, `>` and `&` escaped as Go's encoder does (tests/deploy compares both)."""
     default_config = {
         "discoveryAddress": settings.istiod_address,
         "proxyMetadata": {
@@ -97,9 +115,17 @@ def mesh_config(settings: Settings) -> str:
     }
     if settings.mesh_id:
         default_config["meshId"] = settings.mesh_id
-    # One line with JSON's default ", " and ": " separators (what a YAML 1.1 parser still reads as JSON):
-    # every byte of metadata is listed with every VM (meshjoin's budget is 4 kB a VM).
-    return json.dumps({"defaultConfig": default_config}) + "\n"
+    return terraform_jsonencode({"defaultConfig": default_config}) + "\n"
+
+
+def terraform_jsonencode(value) -> str:
+    """JSON as Terraform's jsonencode() writes it: object keys sorted, compact, UTF-8 kept, and `<`, `>`, `&`,
+    U+2028, U+2029 escaped (Go's encoding/json, which Terraform's cty JSON marshalling uses)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    for char, escaped in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"),
+                          ("\u2029", "\\u2029")):
+        text = text.replace(char, escaped)
+    return text
 
 
 def hosts_lines(settings: Settings) -> str:
@@ -148,7 +174,7 @@ def startup_stub() -> str:
     # `${S::16}` derives the item's key from the pinned checksum, as agent_metadata_key() does. A VM whose
     # stub pins an agent that is no longer published fails this run with that line; the watcher its earlier
     # boots installed keeps converging, and the next reconcile writes the current stub (deploy/README.md).
-    return (f"#!/bin/bash\n{names.STARTUP_SCRIPT_MARKER}: runs meshjoin's agent only if its SHA-256 is S\n"
+    return (f"#!/bin/bash\n{names.STARTUP_SCRIPT_MARKER}\n"
             f"S={agent_sha256()}\n"
             "F=$(mktemp)||exit\n"
             'trap \'rm -f "$F"\' EXIT\n'
@@ -164,23 +190,35 @@ def startup_script() -> str:
     return startup_stub()
 
 
-def bootstrap_items(key: VmKey, identity: Identity, settings: Settings, *, root_pem: str) -> dict[str, str]:
-    """The metadata items the VM agent reads, but the status and what belongs to one certificate
-    (`meshjoin-cert-chain`, `meshjoin-rekey`: the reconcile adds those)."""
+def deployment_items(settings: Settings) -> dict[str, str]:
+    """The agent's inputs that every VM of a deployment shares. Not written per VM: Terraform publishes them to
+    each VM project's metadata (deploy/terraform/agent.tf renders the same values from the variables the
+    functions' settings come from; tests/deploy/test_agent_settings_tf.py compares them), and the agent reads
+    an instance item of the same key first, else the project's. Empty values are left out, as Terraform does."""
     items = {
-        names.CLUSTER_ENV_KEY: cluster_env(key, identity, settings),
+        names.MESH_ENV_KEY: mesh_env(settings),
         names.MESH_CONFIG_KEY: mesh_config(settings),
-        names.ROOT_CERT_KEY: root_pem,
         names.HOSTS_KEY: hosts_lines(settings),
         names.KEY_ALGORITHM_KEY: settings.key_algorithm,
-        names.STARTUP_SCRIPT_KEY: startup_script(),
+        names.SIDECAR_URL_KEY: settings.sidecar_url,
+        names.SIDECAR_SHA256_KEY: settings.sidecar_sha256 if settings.sidecar_url else "",
     }
-    if settings.sidecar_url:
-        items[names.SIDECAR_URL_KEY] = settings.sidecar_url
-        items[names.SIDECAR_SHA256_KEY] = settings.sidecar_sha256
     if settings.events_topic:  # the agent's nudge after it confirmed (the sweep catches up without it)
         items[names.EVENTS_TOPIC_KEY] = settings.events_topic
         items[names.PUBSUB_ENDPOINT_KEY] = settings.pubsub_endpoint or PUBSUB_ENDPOINT
+    return {key: value for key, value in items.items() if value}
+
+
+def bootstrap_items(key: VmKey, identity: Identity, settings: Settings, *, root_pem: str) -> dict[str, str]:
+    """The metadata items of one VM the agent reads, but the status, what belongs to one certificate
+    (`meshjoin-cert-chain`, `meshjoin-rekey`: the reconcile adds those) and what every VM shares
+    (deployment_items(): in project metadata). The root certificate stays per VM: the functions drive a CA
+    rotation, and they never write project metadata."""
+    items = {
+        names.CLUSTER_ENV_KEY: vm_env(key, identity, settings),
+        names.ROOT_CERT_KEY: root_pem,
+        names.STARTUP_SCRIPT_KEY: startup_script(),
+    }
     # The agent confirms through guest attributes, which GCE enables per VM by this item
     # (the reconcile keeps an owner's own value of it).
     items[names.GUEST_ATTRIBUTES_KEY] = "TRUE"

@@ -303,17 +303,22 @@ def render(vm: str, zone: str | None, project: str | None):
     identity = decide_identity(observed, rt.settings)
     if isinstance(identity, Denial):
         raise click.ClickException(f"{vm} would be denied: {identity.reason}")
-    items = bootstrap.bootstrap_items(key, identity, rt.settings,
-                                      root_pem=rt.secrets.plugin_ca().bundle.root_certs_pem)
+    # The VM's own items, and what every VM shares (project metadata, from Terraform: rendered here from the
+    # settings, which come from the same variables); cluster.env as the agent joins it from both.
+    items = {**bootstrap.deployment_items(rt.settings),
+             **bootstrap.bootstrap_items(key, identity, rt.settings,
+                                         root_pem=rt.secrets.plugin_ca().bundle.root_certs_pem)}
+    items[names.CLUSTER_ENV_KEY] = bootstrap.cluster_env(key, identity, rt.settings)
     # The certificate chain is the one meshjoin last signed for the VM's own key (public), if any.
     items[names.CERT_CHAIN_KEY] = observed.metadata.get(names.CERT_CHAIN_KEY, "(none yet: the VM's key is certified "
                                                                              "once its agent wrote a CSR)")
-    for title, item in (("cluster.env", names.CLUSTER_ENV_KEY), ("/etc/istio/config/mesh", names.MESH_CONFIG_KEY),
+    for title, item in (("cluster.env", f"{names.CLUSTER_ENV_KEY} + {names.MESH_ENV_KEY}"),
+                        ("/etc/istio/config/mesh", names.MESH_CONFIG_KEY),
                         ("/etc/hosts lines", names.HOSTS_KEY), ("key algorithm", names.KEY_ALGORITHM_KEY),
                         ("cert-chain.pem", names.CERT_CHAIN_KEY), ("root-cert.pem", names.ROOT_CERT_KEY),
                         ("startup-script", names.STARTUP_SCRIPT_KEY)):
         click.echo(f"==> {title} (metadata {item})")
-        click.echo(items.get(item, "").rstrip("\n") or "(empty)")
+        click.echo(items.get(item.split(" + ")[0], "").rstrip("\n") or "(empty)")
         click.echo()
 
 

@@ -129,7 +129,8 @@ def explain(key: VmKey, vm: Vm | None, settings: Settings, *, entry_exists: bool
         out.facts["certified key"] = f"{recorded.key_id} ({recorded.key_certs} certificate(s) for it)"
         token = status.get("rekey")
         if isinstance(token, str) and rekey_pending(token, recorded.key_id):
-            out.facts["key rotation"] = f"requested ({names.REKEY_KEY}={token[:64]}), waiting for the VM's new key"
+            out.facts["key rotation"] = (f"requested ({names.REKEY_KEY}={token[:64]}), waiting for the VM's new "
+                                         f"key; the current one serves until then; if nothing comes: {RUN_AGENT_REMEDY}")
     if is_legacy(vm):
         out.facts["legacy per-VM secret"] = f"{vm.metadata.get(names.SECRET_KEY, '')[:200]} (migrating)"
     if not vm.wants_mesh:

@@ -21,7 +21,8 @@ REKEY_KEY = "meshjoin-rekey"  # an opaque token: a new value asks the agent for 
 # Legacy only (agent 2 and before): the per-VM secret version holding a key meshjoin made. A VM that
 # still has it is migrating; meshjoin removes it, and deletes the secret, once agent 3 confirmed.
 SECRET_KEY = "meshjoin-secret"
-CLUSTER_ENV_KEY = "meshjoin-cluster-env"
+CLUSTER_ENV_KEY = "meshjoin-cluster-env"  # this VM's lines of cluster.env
+MESH_ENV_KEY = "meshjoin-mesh-env"  # the lines of cluster.env every VM of the deployment shares
 MESH_CONFIG_KEY = "meshjoin-mesh-config"
 ROOT_CERT_KEY = "meshjoin-root-cert"
 HOSTS_KEY = "meshjoin-hosts"
@@ -35,9 +36,13 @@ STARTUP_SCRIPT_MARKER = "# meshjoin-startup-script"
 # Project metadata (of every VM project, written by Terraform, never by the functions): the agent's text
 # under `meshjoin-agent-<first 16 hex of its SHA-256>`, fetched and checked by each VM's startup-script stub.
 AGENT_KEY_PREFIX = "meshjoin-agent-"
+# What every VM of a deployment shares: in project metadata (Terraform), read by the agent when its instance
+# has no item of the same key. meshjoin no longer writes them per VM, and removes the copies it wrote before.
+DEPLOYMENT_KEYS = (MESH_ENV_KEY, MESH_CONFIG_KEY, HOSTS_KEY, KEY_ALGORITHM_KEY, SIDECAR_URL_KEY, SIDECAR_SHA256_KEY, EVENTS_TOPIC_KEY,
+                   PUBSUB_ENDPOINT_KEY)
 MESHJOIN_KEYS = (STATUS_KEY, CERT_CHAIN_KEY, KEY_ALGORITHM_KEY, REKEY_KEY, SECRET_KEY, CLUSTER_ENV_KEY,
                  MESH_CONFIG_KEY, ROOT_CERT_KEY, HOSTS_KEY, SIDECAR_URL_KEY, SIDECAR_SHA256_KEY, EVENTS_TOPIC_KEY,
-                 PUBSUB_ENDPOINT_KEY)
+                 PUBSUB_ENDPOINT_KEY, MESH_ENV_KEY)
 # The guest attributes (namespace GUEST_NAMESPACE) the agent writes and meshjoin reads.
 GUEST_NAMESPACE = "meshjoin"
 CSR_ATTRIBUTE = "csr"  # PEM PKCS#10 CSR of the key the agent wants certified

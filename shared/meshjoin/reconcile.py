@@ -488,8 +488,11 @@ class Reconciler:
         reason = self._reason(state, spiffe, why, issued, delivered, problem, report, was_confirmed, legacy,
                               migrated)
         if delivered is not None and rekey_pending(token, delivered.key_id):
-            reason += (f"; meshjoin asked the VM for a new key ({names.REKEY_KEY}={token}): its agent makes it and "
-                       f"hands in its CSR, the current key serves until then; if nothing comes: {RUN_AGENT_REMEDY}")
+            # Joined, the current key serves until the new one is certified: short, since the status is listed
+            # with every VM (4 kB each); `meshjoin explain` gives the remedy. A waiting VM's reason keeps it.
+            reason += f"; meshjoin asked the VM for a new key ({names.REKEY_KEY})" if state == "joined" else \
+                (f"; meshjoin asked the VM for a new key ({names.REKEY_KEY}={token}): its agent makes it and "
+                 f"hands in its CSR, the current key serves until then; if nothing comes: {RUN_AGENT_REMEDY}")
         if problem and why and delivered is not None:
             # Recorded as a warning too: a reason alone does not rewrite the status its owner reads.
             warnings.append(f"{why} but nothing was certified: {problem}")
@@ -546,7 +549,8 @@ class Reconciler:
                 return no_key_reason(spiffe, problem or csr_problem(None), report)
             text = waiting_reason(spiffe, delivered.serial, report)
             return f"{text}; {why}: {problem}" if problem else text
-        text = f"joined as {spiffe}" + (f" ({why})" if issued is not None else "") + \
+        # The identity is the status's own `identity` field: not repeated here (4 kB of metadata a VM).
+        text = "joined" + (f" ({why})" if issued is not None else "") + \
             ("; the VM confirmed it" if not was_confirmed else "")
         if problem and delivered is not None:
             text += (f"; {why} but nothing was certified: {problem}; the certificate expires at "
@@ -557,7 +561,9 @@ class Reconciler:
         """The bootstrap items for this VM, minus what belongs to its owner (their startup-script, their
         guest-attributes switch), with the warnings that explain it."""
         items = bootstrap.bootstrap_items(vm.key, identity, self.settings, root_pem=root_pem)
-        remove: set[str] = set()
+        # What every VM shares is in project metadata now: a copy meshjoin wrote on this VM before would shadow
+        # the project's value forever (the agent reads the instance's first).
+        remove: set[str] = {k for k in names.DEPLOYMENT_KEYS if k in vm.metadata}
         own_script = vm.metadata.get(names.STARTUP_SCRIPT_KEY)
         if own_script is not None and names.STARTUP_SCRIPT_MARKER not in own_script:
             items.pop(names.STARTUP_SCRIPT_KEY)  # the owner's own script: never overwritten

@@ -16,6 +16,7 @@ AGENT_TF = (TF_DIR / "agent.tf").read_text()
 
 def resource_argument(name: str) -> str:
     body = AGENT_TF[AGENT_TF.index('resource "google_compute_project_metadata_item" "agent"'):]
+    body = body[:body.index("\n}\n")]  # this resource's block only
     (expression,) = re.findall(rf"^\s*{name}\s*=\s*(.+)$", body, re.MULTILINE)
     return expression.strip()
 

@@ -407,7 +407,7 @@ def test_metadata_values_cannot_add_lines_to_the_script_or_cluster_env(sandbox):
     wait_for(lambda: "startup-script" in sandbox.metadata("inject-ok"), timeout=60, what="inject-ok's bootstrap")
     metadata = sandbox.metadata("inject-ok")
     assert metadata["startup-script"] == bootstrap.startup_stub()  # the same stub for every VM, no value in it
-    expected_keys = bootstrap.cluster_env(
+    expected_keys = bootstrap.vm_env(  # the VM's own lines (the shared ones are in project metadata)
         VmKey("p", "z", "i"), Identity("ns", "sa", "app", "v1", {"http": 1}),
         Settings(project="p", cluster="projects/p/locations/l/clusters/c")).count("\n")
     env_lines = metadata["meshjoin-cluster-env"].splitlines()
@@ -432,6 +432,14 @@ def set_project_item(sandbox, key: str, value: str | None) -> None:
     op = projects.set_common_instance_metadata_unary(project=sandbox.project, metadata_resource=compute_v1.Metadata(
         fingerprint=current.fingerprint, items=[compute_v1.Items(key=k, value=v) for k, v in items.items()]))
     operations.wait(project=sandbox.project, operation=op.name)
+
+
+def project_items(sandbox) -> dict[str, str]:
+    """The project's common metadata (what agent.tf wrote at `up`: the agent and the shared items)."""
+    clients = SandboxClients(sandbox.state_dir)
+    projects = compute_v1.ProjectsClient(transport="rest", client_options={"api_endpoint": clients.cfg.url("compute")},
+                                         credentials=clients._credentials())
+    return {i.key: i.value for i in projects.get(project=sandbox.project).common_instance_metadata.items}
 
 
 EVIL = '#!/bin/bash\ntouch "${MESHJOIN_ROOT:-}/pwned"\n'
@@ -519,7 +527,10 @@ def test_boot_makes_the_key_on_the_vm_and_one_boot_run_ends_serving_meshjoins_ce
     journal = vm.journal()
     assert f"installed certificate {serial}" in journal and "boot done: this VM is a mesh workload" in journal
     assert "restart istio.service" in vm.systemctl() or "start istio.service" in vm.systemctl()
-    assert vm.file("var/lib/istio/envoy/cluster.env").read_text() == vm.items()["meshjoin-cluster-env"]
+    # This VM's own lines (instance metadata), then the deployment's (project metadata: it has no copy of them).
+    assert "meshjoin-mesh-env" not in vm.items()
+    assert vm.file("var/lib/istio/envoy/cluster.env").read_text() == \
+        vm.items()["meshjoin-cluster-env"] + project_items(vm.sandbox)["meshjoin-mesh-env"]
     # The watcher runs in the background, as systemd runs meshjoin-watch.service.
     assert f"ExecStart=/{AGENT} watch" in vm.file("etc/systemd/system/meshjoin-watch.service").read_text()
     wait_for(lambda: len(vm.watcher_pids()) == 1, what="the watcher process")

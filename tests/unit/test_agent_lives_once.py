@@ -13,7 +13,7 @@ AGENT = bootstrap.agent_text()
 # The item names the agent reads (KEY_...='...'), each a names.py constant, and all of the bootstrap's.
 READ_BY_AGENT = {names.CERT_CHAIN_KEY, names.ROOT_CERT_KEY, names.KEY_ALGORITHM_KEY, names.REKEY_KEY,
                  names.CLUSTER_ENV_KEY, names.MESH_CONFIG_KEY, names.HOSTS_KEY, names.SIDECAR_URL_KEY,
-                 names.SIDECAR_SHA256_KEY, names.EVENTS_TOPIC_KEY, names.PUBSUB_ENDPOINT_KEY}
+                 names.SIDECAR_SHA256_KEY, names.EVENTS_TOPIC_KEY, names.PUBSUB_ENDPOINT_KEY, names.MESH_ENV_KEY}
 # Words of the form meshjoin-... in the agent that are not metadata items: its unit, its path, its key prefix.
 NOT_ITEMS = {"meshjoin-watch", "meshjoin-agent", "meshjoin-agent-"}
 

@@ -78,6 +78,15 @@ def test_cluster_env_refuses_multiline_values():
         bootstrap.cluster_env(KEY, evil, SETTINGS)
 
 
+def test_mesh_config_is_what_terraforms_jsonencode_writes():
+    """agent.tf renders it with `"${jsonencode(...)}\\n"`: keys sorted, compact, Go's HTML escapes."""
+    settings = Settings(project="p", cluster=SETTINGS.cluster, mesh_id="m<&>")
+    text = bootstrap.mesh_config(settings)
+    assert text.endswith("}\n") and " " not in text and "\\u003c\\u0026\\u003e" in text
+    assert json.loads(text)["defaultConfig"]["meshId"] == "m<&>"
+    assert list(json.loads(text)["defaultConfig"]) == ["discoveryAddress", "meshId", "proxyMetadata"]
+
+
 def test_mesh_config_and_hosts():
     assert json.loads(bootstrap.mesh_config(SETTINGS))["defaultConfig"]["discoveryAddress"] == \
         "istiod.istio-system.svc:15012"
@@ -87,10 +96,14 @@ def test_mesh_config_and_hosts():
 
 def test_bootstrap_items_carry_no_key_and_the_final_keys():
     items = bootstrap.bootstrap_items(KEY, IDENTITY, SETTINGS, root_pem="ROOT")
-    assert set(items) == {names.CLUSTER_ENV_KEY, names.MESH_CONFIG_KEY, names.ROOT_CERT_KEY, names.HOSTS_KEY,
-                          names.KEY_ALGORITHM_KEY, names.STARTUP_SCRIPT_KEY, names.GUEST_ATTRIBUTES_KEY}
+    # What every VM shares (mesh config, hosts, key algorithm, ...) is in project metadata, not here.
+    assert set(items) == {names.CLUSTER_ENV_KEY, names.ROOT_CERT_KEY, names.STARTUP_SCRIPT_KEY,
+                          names.GUEST_ATTRIBUTES_KEY}
     assert names.SECRET_KEY not in items  # legacy only: no per-VM secret any more
-    assert items[names.KEY_ALGORITHM_KEY] == "ecdsa-p256"  # what the agent generates
+    shared = bootstrap.deployment_items(SETTINGS)
+    assert set(shared) == {names.MESH_ENV_KEY, names.MESH_CONFIG_KEY, names.HOSTS_KEY, names.KEY_ALGORITHM_KEY} and \
+        set(shared) <= set(names.DEPLOYMENT_KEYS)
+    assert shared[names.KEY_ALGORITHM_KEY] == "ecdsa-p256"  # what the agent generates
     assert items[names.GUEST_ATTRIBUTES_KEY] == "TRUE"  # the agent hands in its CSR and confirms through them
     assert not any("PRIVATE KEY" in v for v in items.values())
     assert names.STARTUP_SCRIPT_MARKER in items[names.STARTUP_SCRIPT_KEY]
@@ -99,7 +112,7 @@ def test_bootstrap_items_carry_no_key_and_the_final_keys():
 def test_key_algorithm_item_follows_the_setting_and_agent_version_is_3():
     settings = Settings.from_env({"MESHJOIN_PROJECT": "my-proj", "MESHJOIN_CLUSTER": SETTINGS.cluster,
                                   "MESHJOIN_KEY_ALGORITHM": "rsa-2048"})
-    assert bootstrap.bootstrap_items(KEY, IDENTITY, settings, root_pem="R")[names.KEY_ALGORITHM_KEY] == "rsa-2048"
+    assert bootstrap.deployment_items(settings)[names.KEY_ALGORITHM_KEY] == "rsa-2048"
     assert bootstrap.AGENT_VERSION == "3"
     assert (names.CERT_CHAIN_KEY, names.KEY_ALGORITHM_KEY, names.REKEY_KEY) == \
         ("meshjoin-cert-chain", "meshjoin-key-algorithm", "meshjoin-rekey")
@@ -108,7 +121,7 @@ def test_key_algorithm_item_follows_the_setting_and_agent_version_is_3():
 def test_defect3_bootstrap_names_the_events_topic_for_the_agents_nudge():
     settings = Settings.from_env({"MESHJOIN_PROJECT": "my-proj", "MESHJOIN_CLUSTER": SETTINGS.cluster,
                                   "MESHJOIN_EVENTS_TOPIC": "meshjoin-events"})
-    items = bootstrap.bootstrap_items(KEY, IDENTITY, settings, root_pem="ROOT")
+    items = bootstrap.deployment_items(settings)
     assert items[names.EVENTS_TOPIC_KEY] == "projects/my-proj/topics/meshjoin-events"
     assert items[names.PUBSUB_ENDPOINT_KEY] == "https://pubsub.googleapis.com"
     script = bootstrap.agent_text()  # what the VM's startup-script stub fetches and runs

@@ -246,7 +246,7 @@ def test_no_value_adds_a_line_to_cluster_env_hosts_mesh_config_or_the_script(lab
     if isinstance(decision, Denial):
         return
     items = bootstrap.bootstrap_items(KEY, decision, SETTINGS, root_pem="-----BEGIN CERTIFICATE-----\nR\n")
-    reference = bootstrap.cluster_env(KEY, Identity("default", "default", "a", "v"), SETTINGS)
+    reference = bootstrap.vm_env(KEY, Identity("default", "default", "a", "v"), SETTINGS)
     env_text = items[names.CLUSTER_ENV_KEY]
     assert env_text.count("\n") == reference.count("\n")  # one line per variable, whatever the values
     assert all(ENV_LINE.match(line) for line in env_text.splitlines())
@@ -254,8 +254,11 @@ def test_no_value_adds_a_line_to_cluster_env_hosts_mesh_config_or_the_script(lab
     assert env["ISTIO_NAMESPACE"] == decision.namespace and env["SERVICE_ACCOUNT"] == decision.service_account
     assert env["CANONICAL_SERVICE"] == decision.app and env["CANONICAL_REVISION"] == decision.version
     assert json.loads(env["ISTIO_METAJSON_LABELS"])["app"] == decision.app
-    assert items[names.HOSTS_KEY] == "10.0.0.9 istiod.istio-system.svc\n"
-    assert set(json.loads(items[names.MESH_CONFIG_KEY])) == {"defaultConfig"}
+    # Hosts and mesh config are the deployment's (project metadata): no VM's value can reach them.
+    assert not set(items) & set(names.DEPLOYMENT_KEYS)
+    shared = bootstrap.deployment_items(SETTINGS)
+    assert shared[names.HOSTS_KEY] == "10.0.0.9 istiod.istio-system.svc\n"
+    assert set(json.loads(shared[names.MESH_CONFIG_KEY])) == {"defaultConfig"}
     assert items[names.STARTUP_SCRIPT_KEY] == bootstrap.startup_script()  # the script never embeds a value
 
 
@@ -307,8 +310,10 @@ def test_a_setting_is_refused_at_start_or_renders_without_extra_lines(variable, 
     full = Settings.from_env({**env, "MESHJOIN_MESH_ID": "m", "MESHJOIN_NETWORK": "n", variable: "x"}) \
         if variable in ("MESHJOIN_MESH_ID", "MESHJOIN_NETWORK") else \
         Settings.from_env({**env, "MESHJOIN_MESH_ID": "m", "MESHJOIN_NETWORK": "n", variable: value})
-    known = [line.split("=", 1)[0] for line in bootstrap.cluster_env(KEY, identity, full).splitlines()]
-    rendered = [line.split("=", 1)[0] for line in bootstrap.cluster_env(KEY, identity, s).splitlines()]
+    # Lines as bash reads them: split at "\n" only (str.splitlines also splits inside a quoted value at \x85,
+    # \u2028, ..., which bash does not).
+    known = [line.split("=", 1)[0] for line in bootstrap.cluster_env(KEY, identity, full).split("\n")[:-1]]
+    rendered = [line.split("=", 1)[0] for line in bootstrap.cluster_env(KEY, identity, s).split("\n")[:-1]]
     assert len(rendered) == len(set(rendered)) and set(rendered) <= set(known)
     assert bootstrap.cluster_env(KEY, identity, s).count("\n") == len(rendered)
     assert bootstrap.hosts_lines(s).count("\n") <= 1

@@ -22,7 +22,7 @@ from meshjoin.adapters.compute import StaleFingerprint, guest_items
 from meshjoin.adapters.secrets import PluginCa
 from meshjoin.fleet import explain
 from meshjoin.model import Vm
-from meshjoin.reconcile import Reconciler
+from meshjoin.reconcile import RUN_AGENT_REMEDY, Reconciler
 from meshjoin.sweep import JOIN, RENEW, Inventory, Sweeper, plan_sweep
 
 from .test_hostile_input import (KEY, NOW, SETTINGS, FakeCompute, FakeKube, FakeSecrets, LogCapture,  # noqa: F401
@@ -117,7 +117,9 @@ def test_first_join_waits_for_the_key_then_certifies_the_csr_with_no_secret_writ
     assert "waiting for the VM's key" in status["reason"] and "meshjoin/csr" in status["reason"]
     assert "google_metadata_script_runner startup" in status["reason"]  # the remedy
     assert names.CERT_CHAIN_KEY not in world.metadata() and "keyId" not in status
-    assert world.metadata()[names.KEY_ALGORITHM_KEY] == "ecdsa-p256"
+    # What the agent generates is the deployment's (project metadata), not written per VM.
+    assert names.KEY_ALGORITHM_KEY not in world.metadata()
+    assert bootstrap.deployment_items(world.reconciler.settings)[names.KEY_ALGORITHM_KEY] == "ecdsa-p256"
     assert world.entries() == []
 
     vm_key = world.compute.hand_in_key(KEY)
@@ -210,9 +212,11 @@ def test_the_rotation_policy_asks_for_a_new_key_and_certifies_it_as_soon_as_it_a
         world.compute.confirm(KEY)  # the VM's watcher installs each renewal and reports it
     token = world.metadata()[names.REKEY_KEY]
     assert world.status()["rekey"] == token and token.startswith(world.status()["keyId"] + ".")
+    # Joined: the reason says it briefly (it is listed with every VM); `meshjoin explain` gives the remedy.
     assert "asked the VM for a new key" in world.status()["reason"]
+    assert RUN_AGENT_REMEDY not in world.status()["reason"]
     facts = explain(KEY, world.compute.vms[KEY], SETTINGS, entry_exists=True, now=world.clock.now).facts
-    assert facts["key rotation"].startswith("requested")
+    assert facts["key rotation"].startswith("requested") and RUN_AGENT_REMEDY in facts["key rotation"]
     assert pki.chain_key_id(world.chain()) == pki.key_id(old_key.public_key())  # the old key still served
 
     # The sweep looks for the new key while the request is pending (one guest-attribute read, nothing else).
@@ -406,7 +410,11 @@ def test_legacy_vm_keeps_its_secret_until_agent_3_is_confirmed_then_the_secret_g
     vm_key = world.compute.hand_in_key(KEY)  # the VM rebooted: agent 3 made its key
     assert world.reconcile().verb == "delivered"
     assert world.status()["state"] == "joined" and names.SECRET_KEY in world.metadata()
-    assert "FILE_MOUNTED_CERTS=true" in world.metadata()[names.CLUSTER_ENV_KEY]
+    # Agent 3's configuration: this VM's lines now (the shared ones, FILE_MOUNTED_CERTS among them, are in
+    # project metadata), and agent 2's copies of the shared items go.
+    own = world.metadata()[names.CLUSTER_ENV_KEY]
+    assert own != before[names.CLUSTER_ENV_KEY] and "SERVICE_ACCOUNT=" in own and "FILE_MOUNTED_CERTS" not in own
+    assert "FILE_MOUNTED_CERTS=true" in bootstrap.mesh_env(world.reconciler.settings)
     assert world.secrets.legacy == {KEY}, "kept until agent 3 confirms"
 
     world.compute.confirm(KEY)

@@ -3,10 +3,12 @@
 # The meshjoin VM agent. One static file for every VM: Terraform publishes it to project metadata as
 # `meshjoin-agent-<first 16 hex of its SHA-256>`, and each VM's `startup-script` is a short stub that fetches that
 # item, checks its full SHA-256 and runs it as root at every boot. It turns a stock Debian/Ubuntu VM into an Istio mesh workload from the bootstrap items meshjoin
-# writes into instance metadata, and keeps it one:
+# writes into instance metadata (and those every VM shares, which meshjoin's Terraform writes into project
+# metadata), and keeps it one:
 #   (no argument)   boot: install the watcher, lay down Istio's VM files, make this VM's key, ask meshjoin to
 #                   certify it, wait (at most MESHJOIN_WAIT_SECONDS) for the certificate, start the sidecar
-#   watch [--once]  the watcher (meshjoin-watch.service): converge again whenever the metadata changes
+#   watch [--once]  the watcher (meshjoin-watch.service): converge again whenever the instance metadata changes
+#                   (each converge reads the project's shared items afresh)
 #                   (renewed certificates, a new key when meshjoin asks for one, leaving the mesh)
 # The private key is made here, with openssl, straight into /etc/certs, and never leaves the VM: meshjoin only
 # ever sees a PKCS#10 request for it (guest attribute `meshjoin/csr`) and answers with a public
@@ -45,12 +47,15 @@ KEY_ROOT_CERT='meshjoin-root-cert'
 KEY_KEY_ALGORITHM='meshjoin-key-algorithm'
 KEY_REKEY='meshjoin-rekey'
 KEY_CLUSTER_ENV='meshjoin-cluster-env'
+KEY_MESH_ENV='meshjoin-mesh-env'
 KEY_MESH_CONFIG='meshjoin-mesh-config'
 KEY_HOSTS='meshjoin-hosts'
 KEY_SIDECAR_URL='meshjoin-sidecar-url'
 KEY_SIDECAR_SHA256='meshjoin-sidecar-sha256'
 KEY_EVENTS_TOPIC='meshjoin-events-topic'
 KEY_PUBSUB_ENDPOINT='meshjoin-pubsub-endpoint'
+DEPLOYMENT_KEYS=("$KEY_MESH_ENV" "$KEY_MESH_CONFIG" "$KEY_HOSTS" "$KEY_KEY_ALGORITHM" "$KEY_SIDECAR_URL" "$KEY_SIDECAR_SHA256"
+  "$KEY_EVENTS_TOPIC" "$KEY_PUBSUB_ENDPOINT") # in project metadata, unless the instance has its own
 AGENT_VERSION='3'
 GUEST="$METADATA/instance/guest-attributes/meshjoin"
 METADATA_REMEDY="run on a GCE VM, or point GCE_METADATA_HOST at a metadata server"
@@ -221,13 +226,18 @@ md_get() { # PATH OUT REMEDY
 }
 
 read_attributes() { # [QUERY]: one consistent snapshot of the instance attributes into $WORK/md; ETag in MD_ETAG
+  # What every VM of the deployment shares (DEPLOYMENT_KEYS) is in project metadata (meshjoin's Terraform writes
+  # it): taken from one snapshot of the project's attributes, then the instance's own item of the same key wins,
+  # as GCE's own precedence for startup-script (an owner's instance item only affects the owner's VM). Only the
+  # instance's ETag is watched: a project change applies at the next boot or the next time the watcher wakes.
   rm -rf "$WORK/md"
   mkdir "$WORK/md"
   md_get "instance/attributes/?recursive=true&alt=json${1:-}" "$WORK/attributes.json" "$METADATA_REMEDY"
   MD_ETAG="$(sed -n 's/^[Ee][Tt][Aa][Gg]: *//p' "$WORK/headers" | tr -d '\r' | tail -n 1)"
-  if ! py attributes "$WORK/attributes.json" "$WORK/md" "$KEY_CLUSTER_ENV" "$KEY_MESH_CONFIG" \
-    "$KEY_ROOT_CERT" "$KEY_CERT_CHAIN" "$KEY_KEY_ALGORITHM" "$KEY_REKEY" "$KEY_HOSTS" "$KEY_SIDECAR_URL" "$KEY_SIDECAR_SHA256" "$KEY_EVENTS_TOPIC" "$KEY_PUBSUB_ENDPOINT" \
-    2>"$WORK/py.err"; then
+  md_get "project/attributes/?recursive=true&alt=json" "$WORK/project-attributes.json" "$METADATA_REMEDY"
+  if ! py attributes "$WORK/project-attributes.json" "$WORK/md" "${DEPLOYMENT_KEYS[@]}" 2>"$WORK/py.err" ||
+    ! py attributes "$WORK/attributes.json" "$WORK/md" "$KEY_CLUSTER_ENV" "$KEY_ROOT_CERT" "$KEY_CERT_CHAIN" \
+      "$KEY_REKEY" "${DEPLOYMENT_KEYS[@]}" 2>"$WORK/py.err"; then
     fail "$(cat "$WORK/py.err")" "$METADATA_REMEDY"
   fi
 }
@@ -366,7 +376,7 @@ ensure_key() { # the key that needs a certificate exists, of the kind meshjoin c
   case "$KEY_ALGORITHM" in
     ecdsa-p256 | rsa-2048) ;;
     *) fail "metadata item $KEY_KEY_ALGORITHM names no key algorithm this agent makes (ecdsa-p256, rsa-2048)" \
-      "set MESHJOIN_KEY_ALGORITHM of meshjoin's functions to ecdsa-p256 or rsa-2048" ;;
+      "set meshjoin's Terraform variable key_algorithm to ecdsa-p256 or rsa-2048 (project metadata)" ;;
   esac
   token="$(md "$KEY_REKEY")"
   if [ -n "$token" ] && ! printf '%s' "$token" | grep -Eqx '[A-Za-z0-9._-]{1,64}'; then
@@ -506,15 +516,24 @@ own_config_dirs() { # root's: istio-start.sh sources cluster.env as root, so ist
 
 write_config() {
   STEP="write cluster.env and the mesh config"
-  local env="$WORK/md/$KEY_CLUSTER_ENV" mesh="$WORK/md/$KEY_MESH_CONFIG"
-  if [ ! -s "$env" ] || [ ! -s "$mesh" ]; then
-    fail "metadata item $KEY_CLUSTER_ENV or $KEY_MESH_CONFIG is missing" "$REISSUE_REMEDY"
+  local env="$WORK/md/$KEY_CLUSTER_ENV" shared="$WORK/md/$KEY_MESH_ENV" mesh="$WORK/md/$KEY_MESH_CONFIG" item
+  if [ ! -s "$env" ]; then
+    fail "metadata item $KEY_CLUSTER_ENV is missing" "$REISSUE_REMEDY"
   fi
-  if grep -Evq '^[A-Z][A-Z0-9_]*=' "$env"; then # istio-start.sh sources it: only NAME=value lines may pass
-    fail "metadata item $KEY_CLUSTER_ENV holds a line that is not NAME=value" "$REISSUE_REMEDY"
-  fi
+  for item in "$shared" "$mesh"; do
+    if [ ! -s "$item" ]; then
+      fail "metadata item ${item##*/} is missing from the project's metadata (and the instance's)" \
+        "an operator applies meshjoin's Terraform to this VM's project (deploy/terraform/agent.tf writes it)"
+    fi
+  done
+  for item in "$env" "$shared"; do # istio-start.sh sources cluster.env: only NAME=value lines may pass
+    if grep -Evq '^[A-Z][A-Z0-9_]*=' "$item"; then
+      fail "metadata item ${item##*/} holds a line that is not NAME=value" "$REISSUE_REMEDY"
+    fi
+  done
+  cat "$env" "$shared" >"$WORK/cluster.env" # this VM's lines, then the deployment's (bootstrap.cluster_env)
   own_config_dirs
-  install_file "$env" "$CLUSTER_ENV" 0644
+  install_file "$WORK/cluster.env" "$CLUSTER_ENV" 0644
   install_file "$mesh" "$MESH_CONFIG" 0644
   log info "cluster.env and mesh config in place"
 }
@@ -525,7 +544,7 @@ write_hosts() {
   local line_re='^[0-9A-Fa-f.:]+[[:blank:]]+[A-Za-z0-9.-]+([[:blank:]]+[A-Za-z0-9.-]+)*$' # ADDRESS NAME...
   if [ -s "$lines" ] && grep -Evq "$line_re" "$lines"; then
     fail "metadata item $KEY_HOSTS holds a line that is not 'ADDRESS NAME'" \
-      "fix MESHJOIN_ISTIOD_IP and MESHJOIN_ISTIOD_ADDRESS of meshjoin's functions"
+      "fix meshjoin's Terraform variables istiod_ip and istiod_address (project metadata)"
   fi
   { # the file without our block, then the block anew: the same lines once, however often this runs
     if [ -f "$HOSTS" ]; then
@@ -558,7 +577,7 @@ install_sidecar() {
   if [ -z "$url" ]; then
     if [ -z "$installed" ]; then
       fail "istio-sidecar is not installed and no package URL is configured" \
-        "set MESHJOIN_SIDECAR_URL and MESHJOIN_SIDECAR_SHA256 on meshjoin's functions, or bake istio-sidecar \
+        "set meshjoin's Terraform variables sidecar_url and sidecar_sha256, or bake istio-sidecar \
 into the image"
     fi
     log info "istio-sidecar $installed kept (no package URL configured)"
