@@ -169,6 +169,11 @@ variable "trust_domain" {
   description = "SPIFFE trust domain (MESHJOIN_TRUST_DOMAIN); null keeps the product default (cluster.local)."
   type        = string
   default     = null
+
+  validation {
+    condition     = var.trust_domain == null || can(regex("^[a-z0-9._-]{1,255}$", var.trust_domain))
+    error_message = "trust_domain: a SPIFFE trust domain has only lower-case letters, digits, '.', '-' and '_'."
+  }
 }
 
 variable "cert_ttl" {
@@ -242,18 +247,33 @@ variable "mesh_id" {
   description = "Mesh id for cluster.env (MESHJOIN_MESH_ID)."
   type        = string
   default     = null
+
+  validation {
+    condition     = var.mesh_id == null || var.mesh_id == "" || can(regex("^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$", var.mesh_id))
+    error_message = "mesh_id: 1-63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit (as the functions' settings require)."
+  }
 }
 
 variable "cluster_id" {
   description = "Istio cluster id for cluster.env (MESHJOIN_CLUSTER_ID); null keeps the product default (Kubernetes)."
   type        = string
   default     = null
+
+  validation {
+    condition     = var.cluster_id == null || var.cluster_id == "" || can(regex("^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$", var.cluster_id))
+    error_message = "cluster_id: 1-63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit (as the functions' settings require)."
+  }
 }
 
 variable "network" {
   description = "Istio network of the VMs (MESHJOIN_NETWORK), for multi-network meshes."
   type        = string
   default     = null
+
+  validation {
+    condition     = var.network == null || var.network == "" || can(regex("^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$", var.network))
+    error_message = "network: 1-63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit (as the functions' settings require)."
+  }
 }
 
 variable "sidecar_url" {

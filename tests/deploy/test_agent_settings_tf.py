@@ -25,7 +25,7 @@ CASES = {
     "defaults": {},
     "everything set": {
         "istiod_address": "istiod-asm-1-24.istio-system.svc:15012", "istiod_ip": "10.0.0.9",
-        "mesh_id": "mesh 'prod' <&>", "network": "vpc-payments", "cluster_id": "gke-eu", "trust_domain": "acme.example",
+        "mesh_id": "mesh-prod_1.eu", "network": "vpc-payments", "cluster_id": "gke-eu", "trust_domain": "acme.example",
         "key_algorithm": "rsa-2048", "sidecar_url": "https://storage.googleapis.com/b/istio-sidecar.deb",
         "sidecar_sha256": "ab" * 32, "pubsub_endpoint": "https://pubsub.p.googleapis.com",
         "vm_projects": ["my-proj-2"],
