@@ -43,6 +43,7 @@ from meshjoin import bootstrap, names
 from meshjoin.model import VmKey
 
 from .agent import ProtocolAgent
+from .burst import group_cpu
 from .keys import vm_csr
 from .world import BENCH_ACCOUNT, World, metadata_items
 
@@ -74,7 +75,6 @@ curl -fsS -H 'Metadata-Flavor: Google' "$md/$key" -o "$agent"
 echo "$sha  $agent" | sha256sum -c --status || { logger -t meshjoin "agent $key: SHA-256 mismatch"; exit 1; }
 exec bash "$agent"
 """.replace("@@SHA256@@", "0" * 64)
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def _stamp(when: datetime) -> str:
@@ -229,18 +229,7 @@ def run_one(n: int, scenario: str, timeout_s: float) -> dict:
 
 def _group_cpu_s(pgid: int) -> float:
     """CPU seconds used so far by the live processes of one process group (the sandbox's world: every emulator)."""
-    total = 0.0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:
-            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
-    return total
+    return group_cpu({"world": pgid})["world"]
 
 
 def _load() -> list[float]:
