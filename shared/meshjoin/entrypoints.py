@@ -7,8 +7,8 @@ and acked, so nothing loops.
 
 from __future__ import annotations
 
-from .errors import BadMessage, SettingsError, TransientError
-from .events import Ignored, decode_work
+from .errors import BadMessage, Ignored, SettingsError, TransientError
+from .events import decode_work
 from .logs import configure, log
 from .runtime import runtime, utc_now
 

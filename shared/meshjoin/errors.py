@@ -42,3 +42,38 @@ class ApiPermissionError(PermanentError):
 
 class ConflictError(PermanentError):
     """An object meshjoin would write exists and belongs to someone else."""
+
+
+# Signals one module raises for its caller to act on, not failures of an API call.
+
+
+class CsrError(ValueError):
+    """A CSR meshjoin refuses to certify. The message names the problem, never the CSR's bytes (the VM
+    owner wrote them, and they may even hold a key pasted by mistake)."""
+
+
+class Ignored(Exception):
+    """A well-formed message that asks nothing of meshjoin (another method, a `first` entry, ...)."""
+
+
+class StaleFingerprint(Exception):
+    """setMetadata lost a race (412): re-read the VM and decide again."""
+
+
+# What the adapters raise for an API's answer.
+
+
+class KubeApiError(PermanentError):
+    """The Kubernetes API refused a call in a way retrying cannot change; `status` is its HTTP code."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(f"{status}: {message}")
+        self.status = status
+
+
+class QuotaExceeded(TransientError):
+    """429 / RESOURCE_EXHAUSTED / Compute's 403 rateLimitExceeded, with the server's Retry-After."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after

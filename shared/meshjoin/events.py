@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from .errors import BadMessage
+from .errors import BadMessage, Ignored
 from .model import VmKey
 
 MAX_MESSAGE_BYTES = 64 * 1024  # audit entries are a few KiB; anything near Pub/Sub's 10 MB is not ours
@@ -58,10 +58,6 @@ class Work:
 
     def log_fields(self) -> dict[str, str]:
         return {name: value for name, value in (("work", self.work), ("sweep", self.sweep)) if value is not None}
-
-
-class Ignored(Exception):
-    """A well-formed message that asks nothing of meshjoin (another method, a `first` entry, ...)."""
 
 
 def decode_push(data: Any, *, now: datetime, max_age: timedelta) -> VmKey:

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from .errors import CaMaterialError
+from .errors import CaMaterialError, CsrError
 
 CaPrivateKey = Union[rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey]
 WorkloadPublicKey = Union[rsa.RSAPublicKey, ec.EllipticCurvePublicKey]
@@ -178,11 +178,6 @@ def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
         if not value or "/" in value:
             raise ValueError(f"{name} must be non-empty and contain no '/': {value!r}")
     return f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
-
-
-class CsrError(ValueError):
-    """A CSR meshjoin refuses to certify. The message names the problem, never the CSR's bytes (the VM
-    owner wrote them, and they may even hold a key pasted by mistake)."""
 
 
 @dataclass(frozen=True)

@@ -35,10 +35,10 @@ from datetime import datetime, timedelta
 from typing import Callable
 
 from . import bootstrap, names, pki, registration
-from .adapters.compute import ComputeAdapter, StaleFingerprint
+from .adapters.compute import ComputeAdapter
 from .adapters.kube import KubeAdapter
 from .adapters.secrets import SecretsAdapter
-from .errors import ConflictError, PermanentError, TransientError
+from .errors import ConflictError, PermanentError, StaleFingerprint, TransientError
 from .logs import log
 from .model import Denial, Identity, Vm, VmKey
 from .policy import decide_identity, is_default_compute_account

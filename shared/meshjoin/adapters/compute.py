@@ -22,7 +22,7 @@ from functools import cached_property
 from typing import Iterator, Mapping
 
 from .. import names
-from ..errors import TransientError
+from ..errors import StaleFingerprint, TransientError
 from ..logs import log
 from ..model import Vm, VmKey
 from ..policy import PORTS_METADATA
@@ -54,10 +54,6 @@ OPERATION_WAIT_TIMEOUT = 150.0
 OPERATION_PATIENCE = 240.0
 # The guest-attribute namespace meshjoin's agent reports in (and hands in its CSR).
 GUEST_NAMESPACE = names.GUEST_NAMESPACE
-
-
-class StaleFingerprint(Exception):
-    """setMetadata lost a race (412): re-read the VM and decide again."""
 
 
 class ComputeAdapter:

@@ -13,9 +13,9 @@ import threading
 from typing import Iterator
 
 from .. import names
-from ..errors import ApiPermissionError, ConflictError, PermanentError, TransientError
+from ..errors import ApiPermissionError, ConflictError, KubeApiError, PermanentError, QuotaExceeded, TransientError
 from ..settings import Settings
-from .retry import QuotaExceeded, call
+from .retry import call
 
 ISTIO = "/apis/networking.istio.io/v1"
 # Kinds meshjoin writes: (path under the namespace, cluster-wide list path).
@@ -48,12 +48,6 @@ def api_server(cluster, mode: str) -> tuple[str, bytes | None]:
                                  "(gcloud container clusters update ... --enable-dns-access)")
         return endpoint, None
     return cluster.endpoint, base64.b64decode(cluster.master_auth.cluster_ca_certificate)
-
-
-class KubeApiError(PermanentError):
-    def __init__(self, status: int, message: str):
-        super().__init__(f"{status}: {message}")
-        self.status = status
 
 
 class KubeAdapter:

@@ -9,7 +9,7 @@ from typing import Callable, TypeVar
 import tenacity
 from google.api_core import exceptions as gexc
 
-from ..errors import ApiPermissionError, MeshjoinError, PermanentError, TransientError
+from ..errors import ApiPermissionError, MeshjoinError, PermanentError, QuotaExceeded, TransientError
 
 T = TypeVar("T")
 
@@ -30,14 +30,6 @@ _TRANSIENT_GOOGLE = (
 QUOTA_FIRST_WAIT = 4.0
 QUOTA_MAX_WAIT = 32.0
 QUOTA_RETRY_WINDOW = 90.0
-
-
-class QuotaExceeded(TransientError):
-    """429 / RESOURCE_EXHAUSTED / Compute's 403 rateLimitExceeded, with the server's Retry-After."""
-
-    def __init__(self, message: str, retry_after: float | None = None):
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 def is_quota_error(exc: BaseException) -> bool:
