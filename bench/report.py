@@ -369,11 +369,13 @@ def _function_cost(j: dict, b: dict) -> list[str]:
             "of it a TLS handshake per call), `http.client` header parsing; the CSR check and the signature "
             "(`pki`) under 2 %, jinja and JSON logging under 1 %. Changed in meshjoin:",
             "",
-            "- `ComputeAdapter` makes every call (instances.get, setMetadata, zoneOperations.wait) as plain JSON on "
-            "one authorized `requests` session, as the listing and guest attributes already did: no protobuf "
-            "conversion, and `google.cloud.compute_v1` is no longer imported by the product at all (it cost over a "
-            "second and ~100 MB at import). Errors are the same `google.api_core` exceptions (`from_http_response`), "
-            "retries and pacing unchanged.",
+            "- `ComputeAdapter` reads (`instances.get`) as plain JSON on one authorized `requests` session, as the "
+            "listing and guest attributes already did: no protobuf conversion of whole instances. Errors are the "
+            "same `google.api_core` exceptions (`from_http_response`), retries and pacing unchanged. Writes "
+            "(setMetadata and its operation) stay on google-cloud-compute's client, one of the project's core "
+            "packages: an all-JSON variant measured 44.67 ms p50 CPU per join on 6de2ff8 (its floor 45.03 ms), "
+            "against the table's figure for the product as it is; the client's proto conversions of one write and "
+            "its operation per pass are the difference.",
             "- The session derives proxies, the CA bundle and netrc once, for Compute's one endpoint, exactly as "
             "`requests` would per request, then stops re-reading the environment (`trust_env` off).",
             "- The certificate pass no longer repeats the WorkloadEntry-name GET that the bootstrap pass made for "
