@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from .capacity import WORK_KINDS  # what a sweep publishes
 from .errors import BadMessage, Ignored
 from .model import VmKey
 
@@ -44,7 +45,6 @@ _ZONE = re.compile(r"[a-z]+-[a-z]+[0-9]+-[a-z](?:[a-z0-9]{0,8}[a-z])?")
 _INSTANCE = re.compile(r"[a-z](?:[-a-z0-9]{0,61}[a-z0-9])?")
 
 
-WORK_KINDS = ("join", "renew", "reissue", "prune")  # what a sweep publishes (capacity.WORK_KINDS)
 _SWEEP_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 

@@ -202,6 +202,18 @@ def serving_lag_warning(serving: str, delivered: Delivered) -> str:
             f"(`journalctl -t meshjoin` says why it stopped)")
 
 
+def agent_field(report: AgentReport | None, confirmed_serial: str | None, read: bool,
+                recorded: str | None) -> str | None:
+    """The status's `agent` field: the VM's report as read this pass; left out when it only repeats
+    confirmedSerial with a running sidecar (the status is listed with every VM: 4 kB each); the recorded
+    one when this pass did not read the guest attributes."""
+    if report is None:
+        return None if read else recorded
+    if confirmed_serial and report.cert_serial == confirmed_serial and report.sidecar == "running":
+        return None
+    return report.describe()
+
+
 def no_key_reason(spiffe: str, problem: str, report: AgentReport | None) -> str:
     """Why nothing was signed for a VM that needs its first certificate, and what its owner can do."""
     said = f"; {report.describe()}" if report else ""
@@ -514,9 +526,7 @@ class Reconciler:
             certSerial=(delivered.serial or None) if cert else None,
             keyId=delivered.key_id if cert else None, keyCerts=str(delivered.key_certs) if cert else None,
             rekey=token, confirmedSerial=confirmed_serial, waitingSince=waiting_since,
-            agent=None if report and confirmed_serial and report.cert_serial == confirmed_serial and
-            report.sidecar == "running" else  # the report only repeats confirmedSerial: 4 kB a VM
-            report.describe() if report else None if read else status.get("agent"),
+            agent=agent_field(report, confirmed_serial, read, status.get("agent")),
             warnings=warnings or None)
         changed = self._write_metadata(vm, items, state, reason, status_fields, remove=frozenset(remove))
         if migrated:
