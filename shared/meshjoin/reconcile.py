@@ -342,19 +342,26 @@ class Reconciler:
             return self._fail(key, exc)
 
     def leave(self, key: VmKey) -> Outcome:
-        """Take a VM out of the mesh now, whatever its labels say (the operator's `meshjoin leave`)."""
+        """Take a VM out of the mesh now, whatever its labels say (the operator's `meshjoin leave`).
+
+        The status says `left` before the entries go: a concurrent pass (the VM's agent nudged the events
+        function) that read the VM before this write loses its own metadata write (412) and withdraws the
+        entry it applied, so none is left behind whichever of the two writes the cluster last.
+        """
         try:
             vm = self.compute.get_vm(key)
-            self._remove_registration(key, legacy_secret=vm is not None and is_legacy(vm))
-            if vm is not None:
-                for _ in range(MAX_METADATA_RACES):
-                    try:
-                        self._write_status(vm, "left", "removed by an operator", remove_bootstrap=True)
-                        break
-                    except StaleFingerprint:
-                        vm = self.compute.get_vm(key)
-                        if vm is None:
-                            break
+            legacy_secret = vm is not None and is_legacy(vm)
+            for _ in range(MAX_METADATA_RACES):
+                if vm is None:
+                    break
+                try:
+                    self._write_status(vm, "left", "removed by an operator", remove_bootstrap=True)
+                    break
+                except StaleFingerprint:
+                    vm = self.compute.get_vm(key)
+            else:
+                raise TransientError(f"{key}: metadata kept changing during leave")
+            self._remove_registration(key, legacy_secret=legacy_secret)
             return Outcome("left", "removed by an operator", state="left")
         except PermanentError as exc:
             return self._fail(key, exc)
@@ -489,9 +496,10 @@ class Reconciler:
         if migrated or (is_legacy(vm) and not legacy):
             remove.add(names.SECRET_KEY)
 
+        applied = False
         if is_joined:
             not_after = delivered.not_after if delivered else _legacy_not_after(status, now)
-            entry = self._register(vm, identity, not_after, previous=status.get("workloadEntry"))
+            entry, applied = self._register(vm, identity, not_after, previous=status.get("workloadEntry"))
             state = "joined"
         else:
             self._withdraw_entry(vm.key, status.get("workloadEntry"))
@@ -528,7 +536,16 @@ class Reconciler:
             rekey=token, confirmedSerial=confirmed_serial, waitingSince=waiting_since,
             agent=agent_field(report, confirmed_serial, read, status.get("agent")),
             warnings=warnings or None)
-        changed = self._write_metadata(vm, items, state, reason, status_fields, remove=frozenset(remove))
+        try:
+            # An entry this pass applied is fenced by the fingerprint read at its start: the metadata write is
+            # made even when nothing else changed, so a pass that lost a race (a `leave`, a stop) learns it.
+            changed = self._write_metadata(vm, items, state, reason, status_fields, remove=frozenset(remove),
+                                           always=applied)
+        except StaleFingerprint:
+            if applied:
+                # What this pass decided is stale: its entry goes, the next pass re-decides from what it reads.
+                self._withdraw_entry(vm.key, entry)
+            raise
         if migrated:
             if self.secrets.delete_vm_secret(vm.key):
                 log("INFO", "migrated to agent 3: the legacy per-VM secret was deleted", key=vm.key, outcome="pruned")
@@ -614,8 +631,10 @@ class Reconciler:
             raise ConflictError(f"WorkloadEntry {meta['namespace']}/{meta['name']} exists and is not managed by "
                                 "meshjoin; remove it or rename the VM")
 
-    def _register(self, vm: Vm, identity: Identity, cert_not_after: datetime, previous: str | None) -> str:
+    def _register(self, vm: Vm, identity: Identity, cert_not_after: datetime,
+                  previous: str | None) -> tuple[str, bool]:
         """Cluster side: ServiceAccount if missing, the VM's own WorkloadEntry, then its Service if missing.
+        Answers the entry's `namespace/name` and whether this pass wrote the entry.
 
         The Service comes after the entry that selects it: a Service meshjoin made with no entry
         selecting it is what the sweep prunes, so one must never exist while a join is under way.
@@ -626,7 +645,8 @@ class Reconciler:
         ref = f"{meta['namespace']}/{meta['name']}"
         # An entry the status does not name yet (a first join) is created without reading it first.
         existing = self.kube.get("WorkloadEntry", meta["namespace"], meta["name"]) if previous == ref else None
-        if previous != ref or existing is None or not registration.entry_matches(existing, desired):
+        applied = previous != ref or existing is None or not registration.entry_matches(existing, desired)
+        if applied:
             self.kube.apply_owned(desired, existing)
             log("INFO", f"WorkloadEntry {meta['namespace']}/{meta['name']} applied", key=vm.key,
                 outcome="registered", address=vm.network_ip)
@@ -642,7 +662,7 @@ class Reconciler:
         if previous and previous != ref:  # the identity moved to another namespace
             old_namespace, _, old_name = previous.partition("/")
             self._delete_entry(vm.key, old_namespace, old_name)
-        return ref
+        return ref, applied
 
     # --- deny / leave ---------------------------------------------------------------------------
 
@@ -736,14 +756,15 @@ class Reconciler:
     # --- metadata -------------------------------------------------------------------------------
 
     def _write_metadata(self, vm: Vm, items: dict[str, str], state: str, reason: str, fields: dict,
-                        remove: frozenset[str] = frozenset()) -> bool:
-        """Write bootstrap items + status unless nothing but the timestamp would change."""
+                        remove: frozenset[str] = frozenset(), always: bool = False) -> bool:
+        """Write bootstrap items + status unless nothing but the timestamp would change (`always`: write
+        anyway, for the fingerprint check)."""
         old_status = bootstrap.parse_status(vm.metadata.get(names.STATUS_KEY))
         new_status = bootstrap.status_value(state, reason, self.clock(), **fields)
         same_status = {k: v for k, v in old_status.items() if k not in ("updated", "reason")} == \
             {k: v for k, v in bootstrap.parse_status(new_status).items() if k not in ("updated", "reason")}
         present = [k for k in remove if k in vm.metadata]
-        if same_status and not present and all(vm.metadata.get(k) == v for k, v in items.items()):
+        if not always and same_status and not present and all(vm.metadata.get(k) == v for k, v in items.items()):
             return False
         self.compute.set_metadata(vm, {**items, names.STATUS_KEY: new_status}, remove=remove)
         return True

@@ -94,6 +94,10 @@ def test_join_forces_a_fresh_certificate_and_leave_removes(fleet):
     after = fleet.status("cli-ok")
     # A forced join re-certifies the key the VM holds: a new certificate, the same key.
     assert after["certSerial"] != before["certSerial"] and after["keyId"] == before["keyId"]
+    # The VM's agent installs the new certificate and nudges the events function, whose pass records the report:
+    # a leave before that pass would be undone by it (the VM still carries mesh=join: any event joins it again).
+    wait_for(lambda: after["certSerial"].lower() in (fleet.status("cli-ok").get("agent") or "").lower(),
+             timeout=60, what="the events function's record of the agent's report of the forced certificate")
     result = meshjoin(fleet, "leave", "cli-ok")
     assert "left" in result.stdout and "still carries mesh=join" in result.stderr
     assert fleet.entries_for("cli-ok") == []

@@ -637,3 +637,57 @@ def test_a_pass_that_fails_after_certifying_leaves_nothing_to_clean_up(plugin_ca
     assert secrets.calls == []  # the certificate of the lost pass is public and unused: nothing to destroy
     compute.failing = False
     assert reconciler.reconcile(KEY).verb == "delivered"
+
+
+def _joined_vm(plugin_ca, kube):
+    """A VM meshjoin bootstrapped, certified and registered, its agent having confirmed."""
+    compute = FakeCompute({KEY: vm_with({"mesh": "join"}, {})})
+    reconciler = Reconciler(SETTINGS, compute, FakeSecrets(plugin_ca), kube, clock=lambda: NOW)
+    reconciler.reconcile(KEY)
+    compute.hand_in_key(KEY)
+    reconciler.reconcile(KEY)
+    compute.confirm(KEY)
+    assert reconciler.reconcile(KEY).verb == "registered"
+    return compute, reconciler
+
+
+@pytest.mark.parametrize("applied_before_leave", [True, False])
+def test_a_leave_racing_a_pass_that_registers_leaves_no_entry(plugin_ca, applied_before_leave):
+    """The agent's nudge and an operator's `meshjoin leave` at the same time (seen in CI): the pass read the VM
+    before the leave, and writes the entry just before or just after the leave removed it. Whatever the order,
+    no entry is left; the pass loses its metadata write (412) and re-decides from what the leave wrote."""
+
+    class RacingKube(FakeKube):
+        leave = None
+
+        def apply_owned(self, obj, existing):
+            leave, self.leave = self.leave, None
+            if leave and not applied_before_leave:
+                leave()
+            stored = super().apply_owned(obj, existing)
+            if leave and applied_before_leave:
+                leave()
+            return stored
+
+    kube = RacingKube()
+    compute, reconciler = _joined_vm(plugin_ca, kube)
+    entry_key = ("WorkloadEntry", "default", "vm-1-us-central1-a-my-project")
+    del kube.objects[entry_key]  # the pass below re-applies it, so the race happens inside it
+    operator = Reconciler(SETTINGS, compute, FakeSecrets(plugin_ca), kube, clock=lambda: NOW)
+    kube.leave = lambda: operator.leave(KEY)
+    outcome = reconciler.reconcile(KEY, read_agent=True)
+    assert entry_key not in kube.objects
+    # The VM still carries mesh=join: the pass's retry starts it afresh, unconfirmed, so it is not routed.
+    assert outcome.state == "waiting"
+    assert bootstrap.parse_status(compute.vms[KEY].metadata[names.STATUS_KEY])["state"] == "waiting"
+
+
+def test_a_pass_that_reapplies_an_entry_writes_metadata_to_learn_of_a_race(plugin_ca):
+    """A pass that re-created a missing entry but has nothing else to change still writes the status, with the
+    fingerprint it read: that write is what tells it that an operator's leave came in between."""
+    kube = FakeKube()
+    compute, reconciler = _joined_vm(plugin_ca, kube)
+    writes = compute.writes
+    assert reconciler.reconcile(KEY).verb == "unchanged" and compute.writes == writes
+    del kube.objects[("WorkloadEntry", "default", "vm-1-us-central1-a-my-project")]
+    assert reconciler.reconcile(KEY).verb == "refreshed" and compute.writes == writes + 1
