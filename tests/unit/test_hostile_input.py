@@ -7,8 +7,8 @@ its labels and every metadata item, including a forged `meshjoin-status`. The pr
 - the event function acks every such message with exactly one log line (no redelivery loop);
 - a label or metadata value can never add a line to cluster.env, /etc/hosts, the mesh config or the
   startup script, and every object for the cluster stays a valid Kubernetes/Istio object;
-- the whole reconcile of such a VM (in-memory fakes of the three APIs) ends in an outcome, never a
-  crash, never a private key in metadata, never an identity policy forbids, and never touches a
+- the whole reconcile of such a VM (the in-memory fakes beside the adapters: compute_fake, secrets_fake,
+  kube_fake) ends in an outcome, never a crash, never a private key in metadata, never an identity policy forbids, and never touches a
   WorkloadEntry that is not this VM's.
 
 `MESHJOIN_HYPOTHESIS_PROFILE=full` (used by `make faults`) runs ten times as many examples.
@@ -28,14 +28,15 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from cryptography import x509
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshjoin import bootstrap, entrypoints, names, pki, registration
-from meshjoin.adapters.compute import StaleFingerprint
+from meshjoin.adapters.compute_fake import FakeCompute
+from meshjoin.adapters.kube_fake import FakeKube
 from meshjoin.adapters.secrets import PluginCa
-from meshjoin.errors import BadMessage, ConflictError
+from meshjoin.adapters.secrets_fake import FakeSecrets
+from meshjoin.errors import BadMessage
 from meshjoin.events import Ignored, decode_push
 from meshjoin.logs import JsonFormatter
 from meshjoin.model import Denial, Identity, Vm, VmKey
@@ -44,7 +45,6 @@ from meshjoin.reconcile import Reconciler
 from meshjoin.settings import IdentityBinding, Settings, protected_namespace
 from meshjoin.sweep import Inventory, plan_sweep
 
-from .vm_keys import csr_pem, ec_key
 
 settings.register_profile("bounded", max_examples=150, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -333,122 +333,6 @@ def plugin_ca(tmp_path_factory) -> PluginCa:
     return PluginCa(pki.load_ca_bundle(*files), ("v1", "v1", "v1", "v1"), "ca-fingerprint")
 
 
-class FakeCompute:
-    def __init__(self, vms: dict[VmKey, Vm], guest: dict[VmKey, dict] | None = None,
-                 project: dict[str, str] | None = None):
-        self.vms = dict(vms)
-        self.writes = 0
-        self.guest = dict(guest or {})  # guest attributes meshjoin/* per VM (what its agent wrote)
-        self.project = dict(project or {})  # the project's common instance metadata
-        self.guest_reads = 0
-        self.vm_keys: dict[VmKey, object] = {}  # the keys the VMs' agents made (on the VM: never meshjoin's)
-        self.received: list[tuple[str, str]] = []  # every metadata item meshjoin wrote, for the leak scans
-
-    def get_vm(self, key):
-        return self.vms.get(key)
-
-    def list_vms(self, label_filter, page_size=500, unreachable=None, *, project=None):
-        return [vm for vm in self.vms.values() if vm.wants_mesh and project in (None, vm.key.project)]
-
-    def guest_attributes(self, key):
-        self.guest_reads += 1
-        return dict(self.guest.get(key, {}))
-
-    def project_metadata(self, project=None):
-        return self.project
-
-    def hand_in_key(self, key, vm_key=None):
-        """What the VM's agent does first: make its key on the VM and write a CSR for it."""
-        vm_key = vm_key or ec_key()
-        self.vm_keys[key] = vm_key
-        self.guest.setdefault(key, {})[names.CSR_ATTRIBUTE] = csr_pem(vm_key)
-        return vm_key
-
-    def confirm(self, key, *, sidecar="running"):
-        """What the VM's agent does with `meshjoin-cert-chain`: install it only if its leaf certifies the
-        agent's own key, then report the leaf's serial (openssl prints it in upper case)."""
-        chain = self.vms[key].metadata[names.CERT_CHAIN_KEY]
-        assert pki.chain_key_id(chain) == pki.key_id(self.vm_keys[key].public_key()), "not the VM's key"
-        leaf = x509.load_pem_x509_certificate(chain.encode())
-        self.guest.setdefault(key, {}).update({"agent-version": "3", "cert-serial": format(leaf.serial_number, "X"),
-                                               "sidecar": sidecar, "updated": "2026-11-21T12:00:00Z"})
-
-    def set_metadata(self, vm, items, remove=frozenset()):
-        current = self.vms[vm.key]
-        if current.metadata_fingerprint != vm.metadata_fingerprint:
-            raise StaleFingerprint(str(vm.key))
-        metadata = {k: v for k, v in current.metadata.items() if k not in remove}
-        metadata.update(items)
-        self.writes += 1
-        self.received.extend(items.items())
-        self.vms[vm.key] = Vm(vm.key, current.instance_id, current.labels, metadata, f"fp-{self.writes}",
-                              current.network_ip, current.service_account, current.status)
-
-
-class FakeSecrets:
-    """Secret Manager as meshjoin now uses it: the CA (read) and meshjoin 2's per-VM secrets (list, delete)."""
-
-    def __init__(self, ca: PluginCa, legacy=()):
-        self.ca = ca
-        self.legacy: set[VmKey] = set(legacy)  # VMs that still have a per-VM secret from meshjoin 2
-        self.calls: list[str] = []  # every call but the CA read
-
-    def plugin_ca(self):
-        return self.ca
-
-    def list_vm_secrets(self):
-        self.calls.append("secrets.list")
-        return [(key, f"projects/1/secrets/{names.secret_id(key, 'meshjoin-vm')}") for key in sorted(self.legacy)]
-
-    def delete_vm_secret(self, key):
-        self.calls.append(f"secrets.delete {key}")
-        present = key in self.legacy
-        self.legacy.discard(key)
-        return present
-
-
-class FakeKube:
-    """Objects by (kind, namespace, name); label selectors of the `k=v,k=v` form meshjoin uses."""
-
-    def __init__(self, objects: list[dict] = ()):
-        self.objects = {}
-        self.uid = 0
-        for obj in objects:
-            self._store(obj)
-
-    def _store(self, obj):
-        self.uid += 1
-        obj = json.loads(json.dumps(obj))
-        obj["metadata"].update(uid=f"uid-{self.uid}", resourceVersion=str(self.uid))
-        meta = obj["metadata"]
-        self.objects[(obj["kind"], meta["namespace"], meta["name"])] = obj
-        return obj
-
-    def get(self, kind, namespace, name):
-        return self.objects.get((kind, namespace, name))
-
-    def list(self, kind, selector, namespace=None, page_size=500):
-        wanted = dict(part.split("=", 1) for part in selector.split(","))
-        return [o for (k, ns, _), o in sorted(self.objects.items()) if k == kind and namespace in (None, ns)
-                and all((o["metadata"].get("labels") or {}).get(a) == b for a, b in wanted.items())]
-
-    def create_if_missing(self, obj):
-        return self.get(obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"]) or self._store(obj)
-
-    def apply_owned(self, obj, existing):
-        existing = existing or self.get(obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
-        if existing is not None and not names.owned(existing.get("metadata")):
-            raise ConflictError(f"{obj['kind']} {obj['metadata']['name']} exists and is not managed by meshjoin")
-        return self._store(obj)
-
-    def delete_owned(self, kind, namespace, name, expected=None):
-        obj = self.get(kind, namespace, name)
-        if obj is None or not names.owned(obj.get("metadata")):
-            return False
-        del self.objects[(kind, namespace, name)]
-        return True
-
-
 OTHER = VmKey(PROJECT, ZONE, "victim")
 
 
@@ -637,57 +521,3 @@ def test_a_pass_that_fails_after_certifying_leaves_nothing_to_clean_up(plugin_ca
     assert secrets.calls == []  # the certificate of the lost pass is public and unused: nothing to destroy
     compute.failing = False
     assert reconciler.reconcile(KEY).verb == "delivered"
-
-
-def _joined_vm(plugin_ca, kube):
-    """A VM meshjoin bootstrapped, certified and registered, its agent having confirmed."""
-    compute = FakeCompute({KEY: vm_with({"mesh": "join"}, {})})
-    reconciler = Reconciler(SETTINGS, compute, FakeSecrets(plugin_ca), kube, clock=lambda: NOW)
-    reconciler.reconcile(KEY)
-    compute.hand_in_key(KEY)
-    reconciler.reconcile(KEY)
-    compute.confirm(KEY)
-    assert reconciler.reconcile(KEY).verb == "registered"
-    return compute, reconciler
-
-
-@pytest.mark.parametrize("applied_before_leave", [True, False])
-def test_a_leave_racing_a_pass_that_registers_leaves_no_entry(plugin_ca, applied_before_leave):
-    """The agent's nudge and an operator's `meshjoin leave` at the same time (seen in CI): the pass read the VM
-    before the leave, and writes the entry just before or just after the leave removed it. Whatever the order,
-    no entry is left; the pass loses its metadata write (412) and re-decides from what the leave wrote."""
-
-    class RacingKube(FakeKube):
-        leave = None
-
-        def apply_owned(self, obj, existing):
-            leave, self.leave = self.leave, None
-            if leave and not applied_before_leave:
-                leave()
-            stored = super().apply_owned(obj, existing)
-            if leave and applied_before_leave:
-                leave()
-            return stored
-
-    kube = RacingKube()
-    compute, reconciler = _joined_vm(plugin_ca, kube)
-    entry_key = ("WorkloadEntry", "default", "vm-1-us-central1-a-my-project")
-    del kube.objects[entry_key]  # the pass below re-applies it, so the race happens inside it
-    operator = Reconciler(SETTINGS, compute, FakeSecrets(plugin_ca), kube, clock=lambda: NOW)
-    kube.leave = lambda: operator.leave(KEY)
-    outcome = reconciler.reconcile(KEY, read_agent=True)
-    assert entry_key not in kube.objects
-    # The VM still carries mesh=join: the pass's retry starts it afresh, unconfirmed, so it is not routed.
-    assert outcome.state == "waiting"
-    assert bootstrap.parse_status(compute.vms[KEY].metadata[names.STATUS_KEY])["state"] == "waiting"
-
-
-def test_a_pass_that_reapplies_an_entry_writes_metadata_to_learn_of_a_race(plugin_ca):
-    """A pass that re-created a missing entry but has nothing else to change still writes the status, with the
-    fingerprint it read: that write is what tells it that an operator's leave came in between."""
-    kube = FakeKube()
-    compute, reconciler = _joined_vm(plugin_ca, kube)
-    writes = compute.writes
-    assert reconciler.reconcile(KEY).verb == "unchanged" and compute.writes == writes
-    del kube.objects[("WorkloadEntry", "default", "vm-1-us-central1-a-my-project")]
-    assert reconciler.reconcile(KEY).verb == "refreshed" and compute.writes == writes + 1

@@ -211,12 +211,12 @@ def test_an_account_unbound_after_joining_loses_its_entry_and_gets_no_more_certi
     was_bound = vm("orders-1", ORDERS)
     world = World(plugin_ca, [was_bound])
     join(world, was_bound.key)
-    assert world.kube.list("WorkloadEntry", f"{names.VM_LABEL}=orders-1") != []
+    assert list(world.kube.list("WorkloadEntry", f"{names.VM_LABEL}=orders-1")) != []
     world.reconciler.settings = Settings(project=PROJECT, cluster=SETTINGS.cluster)  # the operator unbinds
     writes = world.compute.writes
     world.compute.hand_in_key(was_bound.key)  # asking for a certificate for a new key changes nothing
     outcome = world.reconciler.reconcile(was_bound.key)
-    assert outcome.verb == "denied" and world.kube.list("WorkloadEntry", f"{names.VM_LABEL}=orders-1") == []
+    assert outcome.verb == "denied" and list(world.kube.list("WorkloadEntry", f"{names.VM_LABEL}=orders-1")) == []
     assert world.compute.writes == writes and world.secrets.calls == []  # no actAs: nothing written, nothing signed
 
 
@@ -237,7 +237,7 @@ def test_an_account_unbound_while_its_vm_migrates_loses_its_legacy_secret_at_the
     unbound = Settings(project=PROJECT, cluster=SETTINGS.cluster)  # the operator unbinds
     world.reconciler.settings = world.sweeper.settings = unbound
     world.sweeper.sweep()
-    assert world.secrets.legacy == set() and world.kube.list("WorkloadEntry", f"{names.VM_LABEL}=orders-1") == []
+    assert world.secrets.legacy == set() and list(world.kube.list("WorkloadEntry", f"{names.VM_LABEL}=orders-1")) == []
 
 
 def test_a_forged_denied_status_does_not_keep_a_legacy_key_alive(plugin_ca):
@@ -413,7 +413,7 @@ def test_port_and_address_changes_reach_the_entry_and_meshjoins_service(plugin_c
     plan = plan_sweep(world.sweeper.inventory(), SETTINGS, plugin_ca.fingerprint, NOW)
     assert [(a.kind, a.reason) for a in plan.actions] == [("join", "its address or ports changed")]
     world.sweeper.sweep()
-    (entry,) = world.kube.list("WorkloadEntry", f"{names.VM_LABEL}=orders-1")
+    (entry,) = list(world.kube.list("WorkloadEntry", f"{names.VM_LABEL}=orders-1"))
     assert entry["spec"]["address"] == "10.128.0.99" and entry["spec"]["ports"] == {"http": 9090, "grpc": 9091}
     service = world.kube.get("Service", "apps", "orders")
     assert sorted(p["port"] for p in service["spec"]["ports"]) == [9090, 9091]
@@ -430,7 +430,7 @@ def test_a_stopped_vm_is_not_routed_nor_renewed_and_rejoins_when_started(plugin_
     assert outcome.verb == "stopped"
     # Its agent's last report (the serial it held before stopping) does not bring a stopped VM back.
     assert world.reconciler.reconcile(key).verb == "stopped"
-    assert world.kube.list("WorkloadEntry", f"{names.VM_LABEL}=orders-1") == []
+    assert list(world.kube.list("WorkloadEntry", f"{names.VM_LABEL}=orders-1")) == []
     assert world.kube.get("Service", "apps", "orders") is None  # nothing selects it any more
     assert plan_sweep(world.sweeper.inventory(), SETTINGS, plugin_ca.fingerprint, NOW).actions == []  # no renewal
     current = world.compute.vms[key]
@@ -439,10 +439,10 @@ def test_a_stopped_vm_is_not_routed_nor_renewed_and_rejoins_when_started(plugin_
     # Started again: a fresh certificate for the key it kept, routed once the agent confirms it (not on the old
     # report).
     assert world.reconciler.reconcile(key).verb == "delivered"
-    assert world.kube.list("WorkloadEntry", f"{names.VM_LABEL}=orders-1") == []
+    assert list(world.kube.list("WorkloadEntry", f"{names.VM_LABEL}=orders-1")) == []
     world.compute.confirm(key)
     assert world.reconciler.reconcile(key).state == "joined"
-    assert len(world.kube.list("WorkloadEntry", f"{names.VM_LABEL}=orders-1")) == 1
+    assert len(list(world.kube.list("WorkloadEntry", f"{names.VM_LABEL}=orders-1"))) == 1
 
 
 def test_meshjoin_never_deletes_a_service_that_selects_pods(plugin_ca):
@@ -454,7 +454,7 @@ def test_meshjoin_never_deletes_a_service_that_selects_pods(plugin_ca):
                                                                       "labels": {"app": "orders"}}})
     world.compute.vms.pop(key)
     world.reconciler.reconcile(key)  # the VM is gone: its entry goes, the Service stays for the pod
-    assert world.kube.list("WorkloadEntry", f"{names.VM_LABEL}=orders-1") == []
+    assert list(world.kube.list("WorkloadEntry", f"{names.VM_LABEL}=orders-1")) == []
     assert world.kube.get("Service", "apps", "orders") is not None
     assert world.reconciler.prune_service("apps", "orders") is False
 

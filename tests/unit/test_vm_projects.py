@@ -150,7 +150,7 @@ class ProjectCompute(FakeCompute):
                 yield from [v for v in self.vms.values() if v.key.project == project][:1]  # a page, then the failure
                 raise TransientError(f"aggregatedList {project}: 503")
             return pages()
-        return super().list_vms(label_filter, page_size, unreachable, project=project)
+        return super().list_vms(label_filter, page_size=page_size, unreachable=unreachable, project=project)
 
 
 def sweeper(compute, plugin_ca) -> Sweeper:

@@ -19,7 +19,7 @@ import json
 import threading
 import time
 from functools import cached_property
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Protocol
 
 from .. import names
 from ..errors import StaleFingerprint, TransientError
@@ -54,6 +54,26 @@ OPERATION_WAIT_TIMEOUT = 150.0
 OPERATION_PATIENCE = 240.0
 # The guest-attribute namespace meshjoin's agent reports in (and hands in its CSR).
 GUEST_NAMESPACE = names.GUEST_NAMESPACE
+
+
+class Compute(Protocol):
+    """What the core asks of Compute Engine: `ComputeAdapter` here, `compute_fake.FakeCompute` in tests.
+
+    tests/unit/test_ports.py holds both to these signatures, parameter by parameter.
+    """
+
+    def get_vm(self, key: VmKey) -> Vm | None: ...
+
+    def list_vms(self, label_filter: str, *, project: str | None = None, unreachable: set[str] | None = None,
+                 page_size: int = 500, metadata_keys: frozenset[str] | None = SWEEP_METADATA_KEYS) -> Iterator[Vm]: ...
+
+    def guest_attributes(self, key: VmKey) -> dict[str, str]: ...
+
+    def project_metadata(self, project: str | None = None) -> dict[str, str]: ...
+
+    def find(self, name: str, project: str | None = None) -> list[Vm]: ...
+
+    def set_metadata(self, vm: Vm, items: Mapping[str, str], remove: frozenset[str] = frozenset()) -> None: ...
 
 
 class ComputeAdapter:

@@ -10,7 +10,7 @@ import base64
 import json
 import tempfile
 import threading
-from typing import Iterator
+from typing import Iterator, Protocol
 
 from .. import names
 from ..errors import ApiPermissionError, ConflictError, KubeApiError, PermanentError, QuotaExceeded, TransientError
@@ -28,11 +28,31 @@ PATHS = {
 RBAC_VERBS = {"GET": "get", "POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}
 
 
+class Kube(Protocol):
+    """What the core asks of the cluster's Kubernetes API: `KubeAdapter` here, `kube_fake.FakeKube` in tests.
+
+    Objects are plain dicts as the API serves them. tests/unit/test_ports.py holds both to these signatures.
+    """
+
+    def get(self, kind: str, namespace: str, name: str) -> dict | None: ...
+
+    def list(self, kind: str, label_selector: str, namespace: str | None = None,
+             page_size: int = 500) -> Iterator[dict]: ...
+
+    def create_if_missing(self, obj: dict) -> dict: ...
+
+    def apply_owned(self, obj: dict, existing: dict | None) -> dict: ...
+
+    def delete_owned(self, kind: str, namespace: str, name: str, expected: dict | None = None) -> bool: ...
+
+
 def _seconds(value: str | None) -> float | None:
     try:
         return float(value) if value is not None else None
     except ValueError:
         return None
+
+
 def api_server(cluster, mode: str) -> tuple[str, bytes | None]:
     """(host, CA to trust or None for the system's) of the cluster's Kubernetes API. Pure.
 

@@ -25,7 +25,7 @@ import os
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Sequence
+from typing import Protocol, Sequence
 
 BATCH_MAX_MESSAGES = 100  # per Publish RPC (the API allows 1,000 and 10 MB; ours are ~150 bytes)
 BATCH_MAX_LATENCY = 0.05  # seconds a batch waits to fill: the sweep publishes all its work at once
@@ -45,6 +45,15 @@ class PublishResult:
 
 def encode(message: dict) -> bytes:
     return json.dumps(message, separators=(",", ":"), sort_keys=True).encode()
+
+
+class Publisher(Protocol):
+    """What the sweep asks of Pub/Sub: `PubSubPublisher` here, `fake_pubsub.InMemoryPublisher` in tests.
+
+    tests/unit/test_ports.py holds both to this signature.
+    """
+
+    def publish(self, messages: Sequence[dict], *, timeout: float | None = None) -> list[PublishResult]: ...
 
 
 class PubSubPublisher:

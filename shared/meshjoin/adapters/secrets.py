@@ -14,7 +14,7 @@ import hashlib
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Protocol, Sequence
 
 from .. import names, pki
 from ..errors import BadMessage, CaMaterialError
@@ -33,6 +33,33 @@ class PluginCa:
     bundle: pki.CaBundle
     versions: tuple[str, ...]  # the four secret versions it was read from
     fingerprint: str
+
+
+def load_plugin_ca(ca_cert: bytes, ca_key: bytes, cert_chain: bytes, root_pems: Sequence[str],
+                   versions: tuple[str, ...]) -> PluginCa:
+    """The plug-in CA from its four secrets' payloads (`root_pems`: every enabled root version). Pure.
+
+    The fingerprint covers the signing CA and the roots, so either change re-issues every VM's certificate.
+    """
+    try:
+        bundle = pki.load_ca_bundle(ca_cert, ca_key, cert_chain, pki.bundle_roots(*root_pems).encode())
+    except CaMaterialError as exc:
+        raise CaMaterialError(f"plug-in CA in Secret Manager ({', '.join(versions)}): {exc}") from None
+    fingerprint = hashlib.sha256((pki.ca_fingerprint(bundle) + bundle.root_certs_pem).encode()).hexdigest()[:16]
+    return PluginCa(bundle, versions, fingerprint)
+
+
+class Secrets(Protocol):
+    """What the core asks of Secret Manager: `SecretsAdapter` here, `secrets_fake.FakeSecrets` in tests.
+
+    tests/unit/test_ports.py holds both to these signatures, parameter by parameter.
+    """
+
+    def plugin_ca(self) -> PluginCa: ...
+
+    def list_vm_secrets(self) -> Iterator[tuple[VmKey, str]]: ...
+
+    def delete_vm_secret(self, key: VmKey) -> bool: ...
 
 
 class SecretsAdapter:
@@ -77,13 +104,8 @@ class SecretsAdapter:
             versions = tuple(name for name, _ in parts) + tuple(roots)
             if self._ca is None or self._ca.versions != versions:
                 root_pems = [self._access(name)[1].decode() for name in roots]
-                try:
-                    bundle = pki.load_ca_bundle(*(data for _, data in parts), pki.bundle_roots(*root_pems).encode())
-                except CaMaterialError as exc:
-                    raise CaMaterialError(f"plug-in CA in Secret Manager ({', '.join(versions)}): {exc}") from None
-                fingerprint = hashlib.sha256(
-                    (pki.ca_fingerprint(bundle) + bundle.root_certs_pem).encode()).hexdigest()[:16]
-                self._ca = PluginCa(bundle, versions, fingerprint)
+                ca_cert, ca_key, chain = (data for _, data in parts)
+                self._ca = load_plugin_ca(ca_cert, ca_key, chain, root_pems, versions)
             self._ca_read_at = time.monotonic()
             return self._ca
 
