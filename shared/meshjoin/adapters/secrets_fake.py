@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Iterator, Sequence
 
 from .. import names
+from ..errors import CaMaterialError
 from ..model import VmKey
 from .secrets import PluginCa, load_plugin_ca
 
@@ -20,8 +21,8 @@ LEGACY_PREFIX = "meshjoin-vm"  # Settings.secret_prefix's default
 class FakeSecrets:
     """Secret Manager as meshjoin now uses it: the CA (read) and meshjoin 2's per-VM secrets (list, delete)."""
 
-    def __init__(self, ca: PluginCa, legacy=()):
-        self.ca = ca
+    def __init__(self, ca: PluginCa | None, legacy=()):
+        self.ca = ca  # None: the CA secrets have no version yet (see rotate_ca)
         self.legacy: set[VmKey] = set(legacy)  # VMs that still have a per-VM secret from meshjoin 2
         self.calls: list[str] = []  # every call but the CA read
         self.ca_reads = 0
@@ -30,6 +31,8 @@ class FakeSecrets:
 
     def plugin_ca(self) -> PluginCa:
         self.ca_reads += 1
+        if self.ca is None:
+            raise CaMaterialError("the plug-in CA's secrets have no enabled version")
         return self.ca
 
     def list_vm_secrets(self) -> Iterator[tuple[VmKey, str]]:
