@@ -5,18 +5,21 @@ unit tests run it on the fakes, production on the adapters. A fake whose signatu
 would let a unit test pass a call production refuses (or the reverse): every method of a Protocol must have
 the same signature, parameter by parameter (name, kind, default, annotation) and return annotation, in the
 Protocol, the adapter and the fake. And a Protocol holds exactly what the core calls: no more, no less.
-No I/O: signatures and source only.
+Then the rules of the real services that the fakes keep (412, slim listings, owned-only writes, selectors,
+paging). No I/O: signatures, source and the fakes only.
 """
 
 from __future__ import annotations
 
 import ast
 import inspect
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
 import meshjoin
+from meshjoin import names
 from meshjoin.adapters.compute import Compute, ComputeAdapter
 from meshjoin.adapters.compute_fake import FakeCompute
 from meshjoin.adapters.fake_pubsub import InMemoryPublisher
@@ -25,6 +28,9 @@ from meshjoin.adapters.kube_fake import FakeKube
 from meshjoin.adapters.pubsub import Publisher, PubSubPublisher
 from meshjoin.adapters.secrets import Secrets, SecretsAdapter
 from meshjoin.adapters.secrets_fake import FakeSecrets
+from meshjoin.errors import CaMaterialError, ConflictError, PermanentError, StaleFingerprint, TransientError
+from meshjoin.model import Identity, Vm, VmKey
+from meshjoin.registration import workload_entry
 
 # (the Protocol, the attribute name the core reaches the port by, the real adapter, the fake)
 PORTS = [
@@ -116,3 +122,93 @@ def test_the_call_scan_sees_calls_through_any_receiver():
               "secrets.plugin_ca()\nself.publisher.publish([])\nother.get_vm(k)\n")
     assert calls_on_ports(source) == {"compute": {"get_vm", "list_vms"}, "kube": {"list"},
                                       "secrets": {"plugin_ca"}, "publisher": {"publish"}}
+
+
+# --- the fakes keep the rules the core relies on ----------------------------------------------------------
+
+KEY = VmKey("p", "us-central1-a", "vm-1")
+
+
+def vm(key: VmKey = KEY, labels=None, metadata=None) -> Vm:
+    return Vm(key, "42", {"mesh": "join"} if labels is None else labels,
+              {names.STATUS_KEY: "{}", "other": "x"} if metadata is None else metadata, "fp-0", "10.0.0.2", "a@p")
+
+
+def test_fake_compute_refuses_a_stale_fingerprint_and_a_listings_slim_view():
+    compute = FakeCompute({KEY: vm()})
+    read = compute.get_vm(KEY)
+    compute.set_metadata(read, {"a": "1"})
+    assert compute.get_vm(KEY).metadata == {names.STATUS_KEY: "{}", "other": "x", "a": "1"}  # others' items kept
+    with pytest.raises(StaleFingerprint):
+        compute.set_metadata(read, {"a": "2"})  # written since it was read: 412
+    (listed,) = compute.list_vms("labels.mesh=join")
+    assert not listed.metadata_complete and listed.metadata == {names.STATUS_KEY: "{}"}
+    with pytest.raises(ValueError, match="partial view"):
+        compute.set_metadata(listed, {"a": "3"})
+
+
+def test_fake_compute_lists_by_filter_in_pages_and_names_unreachable_zones():
+    vms = {k: vm(k) for k in (VmKey("p", z, f"vm-{i}") for z in ("a", "b") for i in range(3))}
+    vms[VmKey("p", "a", "off")] = vm(VmKey("p", "a", "off"), labels={"mesh": "no"})
+    vms[VmKey("q", "a", "vm-0")] = vm(VmKey("q", "a", "vm-0"))
+    compute = FakeCompute(vms, unreachable_zones=frozenset({"b"}))
+    unreachable: set[str] = set()
+    listed = list(compute.list_vms("labels.mesh=join", project="p", unreachable=unreachable, page_size=2))
+    assert [v.key.instance for v in listed] == ["vm-0", "vm-1", "vm-2"] and unreachable == {"b"}
+    assert compute.pages == 2
+    assert [v.key.project for v in compute.find("vm-0")] == ["p", "q"]
+    assert [v.metadata_complete for v in compute.find("vm-0", project="q")] == [True]
+    with pytest.raises(ValueError, match="filter"):
+        list(compute.list_vms("labels.mesh:join"))
+
+
+def entry(instance: str, namespace: str = "apps", owned: bool = True) -> dict:
+    obj = workload_entry(vm(VmKey("p", "a", instance)), Identity(namespace, "sa", "web", "v1"), "",
+                         datetime(2026, 1, 1, tzinfo=timezone.utc))
+    if not owned:
+        obj["metadata"]["labels"].pop(names.MANAGED_BY_LABEL)
+    return obj
+
+
+def test_fake_kube_writes_only_what_meshjoin_owns_with_the_apis_preconditions():
+    mine, foreign = entry("vm-1"), entry("vm-2", owned=False)
+    kube = FakeKube([mine, foreign])
+    key = lambda obj: ("WorkloadEntry", obj["metadata"]["namespace"], obj["metadata"]["name"])  # noqa: E731
+    with pytest.raises(ConflictError):
+        kube.apply_owned(foreign, None)  # exists, not meshjoin's
+    assert kube.delete_owned(*key(foreign)) is False and key(foreign) in kube.objects
+    read = kube.get(*key(mine))
+    read["spec"]["address"] = "mutated"  # a copy: the store is not touched
+    assert kube.get(*key(mine))["spec"]["address"] != "mutated"
+    replaced = kube.apply_owned(mine, kube.get(*key(mine)))
+    assert replaced["metadata"]["uid"] == read["metadata"]["uid"]  # a replace keeps the object's uid
+    assert replaced["metadata"]["resourceVersion"] != read["metadata"]["resourceVersion"]
+    with pytest.raises(TransientError):
+        kube.apply_owned(mine, read)  # written since `read`: 409
+    assert kube.delete_owned(*key(mine), expected=replaced) is True
+    with pytest.raises(PermanentError):
+        kube.apply_owned(mine, replaced)  # deleted since: a PUT does not create
+    recreated = kube.create_if_missing(mine)
+    assert kube.delete_owned(*key(mine), expected=replaced) is False  # another object of that name now
+    assert kube.get(*key(mine))["metadata"]["uid"] == recreated["metadata"]["uid"]
+
+
+def test_fake_kube_selects_by_labels_in_pages():
+    kube = FakeKube([entry(f"vm-{i}") for i in range(5)] + [entry("vm-9", owned=False), entry("vm-8", "other")])
+    owned = f"{names.MANAGED_BY_LABEL}={names.MANAGED_BY}"
+    assert len(list(kube.list("WorkloadEntry", owned, page_size=2))) == 6 and kube.list_pages == 3
+    assert len(list(kube.list("WorkloadEntry", owned, namespace="apps"))) == 5
+    assert [o["metadata"]["name"] for o in kube.list("WorkloadEntry", f"{owned},{names.VM_LABEL}=vm-3")] == \
+        [entry("vm-3")["metadata"]["name"]]
+    assert len(list(kube.list("WorkloadEntry", f"!{names.MANAGED_BY_LABEL}"))) == 1
+    assert len(list(kube.list("WorkloadEntry", f"{names.VM_LABEL}!=vm-3"))) == 6
+    with pytest.raises(ValueError, match="selector"):
+        list(kube.list("WorkloadEntry", "app in (web)"))
+
+
+def test_fake_secrets_has_no_ca_until_its_secrets_have_versions_and_deletes_once():
+    secrets = FakeSecrets(None, legacy=[KEY])
+    with pytest.raises(CaMaterialError):
+        secrets.plugin_ca()
+    assert [k for k, _ in secrets.list_vm_secrets()] == [KEY]
+    assert secrets.delete_vm_secret(KEY) is True and secrets.delete_vm_secret(KEY) is False  # 404: none left

@@ -1,5 +1,6 @@
-"""An in-memory stand-in for `PubSubPublisher` (unit tests and the paper benchmark): it records what
-would have been published, and fails the messages it is told to fail, as the real one reports them."""
+"""An in-memory stand-in for `PubSubPublisher` (unit tests and the paper benchmark), the `Publisher` port's
+fake (pubsub.Publisher; tests/unit/test_ports.py keeps their signatures equal): it records what would have
+been published, and fails the messages it is told to fail, as the real one reports them."""
 
 from __future__ import annotations
 

@@ -4,9 +4,11 @@ What it keeps of the API server (and of `KubeAdapter`):
 - objects by (kind, namespace, name), each with a `uid` (kept for the object's life) and a
   `resourceVersion` (new on every write); reads answer copies, as a server answers JSON;
 - `apply_owned` replaces only what meshjoin owns (by the `existing` the caller read), with that read's
-  resourceVersion: a write since answers 409 (`TransientError`), a delete since 404 (`PermanentError`);
+  resourceVersion: a write since answers 409 (`TransientError`), a delete since 404 (`PermanentError`: a
+  PUT does not create WorkloadEntries, Services or ServiceAccounts, whose strategies refuse create on
+  update; kubernetes/community#6041 shows the 404);
 - `delete_owned` deletes only what meshjoin owns, with the uid as precondition (another object of the
-  same name since: nothing deleted);
+  same name since: 409, nothing deleted; DeleteOptions.preconditions in the API reference);
 - equality-based label selectors (`k=v`, `k==v`, `k!=v`, `k`, `!k`, comma-joined), answered in pages of
   `page_size` (counted in `list_pages`), cluster-wide without a namespace.
 """
