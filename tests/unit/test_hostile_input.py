@@ -7,9 +7,9 @@ its labels and every metadata item, including a forged `meshjoin-status`. The pr
 - the event function acks every such message with exactly one log line (no redelivery loop);
 - a label or metadata value can never add a line to cluster.env, /etc/hosts, the mesh config or the
   startup script, and every object for the cluster stays a valid Kubernetes/Istio object;
-- the whole reconcile of such a VM (the in-memory fakes beside the adapters: compute_fake, secrets_fake,
-  kube_fake) ends in an outcome, never a crash, never a private key in metadata, never an identity policy forbids, and never touches a
-  WorkloadEntry that is not this VM's.
+- the whole reconcile of such a VM (on the in-memory fakes beside the adapters: adapters/compute_fake.py,
+  secrets_fake.py, kube_fake.py) ends in an outcome, never a crash, never a private key in metadata, never
+  an identity policy forbids, and never touches a WorkloadEntry that is not this VM's.
 
 `MESHJOIN_HYPOTHESIS_PROFILE=full` (used by `make faults`) runs ten times as many examples.
 """

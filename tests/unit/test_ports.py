@@ -141,6 +141,11 @@ def test_fake_compute_refuses_a_stale_fingerprint_and_a_listings_slim_view():
     assert compute.get_vm(KEY).metadata == {names.STATUS_KEY: "{}", "other": "x", "a": "1"}  # others' items kept
     with pytest.raises(StaleFingerprint):
         compute.set_metadata(read, {"a": "2"})  # written since it was read: 412
+    reread = compute.get_vm(KEY)
+    compute.owner_writes(KEY, {"owner": "1"})
+    with pytest.raises(StaleFingerprint):
+        compute.set_metadata(reread, {"a": "2"})  # the owner wrote since
+    assert compute.get_vm(KEY).metadata["a"] == "1" and compute.get_vm(KEY).metadata["owner"] == "1"
     (listed,) = compute.list_vms("labels.mesh=join")
     assert not listed.metadata_complete and listed.metadata == {names.STATUS_KEY: "{}"}
     with pytest.raises(ValueError, match="partial view"):
