@@ -11,23 +11,21 @@ setLabels.
 from __future__ import annotations
 
 import base64
-import bisect
 import copy
 import ipaddress
-import json
 import re
 import secrets
 import threading
 from datetime import datetime, timedelta, timezone
-
-from werkzeug.routing import Map, Rule
 
 from . import fieldmask
 from .guest import GuestAttributes
 from .iam import check_scopes
 from .lifecycle import OperationClock, VmLifecycle
 from .quota import compute_quotas, limiter
-from .web import GOOGLE_STATUS, ApiError, FaultInjector, RoutedApp, json_response, read_json
+from .paging import google_keyset_page, with_next_page_token
+from .web import (GOOGLE_STATUS, ApiError, FaultyEmulator, RoutedApp, injected_fault, json_response, read_json,
+                  route)
 
 API = "https://www.googleapis.com/compute/v1"
 # us-central1's zones: aggregatedList reports every zone of the project, empty ones with a warning.
@@ -42,6 +40,10 @@ DEFAULT_SCOPES = [
     "https://www.googleapis.com/auth/trace.append",
 ]
 MAX_RESULTS = 500
+# Route templates (werkzeug syntax); each handler carries its routes (web.route).
+PROJECT = "/compute/v1/projects/<project>"
+INSTANCE = PROJECT + "/zones/<zone>/instances/<instance>"
+ZONE_OPERATION = PROJECT + "/zones/<zone>/operations/<operation>"
 # GCE's documented limits, so a product that writes too much metadata fails here as it would there.
 METADATA_VALUE_LIMIT = 256 * 1024
 METADATA_TOTAL_LIMIT = 512 * 1024
@@ -198,18 +200,6 @@ def parse_filter(text: str) -> list[_Term]:
     return terms
 
 
-def _encode_token(cursor: tuple[str, str]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(cursor).encode()).decode()
-
-
-def _decode_token(token: str) -> tuple[str, str]:
-    try:
-        zone, name = json.loads(base64.urlsafe_b64decode(token.encode()))
-        return str(zone), str(name)
-    except (ValueError, TypeError) as exc:
-        raise ApiError(400, f"Invalid value for field 'pageToken': '{token}'.") from exc
-
-
 def _check_labels(labels: dict) -> None:
     if not isinstance(labels, dict) or len(labels) > MAX_LABELS:
         raise ApiError(400, "Invalid value for field 'labels': at most 64 labels are allowed.")
@@ -244,7 +234,7 @@ def _metadata_items(metadata: dict) -> list[dict]:
     return items
 
 
-class ComputeEmulator:
+class ComputeEmulator(FaultyEmulator):
     """Instances and zonal operations of one project, kept in memory under `world.lock`.
 
     One emulator per sandbox project (`project`, default the host `world.project`), each with its own
@@ -268,54 +258,8 @@ class ComputeEmulator:
         self._ip_next = 0
         self._ips_in_use: set[str] = set()
         self._next_id = 10**18 + secrets.randbelow(8 * 10**18)
-        prefix = "/compute/v1/projects/<project>"
-        instance = prefix + "/zones/<zone>/instances/<instance>"
-        operation = prefix + "/zones/<zone>/operations/<operation>"
-        rules = [
-            Rule(prefix + "/aggregated/instances", endpoint="instances.aggregatedList", methods=["GET"]),
-            Rule(prefix + "/zones/<zone>/instances", endpoint="instances.list", methods=["GET"]),
-            Rule(prefix + "/zones/<zone>/instances", endpoint="instances.insert", methods=["POST"]),
-            Rule(instance, endpoint="instances.get", methods=["GET"]),
-            Rule(instance, endpoint="instances.delete", methods=["DELETE"]),
-            Rule(instance + "/setLabels", endpoint="instances.setLabels", methods=["POST"]),
-            Rule(instance + "/setMetadata", endpoint="instances.setMetadata", methods=["POST"]),
-            Rule(operation, endpoint="zoneOperations.get", methods=["GET"]),
-            Rule(operation + "/wait", endpoint="zoneOperations.wait", methods=["POST"]),
-            # VM lifecycle, project metadata and guest attributes (lifecycle.py, guest.py)
-            Rule(instance + "/stop", endpoint="instances.stop", methods=["POST"]),
-            Rule(instance + "/start", endpoint="instances.start", methods=["POST"]),
-            Rule(instance + "/reset", endpoint="instances.reset", methods=["POST"]),
-            Rule(instance + "/setServiceAccount", endpoint="instances.setServiceAccount", methods=["POST"]),
-            Rule(instance + "/getGuestAttributes", endpoint="instances.getGuestAttributes", methods=["GET"]),
-            Rule(prefix, endpoint="projects.get", methods=["GET"]),
-            Rule(prefix + "/setCommonInstanceMetadata", endpoint="projects.setCommonInstanceMetadata",
-                 methods=["POST"]),
-            Rule(prefix + "/global/operations/<operation>", endpoint="globalOperations.get", methods=["GET"]),
-            Rule(prefix + "/global/operations/<operation>/wait", endpoint="globalOperations.wait",
-                 methods=["POST"]),
-        ]
-        handlers = {
-            "instances.aggregatedList": self._aggregated_list,
-            "instances.list": self._list,
-            "instances.insert": self._insert,
-            "instances.get": self._get,
-            "instances.delete": self._delete,
-            "instances.setLabels": self._set_labels,
-            "instances.setMetadata": self._set_metadata,
-            "zoneOperations.get": self._operation,
-            "zoneOperations.wait": self._operation,
-            "instances.stop": self._stop,
-            "instances.start": self._start,
-            "instances.reset": self._reset,
-            "instances.setServiceAccount": self._set_service_account,
-            "instances.getGuestAttributes": self._get_guest_attributes,
-            "projects.get": self._get_project,
-            "projects.setCommonInstanceMetadata": self._set_common_metadata,
-            "globalOperations.get": self._global_operation,
-            "globalOperations.wait": self._global_operation,
-        }
-        self.faults = FaultInjector(world, list(handlers))
-        self.app = RoutedApp(Map(rules), handlers, render_error=render_error, before=self._before, faults=self.faults)
+        self.app = RoutedApp(self, render_error=render_error, before=self._before)
+        self.faults = self.app.inject_faults(world)
         # The host's is "compute" (what the rest of the sandbox and its tests use); another project's
         # "compute@PROJECT" (`sandbox fault --emulator compute@meshjoin-sandbox-2` reaches it).
         world.emulators["compute" if self.project == world.project else f"compute@{self.project}"] = self
@@ -393,13 +337,6 @@ class ComputeEmulator:
             body["serviceAccounts"] = [{"email": service_account, "scopes": DEFAULT_SCOPES}]
         with self.world.lock:
             return copy.deepcopy(self._create(zone, body))
-
-    def clear_faults(self) -> None:
-        self.faults.clear()
-
-    def fail_next(self, method: str, status: int, count: int = 1) -> None:
-        """Make the next `count` calls of `method` (e.g. "instances.aggregatedList") answer `status`."""
-        self.faults.add({"method": method, "status": status, "count": count})
 
     # ---- request plumbing ----------------------------------------------------------------------------
 
@@ -549,6 +486,7 @@ class ComputeEmulator:
             out["metadata"] = {k: v for k, v in out["metadata"].items() if k != "items"}
         return out
 
+    @route("GET", INSTANCE, "instances.get")
     def _get(self, request, project, zone, instance):
         self._check_scope(project, zone)
         with self.world.lock:
@@ -563,36 +501,16 @@ class ComputeEmulator:
         return self._order
 
     def _page(self, request, zone: str | None = None) -> tuple[list[tuple[str, str]], str | None]:
-        """Filter, order by (zone, name) and cut one page, of one zone or of all (lock held).
-
-        The page starts right after the token's cursor (a bisection of the listing order) and stops at
-        the first match past the page, so a whole listing reads each VM once."""
+        """Filter, order by (zone, name) and cut one page, of one zone or of all (lock held; paging.py)."""
         args = request.args
         terms = parse_filter(args.get("filter", ""))
         if args.get("orderBy", "name") not in ("", "name"):
             raise ApiError(400, f"Invalid value for field 'orderBy': '{args['orderBy']}'. Only 'name' is supported.")
-        try:
-            limit = int(args.get("maxResults", MAX_RESULTS)) or MAX_RESULTS
-        except ValueError as exc:
-            raise ApiError(400, f"Invalid value for field 'maxResults': '{args['maxResults']}'.") from exc
-        if not 0 < limit <= MAX_RESULTS:
-            raise ApiError(400, f"Invalid value for field 'maxResults': '{limit}'. Must be less than or equal to 500")
-        cursor = _decode_token(args["pageToken"]) if args.get("pageToken") else None
-        order = self._listing_order()
-        start, stop = 0, len(order)
-        if zone is not None:  # (zone,) sorts before every (zone, name); (zone + NUL,) after them
-            start, stop = bisect.bisect_left(order, (zone,)), bisect.bisect_left(order, (zone + "\0",))
-        if cursor is not None:
-            start = max(start, bisect.bisect_right(order, cursor))
-        page: list[tuple[str, str]] = []
-        for index in range(start, stop):
-            key = order[index]
-            if all(t.matches(self._instances[key]) for t in terms):
-                if len(page) == limit:
-                    return page, _encode_token(page[-1])
-                page.append(key)
-        return page, None
+        return google_keyset_page(request, self._listing_order(),
+                                  lambda key: all(t.matches(self._instances[key]) for t in terms),
+                                  max_results=MAX_RESULTS, scope=zone)
 
+    @route("GET", PROJECT + "/zones/<zone>/instances", "instances.list")
     def _list(self, request, project, zone):
         self._check_scope(project, zone)
         body = {"kind": "compute#instanceList", "id": f"projects/{project}/zones/{zone}/instances",
@@ -601,14 +519,15 @@ class ComputeEmulator:
             page, token = self._page(request, zone)
             if page:
                 body["items"] = [self._render(self._instances[key]) for key in page]
-            if token:
-                body["nextPageToken"] = token
+            with_next_page_token(body, token)
             return json_response(fieldmask.select(request, body, fieldmask.INSTANCE_LIST))
 
+    @route("GET", PROJECT + "/aggregated/instances", "instances.aggregatedList")
     def _aggregated_list(self, request, project):
         self._check_scope(project)
         region = self.world.region
-        marked_fault = request.environ.get("sandbox.fault") is not None and request.environ["sandbox.fault"].mark
+        fault = injected_fault(request)
+        marked_fault = fault is not None and fault.mark
         with self.world.lock:
             page, token = self._page(request)
             zones = {f"{region}-{s}" for s in ZONE_SUFFIXES} | {self.world.zone} | self._zones_in_use
@@ -637,19 +556,19 @@ class ComputeEmulator:
                     "items": items, "selfLink": f"{API}/projects/{project}/aggregated/instances"}
             if unreachable:
                 body["unreachables"] = unreachable
-            if token:
-                body["nextPageToken"] = token
+            with_next_page_token(body, token)
             # Serialized under the lock: the page holds shallow views of the stored VMs.
             return json_response(fieldmask.select(request, body, fieldmask.INSTANCE_AGGREGATED_LIST))
 
     @staticmethod
     def _hidden_zone(request, page: list[tuple[str, str]]) -> str | None:
         """A `partial` fault leaves one zone out of a listing: the rule's zone, or the first with VMs."""
-        fault = request.environ.get("sandbox.fault")
+        fault = injected_fault(request)
         if fault is None or fault.kind != "partial":
             return None
         return fault.zone or (min(zone for zone, _ in page) if page else None)
 
+    @route("POST", PROJECT + "/zones/<zone>/instances", "instances.insert")
     def _insert(self, request, project, zone):
         self._check_scope(project, zone)
         body = read_json(request)
@@ -659,6 +578,7 @@ class ComputeEmulator:
             operation, entries = self._record(request, zone, "insert", instance, takes=boot)
         return self._answer(operation, entries)
 
+    @route("DELETE", INSTANCE, "instances.delete")
     def _delete(self, request, project, zone, instance):
         self._check_scope(project, zone)
         with self.world.lock:
@@ -673,6 +593,7 @@ class ComputeEmulator:
         self._halted(zone, instance)
         return self._answer(operation, entries)
 
+    @route("POST", INSTANCE + "/setLabels", "instances.setLabels")
     def _set_labels(self, request, project, zone, instance):
         self._check_scope(project, zone)
         body = read_json(request)
@@ -688,6 +609,7 @@ class ComputeEmulator:
                                               takes=self.world.timing.operation_seconds)
         return self._answer(operation, entries)
 
+    @route("POST", INSTANCE + "/setMetadata", "instances.setMetadata")
     def _set_metadata(self, request, project, zone, instance):
         self._check_scope(project, zone)
         body = read_json(request)
@@ -795,12 +717,16 @@ class ComputeEmulator:
             })
         return entries
 
+    @route("GET", ZONE_OPERATION, "zoneOperations.get")
+    @route("POST", ZONE_OPERATION + "/wait", "zoneOperations.wait")
     def _operation(self, request, project, zone, operation):
         """An operation stays RUNNING until its time is up (lifecycle.py); `wait` holds until then, or
         until the (scaled) two-minute limit, and answers the operation as it is."""
         self._check_scope(project, zone)
         return self._answer_operation(request, zone, operation, f"projects/{project}/zones/{zone}/operations/{operation}")
 
+    @route("GET", PROJECT + "/global/operations/<operation>", "globalOperations.get")
+    @route("POST", PROJECT + "/global/operations/<operation>/wait", "globalOperations.wait")
     def _global_operation(self, request, project, operation):
         self._check_scope(project)
         return self._answer_operation(request, "global", operation, f"projects/{project}/global/operations/{operation}")
@@ -837,12 +763,15 @@ class ComputeEmulator:
             self._halted(zone, instance)
         return self._answer(operation, entries)
 
+    @route("POST", INSTANCE + "/stop", "instances.stop")
     def _stop(self, request, project, zone, instance):
         return self._power(request, project, zone, instance, "stop")
 
+    @route("POST", INSTANCE + "/start", "instances.start")
     def _start(self, request, project, zone, instance):
         return self._power(request, project, zone, instance, "start")
 
+    @route("POST", INSTANCE + "/reset", "instances.reset")
     def _reset(self, request, project, zone, instance):
         return self._power(request, project, zone, instance, "reset")
 
@@ -856,6 +785,7 @@ class ComputeEmulator:
             return self.default_compute_sa
         return email or None
 
+    @route("POST", INSTANCE + "/setServiceAccount", "instances.setServiceAccount")
     def _set_service_account(self, request, project, zone, instance):
         """instances.setServiceAccount: only on a stopped VM (GCE answers 400 otherwise, with the message
         below, as gcloud shows it: "The instance must be stopped before the service account can be
@@ -897,11 +827,13 @@ class ComputeEmulator:
             "defaultNetworkTier": "PREMIUM", "selfLink": f"{API}/projects/{project}",
         }
 
+    @route("GET", PROJECT, "projects.get")
     def _get_project(self, request, project):
         self._check_scope(project)
         with self.world.lock:
             return json_response(fieldmask.select(request, self._project_json(), fieldmask.PROJECT))
 
+    @route("POST", PROJECT + "/setCommonInstanceMetadata", "projects.setCommonInstanceMetadata")
     def _set_common_metadata(self, request, project):
         """projects.setCommonInstanceMetadata: the fingerprint rule of instance metadata, a global operation."""
         self._check_scope(project)
@@ -933,6 +865,7 @@ class ComputeEmulator:
         value = self.metadata_value(zone, name, "enable-guest-attributes")
         return (value or "").strip().lower() == "true"
 
+    @route("GET", INSTANCE + "/getGuestAttributes", "instances.getGuestAttributes")
     def _get_guest_attributes(self, request, project, zone, instance):
         self._check_scope(project, zone)
         with self.world.lock:
@@ -969,11 +902,6 @@ class ComputeProjects:
     @property
     def app(self):
         return self
-
-    @property
-    def url_map(self):
-        """Every project's emulator has the same routes (stats.counted reads them)."""
-        return self.emulators[self.host].app.url_map
 
     def __call__(self, environ, start_response):
         match = self._PROJECT.match(environ.get("PATH_INFO", ""))

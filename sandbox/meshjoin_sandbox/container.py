@@ -11,15 +11,15 @@ import base64
 import hashlib
 from datetime import datetime, timezone
 
-from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request
 
 from .iam import check_scopes
-from .web import ApiError, RoutedApp, json_response
+from .web import ApiError, RoutedApp, json_response, route
 
 MASTER_VERSION = "1.33.5-gke.1162000"
 RUNNING = ("RUNNING", 2)  # Cluster.Status, as name and as number for `$alt=json;enum-encoding=int`
 REGULAR = ("REGULAR", 2)  # ReleaseChannel.Channel
+PROJECT = "/v1/projects/<project>"
 
 
 class ContainerEmulator:
@@ -27,14 +27,7 @@ class ContainerEmulator:
         self.world = world
         # Fixed at start, like a real cluster's creation time.
         self.create_time = datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
-        base = "/v1/projects/<project>"
-        url_map = Map([
-            Rule(base + "/locations/<location>/clusters/<cluster>", endpoint="get", methods=["GET"]),
-            Rule(base + "/zones/<location>/clusters/<cluster>", endpoint="get", methods=["GET"]),
-            Rule(base + "/locations/<location>/clusters", endpoint="list", methods=["GET"]),
-            Rule(base + "/zones/<location>/clusters", endpoint="list", methods=["GET"]),
-        ], strict_slashes=False)
-        self.app = RoutedApp(url_map, {"get": self._get, "list": self._list}, before=self._before)
+        self.app = RoutedApp(self, before=self._before, strict_slashes=False)
         world.emulators["container"] = self
 
     def _before(self, request: Request, endpoint: str) -> None:
@@ -52,6 +45,8 @@ class ContainerEmulator:
         if project not in (self.world.project, self.world.project_number):
             raise ApiError(404, f"Not found: projects/{project}.", "NOT_FOUND")
 
+    @route("GET", (PROJECT + "/locations/<location>/clusters/<cluster>",
+                   PROJECT + "/zones/<location>/clusters/<cluster>"), "get")
     def _get(self, request: Request, project: str, location: str, cluster: str):
         self._check_project(project)
         if location != self.world.region or cluster != self.world.cluster_name:
@@ -59,6 +54,7 @@ class ContainerEmulator:
                            "NOT_FOUND")
         return json_response(self.cluster_json(request))
 
+    @route("GET", (PROJECT + "/locations/<location>/clusters", PROJECT + "/zones/<location>/clusters"), "list")
     def _list(self, request: Request, project: str, location: str):
         """`-` means every location, as in the real API; other locations simply hold no cluster."""
         self._check_project(project)

@@ -21,43 +21,23 @@ from __future__ import annotations
 
 import threading
 
-from werkzeug.routing import Map, Rule
-
 from .metadata import MetadataEmulator
 from .world import CLOUD_PLATFORM
-from .web import ApiError, FaultInjector, RoutedApp, json_response, read_json, serve
+from .web import ApiError, FaultInjector, RoutedApp, json_response, read_json, route, serve
 
 
 class ControlEmulator:
     def __init__(self, world):
         self.world = world
-        url_map = Map([
-            Rule("/healthz", endpoint="healthz", methods=["GET"]),
-            Rule("/faults", endpoint="faults", methods=["POST"]),
-            Rule("/faults", endpoint="clear_faults", methods=["DELETE"]),
-            Rule("/faults", endpoint="fault_stats", methods=["GET"]),
-            Rule("/rotate-ca", endpoint="rotate_ca", methods=["POST"]),
-            Rule("/vm-metadata", endpoint="vm_metadata", methods=["POST"]),
-            Rule("/vm-root", endpoint="vm_root", methods=["POST"]),
-            Rule("/run-startup", endpoint="run_startup", methods=["POST"]),
-            Rule("/stats", endpoint="stats", methods=["GET"]),
-            Rule("/stats", endpoint="clear_stats", methods=["DELETE"]),
-            Rule("/seed", endpoint="seed", methods=["POST"]),
-            Rule("/token", endpoint="token", methods=["POST"]),
-        ])
-        self.app = RoutedApp(url_map, {"healthz": self.healthz, "faults": self.faults,
-                                       "clear_faults": self.clear_faults, "fault_stats": self.fault_stats,
-                                       "rotate_ca": self.rotate_ca,
-                                       "vm_metadata": self.vm_metadata, "stats": self.stats,
-                                       "vm_root": self.vm_root, "run_startup": self.run_startup,
-                                       "clear_stats": self.clear_stats, "seed": self.seed,
-                                       "token": self.token})
+        self.app = RoutedApp(self)
         self._vm_servers: dict[tuple[str, str, str], object] = {}
         self._vm_servers_lock = threading.Lock()
 
+    @route("GET", "/healthz", "healthz")
     def healthz(self, request):
         return json_response({"ok": True, "emulators": sorted(self.world.emulators)})
 
+    @route("POST", "/token", "token")
     def token(self, request):
         body = read_json(request)
         scopes = body.get("scopes") or [CLOUD_PLATFORM]
@@ -65,12 +45,18 @@ class ControlEmulator:
             raise ApiError(400, "scopes must be a list of strings")
         return json_response({"token": self.world.issue_token(str(body.get("email", "")), scopes)})
 
+    def _injectors(self) -> dict[str, FaultInjector]:
+        """Every emulator that suffers faults, by its name in the world (compute, compute@P, kube, ...)."""
+        return {name: emulator.faults for name, emulator in sorted(self.world.emulators.items())
+                if isinstance(getattr(emulator, "faults", None), FaultInjector)}
+
+    @route("DELETE", "/faults", "clear_faults")
     def clear_faults(self, request):
-        for emulator in self.world.emulators.values():
-            if hasattr(emulator, "clear_faults"):
-                emulator.clear_faults()
+        for faults in self._injectors().values():
+            faults.clear()
         return json_response({"ok": True})
 
+    @route("POST", "/rotate-ca", "rotate_ca")
     def rotate_ca(self, request):
         """A new root + intermediate, added as new versions of the four plug-in CA secrets."""
         from .rotation import rotate_plugin_ca
@@ -86,6 +72,7 @@ class ControlEmulator:
             raise ApiError(404, f"no VM {project}/{zone}/{name}")
         return zone, name, project
 
+    @route("POST", "/vm-metadata", "vm_metadata")
     def vm_metadata(self, request):
         zone, name, project = self._vm(request)
         guests = self.world.guests_for(project)
@@ -100,10 +87,12 @@ class ControlEmulator:
                 self._vm_servers[(project, zone, name)] = server
         return json_response({"host": f"127.0.0.1:{server.server_port}"})
 
+    @route("POST", "/vm-root", "vm_root")
     def vm_root(self, request):
         zone, name, project = self._vm(request)
         return json_response({"root": str(self.world.guests_for(project).root(zone, name))})
 
+    @route("POST", "/run-startup", "run_startup")
     def run_startup(self, request):
         """`sudo google_metadata_script_runner startup` on a running VM."""
         zone, name, project = self._vm(request)
@@ -112,28 +101,32 @@ class ControlEmulator:
             raise ApiError(409, f"VM {zone}/{name} is {status}, not RUNNING: nothing runs on it")
         return json_response(self.world.guests_for(project).run_startup(zone, name, "manual"))
 
+    @route("POST", "/faults", "faults")
     def faults(self, request):
         body = read_json(request)
-        emulator = self.world.emulators.get(body.get("emulator", ""))
-        if not isinstance(getattr(emulator, "faults", None), FaultInjector):
+        faults = self._injectors().get(body.get("emulator", ""))
+        if faults is None:
             raise ApiError(400, f"no emulator with faults named {body.get('emulator')!r}")
-        rule = emulator.faults.add({k: v for k, v in body.items() if k != "emulator"})
+        rule = faults.add({k: v for k, v in body.items() if k != "emulator"})
         return json_response({"ok": True, "rule": rule.method})
 
+    @route("GET", "/faults", "fault_stats")
     def fault_stats(self, request):
-        return json_response({name: emulator.faults.stats() for name, emulator in sorted(self.world.emulators.items())
-                              if isinstance(getattr(emulator, "faults", None), FaultInjector)})
+        return json_response({name: faults.stats() for name, faults in self._injectors().items()})
 
+    @route("GET", "/stats", "stats")
     def stats(self, request):
         from .stats import snapshot
 
         return json_response(snapshot())
 
+    @route("DELETE", "/stats", "clear_stats")
     def clear_stats(self, request):
         from .stats import snapshot
 
         return json_response(snapshot(reset=True))
 
+    @route("POST", "/seed", "seed")
     def seed(self, request):
         from .seed import seed_fleet
 

@@ -22,8 +22,6 @@ merge patch is applied as a JSON merge patch, minus its `$` directives).
 
 from __future__ import annotations
 
-import base64
-import bisect
 import copy
 import ipaddress
 import json
@@ -31,10 +29,9 @@ import secrets
 import threading
 import uuid
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any
 
 import yaml
-from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Request, Response
 
 from . import kube_openapi, kube_rbac
@@ -43,7 +40,8 @@ from .kube_patch import PatchFailed, json_patch, merge_patch, strip_directives
 from .kube_schema import (CORE_KINDS, RBAC_KINDS, CelRules, Kind, cause, label_value_error, load_crd_kinds,
                           qualified_name_error, service_causes, version_priority)
 from .kube_selectors import FIELD_SELECTABLE, parse_selector, selector_matches
-from .web import ApiError, FaultInjector, RoutedApp, json_response, read_json
+from .paging import kube_page
+from .web import ApiError, FaultyEmulator, RoutedApp, json_response, read_json, route
 
 
 SERVER_VERSION = {
@@ -78,17 +76,12 @@ OBJECT_MEDIA_TYPES = ("application/json", "application/yaml", PROTOBUF_MEDIA_TYP
 PATCH_MEDIA_TYPES = ("application/json-patch+json", "application/merge-patch+json",
                      "application/strategic-merge-patch+json")
 
-
-def encode_continue(namespace: str, name: str) -> str:
-    return base64.urlsafe_b64encode(json.dumps([namespace, name]).encode()).decode()
-
-
-def decode_continue(token: str) -> tuple[str, str]:
-    try:
-        namespace, name = json.loads(base64.urlsafe_b64decode(token.encode()))
-        return str(namespace), str(name)
-    except (ValueError, TypeError) as exc:
-        raise ApiError(400, "continue key is not valid: " + str(exc), "BadRequest") from exc
+# Route templates (werkzeug syntax) of the resource paths, core (`/api/v1`) and named groups alike;
+# each handler carries its routes (web.route).
+API_ROOTS = ("/api/<version>", "/apis/<group>/<version>")
+COLLECTIONS = tuple(base + "/<plural>" for root in API_ROOTS for base in (root, root + "/namespaces/<namespace>"))
+OBJECTS = tuple(collection + "/<name>" for collection in COLLECTIONS)
+STATUSES = tuple(root + "/namespaces/<namespace>/<plural>/<name>/<any(status):subresource>" for root in API_ROOTS)
 
 
 def read_body(request: Request, media_types: tuple[str, ...]) -> Any:
@@ -128,7 +121,7 @@ def _dry_run(request: Request) -> bool:
 # --- the emulator --------------------------------------------------------------------------------------
 
 
-class KubeEmulator:
+class KubeEmulator(FaultyEmulator):
     """The cluster's API server. Objects live in dicts keyed by resource and (namespace, name)."""
 
     def __init__(self, world, crd_path: str):
@@ -151,9 +144,8 @@ class KubeEmulator:
         self.openapi = kube_openapi.OpenApi(list(self._kinds.values()))
         # Fault injection per API method `PLURAL.VERB` (e.g. `workloadentries.create`; VERB is one of
         # list, create, get, replace, patch, delete), discovery calls by their endpoint name.
-        self.faults = FaultInjector(world, self._method_names())
-        self.app = RoutedApp(self._url_map(), self._handlers(), render_error=render_status, before=self._authorize,
-                             faults=self.faults, method_name=self._method_name)
+        self.app = RoutedApp(self, render_error=render_status, before=self._authorize, strict_slashes=False)
+        self.faults = self.app.inject_faults(world, self._method_names(), method_name=self._method_name)
         world.emulators["kube"] = self
 
     # -- wiring
@@ -167,56 +159,6 @@ class KubeEmulator:
     @staticmethod
     def _method_name(endpoint: str, args: dict) -> str:
         return f"{args['plural']}.{endpoint}" if "plural" in args else endpoint
-
-    def clear_faults(self) -> None:
-        self.faults.clear()
-
-    @staticmethod
-    def _url_map() -> Map:
-        rules = [
-            Rule("/version", endpoint="version", methods=["GET"]),
-            Rule("/api", endpoint="core_versions", methods=["GET"]),
-            Rule("/apis", endpoint="groups", methods=["GET"]),
-            Rule("/apis/<group>", endpoint="group", methods=["GET"]),
-            Rule("/openapi/<path:rest>", endpoint="openapi", methods=["GET"]),
-            Rule(f"/apis/{kube_rbac.AUTHORIZATION_GROUP}/<version>/selfsubjectaccessreviews", endpoint="access_review",
-                 methods=["POST"]),
-        ]
-        for prefix in ("/api/<version>", "/apis/<group>/<version>"):
-            rules.append(Rule(prefix, endpoint="resources", methods=["GET"]))
-            for base in (prefix, prefix + "/namespaces/<namespace>"):
-                rules += [
-                    Rule(base + "/<plural>", endpoint="list", methods=["GET"]),
-                    Rule(base + "/<plural>", endpoint="create", methods=["POST"]),
-                    Rule(base + "/<plural>/<name>", endpoint="get", methods=["GET"]),
-                    Rule(base + "/<plural>/<name>", endpoint="replace", methods=["PUT"]),
-                    Rule(base + "/<plural>/<name>", endpoint="patch", methods=["PATCH"]),
-                    Rule(base + "/<plural>/<name>", endpoint="delete", methods=["DELETE"]),
-                ]
-            status = prefix + "/namespaces/<namespace>/<plural>/<name>/<any(status):subresource>"
-            rules += [
-                Rule(status, endpoint="get", methods=["GET"]),
-                Rule(status, endpoint="replace", methods=["PUT"]),
-                Rule(status, endpoint="patch", methods=["PATCH"]),
-            ]
-        return Map(rules, strict_slashes=False)
-
-    def _handlers(self) -> dict[str, Callable[..., Response]]:
-        return {
-            "version": lambda request: json_response(SERVER_VERSION),
-            "core_versions": self._core_versions,
-            "groups": self._groups,
-            "group": self._group,
-            "openapi": self._openapi,
-            "access_review": self._access_review,
-            "resources": self._resources,
-            "list": self._list,
-            "create": self._create,
-            "get": self._get,
-            "replace": self._replace,
-            "patch": self._patch,
-            "delete": self._delete,
-        }
 
     # -- authentication and authorization (kube_rbac.py)
 
@@ -236,8 +178,7 @@ class KubeEmulator:
         if wanted_user or wanted_groups:
             user, principal = self._impersonate(user, principal, wanted_user, wanted_groups)
         request.environ["sandbox.principal"], request.environ["sandbox.user"] = principal, user
-        _, args = self.app.url_map.bind_to_environ(request.environ).match()
-        attrs = self._attributes(request, endpoint, args, user)
+        attrs = self._attributes(request, endpoint, request.url_args, user)
         with self._lock:
             decision = self.authorizer.decide(attrs, principal)
         if not decision.allowed:
@@ -324,6 +265,7 @@ class KubeEmulator:
             self._objects[kind.resource].pop((namespace, name), None)
             self._bump()
 
+    @route("POST", f"/apis/{kube_rbac.AUTHORIZATION_GROUP}/<version>/selfsubjectaccessreviews", "access_review")
     def _access_review(self, request: Request, version: str) -> Response:
         """SelfSubjectAccessReview: would the caller be allowed this? (what `kubectl auth can-i` asks)."""
         kind = self._kind(kube_rbac.AUTHORIZATION_GROUP, version, "selfsubjectaccessreviews", None)
@@ -374,6 +316,11 @@ class KubeEmulator:
     def _kinds_in(self, group: str, version: str) -> list[Kind]:
         return [k for k in self._kinds.values() if k.group == group and version in k.versions]
 
+    @route("GET", "/version", "version")
+    def _version(self, request: Request) -> Response:
+        return json_response(SERVER_VERSION)
+
+    @route("GET", "/api", "core_versions")
     def _core_versions(self, request: Request) -> Response:
         return json_response({
             "kind": "APIVersions",
@@ -387,16 +334,19 @@ class KubeEmulator:
         entries = [{"groupVersion": f"{group}/{v}", "version": v} for v in versions]
         return {"name": group, "versions": entries, "preferredVersion": entries[0]}
 
+    @route("GET", "/apis", "groups")
     def _groups(self, request: Request) -> Response:
         groups = sorted({k.group for k in self._kinds.values() if k.group})
         return json_response({"kind": "APIGroupList", "apiVersion": "v1",
                               "groups": [self._group_info(g) for g in groups]})
 
+    @route("GET", "/apis/<group>", "group")
     def _group(self, request: Request, group: str) -> Response:
         if not any(k.group == group for k in self._kinds.values()):
             raise ApiError(404, NOT_FOUND_MESSAGE, "NotFound")
         return json_response({"kind": "APIGroup", "apiVersion": "v1", **self._group_info(group)})
 
+    @route("GET", API_ROOTS, "resources")
     def _resources(self, request: Request, version: str, group: str = "") -> Response:
         kinds = self._kinds_in(group, version)
         if not kinds:
@@ -416,6 +366,7 @@ class KubeEmulator:
         return json_response({"kind": "APIResourceList", "apiVersion": "v1",
                               "groupVersion": kind.api_version(version), "resources": resources})
 
+    @route("GET", "/openapi/<path:rest>", "openapi")
     def _openapi(self, request: Request, rest: str) -> Response:
         """OpenAPI v3 (what `kubectl explain` and kubectl's fieldValidation check read) and v2."""
         return self.openapi.serve(request, rest)
@@ -599,6 +550,7 @@ class KubeEmulator:
 
     # -- verbs
 
+    @route("GET", COLLECTIONS, "list")
     def _list(self, request: Request, version: str, plural: str, group: str = "",
               namespace: str | None = None) -> Response:
         kind = self._kind(group, version, plural, namespace)
@@ -611,40 +563,24 @@ class KubeEmulator:
         for _, key, _ in fields:
             if key not in FIELD_SELECTABLE:
                 raise ApiError(400, f'field label not supported: "{key}"', "BadRequest")
-        try:
-            limit = int(request.args.get("limit") or 0)
-        except ValueError as exc:
-            raise ApiError(400, "limit must be an integer", "BadRequest") from exc
-        token = request.args.get("continue")
-        after = decode_continue(token) if token else None
         with self._lock:
-            # A page starts right after the continue token's key (bisection of the kept listing order) and
-            # stops at the first match past the limit: a chunked listing of N objects reads each once.
             objects = self._objects[kind.resource]
-            order = self._listing_order(kind.resource)
-            start, stop = 0, len(order)
-            if namespace is not None:  # (ns,) sorts before every (ns, name); (ns + NUL,) after them
-                start, stop = bisect.bisect_left(order, (namespace,)), bisect.bisect_left(order, (namespace + "\0",))
-            if after is not None:
-                start = max(start, bisect.bisect_right(order, after))
-            page, more, end = [], False, stop
-            for index in range(start, stop):
-                key = order[index]
-                obj = objects[key]
-                if selector_matches(labels, obj["metadata"].get("labels") or {}) and \
-                        selector_matches(fields, {"metadata.name": key[1], "metadata.namespace": key[0]}):
-                    if 0 < limit == len(page):
-                        more, end = True, index
-                        break
-                    page.append(obj)
+
+            def selected(key: tuple[str, str]) -> bool:
+                return selector_matches(labels, objects[key]["metadata"].get("labels") or {}) and \
+                    selector_matches(fields, {"metadata.name": key[1], "metadata.namespace": key[0]})
+
+            # A page starts right after the continue token's key and stops at the first match past the
+            # limit: a chunked listing of N objects reads each once (paging.py).
+            keys, token, remaining = kube_page(request, self._listing_order(kind.resource), selected, scope=namespace)
+            page = [objects[key] for key in keys]
             list_meta: dict[str, Any] = {"resourceVersion": str(self._rv)}
-            if more:
-                last = page[-1]["metadata"]
-                list_meta["continue"] = encode_continue(last.get("namespace") or "", last["name"])
+            if token is not None:
+                list_meta["continue"] = token
                 # ListMeta: "If the list request contained label or field selectors, then the number of
                 # remaining items is unknown and the field will be left unset".
                 if not labels and not fields:
-                    list_meta["remainingItemCount"] = stop - end
+                    list_meta["remainingItemCount"] = remaining
             # Shallow views of the stored objects, serialized before the lock is released.
             return json_response({"kind": f"{kind.kind}List", "apiVersion": kind.api_version(version),
                                   "metadata": list_meta,
@@ -670,6 +606,7 @@ class KubeEmulator:
             out["apiVersion"] = kind.api_version(version)
         return out
 
+    @route("POST", COLLECTIONS, "create")
     def _create(self, request: Request, version: str, plural: str, group: str = "",
                 namespace: str | None = None) -> Response:
         kind = self._kind(group, version, plural, namespace)
@@ -696,12 +633,14 @@ class KubeEmulator:
                 self._insert(kind, obj)
             return json_response(self._render(kind, obj, version), 201, headers)
 
+    @route("GET", OBJECTS + STATUSES, "get")
     def _get(self, request: Request, version: str, plural: str, name: str, group: str = "",
              namespace: str | None = None, subresource: str | None = None) -> Response:
         kind = self._kind(group, version, plural, namespace, item=True, subresource=subresource)
         with self._lock:
             return json_response(self._render(kind, self._stored(kind, namespace, name), version))
 
+    @route("PUT", OBJECTS + STATUSES, "replace")
     def _replace(self, request: Request, version: str, plural: str, name: str, group: str = "",
                  namespace: str | None = None, subresource: str | None = None) -> Response:
         kind = self._kind(group, version, plural, namespace, item=True, subresource=subresource)
@@ -710,6 +649,7 @@ class KubeEmulator:
             old = self._stored(kind, namespace, name)
             return self._update(request, kind, version, old, body, name, subresource)
 
+    @route("PATCH", OBJECTS + STATUSES, "patch")
     def _patch(self, request: Request, version: str, plural: str, name: str, group: str = "",
                namespace: str | None = None, subresource: str | None = None) -> Response:
         kind = self._kind(group, version, plural, namespace, item=True, subresource=subresource)
@@ -772,6 +712,7 @@ class KubeEmulator:
             self._objects[kind.resource][(old_meta.get("namespace") or "", name)] = new
         return json_response(self._render(kind, new, version), 200, headers)
 
+    @route("DELETE", OBJECTS, "delete")
     def _delete(self, request: Request, version: str, plural: str, name: str, group: str = "",
                 namespace: str | None = None) -> Response:
         kind = self._kind(group, version, plural, namespace, item=True)

@@ -15,10 +15,9 @@ import re
 import secrets
 import time
 
-from werkzeug.routing import Map, Rule
 from werkzeug.wrappers import Response
 
-from .web import ApiError, RoutedApp
+from .web import ApiError, RoutedApp, route
 from .world import CLOUD_PLATFORM
 
 HEADERS = {"Metadata-Flavor": "Google", "Server": "Metadata Server for VM"}
@@ -78,13 +77,7 @@ class MetadataEmulator:
         # The Compute emulator of the bound VM's project (another sandbox project's VM sees its own
         # project); None: the host's, looked up when needed.
         self._compute = compute
-        url_map = Map([
-            Rule("/", endpoint="root"),
-            Rule("/computeMetadata/v1/", endpoint="get", defaults={"path": ""}),
-            Rule("/computeMetadata/v1/<path:path>", endpoint="get"),
-        ], strict_slashes=False)
-        self.app = RoutedApp(url_map, {"root": self._root, "get": self._get},
-                             render_error=_render_error, before=self._before)
+        self.app = RoutedApp(self, render_error=_render_error, before=self._before, strict_slashes=False)
 
     @property
     def compute(self):
@@ -95,6 +88,7 @@ class MetadataEmulator:
         if request.headers.get("Metadata-Flavor") != "Google" or "X-Forwarded-For" in request.headers:
             raise ApiError(403, "Missing required header: Metadata-Flavor: Google")
 
+    @route("*", "/", "root")
     def _root(self, request) -> Response:
         return Response("computeMetadata/\n", mimetype="application/text", headers=HEADERS)
 
@@ -154,6 +148,8 @@ class MetadataEmulator:
 
     # ---- answers -----------------------------------------------------------------------------------
 
+    @route("*", "/computeMetadata/v1/", "get", defaults={"path": ""})
+    @route("*", "/computeMetadata/v1/<path:path>", "get")
     def _get(self, request, path: str) -> Response:
         token_path = _TOKEN_PATH.fullmatch(path.rstrip("/"))
         if token_path:

@@ -19,12 +19,13 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from werkzeug.routing import BaseConverter, Map, Rule
+from werkzeug.routing import BaseConverter
 from werkzeug.wrappers import Request
 
 from .iam import check_scopes
 from .quota import limiter, secret_manager_quotas
-from .web import ApiError, FaultInjector, RoutedApp, json_response, read_json
+from .paging import google_offset_page, with_next_page_token
+from .web import ApiError, FaultyEmulator, RoutedApp, json_response, read_json, route
 
 SECRET_ID = re.compile(r"[a-zA-Z_0-9-]{1,255}")
 # Label rules of the real service, restricted to ASCII (it also allows non-Latin lowercase letters).
@@ -33,6 +34,10 @@ LABEL_VALUE = re.compile(r"[a-z0-9_-]{0,63}")
 MAX_LABELS = 64
 MAX_PAYLOAD = 64 * 1024
 MAX_PAGE = 25000
+# Route templates (werkzeug syntax, `seg`: a segment without its `:verb`); each handler carries its routes.
+SECRETS = "/v1/projects/<seg:project>/secrets"
+SECRET = SECRETS + "/<seg:secret>"
+VERSION = SECRET + "/versions/<seg:version>"
 STATES = {"ENABLED": 1, "DISABLED": 2, "DESTROYED": 3}
 # Secret fields a patch may touch (FieldMask paths, camelCase as the client sends them).
 PATCHABLE = {"labels", "annotations", "versionAliases", "topics", "rotation", "expireTime"}
@@ -211,21 +216,6 @@ class _Filter:
         }[op]
 
 
-def _page(items: list, request: Request) -> tuple[list, str]:
-    """pageSize/pageToken paging over an already filtered, ordered list; tokens are opaque offsets."""
-    try:
-        size = int(request.args.get("pageSize") or 0)
-        token = request.args.get("pageToken") or ""
-        start = int(base64.urlsafe_b64decode(token.encode()).decode().removeprefix("offset:")) if token else 0
-    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
-        raise ApiError(400, "Invalid page_size or page_token.", "INVALID_ARGUMENT") from exc
-    if size < 0 or start < 0:
-        raise ApiError(400, "page_size and page_token must not be negative.", "INVALID_ARGUMENT")
-    end = start + min(size or MAX_PAGE, MAX_PAGE)
-    next_token = base64.urlsafe_b64encode(f"offset:{end}".encode()).decode() if end < len(items) else ""
-    return items[start:end], next_token
-
-
 # --- state --------------------------------------------------------------------------------------
 
 
@@ -270,52 +260,15 @@ PERMISSIONS: dict[str, str] = {
 }
 
 
-class SecretManagerEmulator:
+class SecretManagerEmulator(FaultyEmulator):
     """Secret Manager v1 over REST, plus Python helpers (`put`, `access`, `fail_next`) for the sandbox."""
 
     def __init__(self, world):
         self.world = world
         self._secrets: dict[str, _Secret] = {}
         self._etag_clock = itertools.count(time.time_ns() // 1000)
-        secret = "/v1/projects/<seg:project>/secrets/<seg:secret>"
-        version = secret + "/versions/<seg:version>"
-        rules = [
-            Rule("/v1/projects/<seg:project>/secrets", endpoint="secrets.create", methods=["POST"]),
-            Rule("/v1/projects/<seg:project>/secrets", endpoint="secrets.list", methods=["GET"]),
-            Rule(secret, endpoint="secrets.get", methods=["GET"]),
-            Rule(secret, endpoint="secrets.patch", methods=["PATCH"]),
-            Rule(secret, endpoint="secrets.delete", methods=["DELETE"]),
-            Rule(secret + ":getIamPolicy", endpoint="secrets.getIamPolicy", methods=["GET", "POST"]),
-            Rule(secret + ":setIamPolicy", endpoint="secrets.setIamPolicy", methods=["POST"]),
-            Rule(secret + ":testIamPermissions", endpoint="secrets.testIamPermissions", methods=["POST"]),
-            Rule(secret + ":addVersion", endpoint="secrets.versions.add", methods=["POST"]),
-            Rule(secret + "/versions", endpoint="secrets.versions.list", methods=["GET"]),
-            Rule(version, endpoint="secrets.versions.get", methods=["GET"]),
-            Rule(version + ":access", endpoint="secrets.versions.access", methods=["GET"]),
-            Rule(version + ":enable", endpoint="secrets.versions.enable", methods=["POST"]),
-            Rule(version + ":disable", endpoint="secrets.versions.disable", methods=["POST"]),
-            Rule(version + ":destroy", endpoint="secrets.versions.destroy", methods=["POST"]),
-        ]
-        handlers = {
-            "secrets.create": self._create,
-            "secrets.list": self._list,
-            "secrets.get": self._get,
-            "secrets.patch": self._patch,
-            "secrets.delete": self._delete,
-            "secrets.getIamPolicy": self._get_iam_policy,
-            "secrets.setIamPolicy": self._set_iam_policy,
-            "secrets.testIamPermissions": self._test_iam_permissions,
-            "secrets.versions.add": self._add_version,
-            "secrets.versions.list": self._list_versions,
-            "secrets.versions.get": self._get_version,
-            "secrets.versions.access": self._access,
-            "secrets.versions.enable": lambda request, **kw: self._set_state(request, "ENABLED", **kw),
-            "secrets.versions.disable": lambda request, **kw: self._set_state(request, "DISABLED", **kw),
-            "secrets.versions.destroy": lambda request, **kw: self._set_state(request, "DESTROYED", **kw),
-        }
-        url_map = Map(rules, converters={"seg": _Segment}, strict_slashes=False)
-        self.faults = FaultInjector(world, list(handlers))
-        self.app = RoutedApp(url_map, handlers, before=self._before, faults=self.faults)
+        self.app = RoutedApp(self, before=self._before, converters={"seg": _Segment}, strict_slashes=False)
+        self.faults = self.app.inject_faults(world)
         world.emulators["secretmanager"] = self
         # Google's default per-project quotas (quota.py): over them, 429 RESOURCE_EXHAUSTED.
         self.quotas = secret_manager_quotas(world.timing.time_factor)
@@ -343,15 +296,6 @@ class SecretManagerEmulator:
         with self.world.lock:
             found = self._secrets.get(secret_id)
             return copy.deepcopy(found.policy) if found is not None else None
-
-    def clear_faults(self) -> None:
-        self.faults.clear()
-
-    def fail_next(self, method: str, status: int, count: int = 1) -> None:
-        """Make the next `count` calls of `method` (e.g. "secrets.versions.access") answer `status`."""
-        if method not in self.app.handlers:
-            raise ApiError(400, f"unknown Secret Manager method {method!r}; known: {', '.join(self.app.handlers)}")
-        self.faults.add({"method": method, "status": status, "count": count})
 
     # --- plumbing -------------------------------------------------------------------------------
 
@@ -481,6 +425,7 @@ class SecretManagerEmulator:
 
     # --- secrets --------------------------------------------------------------------------------
 
+    @route("POST", SECRETS, "secrets.create")
     def _create(self, request: Request, project: str):
         self._check_project(project)
         secret_id = request.args.get("secretId", "")
@@ -497,6 +442,7 @@ class SecretManagerEmulator:
                 raise ApiError(409, f"Secret [{self._secret_name(secret_id)}] already exists.", "ALREADY_EXISTS")
             return json_response(self._secret_json(self._new_secret(secret_id, fields)))
 
+    @route("GET", SECRETS, "secrets.list")
     def _list(self, request: Request, project: str):
         self._check_project(project)
         keep = _Filter(request.args.get("filter", ""), {"name", "create_time", "labels"})
@@ -506,16 +452,15 @@ class SecretManagerEmulator:
                 if keep({"name": self._secret_name(s.secret_id), "create_time": s.create_time,
                          "labels": s.fields.get("labels", {})})
             ]
-        chunk, token = _page(matching, request)
-        body = {"secrets": chunk, "totalSize": len(matching)}
-        if token:
-            body["nextPageToken"] = token
-        return json_response(body)
+        chunk, token = google_offset_page(matching, request, max_page=MAX_PAGE)
+        return json_response(with_next_page_token({"secrets": chunk, "totalSize": len(matching)}, token))
 
+    @route("GET", SECRET, "secrets.get")
     def _get(self, request: Request, project: str, secret: str):
         with self.world.lock:
             return json_response(self._secret_json(self._find(project, secret)))
 
+    @route("PATCH", SECRET, "secrets.patch")
     def _patch(self, request: Request, project: str, secret: str):
         body = read_json(request)
         paths = [_camel(p.strip()) for p in request.args.get("updateMask", "").split(",") if p.strip()]
@@ -538,6 +483,7 @@ class SecretManagerEmulator:
             found.etag = self._next_etag()
             return json_response(self._secret_json(found))
 
+    @route("DELETE", SECRET, "secrets.delete")
     def _delete(self, request: Request, project: str, secret: str):
         with self.world.lock:
             found = self._find(project, secret)
@@ -547,10 +493,12 @@ class SecretManagerEmulator:
 
     # --- IAM ------------------------------------------------------------------------------------
 
+    @route(("GET", "POST"), SECRET + ":getIamPolicy", "secrets.getIamPolicy")
     def _get_iam_policy(self, request: Request, project: str, secret: str):
         with self.world.lock:
             return json_response(copy.deepcopy(self._find(project, secret).policy))
 
+    @route("POST", SECRET + ":setIamPolicy", "secrets.setIamPolicy")
     def _set_iam_policy(self, request: Request, project: str, secret: str):
         policy = read_json(request).get("policy") or {}
         version = int(policy.get("version") or 0)
@@ -577,6 +525,7 @@ class SecretManagerEmulator:
             found.policy = stored
             return json_response(copy.deepcopy(stored))
 
+    @route("POST", SECRET + ":testIamPermissions", "secrets.testIamPermissions")
     def _test_iam_permissions(self, request: Request, project: str, secret: str):
         asked = read_json(request).get("permissions", [])
         principal = self.world.authenticate(request)
@@ -589,6 +538,7 @@ class SecretManagerEmulator:
 
     # --- versions -------------------------------------------------------------------------------
 
+    @route("POST", SECRET + ":addVersion", "secrets.versions.add")
     def _add_version(self, request: Request, project: str, secret: str):
         payload = read_json(request).get("payload") or {}
         data = _b64decode(payload.get("data", ""), "payload.data")
@@ -604,6 +554,7 @@ class SecretManagerEmulator:
             created = self._new_version(secret, data, client_checksum=checksum is not None)
             return json_response(self._version_json(found, created, request))
 
+    @route("GET", SECRET + "/versions", "secrets.versions.list")
     def _list_versions(self, request: Request, project: str, secret: str):
         keep = _Filter(request.args.get("filter", ""), {"name", "create_time", "state"})
         with self.world.lock:
@@ -614,17 +565,16 @@ class SecretManagerEmulator:
                 if keep({"name": f"{self._secret_name(secret)}/versions/{v.number}",
                          "create_time": v.create_time, "state": v.state})
             ]
-        chunk, token = _page(matching, request)
-        body = {"versions": chunk, "totalSize": len(matching)}
-        if token:
-            body["nextPageToken"] = token
-        return json_response(body)
+        chunk, token = google_offset_page(matching, request, max_page=MAX_PAGE)
+        return json_response(with_next_page_token({"versions": chunk, "totalSize": len(matching)}, token))
 
+    @route("GET", VERSION, "secrets.versions.get")
     def _get_version(self, request: Request, project: str, secret: str, version: str):
         with self.world.lock:
             found = self._find(project, secret, versions=True)
             return json_response(self._version_json(found, self._resolve(found, version), request))
 
+    @route("GET", VERSION + ":access", "secrets.versions.access")
     def _access(self, request: Request, project: str, secret: str, version: str):
         with self.world.lock:
             found = self._usable(project, secret, version)
@@ -632,6 +582,18 @@ class SecretManagerEmulator:
             "name": f"{self._secret_name(secret)}/versions/{found.number}",
             "payload": {"data": base64.b64encode(found.data).decode(), "dataCrc32c": str(crc32c(found.data))},
         })
+
+    @route("POST", VERSION + ":enable", "secrets.versions.enable")
+    def _enable(self, request: Request, project: str, secret: str, version: str):
+        return self._set_state(request, "ENABLED", project, secret, version)
+
+    @route("POST", VERSION + ":disable", "secrets.versions.disable")
+    def _disable(self, request: Request, project: str, secret: str, version: str):
+        return self._set_state(request, "DISABLED", project, secret, version)
+
+    @route("POST", VERSION + ":destroy", "secrets.versions.destroy")
+    def _destroy(self, request: Request, project: str, secret: str, version: str):
+        return self._set_state(request, "DESTROYED", project, secret, version)
 
     def _set_state(self, request: Request, state: str, project: str, secret: str, version: str):
         """enable / disable / destroy: a DESTROYED version never changes again."""

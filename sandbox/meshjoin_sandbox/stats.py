@@ -2,7 +2,8 @@
 
 `counted(name, app)` wraps an emulator's WSGI app (a `RoutedApp`): each request whose path matches a
 route counts once under its endpoint ("instances.get", "secrets.versions.add"); on the Kubernetes API,
-whose endpoints are verbs, the resource plural is added ("create workloadentries").
+whose endpoints are verbs, the resource plural is added ("create workloadentries"). The route is the one
+the app itself matched (`web.matched_route`): the path is parsed once.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections import Counter
 
-from werkzeug.exceptions import HTTPException
+from .web import matched_route
 
 
 class CountingApp:
@@ -21,14 +22,14 @@ class CountingApp:
 
     def __call__(self, environ, start_response):
         try:
-            endpoint, args = self.app.url_map.bind_to_environ(environ).match()
-        except HTTPException:
-            endpoint = None
-        if endpoint is not None:
-            label = f"{endpoint} {args['plural']}" if "plural" in args else endpoint
-            with self.lock:
-                self.calls[label] += 1
-        return self.app(environ, start_response)
+            return self.app(environ, start_response)
+        finally:  # also when a fault drops the connection
+            matched = matched_route(environ)
+            if matched is not None:
+                endpoint, args = matched
+                label = f"{endpoint} {args['plural']}" if "plural" in args else endpoint
+                with self.lock:
+                    self.calls[label] += 1
 
     def counts(self, reset: bool = False) -> dict[str, int]:
         with self.lock:

@@ -1,8 +1,10 @@
-"""Small HTTP toolkit shared by the sandbox emulators (werkzeug routing + threaded server).
+"""Small HTTP toolkit shared by the sandbox emulators: routing, fault injection, threaded server.
 
-Every emulator is a WSGI app built from a `werkzeug.routing.Map`; handlers take
-`(request, **url_args)` and return a `Response` or raise `ApiError`, which each emulator
-renders in its own API's error format (Google JSON error or Kubernetes Status).
+Every emulator declares its routes on its handlers (`@route("GET", "/v1/.../<name>", "things.get")`)
+and serves them through one `RoutedApp` (werkzeug routing underneath); handlers take
+`(request, **path_vars)` and return a `Response` or raise `ApiError`, which each emulator renders in
+its own API's error format (Google JSON error or Kubernetes Status). Every emulator that suffers
+faults consults one `FaultInjector` the same way, in `RoutedApp`; paging is in paging.py.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
-from werkzeug.routing import Map
+from werkzeug.routing import Map, Rule
 from werkzeug.serving import BaseWSGIServer, make_server
 from werkzeug.wrappers import Request, Response
 
@@ -79,31 +81,98 @@ def read_json(request: Request) -> Any:
         raise ApiError(400, f"request body is not JSON: {exc}") from exc
 
 
-class RoutedApp:
-    """A WSGI app: a werkzeug Map whose endpoints are bound methods, plus an error renderer.
+# --- routing -------------------------------------------------------------------------------------
 
-    With a `FaultInjector` in `faults`, every authenticated call first draws a fault for its API
-    method name (`method_name(endpoint, url_args)`, the endpoint by default) and suffers it.
-    A `limiter` (set as an attribute, see quota.py) is charged after `before` and may refuse the call.
+ROUTES_ATTR = "_sandbox_routes"
+ROUTE_KEY = "sandbox.route"  # environ: (endpoint, path variables) of the matched route, set once per call
+FAULT_KEY = "sandbox.fault"  # environ: the FaultRule drawn for the call, or None
+
+
+def route(methods: str | tuple[str, ...], templates: str | tuple[str, ...], endpoint: str, **options):
+    """Declare, on the handler itself, that it answers API method `endpoint` for HTTP `methods` ("*": any) on each
+    path template (werkzeug rule syntax: `<zone>`, `<path:rest>`; `options` go to its `Rule`, e.g.
+    `defaults`). Stack several on one handler. The handler is called as `handler(request, **path_vars)`."""
+    methods = () if methods == "*" else (methods,) if isinstance(methods, str) else tuple(methods)
+    templates = (templates,) if isinstance(templates, str) else tuple(templates)
+
+    def mark(handler):
+        # Decorators apply bottom-up: prepend, so the routes keep the order they are written in.
+        declared = [(methods, template, endpoint, options) for template in templates]
+        setattr(handler, ROUTES_ATTR, declared + list(getattr(handler, ROUTES_ATTR, [])))
+        return handler
+
+    return mark
+
+
+def declared_routes(owner) -> list[tuple[tuple[str, ...], str, str, dict, Callable[..., Response]]]:
+    """Every `@route` of `owner`'s class (and its bases), in the order written, with the bound handler."""
+    found, seen = [], set()
+    for cls in reversed(type(owner).__mro__):
+        for name, attr in vars(cls).items():
+            if name in seen or not hasattr(attr, ROUTES_ATTR):
+                continue
+            seen.add(name)
+            handler = getattr(owner, name)
+            found += [(methods, template, endpoint, options, handler)
+                      for methods, template, endpoint, options in getattr(attr, ROUTES_ATTR)]
+    return found
+
+
+def matched_route(environ: dict) -> tuple[str, dict] | None:
+    """The (endpoint, path variables) a RoutedApp matched for this call; None if no route matched."""
+    return environ.get(ROUTE_KEY)
+
+
+def injected_fault(request: Request) -> "FaultRule | None":
+    """The fault drawn for this call (a handler acts on `partial` ones itself, e.g. hiding a zone)."""
+    return request.environ.get(FAULT_KEY)
+
+
+class RoutedApp:
+    """A WSGI app built from the `@route`-decorated handlers of one emulator, plus its error renderer.
+
+    The path is matched once per call (werkzeug `Map`): the handler gets the path variables as keyword
+    arguments, `before` and `limiter` find them in `request.url_args`, stats.py in `matched_route`.
+    With a `FaultInjector` (`inject_faults`), every call that passed `before` and `limiter` first draws
+    a fault for its API method name (`method_name(endpoint, path_vars)`, the endpoint by default) and
+    suffers it. A `limiter` (set as an attribute, see quota.py) is charged after `before` and may refuse.
     """
 
     limiter: Callable[[Request, str], None] | None = None
+    faults: "FaultInjector | None" = None
 
     def __init__(
         self,
-        url_map: Map,
-        handlers: dict[str, Callable[..., Response]],
+        owner,
         render_error: Callable[[ApiError], Response] = google_error,
         before: Callable[[Request, str], None] | None = None,
-        faults: "FaultInjector | None" = None,
-        method_name: Callable[[str, dict], str] | None = None,
+        converters: dict | None = None,
+        strict_slashes: bool = True,
     ):
-        self.url_map = url_map
-        self.handlers = handlers
+        rules, self.handlers = [], {}
+        for methods, template, endpoint, options, handler in declared_routes(owner):
+            rules.append(Rule(template, endpoint=endpoint, methods=list(methods) or None, **options))
+            if self.handlers.setdefault(endpoint, handler) is not handler:
+                raise ValueError(f"endpoint {endpoint!r} is routed to two handlers")
+        self.url_map = Map(rules, converters=converters, strict_slashes=strict_slashes)
         self.render_error = render_error
         self.before = before
-        self.faults = faults
-        self.method_name = method_name or (lambda endpoint, args: endpoint)
+        self.method_name: Callable[[str, dict], str] = lambda endpoint, args: endpoint
+
+    @property
+    def endpoints(self) -> list[str]:
+        """The API methods this app answers, in the order they are declared."""
+        return list(self.handlers)
+
+    def inject_faults(self, world, methods: list[str] | None = None,
+                      method_name: Callable[[str, dict], str] | None = None) -> "FaultInjector":
+        """Give this app a fault injector over `methods` (default: its endpoints) and return it;
+        `method_name(endpoint, path_vars)` names a call's API method when endpoints are not names
+        of their own (the Kubernetes API's `PLURAL.VERB`)."""
+        self.faults = FaultInjector(world, methods if methods is not None else self.endpoints)
+        if method_name is not None:
+            self.method_name = method_name
+        return self.faults
 
     def __call__(self, environ, start_response):
         request = Request(environ)
@@ -115,6 +184,7 @@ class RoutedApp:
                 raise ApiError(404, f"no such path: {request.path}") from exc
             except MethodNotAllowed as exc:
                 raise ApiError(405, f"method {request.method} not allowed on {request.path}") from exc
+            environ[ROUTE_KEY] = (endpoint, args)
             request.url_args = args  # the `before` hook authorizes per resource
             if self.before is not None:
                 self.before(request, endpoint)
@@ -123,7 +193,7 @@ class RoutedApp:
             fault = None
             if self.faults is not None:
                 fault = self.faults.draw(self.method_name(endpoint, args), request)
-                environ["sandbox.fault"] = fault  # handlers may act on it (e.g. a partial listing)
+                environ[FAULT_KEY] = fault  # handlers may act on it (e.g. a partial listing)
             if fault is not None:
                 self.faults.before_call(fault)
             response = self.handlers[endpoint](request, **args)
@@ -134,6 +204,19 @@ class RoutedApp:
         except HTTPException as exc:  # e.g. werkzeug's own RequestRedirect
             response = exc.get_response(environ)
         return response(environ, start_response)
+
+
+class FaultyEmulator:
+    """What every emulator with a `faults` injector offers the rest of the sandbox and its tests."""
+
+    faults: "FaultInjector"
+
+    def clear_faults(self) -> None:
+        self.faults.clear()
+
+    def fail_next(self, method: str, status: int, count: int = 1) -> None:
+        """Make the next `count` calls of API method `method` (e.g. "instances.aggregatedList") answer `status`."""
+        self.faults.add({"method": method, "status": status, "count": count})
 
 
 # --- fault injection ------------------------------------------------------------------------------
