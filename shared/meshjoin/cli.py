@@ -189,7 +189,7 @@ def explain(vm: str, zone: str | None, project: str | None, as_json: bool):
     report = rt.compute.guest_attributes(key) if observed is not None and observed.wants_mesh else {}
     result = explain_vm(key, observed, rt.settings, entry_exists=bool(entries), now=_now(), agent_report=report)
     if as_json:
-        click.echo(json.dumps(result.__dict__, indent=2, default=str))
+        click.echo(json.dumps({**result.__dict__, "status": result.status.wire()}, indent=2, default=str))
         return
     console = _console()
     console.print(f"[bold]{result.vm}[/]")
@@ -197,8 +197,8 @@ def explain(vm: str, zone: str | None, project: str | None, as_json: bool):
         console.print(f"  {fact}: {value}")
     console.print(f"[bold]decision:[/] {result.decision}")
     if result.status:
-        console.print(f"[bold]last status:[/] {result.status.get('state')} — {result.status.get('reason', '')} "
-                      f"(updated {result.status.get('updated', '?')})")
+        console.print(f"[bold]last status:[/] {result.status.state} — {result.status.reason or ''} "
+                      f"(updated {result.status.updated or '?'})")
     for advice in result.advice:
         console.print(f"[bold]→[/] {advice}")
 

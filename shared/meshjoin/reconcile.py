@@ -43,6 +43,7 @@ from .logs import log
 from .model import Denial, Identity, Vm, VmKey
 from .policy import decide_identity, is_default_compute_account
 from .settings import Settings
+from .status import Delivered, State, Status, normalize_serial, rfc3339, time_or_none, wire_fields, written
 
 MAX_METADATA_RACES = 5
 SIDECAR_STATES = frozenset({"running", "stopped", "failed"})
@@ -54,7 +55,6 @@ STOPPED_STATES = frozenset({"STOPPING", "TERMINATED", "SUSPENDING", "SUSPENDED"}
 MAX_BACKDATE = timedelta(minutes=5)  # tolerate VM clock skew without eating short test TTLs
 # `meshjoin-rekey` tokens: opaque to the agent, which only compares them with the last one it acted on.
 REKEY_TOKEN = re.compile(r"[A-Za-z0-9._-]{1,64}")
-KEY_ID = re.compile(r"[0-9a-f]{16}")
 
 # Why a VM needs a certificate (needs_new_cert).
 NO_CERT = "no certificate delivered yet"
@@ -83,58 +83,8 @@ class Outcome:
     details: dict = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class Delivered:
-    """The certificate the VM was last given, as recorded in its `meshjoin-status`."""
-
-    spiffe: str
-    instance_id: str
-    ca_fingerprint: str
-    key_id: str  # pki.key_id of the certified public key
-    not_before: datetime
-    not_after: datetime
-    serial: str = ""  # hex, lowercase, no leading zeros (what the agent reports as cert-serial)
-    key_certs: int = 1  # certificates issued for this key so far
-
-    @classmethod
-    def from_status(cls, status: dict) -> "Delivered | None":
-        """None unless every piece is there and well-formed: the VM owner can write this item too."""
-        try:
-            fields = [status[k] for k in ("identity", "instanceId", "caFingerprint", "keyId")]
-            if not all(isinstance(value, str) for value in fields) or not KEY_ID.fullmatch(fields[3]):
-                return None
-            serial = normalize_serial(str(status.get("certSerial", ""))) or ""
-            certs = str(status.get("keyCerts", "1"))
-            key_certs = int(certs) if certs.isdigit() and 0 < len(certs) <= 6 else 1
-            return cls(*fields, not_before=_parse_time(status["certNotBefore"]),
-                       not_after=_parse_time(status["certNotAfter"]), serial=serial, key_certs=max(1, key_certs))
-        except (KeyError, TypeError, ValueError, AttributeError):
-            return None
-
-
-def _parse_time(value: str) -> datetime:
-    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    if parsed.tzinfo is None or parsed.utcoffset() is None:
-        raise ValueError(f"{value[:40]!r} has no time zone")
-    return parsed
-
-
-def _rfc3339(value: datetime) -> str:
-    return value.isoformat().replace("+00:00", "Z")
-
-
 def serial_hex(serial: int) -> str:
     return format(serial, "x")
-
-
-def normalize_serial(value: str) -> str | None:
-    """A reported serial as `serial_hex` writes it (openssl prints upper case, maybe with colons)."""
-    text = value.strip().lower().replace(":", "")
-    if text.startswith("serial="):
-        text = text[len("serial="):]
-    if not text or len(text) > 64 or any(c not in "0123456789abcdef" for c in text):
-        return None
-    return text.lstrip("0") or "0"
 
 
 @dataclass(frozen=True)
@@ -197,7 +147,7 @@ def waiting_reason(spiffe: str, serial: str, report: AgentReport | None) -> str:
 
 def serving_lag_warning(serving: str, delivered: Delivered) -> str:
     return (f"the VM serves certificate {serving}, not {delivered.serial} that meshjoin delivered (valid until "
-            f"{_rfc3339(delivered.not_after)}): its watcher did not install it, so the VM loses its identity when the "
+            f"{rfc3339(delivered.not_after)}): its watcher did not install it, so the VM loses its identity when the "
             f"certificate it serves expires; on the VM: `sudo systemctl restart meshjoin-watch.service` "
             f"(`journalctl -t meshjoin` says why it stopped)")
 
@@ -296,8 +246,7 @@ def has_traces(vm: Vm) -> bool:
     """Whether meshjoin left anything on this VM that a leave must clean up."""
     if any(k in vm.metadata for k in names.MESHJOIN_KEYS if k != names.STATUS_KEY):
         return True
-    state = bootstrap.parse_status(vm.metadata.get(names.STATUS_KEY)).get("state")
-    return state in ("joined", "waiting", "error")
+    return Status.decode(vm.metadata.get(names.STATUS_KEY)).state in (State.JOINED, State.WAITING, State.ERROR)
 
 
 def is_legacy(vm: Vm) -> bool:
@@ -355,7 +304,7 @@ class Reconciler:
                 if vm is None:
                     break
                 try:
-                    self._write_status(vm, "left", "removed by an operator", remove_bootstrap=True)
+                    self._write_status(vm, State.LEFT, "removed by an operator", remove_bootstrap=True)
                     break
                 except StaleFingerprint:
                     vm = self.compute.get_vm(key)
@@ -380,7 +329,7 @@ class Reconciler:
                     return Outcome("left", "the VM is not labelled mesh=join")
                 return Outcome("ignored", "the VM is not labelled mesh=join")
             self._remove_registration(key, legacy_secret=legacy_secret)
-            self._write_status(vm, "left", "the label mesh=join was removed", remove_bootstrap=True)
+            self._write_status(vm, State.LEFT, "the label mesh=join was removed", remove_bootstrap=True)
             return Outcome("left", "the label mesh=join was removed", state="left")
         decision = decide_identity(vm, self.settings)
         if isinstance(decision, Denial):
@@ -395,17 +344,17 @@ class Reconciler:
         now = self.clock()
         ca = self.secrets.plugin_ca()
         spiffe = identity.spiffe(self.settings.trust_domain)
-        status = bootstrap.parse_status(vm.metadata.get(names.STATUS_KEY))
+        status = Status.decode(vm.metadata.get(names.STATUS_KEY))
         # A legacy item on a copy of a VM (its status names another instance) names another VM's secret:
         # it goes at once. Only the VM it was written for keeps it until agent 3 has taken over.
-        legacy = is_legacy(vm) and status.get("instanceId") == vm.instance_id
+        legacy = is_legacy(vm) and status.instance_id == vm.instance_id
         # What the status records; a status copied from another VM (a clone, a machine image) is not this
         # VM's: it starts as a first delivery.
         recorded = Delivered.from_status(status)
         delivered = recorded if recorded is not None and recorded.instance_id == vm.instance_id else None
-        token = status.get("rekey") if REKEY_TOKEN.fullmatch(str(status.get("rekey", ""))) else None
-        same_vm = status.get("instanceId") == vm.instance_id and status.get("identity") == spiffe
-        was_confirmed = status.get("state") == "joined" and bool(status.get("confirmedSerial")) and same_vm
+        token = status.rekey if REKEY_TOKEN.fullmatch(status.rekey or "") else None
+        same_vm = status.names_vm(vm.instance_id, spiffe)
+        was_confirmed = status.state == State.JOINED and bool(status.confirmed_serial) and same_vm
 
         # The VM's own words, read only when they can change something (the sweep's pass over a
         # confirmed VM with nothing due reads none).
@@ -433,7 +382,7 @@ class Reconciler:
         # meshjoin's (below): a first delivery after it does not repeat the GET. A status forged `waiting` skips
         # only this courtesy check for its own VM: the registration itself never replaces an entry meshjoin did
         # not make (KubeAdapter.apply_owned), whatever the status says.
-        entry_checked = status.get("state") == "waiting" and same_vm
+        entry_checked = status.state == State.WAITING and same_vm
 
         issued: pki.IssuedCert | None = None
         problem = None
@@ -461,7 +410,7 @@ class Reconciler:
             delivered = None  # never recorded under the new identity: certified once the VM's CSR is valid
 
         # The VM's own truth: until its agent confirms, meshjoin has done its part but the VM serves nothing.
-        confirmed_serial = status.get("confirmedSerial") if was_confirmed else None
+        confirmed_serial = status.confirmed_serial if was_confirmed else None
         migrated = False
         if issued is None and delivered is not None and confirmed(report, delivered.serial):
             migrated = legacy  # agent 3 serves the certificate meshjoin signed for its own key
@@ -499,18 +448,18 @@ class Reconciler:
         applied = False
         if is_joined:
             not_after = delivered.not_after if delivered else _legacy_not_after(status, now)
-            entry, applied = self._register(vm, identity, not_after, previous=status.get("workloadEntry"))
-            state = "joined"
+            entry, applied = self._register(vm, identity, not_after, previous=status.workload_entry)
+            state = State.JOINED
         else:
-            self._withdraw_entry(vm.key, status.get("workloadEntry"))
+            self._withdraw_entry(vm.key, status.workload_entry)
             entry = None
-            state = "waiting"
+            state = State.WAITING
         reason = self._reason(state, spiffe, why, issued, delivered, problem, report, was_confirmed, legacy,
                               migrated)
         if delivered is not None and rekey_pending(token, delivered.key_id):
             # Joined, the current key serves until the new one is certified: short, since the status is listed
             # with every VM (4 kB each); `meshjoin explain` gives the remedy. A waiting VM's reason keeps it.
-            reason += f"; meshjoin asked the VM for a new key ({names.REKEY_KEY})" if state == "joined" else \
+            reason += f"; meshjoin asked the VM for a new key ({names.REKEY_KEY})" if state == State.JOINED else \
                 (f"; meshjoin asked the VM for a new key ({names.REKEY_KEY}={token}): its agent makes it and "
                  f"hands in its CSR, the current key serves until then; if nothing comes: {RUN_AGENT_REMEDY}")
         if problem and why and delivered is not None:
@@ -521,20 +470,20 @@ class Reconciler:
             # Nothing was due, but the key the agent hands in (a rotation) cannot be certified: say why.
             warnings.append(f"the VM's new CSR ({CSR_WHERE}) was refused: {csr}")
         waiting_since = None
-        if state == "waiting":
-            waiting_since = status.get("waitingSince") if status.get("state") == "waiting" and same_vm \
-                and issued is None else _rfc3339(now)
+        if state == State.WAITING:
+            waiting_since = status.waiting_since if status.state == State.WAITING and same_vm \
+                and issued is None else rfc3339(now)
         cert = delivered is not None
         status_fields = dict(
-            identity=spiffe, workloadEntry=entry, instanceId=vm.instance_id, address=vm.network_ip,
-            caFingerprint=delivered.ca_fingerprint if cert else None,
-            certNotBefore=_rfc3339(delivered.not_before) if cert else None,
-            certNotAfter=_rfc3339(delivered.not_after) if cert else
-            (status.get("certNotAfter") if legacy else None),  # agent 2's, for the entry it keeps
-            certSerial=(delivered.serial or None) if cert else None,
-            keyId=delivered.key_id if cert else None, keyCerts=str(delivered.key_certs) if cert else None,
-            rekey=token, confirmedSerial=confirmed_serial, waitingSince=waiting_since,
-            agent=agent_field(report, confirmed_serial, read, status.get("agent")),
+            identity=spiffe, workload_entry=entry, instance_id=vm.instance_id, address=vm.network_ip,
+            ca_fingerprint=delivered.ca_fingerprint if cert else None,
+            cert_not_before=rfc3339(delivered.not_before) if cert else None,
+            cert_not_after=rfc3339(delivered.not_after) if cert else
+            (status.cert_not_after if legacy else None),  # agent 2's, for the entry it keeps
+            cert_serial=(delivered.serial or None) if cert else None,
+            key_id=delivered.key_id if cert else None, key_certs=str(delivered.key_certs) if cert else None,
+            rekey=token, confirmed_serial=confirmed_serial, waiting_since=waiting_since,
+            agent=agent_field(report, confirmed_serial, read, status.agent),
             warnings=warnings or None)
         try:
             # An entry this pass applied is fenced by the fingerprint read at its start: the metadata write is
@@ -560,7 +509,7 @@ class Reconciler:
             verb = "bootstrapped" if changed and delivered is None else "rechecked"
         else:
             verb = "refreshed" if changed else "unchanged"
-        return Outcome(verb, reason, state=state, details=status_fields)
+        return Outcome(verb, reason, state=state, details=wire_fields(status_fields))
 
     def _reason(self, state: str, spiffe: str, why: str | None, issued, delivered: Delivered | None,
                 problem: str | None, report: AgentReport | None, was_confirmed: bool, legacy: bool,
@@ -571,7 +520,7 @@ class Reconciler:
             return (f"migrating: agent 3 takes over at the VM's next boot (it makes its key on the VM; the per-VM "
                     f"secret is deleted once it confirmed); until then agent 2 keeps serving {spiffe}. "
                     f"{RUN_AGENT_REMEDY} to switch now" + (f"; {problem}" if problem and report else ""))
-        if state == "waiting":
+        if state == State.WAITING:
             if delivered is None:
                 return no_key_reason(spiffe, problem or csr_problem(None), report)
             text = waiting_reason(spiffe, delivered.serial, report)
@@ -581,7 +530,7 @@ class Reconciler:
             ("; the VM confirmed it" if not was_confirmed else "")
         if problem and delivered is not None:
             text += (f"; {why} but nothing was certified: {problem}; the certificate expires at "
-                     f"{_rfc3339(delivered.not_after)}")
+                     f"{rfc3339(delivered.not_after)}")
         return text
 
     def _bootstrap(self, vm: Vm, identity: Identity, root_pem: str, warnings: list[str]) -> tuple[dict, set]:
@@ -677,7 +626,7 @@ class Reconciler:
             # line and in `meshjoin explain`.
             log("WARNING", f"denied, nothing written to the VM: {denial.reason}", key=vm.key, outcome="denied")
             return Outcome("denied", denial.reason, state="denied")
-        self._write_status(vm, "denied", denial.reason, remove_bootstrap=True)
+        self._write_status(vm, State.DENIED, denial.reason, remove_bootstrap=True)
         return Outcome("denied", denial.reason, state="denied")
 
     def _stopped(self, vm: Vm) -> Outcome:
@@ -686,7 +635,7 @@ class Reconciler:
         sweep)."""
         self._remove_entries(vm.key)
         reason = f"the VM is {vm.status}: not routed and not renewed until it runs again"
-        self._write_status(vm, "stopped", reason)
+        self._write_status(vm, State.STOPPED, reason)
         return Outcome("stopped", reason, state="stopped")
 
     def _remove_registration(self, key: VmKey, legacy_secret: bool = False) -> None:
@@ -755,21 +704,19 @@ class Reconciler:
 
     # --- metadata -------------------------------------------------------------------------------
 
-    def _write_metadata(self, vm: Vm, items: dict[str, str], state: str, reason: str, fields: dict,
+    def _write_metadata(self, vm: Vm, items: dict[str, str], state: State, reason: str, fields: dict,
                         remove: frozenset[str] = frozenset(), always: bool = False) -> bool:
         """Write bootstrap items + status unless nothing but the timestamp would change (`always`: write
         anyway, for the fingerprint check)."""
-        old_status = bootstrap.parse_status(vm.metadata.get(names.STATUS_KEY))
-        new_status = bootstrap.status_value(state, reason, self.clock(), **fields)
-        same_status = {k: v for k, v in old_status.items() if k not in ("updated", "reason")} == \
-            {k: v for k, v in bootstrap.parse_status(new_status).items() if k not in ("updated", "reason")}
+        new_status = written(state, reason, self.clock(), **fields)
+        same_status = Status.decode(vm.metadata.get(names.STATUS_KEY)).facts == new_status.facts
         present = [k for k in remove if k in vm.metadata]
         if not always and same_status and not present and all(vm.metadata.get(k) == v for k, v in items.items()):
             return False
-        self.compute.set_metadata(vm, {**items, names.STATUS_KEY: new_status}, remove=remove)
+        self.compute.set_metadata(vm, {**items, names.STATUS_KEY: new_status.encode()}, remove=remove)
         return True
 
-    def _write_status(self, vm: Vm, state: str, reason: str, remove_bootstrap: bool = False, **fields) -> None:
+    def _write_status(self, vm: Vm, state: State, reason: str, remove_bootstrap: bool = False, **fields) -> None:
         remove = set(names.MESHJOIN_KEYS) - {names.STATUS_KEY} if remove_bootstrap else set()
         script = vm.metadata.get(names.STARTUP_SCRIPT_KEY, "")
         if remove_bootstrap and names.STARTUP_SCRIPT_MARKER in script:
@@ -784,7 +731,7 @@ class Reconciler:
         try:
             vm = self.compute.get_vm(key)
             if vm is not None and vm.wants_mesh:
-                self._write_status(vm, "error", reason)
+                self._write_status(vm, State.ERROR, reason)
         except (TransientError, PermanentError, StaleFingerprint) as status_exc:
             log("WARNING", f"could not record the error in meshjoin-status: {status_exc}", key=key)
         log("ERROR", f"reconcile failed: {reason}", key=key, outcome="failed", error_kind=type(exc).__name__)
@@ -810,9 +757,6 @@ def _entry_vm(entry: dict) -> VmKey | None:
     return VmKey(*parts) if all(isinstance(p, str) and p for p in parts) else None
 
 
-def _legacy_not_after(status: dict, now: datetime) -> datetime:
+def _legacy_not_after(status: Status, now: datetime) -> datetime:
     """The legacy certificate's end, for the entry's annotation while agent 2 still serves (now if unknown)."""
-    try:
-        return _parse_time(status["certNotAfter"])
-    except (KeyError, TypeError, ValueError, AttributeError):
-        return now
+    return time_or_none(status.cert_not_after) or now

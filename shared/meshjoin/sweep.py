@@ -31,14 +31,15 @@ from datetime import datetime
 from secrets import token_hex
 from typing import Callable, Collection, Protocol, Sequence
 
-from . import bootstrap, capacity, names, pki
+from . import capacity, names, pki
 from .errors import BadMessage, MeshjoinError
 from .events import validated_key
 from .logs import log
 from .model import JOIN_LABEL, JOIN_VALUE, Denial, Vm, VmKey
 from .policy import decide_identity
-from .reconcile import STOPPED_STATES, Delivered, Reconciler, is_legacy, needs_new_cert, rekey_pending
+from .reconcile import STOPPED_STATES, Reconciler, is_legacy, needs_new_cert, rekey_pending
 from .settings import Settings
+from .status import Delivered, State, Status, time_or_none
 
 LABEL_FILTER = f"labels.{JOIN_LABEL}={JOIN_VALUE}"
 # Compute pages at most 500 VMs; the cluster's small objects come in larger pages (fewer list calls).
@@ -226,14 +227,6 @@ def plan_sweep(inventory: Inventory, settings: Settings, ca_fingerprint: str, no
     return SweepPlan(actions + prunes[:settings.prune_cap], denied, healthy, len(prunes), notes)
 
 
-def _time_or_none(value: str | None) -> datetime | None:
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00")) if isinstance(value, str) else None
-    except ValueError:
-        return None
-    return parsed if parsed is not None and parsed.tzinfo is not None else None
-
-
 def soonest_cert_expiry(inventory: Inventory, now: datetime) -> int | None:
     """Seconds left on the delivered certificate closest to expiry among joined VMs, as listed at the
     start of the sweep (negative if expired; None without any). An alert watches it (deploy/terraform/
@@ -241,8 +234,8 @@ def soonest_cert_expiry(inventory: Inventory, now: datetime) -> int | None:
     renewals have been failing for hours. Pure."""
     left = []
     for vm in inventory.vms.values():
-        status = bootstrap.parse_status(vm.metadata.get(names.STATUS_KEY))
-        delivered = Delivered.from_status(status) if status.get("state") == "joined" else None
+        status = Status.decode(vm.metadata.get(names.STATUS_KEY))
+        delivered = Delivered.from_status(status) if status.state == State.JOINED else None
         if delivered is not None:
             left.append(int((delivered.not_after - now).total_seconds()))
     return min(left) if left else None
@@ -252,26 +245,26 @@ def _plan_vm(key: VmKey, vm: Vm, settings: Settings, ca_fingerprint: str, now: d
              entries_by_ref: dict[str, dict], has_entry: bool, has_secret: bool, complete: bool,
              notes: list[str]) -> Action | str | None:
     """One VM's action; "denied" (already recorded) or None (healthy) when there is nothing to do."""
-    status = bootstrap.parse_status(vm.metadata.get(names.STATUS_KEY))
+    status = Status.decode(vm.metadata.get(names.STATUS_KEY))
     decision = decide_identity(vm, settings)
     if isinstance(decision, Denial):
         # An unbound account's VM gets no status (meshjoin may not write it): act only to remove traces,
         # as meshjoin's own listings show them (a VM still waiting for its agent has a key but no entry yet;
         # a status the owner forged to read "denied" must not keep them alive).
-        recorded = decision.account_bound and status.get("state") == "denied" and \
-            status.get("reason") == decision.reason
+        recorded = decision.account_bound and status.state == State.DENIED and \
+            status.reason == decision.reason
         if not has_entry and not has_secret and (recorded or not decision.account_bound):
             return "denied"
         return Action(JOIN, key, f"{TO_BE_DENIED}: {decision.reason}")
     if vm.status in STOPPED_STATES:
-        if status.get("state") == "stopped" and not has_entry:
+        if status.state == State.STOPPED and not has_entry:
             return None
         return Action(JOIN, key, f"the VM is {vm.status}: to be taken out of routing")
     delivered = Delivered.from_status(status)
-    if status.get("state") == "waiting":
+    if status.state == State.WAITING:
         # meshjoin did its part; re-check whether the VM's agent has handed in its key or confirmed since.
         awaited = "confirm" if delivered is not None else "hand in its key (CSR)"
-        since = _time_or_none(status.get("waitingSince"))
+        since = time_or_none(status.waiting_since)
         if since is not None and now - since > settings.confirm_timeout:
             notes.append(f"{key} has waited {str(now - since).split('.')[0]} for its agent to {awaited} "
                          "(MESHJOIN_CONFIRM_TIMEOUT): reboot it, or run "
@@ -279,11 +272,11 @@ def _plan_vm(key: VmKey, vm: Vm, settings: Settings, ca_fingerprint: str, now: d
         return Action(JOIN, key, f"waiting for the VM to {awaited}")
     if is_legacy(vm):
         return Action(JOIN, key, "migrating from its per-VM secret: checking for agent 3's key")
-    if status.get("state") != "joined" or delivered is None:
-        return Action(JOIN, key, f"labelled but {str(status.get('state') or 'never handled')[:40]}")
-    entry = entries_by_ref.get(status.get("workloadEntry")) if isinstance(status.get("workloadEntry"), str) else None
+    if status.state != State.JOINED or delivered is None:
+        return Action(JOIN, key, f"labelled but {str(status.state or 'never handled')[:40]}")
+    entry = entries_by_ref.get(status.workload_entry) if status.workload_entry is not None else None
     if entry is None and complete:
-        return Action(JOIN, key, f"its WorkloadEntry {str(status.get('workloadEntry'))[:120]} is missing")
+        return Action(JOIN, key, f"its WorkloadEntry {str(status.workload_entry)[:120]} is missing")
     if entry is not None:
         spec = entry.get("spec") or {}
         if spec.get("address") != vm.network_ip or (spec.get("ports") or {}) != dict(decision.ports):
@@ -291,7 +284,7 @@ def _plan_vm(key: VmKey, vm: Vm, settings: Settings, ca_fingerprint: str, now: d
     why = needs_new_cert(delivered, vm=vm, spiffe=decision.spiffe(settings.trust_domain),
                          ca_fingerprint=ca_fingerprint, now=now, settings=settings)
     if why is None:
-        if rekey_pending(status.get("rekey") if isinstance(status.get("rekey"), str) else None, delivered.key_id):
+        if rekey_pending(status.rekey, delivered.key_id):
             return Action(JOIN, key, "a key rotation was requested: checking for the VM's new key")
         return None
     kind = REISSUE if delivered.ca_fingerprint != ca_fingerprint else RENEW if "renewal" in why else JOIN
@@ -300,7 +293,7 @@ def _plan_vm(key: VmKey, vm: Vm, settings: Settings, ca_fingerprint: str, now: d
 
 def _renewal_order(inventory: Inventory, action: Action, settings: Settings) -> float:
     vm = inventory.vms.get(action.key) if action.key else None
-    delivered = Delivered.from_status(bootstrap.parse_status(vm.metadata.get(names.STATUS_KEY))) if vm else None
+    delivered = Delivered.from_status(Status.decode(vm.metadata.get(names.STATUS_KEY))) if vm else None
     if delivered is None:
         return 0.0
     return pki.renewal_time(delivered.not_before, delivered.not_after, renew_fraction=settings.renew_fraction,

@@ -15,6 +15,7 @@ from meshjoin.reconcile import (CA_CHANGED, FORCED, IDENTITY_CHANGED, NEW_KEY, N
                                 REKEY_TOKEN, Delivered, has_traces, key_to_certify, needs_new_cert, read_csr,
                                 rekey_pending, rekey_token)
 from meshjoin.settings import Settings
+from meshjoin.status import Status
 
 SETTINGS = Settings(project="my-project", cluster="projects/my-project/locations/r/clusters/c",
                     renew_fraction=0.5, renew_jitter_fraction=0.1)
@@ -107,15 +108,15 @@ def test_rekey_token(why, key_certs, current, settings, asks):
 def test_delivered_from_status_round_trip_and_garbage():
     status = {"identity": SPIFFE, "instanceId": "42", "caFingerprint": "ca1", "keyId": KEY_A, "keyCerts": "3",
               "certSerial": "1F", "certNotBefore": "2026-11-01T00:00:00Z", "certNotAfter": "2026-11-02T00:00:00Z"}
-    delivered = Delivered.from_status(status)
+    delivered = Delivered.from_status(Status.from_mapping(status))
     assert (delivered.not_after, delivered.key_id, delivered.key_certs, delivered.serial) == \
         (T0 + timedelta(hours=24), KEY_A, 3, "1f")
-    assert Delivered.from_status({**status, "certNotAfter": "tomorrow"}) is None
-    assert Delivered.from_status({**status, "keyId": "not hex"}) is None
+    assert Delivered.from_status(Status.from_mapping({**status, "certNotAfter": "tomorrow"})) is None
+    assert Delivered.from_status(Status.from_mapping({**status, "keyId": "not hex"})) is None
     legacy = {k: v for k, v in status.items() if k not in ("keyId", "keyCerts")} | {"secret": "projects/1/x"}
-    assert Delivered.from_status(legacy) is None  # meshjoin 2's statuses certify no VM-made key
-    assert Delivered.from_status({**status, "keyCerts": "many"}).key_certs == 1
-    assert Delivered.from_status({}) is None
+    assert Delivered.from_status(Status.from_mapping(legacy)) is None  # meshjoin 2's statuses certify no VM-made key
+    assert Delivered.from_status(Status.from_mapping({**status, "keyCerts": "many"})).key_certs == 1
+    assert Delivered.from_status(Status()) is None
 
 
 def test_read_csr_from_guest_attributes():

@@ -33,6 +33,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshjoin import bootstrap, entrypoints, names, pki, registration
+from meshjoin.status import State, Status
 from meshjoin.adapters.compute import StaleFingerprint
 from meshjoin.adapters.secrets import PluginCa
 from meshjoin.errors import BadMessage, ConflictError
@@ -281,8 +282,8 @@ def test_cluster_objects_stay_valid_kubernetes_objects(labels, ports):
 @hostile
 @given(st.dictionaries(TEXT, TEXT, max_size=3))
 def test_status_values_round_trip_whatever_the_reason(fields):
-    raw = bootstrap.status_value("error", "".join(fields.values()), NOW, **{"x" + k: v for k, v in fields.items()})
-    assert bootstrap.parse_status(raw)["reason"] == "".join(fields.values())
+    raw = Status(State.ERROR, "".join(fields.values()), extra=tuple(sorted(("x" + k, v) for k, v in fields.items()))).encode()
+    assert Status.decode(raw).reason == "".join(fields.values())
 
 
 @hostile
@@ -521,7 +522,7 @@ def test_reconcile_of_a_hostile_vm_ends_in_an_outcome_and_harms_nobody_else(plug
     if outcome.state == "joined":
         assert isinstance(decision, Identity)
         assert [e["metadata"]["namespace"] for e in entries] == [decision.namespace]
-        assert bootstrap.parse_status(after[names.STATUS_KEY])["state"] == "joined"
+        assert Status.decode(after[names.STATUS_KEY]).state == "joined"
     else:
         assert entries == []
         if isinstance(decision, Denial):
@@ -609,7 +610,7 @@ def test_a_foreign_object_in_the_way_leaves_nothing_certified(plugin_ca):
     for _ in range(3):  # every pass: the entry name is taken, so nothing is certified at all
         outcome = reconciler.reconcile(KEY)
         assert outcome.verb == "failed" and "not managed by meshjoin" in outcome.reason
-    assert bootstrap.parse_status(compute.vms[KEY].metadata[names.STATUS_KEY])["state"] == "error"
+    assert Status.decode(compute.vms[KEY].metadata[names.STATUS_KEY]).state == "error"
     assert names.CERT_CHAIN_KEY not in compute.vms[KEY].metadata
     assert kube.objects[("WorkloadEntry", "default", "vm-1-us-central1-a-my-project")]["spec"] == squatter["spec"]
 
@@ -679,7 +680,7 @@ def test_a_leave_racing_a_pass_that_registers_leaves_no_entry(plugin_ca, applied
     assert entry_key not in kube.objects
     # The VM still carries mesh=join: the pass's retry starts it afresh, unconfirmed, so it is not routed.
     assert outcome.state == "waiting"
-    assert bootstrap.parse_status(compute.vms[KEY].metadata[names.STATUS_KEY])["state"] == "waiting"
+    assert Status.decode(compute.vms[KEY].metadata[names.STATUS_KEY]).state == "waiting"
 
 
 def test_a_pass_that_reapplies_an_entry_writes_metadata_to_learn_of_a_race(plugin_ca):

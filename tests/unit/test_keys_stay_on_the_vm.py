@@ -18,6 +18,7 @@ import pytest
 from cryptography import x509
 
 from meshjoin import bootstrap, names, pki
+from meshjoin.status import Status
 from meshjoin.adapters.compute import StaleFingerprint, guest_items
 from meshjoin.adapters.secrets import PluginCa
 from meshjoin.fleet import explain
@@ -67,7 +68,7 @@ class World:
         return outcome
 
     def status(self, key=KEY) -> dict:
-        return bootstrap.parse_status(self.compute.vms[key].metadata.get(names.STATUS_KEY))
+        return Status.decode(self.compute.vms[key].metadata.get(names.STATUS_KEY)).wire()
 
     def metadata(self, key=KEY) -> dict:
         return dict(self.compute.vms[key].metadata)

@@ -12,6 +12,7 @@ import pytest
 from google.api_core import exceptions as gexc
 
 from meshjoin import bootstrap, names
+from meshjoin.status import Status
 from meshjoin.adapters import ratelimit, retry
 from meshjoin.adapters.compute import guest_items, unreachable_zones
 from meshjoin.errors import ApiPermissionError, TransientError
@@ -27,7 +28,7 @@ PROJECT_SCRIPT = "#!/bin/bash\necho the project's own boot work\n"
 
 
 def status_of(compute: FakeCompute, key=KEY) -> dict:
-    return bootstrap.parse_status(compute.vms[key].metadata[names.STATUS_KEY])
+    return Status.decode(compute.vms[key].metadata[names.STATUS_KEY]).wire()
 
 
 def entries(kube: FakeKube) -> list[str]:
