@@ -41,6 +41,7 @@ from .adapters.secrets import SecretsAdapter
 from .errors import ConflictError, PermanentError, StaleFingerprint, TransientError
 from .logs import log
 from .model import Denial, Identity, Vm, VmKey
+from .plan import Cause, Verb
 from .policy import decide_identity, is_default_compute_account
 from .settings import Settings
 from .status import Delivered, State, Status, normalize_serial, rfc3339, time_or_none, wire_fields, written
@@ -56,30 +57,13 @@ MAX_BACKDATE = timedelta(minutes=5)  # tolerate VM clock skew without eating sho
 # `meshjoin-rekey` tokens: opaque to the agent, which only compares them with the last one it acted on.
 REKEY_TOKEN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
-# Why a VM needs a certificate (needs_new_cert).
-NO_CERT = "no certificate delivered yet"
-RECREATED = "the VM was recreated or cloned (its instance id changed)"
-IDENTITY_CHANGED = "the identity changed"
-NEW_KEY = "the VM presents a new key"
-FORCED = "an operator forced a new certificate"
-CA_CHANGED = "the CA changed"
-RENEWAL_DUE = "the certificate reached its renewal point"
-# Causes that start a VM's confirmation anew (a new VM, a copy of one, or a new identity).
-FIRST_DELIVERY = frozenset({NO_CERT, RECREATED, IDENTITY_CHANGED})
-# Causes that re-certify the key already certified (the VM need not act).
-SAME_KEY = frozenset({IDENTITY_CHANGED, FORCED, CA_CHANGED, RENEWAL_DUE})
-VERB_BY_CAUSE = {RENEWAL_DUE: "renewed", FORCED: "renewed", CA_CHANGED: "reissued", NEW_KEY: "rotated"}
-
-
 @dataclass
 class Outcome:
     """What one reconcile did: a past-tense verb plus facts for the log line and the CLI."""
 
-    # registered | bootstrapped | delivered | rechecked | renewed | reissued | rotated | migrated | refreshed |
-    # unchanged | stopped | left | denied | ignored | failed
-    verb: str
+    verb: Verb  # a str: `outcome.verb == "delivered"` holds
     reason: str = ""
-    state: str | None = None
+    state: State | None = None
     details: dict = field(default_factory=dict)
 
 
@@ -179,7 +163,7 @@ def csr_problem(csr: pki.VerifiedCsr | pki.CsrError | None) -> str:
 
 
 def needs_new_cert(delivered: Delivered | None, *, vm: Vm, spiffe: str, ca_fingerprint: str, now: datetime,
-                   settings: Settings, csr_key_id: str | None = None, force: bool = False) -> str | None:
+                   settings: Settings, csr_key_id: str | None = None, force: bool = False) -> Cause | None:
     """Why the VM needs a certificate now, or None. Pure.
 
     `csr_key_id`: the key of the VM's valid CSR, when its guest attributes were read (None: not read,
@@ -187,25 +171,25 @@ def needs_new_cert(delivered: Delivered | None, *, vm: Vm, spiffe: str, ca_finge
     (asked to, or on its own).
     """
     if delivered is None:
-        return NO_CERT
+        return Cause.NO_CERT
     if delivered.instance_id != vm.instance_id:
-        return RECREATED
+        return Cause.RECREATED
     if csr_key_id is not None and csr_key_id != delivered.key_id:
-        return NEW_KEY
+        return Cause.NEW_KEY
     if delivered.spiffe != spiffe:
-        return IDENTITY_CHANGED
+        return Cause.IDENTITY_CHANGED
     if force:
-        return FORCED
+        return Cause.FORCED
     if delivered.ca_fingerprint != ca_fingerprint:
-        return CA_CHANGED
+        return Cause.CA_CHANGED
     if pki.needs_renewal(delivered.not_before, delivered.not_after, now,
                          renew_fraction=settings.renew_fraction,
                          jitter_fraction=settings.renew_jitter_fraction, jitter_key=str(vm.key)):
-        return RENEWAL_DUE
+        return Cause.RENEWAL_DUE
     return None
 
 
-def key_to_certify(why: str, recorded: Delivered | None,
+def key_to_certify(why: Cause, recorded: Delivered | None,
                    csr: pki.VerifiedCsr | pki.CsrError | None) -> pki.VerifiedCsr | str:
     """The CSR whose key meshjoin signs for `why`, or the problem that stops it. Pure.
 
@@ -215,7 +199,7 @@ def key_to_certify(why: str, recorded: Delivered | None,
     """
     if not isinstance(csr, pki.VerifiedCsr):
         return csr_problem(csr)
-    if why == RECREATED and recorded is not None and csr.key_id == recorded.key_id:
+    if why == Cause.RECREATED and recorded is not None and csr.key_id == recorded.key_id:
         return (f"its CSR is for key {csr.key_id}, certified for the VM this one was copied from (instance "
                 f"{recorded.instance_id[:24]}); agent 3 makes a fresh key when the instance id changes")
     return csr
@@ -226,7 +210,7 @@ def rekey_pending(token: str | None, key_id: str) -> bool:
     return bool(token) and token.startswith(key_id + ".")
 
 
-def rekey_token(why: str, key_certs: int, key_id: str, current: str | None, settings: Settings,
+def rekey_token(why: Cause, key_certs: int, key_id: str, current: str | None, settings: Settings,
                 now: datetime) -> str | None:
     """The `meshjoin-rekey` token after re-certifying key `key_id` for `why` (its `key_certs`-th certificate). Pure.
 
@@ -235,9 +219,9 @@ def rekey_token(why: str, key_certs: int, key_id: str, current: str | None, sett
     One request at a time: a pending one is kept. 0 disables requests.
     """
     limit = settings.key_rotation_renewals
-    if limit <= 0 or why not in SAME_KEY or rekey_pending(current, key_id):
+    if limit <= 0 or not why.same_key or rekey_pending(current, key_id):
         return current
-    if why == IDENTITY_CHANGED or key_certs > limit:
+    if why == Cause.IDENTITY_CHANGED or key_certs > limit:
         return f"{key_id}.{now.strftime('%Y%m%dT%H%M%SZ')}"
     return current
 
@@ -276,7 +260,7 @@ class Reconciler:
         """
         if key.project not in self.settings.vm_projects:
             # Never act for another project's VM, whatever named it (a forged entry, a message).
-            return Outcome("ignored", f"project {key.project[:80]!r} is not among MESHJOIN_VM_PROJECTS")
+            return Outcome(Verb.IGNORED, f"project {key.project[:80]!r} is not among MESHJOIN_VM_PROJECTS")
         try:
             for _ in range(MAX_METADATA_RACES):
                 # A listing's slim view (metadata_complete False) is read whole before any decision.
@@ -311,7 +295,7 @@ class Reconciler:
             else:
                 raise TransientError(f"{key}: metadata kept changing during leave")
             self._remove_registration(key, legacy_secret=legacy_secret)
-            return Outcome("left", "removed by an operator", state="left")
+            return Outcome(Verb.LEFT, "removed by an operator", state=State.LEFT)
         except PermanentError as exc:
             return self._fail(key, exc)
 
@@ -320,17 +304,17 @@ class Reconciler:
         if vm is None:
             # A secret is deleted only when one is known to exist (the sweep listed it): a delete is a write.
             self._remove_registration(key, legacy_secret=legacy_secret)
-            return Outcome("left", "the VM no longer exists")
+            return Outcome(Verb.LEFT, "the VM no longer exists")
         legacy_secret = legacy_secret or is_legacy(vm)
         if not vm.wants_mesh:
             if not has_traces(vm):
                 if cleanup or legacy_secret:
                     self._remove_registration(key, legacy_secret=legacy_secret)
-                    return Outcome("left", "the VM is not labelled mesh=join")
-                return Outcome("ignored", "the VM is not labelled mesh=join")
+                    return Outcome(Verb.LEFT, "the VM is not labelled mesh=join")
+                return Outcome(Verb.IGNORED, "the VM is not labelled mesh=join")
             self._remove_registration(key, legacy_secret=legacy_secret)
             self._write_status(vm, State.LEFT, "the label mesh=join was removed", remove_bootstrap=True)
-            return Outcome("left", "the label mesh=join was removed", state="left")
+            return Outcome(Verb.LEFT, "the label mesh=join was removed", state=State.LEFT)
         decision = decide_identity(vm, self.settings)
         if isinstance(decision, Denial):
             return self._deny(vm, decision, cleanup, legacy_secret)
@@ -375,7 +359,7 @@ class Reconciler:
         why = needs_new_cert(recorded, vm=vm, spiffe=spiffe, ca_fingerprint=ca.fingerprint, now=now,
                              settings=self.settings, force=force,
                              csr_key_id=csr.key_id if isinstance(csr, pki.VerifiedCsr) else None)
-        if why in FIRST_DELIVERY and not (legacy and why == NO_CERT):
+        if why is not None and why.first_delivery and not (legacy and why == Cause.NO_CERT):
             was_confirmed = False  # a new VM, a copy of one, or a new identity confirms afresh
 
         # The pass that wrote a `waiting` status for this VM and identity checked that the entry name is free or
@@ -391,7 +375,7 @@ class Reconciler:
             if isinstance(choice, str):
                 problem = choice
             else:
-                if why in FIRST_DELIVERY and not entry_checked:
+                if why is not None and why.first_delivery and not entry_checked:
                     self._refuse_a_foreign_entry(vm, identity)
                 issued = pki.certify(ca.bundle, choice.public_key, spiffe, now=now, ttl=self.settings.cert_ttl,
                                      backdate=min(MAX_BACKDATE, self.settings.cert_ttl / 10))
@@ -406,7 +390,7 @@ class Reconciler:
             # Before a first bootstrap: the entry name the VM will register under must be free or meshjoin's,
             # or its owner would wait for a join that can never complete.
             self._refuse_a_foreign_entry(vm, identity)
-        if why == IDENTITY_CHANGED and issued is None:
+        if why == Cause.IDENTITY_CHANGED and issued is None:
             delivered = None  # never recorded under the new identity: certified once the VM's CSR is valid
 
         # The VM's own truth: until its agent confirms, meshjoin has done its part but the VM serves nothing.
@@ -430,7 +414,7 @@ class Reconciler:
         items, remove = self._bootstrap(vm, identity, ca.bundle.root_certs_pem, warnings)
         if issued is not None:
             items[names.CERT_CHAIN_KEY] = issued.chain_pem
-        if why == RECREATED and issued is None:
+        if why == Cause.RECREATED and issued is None:
             remove |= {names.CERT_CHAIN_KEY, names.REKEY_KEY}  # the VM's it was copied from: not this one's
         if delivered is None:
             token = None
@@ -498,20 +482,20 @@ class Reconciler:
         if migrated:
             if self.secrets.delete_vm_secret(vm.key):
                 log("INFO", "migrated to agent 3: the legacy per-VM secret was deleted", key=vm.key, outcome="pruned")
-            verb = "migrated"
+            verb = Verb.MIGRATED
         elif issued is not None:
-            verb = VERB_BY_CAUSE.get(why, "delivered") if is_joined else "delivered"
+            verb = why.verb if is_joined else Verb.DELIVERED
         elif is_joined and not was_confirmed:
-            verb = "registered"
+            verb = Verb.REGISTERED
         elif legacy and changed:
-            verb = "migrating"
+            verb = Verb.MIGRATING
         elif not is_joined:
-            verb = "bootstrapped" if changed and delivered is None else "rechecked"
+            verb = Verb.BOOTSTRAPPED if changed and delivered is None else Verb.RECHECKED
         else:
-            verb = "refreshed" if changed else "unchanged"
+            verb = Verb.REFRESHED if changed else Verb.UNCHANGED
         return Outcome(verb, reason, state=state, details=wire_fields(status_fields))
 
-    def _reason(self, state: str, spiffe: str, why: str | None, issued, delivered: Delivered | None,
+    def _reason(self, state: State, spiffe: str, why: Cause | None, issued, delivered: Delivered | None,
                 problem: str | None, report: AgentReport | None, was_confirmed: bool, legacy: bool,
                 migrated: bool) -> str:
         if migrated:
@@ -625,9 +609,9 @@ class Reconciler:
             # change its metadata: nothing is written to the VM. Operators see the reason in this log
             # line and in `meshjoin explain`.
             log("WARNING", f"denied, nothing written to the VM: {denial.reason}", key=vm.key, outcome="denied")
-            return Outcome("denied", denial.reason, state="denied")
+            return Outcome(Verb.DENIED, denial.reason, state=State.DENIED)
         self._write_status(vm, State.DENIED, denial.reason, remove_bootstrap=True)
-        return Outcome("denied", denial.reason, state="denied")
+        return Outcome(Verb.DENIED, denial.reason, state=State.DENIED)
 
     def _stopped(self, vm: Vm) -> Outcome:
         """A stopped VM is taken out of routing (its entry goes); its bootstrap and key stay, so it
@@ -636,7 +620,7 @@ class Reconciler:
         self._remove_entries(vm.key)
         reason = f"the VM is {vm.status}: not routed and not renewed until it runs again"
         self._write_status(vm, State.STOPPED, reason)
-        return Outcome("stopped", reason, state="stopped")
+        return Outcome(Verb.STOPPED, reason, state=State.STOPPED)
 
     def _remove_registration(self, key: VmKey, legacy_secret: bool = False) -> None:
         """Delete the VM's entries (any namespace), orphaned Services meshjoin made, and with
@@ -735,7 +719,7 @@ class Reconciler:
         except (TransientError, PermanentError, StaleFingerprint) as status_exc:
             log("WARNING", f"could not record the error in meshjoin-status: {status_exc}", key=key)
         log("ERROR", f"reconcile failed: {reason}", key=key, outcome="failed", error_kind=type(exc).__name__)
-        return Outcome("failed", reason, state="error")
+        return Outcome(Verb.FAILED, reason, state=State.ERROR)
 
 
 AGENT_PATH = "/usr/local/sbin/meshjoin-agent"
