@@ -151,7 +151,8 @@ def test_defect3_sweep_rechecks_waiting_vms_and_reports_those_waiting_too_long(w
     assert [(a.kind, a.reason) for a in plan.actions] == [(JOIN, "waiting for the VM to confirm")]
     assert plan.notes == []
     late = plan_sweep(inventory, SETTINGS, "ca-fingerprint", NOW + SETTINGS.confirm_timeout + timedelta(minutes=1))
-    assert [(note.severity, note.outcome) for note in late.notes if "to confirm" in note and "google_metadata_script_runner" in note] == [("WARNING", "overdue")]
+    assert [(note.severity, note.outcome) for note in late.notes
+            if "to confirm" in note and "google_metadata_script_runner" in note] == [("WARNING", "overdue")]
 
 
 def test_defect3_status_and_explain_show_waiting_and_the_agents_report(world):
