@@ -9,7 +9,7 @@ from . import names
 from .model import Denial, Vm, VmKey
 from .policy import decide_identity
 from . import pki
-from .reconcile import CSR_WHERE, RUN_AGENT_REMEDY, AgentReport, is_legacy, read_csr, rekey_pending
+from .plan import CSR_WHERE, RUN_AGENT_REMEDY, AgentReport, is_legacy, read_csr, rekey_pending
 from .settings import Settings
 from .status import Delivered, State, Status
 from .sweep import Inventory, entry_key

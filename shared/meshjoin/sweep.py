@@ -37,9 +37,9 @@ from .errors import BadMessage, MeshjoinError
 from .events import validated_key
 from .logs import log
 from .model import JOIN_LABEL, JOIN_VALUE, Denial, Vm, VmKey
-from .plan import Cause, Verb
+from .plan import STOPPED_STATES, Cause, Verb, is_legacy, needs_new_cert, rekey_pending
 from .policy import decide_identity
-from .reconcile import STOPPED_STATES, Reconciler, is_legacy, needs_new_cert, rekey_pending
+from .reconcile import Reconciler
 from .settings import Settings
 from .status import Delivered, State, Status, time_or_none
 

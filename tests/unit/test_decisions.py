@@ -11,11 +11,10 @@ import pytest
 
 from meshjoin import names, pki
 from meshjoin.model import Vm, VmKey
-from meshjoin.plan import Cause
-from meshjoin.reconcile import (REKEY_TOKEN, Delivered, has_traces, key_to_certify, needs_new_cert, read_csr,
-                                rekey_pending, rekey_token)
+from meshjoin.plan import REKEY_TOKEN, Cause, has_traces, key_to_certify, needs_new_cert, read_csr, rekey_pending, \
+    rekey_token
 from meshjoin.settings import Settings
-from meshjoin.status import Status
+from meshjoin.status import Delivered, Status
 
 SETTINGS = Settings(project="my-project", cluster="projects/my-project/locations/r/clusters/c",
                     renew_fraction=0.5, renew_jitter_fraction=0.1)

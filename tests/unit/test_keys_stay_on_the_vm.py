@@ -23,7 +23,8 @@ from meshjoin.adapters.compute import StaleFingerprint, guest_items
 from meshjoin.adapters.secrets import PluginCa
 from meshjoin.fleet import explain
 from meshjoin.model import Vm
-from meshjoin.reconcile import RUN_AGENT_REMEDY, Reconciler
+from meshjoin.plan import RUN_AGENT_REMEDY
+from meshjoin.reconcile import Reconciler
 from meshjoin.sweep import JOIN, RENEW, Inventory, Sweeper, plan_sweep
 
 from .test_hostile_input import (KEY, NOW, SETTINGS, FakeCompute, FakeKube, FakeSecrets, LogCapture,  # noqa: F401

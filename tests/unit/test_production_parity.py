@@ -17,7 +17,9 @@ from meshjoin.adapters import ratelimit, retry
 from meshjoin.adapters.compute import guest_items, unreachable_zones
 from meshjoin.errors import ApiPermissionError, TransientError
 from meshjoin.fleet import explain, fleet_rows
-from meshjoin.reconcile import AgentReport, Reconciler, confirmed, normalize_serial
+from meshjoin.plan import AgentReport, confirmed
+from meshjoin.reconcile import Reconciler
+from meshjoin.status import normalize_serial
 from meshjoin.settings import Settings
 from meshjoin.sweep import JOIN, PRUNE, Inventory, Sweeper, plan_sweep
 
