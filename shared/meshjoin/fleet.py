@@ -7,9 +7,9 @@ from datetime import datetime
 
 from . import names
 from .model import Denial, Vm, VmKey
-from .policy import decide_identity
 from . import pki
-from .plan import CSR_WHERE, RUN_AGENT_REMEDY, AgentReport, is_legacy, read_csr, rekey_pending
+from .plan import (CSR_WHERE, RUN_AGENT_REMEDY, AgentReport, Deny, Join, Leave, Stop, course, is_legacy,
+                   labelled_course, read_csr, rekey_pending)
 from .settings import Settings
 from .status import Delivered, State, Status
 from .sweep import Inventory, entry_key
@@ -47,10 +47,10 @@ def fleet_rows(inventory: Inventory, now: datetime, settings: Settings) -> list[
         status = Status.decode(vm.metadata.get(names.STATUS_KEY))
         state = str(status.state or "pending")
         reason = status.reason if status.reason is not None else "" if status else "no event handled yet"
-        decision = decide_identity(vm, settings)
-        if isinstance(decision, Denial) and not decision.account_bound:
-            # No status can be written to such a VM: the decision itself is what the operator must see.
-            state, reason = "denied", decision.reason
+        match labelled_course(vm, settings):  # the listing holds labelled VMs only
+            case Deny(denial) if not denial.account_bound:
+                # No status can be written to such a VM: the decision itself is what the operator must see.
+                state, reason = "denied", denial.reason
         row = FleetRow(key.instance, key.zone, state, address=vm.network_ip, updated=status.updated or "",
                        reason=reason, project=key.project)
         namespace, _, account = _identity_parts(status.identity or "")
@@ -134,21 +134,16 @@ def explain(key: VmKey, vm: Vm | None, settings: Settings, *, entry_exists: bool
                                          f"key; the current one serves until then; if nothing comes: {RUN_AGENT_REMEDY}")
     if is_legacy(vm):
         out.facts["legacy per-VM secret"] = f"{vm.metadata.get(names.SECRET_KEY, '')[:200]} (migrating)"
-    if not vm.wants_mesh:
-        out.decision = "not requested: the VM has no label mesh=join"
-        out.advice.append(f"gcloud compute instances add-labels {key.instance} --zone {key.zone} --labels mesh=join")
-        return out
-    decision = decide_identity(vm, settings)
-    if isinstance(decision, Denial):
-        out.decision = f"denied: {decision.reason}"
-        if not decision.account_bound:
-            out.advice.append("nothing was written to the VM (meshjoin may act only as bound accounts); run it as "
-                              "a bound service account, or have an operator bind this one in identity_bindings")
-        else:
-            out.advice.append("change the VM's mesh-* labels/metadata to an identity its account is bound to, "
-                              "or have an operator extend MESHJOIN_IDENTITY_BINDINGS (identity_bindings)")
-        return out
-    out.decision = f"allowed as {decision.spiffe(settings.trust_domain)}"
+    match course(vm, settings):
+        case Leave():
+            out.decision = "not requested: the VM has no label mesh=join"
+            out.advice.append(f"gcloud compute instances add-labels {key.instance} --zone {key.zone} "
+                              "--labels mesh=join")
+            return out
+        case Deny(denial):
+            return _explain_denial(out, denial)
+        case Stop(identity) | Join(identity):
+            out.decision = f"allowed as {identity.spiffe(settings.trust_domain)}"
     state = status.state
     if state is None:
         out.advice.append(f"no event has been handled for it yet: run `meshjoin join {key.instance}` "
@@ -197,4 +192,15 @@ def explain(key: VmKey, vm: Vm | None, settings: Settings, *, entry_exists: bool
             out.advice.append("nothing to do: the VM is in the mesh")
     else:
         out.advice.append(f"state {state}: `meshjoin join {key.instance}` re-runs the join")
+    return out
+
+
+def _explain_denial(out: Explanation, denial: Denial) -> Explanation:
+    out.decision = f"denied: {denial.reason}"
+    if not denial.account_bound:
+        out.advice.append("nothing was written to the VM (meshjoin may act only as bound accounts); run it as "
+                          "a bound service account, or have an operator bind this one in identity_bindings")
+    else:
+        out.advice.append("change the VM's mesh-* labels/metadata to an identity its account is bound to, "
+                          "or have an operator extend MESHJOIN_IDENTITY_BINDINGS (identity_bindings)")
     return out

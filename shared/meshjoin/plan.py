@@ -284,7 +284,9 @@ class Deny:
 
 @dataclass(frozen=True)
 class Stop:
-    """The VM is stopped: out of routing, its bootstrap and key stay."""
+    """The VM policy allows is stopped: out of routing, its bootstrap and key stay."""
+
+    identity: Identity
 
 
 @dataclass(frozen=True)
@@ -294,13 +296,16 @@ class Join:
 
 def course(vm: Vm, settings: Settings) -> Leave | Deny | Stop | Join:
     """What meshjoin does with a VM that exists, from its labels, policy and run state. Pure."""
-    if not vm.wants_mesh:
-        return Leave()
+    return labelled_course(vm, settings) if vm.wants_mesh else Leave()
+
+
+def labelled_course(vm: Vm, settings: Settings) -> Deny | Stop | Join:
+    """The course of a VM labelled mesh=join (the sweep's listing holds only those: a server-side filter)."""
     decision = decide_identity(vm, settings)
     if isinstance(decision, Denial):
         return Deny(decision)
     if vm.status in STOPPED_STATES:
-        return Stop()
+        return Stop(decision)
     return Join(decision)
 
 

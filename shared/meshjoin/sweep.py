@@ -36,9 +36,8 @@ from . import capacity, names, pki
 from .errors import BadMessage, MeshjoinError
 from .events import validated_key
 from .logs import log
-from .model import JOIN_LABEL, JOIN_VALUE, Denial, Vm, VmKey
-from .plan import STOPPED_STATES, Cause, Verb, is_legacy, needs_new_cert, rekey_pending
-from .policy import decide_identity
+from .model import JOIN_LABEL, JOIN_VALUE, Vm, VmKey
+from .plan import Cause, Deny, Join, JoinFacts, Stop, Verb, is_legacy, labelled_course, rekey_pending
 from .reconcile import Reconciler
 from .settings import Settings
 from .status import Delivered, State, Status, time_or_none
@@ -300,24 +299,26 @@ def soonest_cert_expiry(inventory: Inventory, now: datetime) -> int | None:
 
 def _plan_vm(key: VmKey, vm: Vm, settings: Settings, ca_fingerprint: str, now: datetime,
              entries_by_ref: dict[str, dict], has_entry: bool, has_secret: bool, complete: bool,
-             notes: list[str]) -> Action | str | None:
-    """One VM's action; "denied" (already recorded) or None (healthy) when there is nothing to do."""
+             notes: list[Note]) -> Action | str | None:
+    """One VM's action; "denied" (already recorded) or None (healthy) when there is nothing to do. The course
+    and what is due are the reconcile's own rules (plan.py), applied to the listing's view of the VM."""
     status = Status.decode(vm.metadata.get(names.STATUS_KEY))
-    decision = decide_identity(vm, settings)
-    if isinstance(decision, Denial):
-        # An unbound account's VM gets no status (meshjoin may not write it): act only to remove traces,
-        # as meshjoin's own listings show them (a VM still waiting for its agent has a key but no entry yet;
-        # a status the owner forged to read "denied" must not keep them alive).
-        recorded = decision.account_bound and status.state == State.DENIED and \
-            status.reason == decision.reason
-        if not has_entry and not has_secret and (recorded or not decision.account_bound):
-            return "denied"
-        return Action(JOIN, key, f"{TO_BE_DENIED}: {decision.reason}", denies=True)
-    if vm.status in STOPPED_STATES:
-        if status.state == State.STOPPED and not has_entry:
-            return None
-        return Action(JOIN, key, f"the VM is {vm.status}: to be taken out of routing")
-    delivered = Delivered.from_status(status)
+    match labelled_course(vm, settings):
+        case Deny(denial):
+            # An unbound account's VM gets no status (meshjoin may not write it): act only to remove traces,
+            # as meshjoin's own listings show them (a VM still waiting for its agent has a key but no entry yet;
+            # a status the owner forged to read "denied" must not keep them alive).
+            recorded = denial.account_bound and status.state == State.DENIED and status.reason == denial.reason
+            if not has_entry and not has_secret and (recorded or not denial.account_bound):
+                return "denied"
+            return Action(JOIN, key, f"{TO_BE_DENIED}: {denial.reason}", denies=True)
+        case Stop():
+            if status.state == State.STOPPED and not has_entry:
+                return None
+            return Action(JOIN, key, f"the VM is {vm.status}: to be taken out of routing")
+        case Join(identity):
+            facts = JoinFacts(vm, identity, status, ca_fingerprint, root_pem="", now=now, settings=settings)
+    delivered = facts.recorded
     if status.state == State.WAITING:
         # meshjoin did its part; re-check whether the VM's agent has handed in its key or confirmed since.
         awaited = "confirm" if delivered is not None else "hand in its key (CSR)"
@@ -338,10 +339,9 @@ def _plan_vm(key: VmKey, vm: Vm, settings: Settings, ca_fingerprint: str, now: d
         return Action(JOIN, key, f"its WorkloadEntry {str(status.workload_entry)[:120]} is missing")
     if entry is not None:
         spec = entry.get("spec") or {}
-        if spec.get("address") != vm.network_ip or (spec.get("ports") or {}) != dict(decision.ports):
+        if spec.get("address") != vm.network_ip or (spec.get("ports") or {}) != dict(identity.ports):
             return Action(JOIN, key, "its address or ports changed")
-    why = needs_new_cert(delivered, vm=vm, spiffe=decision.spiffe(settings.trust_domain),
-                         ca_fingerprint=ca_fingerprint, now=now, settings=settings)
+    why = facts.due()  # no CSR in a listing: a new key is found by the pass a rotation request plans
     if why is None:
         if rekey_pending(status.rekey, delivered.key_id):
             return Action(JOIN, key, "a key rotation was requested: checking for the VM's new key")

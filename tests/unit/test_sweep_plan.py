@@ -197,14 +197,14 @@ def test_one_vm_that_breaks_planning_costs_only_that_vm(monkeypatch):
     """Blast radius: a bug one VM's data triggers in planning leaves every other VM's plan intact."""
     import meshjoin.sweep as sweep
 
-    real = sweep.decide_identity
+    real = sweep.labelled_course
 
     def fragile(vm, settings):
         if vm.key.instance == "a":
             raise ValueError("invalid literal for int() with base 10: '²'")
         return real(vm, settings)
 
-    monkeypatch.setattr(sweep, "decide_identity", fragile)
+    monkeypatch.setattr(sweep, "labelled_course", fragile)
     plan = plan_sweep(inventory([vm("a"), vm("new")], [], [], []), SETTINGS, CA, NOW)
     assert kinds(plan) == [(JOIN, "new")]
     assert any("us-central1-a/a: not planned (ValueError" in note for note in plan.notes)
