@@ -369,6 +369,14 @@ class JoinFacts:
         return self.status.names_vm(self.vm.instance_id, self.spiffe)
 
     @cached_property
+    def entry_checked(self) -> bool:
+        """The pass that wrote a `waiting` status for this VM and identity checked that the entry name is free or
+        meshjoin's: a first delivery after it does not repeat the GET. A status forged `waiting` skips only this
+        courtesy check for its own VM: the registration itself never replaces an entry meshjoin did not make
+        (KubeAdapter.apply_owned), whatever the status says."""
+        return self.status.state == State.WAITING and self.same_vm
+
+    @cached_property
     def was_confirmed(self) -> bool:
         """The status says this VM incarnation confirmed a certificate of this identity."""
         return self.status.state == State.JOINED and bool(self.status.confirmed_serial) and self.same_vm
@@ -476,43 +484,59 @@ def plan_join(facts: JoinFacts) -> JoinPlan:
     metadata with the status last, so `joined` is only ever claimed once everything it names exists.
     When a certificate is to be signed the plan stops at Certify: plan again with `issued` set.
     """
-    vm, status, spiffe, now = facts.vm, facts.status, facts.spiffe, facts.now
     agent = facts.agent or AgentWords()
-    report, csr = agent.report, agent.csr
-    why = facts.due(csr.key_id if isinstance(csr, pki.VerifiedCsr) else None)
-    # A new VM, a copy of one, or a new identity confirms afresh.
-    was_confirmed = facts.was_confirmed and not (why is not None and why.first_delivery and
-                                                 not (facts.legacy and why == Cause.NO_CERT))
-    # The pass that wrote a `waiting` status for this VM and identity checked that the entry name is free or
-    # meshjoin's: a first delivery after it does not repeat the GET. A status forged `waiting` skips only this
-    # courtesy check for its own VM: the registration itself never replaces an entry meshjoin did not make
-    # (KubeAdapter.apply_owned), whatever the status says.
-    entry_checked = status.state == State.WAITING and facts.same_vm
+    why = facts.due(agent.csr.key_id if isinstance(agent.csr, pki.VerifiedCsr) else None)
+    certificate = _certificate(facts, why, agent.csr)
+    if isinstance(certificate, JoinPlan):
+        return certificate
+    return _rest_of_the_pass(facts, why, agent, certificate)
 
-    steps: list[Step] = []
+
+@dataclass(frozen=True)
+class _Certificate:
+    """The certificate the VM holds after this pass's signing (None: none yet), its rotation request, and
+    why nothing was signed when something was due."""
+
+    delivered: Delivered | None
+    token: str | None
+    problem: str | None
+
+
+def _certificate(facts: JoinFacts, why: Cause | None,
+                 csr: pki.VerifiedCsr | pki.CsrError | None) -> _Certificate | JoinPlan:
+    """What is due, signed: a plan that signs first (`facts.issued` None), or the certificate it made."""
     delivered, token, issued, problem = facts.delivered, facts.token, facts.issued, None
     if why is not None:
         choice = key_to_certify(why, facts.recorded, csr)
         if isinstance(choice, str):
             problem = choice
         elif issued is None:
-            check = [CheckEntryName()] if why.first_delivery and not entry_checked else []
-            return JoinPlan((*check, Certify(choice, spiffe, why)))
+            check = [CheckEntryName()] if why.first_delivery and not facts.entry_checked else []
+            return JoinPlan((*check, Certify(choice, facts.spiffe, why)))
         else:
             same_key = delivered is not None and delivered.key_id == issued.key_id
             key_certs = delivered.key_certs + 1 if same_key else 1
-            token = rekey_token(why, key_certs, issued.key_id, token, facts.settings, now) if same_key else token
-            delivered = Delivered(spiffe, vm.instance_id, facts.ca_fingerprint, issued.key_id, issued.not_before,
-                                  issued.not_after, serial_hex(issued.serial), key_certs)
+            if same_key:
+                token = rekey_token(why, key_certs, issued.key_id, token, facts.settings, facts.now)
+            delivered = Delivered(facts.spiffe, facts.vm.instance_id, facts.ca_fingerprint, issued.key_id,
+                                  issued.not_before, issued.not_after, serial_hex(issued.serial), key_certs)
     if issued is not None and (why is None or problem is not None):
         raise ValueError("a certificate was issued that this plan does not ask for")
-    if delivered is None and not entry_checked:
-        # Before a first bootstrap: the entry name the VM will register under must be free or meshjoin's, or its
-        # owner would wait for a join that can never complete.
-        steps.append(CheckEntryName())
+    return _Certificate(delivered, token, problem)
+
+
+def _rest_of_the_pass(facts: JoinFacts, why: Cause | None, agent: AgentWords, certificate: _Certificate) -> JoinPlan:
+    vm, status, issued, report = facts.vm, facts.status, facts.issued, agent.report
+    delivered, problem = certificate.delivered, certificate.problem
+    # Before a first bootstrap: the entry name the VM will register under must be free or meshjoin's, or its
+    # owner would wait for a join that can never complete.
+    steps: list[Step] = [CheckEntryName()] if delivered is None and not facts.entry_checked else []
     if why == Cause.IDENTITY_CHANGED and issued is None:
         delivered = None  # never recorded under the new identity: certified once the VM's CSR is valid
-
+    token = certificate.token if delivered is not None else None
+    # A new VM, a copy of one, or a new identity confirms afresh.
+    was_confirmed = facts.was_confirmed and not (why is not None and why.first_delivery and
+                                                 not (facts.legacy and why == Cause.NO_CERT))
     # The VM's own truth: until its agent confirms, meshjoin has done its part but the VM serves nothing.
     confirmed_serial = status.confirmed_serial if was_confirmed else None
     migrated = False
@@ -522,62 +546,31 @@ def plan_join(facts: JoinFacts) -> JoinPlan:
             confirmed_serial = delivered.serial
     state = State.JOINED if confirmed_serial is not None else State.WAITING
 
-    warnings = []
-    if is_default_compute_account(vm.service_account):  # bound on purpose by an operator, still risky
-        warnings.append("the VM runs as the project's default compute service account, which other VMs "
-                        "share: any of them could ask for this identity; give it a dedicated service account")
-    if was_confirmed and facts.recorded is not None and report is not None and report.cert_serial and \
-            report.cert_serial != facts.recorded.serial:
-        # istio-agent never renews by itself (file-mounted certificates): a VM whose watcher stopped keeps
-        # serving an older certificate until it expires, while it still counts as joined.
-        warnings.append(serving_lag_warning(report.cert_serial, facts.recorded))
-    items, remove = bootstrap_for(facts, warnings)
-    if issued is not None:
-        items[names.CERT_CHAIN_KEY] = issued.chain_pem
-    if why == Cause.RECREATED and issued is None:
-        remove |= {names.CERT_CHAIN_KEY, names.REKEY_KEY}  # the VM's it was copied from: not this one's
-    if delivered is None:
-        token = None
-    elif token:
-        items[names.REKEY_KEY] = token
-    if facts.legacy and not migrated and delivered is None:
-        # Agent 2 keeps serving from its secret (istio-agent renews through istiod as before) until the VM
-        # boots agent 3: only the new script and what agent 3 needs first change now.
-        items = {k: v for k, v in items.items()
-                 if k in (names.STARTUP_SCRIPT_KEY, names.KEY_ALGORITHM_KEY, names.GUEST_ATTRIBUTES_KEY)}
-        remove &= {names.STARTUP_SCRIPT_KEY}
-    if migrated or (is_legacy(vm) and not facts.legacy):
-        remove.add(names.SECRET_KEY)
-
+    warnings = _serving_warnings(facts, was_confirmed, report)
+    items, remove = _metadata(facts, why, delivered, token, migrated, warnings)
     if state == State.JOINED:
         entry = f"{facts.identity.namespace}/{names.entry_name(vm.key)}"
-        not_after = delivered.not_after if delivered else legacy_not_after(status, now)
+        not_after = delivered.not_after if delivered else legacy_not_after(status, facts.now)
         steps.append(Register(not_after, previous=status.workload_entry))
     else:
         entry = None
         steps.append(Withdraw(status.workload_entry))
-    reason = join_reason(state, spiffe, why, issued, delivered, problem, report, was_confirmed, facts.legacy,
-                         migrated)
-    if delivered is not None and rekey_pending(token, delivered.key_id):
-        # Joined, the current key serves until the new one is certified: short, since the status is listed with
-        # every VM (4 kB each); `meshjoin explain` gives the remedy. A waiting VM's reason keeps it.
-        reason += f"; meshjoin asked the VM for a new key ({names.REKEY_KEY})" if state == State.JOINED else \
-            (f"; meshjoin asked the VM for a new key ({names.REKEY_KEY}={token}): its agent makes it and "
-             f"hands in its CSR, the current key serves until then; if nothing comes: {RUN_AGENT_REMEDY}")
+    reason = join_reason(state, facts.spiffe, why, issued, delivered, problem, report, was_confirmed, facts.legacy,
+                         migrated) + _rekey_reason(state, delivered, token)
     if problem and why and delivered is not None:
         # Recorded as a warning too: a reason alone does not rewrite the status its owner reads.
         warnings.append(f"{why} but nothing was certified: {problem}")
         steps.append(LogWarning(f"{why} but nothing was certified: {problem}"))
-    elif isinstance(csr, pki.CsrError) and delivered is not None:
+    elif isinstance(agent.csr, pki.CsrError) and delivered is not None:
         # Nothing was due, but the key the agent hands in (a rotation) cannot be certified: say why.
-        warnings.append(f"the VM's new CSR ({CSR_WHERE}) was refused: {csr}")
+        warnings.append(f"the VM's new CSR ({CSR_WHERE}) was refused: {agent.csr}")
     waiting_since = None
     if state == State.WAITING:
         waiting_since = status.waiting_since if status.state == State.WAITING and facts.same_vm \
-            and issued is None else rfc3339(now)
+            and issued is None else rfc3339(facts.now)
     recorded_cert = delivered.recorded() if delivered is not None else {
         "cert_not_after": status.cert_not_after if facts.legacy else None}  # agent 2's, for the entry it keeps
-    fields = dict(identity=spiffe, workload_entry=entry, instance_id=vm.instance_id, address=vm.network_ip,
+    fields = dict(identity=facts.spiffe, workload_entry=entry, instance_id=vm.instance_id, address=vm.network_ip,
                   **(dict.fromkeys(_CERT_FIELDS) | recorded_cert), rekey=token,
                   confirmed_serial=confirmed_serial, waiting_since=waiting_since,
                   agent=agent_field(report, confirmed_serial, facts.agent is not None, status.agent),
@@ -588,6 +581,52 @@ def plan_join(facts: JoinFacts) -> JoinPlan:
     written, not_written = (_join_verb(changed, state, why, issued, was_confirmed, migrated, facts.legacy,
                                        delivered) for changed in (True, False))
     return JoinPlan(tuple(steps), state, reason, written, not_written)
+
+
+def _serving_warnings(facts: JoinFacts, was_confirmed: bool, report: AgentReport | None) -> list[str]:
+    warnings = []
+    if is_default_compute_account(facts.vm.service_account):  # bound on purpose by an operator, still risky
+        warnings.append("the VM runs as the project's default compute service account, which other VMs "
+                        "share: any of them could ask for this identity; give it a dedicated service account")
+    recorded = facts.recorded
+    if was_confirmed and recorded is not None and report is not None and report.cert_serial and \
+            report.cert_serial != recorded.serial:
+        # istio-agent never renews by itself (file-mounted certificates): a VM whose watcher stopped keeps
+        # serving an older certificate until it expires, while it still counts as joined.
+        warnings.append(serving_lag_warning(report.cert_serial, recorded))
+    return warnings
+
+
+def _metadata(facts: JoinFacts, why: Cause | None, delivered: Delivered | None, token: str | None, migrated: bool,
+              warnings: list[str]) -> tuple[dict[str, str], set[str]]:
+    """The VM's items to write and to remove after this pass (the status aside)."""
+    items, remove = bootstrap_for(facts, warnings)
+    if facts.issued is not None:
+        items[names.CERT_CHAIN_KEY] = facts.issued.chain_pem
+    if why == Cause.RECREATED and facts.issued is None:
+        remove |= {names.CERT_CHAIN_KEY, names.REKEY_KEY}  # the VM's it was copied from: not this one's
+    if token:
+        items[names.REKEY_KEY] = token
+    if facts.legacy and not migrated and delivered is None:
+        # Agent 2 keeps serving from its secret (istio-agent renews through istiod as before) until the VM
+        # boots agent 3: only the new script and what agent 3 needs first change now.
+        items = {k: v for k, v in items.items()
+                 if k in (names.STARTUP_SCRIPT_KEY, names.KEY_ALGORITHM_KEY, names.GUEST_ATTRIBUTES_KEY)}
+        remove &= {names.STARTUP_SCRIPT_KEY}
+    if migrated or (is_legacy(facts.vm) and not facts.legacy):
+        remove.add(names.SECRET_KEY)
+    return items, remove
+
+
+def _rekey_reason(state: State, delivered: Delivered | None, token: str | None) -> str:
+    if delivered is None or not rekey_pending(token, delivered.key_id):
+        return ""
+    # Joined, the current key serves until the new one is certified: short, since the status is listed with
+    # every VM (4 kB each); `meshjoin explain` gives the remedy. A waiting VM's reason keeps it.
+    if state == State.JOINED:
+        return f"; meshjoin asked the VM for a new key ({names.REKEY_KEY})"
+    return (f"; meshjoin asked the VM for a new key ({names.REKEY_KEY}={token}): its agent makes it and "
+            f"hands in its CSR, the current key serves until then; if nothing comes: {RUN_AGENT_REMEDY}")
 
 
 _CERT_FIELDS = ("ca_fingerprint", "cert_not_before", "cert_not_after", "cert_serial", "key_id", "key_certs")
