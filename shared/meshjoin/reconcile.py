@@ -25,6 +25,9 @@ already serves; the agent installs what meshjoin delivers by itself).
 VMs joined by meshjoin 2 (a per-VM secret named by `meshjoin-secret`) migrate: they get the new agent
 and keep their secret and entry until agent 3's certificate is confirmed; then the item goes and the
 secret is deleted.
+
+Every decision is plan.py's (pure, table-tested): `course` says leave / deny / stop / join, `plan_join`
+turns a join's facts into steps. This module reads the facts and performs the steps.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from .settings import Settings
 from .status import State, Status, wire_fields, written
 
 MAX_METADATA_RACES = 5
+
 
 @dataclass
 class Outcome:
@@ -150,11 +154,12 @@ class Reconciler:
     # --- join: read the facts, plan, perform the steps -------------------------------------------
 
     def _join(self, vm: Vm, identity: Identity, force: bool, read_agent: bool) -> Outcome:
+        now = self.clock()
         ca = self.secrets.plugin_ca()
         project_script = needs_project_script(vm) and \
             project_startup_script(self.compute.project_metadata(vm.key.project))
         facts = JoinFacts(vm, identity, Status.decode(vm.metadata.get(names.STATUS_KEY)), ca.fingerprint,
-                          ca.bundle.root_certs_pem, self.clock(), self.settings, force, project_script)
+                          ca.bundle.root_certs_pem, now, self.settings, force, project_script)
         if reads_agent(facts, always=read_agent):
             attributes = self.compute.guest_attributes(vm.key)
             facts = replace(facts, agent=AgentWords.from_attributes(attributes, self.settings.key_algorithm))

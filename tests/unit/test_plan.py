@@ -264,3 +264,11 @@ def test_a_certificate_the_plan_did_not_ask_for_is_refused():
                     issued=issued_for(Certify(pki.VerifiedCsr(None, KEY_A), SPIFFE, Cause.FORCED)))
     with pytest.raises(ValueError):
         plan_join(given)
+
+
+def test_the_entry_the_status_names_is_the_one_registration_makes():
+    from meshjoin import registration
+
+    given = facts(vm(status(WAITING)), said("1f", KEY_A))
+    meta = registration.workload_entry(given.vm, given.identity, SETTINGS.network, NOW)["metadata"]
+    assert plan_join(given).write.fields["workload_entry"] == f"{meta['namespace']}/{meta['name']}" == ENTRY
