@@ -48,7 +48,6 @@ CLUSTER_PAGE = 5000
 OWNED_SELECTOR = f"{names.MANAGED_BY_LABEL}={names.MANAGED_BY}"
 
 
-
 class Work(StrEnum):
     """What a sweep action does; the per-VM ones are also the `work` hint of its message."""
 
