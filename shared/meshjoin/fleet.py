@@ -44,7 +44,7 @@ def fleet_rows(inventory: Inventory, now: datetime, settings: Settings) -> list[
     rows: list[FleetRow] = []
     for key in sorted(inventory.vms):
         vm = inventory.vms[key]
-        status = Status.decode(vm.metadata.get(names.STATUS_KEY))
+        status = Status.of(vm)
         state = str(status.state or "pending")
         reason = status.reason if status.reason is not None else "" if status else "no event handled yet"
         match labelled_course(vm, settings):  # the listing holds labelled VMs only
@@ -112,7 +112,7 @@ def explain(key: VmKey, vm: Vm | None, settings: Settings, *, entry_exists: bool
             out.advice.append("a WorkloadEntry still exists for it: the next sweep prunes it, or run "
                               f"`meshjoin leave {key.instance} --zone {key.zone}`")
         return out
-    status = Status.decode(vm.metadata.get(names.STATUS_KEY))
+    status = Status.of(vm)
     out.status = status
     out.facts = {
         "labels": dict(vm.labels), "address": vm.network_ip, "instance id": vm.instance_id,

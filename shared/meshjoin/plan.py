@@ -252,7 +252,7 @@ def has_traces(vm: Vm) -> bool:
     """Whether meshjoin left anything on this VM that a leave must clean up."""
     if any(k in vm.metadata for k in names.MESHJOIN_KEYS if k != names.STATUS_KEY):
         return True
-    return Status.decode(vm.metadata.get(names.STATUS_KEY)).state in (State.JOINED, State.WAITING, State.ERROR)
+    return Status.of(vm).state in (State.JOINED, State.WAITING, State.ERROR)
 
 
 def is_legacy(vm: Vm) -> bool:

@@ -158,7 +158,7 @@ class Reconciler:
         ca = self.secrets.plugin_ca()
         project_script = needs_project_script(vm) and \
             project_startup_script(self.compute.project_metadata(vm.key.project))
-        facts = JoinFacts(vm, identity, Status.decode(vm.metadata.get(names.STATUS_KEY)), ca.fingerprint,
+        facts = JoinFacts(vm, identity, Status.of(vm), ca.fingerprint,
                           ca.bundle.root_certs_pem, now, self.settings, force, project_script)
         if reads_agent(facts, always=read_agent):
             attributes = self.compute.guest_attributes(vm.key)
@@ -362,7 +362,7 @@ class Reconciler:
         """Write bootstrap items + status unless nothing but the timestamp would change (`always`: write
         anyway, for the fingerprint check)."""
         new_status = written(state, reason, self.clock(), **fields)
-        same_status = Status.decode(vm.metadata.get(names.STATUS_KEY)).facts == new_status.facts
+        same_status = Status.of(vm).facts == new_status.facts
         present = [k for k in remove if k in vm.metadata]
         if not always and same_status and not present and all(vm.metadata.get(k) == v for k, v in items.items()):
             return False

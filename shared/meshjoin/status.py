@@ -17,6 +17,9 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Mapping
 
+from . import names
+from .model import Vm
+
 
 class State(StrEnum):
     """What a VM's status says about it (its owner may have written another word: kept verbatim)."""
@@ -103,6 +106,11 @@ class Status:
         except (ValueError, RecursionError):
             return EMPTY  # the owner may have overwritten it; treat as absent
         return cls.from_mapping(value) if isinstance(value, dict) else EMPTY
+
+    @classmethod
+    def of(cls, vm: Vm) -> "Status":
+        """The VM's `meshjoin-status` item, decoded."""
+        return cls.decode(vm.metadata.get(names.STATUS_KEY))
 
     @classmethod
     def from_mapping(cls, value: Mapping) -> "Status":

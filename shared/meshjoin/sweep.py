@@ -289,7 +289,7 @@ def soonest_cert_expiry(inventory: Inventory, now: datetime) -> int | None:
     renewals have been failing for hours. Pure."""
     left = []
     for vm in inventory.vms.values():
-        status = Status.decode(vm.metadata.get(names.STATUS_KEY))
+        status = Status.of(vm)
         delivered = Delivered.from_status(status) if status.state == State.JOINED else None
         if delivered is not None:
             left.append(int((delivered.not_after - now).total_seconds()))
@@ -301,7 +301,7 @@ def _plan_vm(key: VmKey, vm: Vm, settings: Settings, ca_fingerprint: str, now: d
              notes: list[Note]) -> Action | str | None:
     """One VM's action; "denied" (already recorded) or None (healthy) when there is nothing to do. The course
     and what is due are the reconcile's own rules (plan.py), applied to the listing's view of the VM."""
-    status = Status.decode(vm.metadata.get(names.STATUS_KEY))
+    status = Status.of(vm)
     match labelled_course(vm, settings):
         case Deny(denial):
             # An unbound account's VM gets no status (meshjoin may not write it): act only to remove traces,
@@ -351,7 +351,7 @@ def _plan_vm(key: VmKey, vm: Vm, settings: Settings, ca_fingerprint: str, now: d
 
 def _renewal_order(inventory: Inventory, action: Action, settings: Settings) -> float:
     vm = inventory.vms.get(action.key) if action.key else None
-    delivered = Delivered.from_status(Status.decode(vm.metadata.get(names.STATUS_KEY))) if vm else None
+    delivered = Delivered.from_status(Status.of(vm)) if vm else None
     if delivered is None:
         return 0.0
     return pki.renewal_time(delivered.not_before, delivered.not_after, renew_fraction=settings.renew_fraction,
