@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
-from datetime import datetime
 from functools import lru_cache
 from importlib import resources
 
@@ -223,23 +222,3 @@ def bootstrap_items(key: VmKey, identity: Identity, settings: Settings, *, root_
     # (the reconcile keeps an owner's own value of it).
     items[names.GUEST_ATTRIBUTES_KEY] = "TRUE"
     return items
-
-
-def status_value(state: str, reason: str, now: datetime, **fields) -> str:
-    """`meshjoin-status`: what the VM owner reads with `gcloud compute instances describe`."""
-    status = {"state": state, "reason": reason, **{k: v for k, v in fields.items() if v is not None},
-              "updated": now.replace(microsecond=0).isoformat().replace("+00:00", "Z")}
-    return json.dumps(status, sort_keys=True, separators=(",", ":"))  # compact: it is listed with every VM
-
-
-def parse_status(raw: str | None) -> dict:
-    if not raw:
-        return {}
-    try:
-        value = json.loads(raw)
-    except (ValueError, RecursionError):
-        return {}  # the owner may have overwritten it; treat as absent
-    if not isinstance(value, dict):
-        return {}
-    # The VM owner can write this item: keep only the shapes meshjoin writes (strings, a warnings list).
-    return {k: v for k, v in value.items() if isinstance(v, str) or (k == "warnings" and isinstance(v, list))}

@@ -128,7 +128,7 @@ STATE_STYLE = {"joined": "green", "waiting": "cyan", "denied": "red", "error": "
 @friendly_errors
 def status(as_json: bool):
     """Every VM that is labelled mesh=join or registered: identity, address, state, certificate."""
-    from .fleet import fleet_rows
+    from .fleet import ATTENTION, fleet_rows
 
     rt = _runtime()
     inventory = rt.sweeper.inventory()
@@ -154,8 +154,7 @@ def status(as_json: bool):
                           r.cert_not_after, left, r.updated[:19])
         console = _console()
         console.print(table)
-        attention = [r for r in rows if r.state in ("waiting", "denied", "error", "pending", "orphaned",
-                                                     "expiring")]
+        attention = [r for r in rows if r.state in ATTENTION]
         for r in attention:
             console.print(f"[{STATE_STYLE.get(r.state, 'white')}]{r.name}[/]: {r.reason}")
     for error in inventory.failures:
@@ -189,7 +188,7 @@ def explain(vm: str, zone: str | None, project: str | None, as_json: bool):
     report = rt.compute.guest_attributes(key) if observed is not None and observed.wants_mesh else {}
     result = explain_vm(key, observed, rt.settings, entry_exists=bool(entries), now=_now(), agent_report=report)
     if as_json:
-        click.echo(json.dumps(result.__dict__, indent=2, default=str))
+        click.echo(json.dumps({**result.__dict__, "status": result.status.wire()}, indent=2, default=str))
         return
     console = _console()
     console.print(f"[bold]{result.vm}[/]")
@@ -197,8 +196,8 @@ def explain(vm: str, zone: str | None, project: str | None, as_json: bool):
         console.print(f"  {fact}: {value}")
     console.print(f"[bold]decision:[/] {result.decision}")
     if result.status:
-        console.print(f"[bold]last status:[/] {result.status.get('state')} — {result.status.get('reason', '')} "
-                      f"(updated {result.status.get('updated', '?')})")
+        console.print(f"[bold]last status:[/] {result.status.state} — {result.status.reason or ''} "
+                      f"(updated {result.status.updated or '?'})")
     for advice in result.advice:
         console.print(f"[bold]→[/] {advice}")
 
@@ -216,10 +215,12 @@ def join(vm: str, zone: str | None, project: str | None, force: bool):
     The VM's key never leaves it: meshjoin certifies the public key of the CSR its agent wrote
     (guest attribute meshjoin/csr); without one, the VM waits and `meshjoin explain` says why.
     """
+    from .plan import Verb
+
     rt = _runtime()
     outcome = rt.reconciler.reconcile(_resolve(rt, vm, zone, project), force_new_cert=force)
     click.echo(f"{vm}: {outcome.verb}: {outcome.reason}")
-    if outcome.verb == "failed":
+    if outcome.verb == Verb.FAILED:
         sys.exit(1)
 
 

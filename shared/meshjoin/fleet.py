@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
-from . import bootstrap, names
+from . import names
 from .model import Denial, Vm, VmKey
-from .policy import decide_identity
 from . import pki
-from .reconcile import CSR_WHERE, RUN_AGENT_REMEDY, AgentReport, Delivered, is_legacy, read_csr, rekey_pending
+from .plan import (CSR_WHERE, RUN_AGENT_REMEDY, AgentReport, Deny, Join, Leave, Stop, course, is_legacy,
+                   labelled_course, read_csr, rekey_pending)
 from .settings import Settings
+from .status import Delivered, State, Status
 from .sweep import Inventory, entry_key
 
 ATTENTION = {"waiting", "denied", "error", "pending", "orphaned", "expiring"}
@@ -43,24 +44,24 @@ def fleet_rows(inventory: Inventory, now: datetime, settings: Settings) -> list[
     rows: list[FleetRow] = []
     for key in sorted(inventory.vms):
         vm = inventory.vms[key]
-        status = bootstrap.parse_status(vm.metadata.get(names.STATUS_KEY))
-        state = str(status.get("state") or "pending")
-        reason = str(status.get("reason", "" if status else "no event handled yet"))
-        decision = decide_identity(vm, settings)
-        if isinstance(decision, Denial) and not decision.account_bound:
-            # No status can be written to such a VM: the decision itself is what the operator must see.
-            state, reason = "denied", decision.reason
-        row = FleetRow(key.instance, key.zone, state, address=vm.network_ip, updated=str(status.get("updated", "")),
+        status = Status.of(vm)
+        state = str(status.state or "pending")
+        reason = status.reason if status.reason is not None else "" if status else "no event handled yet"
+        match labelled_course(vm, settings):  # the listing holds labelled VMs only
+            case Deny(denial) if not denial.account_bound:
+                # No status can be written to such a VM: the decision itself is what the operator must see.
+                state, reason = "denied", denial.reason
+        row = FleetRow(key.instance, key.zone, state, address=vm.network_ip, updated=status.updated or "",
                        reason=reason, project=key.project)
-        namespace, _, account = _identity_parts(status.get("identity", ""))
+        namespace, _, account = _identity_parts(status.identity or "")
         row.namespace, row.service_account = namespace, account
-        row.agent = status.get("agent", "")
+        row.agent = status.agent or ""
         row.legacy = is_legacy(vm)
         delivered = Delivered.from_status(status)
         if delivered is not None:
             row.key_id, row.key_certs = delivered.key_id, delivered.key_certs
-        if delivered and state == "joined":
-            row.cert_not_after = status["certNotAfter"]
+        if delivered and state == State.JOINED:
+            row.cert_not_after = status.cert_not_after
             row.cert_seconds_left = int((delivered.not_after - now).total_seconds())
             if row.cert_seconds_left <= 0:
                 row.state, row.reason = "expiring", "certificate expired; the next sweep renews it"
@@ -95,7 +96,7 @@ class Explanation:
     vm: str
     facts: dict = field(default_factory=dict)
     decision: str = ""
-    status: dict = field(default_factory=dict)
+    status: Status = field(default_factory=Status)
     advice: list[str] = field(default_factory=list)
 
 
@@ -111,7 +112,7 @@ def explain(key: VmKey, vm: Vm | None, settings: Settings, *, entry_exists: bool
             out.advice.append("a WorkloadEntry still exists for it: the next sweep prunes it, or run "
                               f"`meshjoin leave {key.instance} --zone {key.zone}`")
         return out
-    status = bootstrap.parse_status(vm.metadata.get(names.STATUS_KEY))
+    status = Status.of(vm)
     out.status = status
     out.facts = {
         "labels": dict(vm.labels), "address": vm.network_ip, "instance id": vm.instance_id,
@@ -127,38 +128,33 @@ def explain(key: VmKey, vm: Vm | None, settings: Settings, *, entry_exists: bool
     recorded = Delivered.from_status(status)
     if recorded is not None:
         out.facts["certified key"] = f"{recorded.key_id} ({recorded.key_certs} certificate(s) for it)"
-        token = status.get("rekey")
-        if isinstance(token, str) and rekey_pending(token, recorded.key_id):
+        token = status.rekey
+        if token is not None and rekey_pending(token, recorded.key_id):
             out.facts["key rotation"] = (f"requested ({names.REKEY_KEY}={token[:64]}), waiting for the VM's new "
                                          f"key; the current one serves until then; if nothing comes: {RUN_AGENT_REMEDY}")
     if is_legacy(vm):
         out.facts["legacy per-VM secret"] = f"{vm.metadata.get(names.SECRET_KEY, '')[:200]} (migrating)"
-    if not vm.wants_mesh:
-        out.decision = "not requested: the VM has no label mesh=join"
-        out.advice.append(f"gcloud compute instances add-labels {key.instance} --zone {key.zone} --labels mesh=join")
-        return out
-    decision = decide_identity(vm, settings)
-    if isinstance(decision, Denial):
-        out.decision = f"denied: {decision.reason}"
-        if not decision.account_bound:
-            out.advice.append("nothing was written to the VM (meshjoin may act only as bound accounts); run it as "
-                              "a bound service account, or have an operator bind this one in identity_bindings")
-        else:
-            out.advice.append("change the VM's mesh-* labels/metadata to an identity its account is bound to, "
-                              "or have an operator extend MESHJOIN_IDENTITY_BINDINGS (identity_bindings)")
-        return out
-    out.decision = f"allowed as {decision.spiffe(settings.trust_domain)}"
-    state = status.get("state")
+    match course(vm, settings):
+        case Leave():
+            out.decision = "not requested: the VM has no label mesh=join"
+            out.advice.append(f"gcloud compute instances add-labels {key.instance} --zone {key.zone} "
+                              "--labels mesh=join")
+            return out
+        case Deny(denial):
+            return _explain_denial(out, denial)
+        case Stop(identity) | Join(identity):
+            out.decision = f"allowed as {identity.spiffe(settings.trust_domain)}"
+    state = status.state
     if state is None:
         out.advice.append(f"no event has been handled for it yet: run `meshjoin join {key.instance}` "
                           "or wait for the next sweep")
-    elif state == "error":
-        out.advice.append(f"the last attempt failed: {status.get('reason')}; fix that, then "
+    elif state == State.ERROR:
+        out.advice.append(f"the last attempt failed: {status.reason}; fix that, then "
                           f"`meshjoin join {key.instance}`")
-    elif is_legacy(vm) and state == "joined":
+    elif is_legacy(vm) and state == State.JOINED:
         out.advice.append("migrating: agent 2 still serves from the per-VM secret; agent 3 takes over at the VM's "
                           f"next boot ({RUN_AGENT_REMEDY} to switch now), then meshjoin deletes the secret")
-    elif state == "waiting" and recorded is None:
+    elif state == State.WAITING and recorded is None:
         out.advice.append("meshjoin waits for the VM's key: nothing is certified until its agent writes a valid CSR "
                           f"to {CSR_WHERE}; it receives no mesh traffic until then")
         if isinstance(csr, pki.CsrError):
@@ -169,7 +165,7 @@ def explain(key: VmKey, vm: Vm | None, settings: Settings, *, entry_exists: bool
         else:
             out.advice.append("its CSR is valid: the next event or sweep certifies it "
                               f"(`meshjoin join {key.instance}` does it now)")
-    elif state == "waiting":
+    elif state == State.WAITING:
         delivered = recorded
         serial = delivered.serial if delivered else "?"
         out.advice.append(f"meshjoin certified the VM's key (certificate {serial}); the VM has not confirmed it, "
@@ -185,7 +181,7 @@ def explain(key: VmKey, vm: Vm | None, settings: Settings, *, entry_exists: bool
         else:
             out.advice.append("its agent has confirmed: the next event or sweep makes it joined "
                               f"(`meshjoin join {key.instance}` does it now)")
-    elif state == "joined":
+    elif state == State.JOINED:
         delivered = recorded
         if not entry_exists:
             out.advice.append("its WorkloadEntry is missing: `meshjoin reconcile` (or the next sweep) restores it")
@@ -196,4 +192,15 @@ def explain(key: VmKey, vm: Vm | None, settings: Settings, *, entry_exists: bool
             out.advice.append("nothing to do: the VM is in the mesh")
     else:
         out.advice.append(f"state {state}: `meshjoin join {key.instance}` re-runs the join")
+    return out
+
+
+def _explain_denial(out: Explanation, denial: Denial) -> Explanation:
+    out.decision = f"denied: {denial.reason}"
+    if not denial.account_bound:
+        out.advice.append("nothing was written to the VM (meshjoin may act only as bound accounts); run it as "
+                          "a bound service account, or have an operator bind this one in identity_bindings")
+    else:
+        out.advice.append("change the VM's mesh-* labels/metadata to an identity its account is bound to, "
+                          "or have an operator extend MESHJOIN_IDENTITY_BINDINGS (identity_bindings)")
     return out

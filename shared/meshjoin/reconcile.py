@@ -25,284 +25,42 @@ already serves; the agent installs what meshjoin delivers by itself).
 VMs joined by meshjoin 2 (a per-VM secret named by `meshjoin-secret`) migrate: they get the new agent
 and keep their secret and entry until agent 3's certificate is confirmed; then the item goes and the
 secret is deleted.
+
+Every decision is plan.py's (pure, table-tested): `course` says leave / deny / stop / join, `plan_join`
+turns a join's facts into steps. This module reads the facts and performs the steps.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Callable
 
-from . import bootstrap, names, pki, registration
+from . import names, pki, registration
 from .adapters.compute import ComputeAdapter
 from .adapters.kube import KubeAdapter
 from .adapters.secrets import SecretsAdapter
 from .errors import ConflictError, PermanentError, StaleFingerprint, TransientError
 from .logs import log
 from .model import Denial, Identity, Vm, VmKey
-from .policy import decide_identity, is_default_compute_account
+from .plan import (MAX_BACKDATE, AgentWords, Certify, CheckEntryName, DeleteLegacySecret, Deny, Join, JoinFacts,
+                   Leave, LogWarning, Register, Step, Stop, Verb, Withdraw, WriteMetadata, course, has_traces,
+                   is_legacy, needs_project_script, plan_join, project_startup_script, reads_agent, serial_hex)
 from .settings import Settings
+from .status import State, Status, wire_fields, written
 
 MAX_METADATA_RACES = 5
-SIDECAR_STATES = frozenset({"running", "stopped", "failed"})
-RUN_AGENT_REMEDY = ("GCE runs startup-script only at boot: reboot the VM, or run "
-                    "`sudo google_metadata_script_runner startup` on it")
-CSR_WHERE = f"guest attribute {names.GUEST_NAMESPACE}/{names.CSR_ATTRIBUTE}"
-# A VM in these states serves nothing: it is not routed (and not renewed) until it runs again.
-STOPPED_STATES = frozenset({"STOPPING", "TERMINATED", "SUSPENDING", "SUSPENDED"})
-MAX_BACKDATE = timedelta(minutes=5)  # tolerate VM clock skew without eating short test TTLs
-# `meshjoin-rekey` tokens: opaque to the agent, which only compares them with the last one it acted on.
-REKEY_TOKEN = re.compile(r"[A-Za-z0-9._-]{1,64}")
-KEY_ID = re.compile(r"[0-9a-f]{16}")
-
-# Why a VM needs a certificate (needs_new_cert).
-NO_CERT = "no certificate delivered yet"
-RECREATED = "the VM was recreated or cloned (its instance id changed)"
-IDENTITY_CHANGED = "the identity changed"
-NEW_KEY = "the VM presents a new key"
-FORCED = "an operator forced a new certificate"
-CA_CHANGED = "the CA changed"
-RENEWAL_DUE = "the certificate reached its renewal point"
-# Causes that start a VM's confirmation anew (a new VM, a copy of one, or a new identity).
-FIRST_DELIVERY = frozenset({NO_CERT, RECREATED, IDENTITY_CHANGED})
-# Causes that re-certify the key already certified (the VM need not act).
-SAME_KEY = frozenset({IDENTITY_CHANGED, FORCED, CA_CHANGED, RENEWAL_DUE})
-VERB_BY_CAUSE = {RENEWAL_DUE: "renewed", FORCED: "renewed", CA_CHANGED: "reissued", NEW_KEY: "rotated"}
 
 
 @dataclass
 class Outcome:
     """What one reconcile did: a past-tense verb plus facts for the log line and the CLI."""
 
-    # registered | bootstrapped | delivered | rechecked | renewed | reissued | rotated | migrated | refreshed |
-    # unchanged | stopped | left | denied | ignored | failed
-    verb: str
+    verb: Verb  # a str: `outcome.verb == "delivered"` holds
     reason: str = ""
-    state: str | None = None
+    state: State | None = None
     details: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Delivered:
-    """The certificate the VM was last given, as recorded in its `meshjoin-status`."""
-
-    spiffe: str
-    instance_id: str
-    ca_fingerprint: str
-    key_id: str  # pki.key_id of the certified public key
-    not_before: datetime
-    not_after: datetime
-    serial: str = ""  # hex, lowercase, no leading zeros (what the agent reports as cert-serial)
-    key_certs: int = 1  # certificates issued for this key so far
-
-    @classmethod
-    def from_status(cls, status: dict) -> "Delivered | None":
-        """None unless every piece is there and well-formed: the VM owner can write this item too."""
-        try:
-            fields = [status[k] for k in ("identity", "instanceId", "caFingerprint", "keyId")]
-            if not all(isinstance(value, str) for value in fields) or not KEY_ID.fullmatch(fields[3]):
-                return None
-            serial = normalize_serial(str(status.get("certSerial", ""))) or ""
-            certs = str(status.get("keyCerts", "1"))
-            key_certs = int(certs) if certs.isdigit() and 0 < len(certs) <= 6 else 1
-            return cls(*fields, not_before=_parse_time(status["certNotBefore"]),
-                       not_after=_parse_time(status["certNotAfter"]), serial=serial, key_certs=max(1, key_certs))
-        except (KeyError, TypeError, ValueError, AttributeError):
-            return None
-
-
-def _parse_time(value: str) -> datetime:
-    parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    if parsed.tzinfo is None or parsed.utcoffset() is None:
-        raise ValueError(f"{value[:40]!r} has no time zone")
-    return parsed
-
-
-def _rfc3339(value: datetime) -> str:
-    return value.isoformat().replace("+00:00", "Z")
-
-
-def serial_hex(serial: int) -> str:
-    return format(serial, "x")
-
-
-def normalize_serial(value: str) -> str | None:
-    """A reported serial as `serial_hex` writes it (openssl prints upper case, maybe with colons)."""
-    text = value.strip().lower().replace(":", "")
-    if text.startswith("serial="):
-        text = text[len("serial="):]
-    if not text or len(text) > 64 or any(c not in "0123456789abcdef" for c in text):
-        return None
-    return text.lstrip("0") or "0"
-
-
-@dataclass(frozen=True)
-class AgentReport:
-    """What the VM's agent said about itself (guest attributes `meshjoin/*`), validated: the VM owner
-    controls every byte of it, so it only ever confirms their own VM."""
-
-    agent_version: str = ""
-    cert_serial: str = ""
-    sidecar: str = ""
-    updated: str = ""
-
-    @classmethod
-    def from_attributes(cls, attributes: dict[str, str]) -> "AgentReport | None":
-        if not attributes:
-            return None
-
-        def printable(key: str, limit: int = 64) -> str:
-            value = attributes.get(key, "")
-            return value[:limit] if isinstance(value, str) and value[:limit].isprintable() else ""
-
-        sidecar = attributes.get("sidecar", "")
-        return cls(agent_version=printable("agent-version"),
-                   cert_serial=normalize_serial(attributes.get("cert-serial", "")) or "",
-                   sidecar=sidecar if sidecar in SIDECAR_STATES else "",
-                   updated=printable("updated", 40))
-
-    def describe(self) -> str:
-        # No timestamp: the status (which holds this) is rewritten only when the report's facts change.
-        return (f"agent {self.agent_version or '?'} reports certificate {self.cert_serial or 'none'}, "
-                f"sidecar {self.sidecar or 'unknown'}")
-
-
-def read_csr(attributes: dict[str, str], allowed_algorithm: str) -> pki.VerifiedCsr | pki.CsrError | None:
-    """The agent's CSR from its guest attributes: verified, refused (why), or None when there is none. Pure."""
-    raw = attributes.get(names.CSR_ATTRIBUTE)
-    if raw is None or (isinstance(raw, str) and not raw.strip()):
-        return None
-    if not isinstance(raw, str):
-        return pki.CsrError("the CSR is not text")
-    try:
-        return pki.parse_csr(raw, allowed_algorithm)
-    except pki.CsrError as exc:
-        return exc
-
-
-def confirmed(report: AgentReport | None, delivered_serial: str) -> bool:
-    """Whether the agent confirmed holding the certificate meshjoin delivered, with its sidecar running. Pure."""
-    return report is not None and bool(delivered_serial) and report.cert_serial == delivered_serial \
-        and report.sidecar == "running"
-
-
-def waiting_reason(spiffe: str, serial: str, report: AgentReport | None) -> str:
-    said = report.describe() if report else "the VM's agent has not reported yet"
-    return (f"waiting for the VM to confirm {spiffe}: meshjoin certified the VM's key (certificate {serial}, "
-            f"metadata {names.CERT_CHAIN_KEY}); {said}. Until it confirms it receives no mesh traffic. "
-            f"If the agent does not pick the certificate up: {RUN_AGENT_REMEDY}; the agent's log is "
-            "`journalctl -t meshjoin`")
-
-
-def serving_lag_warning(serving: str, delivered: Delivered) -> str:
-    return (f"the VM serves certificate {serving}, not {delivered.serial} that meshjoin delivered (valid until "
-            f"{_rfc3339(delivered.not_after)}): its watcher did not install it, so the VM loses its identity when the "
-            f"certificate it serves expires; on the VM: `sudo systemctl restart meshjoin-watch.service` "
-            f"(`journalctl -t meshjoin` says why it stopped)")
-
-
-def agent_field(report: AgentReport | None, confirmed_serial: str | None, read: bool,
-                recorded: str | None) -> str | None:
-    """The status's `agent` field: the VM's report as read this pass; left out when it only repeats
-    confirmedSerial with a running sidecar (the status is listed with every VM: 4 kB each); the recorded
-    one when this pass did not read the guest attributes."""
-    if report is None:
-        return None if read else recorded
-    if confirmed_serial and report.cert_serial == confirmed_serial and report.sidecar == "running":
-        return None
-    return report.describe()
-
-
-def no_key_reason(spiffe: str, problem: str, report: AgentReport | None) -> str:
-    """Why nothing was signed for a VM that needs its first certificate, and what its owner can do."""
-    said = f"; {report.describe()}" if report else ""
-    return (f"waiting for the VM's key: meshjoin grants {spiffe} but {problem}{said}. The VM's agent makes its key "
-            f"on the VM and writes a CSR for it to {CSR_WHERE}; until a valid one is certified and confirmed the VM "
-            f"receives no mesh traffic. {RUN_AGENT_REMEDY}; the agent's log is `journalctl -t meshjoin`")
-
-
-def csr_problem(csr: pki.VerifiedCsr | pki.CsrError | None) -> str:
-    if csr is None:
-        return f"the VM's agent has not written its CSR ({CSR_WHERE}) yet"
-    return f"its CSR ({CSR_WHERE}) was refused: {csr}"
-
-
-def needs_new_cert(delivered: Delivered | None, *, vm: Vm, spiffe: str, ca_fingerprint: str, now: datetime,
-                   settings: Settings, csr_key_id: str | None = None, force: bool = False) -> str | None:
-    """Why the VM needs a certificate now, or None. Pure.
-
-    `csr_key_id`: the key of the VM's valid CSR, when its guest attributes were read (None: not read,
-    or no valid CSR). A CSR for another key than the certified one is a new key: the agent rotated
-    (asked to, or on its own).
-    """
-    if delivered is None:
-        return NO_CERT
-    if delivered.instance_id != vm.instance_id:
-        return RECREATED
-    if csr_key_id is not None and csr_key_id != delivered.key_id:
-        return NEW_KEY
-    if delivered.spiffe != spiffe:
-        return IDENTITY_CHANGED
-    if force:
-        return FORCED
-    if delivered.ca_fingerprint != ca_fingerprint:
-        return CA_CHANGED
-    if pki.needs_renewal(delivered.not_before, delivered.not_after, now,
-                         renew_fraction=settings.renew_fraction,
-                         jitter_fraction=settings.renew_jitter_fraction, jitter_key=str(vm.key)):
-        return RENEWAL_DUE
-    return None
-
-
-def key_to_certify(why: str, recorded: Delivered | None,
-                   csr: pki.VerifiedCsr | pki.CsrError | None) -> pki.VerifiedCsr | str:
-    """The CSR whose key meshjoin signs for `why`, or the problem that stops it. Pure.
-
-    Only a key the VM proved it holds (a valid CSR in its own guest attributes) is ever certified.
-    A recreated or cloned VM starts as a first delivery, and the key certified for the VM its status
-    was copied from is refused: a copy of another VM's disk (and key) never inherits its certificate.
-    """
-    if not isinstance(csr, pki.VerifiedCsr):
-        return csr_problem(csr)
-    if why == RECREATED and recorded is not None and csr.key_id == recorded.key_id:
-        return (f"its CSR is for key {csr.key_id}, certified for the VM this one was copied from (instance "
-                f"{recorded.instance_id[:24]}); agent 3 makes a fresh key when the instance id changes")
-    return csr
-
-
-def rekey_pending(token: str | None, key_id: str) -> bool:
-    """Whether the rotation meshjoin last asked for still waits: tokens name the key they replace."""
-    return bool(token) and token.startswith(key_id + ".")
-
-
-def rekey_token(why: str, key_certs: int, key_id: str, current: str | None, settings: Settings,
-                now: datetime) -> str | None:
-    """The `meshjoin-rekey` token after re-certifying key `key_id` for `why` (its `key_certs`-th certificate). Pure.
-
-    A new token asks the agent for a new key: when re-certifications of one key would exceed
-    MESHJOIN_KEY_ROTATION_RENEWALS, and when the identity changed (the key served the old one).
-    One request at a time: a pending one is kept. 0 disables requests.
-    """
-    limit = settings.key_rotation_renewals
-    if limit <= 0 or why not in SAME_KEY or rekey_pending(current, key_id):
-        return current
-    if why == IDENTITY_CHANGED or key_certs > limit:
-        return f"{key_id}.{now.strftime('%Y%m%dT%H%M%SZ')}"
-    return current
-
-
-def has_traces(vm: Vm) -> bool:
-    """Whether meshjoin left anything on this VM that a leave must clean up."""
-    if any(k in vm.metadata for k in names.MESHJOIN_KEYS if k != names.STATUS_KEY):
-        return True
-    state = bootstrap.parse_status(vm.metadata.get(names.STATUS_KEY)).get("state")
-    return state in ("joined", "waiting", "error")
-
-
-def is_legacy(vm: Vm) -> bool:
-    """A VM meshjoin 2 joined: its key is in a per-VM secret named by `meshjoin-secret`."""
-    return names.SECRET_KEY in vm.metadata
 
 
 class Reconciler:
@@ -327,7 +85,7 @@ class Reconciler:
         """
         if key.project not in self.settings.vm_projects:
             # Never act for another project's VM, whatever named it (a forged entry, a message).
-            return Outcome("ignored", f"project {key.project[:80]!r} is not among MESHJOIN_VM_PROJECTS")
+            return Outcome(Verb.IGNORED, f"project {key.project[:80]!r} is not among MESHJOIN_VM_PROJECTS")
         try:
             for _ in range(MAX_METADATA_RACES):
                 # A listing's slim view (metadata_complete False) is read whole before any decision.
@@ -355,14 +113,14 @@ class Reconciler:
                 if vm is None:
                     break
                 try:
-                    self._write_status(vm, "left", "removed by an operator", remove_bootstrap=True)
+                    self._write_status(vm, State.LEFT, "removed by an operator", remove_bootstrap=True)
                     break
                 except StaleFingerprint:
                     vm = self.compute.get_vm(key)
             else:
                 raise TransientError(f"{key}: metadata kept changing during leave")
             self._remove_registration(key, legacy_secret=legacy_secret)
-            return Outcome("left", "removed by an operator", state="left")
+            return Outcome(Verb.LEFT, "removed by an operator", state=State.LEFT)
         except PermanentError as exc:
             return self._fail(key, exc)
 
@@ -371,246 +129,90 @@ class Reconciler:
         if vm is None:
             # A secret is deleted only when one is known to exist (the sweep listed it): a delete is a write.
             self._remove_registration(key, legacy_secret=legacy_secret)
-            return Outcome("left", "the VM no longer exists")
+            return Outcome(Verb.LEFT, "the VM no longer exists")
         legacy_secret = legacy_secret or is_legacy(vm)
-        if not vm.wants_mesh:
-            if not has_traces(vm):
-                if cleanup or legacy_secret:
-                    self._remove_registration(key, legacy_secret=legacy_secret)
-                    return Outcome("left", "the VM is not labelled mesh=join")
-                return Outcome("ignored", "the VM is not labelled mesh=join")
-            self._remove_registration(key, legacy_secret=legacy_secret)
-            self._write_status(vm, "left", "the label mesh=join was removed", remove_bootstrap=True)
-            return Outcome("left", "the label mesh=join was removed", state="left")
-        decision = decide_identity(vm, self.settings)
-        if isinstance(decision, Denial):
-            return self._deny(vm, decision, cleanup, legacy_secret)
-        if vm.status in STOPPED_STATES:
-            return self._stopped(vm)
-        return self._join(vm, decision, force, read_agent)
+        match course(vm, self.settings):
+            case Leave():
+                return self._leave_unlabelled(vm, cleanup, legacy_secret)
+            case Deny(denial):
+                return self._deny(vm, denial, cleanup, legacy_secret)
+            case Stop():
+                return self._stopped(vm)
+            case Join(identity):
+                return self._join(vm, identity, force, read_agent)
 
-    # --- join -----------------------------------------------------------------------------------
+    def _leave_unlabelled(self, vm: Vm, cleanup: bool, legacy_secret: bool) -> Outcome:
+        if not has_traces(vm):
+            if cleanup or legacy_secret:
+                self._remove_registration(vm.key, legacy_secret=legacy_secret)
+                return Outcome(Verb.LEFT, "the VM is not labelled mesh=join")
+            return Outcome(Verb.IGNORED, "the VM is not labelled mesh=join")
+        self._remove_registration(vm.key, legacy_secret=legacy_secret)
+        self._write_status(vm, State.LEFT, "the label mesh=join was removed", remove_bootstrap=True)
+        return Outcome(Verb.LEFT, "the label mesh=join was removed", state=State.LEFT)
+
+    # --- join: read the facts, plan, perform the steps -------------------------------------------
 
     def _join(self, vm: Vm, identity: Identity, force: bool, read_agent: bool) -> Outcome:
         now = self.clock()
         ca = self.secrets.plugin_ca()
-        spiffe = identity.spiffe(self.settings.trust_domain)
-        status = bootstrap.parse_status(vm.metadata.get(names.STATUS_KEY))
-        # A legacy item on a copy of a VM (its status names another instance) names another VM's secret:
-        # it goes at once. Only the VM it was written for keeps it until agent 3 has taken over.
-        legacy = is_legacy(vm) and status.get("instanceId") == vm.instance_id
-        # What the status records; a status copied from another VM (a clone, a machine image) is not this
-        # VM's: it starts as a first delivery.
-        recorded = Delivered.from_status(status)
-        delivered = recorded if recorded is not None and recorded.instance_id == vm.instance_id else None
-        token = status.get("rekey") if REKEY_TOKEN.fullmatch(str(status.get("rekey", ""))) else None
-        same_vm = status.get("instanceId") == vm.instance_id and status.get("identity") == spiffe
-        was_confirmed = status.get("state") == "joined" and bool(status.get("confirmedSerial")) and same_vm
-
-        # The VM's own words, read only when they can change something (the sweep's pass over a
-        # confirmed VM with nothing due reads none).
-        due = needs_new_cert(recorded, vm=vm, spiffe=spiffe, ca_fingerprint=ca.fingerprint, now=now,
-                             settings=self.settings, force=force)
-        pending = delivered is not None and rekey_pending(token, delivered.key_id)
-        report, csr = None, None
-        # A VM that carries no meshjoin item at all was never bootstrapped: agent 3 writes its CSR only once it has
-        # read the bootstrap, and deletes it when the bootstrap goes (a VM that left keeps its status item), so
-        # there is nothing to read yet. Its owner can remove every item to skip this read: that only delays the
-        # certificate of their own VM (its agent's nudge, or the sweep, reads at the next pass).
-        fresh = not any(k in vm.metadata for k in names.MESHJOIN_KEYS)
-        read = not fresh and (read_agent or not was_confirmed or due is not None or pending or legacy)
-        if read:
+        project_script = needs_project_script(vm) and \
+            project_startup_script(self.compute.project_metadata(vm.key.project))
+        facts = JoinFacts(vm, identity, Status.of(vm), ca.fingerprint,
+                          ca.bundle.root_certs_pem, now, self.settings, force, project_script)
+        if reads_agent(facts, always=read_agent):
             attributes = self.compute.guest_attributes(vm.key)
-            report = AgentReport.from_attributes(attributes)
-            csr = read_csr(attributes, self.settings.key_algorithm)
-        why = needs_new_cert(recorded, vm=vm, spiffe=spiffe, ca_fingerprint=ca.fingerprint, now=now,
-                             settings=self.settings, force=force,
-                             csr_key_id=csr.key_id if isinstance(csr, pki.VerifiedCsr) else None)
-        if why in FIRST_DELIVERY and not (legacy and why == NO_CERT):
-            was_confirmed = False  # a new VM, a copy of one, or a new identity confirms afresh
+            facts = replace(facts, agent=AgentWords.from_attributes(attributes, self.settings.key_algorithm))
+        planned = plan_join(facts)
+        if (certify := planned.certify) is not None:
+            # The plan stops at Certify (its last step): sign, then plan the rest with the certificate as a fact.
+            self._perform(vm, identity, planned.steps[:-1])
+            planned = plan_join(replace(facts, issued=self._certify(vm, ca.bundle, certify, facts.now)))
+        changed = self._perform(vm, identity, planned.steps)
+        return Outcome(planned.verb_if_written if changed else planned.verb_if_not, planned.reason,
+                       state=planned.state, details=wire_fields(planned.write.fields))
 
-        # The pass that wrote a `waiting` status for this VM and identity checked that the entry name is free or
-        # meshjoin's (below): a first delivery after it does not repeat the GET. A status forged `waiting` skips
-        # only this courtesy check for its own VM: the registration itself never replaces an entry meshjoin did
-        # not make (KubeAdapter.apply_owned), whatever the status says.
-        entry_checked = status.get("state") == "waiting" and same_vm
+    def _certify(self, vm: Vm, ca: pki.CaBundle, step: Certify, now: datetime) -> pki.IssuedCert:
+        issued = pki.certify(ca, step.csr.public_key, step.spiffe, now=now, ttl=self.settings.cert_ttl,
+                             backdate=min(MAX_BACKDATE, self.settings.cert_ttl / 10))
+        log("INFO", f"certified key {issued.key_id} as {step.spiffe} ({step.why})", key=vm.key, outcome="certified",
+            keyId=issued.key_id, certSerial=serial_hex(issued.serial))
+        return issued
 
-        issued: pki.IssuedCert | None = None
-        problem = None
-        if why:
-            choice = key_to_certify(why, recorded, csr)
-            if isinstance(choice, str):
-                problem = choice
-            else:
-                if why in FIRST_DELIVERY and not entry_checked:
+    def _perform(self, vm: Vm, identity: Identity, steps: tuple[Step, ...]) -> bool:
+        """The executor: each step's one effect, in order. Answers whether the metadata write was made.
+
+        An entry this pass applied is fenced by the fingerprint read at its start: the metadata write is then
+        made even when nothing else changed, so a pass that lost a race (a `leave`, a stop) learns it (412),
+        and withdraws that entry; the next pass re-decides from what it reads. A certificate signed in a lost
+        pass is public and undelivered: nothing to undo.
+        """
+        applied, entry, changed = False, None, False
+        for step in steps:
+            match step:
+                case CheckEntryName():
                     self._refuse_a_foreign_entry(vm, identity)
-                issued = pki.certify(ca.bundle, choice.public_key, spiffe, now=now, ttl=self.settings.cert_ttl,
-                                     backdate=min(MAX_BACKDATE, self.settings.cert_ttl / 10))
-                same_key = delivered is not None and delivered.key_id == issued.key_id
-                key_certs = delivered.key_certs + 1 if same_key else 1
-                token = rekey_token(why, key_certs, issued.key_id, token, self.settings, now) if same_key else token
-                delivered = Delivered(spiffe, vm.instance_id, ca.fingerprint, issued.key_id, issued.not_before,
-                                      issued.not_after, serial_hex(issued.serial), key_certs)
-                log("INFO", f"certified key {issued.key_id} as {spiffe} ({why})", key=vm.key, outcome="certified",
-                    keyId=issued.key_id, certSerial=delivered.serial)
-        if delivered is None and not entry_checked:
-            # Before a first bootstrap: the entry name the VM will register under must be free or meshjoin's,
-            # or its owner would wait for a join that can never complete.
-            self._refuse_a_foreign_entry(vm, identity)
-        if why == IDENTITY_CHANGED and issued is None:
-            delivered = None  # never recorded under the new identity: certified once the VM's CSR is valid
-
-        # The VM's own truth: until its agent confirms, meshjoin has done its part but the VM serves nothing.
-        confirmed_serial = status.get("confirmedSerial") if was_confirmed else None
-        migrated = False
-        if issued is None and delivered is not None and confirmed(report, delivered.serial):
-            migrated = legacy  # agent 3 serves the certificate meshjoin signed for its own key
-            if not was_confirmed or legacy:
-                confirmed_serial = delivered.serial
-        is_joined = confirmed_serial is not None
-
-        warnings = []
-        if is_default_compute_account(vm.service_account):  # bound on purpose by an operator, still risky
-            warnings.append("the VM runs as the project's default compute service account, which other VMs "
-                            "share: any of them could ask for this identity; give it a dedicated service account")
-        if was_confirmed and recorded is not None and report is not None and report.cert_serial and \
-                report.cert_serial != recorded.serial:
-            # istio-agent never renews by itself (file-mounted certificates): a VM whose watcher stopped
-            # keeps serving an older certificate until it expires, while it still counts as joined.
-            warnings.append(serving_lag_warning(report.cert_serial, recorded))
-        items, remove = self._bootstrap(vm, identity, ca.bundle.root_certs_pem, warnings)
-        if issued is not None:
-            items[names.CERT_CHAIN_KEY] = issued.chain_pem
-        if why == RECREATED and issued is None:
-            remove |= {names.CERT_CHAIN_KEY, names.REKEY_KEY}  # the VM's it was copied from: not this one's
-        if delivered is None:
-            token = None
-        elif token:
-            items[names.REKEY_KEY] = token
-        if legacy and not migrated and delivered is None:
-            # Agent 2 keeps serving from its secret (istio-agent renews through istiod as before) until the
-            # VM boots agent 3: only the new script and what agent 3 needs first change now.
-            items = {k: v for k, v in items.items()
-                     if k in (names.STARTUP_SCRIPT_KEY, names.KEY_ALGORITHM_KEY, names.GUEST_ATTRIBUTES_KEY)}
-            remove &= {names.STARTUP_SCRIPT_KEY}
-        if migrated or (is_legacy(vm) and not legacy):
-            remove.add(names.SECRET_KEY)
-
-        applied = False
-        if is_joined:
-            not_after = delivered.not_after if delivered else _legacy_not_after(status, now)
-            entry, applied = self._register(vm, identity, not_after, previous=status.get("workloadEntry"))
-            state = "joined"
-        else:
-            self._withdraw_entry(vm.key, status.get("workloadEntry"))
-            entry = None
-            state = "waiting"
-        reason = self._reason(state, spiffe, why, issued, delivered, problem, report, was_confirmed, legacy,
-                              migrated)
-        if delivered is not None and rekey_pending(token, delivered.key_id):
-            # Joined, the current key serves until the new one is certified: short, since the status is listed
-            # with every VM (4 kB each); `meshjoin explain` gives the remedy. A waiting VM's reason keeps it.
-            reason += f"; meshjoin asked the VM for a new key ({names.REKEY_KEY})" if state == "joined" else \
-                (f"; meshjoin asked the VM for a new key ({names.REKEY_KEY}={token}): its agent makes it and "
-                 f"hands in its CSR, the current key serves until then; if nothing comes: {RUN_AGENT_REMEDY}")
-        if problem and why and delivered is not None:
-            # Recorded as a warning too: a reason alone does not rewrite the status its owner reads.
-            warnings.append(f"{why} but nothing was certified: {problem}")
-            log("WARNING", f"{why} but nothing was certified: {problem}", key=vm.key, outcome="waiting")
-        elif isinstance(csr, pki.CsrError) and delivered is not None:
-            # Nothing was due, but the key the agent hands in (a rotation) cannot be certified: say why.
-            warnings.append(f"the VM's new CSR ({CSR_WHERE}) was refused: {csr}")
-        waiting_since = None
-        if state == "waiting":
-            waiting_since = status.get("waitingSince") if status.get("state") == "waiting" and same_vm \
-                and issued is None else _rfc3339(now)
-        cert = delivered is not None
-        status_fields = dict(
-            identity=spiffe, workloadEntry=entry, instanceId=vm.instance_id, address=vm.network_ip,
-            caFingerprint=delivered.ca_fingerprint if cert else None,
-            certNotBefore=_rfc3339(delivered.not_before) if cert else None,
-            certNotAfter=_rfc3339(delivered.not_after) if cert else
-            (status.get("certNotAfter") if legacy else None),  # agent 2's, for the entry it keeps
-            certSerial=(delivered.serial or None) if cert else None,
-            keyId=delivered.key_id if cert else None, keyCerts=str(delivered.key_certs) if cert else None,
-            rekey=token, confirmedSerial=confirmed_serial, waitingSince=waiting_since,
-            agent=agent_field(report, confirmed_serial, read, status.get("agent")),
-            warnings=warnings or None)
-        try:
-            # An entry this pass applied is fenced by the fingerprint read at its start: the metadata write is
-            # made even when nothing else changed, so a pass that lost a race (a `leave`, a stop) learns it.
-            changed = self._write_metadata(vm, items, state, reason, status_fields, remove=frozenset(remove),
-                                           always=applied)
-        except StaleFingerprint:
-            if applied:
-                # What this pass decided is stale: its entry goes, the next pass re-decides from what it reads.
-                self._withdraw_entry(vm.key, entry)
-            raise
-        if migrated:
-            if self.secrets.delete_vm_secret(vm.key):
-                log("INFO", "migrated to agent 3: the legacy per-VM secret was deleted", key=vm.key, outcome="pruned")
-            verb = "migrated"
-        elif issued is not None:
-            verb = VERB_BY_CAUSE.get(why, "delivered") if is_joined else "delivered"
-        elif is_joined and not was_confirmed:
-            verb = "registered"
-        elif legacy and changed:
-            verb = "migrating"
-        elif not is_joined:
-            verb = "bootstrapped" if changed and delivered is None else "rechecked"
-        else:
-            verb = "refreshed" if changed else "unchanged"
-        return Outcome(verb, reason, state=state, details=status_fields)
-
-    def _reason(self, state: str, spiffe: str, why: str | None, issued, delivered: Delivered | None,
-                problem: str | None, report: AgentReport | None, was_confirmed: bool, legacy: bool,
-                migrated: bool) -> str:
-        if migrated:
-            return f"joined as {spiffe}: migrated to agent 3, which serves a key made on the VM; the per-VM secret is gone"
-        if legacy and delivered is None:
-            return (f"migrating: agent 3 takes over at the VM's next boot (it makes its key on the VM; the per-VM "
-                    f"secret is deleted once it confirmed); until then agent 2 keeps serving {spiffe}. "
-                    f"{RUN_AGENT_REMEDY} to switch now" + (f"; {problem}" if problem and report else ""))
-        if state == "waiting":
-            if delivered is None:
-                return no_key_reason(spiffe, problem or csr_problem(None), report)
-            text = waiting_reason(spiffe, delivered.serial, report)
-            return f"{text}; {why}: {problem}" if problem else text
-        # The identity is the status's own `identity` field: not repeated here (4 kB of metadata a VM).
-        text = "joined" + (f" ({why})" if issued is not None else "") + \
-            ("; the VM confirmed it" if not was_confirmed else "")
-        if problem and delivered is not None:
-            text += (f"; {why} but nothing was certified: {problem}; the certificate expires at "
-                     f"{_rfc3339(delivered.not_after)}")
-        return text
-
-    def _bootstrap(self, vm: Vm, identity: Identity, root_pem: str, warnings: list[str]) -> tuple[dict, set]:
-        """The bootstrap items for this VM, minus what belongs to its owner (their startup-script, their
-        guest-attributes switch), with the warnings that explain it."""
-        items = bootstrap.bootstrap_items(vm.key, identity, self.settings, root_pem=root_pem)
-        # What every VM shares is in project metadata now: a copy meshjoin wrote on this VM before would shadow
-        # the project's value forever (the agent reads the instance's first).
-        remove: set[str] = {k for k in names.DEPLOYMENT_KEYS if k in vm.metadata}
-        own_script = vm.metadata.get(names.STARTUP_SCRIPT_KEY)
-        if own_script is not None and names.STARTUP_SCRIPT_MARKER not in own_script:
-            items.pop(names.STARTUP_SCRIPT_KEY)  # the owner's own script: never overwritten
-            warnings.append("startup-script belongs to the VM owner and was kept; run the meshjoin agent "
-                            f"({AGENT_PATH}) from it")
-        elif project_startup_script(self.compute.project_metadata(vm.key.project)):
-            # An instance-level item would silently replace the project's script on this VM.
-            items.pop(names.STARTUP_SCRIPT_KEY)
-            if own_script is not None:
-                remove.add(names.STARTUP_SCRIPT_KEY)  # ours from before the project had one
-            warnings.append("the project's common metadata has its own startup-script, which meshjoin does not "
-                            f"override; run the meshjoin agent ({AGENT_PATH}) from it")
-        guest = vm.metadata.get(names.GUEST_ATTRIBUTES_KEY)
-        if guest is not None:
-            items.pop(names.GUEST_ATTRIBUTES_KEY, None)  # the owner's setting stays
-            if guest.strip().lower() not in ("true", "1", "yes"):
-                warnings.append(f"metadata {names.GUEST_ATTRIBUTES_KEY}={guest[:20]!r} disables guest attributes: "
-                                "the VM's agent can neither hand in its key nor confirm, so the VM receives no "
-                                "mesh traffic")
-        return items, remove
+                case Register(not_after, previous):
+                    entry, applied = self._register(vm, identity, not_after, previous=previous)
+                case Withdraw(previous):
+                    self._withdraw_entry(vm.key, previous)
+                case LogWarning(message):
+                    log("WARNING", message, key=vm.key, outcome="waiting")
+                case WriteMetadata(items, remove, state, reason, fields):
+                    try:
+                        changed = self._write_metadata(vm, dict(items), state, reason, dict(fields), remove=remove,
+                                                       always=applied)
+                    except StaleFingerprint:
+                        if applied:
+                            self._withdraw_entry(vm.key, entry)
+                        raise
+                case DeleteLegacySecret():
+                    if self.secrets.delete_vm_secret(vm.key):
+                        log("INFO", "migrated to agent 3: the legacy per-VM secret was deleted", key=vm.key,
+                            outcome="pruned")
+                case _:
+                    raise TypeError(f"{type(step).__name__} is not a step this executor performs here")
+        return changed
 
     def _withdraw_entry(self, key: VmKey, previous: str | None) -> None:
         """An unconfirmed VM must not be selected by any Service: remove an entry a status still names."""
@@ -676,9 +278,9 @@ class Reconciler:
             # change its metadata: nothing is written to the VM. Operators see the reason in this log
             # line and in `meshjoin explain`.
             log("WARNING", f"denied, nothing written to the VM: {denial.reason}", key=vm.key, outcome="denied")
-            return Outcome("denied", denial.reason, state="denied")
-        self._write_status(vm, "denied", denial.reason, remove_bootstrap=True)
-        return Outcome("denied", denial.reason, state="denied")
+            return Outcome(Verb.DENIED, denial.reason, state=State.DENIED)
+        self._write_status(vm, State.DENIED, denial.reason, remove_bootstrap=True)
+        return Outcome(Verb.DENIED, denial.reason, state=State.DENIED)
 
     def _stopped(self, vm: Vm) -> Outcome:
         """A stopped VM is taken out of routing (its entry goes); its bootstrap and key stay, so it
@@ -686,8 +288,8 @@ class Reconciler:
         sweep)."""
         self._remove_entries(vm.key)
         reason = f"the VM is {vm.status}: not routed and not renewed until it runs again"
-        self._write_status(vm, "stopped", reason)
-        return Outcome("stopped", reason, state="stopped")
+        self._write_status(vm, State.STOPPED, reason)
+        return Outcome(Verb.STOPPED, reason, state=State.STOPPED)
 
     def _remove_registration(self, key: VmKey, legacy_secret: bool = False) -> None:
         """Delete the VM's entries (any namespace), orphaned Services meshjoin made, and with
@@ -755,21 +357,19 @@ class Reconciler:
 
     # --- metadata -------------------------------------------------------------------------------
 
-    def _write_metadata(self, vm: Vm, items: dict[str, str], state: str, reason: str, fields: dict,
+    def _write_metadata(self, vm: Vm, items: dict[str, str], state: State, reason: str, fields: dict,
                         remove: frozenset[str] = frozenset(), always: bool = False) -> bool:
         """Write bootstrap items + status unless nothing but the timestamp would change (`always`: write
         anyway, for the fingerprint check)."""
-        old_status = bootstrap.parse_status(vm.metadata.get(names.STATUS_KEY))
-        new_status = bootstrap.status_value(state, reason, self.clock(), **fields)
-        same_status = {k: v for k, v in old_status.items() if k not in ("updated", "reason")} == \
-            {k: v for k, v in bootstrap.parse_status(new_status).items() if k not in ("updated", "reason")}
+        new_status = written(state, reason, self.clock(), **fields)
+        same_status = Status.of(vm).facts == new_status.facts
         present = [k for k in remove if k in vm.metadata]
         if not always and same_status and not present and all(vm.metadata.get(k) == v for k, v in items.items()):
             return False
-        self.compute.set_metadata(vm, {**items, names.STATUS_KEY: new_status}, remove=remove)
+        self.compute.set_metadata(vm, {**items, names.STATUS_KEY: new_status.encode()}, remove=remove)
         return True
 
-    def _write_status(self, vm: Vm, state: str, reason: str, remove_bootstrap: bool = False, **fields) -> None:
+    def _write_status(self, vm: Vm, state: State, reason: str, remove_bootstrap: bool = False, **fields) -> None:
         remove = set(names.MESHJOIN_KEYS) - {names.STATUS_KEY} if remove_bootstrap else set()
         script = vm.metadata.get(names.STARTUP_SCRIPT_KEY, "")
         if remove_bootstrap and names.STARTUP_SCRIPT_MARKER in script:
@@ -784,20 +384,11 @@ class Reconciler:
         try:
             vm = self.compute.get_vm(key)
             if vm is not None and vm.wants_mesh:
-                self._write_status(vm, "error", reason)
+                self._write_status(vm, State.ERROR, reason)
         except (TransientError, PermanentError, StaleFingerprint) as status_exc:
             log("WARNING", f"could not record the error in meshjoin-status: {status_exc}", key=key)
         log("ERROR", f"reconcile failed: {reason}", key=key, outcome="failed", error_kind=type(exc).__name__)
-        return Outcome("failed", reason, state="error")
-
-
-AGENT_PATH = "/usr/local/sbin/meshjoin-agent"
-
-
-def project_startup_script(project_metadata: dict[str, str]) -> bool:
-    """Whether the project runs a startup-script of its own on every VM (not one meshjoin rendered)."""
-    script = project_metadata.get(names.STARTUP_SCRIPT_KEY)
-    return script is not None and names.STARTUP_SCRIPT_MARKER not in script
+        return Outcome(Verb.FAILED, reason, state=State.ERROR)
 
 
 _K8S_NAME = re.compile(r"[a-z0-9](?:[-a-z0-9.]{0,251}[a-z0-9])?")
@@ -808,11 +399,3 @@ def _entry_vm(entry: dict) -> VmKey | None:
     annotations = entry.get("metadata", {}).get("annotations") or {}
     parts = [annotations.get(names.ANNOTATION_PREFIX + k) for k in ("project", "zone", "instance")]
     return VmKey(*parts) if all(isinstance(p, str) and p for p in parts) else None
-
-
-def _legacy_not_after(status: dict, now: datetime) -> datetime:
-    """The legacy certificate's end, for the entry's annotation while agent 2 still serves (now if unknown)."""
-    try:
-        return _parse_time(status["certNotAfter"])
-    except (KeyError, TypeError, ValueError, AttributeError):
-        return now

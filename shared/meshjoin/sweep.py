@@ -28,27 +28,79 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 from secrets import token_hex
 from typing import Callable, Collection, Protocol, Sequence
 
-from . import bootstrap, capacity, names, pki
+from . import capacity, names, pki
 from .errors import BadMessage, MeshjoinError
 from .events import validated_key
 from .logs import log
-from .model import JOIN_LABEL, JOIN_VALUE, Denial, Vm, VmKey
-from .policy import decide_identity
-from .reconcile import STOPPED_STATES, Delivered, Reconciler, is_legacy, needs_new_cert, rekey_pending
+from .model import JOIN_LABEL, JOIN_VALUE, Vm, VmKey
+from .plan import Cause, Deny, Join, JoinFacts, Stop, Verb, is_legacy, labelled_course, rekey_pending
+from .reconcile import Reconciler
 from .settings import Settings
+from .status import Delivered, State, Status, time_or_none
 
 LABEL_FILTER = f"labels.{JOIN_LABEL}={JOIN_VALUE}"
 # Compute pages at most 500 VMs; the cluster's small objects come in larger pages (fewer list calls).
 CLUSTER_PAGE = 5000
 OWNED_SELECTOR = f"{names.MANAGED_BY_LABEL}={names.MANAGED_BY}"
 
-# Action kinds, in the order a sweep spends its budget on them.
-JOIN, REISSUE, RENEW, PRUNE, PRUNE_SERVICE, PRUNE_SECRET = \
-    "join", "reissue", "renew", "prune", "prune-service", "prune-secret"
+
+class Work(StrEnum):
+    """What a sweep action does; the per-VM ones are also the `work` hint of its message."""
+
+    JOIN = "join"
+    REISSUE = "reissue"
+    RENEW = "renew"
+    PRUNE = "prune"
+    PRUNE_SERVICE = "prune-service"
+    PRUNE_SECRET = "prune-secret"
+
+
+# The per-VM kinds in the order a sweep spends its budget on them, then the prunes.
+JOIN, REISSUE, RENEW, PRUNE, PRUNE_SERVICE, PRUNE_SECRET = Work
 TO_BE_DENIED = "to be denied"
+
+
+class Note(str):
+    """A line of the plan for the operator (a str: it reads and compares as its text), with the severity
+    and outcome its log line carries."""
+
+    severity: str
+    outcome: str
+
+    def __new__(cls, text: str, severity: str = "WARNING", outcome: str = Verb.DEFERRED) -> "Note":
+        note = super().__new__(cls, text)
+        note.severity, note.outcome = severity, outcome
+        return note
+
+
+def incomplete(text: str) -> Note:
+    """A note that something could not be done at all this sweep: an ERROR line."""
+    return Note(text, "ERROR")
+
+
+@dataclass(frozen=True)
+class UnlistedProject:
+    """A VM project whose Compute listing failed: its VMs are unseen this sweep."""
+
+    project: str
+    why: str
+
+    def __str__(self) -> str:
+        return f"Compute instances in {self.project}: {self.why}"
+
+
+@dataclass(frozen=True)
+class WorkFailed:
+    """One sweep action that raised: that VM's failure, counted, the sweep goes on."""
+
+    error: str
+
+    def __str__(self) -> str:
+        return f"error: {self.error}"
 
 
 @dataclass
@@ -74,8 +126,11 @@ class Inventory:
     @property
     def failures(self) -> list[str]:
         """Every listing that failed, for the log and the summary."""
-        return self.errors + [f"Compute instances in {project}: {why}"
-                              for project, why in sorted(self.unlisted_projects.items())]
+        return self.errors + [str(unlisted) for unlisted in self.unlisted]
+
+    @property
+    def unlisted(self) -> list[UnlistedProject]:
+        return [UnlistedProject(project, why) for project, why in sorted(self.unlisted_projects.items())]
 
     def seen(self, key: VmKey) -> bool:
         """Whether this sweep's VM listing covered the VM's project and zone: only then may its absence
@@ -87,10 +142,11 @@ class Inventory:
 
 @dataclass(frozen=True)
 class Action:
-    kind: str
+    kind: Work
     key: VmKey | None
     reason: str
     target: str = ""  # namespace/name for a Service prune
+    denies: bool = False  # a JOIN whose reconcile denies the VM: it removes, it certifies nothing
 
     def describe(self) -> str:
         subject = str(self.key) if self.key else self.target
@@ -103,7 +159,7 @@ class SweepPlan:
     denied: int
     healthy: int
     prune_candidates: int
-    notes: list[str] = field(default_factory=list)
+    notes: list[Note] = field(default_factory=list)
 
 
 @dataclass
@@ -171,7 +227,7 @@ def _entry_ref(entry: dict) -> str:
 def plan_sweep(inventory: Inventory, settings: Settings, ca_fingerprint: str, now: datetime) -> SweepPlan:
     """Decide, from listings alone, what each VM needs. Pure."""
     actions: list[Action] = []
-    notes: list[str] = []
+    notes: list[Note] = []
     denied = healthy = 0
     entries_by_ref = {_entry_ref(e): e for e in inventory.entries}
     entry_keys = {entry_key(e, settings.vm_projects) for e in inventory.entries}
@@ -181,32 +237,32 @@ def plan_sweep(inventory: Inventory, settings: Settings, ca_fingerprint: str, no
             action = _plan_vm(key, inventory.vms[key], settings, ca_fingerprint, now, entries_by_ref,
                               key in entry_keys, key in inventory.secrets, inventory.complete, notes)
         except Exception as exc:  # noqa: BLE001 - a bug triggered by one VM's input must not stop the sweep
-            notes.append(f"{key}: not planned ({type(exc).__name__}: {str(exc)[:200]})")
+            notes.append(Note(f"{key}: not planned ({type(exc).__name__}: {str(exc)[:200]})"))
             continue
         if action == "denied":
             denied += 1
         elif action is None:
             healthy += 1
         else:
-            denied += action.reason.startswith(TO_BE_DENIED)
+            denied += action.denies
             actions.append(action)
     # Renewals due first are renewed first when the budget runs short.
     actions.sort(key=lambda a: ([JOIN, REISSUE, RENEW].index(a.kind), _renewal_order(inventory, a, settings)))
 
     prunes: list[Action] = []
     if inventory.unreachable_zones:
-        notes.append("zones unreachable, their VMs neither pruned nor re-joined this sweep: "
-                     + ", ".join(sorted(inventory.unreachable_zones)))
+        notes.append(Note("zones unreachable, their VMs neither pruned nor re-joined this sweep: "
+                          + ", ".join(sorted(inventory.unreachable_zones))))
     if inventory.unlisted_projects:
-        notes.append("VM listing incomplete, these projects' VMs neither pruned nor re-joined this sweep: "
-                     + "; ".join(f"{p}: {why}" for p, why in sorted(inventory.unlisted_projects.items())))
+        notes.append(incomplete("VM listing incomplete, these projects' VMs neither pruned nor re-joined this "
+                                "sweep: " + "; ".join(f"{u.project}: {u.why}" for u in inventory.unlisted)))
     if inventory.complete:
         # Legacy per-VM secrets live in the host project and were only ever made for its VMs.
         orphans = entry_keys | {k for k in inventory.secrets if k.project == settings.project}
         for key in sorted(k for k in orphans if k is not None and k not in inventory.vms and inventory.seen(k)):
             prunes.append(Action(PRUNE, key, "no labelled VM by that name (404 or label removed)"))
         # A denial planned above removes the VM's legacy secret itself.
-        denying = {a.key for a in actions if a.reason.startswith(TO_BE_DENIED)}
+        denying = {a.key for a in actions if a.denies}
         for key in sorted(k for k in inventory.secrets if k in inventory.vms and k not in denying
                           and not is_legacy(inventory.vms[k])):
             prunes.append(Action(PRUNE_SECRET, key, "legacy per-VM secret of a VM that no longer uses one "
@@ -219,19 +275,11 @@ def plan_sweep(inventory: Inventory, settings: Settings, ca_fingerprint: str, no
                 prunes.append(Action(PRUNE_SERVICE, None, "no WorkloadEntry selects it",
                                      target=f"{meta['namespace']}/{meta['name']}"))
     else:
-        notes.append("listing incomplete, nothing pruned: " + "; ".join(inventory.errors))
+        notes.append(incomplete("listing incomplete, nothing pruned: " + "; ".join(inventory.errors)))
     if len(prunes) > settings.prune_cap:
-        notes.append(f"{len(prunes)} objects to prune exceed MESHJOIN_PRUNE_CAP={settings.prune_cap}: "
-                     f"pruning {settings.prune_cap} this sweep; check that VMs were really deleted")
+        notes.append(incomplete(f"{len(prunes)} objects to prune exceed MESHJOIN_PRUNE_CAP={settings.prune_cap}: "
+                                f"pruning {settings.prune_cap} this sweep; check that VMs were really deleted"))
     return SweepPlan(actions + prunes[:settings.prune_cap], denied, healthy, len(prunes), notes)
-
-
-def _time_or_none(value: str | None) -> datetime | None:
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00")) if isinstance(value, str) else None
-    except ValueError:
-        return None
-    return parsed if parsed is not None and parsed.tzinfo is not None else None
 
 
 def soonest_cert_expiry(inventory: Inventory, now: datetime) -> int | None:
@@ -241,8 +289,8 @@ def soonest_cert_expiry(inventory: Inventory, now: datetime) -> int | None:
     renewals have been failing for hours. Pure."""
     left = []
     for vm in inventory.vms.values():
-        status = bootstrap.parse_status(vm.metadata.get(names.STATUS_KEY))
-        delivered = Delivered.from_status(status) if status.get("state") == "joined" else None
+        status = Status.of(vm)
+        delivered = Delivered.from_status(status) if status.state == State.JOINED else None
         if delivered is not None:
             left.append(int((delivered.not_after - now).total_seconds()))
     return min(left) if left else None
@@ -250,57 +298,60 @@ def soonest_cert_expiry(inventory: Inventory, now: datetime) -> int | None:
 
 def _plan_vm(key: VmKey, vm: Vm, settings: Settings, ca_fingerprint: str, now: datetime,
              entries_by_ref: dict[str, dict], has_entry: bool, has_secret: bool, complete: bool,
-             notes: list[str]) -> Action | str | None:
-    """One VM's action; "denied" (already recorded) or None (healthy) when there is nothing to do."""
-    status = bootstrap.parse_status(vm.metadata.get(names.STATUS_KEY))
-    decision = decide_identity(vm, settings)
-    if isinstance(decision, Denial):
-        # An unbound account's VM gets no status (meshjoin may not write it): act only to remove traces,
-        # as meshjoin's own listings show them (a VM still waiting for its agent has a key but no entry yet;
-        # a status the owner forged to read "denied" must not keep them alive).
-        recorded = decision.account_bound and status.get("state") == "denied" and \
-            status.get("reason") == decision.reason
-        if not has_entry and not has_secret and (recorded or not decision.account_bound):
-            return "denied"
-        return Action(JOIN, key, f"{TO_BE_DENIED}: {decision.reason}")
-    if vm.status in STOPPED_STATES:
-        if status.get("state") == "stopped" and not has_entry:
-            return None
-        return Action(JOIN, key, f"the VM is {vm.status}: to be taken out of routing")
-    delivered = Delivered.from_status(status)
-    if status.get("state") == "waiting":
+             notes: list[Note]) -> Action | str | None:
+    """One VM's action; "denied" (already recorded) or None (healthy) when there is nothing to do. The course
+    and what is due are the reconcile's own rules (plan.py), applied to the listing's view of the VM."""
+    status = Status.of(vm)
+    match labelled_course(vm, settings):
+        case Deny(denial):
+            # An unbound account's VM gets no status (meshjoin may not write it): act only to remove traces,
+            # as meshjoin's own listings show them (a VM still waiting for its agent has a key but no entry yet;
+            # a status the owner forged to read "denied" must not keep them alive).
+            recorded = denial.account_bound and status.state == State.DENIED and status.reason == denial.reason
+            if not has_entry and not has_secret and (recorded or not denial.account_bound):
+                return "denied"
+            return Action(JOIN, key, f"{TO_BE_DENIED}: {denial.reason}", denies=True)
+        case Stop():
+            if status.state == State.STOPPED and not has_entry:
+                return None
+            return Action(JOIN, key, f"the VM is {vm.status}: to be taken out of routing")
+        case Join(identity):
+            facts = JoinFacts(vm, identity, status, ca_fingerprint, root_pem="", now=now, settings=settings)
+    delivered = facts.recorded
+    if status.state == State.WAITING:
         # meshjoin did its part; re-check whether the VM's agent has handed in its key or confirmed since.
         awaited = "confirm" if delivered is not None else "hand in its key (CSR)"
-        since = _time_or_none(status.get("waitingSince"))
+        since = time_or_none(status.waiting_since)
         if since is not None and now - since > settings.confirm_timeout:
-            notes.append(f"{key} has waited {str(now - since).split('.')[0]} for its agent to {awaited} "
-                         "(MESHJOIN_CONFIRM_TIMEOUT): reboot it, or run "
-                         "`sudo google_metadata_script_runner startup` on it; `meshjoin explain` says more")
+            # Overdue when a delivered certificate waits for confirmation; a missing key is only deferred.
+            notes.append(Note(f"{key} has waited {str(now - since).split('.')[0]} for its agent to {awaited} "
+                              "(MESHJOIN_CONFIRM_TIMEOUT): reboot it, or run "
+                              "`sudo google_metadata_script_runner startup` on it; `meshjoin explain` says more",
+                              outcome="overdue" if delivered is not None else Verb.DEFERRED))
         return Action(JOIN, key, f"waiting for the VM to {awaited}")
     if is_legacy(vm):
         return Action(JOIN, key, "migrating from its per-VM secret: checking for agent 3's key")
-    if status.get("state") != "joined" or delivered is None:
-        return Action(JOIN, key, f"labelled but {str(status.get('state') or 'never handled')[:40]}")
-    entry = entries_by_ref.get(status.get("workloadEntry")) if isinstance(status.get("workloadEntry"), str) else None
+    if status.state != State.JOINED or delivered is None:
+        return Action(JOIN, key, f"labelled but {str(status.state or 'never handled')[:40]}")
+    entry = entries_by_ref.get(status.workload_entry) if status.workload_entry is not None else None
     if entry is None and complete:
-        return Action(JOIN, key, f"its WorkloadEntry {str(status.get('workloadEntry'))[:120]} is missing")
+        return Action(JOIN, key, f"its WorkloadEntry {str(status.workload_entry)[:120]} is missing")
     if entry is not None:
         spec = entry.get("spec") or {}
-        if spec.get("address") != vm.network_ip or (spec.get("ports") or {}) != dict(decision.ports):
+        if spec.get("address") != vm.network_ip or (spec.get("ports") or {}) != dict(identity.ports):
             return Action(JOIN, key, "its address or ports changed")
-    why = needs_new_cert(delivered, vm=vm, spiffe=decision.spiffe(settings.trust_domain),
-                         ca_fingerprint=ca_fingerprint, now=now, settings=settings)
+    why = facts.due()  # no CSR in a listing: a new key is found by the pass a rotation request plans
     if why is None:
-        if rekey_pending(status.get("rekey") if isinstance(status.get("rekey"), str) else None, delivered.key_id):
+        if rekey_pending(status.rekey, delivered.key_id):
             return Action(JOIN, key, "a key rotation was requested: checking for the VM's new key")
         return None
-    kind = REISSUE if delivered.ca_fingerprint != ca_fingerprint else RENEW if "renewal" in why else JOIN
+    kind = REISSUE if delivered.ca_fingerprint != ca_fingerprint else RENEW if why is Cause.RENEWAL_DUE else JOIN
     return Action(kind, key, why)
 
 
 def _renewal_order(inventory: Inventory, action: Action, settings: Settings) -> float:
     vm = inventory.vms.get(action.key) if action.key else None
-    delivered = Delivered.from_status(bootstrap.parse_status(vm.metadata.get(names.STATUS_KEY))) if vm else None
+    delivered = Delivered.from_status(Status.of(vm)) if vm else None
     if delivered is None:
         return 0.0
     return pki.renewal_time(delivered.not_before, delivered.not_after, renew_fraction=settings.renew_fraction,
@@ -364,7 +415,7 @@ class Sweeper:
         inventory = self.inventory()
         errors = inventory.failures
         if set(inventory.unlisted_projects) >= set(self.settings.vm_projects):
-            plan = SweepPlan([], 0, 0, 0, ["no VM listing: nothing to do this sweep"])
+            plan = SweepPlan([], 0, 0, 0, [Note("no VM listing: nothing to do this sweep")])
         else:
             try:
                 ca_fingerprint = self.reconciler.secrets.plugin_ca().fingerprint
@@ -372,12 +423,11 @@ class Sweeper:
                 errors.append(f"plug-in CA: {exc}")
                 ca_fingerprint = ""
             plan = plan_sweep(inventory, self.settings, ca_fingerprint, self.clock()) if ca_fingerprint else \
-                SweepPlan([], 0, 0, 0, ["no CA: nothing to do this sweep"])
+                SweepPlan([], 0, 0, 0, [Note("no CA: nothing to do this sweep")])
         counts["denied"] = plan.denied
         counts["errors"] = len(errors)
         for note in plan.notes:
-            log("ERROR" if "exceed" in note or "incomplete" in note else "WARNING", note,
-                outcome="overdue" if "to confirm" in note else "deferred")
+            log(note.severity, note, outcome=note.outcome)
         publishing = self.publisher is not None if inline is None else not inline
         if publishing and self.publisher is None:
             raise ValueError("no publisher: MESHJOIN_EVENTS_TOPIC is not set; sweep inline instead")
@@ -406,7 +456,7 @@ class Sweeper:
         deferred: list[Action] = []
         for action in plan.actions:
             cost = costs.get(action.kind, 0.0)
-            if cost and action.reason.startswith(TO_BE_DENIED):
+            if cost and action.denies:
                 cost = 0.0  # a denial removes; it renews nothing
             if cost:
                 project = action.key.project
@@ -472,40 +522,39 @@ class Sweeper:
         done = offset
         total = offset + len(runnable)
 
-        def run(action: Action) -> tuple[Action, str]:
+        def run(action: Action) -> tuple[Action, Verb | WorkFailed]:
             if time.monotonic() > deadline:
-                return action, "deferred"
+                return action, Verb.DEFERRED
             try:
                 if action.kind == PRUNE_SERVICE:
                     namespace, _, name = action.target.partition("/")
-                    return action, "pruned" if self.reconciler.prune_service(namespace, name) else "unchanged"
+                    return action, Verb.PRUNED if self.reconciler.prune_service(namespace, name) else Verb.UNCHANGED
                 if action.kind == PRUNE_SECRET:
-                    return action, "pruned" if self.reconciler.prune_legacy_secret(action.key) else "unchanged"
+                    return action, Verb.PRUNED if self.reconciler.prune_legacy_secret(action.key) else Verb.UNCHANGED
                 # A denial the sweep planned removes what meshjoin's listings showed (a key, an entry).
                 outcome = self.reconciler.reconcile(action.key, vm=inventory.vms.get(action.key),
-                                                    cleanup=action.kind == PRUNE or
-                                                    action.reason.startswith(TO_BE_DENIED),
+                                                    cleanup=action.kind == PRUNE or action.denies,
                                                     legacy_secret=action.key in inventory.secrets, read_agent=False)
                 return action, outcome.verb
             except MeshjoinError as exc:
                 # One VM's failure, transient, permanent or a missing permission, is that VM's: logged for
                 # it and counted; the sweep goes on with the others. Only a failed inventory stops a sweep.
-                return action, f"error: {type(exc).__name__}: {exc}"
+                return action, WorkFailed(f"{type(exc).__name__}: {exc}")
             except Exception as exc:  # noqa: BLE001 - one VM's failure (a bug its data triggers) is that VM's only
                 log("ERROR", f"sweep action {action.describe()[:200]} failed: {type(exc).__name__}: {str(exc)[:300]}",
                     key=action.key, outcome="failed", error_kind=type(exc).__name__)
-                return action, f"error: unexpected {type(exc).__name__}: {str(exc)[:200]}"
+                return action, WorkFailed(f"unexpected {type(exc).__name__}: {str(exc)[:200]}")
 
         with ThreadPoolExecutor(max_workers=self.settings.sweep_workers) as pool:
             for action, verb in pool.map(run, runnable):
                 done += 1
                 if progress:
                     progress(done, total)
-                if verb.startswith("error"):
+                if isinstance(verb, WorkFailed):
                     counts["errors"] += 1
                     errors.append(f"{action.describe()}: {verb}")
                     log("WARNING", f"sweep action failed: {verb}", key=action.key, outcome="failed")
-                elif verb == "failed":
+                elif verb == Verb.FAILED:
                     counts["errors"] += 1
                 elif verb in SWEEP_COUNTER:
                     counts[SWEEP_COUNTER[verb]] += 1
@@ -525,7 +574,7 @@ SUMMARY_COUNTERS = ("joined", "waiting", "renewed", "reissued", "rotated", "migr
 def work_of(action: Action) -> str:
     """The `work` hint of a per-VM action's message. A denial the sweep planned is a removal ("prune":
     the event's reconcile then removes the registration the sweep's listings showed)."""
-    if action.kind == JOIN and action.reason.startswith(TO_BE_DENIED):
+    if action.kind == JOIN and action.denies:
         return PRUNE
     return action.kind
 
@@ -543,6 +592,7 @@ def new_sweep_id(now: datetime) -> str:
 
 
 # Reconcile verbs → summary counters (denials are counted from the plan, once per denied VM).
-SWEEP_COUNTER = {"registered": "joined", "renewed": "renewed", "reissued": "reissued", "rotated": "rotated",
-                 "migrated": "migrated", "left": "pruned", "pruned": "pruned", "deferred": "deferred",
-                 "delivered": "waiting", "bootstrapped": "waiting", "rechecked": "waiting"}
+SWEEP_COUNTER = {Verb.REGISTERED: "joined", Verb.RENEWED: "renewed", Verb.REISSUED: "reissued",
+                 Verb.ROTATED: "rotated", Verb.MIGRATED: "migrated", Verb.LEFT: "pruned", Verb.PRUNED: "pruned",
+                 Verb.DEFERRED: "deferred", Verb.DELIVERED: "waiting", Verb.BOOTSTRAPPED: "waiting",
+                 Verb.RECHECKED: "waiting"}

@@ -32,10 +32,21 @@ class LogCall:
     states: set[str]
 
 
+def _enum_values(module: str, name: str) -> set[str]:
+    """The string values of enum class `name` in `module` (`MEMBER = "value"` lines)."""
+    for node in ast.walk(ast.parse((PRODUCT / module).read_text())):
+        if isinstance(node, ast.ClassDef) and node.name == name:
+            return {item.value.value for item in node.body if isinstance(item, ast.Assign)
+                    and isinstance(item.value, ast.Constant) and isinstance(item.value.value, str)}
+    return set()
+
+
 def _outcome_verbs() -> tuple[set[str], set[str]]:
-    """Every verb and state an Outcome(...) can carry (reconcile.py builds them from literals)."""
+    """Every verb and state an Outcome(...) can carry: the members of plan.Verb and status.State, and any
+    literal reconcile.py still passes."""
     tree = ast.parse((PRODUCT / "reconcile.py").read_text())
-    verbs, states = set(), set()
+    verbs, states = _enum_values("plan.py", "Verb"), _enum_values("status.py", "State")
+    assert {"registered", "renewed", "failed"} <= verbs and {"joined", "waiting", "error"} <= states
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Outcome":
             if node.args and isinstance(node.args[0], ast.Constant):
@@ -43,11 +54,6 @@ def _outcome_verbs() -> tuple[set[str], set[str]]:
             for kw in node.keywords:
                 if kw.arg == "state" and isinstance(kw.value, ast.Constant):
                     states.add(kw.value.value)
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "VERB_BY_CAUSE" for t in node.targets):
-            verbs |= {v.value for v in node.value.values}
-        # `verb = VERB_BY_CAUSE.get(..., "registered") if ... else "refreshed" if ... else "unchanged"`
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "verb" for t in node.targets):
-            verbs |= {c.value for c in ast.walk(node.value) if isinstance(c, ast.Constant) and isinstance(c.value, str)}
     return verbs, states
 
 

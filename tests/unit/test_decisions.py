@@ -11,10 +11,10 @@ import pytest
 
 from meshjoin import names, pki
 from meshjoin.model import Vm, VmKey
-from meshjoin.reconcile import (CA_CHANGED, FORCED, IDENTITY_CHANGED, NEW_KEY, NO_CERT, RECREATED, RENEWAL_DUE,
-                                REKEY_TOKEN, Delivered, has_traces, key_to_certify, needs_new_cert, read_csr,
-                                rekey_pending, rekey_token)
+from meshjoin.plan import REKEY_TOKEN, Cause, has_traces, key_to_certify, needs_new_cert, read_csr, rekey_pending, \
+    rekey_token
 from meshjoin.settings import Settings
+from meshjoin.status import Delivered, Status
 
 SETTINGS = Settings(project="my-project", cluster="projects/my-project/locations/r/clusters/c",
                     renew_fraction=0.5, renew_jitter_fraction=0.1)
@@ -26,25 +26,25 @@ GOOD = Delivered(SPIFFE, "42", "ca1", KEY_A, T0, T0 + timedelta(hours=24), "1f",
 
 
 @pytest.mark.parametrize("delivered, now, force, ca, csr_key, expected", [
-    pytest.param(None, T0, False, "ca1", None, NO_CERT, id="never joined"),
-    pytest.param(None, T0, False, "ca1", KEY_A, NO_CERT, id="never joined, CSR waiting"),
+    pytest.param(None, T0, False, "ca1", None, Cause.NO_CERT, id="never joined"),
+    pytest.param(None, T0, False, "ca1", KEY_A, Cause.NO_CERT, id="never joined, CSR waiting"),
     pytest.param(GOOD, T0 + timedelta(hours=1), False, "ca1", None, None, id="fresh cert: nothing to do"),
     pytest.param(GOOD, T0 + timedelta(hours=1), False, "ca1", KEY_A, None, id="CSR of the certified key: nothing"),
-    pytest.param(GOOD, T0 + timedelta(hours=1), False, "ca1", KEY_B, NEW_KEY, id="new key (rotation)"),
-    pytest.param(GOOD, T0 + timedelta(hours=1), True, "ca1", None, FORCED, id="forced"),
-    pytest.param(GOOD, T0 + timedelta(hours=1), True, "ca1", KEY_B, NEW_KEY, id="forced, but a new key wins"),
-    pytest.param(GOOD, T0 + timedelta(hours=1), False, "ca2", None, CA_CHANGED, id="CA rotated"),
-    pytest.param(GOOD, T0 + timedelta(hours=1), False, "ca2", KEY_B, NEW_KEY, id="CA rotated and a new key"),
-    pytest.param(GOOD, T0 + timedelta(hours=12, minutes=1), False, "ca1", None, RENEWAL_DUE,
+    pytest.param(GOOD, T0 + timedelta(hours=1), False, "ca1", KEY_B, Cause.NEW_KEY, id="new key (rotation)"),
+    pytest.param(GOOD, T0 + timedelta(hours=1), True, "ca1", None, Cause.FORCED, id="forced"),
+    pytest.param(GOOD, T0 + timedelta(hours=1), True, "ca1", KEY_B, Cause.NEW_KEY, id="forced, but a new key wins"),
+    pytest.param(GOOD, T0 + timedelta(hours=1), False, "ca2", None, Cause.CA_CHANGED, id="CA rotated"),
+    pytest.param(GOOD, T0 + timedelta(hours=1), False, "ca2", KEY_B, Cause.NEW_KEY, id="CA rotated and a new key"),
+    pytest.param(GOOD, T0 + timedelta(hours=12, minutes=1), False, "ca1", None, Cause.RENEWAL_DUE,
                  id="past 50% of life"),
     pytest.param(GOOD, T0 + timedelta(hours=9, minutes=30), False, "ca1", None, None,
                  id="before earliest jittered point"),
-    pytest.param(GOOD, T0 + timedelta(days=3), False, "ca1", None, RENEWAL_DUE, id="long expired (VM powered off)"),
-    pytest.param(replace(GOOD, instance_id="41"), T0, False, "ca1", None, RECREATED, id="clone: other instance id"),
-    pytest.param(replace(GOOD, instance_id="41"), T0, False, "ca1", KEY_B, RECREATED,
+    pytest.param(GOOD, T0 + timedelta(days=3), False, "ca1", None, Cause.RENEWAL_DUE, id="long expired (VM powered off)"),
+    pytest.param(replace(GOOD, instance_id="41"), T0, False, "ca1", None, Cause.RECREATED, id="clone: other instance id"),
+    pytest.param(replace(GOOD, instance_id="41"), T0, False, "ca1", KEY_B, Cause.RECREATED,
                  id="clone with its own key: still a first delivery"),
     pytest.param(replace(GOOD, spiffe="spiffe://cluster.local/ns/apps/sa/x"), T0, False, "ca1", None,
-                 IDENTITY_CHANGED, id="identity moved"),
+                 Cause.IDENTITY_CHANGED, id="identity moved"),
 ])
 def test_needs_new_cert(delivered, now, force, ca, csr_key, expected):
     assert needs_new_cert(delivered, vm=VM, spiffe=SPIFFE, ca_fingerprint=ca, now=now, settings=SETTINGS,
@@ -56,17 +56,17 @@ def _verified(key_id: str) -> pki.VerifiedCsr:
 
 
 @pytest.mark.parametrize("why, recorded, csr, expected", [
-    pytest.param(NO_CERT, None, None, "has not written its CSR", id="first join, no CSR yet"),
-    pytest.param(NO_CERT, None, pki.CsrError("the CSR is empty"), "was refused: the CSR is empty",
+    pytest.param(Cause.NO_CERT, None, None, "has not written its CSR", id="first join, no CSR yet"),
+    pytest.param(Cause.NO_CERT, None, pki.CsrError("the CSR is empty"), "was refused: the CSR is empty",
                  id="first join, CSR invalid"),
-    pytest.param(NO_CERT, None, KEY_A, KEY_A, id="first join, valid CSR"),
-    pytest.param(RECREATED, replace(GOOD, instance_id="41"), KEY_A, "copied from (instance 41)",
+    pytest.param(Cause.NO_CERT, None, KEY_A, KEY_A, id="first join, valid CSR"),
+    pytest.param(Cause.RECREATED, replace(GOOD, instance_id="41"), KEY_A, "copied from (instance 41)",
                  id="clone presenting the source VM's key: refused"),
-    pytest.param(RECREATED, replace(GOOD, instance_id="41"), KEY_B, KEY_B, id="clone with a fresh key"),
-    pytest.param(RENEWAL_DUE, GOOD, KEY_A, KEY_A, id="renewal re-certifies the current key"),
-    pytest.param(CA_CHANGED, GOOD, KEY_A, KEY_A, id="CA re-issue re-certifies the current key"),
-    pytest.param(RENEWAL_DUE, GOOD, None, "has not written its CSR", id="renewal without a CSR: nothing signed"),
-    pytest.param(NEW_KEY, GOOD, KEY_B, KEY_B, id="rotation certifies the new key"),
+    pytest.param(Cause.RECREATED, replace(GOOD, instance_id="41"), KEY_B, KEY_B, id="clone with a fresh key"),
+    pytest.param(Cause.RENEWAL_DUE, GOOD, KEY_A, KEY_A, id="renewal re-certifies the current key"),
+    pytest.param(Cause.CA_CHANGED, GOOD, KEY_A, KEY_A, id="CA re-issue re-certifies the current key"),
+    pytest.param(Cause.RENEWAL_DUE, GOOD, None, "has not written its CSR", id="renewal without a CSR: nothing signed"),
+    pytest.param(Cause.NEW_KEY, GOOD, KEY_B, KEY_B, id="rotation certifies the new key"),
 ])
 def test_key_to_certify(why, recorded, csr, expected):
     csr = _verified(csr) if isinstance(csr, str) else csr
@@ -83,15 +83,15 @@ PENDING = KEY_A + ".20261101T000000Z"
 
 
 @pytest.mark.parametrize("why, key_certs, current, settings, asks", [
-    pytest.param(RENEWAL_DUE, 2, None, ROTATE_3, False, id="2nd certificate of a key: keep it"),
-    pytest.param(RENEWAL_DUE, 3, None, ROTATE_3, False, id="3rd: keep it"),
-    pytest.param(RENEWAL_DUE, 4, None, ROTATE_3, True, id="4th would exceed 3: renew and ask for a new key"),
-    pytest.param(CA_CHANGED, 4, None, ROTATE_3, True, id="a CA re-issue counts too"),
-    pytest.param(RENEWAL_DUE, 9, None, NEVER, False, id="0 disables rotation requests"),
-    pytest.param(IDENTITY_CHANGED, 2, None, ROTATE_3, True, id="identity changed: ask for a new key"),
-    pytest.param(IDENTITY_CHANGED, 2, None, NEVER, False, id="identity changed, requests disabled"),
-    pytest.param(RENEWAL_DUE, 5, PENDING, ROTATE_3, False, id="a request already pending is kept"),
-    pytest.param(RENEWAL_DUE, 4, "bbbbbbbbbbbbbbbb.20261001T000000Z", ROTATE_3, True,
+    pytest.param(Cause.RENEWAL_DUE, 2, None, ROTATE_3, False, id="2nd certificate of a key: keep it"),
+    pytest.param(Cause.RENEWAL_DUE, 3, None, ROTATE_3, False, id="3rd: keep it"),
+    pytest.param(Cause.RENEWAL_DUE, 4, None, ROTATE_3, True, id="4th would exceed 3: renew and ask for a new key"),
+    pytest.param(Cause.CA_CHANGED, 4, None, ROTATE_3, True, id="a CA re-issue counts too"),
+    pytest.param(Cause.RENEWAL_DUE, 9, None, NEVER, False, id="0 disables rotation requests"),
+    pytest.param(Cause.IDENTITY_CHANGED, 2, None, ROTATE_3, True, id="identity changed: ask for a new key"),
+    pytest.param(Cause.IDENTITY_CHANGED, 2, None, NEVER, False, id="identity changed, requests disabled"),
+    pytest.param(Cause.RENEWAL_DUE, 5, PENDING, ROTATE_3, False, id="a request already pending is kept"),
+    pytest.param(Cause.RENEWAL_DUE, 4, "bbbbbbbbbbbbbbbb.20261001T000000Z", ROTATE_3, True,
                  id="an old token (for an earlier key) is not pending"),
 ])
 def test_rekey_token(why, key_certs, current, settings, asks):
@@ -107,15 +107,15 @@ def test_rekey_token(why, key_certs, current, settings, asks):
 def test_delivered_from_status_round_trip_and_garbage():
     status = {"identity": SPIFFE, "instanceId": "42", "caFingerprint": "ca1", "keyId": KEY_A, "keyCerts": "3",
               "certSerial": "1F", "certNotBefore": "2026-11-01T00:00:00Z", "certNotAfter": "2026-11-02T00:00:00Z"}
-    delivered = Delivered.from_status(status)
+    delivered = Delivered.from_status(Status.from_mapping(status))
     assert (delivered.not_after, delivered.key_id, delivered.key_certs, delivered.serial) == \
         (T0 + timedelta(hours=24), KEY_A, 3, "1f")
-    assert Delivered.from_status({**status, "certNotAfter": "tomorrow"}) is None
-    assert Delivered.from_status({**status, "keyId": "not hex"}) is None
+    assert Delivered.from_status(Status.from_mapping({**status, "certNotAfter": "tomorrow"})) is None
+    assert Delivered.from_status(Status.from_mapping({**status, "keyId": "not hex"})) is None
     legacy = {k: v for k, v in status.items() if k not in ("keyId", "keyCerts")} | {"secret": "projects/1/x"}
-    assert Delivered.from_status(legacy) is None  # meshjoin 2's statuses certify no VM-made key
-    assert Delivered.from_status({**status, "keyCerts": "many"}).key_certs == 1
-    assert Delivered.from_status({}) is None
+    assert Delivered.from_status(Status.from_mapping(legacy)) is None  # meshjoin 2's statuses certify no VM-made key
+    assert Delivered.from_status(Status.from_mapping({**status, "keyCerts": "many"})).key_certs == 1
+    assert Delivered.from_status(Status()) is None
 
 
 def test_read_csr_from_guest_attributes():
@@ -141,3 +141,18 @@ def test_read_csr_from_guest_attributes():
 def test_has_traces(metadata, expected):
     vm = Vm(VM.key, "42", {}, metadata, "fp", "10.0.0.2", "sa@x")
     assert has_traces(vm) is expected
+
+
+@pytest.mark.parametrize("cause, sentence, first, same_key, verb", [
+    (Cause.NO_CERT, "no certificate delivered yet", True, False, "delivered"),
+    (Cause.RECREATED, "the VM was recreated or cloned (its instance id changed)", True, False, "delivered"),
+    (Cause.IDENTITY_CHANGED, "the identity changed", True, True, "delivered"),
+    (Cause.NEW_KEY, "the VM presents a new key", False, False, "rotated"),
+    (Cause.FORCED, "an operator forced a new certificate", False, True, "renewed"),
+    (Cause.CA_CHANGED, "the CA changed", False, True, "reissued"),
+    (Cause.RENEWAL_DUE, "the certificate reached its renewal point", False, True, "renewed"),
+])
+def test_causes_keep_the_sentences_their_owners_read(cause, sentence, first, same_key, verb):
+    """The reason text is unchanged from the sentence constants of 096ecd2; the sets and the verb map too."""
+    assert (f"{cause}", str(cause), cause.first_delivery, cause.same_key, cause.verb) == \
+        (sentence, sentence, first, same_key, verb)

@@ -34,6 +34,7 @@ from hypothesis import strategies as st
 from meshjoin import bootstrap, entrypoints, names, pki, registration
 from meshjoin.adapters.compute_fake import FakeCompute
 from meshjoin.adapters.kube_fake import FakeKube
+from meshjoin.status import State, Status
 from meshjoin.adapters.secrets import PluginCa
 from meshjoin.adapters.secrets_fake import FakeSecrets
 from meshjoin.errors import BadMessage
@@ -281,8 +282,8 @@ def test_cluster_objects_stay_valid_kubernetes_objects(labels, ports):
 @hostile
 @given(st.dictionaries(TEXT, TEXT, max_size=3))
 def test_status_values_round_trip_whatever_the_reason(fields):
-    raw = bootstrap.status_value("error", "".join(fields.values()), NOW, **{"x" + k: v for k, v in fields.items()})
-    assert bootstrap.parse_status(raw)["reason"] == "".join(fields.values())
+    raw = Status(State.ERROR, "".join(fields.values()), extra=tuple(sorted(("x" + k, v) for k, v in fields.items()))).encode()
+    assert Status.decode(raw).reason == "".join(fields.values())
 
 
 @hostile
@@ -405,7 +406,7 @@ def test_reconcile_of_a_hostile_vm_ends_in_an_outcome_and_harms_nobody_else(plug
     if outcome.state == "joined":
         assert isinstance(decision, Identity)
         assert [e["metadata"]["namespace"] for e in entries] == [decision.namespace]
-        assert bootstrap.parse_status(after[names.STATUS_KEY])["state"] == "joined"
+        assert Status.decode(after[names.STATUS_KEY]).state == "joined"
     else:
         assert entries == []
         if isinstance(decision, Denial):
@@ -493,7 +494,7 @@ def test_a_foreign_object_in_the_way_leaves_nothing_certified(plugin_ca):
     for _ in range(3):  # every pass: the entry name is taken, so nothing is certified at all
         outcome = reconciler.reconcile(KEY)
         assert outcome.verb == "failed" and "not managed by meshjoin" in outcome.reason
-    assert bootstrap.parse_status(compute.vms[KEY].metadata[names.STATUS_KEY])["state"] == "error"
+    assert Status.decode(compute.vms[KEY].metadata[names.STATUS_KEY]).state == "error"
     assert names.CERT_CHAIN_KEY not in compute.vms[KEY].metadata
     assert kube.objects[("WorkloadEntry", "default", "vm-1-us-central1-a-my-project")]["spec"] == squatter["spec"]
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from meshjoin import bootstrap, names, registration
+from meshjoin import names, registration
+from meshjoin.status import Status
 from meshjoin.errors import ApiPermissionError
 from meshjoin.model import Identity, Vm, VmKey
 from meshjoin.reconcile import Reconciler
@@ -342,8 +343,8 @@ def test_attack_hostile_mesh_ports_cannot_stop_a_sweep(plugin_ca):
         world.compute.confirm(lost.key)
         summary = world.sweeper.sweep()  # ... which has confirmed by the next sweep
 
-        assert bootstrap.parse_status(world.compute.vms[attacker.key].metadata[names.STATUS_KEY])["state"] == "denied"
-        joined += bootstrap.parse_status(world.compute.vms[lost.key].metadata.get(names.STATUS_KEY))["state"] == "joined"
+        assert Status.decode(world.compute.vms[attacker.key].metadata[names.STATUS_KEY]).state == "denied"
+        joined += Status.decode(world.compute.vms[lost.key].metadata.get(names.STATUS_KEY)).state == "joined"
         assert delivering.counts["waiting"] == 1 and delivering.counts["denied"] == 1
         assert summary.counts["joined"] == 1 and summary.counts["denied"] == 1
         changed += bootstrapping.counts["errors"] + delivering.counts["errors"] + summary.counts["errors"] != 0

@@ -18,11 +18,13 @@ import pytest
 from cryptography import x509
 
 from meshjoin import bootstrap, names, pki
+from meshjoin.status import Status
 from meshjoin.adapters.compute import StaleFingerprint, guest_items
 from meshjoin.adapters.secrets import PluginCa
 from meshjoin.fleet import explain
 from meshjoin.model import Vm
-from meshjoin.reconcile import RUN_AGENT_REMEDY, Reconciler
+from meshjoin.plan import RUN_AGENT_REMEDY
+from meshjoin.reconcile import Reconciler
 from meshjoin.sweep import JOIN, RENEW, Inventory, Sweeper, plan_sweep
 
 from .test_hostile_input import (KEY, NOW, SETTINGS, FakeCompute, FakeKube, FakeSecrets, LogCapture,  # noqa: F401
@@ -67,7 +69,7 @@ class World:
         return outcome
 
     def status(self, key=KEY) -> dict:
-        return bootstrap.parse_status(self.compute.vms[key].metadata.get(names.STATUS_KEY))
+        return Status.decode(self.compute.vms[key].metadata.get(names.STATUS_KEY)).wire()
 
     def metadata(self, key=KEY) -> dict:
         return dict(self.compute.vms[key].metadata)

@@ -12,11 +12,14 @@ import pytest
 from google.api_core import exceptions as gexc
 
 from meshjoin import bootstrap, names
+from meshjoin.status import Status
 from meshjoin.adapters import ratelimit, retry
 from meshjoin.adapters.compute import guest_items, unreachable_zones
 from meshjoin.errors import ApiPermissionError, TransientError
 from meshjoin.fleet import explain, fleet_rows
-from meshjoin.reconcile import AgentReport, Reconciler, confirmed, normalize_serial
+from meshjoin.plan import AgentReport, confirmed
+from meshjoin.reconcile import Reconciler
+from meshjoin.status import normalize_serial
 from meshjoin.settings import Settings
 from meshjoin.sweep import JOIN, PRUNE, Inventory, Sweeper, plan_sweep
 
@@ -27,7 +30,7 @@ PROJECT_SCRIPT = "#!/bin/bash\necho the project's own boot work\n"
 
 
 def status_of(compute: FakeCompute, key=KEY) -> dict:
-    return bootstrap.parse_status(compute.vms[key].metadata[names.STATUS_KEY])
+    return Status.decode(compute.vms[key].metadata[names.STATUS_KEY]).wire()
 
 
 def entries(kube: FakeKube) -> list[str]:
@@ -150,7 +153,8 @@ def test_defect3_sweep_rechecks_waiting_vms_and_reports_those_waiting_too_long(w
     assert [(a.kind, a.reason) for a in plan.actions] == [(JOIN, "waiting for the VM to confirm")]
     assert plan.notes == []
     late = plan_sweep(inventory, SETTINGS, "ca-fingerprint", NOW + SETTINGS.confirm_timeout + timedelta(minutes=1))
-    assert any("to confirm" in note and "google_metadata_script_runner" in note for note in late.notes)
+    assert [(note.severity, note.outcome) for note in late.notes
+            if "to confirm" in note and "google_metadata_script_runner" in note] == [("WARNING", "overdue")]
 
 
 def test_defect3_status_and_explain_show_waiting_and_the_agents_report(world):

@@ -92,7 +92,7 @@ def test_incomplete_listing_prunes_nothing():
     inv = inventory([], [entry("gone")], [service("lonely")], ["gone"], errors=["WorkloadEntries: 503"])
     plan = plan_sweep(inv, SETTINGS, CA, NOW)
     assert plan.actions == []
-    assert any("nothing pruned" in note for note in plan.notes)
+    assert [(note.severity, note.outcome) for note in plan.notes if "nothing pruned" in note] == [("ERROR", "deferred")]
 
 
 def test_prune_cap():
@@ -100,7 +100,7 @@ def test_prune_cap():
     plan = plan_sweep(inv, SETTINGS, CA, NOW)
     assert [k for k, _ in kinds(plan)] == [PRUNE] * 3
     assert plan.prune_candidates == 5
-    assert any("exceed MESHJOIN_PRUNE_CAP=3" in note for note in plan.notes)
+    assert [note.severity for note in plan.notes if "exceed MESHJOIN_PRUNE_CAP=3" in note] == ["ERROR"]
 
 
 def test_joins_first_then_reissues_then_renewals_earliest_due_first():
@@ -197,14 +197,14 @@ def test_one_vm_that_breaks_planning_costs_only_that_vm(monkeypatch):
     """Blast radius: a bug one VM's data triggers in planning leaves every other VM's plan intact."""
     import meshjoin.sweep as sweep
 
-    real = sweep.decide_identity
+    real = sweep.labelled_course
 
     def fragile(vm, settings):
         if vm.key.instance == "a":
             raise ValueError("invalid literal for int() with base 10: '²'")
         return real(vm, settings)
 
-    monkeypatch.setattr(sweep, "decide_identity", fragile)
+    monkeypatch.setattr(sweep, "labelled_course", fragile)
     plan = plan_sweep(inventory([vm("a"), vm("new")], [], [], []), SETTINGS, CA, NOW)
     assert kinds(plan) == [(JOIN, "new")]
     assert any("us-central1-a/a: not planned (ValueError" in note for note in plan.notes)
