@@ -373,7 +373,7 @@ class JoinFacts:
         """The pass that wrote a `waiting` status for this VM and identity checked that the entry name is free or
         meshjoin's: a first delivery after it does not repeat the GET. A status forged `waiting` skips only this
         courtesy check for its own VM: the registration itself never replaces an entry meshjoin did not make
-        (KubeAdapter.apply_owned), whatever the status says."""
+        (Kube.apply_owned), whatever the status says."""
         return self.status.state == State.WAITING and self.same_vm
 
     @cached_property

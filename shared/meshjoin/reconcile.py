@@ -38,9 +38,9 @@ from datetime import datetime
 from typing import Callable
 
 from . import names, pki, registration
-from .adapters.compute import ComputeAdapter
-from .adapters.kube import KubeAdapter
-from .adapters.secrets import SecretsAdapter
+from .adapters.compute import Compute
+from .adapters.kube import Kube
+from .adapters.secrets import Secrets
 from .errors import ConflictError, PermanentError, StaleFingerprint, TransientError
 from .logs import log
 from .model import Denial, Identity, Vm, VmKey
@@ -64,7 +64,7 @@ class Outcome:
 
 
 class Reconciler:
-    def __init__(self, settings: Settings, compute: ComputeAdapter, secrets: SecretsAdapter, kube: KubeAdapter,
+    def __init__(self, settings: Settings, compute: Compute, secrets: Secrets, kube: Kube,
                  clock: Callable[[], datetime]):
         self.settings = settings
         self.compute = compute

@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from secrets import token_hex
-from typing import Callable, Collection, Protocol, Sequence
+from typing import Callable, Collection
 
 from . import capacity, names, pki
+from .adapters.pubsub import Publisher
 from .errors import BadMessage, MeshjoinError
 from .events import validated_key
 from .logs import log
@@ -364,7 +365,7 @@ class Sweeper:
     publisher: no MESHJOIN_EVENTS_TOPIC; or `inline=True`: `meshjoin reconcile --inline`)."""
 
     def __init__(self, settings: Settings, reconciler: Reconciler, clock: Callable[[], datetime],
-                 publisher: WorkPublisher | None = None):
+                 publisher: Publisher | None = None):
         self.settings = settings
         self.reconciler = reconciler
         self.clock = clock
@@ -558,12 +559,6 @@ class Sweeper:
                     counts["errors"] += 1
                 elif verb in SWEEP_COUNTER:
                     counts[SWEEP_COUNTER[verb]] += 1
-
-
-class WorkPublisher(Protocol):
-    """adapters.pubsub.PubSubPublisher, or adapters.fake_pubsub.InMemoryPublisher in tests."""
-
-    def publish(self, messages: Sequence[dict], *, timeout: float | None = None) -> list: ...
 
 
 SUMMARY_COUNTERS = ("joined", "waiting", "renewed", "reissued", "rotated", "migrated", "pruned", "denied", "errors",
