@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from .harness import Issuer, MetadataServer, Vm, deployment
+from .harness import Issuer, MetadataServer, Vm, csr_public_key, deployment
 
 TOOLS = ("bash", "curl", "python3", "openssl", "flock", "sha256sum", "cmp", "install", "stat", "awk", "sed")
 
@@ -50,3 +50,21 @@ def vm(tmp_path, server, issuer) -> Vm:
 def bare_vm(tmp_path, server) -> Vm:
     """A VM with empty metadata (a test fills what it needs)."""
     return Vm(tmp_path, server)
+
+
+def join(vm: Vm, server: MetadataServer, issuer: Issuer, serial: int | None = None) -> None:
+    """One boot that ends serving: meshjoin (the issuer) answers the CSR as soon as it is written, and the boot's
+    wait for a metadata change picks the certificate up (as on GCE when the reconcile is quick)."""
+    server.on_guest_write = lambda key, value: key == "csr" and server.set_instance(
+        meshjoin_cert_chain=issuer.sign(csr_public_key(value), serial=serial))
+    run = vm.boot(MESHJOIN_WAIT_SECONDS="20")
+    server.on_guest_write = None
+    assert run.returncode == 0, run.journal
+    assert vm.sidecar_active() and vm.file("etc/certs/cert-chain.pem").exists(), run.journal
+
+
+@pytest.fixture
+def joined_vm(vm, server, issuer) -> Vm:
+    """A VM serving meshjoin's certificate for its own key, its sidecar running."""
+    join(vm, server, issuer)
+    return vm

@@ -39,10 +39,9 @@ def test_one_boot_ends_serving_when_meshjoin_answers_while_it_waits(vm, server, 
                                "a1b2c3d4e5f60718293a4b5c6d7e8f9)")
 
 
-def test_a_renewal_for_the_key_in_use_replaces_the_chain_without_restarting_the_sidecar(vm, server, issuer):
-    public = booted(vm, server)
-    server.set_instance(meshjoin_cert_chain=issuer.sign(public))
-    assert vm.watch_once().returncode == 0
+def test_a_renewal_for_the_key_in_use_replaces_the_chain_without_restarting_the_sidecar(joined_vm, server, issuer):
+    vm = joined_vm
+    public = vm.public_key()
     key, calls = vm.key_pem(), len(vm.calls("systemctl"))
     renewal = issuer.sign(public, serial=SERIAL)
     server.set_instance(meshjoin_cert_chain=renewal)
@@ -93,10 +92,9 @@ def test_a_chain_that_is_not_a_certificate_is_refused(vm, server):
             "metadata item meshjoin-cert-chain holds no readable certificate")
 
 
-def test_a_refused_chain_never_replaces_a_certificate_in_use(vm, server, issuer):
-    public = booted(vm, server)
-    server.set_instance(meshjoin_cert_chain=issuer.sign(public))
-    vm.watch_once()
+def test_a_refused_chain_never_replaces_a_certificate_in_use(joined_vm, server):
+    vm = joined_vm
+    public = vm.public_key()
     chain, key = vm.file("etc/certs/cert-chain.pem").read_bytes(), vm.key_pem()
     server.set_instance(meshjoin_cert_chain=Issuer("another").sign(public))
     assert vm.watch_once().returncode == 0

@@ -27,16 +27,12 @@ def test_cluster_env_is_this_vms_lines_then_the_deployments_and_the_mesh_config_
 
 def test_an_instance_mesh_env_replaces_the_projects(vm, server):
     server.set_instance(meshjoin_mesh_env="ISTIO_META_NETWORK=vm-network\n")
-    assert vm.boot().returncode == 0
+    assert vm.call("lock; read_attributes; write_config").returncode == 0  # the step alone
     assert vm.file(ENV).read_text() == server.state.instance["meshjoin-cluster-env"] + "ISTIO_META_NETWORK=vm-network\n"
 
 
-def test_a_changed_item_rewrites_the_file_and_restarts_the_sidecar(vm, server, issuer):
-    from .harness import csr_public_key
-
-    vm.boot()
-    server.set_instance(meshjoin_cert_chain=issuer.sign(csr_public_key(server.csr())))
-    vm.watch_once()
+def test_a_changed_item_rewrites_the_file_and_restarts_the_sidecar(joined_vm, server):
+    vm = joined_vm
     calls = len(vm.calls("systemctl"))
     server.set_instance(meshjoin_cluster_env=server.state.instance["meshjoin-cluster-env"] + "EXTRA_LINE=1\n")
     assert vm.watch_once().returncode == 0
@@ -44,27 +40,31 @@ def test_a_changed_item_rewrites_the_file_and_restarts_the_sidecar(vm, server, i
     assert "restart istio.service" in vm.calls("systemctl")[calls:]  # istio-agent reads cluster.env at start only
 
 
+def write_hosts(vm):
+    return vm.call("read_attributes; write_hosts")
+
+
 def test_hosts_keeps_the_images_lines_and_holds_one_meshjoin_block(vm, server):
-    assert vm.boot().returncode == 0
+    assert vm.boot().returncode == 0  # the whole boot, then the step alone (write_hosts)
     hosts = server.state.project["meshjoin-hosts"]
     assert hosts == "10.128.0.9 istiod.istio-system.svc\n"
     assert vm.file("etc/hosts").read_text() == f"{STOCK_HOSTS}{BEGIN}\n{hosts}{END}\n"
     assert mode_and_owner(vm.file("etc/hosts")) == (0o644, 0, 0)
 
-    assert vm.boot().returncode == 0  # again: the same file, not a second block
+    assert write_hosts(vm).returncode == 0  # again: the same file, not a second block
     assert vm.file("etc/hosts").read_text() == f"{STOCK_HOSTS}{BEGIN}\n{hosts}{END}\n"
 
     with vm.file("etc/hosts").open("a") as f:
         f.write("192.168.1.5 printer\n")  # the owner's own line, after the block
     server.set_instance(meshjoin_hosts="10.128.0.10 istiod.istio-system.svc istiod\n10.128.0.11 other")
-    assert vm.boot().returncode == 0  # the block replaced, the last line given its newline
+    assert write_hosts(vm).returncode == 0  # the block replaced, the last line given its newline
     assert vm.file("etc/hosts").read_text() == (f"{STOCK_HOSTS}192.168.1.5 printer\n{BEGIN}\n"
                                                 "10.128.0.10 istiod.istio-system.svc istiod\n10.128.0.11 other\n"
                                                 f"{END}\n")
 
     server.set_instance(meshjoin_hosts=None)
     server.set_project(meshjoin_hosts=None)
-    assert vm.boot().returncode == 0  # no istiod address: no block, the rest kept
+    assert write_hosts(vm).returncode == 0  # no istiod address: no block, the rest kept
     assert vm.file("etc/hosts").read_text() == f"{STOCK_HOSTS}192.168.1.5 printer\n"
 
 

@@ -107,10 +107,8 @@ def test_without_guest_attributes_the_boot_says_why_and_does_not_wait(vm, server
     assert vm.state("csr-key-id") == wanted
 
 
-def test_a_rekey_makes_a_new_pending_key_once_and_keeps_serving_the_old_one(vm, server, issuer):
-    vm.boot()
-    server.set_instance(meshjoin_cert_chain=issuer.sign(csr_public_key(server.csr())))
-    assert vm.watch_once().returncode == 0
+def test_a_rekey_makes_a_new_pending_key_once_and_keeps_serving_the_old_one(joined_vm, server):
+    vm = joined_vm
     serving = vm.key_pem()
     server.set_instance(meshjoin_rekey="rotate-1")
     run = vm.watch_once()
@@ -138,11 +136,9 @@ def test_rsa_2048_when_meshjoin_asks_for_it_and_a_new_key_when_the_kind_changes(
     assert isinstance(vm.public_key("key.next.pem"), ec.EllipticCurvePublicKey)
 
 
-def test_a_disk_of_another_instance_drops_its_keys_and_makes_its_own(vm, server, issuer):
+def test_a_disk_of_another_instance_drops_its_keys_and_makes_its_own(joined_vm, server):
     """A clone (or a recreated VM on the same disk) must not keep serving, or certify, the original's key."""
-    vm.boot()
-    server.set_instance(meshjoin_cert_chain=issuer.sign(csr_public_key(server.csr())))
-    vm.watch_once()
+    vm = joined_vm
     original = vm.key_pem()
     server.state.instance_id = "4815162343"
     server.set_instance(meshjoin_cert_chain=None)

@@ -4,14 +4,7 @@ into bash (no file to install as the watcher)."""
 
 from __future__ import annotations
 
-from .harness import AGENT, PROXY_UID, csr_public_key, mode_and_owner
-
-
-def joined(vm, server, issuer) -> None:
-    assert vm.boot().returncode == 0
-    server.set_instance(meshjoin_cert_chain=issuer.sign(csr_public_key(server.csr())))
-    assert vm.watch_once().returncode == 0
-    assert vm.sidecar_active()
+from .harness import AGENT, PROXY_UID, mode_and_owner
 
 
 def test_the_boot_installs_itself_as_the_watcher(vm):
@@ -25,10 +18,10 @@ def test_the_boot_installs_itself_as_the_watcher(vm):
                                          "restart meshjoin-watch.service"]
 
 
-def test_a_second_run_with_nothing_new_changes_nothing(vm, server, issuer):
+def test_a_second_run_with_nothing_new_changes_nothing(joined_vm, server):
     """Idempotence: every path under the root keeps its content, mode, owner, inode and mtime; the sidecar is not
     restarted, no package is installed, nothing is written to guest attributes."""
-    joined(vm, server, issuer)
+    vm = joined_vm
     before = vm.snapshot()
     systemctl, writes = len(vm.calls("systemctl")), len(server.guest_writes())
     run = vm.boot()
@@ -42,8 +35,8 @@ def test_a_second_run_with_nothing_new_changes_nothing(vm, server, issuer):
     assert owned == ["etc/certs/cert-chain.pem", "etc/certs/key.pem", "etc/certs/root-cert.pem"]
 
 
-def test_leaving_stops_the_sidecar_and_removes_the_identity(vm, server, issuer):
-    joined(vm, server, issuer)
+def test_leaving_stops_the_sidecar_and_removes_the_identity(joined_vm, server):
+    vm = joined_vm
     server.set_instance(meshjoin_cluster_env=None)  # meshjoin withdrew the bootstrap (label removed, denied)
     calls = len(vm.calls("systemctl"))
     run = vm.watch_once()
