@@ -65,16 +65,14 @@ def join(vm: Vm, server: MetadataServer, issuer: Issuer, serial: int | None = No
     assert vm.sidecar_active() and vm.file("etc/certs/cert-chain.pem").exists(), run.journal
 
 
-@pytest.fixture(scope="session")
-def joined_template(tmp_path_factory, issuer, host_can_run_the_agent):
-    """One VM joined for real, once per test process: its root, the stubs' records and its metadata server's
-    state (a join costs two converges, about 430 processes; copying it costs one `cp -a`)."""
-    base = tmp_path_factory.mktemp("joined")
+def _template(base, issuer, make) -> tuple:
+    """A VM brought to a state for real (`make(vm, server, issuer)`), kept as a template: its root, the stubs'
+    records and its metadata server's state, without the requests that got it there."""
     server = MetadataServer()
     try:
         deployment(server, issuer)
         vm = Vm(base, server)
-        join(vm, server, issuer)
+        make(vm, server, issuer)
         state = copy.deepcopy(server.state)
     finally:
         server.close()
@@ -83,14 +81,40 @@ def joined_template(tmp_path_factory, issuer, host_can_run_the_agent):
     return base, state
 
 
-@pytest.fixture
-def joined_vm(tmp_path, server, joined_template) -> Vm:
-    """A VM serving meshjoin's certificate for its own key, its sidecar running: a copy of the joined template
-    (owners, modes and times kept by `cp -a`), with a metadata server in the same state."""
-    base, state = joined_template
+def _copy(template, tmp_path, server) -> Vm:
+    """A copy of a template VM (owners, modes and times kept by `cp -a`), its metadata server in the same state."""
+    base, state = template
     server.state = copy.deepcopy(state)
     vm = Vm(tmp_path, server)
     for part in ("root", "log"):
         shutil.rmtree(tmp_path / part)
         subprocess.run(["cp", "-a", str(base / part), str(tmp_path / part)], check=True)
     return vm
+
+
+def _boot(vm, server, issuer) -> None:
+    run = vm.boot()
+    assert run.returncode == 0 and server.csr() is not None, run.journal
+
+
+@pytest.fixture(scope="session")
+def booted_template(tmp_path_factory, issuer, host_can_run_the_agent):
+    return _template(tmp_path_factory.mktemp("booted"), issuer, _boot)
+
+
+@pytest.fixture(scope="session")
+def joined_template(tmp_path_factory, issuer, host_can_run_the_agent):
+    """One join for real per test process (two converges, about 430 processes); each test gets a copy."""
+    return _template(tmp_path_factory.mktemp("joined"), issuer, join)
+
+
+@pytest.fixture
+def booted_vm(tmp_path, server, booted_template) -> Vm:
+    """A VM after its first boot: a pending key, its CSR in guest attributes, no certificate yet."""
+    return _copy(booted_template, tmp_path, server)
+
+
+@pytest.fixture
+def joined_vm(tmp_path, server, joined_template) -> Vm:
+    """A VM serving meshjoin's certificate for its own key, its sidecar running."""
+    return _copy(joined_template, tmp_path, server)

@@ -11,12 +11,6 @@ from .harness import PROXY_UID, Issuer, csr_public_key, mode_and_owner, spki
 SERIAL = 0x0A1B2C3D4E5F60718293A4B5C6D7E8F9  # openssl prints it with a leading zero; meshjoin records it without
 
 
-def booted(vm, server):
-    run = vm.boot()
-    assert run.returncode == 0, run.stderr
-    return csr_public_key(server.csr())
-
-
 def test_one_boot_ends_serving_when_meshjoin_answers_while_it_waits(vm, server, issuer):
     """The boot waits (wait_for_change on the instance's ETag) for meshjoin's answer to its CSR, installs it, and
     starts the sidecar: the pending key becomes key.pem."""
@@ -68,26 +62,26 @@ def refused(vm, server, chain: str, said: str) -> None:
     assert not vm.sidecar_active()
 
 
-def test_a_chain_for_a_key_the_vm_does_not_hold_is_refused(vm, server, issuer):
-    booted(vm, server)
+def test_a_chain_for_a_key_the_vm_does_not_hold_is_refused(booted_vm, server, issuer):
+    vm = booted_vm
     stranger = ec.generate_private_key(ec.SECP256R1()).public_key()
     refused(vm, server, issuer.sign(stranger), "meshjoin-cert-chain certifies key ")
     assert any("which this VM does not hold" in line for line in vm.journal())
 
 
-def test_a_chain_that_does_not_verify_against_meshjoins_root_is_refused(vm, server):
-    public = booted(vm, server)
+def test_a_chain_that_does_not_verify_against_meshjoins_root_is_refused(booted_vm, server):
+    vm, public = booted_vm, csr_public_key(server.csr())
     refused(vm, server, Issuer("another").sign(public), "the certificate for key ")
     assert any("does not verify against meshjoin-root-cert" in line for line in vm.journal())
 
 
-def test_an_expired_certificate_is_refused(vm, server, issuer):
-    public = booted(vm, server)
+def test_an_expired_certificate_is_refused(booted_vm, server, issuer):
+    vm, public = booted_vm, csr_public_key(server.csr())
     refused(vm, server, issuer.sign(public, expired=True), "the certificate for key ")
 
 
-def test_a_chain_that_is_not_a_certificate_is_refused(vm, server):
-    booted(vm, server)
+def test_a_chain_that_is_not_a_certificate_is_refused(booted_vm, server):
+    vm = booted_vm
     refused(vm, server, "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n",
             "metadata item meshjoin-cert-chain holds no readable certificate")
 

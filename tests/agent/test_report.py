@@ -54,8 +54,8 @@ def test_a_failed_sidecar_is_reported_as_failed(joined_vm, server):
     assert run.stdout.strip() == "changed=0" and server.state.guest["sidecar"] == "failed"
 
 
-def test_a_sidecar_that_will_not_start_is_reported_failed_and_the_run_fails(vm, server, issuer):
-    assert vm.boot().returncode == 0
+def test_a_sidecar_that_will_not_start_is_reported_failed_and_the_run_fails(booted_vm, server, issuer):
+    vm = booted_vm
     (vm.log / "refuse-restart").touch()
     server.set_instance(meshjoin_cert_chain=issuer.sign(csr_public_key(server.csr())))
     run = vm.watch_once()
