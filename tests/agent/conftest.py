@@ -78,13 +78,15 @@ def _template(base, issuer, make) -> tuple:
         server.close()
     state.requests.clear()
     state.published.clear()
-    return base, state
+    return base, state, server.host
 
 
 def _copy(template, tmp_path, server) -> Vm:
     """A copy of a template VM (owners, modes and times kept by `cp -a`), its metadata server in the same state."""
-    base, state = template
+    base, state, host = template
     server.state = copy.deepcopy(state)
+    for items in (server.state.project, server.state.instance):  # the nudge goes to this test's server
+        items.update({k: v.replace(host, server.host) for k, v in items.items() if host in v})
     vm = Vm(tmp_path, server)
     for part in ("root", "log"):
         shutil.rmtree(tmp_path / part)

@@ -63,3 +63,11 @@ def test_piped_into_bash_it_still_converges_once(vm, server):
 def test_an_unknown_argument_prints_the_usage(bare_vm):
     run = bare_vm._run(["bash", str(AGENT), "join-now"], {})
     assert run.returncode == 2 and run.stderr.startswith("usage: ")
+
+
+def test_a_copied_vm_talks_only_to_its_own_metadata_server(joined_vm, server):
+    """The templates' servers are gone: a copy's every request, the nudge included, reaches this test's server."""
+    run = joined_vm.boot()  # a boot nudges once, whatever changed
+    assert run.returncode == 0 and "info: nudged meshjoin through projects/meshjoin-host/topics/meshjoin-events" in \
+        run.journal
+    assert server.state.published == [{"project": "tenant-project", "zone": "europe-west1-b", "instance": "vm-1"}]
