@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all venv demo test unit faults bench bench-sweep fleet48h clean sandbox-up sandbox-down
+.PHONY: all venv demo test unit agent faults bench bench-sweep fleet48h clean sandbox-up sandbox-down
 
 all: venv
 
@@ -28,6 +28,11 @@ test: $(STAMP)
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
+
+# The VM agent's own tests (tests/agent: the script in bash, a throwaway root, stub commands; as root, no network).
+# `make test` runs them too (pyproject's testpaths = tests).
+agent: $(STAMP)
+	$(BIN)/python -m pytest -q tests/agent
 
 # The fault suite at full size (RELIABILITY.md); `make test` runs it bounded. Figures: .faults-report.json
 faults: $(STAMP)

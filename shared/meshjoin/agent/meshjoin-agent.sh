@@ -932,4 +932,6 @@ main() {
   esac
 }
 
-main "$@"
+# Run, unless sourced: tests/agent sources this file to call one function at a time in a throwaway root
+# (`return` succeeds only in a sourced file; run as a file, piped into bash or by the stub, main runs).
+if ! (return 0 2>/dev/null); then main "$@"; fi
