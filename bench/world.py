@@ -87,6 +87,15 @@ class World(SandboxClient):
         response = self.http.delete(self.compute_url() + f"/instances/{name}", headers=headers, timeout=60)
         response.raise_for_status()
 
+    def vm(self, name: str, zone: str | None = None) -> dict | None:
+        """The instance over REST (the client's default asks the CLI: a process per read); None if there is none.
+        So `status(name)` and `metadata(name)` cost one request here."""
+        response = self.http.get(self.compute_url(zone) + f"/instances/{name}", timeout=60)
+        if response.status_code == 404:
+            return None
+        response.raise_for_status()
+        return response.json()
+
     def get_vm(self, name: str) -> dict:
         response = self.http.get(self.compute_url() + f"/instances/{name}", timeout=60)
         response.raise_for_status()

@@ -92,7 +92,13 @@ class SandboxClient:
         self.zone: str = self.config["zone"]
         self.up_seconds: float | None = None
         self._stop_with_cli = stop_with_cli
-        self._http: requests.Session | None = None
+        # One keep-alive session with the operator's token for the emulators' HTTP APIs (made here, before any
+        # thread shares it).
+        self.http = requests.Session()
+        self.http.headers["Authorization"] = f"Bearer {self.cfg.admin_token}"
+        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=32)
+        self.http.mount("http://", adapter)
+        self.http.mount("https://", adapter)
 
     # --- start and stop --------------------------------------------------------------------------
 
@@ -118,15 +124,15 @@ class SandboxClient:
                                  "(`meshjoin sandbox up` has no such options)")
             up = subprocess.run(up_command(state_dir, function_env, up_args), capture_output=True, text=True,
                                 timeout=timeout)
-            assert up.returncode == 0, up.stdout + up.stderr
+            if up.returncode != 0:
+                raise launcher.SandboxError(f"meshjoin sandbox up failed: {up.stdout}{up.stderr}")
         client = cls(state_dir, stop_with_cli=not in_process)
         client.up_seconds = time.monotonic() - started
         return client
 
     def stop(self) -> None:
         """Stop every process of the sandbox, the way it was started (CLI or launcher)."""
-        if self._http is not None:
-            self._http.close()
+        self.http.close()
         if self._stop_with_cli:
             subprocess.run([MESHJOIN, "sandbox", "down", "--state-dir", str(self.state_dir)], capture_output=True,
                            timeout=60)
@@ -251,18 +257,6 @@ class SandboxClient:
                         what=f"{name} joined")
 
     # --- the emulators' HTTP APIs, as the operator (admin token) ---------------------------------------
-
-    @property
-    def http(self) -> requests.Session:
-        """One keep-alive session with the operator's token, made on first use."""
-        if self._http is None:
-            session = requests.Session()
-            session.headers["Authorization"] = f"Bearer {self.cfg.admin_token}"
-            adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=32)
-            session.mount("http://", adapter)
-            session.mount("https://", adapter)
-            self._http = session
-        return self._http
 
     def url(self, name: str) -> str:
         return self.cfg.url(name)

@@ -147,3 +147,10 @@ def test_cli_arguments_are_refused_in_process(tmp_path):
     with pytest.raises(ValueError, match="CLI arguments"):
         SandboxClient.start(tmp_path, in_process=True, up_args=("--project", "p=1"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failing_sandbox_up_is_an_error_with_its_output(tmp_path):
+    """The CLI refuses an unknown option before it starts anything; the client says so, with the CLI's words."""
+    with pytest.raises(launcher.SandboxError, match="(?i)no such option"):
+        SandboxClient.start(tmp_path / "never", up_args=("--no-such-option",))
+    assert not (tmp_path / "never" / "pids.json").exists()
