@@ -39,7 +39,7 @@ from meshjoin import pki
 
 from .agent import ProtocolAgent
 from .join import percentile
-from .world import BENCH_ACCOUNT, World, status_of
+from .world import BENCH_ACCOUNT, World, entry_instance, status_of, wait_for
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -149,12 +149,13 @@ class Agents:
 
 def run_one(n: int, deadline_s: float, threads: int | None = None, create_workers: int = 16) -> dict:
     function_env = {"THREADS": str(threads)} if threads else {}
-    with World(label=f"burst{n}", function_env=function_env) as world:
+    with World.open(label=f"burst{n}", function_env=function_env) as world:
         log = LogTail(world.state_dir / "logs" / "events_fn.log")
         # Warm the function (its first event builds clients and reads the CA) with one whole join.
         warm = Agents(world, workers=4)
         world.create_vm("warm-0", {"mesh": "join"})
-        _wait(lambda: (warm.feed(log.lines(), {"warm-0"}), "warm-0" in warm.joined_at)[1], 90, "the warm-up join")
+        wait_for(lambda: (warm.feed(log.lines(), {"warm-0"}), "warm-0" in warm.joined_at)[1], 90,
+                 what="the warm-up join")
         warm.close()
         idle_csr_to_cert = warm.csr_to_cert_s()  # one VM alone: no queue in front of its passes
         pids = json.loads((world.state_dir / "pids.json").read_text())
@@ -224,7 +225,7 @@ def _end_state(world: World, names: list[str], n: int, agents: Agents | None) ->
     joined = sum(1 for s in statuses.values() if s.get("state") == "joined")
     entries = world.kube("GET", "/apis/networking.istio.io/v1/workloadentries",
                          ).json().get("items", [])
-    per_vm = Counter((e["metadata"].get("annotations") or {}).get("meshjoin.dev/instance") for e in entries)
+    per_vm = Counter(entry_instance(e) for e in entries)
     extra_entries = [name for name in names if per_vm.get(name, 0) > 1]
     missing_entries = [name for name in names if per_vm.get(name, 0) == 0]
     # One certificate per VM, for the key its agent made: keyCerts 1 and keyId = the agent's key.
@@ -242,22 +243,13 @@ def _end_state(world: World, names: list[str], n: int, agents: Agents | None) ->
             "duplicates": len(set(extra_certs) | set(extra_entries) | set(foreign_key))}
 
 
-def _wait(predicate, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise RuntimeError(f"timed out waiting for {what}")
-
-
 def run_direct(n: int, concurrency: int = 8) -> dict:
     """The function's own capacity: each pass of N VMs' joins posted straight to it, `concurrency` at a time
     (real Pub/Sub push keeps many requests outstanding; the emulator's push loop sends one at a time). Each
     push is an operator message naming a labelled VM created without an audit event, as the agent's nudge
     is. Phases: N bootstrap pushes; every agent writes its CSR; N certificate pushes; every agent reads its
     certificate and reports; N confirmation pushes. Joins per second = N / the three push phases' time."""
-    with World(label=f"direct{n}") as world:
+    with World.open(label=f"direct{n}") as world:
         url = world.cfg.url("events_fn") + "/"
         names = [f"d{n}-{i:04d}" for i in range(n)]
         world.create_vms(["warm-0"] + names, {"mesh": "join", "burst": str(n)}, event=False)

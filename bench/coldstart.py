@@ -56,7 +56,7 @@ def _median(rows: list[dict], field: str) -> float:
 
 def run(quick: bool = False) -> dict:
     rounds = 3 if quick else 7
-    with World(label="cold") as world:
+    with World.open(label="cold") as world:
         names = [f"cold-{i:02d}" for i in range(rounds)]
         world.create_vms(names, {"mesh": "join"}, event=False)
         env = world.process_env()

@@ -27,7 +27,6 @@ makes one, hands in its CSR (pass `rotated`), installs and reports it (confirmat
 from __future__ import annotations
 
 import copy
-import json
 import os
 import statistics
 import time
@@ -43,7 +42,7 @@ from meshjoin.model import VmKey
 
 from .agent import SPKI, ProtocolAgent
 from .keys import vm_csr, vm_key
-from .world import World, metadata_items, status_of
+from .world import World, metadata_items, status_of, wait_for
 
 PASSES = ("bootstrap", "certificate", "confirmation")
 ORDER = [  # dependency order for the replay (fingerprint → setMetadata → wait)
@@ -97,7 +96,7 @@ class Floor:
         # Bodies as large as the real join's: its metadata items (with the chain) and WorkloadEntry, read back.
         joined = world.get_vm(template_vm)
         self.items = metadata_items(joined)
-        status = json.loads(self.items["meshjoin-status"])
+        status = status_of(joined)
         namespace, name = status["workloadEntry"].split("/")
         entry = world.kube("GET", f"/apis/networking.istio.io/v1/namespaces/{namespace}/workloadentries/{name}").json()
         for field in SERVER_FIELDS:
@@ -215,14 +214,12 @@ def _ahead(rec, delta: timedelta):
 
 
 def _wait_new_leaf(agent: ProtocolAgent, old_serial: str, timeout: float = 30) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
+    def new_serial() -> str | None:
         leaf = agent.certificate()
-        if leaf is not None and format(leaf.serial_number, "x") != old_serial:
-            agent.serial = format(leaf.serial_number, "x")
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"{agent.name}: no new certificate for its key")
+        serial = format(leaf.serial_number, "x") if leaf is not None else None
+        return serial if serial != old_serial else None
+
+    agent.serial = wait_for(new_serial, timeout, interval=0.05, what=f"{agent.name}: a new certificate for its key")
 
 
 def renewals(world: World, rec, timed: Timed, joined: list[tuple[VmKey, ProtocolAgent]],
@@ -293,7 +290,7 @@ def run(quick: bool = False) -> dict:
     samples = 10 if quick else 40
     follow_ups = 4 if quick else 10
     warmup = 3
-    with World(label="join") as world:
+    with World.open(label="join") as world:
         rt = world.runtime()
         rec = rt.reconciler
         timed = Timed(world)

@@ -45,7 +45,7 @@ from meshjoin.model import VmKey
 from .agent import ProtocolAgent
 from .burst import group_cpu
 from .keys import vm_csr
-from .world import BENCH_ACCOUNT, World, metadata_items
+from .world import BENCH_ACCOUNT, World, metadata_items, status_of
 
 REPO = Path(__file__).resolve().parents[1]
 CHILD = str(Path(__file__).with_name("_sweep_child.py"))
@@ -103,7 +103,7 @@ def _templates(world: World, issue16_metadata: bool = False) -> dict:
             agent.report()
     vm = world.get_vm(TEMPLATE)
     items = metadata_items(vm)
-    status = json.loads(items["meshjoin-status"])
+    status = status_of(vm)
     assert status.get("state") == "joined" and status.get("keyId") and "secret" not in status, status
     ip, instance_id = vm["networkInterfaces"][0]["networkIP"], vm["id"]
 
@@ -182,7 +182,7 @@ def _vary(scenario: str) -> list[dict]:
 
 
 def run_one(n: int, scenario: str, timeout_s: float) -> dict:
-    with World(label=f"sweep{n}", compute_subnet=SUBNET) as world:
+    with World.open(label=f"sweep{n}", compute_subnet=SUBNET) as world:
         templates = _templates(world)
         t0 = time.monotonic()
         chunk = 1000
@@ -273,7 +273,7 @@ def _tick(world: World, n: int, scenario: str, dry_run: bool, timeout_s: float) 
 def run_scale_one(n: int, scenario: str, publish: bool = False, timeout_s: float = 900) -> list[dict]:
     """A fresh sandbox holding `n` joined VMs (issue 16's metadata, four zones); one tick, or for `third-due`
     a dry-run tick (list + plan) and with `publish` a real tick after it."""
-    with World(label=f"sweepscale{n}", compute_subnet=SCALE_SUBNET) as world:
+    with World.open(label=f"sweepscale{n}", compute_subnet=SCALE_SUBNET) as world:
         templates = _templates(world, issue16_metadata=True)
         zones = [f"{world.zone.rsplit('-', 1)[0]}-{suffix}" for suffix in SCALE_ZONE_SUFFIXES]
         t0 = time.monotonic()

@@ -11,54 +11,37 @@ product is driven either in-process (a `Runtime` on the sandbox's settings) or a
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
-import time
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import requests
-
-from meshjoin_sandbox import launcher
-from meshjoin_sandbox.config import SandboxConfig
+# Re-exported: the benchmarks import these from here.
+from meshjoin_sandbox.client import SandboxClient, entry_instance, metadata_items, status_of, wait_for  # noqa: F401
 
 SA_DOMAIN = "meshjoin-sandbox.iam.gserviceaccount.com"
 # The bench fleet runs as one bound account (replicas of one workload): thousands of per-VM bindings would not
 # fit in an environment variable, and the bench measures throughput, not isolation.
 BENCH_ACCOUNT = f"bench@{SA_DOMAIN}"
 BENCH_BINDINGS = [{"gsa": BENCH_ACCOUNT, "namespace": "default", "serviceAccount": "default", "apps": ["bench"]}]
-# Which emulator answers which server name in /stats, and what the bench calls it.
-API_OF = {"compute": "compute", "secretmanager": "secretmanager", "kube": "kubernetes", "container": "container",
-          "metadata": "metadata"}
 
 
-class World:
-    def __init__(self, function_env: dict[str, str] | None = None, compute_subnet: str | None = None,
-                 label: str = "bench"):
-        self.state_dir = Path(tempfile.mkdtemp(prefix=f"meshjoin-{label}-"))
-        started = time.monotonic()
+class World(SandboxClient):
+    """The shared sandbox client (start/stop, control plane, request counts, status), plus the bench's own:
+    the product wired to the sandbox in this process, and Compute as an operator over plain HTTP."""
+
+    @classmethod
+    def open(cls, label: str = "bench", function_env: dict[str, str] | None = None,
+             compute_subnet: str | None = None) -> "World":
+        """A fresh sandbox in a temporary directory (removed by `close()`), its VMs booting without their agent."""
+        state_dir = Path(tempfile.mkdtemp(prefix=f"meshjoin-{label}-"))
         function_env = {"MESHJOIN_IDENTITY_BINDINGS": json.dumps(BENCH_BINDINGS), **(function_env or {})}
-        self.cfg: SandboxConfig = launcher.up(self.state_dir, function_env=function_env,
-                                              compute_subnet=compute_subnet, timeout=120,
-                                              run_startup_scripts=False)
-        self.up_seconds = time.monotonic() - started
-        self.env = launcher.read_env_file(self.state_dir / "env")
-        self.project = self.cfg.project
-        self.zone = self.cfg.zone
-        self.http = requests.Session()
-        self.http.headers["Authorization"] = f"Bearer {self.cfg.admin_token}"
-        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=32)
-        self.http.mount("http://", adapter)
-        self.http.mount("https://", adapter)
+        return cls.start(state_dir, function_env, in_process=True, compute_subnet=compute_subnet,
+                         run_startup_scripts=False)
 
     def close(self) -> None:
-        launcher.down(self.state_dir)
+        self.stop()
         shutil.rmtree(self.state_dir, ignore_errors=True)
-
-    def __enter__(self) -> "World":
-        return self
 
     def __exit__(self, *exc) -> None:
         self.close()
@@ -68,7 +51,7 @@ class World:
     def settings(self, **overrides):
         from meshjoin.settings import Settings
 
-        return Settings.from_env({**self.env, **overrides})
+        return Settings.from_env({**self.env_vars, **overrides})
 
     def runtime(self, **overrides):
         """The product's own wiring, authenticated with the functions' token (as the metadata server hands out)."""
@@ -77,31 +60,6 @@ class World:
         from meshjoin.runtime import Runtime
 
         return Runtime(self.settings(**overrides), Credentials(self.cfg.sa_token))
-
-    def process_env(self) -> dict[str, str]:
-        """The environment of a function process in this sandbox (what `source DIR/env` gives)."""
-        return {**{k: v for k, v in os.environ.items() if not k.startswith("MESHJOIN_")}, **self.env}
-
-    # --- control plane -----------------------------------------------------------------------------
-
-    def control(self, method: str, path: str, body=None) -> dict:
-        response = self.http.request(method, self.cfg.url("control") + path, json=body, timeout=600)
-        response.raise_for_status()
-        return response.json()
-
-    def reset_stats(self) -> None:
-        self.control("DELETE", "/stats")
-
-    def stats(self) -> Counter:
-        """Requests answered since the last reset, as `api method` → count (control plane excluded)."""
-        out: Counter = Counter()
-        for server, counts in self.control("GET", "/stats").items():
-            api = API_OF.get(server)
-            if api is None:
-                continue
-            for method, count in counts.items():
-                out[f"{api} {method}"] += count
-        return out
 
     # --- compute as an operator --------------------------------------------------------------------
 
@@ -129,6 +87,15 @@ class World:
         response = self.http.delete(self.compute_url() + f"/instances/{name}", headers=headers, timeout=60)
         response.raise_for_status()
 
+    def vm(self, name: str, zone: str | None = None) -> dict | None:
+        """The instance over REST (the client's default asks the CLI: a process per read); None if there is none.
+        So `status(name)` and `metadata(name)` cost one request here."""
+        response = self.http.get(self.compute_url(zone) + f"/instances/{name}", timeout=60)
+        if response.status_code == 404:
+            return None
+        response.raise_for_status()
+        return response.json()
+
     def get_vm(self, name: str) -> dict:
         response = self.http.get(self.compute_url() + f"/instances/{name}", timeout=60)
         response.raise_for_status()
@@ -149,11 +116,7 @@ class World:
             if not token:
                 return out
 
-    # --- kubernetes and secret manager as an operator ----------------------------------------------
-
-    def kube(self, method: str, path: str, body=None) -> requests.Response:
-        return self.http.request(method, f"https://127.0.0.1:{self.cfg.ports['kube']}{path}", json=body,
-                                 verify=self.cfg.kube_ca_file, timeout=120)
+    # --- secret manager as an operator -----------------------------------------------------------------
 
     def secret_versions(self, secret_id: str) -> list[dict]:
         url = f"{self.cfg.url('secretmanager')}/v1/projects/{self.project}/secrets/{secret_id}/versions"
@@ -163,14 +126,3 @@ class World:
         response.raise_for_status()
         return response.json().get("versions", [])
 
-
-def metadata_items(instance: dict) -> dict[str, str]:
-    return {i["key"]: i.get("value", "") for i in instance.get("metadata", {}).get("items", [])}
-
-
-def status_of(instance: dict) -> dict:
-    raw = metadata_items(instance).get("meshjoin-status")
-    try:
-        return json.loads(raw) if raw else {}
-    except ValueError:
-        return {}

@@ -1,140 +1,23 @@
 """One sandbox for the end-to-end tests: started with the real `meshjoin sandbox up`, used through
-the real CLIs and client libraries, stopped (and checked to be gone) at the end of the session."""
+the real CLIs and client libraries, stopped at the end of the session. The client itself
+(meshjoin_sandbox.client) is the benchmarks' too; what is here is the tests' own: who may join, and the
+checks that no private key leaves the VMs."""
 
 from __future__ import annotations
 
 import base64
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from meshjoin_sandbox.launcher import json_lines, read_env_file
+# MESHJOIN and wait_for are re-exported: the test files import them from here.
+from meshjoin_sandbox.client import MESHJOIN, SandboxClient, wait_for  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[2]
-MESHJOIN = str(Path(sys.executable).with_name("meshjoin"))
 
-
-def wait_for(predicate, timeout: float = 20.0, interval: float = 0.2, what: str = "condition"):
-    """Poll until `predicate()` returns something truthy; return it, or fail saying what we waited for."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-
-
-class Sandbox:
-    def __init__(self, state_dir: Path):
-        self.state_dir = state_dir
-        self.env_vars = read_env_file(state_dir / "env")
-        self.config = json.loads((state_dir / "sandbox.json").read_text())
-        self.project = self.config["project"]
-        self.zone = self.config["zone"]
-
-    @property
-    def env(self) -> dict[str, str]:
-        """The process environment a person gets after `source DIR/env`."""
-        return {**os.environ, **self.env_vars}
-
-    def meshjoin(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        result = subprocess.run([MESHJOIN, *args], env=self.env, capture_output=True, text=True, timeout=60)
-        if check and result.returncode != 0:
-            raise AssertionError(f"meshjoin {' '.join(args)} failed: {result.stdout}{result.stderr}")
-        return result
-
-    def run(self, *argv: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-        result = subprocess.run(list(argv), env=self.env, capture_output=True, text=True, timeout=60, **kwargs)
-        if check and result.returncode != 0:
-            raise AssertionError(f"{' '.join(argv)} failed: {result.stdout}{result.stderr}")
-        return result
-
-    # --- observations through the real clients ---------------------------------------------------
-
-    def vm(self, name: str, zone: str | None = None) -> dict | None:
-        result = self.meshjoin("sandbox", "vm", name, "--json", *(["--zone", zone] if zone else []), check=False)
-        if result.returncode != 0:
-            if "not found" in result.stderr:
-                return None
-            raise AssertionError(result.stderr)
-        return json.loads(result.stdout)
-
-    def metadata(self, name: str, zone: str | None = None) -> dict[str, str]:
-        vm = self.vm(name, zone) or {}
-        return {i["key"]: i.get("value", "") for i in vm.get("metadata", {}).get("items", [])}
-
-    def status(self, name: str, zone: str | None = None) -> dict:
-        raw = self.metadata(name, zone).get("meshjoin-status")
-        return json.loads(raw) if raw else {}
-
-    def kubectl_json(self, *args: str) -> dict | None:
-        result = self.run("kubectl", *args, "-o", "json", check=False)
-        if result.returncode != 0:
-            if "NotFound" in result.stderr or "not found" in result.stderr:
-                return None
-            raise AssertionError(result.stderr)
-        return json.loads(result.stdout)
-
-    def entries(self) -> list[dict]:
-        return self.kubectl_json("get", "workloadentries", "-A")["items"]
-
-    def entries_for(self, name: str) -> list[dict]:
-        return [e for e in self.entries() if e["metadata"]["annotations"].get("meshjoin.dev/instance") == name]
-
-    def function_log(self, name: str = "events_fn") -> list[dict]:
-        return json_lines((self.state_dir / "logs" / f"{name}.log").read_text(errors="replace"))
-
-    def raw_logs(self) -> str:
-        return "".join(p.read_text(errors="replace") for p in (self.state_dir / "logs").glob("*.log"))
-
-    def logged(self, instance: str, outcome: str) -> list[dict]:
-        return [e for e in self.function_log() if e.get("instance") == instance and e.get("outcome") == outcome]
-
-    def publish(self, payload: dict | str) -> None:
-        message = payload if isinstance(payload, str) else json.dumps(payload)
-        self.run("gcloud", "pubsub", "topics", "publish", self.env_vars["MESHJOIN_EVENTS_TOPIC"],
-                 "--message", message)
-
-    def ca_file(self, name: str) -> Path:
-        return Path(self.config["ca_dir"]) / name
-
-    # --- the VM's side -----------------------------------------------------------------------------
-
-    def confirm(self, name: str, zone: str | None = None) -> str:
-        """Run the VM's own agent, as its owner would (`sudo google_metadata_script_runner startup`): the
-        sandbox runs the real startup-script in the VM's fake root; it makes the VM's key, sends its CSR
-        through guest attributes, nudges meshjoin, installs the certificate meshjoin signs and reports it.
-        Blocks while a boot run of the agent is still going (one run at a time per VM)."""
-        args = ["sandbox", "run-startup", name] + (["--zone", zone] if zone else [])
-        result = self.meshjoin(*args, check=False)
-        assert result.returncode == 0, f"the agent on {name} failed: {result.stdout}{result.stderr}"
-        return result.stdout
-
-    def vm_root(self, name: str, zone: str | None = None) -> Path:
-        """The VM's fake root (what `meshjoin sandbox vm-root NAME` prints)."""
-        return Path(self.meshjoin("sandbox", "vm-root", name, *(["--zone", zone] if zone else [])).stdout.strip())
-
-    def certs(self, name: str, zone: str | None = None) -> dict[str, str]:
-        """The files in the VM's /etc/certs (empty strings for missing ones)."""
-        directory = self.vm_root(name, zone) / "etc" / "certs"
-        return {f: (directory / f).read_text() if (directory / f).exists() else ""
-                for f in ("key.pem", "key.next.pem", "cert-chain.pem", "root-cert.pem")}
-
-    def join_confirmed(self, name: str, zone: str | None = None, timeout: float = 20.0) -> dict:
-        """Wait until meshjoin did its part (waiting), confirm as the agent would, wait until joined."""
-        wait_for(lambda: (self.status(name, zone).get("state") in ("waiting", "joined")), timeout=timeout,
-                 what=f"{name} delivered")
-        if self.status(name, zone).get("state") == "waiting":
-            self.confirm(name, zone)  # the boot run may have missed the bootstrap (written after boot)
-        return wait_for(lambda: (s := self.status(name, zone)).get("state") == "joined" and s, timeout=timeout,
-                        what=f"{name} joined")
+# The e2e tests' sandbox is the shared client, started through the real CLI.
+Sandbox = SandboxClient
 
 
 SANDBOX_PROJECT = "meshjoin-sandbox"
@@ -168,26 +51,11 @@ E2E_BINDINGS = [
 
 
 def running_sandbox(state_dir: Path, function_env: dict[str, str] | None = None, bindings: list[dict] | None = None,
-                    up_args: tuple[str, ...] = ()):
+                    up_args: tuple[str, ...] = ()) -> Sandbox:
     """Context: `meshjoin sandbox up` with extra function settings (and `up_args`), always `down` afterwards."""
-    import contextlib
-
     function_env = {"MESHJOIN_IDENTITY_BINDINGS": json.dumps([*E2E_BINDINGS, *(bindings or [])]),
                     **(function_env or {})}
-
-    @contextlib.contextmanager
-    def manage():
-        extra = [arg for k, v in (function_env or {}).items() for arg in ("--function-env", f"{k}={v}")]
-        up = subprocess.run([MESHJOIN, "sandbox", "up", "--state-dir", str(state_dir), *extra, *up_args],
-                            capture_output=True, text=True, timeout=120)
-        assert up.returncode == 0, up.stdout + up.stderr
-        try:
-            yield Sandbox(state_dir)
-        finally:
-            subprocess.run([MESHJOIN, "sandbox", "down", "--state-dir", str(state_dir)], capture_output=True,
-                           timeout=60)
-
-    return manage()
+    return Sandbox.start(state_dir, function_env, up_args=up_args)
 
 
 @pytest.fixture(scope="session")
