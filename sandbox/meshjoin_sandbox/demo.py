@@ -18,8 +18,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from . import client
+
 console = Console()
-MESHJOIN = str(Path(sys.executable).with_name("meshjoin"))
+MESHJOIN = client.MESHJOIN
 
 
 def sh(env: dict, *argv: str) -> str:
@@ -31,8 +33,7 @@ def sh(env: dict, *argv: str) -> str:
 
 def status_of(env: dict, state_dir: str, name: str) -> dict:
     body = json.loads(sh(env, MESHJOIN, "sandbox", "vm", name, "--json", "--state-dir", state_dir))
-    items = {i["key"]: i.get("value", "") for i in body.get("metadata", {}).get("items", [])}
-    return json.loads(items.get("meshjoin-status", "{}")), body
+    return client.status_of(body), body
 
 
 def wait_state(env, state_dir, name, states, timeout=30.0) -> tuple[dict, dict, float]:

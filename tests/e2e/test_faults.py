@@ -24,6 +24,7 @@ import pytest
 import requests
 
 from meshjoin_sandbox import launcher
+from meshjoin_sandbox.client import STATUS_KEY, decode_status
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -201,8 +202,7 @@ class World:
         return {i.key: i.value for i in vm.metadata.items} if vm else {}
 
     def status(self, name: str, zone: str | None = None) -> dict:
-        raw = self.metadata(name, zone).get("meshjoin-status")
-        return json.loads(raw) if raw else {}
+        return decode_status(self.metadata(name, zone).get(STATUS_KEY))
 
     def all_metadata_values(self) -> list[str]:
         request = self.compute_v1.AggregatedListInstancesRequest(project=self.project)
@@ -753,7 +753,7 @@ def corpus(world: World, size: int, seed: int = 8) -> list[tuple[bytes, dict]]:
         elif bend == 5:
             e["protoPayload"] = junk_json()
         elif bend == 6:
-            e["protoPayload"]["resourceName"] = f"projects/123456789012/zones/us-central1-a/instances/no-such-vm"
+            e["protoPayload"]["resourceName"] = "projects/123456789012/zones/us-central1-a/instances/no-such-vm"
         return e
 
     def operator():

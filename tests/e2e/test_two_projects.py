@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from meshjoin_sandbox.client import status_of
 
 from .conftest import running_sandbox, verify_vm_identity, wait_for
 
@@ -50,8 +51,7 @@ def instance(world, name: str) -> dict:
 
 
 def status(world, name: str) -> dict:
-    items = {i["key"]: i.get("value", "") for i in instance(world, name).get("metadata", {}).get("items", [])}
-    return json.loads(items["meshjoin-status"]) if "meshjoin-status" in items else {}
+    return status_of(instance(world, name))
 
 
 def joined(world, name: str) -> dict:
