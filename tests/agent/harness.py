@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from meshjoin import bootstrap, names
+from meshjoin import bootstrap
 from meshjoin.model import Identity, VmKey
 from meshjoin.settings import Settings
 
@@ -228,22 +228,12 @@ class MetadataServer:
     def set_instance(self, **items: str | None) -> None:
         """Set (or, with None, remove) instance items; underscores in names become dashes."""
         with self.changed:
-            for key, value in items.items():
-                key = key.replace("_", "-")
-                if value is None:
-                    self.state.instance.pop(key, None)
-                else:
-                    self.state.instance[key] = value
-            self.changed.notify_all()
+            _apply(self.state.instance, items)
+            self.changed.notify_all()  # wakes a `wait_for_change` on the instance (the watcher)
 
     def set_project(self, **items: str | None) -> None:
         with self.changed:
-            for key, value in items.items():
-                key = key.replace("_", "-")
-                if value is None:
-                    self.state.project.pop(key, None)
-                else:
-                    self.state.project[key] = value
+            _apply(self.state.project, items)
 
     def csr(self) -> str | None:
         return self.state.guest.get("csr")
@@ -445,3 +435,12 @@ def mode_and_owner(path: Path) -> tuple[int, int, int]:
     st = os.lstat(path)
     return stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
 
+
+def _apply(metadata: dict[str, str], items: dict[str, str | None]) -> None:
+    """Set (or, with None, remove) metadata items; underscores in names become dashes."""
+    for key, value in items.items():
+        key = key.replace("_", "-")
+        if value is None:
+            metadata.pop(key, None)
+        else:
+            metadata[key] = value

@@ -6,7 +6,6 @@ import json
 import shlex
 import subprocess
 from datetime import datetime, timezone
-from pathlib import Path
 
 import jsonschema
 import pytest

@@ -27,7 +27,7 @@ from meshjoin.errors import ApiPermissionError
 from meshjoin.model import Identity, Vm, VmKey
 from meshjoin.reconcile import Reconciler
 from meshjoin.settings import IdentityBinding, Settings
-from meshjoin.sweep import Sweeper, plan_sweep, Inventory
+from meshjoin.sweep import Sweeper, plan_sweep
 
 from .test_hostile_input import FakeCompute, FakeKube, FakeSecrets, plugin_ca  # noqa: F401 - a fixture
 
