@@ -343,7 +343,7 @@ def _plan_vm(key: VmKey, vm: Vm, settings: Settings, ca_fingerprint: str, now: d
             return Action(JOIN, key, "its address or ports changed")
     why = facts.due()  # no CSR in a listing: a new key is found by the pass a rotation request plans
     if why is None:
-        if rekey_pending(status.rekey, delivered.key_id):
+        if rekey_pending(facts.token, delivered.key_id):  # validated as the reconcile reads it
             return Action(JOIN, key, "a key rotation was requested: checking for the VM's new key")
         return None
     kind = REISSUE if delivered.ca_fingerprint != ca_fingerprint else RENEW if why is Cause.RENEWAL_DUE else JOIN

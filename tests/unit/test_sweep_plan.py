@@ -152,6 +152,8 @@ LEGACY = {names.SECRET_KEY: "projects/1/secrets/meshjoin-vm-my-project-us-centra
                  [(JOIN, "a", "a key rotation was requested")], id="rotation pending: look for the new key"),
     pytest.param(inventory([vm("a", status("a", rekey="fedcba9876543210.20261101T000000Z"))], [entry("a")], [], []),
                  [], id="an old token (the key has rotated since): nothing"),
+    pytest.param(inventory([vm("a", status("a", rekey=KEY_ID + ".x\ny"))], [entry("a")], [], []),
+                 [], id="a token meshjoin never writes (the owner's): nothing, as the reconcile reads it"),
     pytest.param(inventory([vm("a", json.dumps({"state": "waiting", "identity": SPIFFE, "instanceId": "1"}))],
                            [], [], []), [(JOIN, "a", "waiting for the VM to hand in its key")],
                  id="waiting for the first CSR: re-checked"),
