@@ -17,7 +17,7 @@ from enum import StrEnum
 from functools import cached_property
 from typing import Mapping
 
-from . import bootstrap, names, pki
+from . import bootstrap, names, pki, registration
 from .model import Denial, Identity, Vm
 from .policy import decide_identity, is_default_compute_account
 from .settings import Settings
@@ -549,7 +549,7 @@ def _rest_of_the_pass(facts: JoinFacts, why: Cause | None, agent: AgentWords, ce
     warnings = _serving_warnings(facts, was_confirmed, report)
     items, remove = _metadata(facts, why, delivered, token, migrated, warnings)
     if state == State.JOINED:
-        entry = f"{facts.identity.namespace}/{names.entry_name(vm.key)}"
+        entry = registration.entry_ref(vm.key, facts.identity)
         not_after = delivered.not_after if delivered else legacy_not_after(status, facts.now)
         steps.append(Register(not_after, previous=status.workload_entry))
     else:
@@ -560,7 +560,7 @@ def _rest_of_the_pass(facts: JoinFacts, why: Cause | None, agent: AgentWords, ce
     if problem and why and delivered is not None:
         # Recorded as a warning too: a reason alone does not rewrite the status its owner reads.
         warnings.append(f"{why} but nothing was certified: {problem}")
-        steps.append(LogWarning(f"{why} but nothing was certified: {problem}"))
+        steps.append(LogWarning(warnings[-1]))
     elif isinstance(agent.csr, pki.CsrError) and delivered is not None:
         # Nothing was due, but the key the agent hands in (a rotation) cannot be certified: say why.
         warnings.append(f"the VM's new CSR ({CSR_WHERE}) was refused: {agent.csr}")

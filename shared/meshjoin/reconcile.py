@@ -244,7 +244,7 @@ class Reconciler:
         self.kube.create_if_missing(registration.service_account(identity))
         desired = registration.workload_entry(vm, identity, self.settings.network, cert_not_after)
         meta = desired["metadata"]
-        ref = f"{meta['namespace']}/{meta['name']}"
+        ref = registration.entry_ref(vm.key, identity)
         # An entry the status does not name yet (a first join) is created without reading it first.
         existing = self.kube.get("WorkloadEntry", meta["namespace"], meta["name"]) if previous == ref else None
         applied = previous != ref or existing is None or not registration.entry_matches(existing, desired)

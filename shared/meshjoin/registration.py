@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from . import names
-from .model import Identity, Vm
+from .model import Identity, Vm, VmKey
 
 ISTIO_GROUP = "networking.istio.io"
 ISTIO_VERSION = "v1"
@@ -18,6 +18,11 @@ ISTIO_VERSION = "v1"
 
 def _owned_labels(**extra: str) -> dict[str, str]:
     return {names.MANAGED_BY_LABEL: names.MANAGED_BY, **extra}
+
+
+def entry_ref(key: VmKey, identity: Identity) -> str:
+    """`namespace/name` of the VM's WorkloadEntry: what its status's `workloadEntry` names."""
+    return f"{identity.namespace}/{names.entry_name(key)}"
 
 
 def workload_entry(vm: Vm, identity: Identity, network: str, cert_not_after: datetime) -> dict:
