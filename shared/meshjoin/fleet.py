@@ -9,7 +9,7 @@ from . import names
 from .model import Denial, Vm, VmKey
 from . import pki
 from .plan import (CSR_WHERE, RUN_AGENT_REMEDY, AgentReport, Deny, Join, Leave, Stop, course, is_legacy,
-                   labelled_course, read_csr, rekey_pending)
+                   labelled_course, read_csr, rekey_pending, rekey_token_of)
 from .settings import Settings
 from .status import Delivered, State, Status
 from .sweep import Inventory, entry_key
@@ -128,9 +128,9 @@ def explain(key: VmKey, vm: Vm | None, settings: Settings, *, entry_exists: bool
     recorded = Delivered.from_status(status)
     if recorded is not None:
         out.facts["certified key"] = f"{recorded.key_id} ({recorded.key_certs} certificate(s) for it)"
-        token = status.rekey
-        if token is not None and rekey_pending(token, recorded.key_id):
-            out.facts["key rotation"] = (f"requested ({names.REKEY_KEY}={token[:64]}), waiting for the VM's new "
+        token = rekey_token_of(status)  # validated: the owner's own text is never echoed to an operator's terminal
+        if rekey_pending(token, recorded.key_id):
+            out.facts["key rotation"] = (f"requested ({names.REKEY_KEY}={token}), waiting for the VM's new "
                                          f"key; the current one serves until then; if nothing comes: {RUN_AGENT_REMEDY}")
     if is_legacy(vm):
         out.facts["legacy per-VM secret"] = f"{vm.metadata.get(names.SECRET_KEY, '')[:200]} (migrating)"

@@ -227,6 +227,11 @@ def key_to_certify(why: Cause, recorded: Delivered | None,
     return csr
 
 
+def rekey_token_of(status: Status) -> str | None:
+    """The status's rotation request as meshjoin writes it; anything else (the owner's) is no request."""
+    return status.rekey if REKEY_TOKEN.fullmatch(status.rekey or "") else None
+
+
 def rekey_pending(token: str | None, key_id: str) -> bool:
     """Whether the rotation meshjoin last asked for still waits: tokens name the key they replace."""
     return bool(token) and token.startswith(key_id + ".")
@@ -361,8 +366,7 @@ class JoinFacts:
 
     @cached_property
     def token(self) -> str | None:
-        rekey = self.status.rekey
-        return rekey if REKEY_TOKEN.fullmatch(rekey or "") else None
+        return rekey_token_of(self.status)
 
     @cached_property
     def same_vm(self) -> bool:

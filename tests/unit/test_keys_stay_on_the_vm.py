@@ -202,6 +202,18 @@ def test_renewal_re_certifies_the_current_key_and_the_vm_need_not_act(plugin_ca,
     leak_scan(world, logs, [vm_key])
 
 
+def test_explain_echoes_only_a_rotation_request_meshjoin_could_have_written(plugin_ca):
+    """The owner writes their status: a `rekey` that is no token of meshjoin's (here a terminal escape) is no
+    request, in `meshjoin explain` as in the reconcile and the sweep."""
+    world = World(plugin_ca)
+    world.join()
+    status, vm = world.status(), world.compute.vms[KEY]
+    for rekey, shown in ((status["keyId"] + ".\x1b]0;owned\x07", False), (status["keyId"] + ".20261121T000000Z", True)):
+        vm.metadata[names.STATUS_KEY] = json.dumps({**status, "rekey": rekey})
+        facts = explain(KEY, vm, SETTINGS, entry_exists=True, now=world.clock.now).facts
+        assert ("key rotation" in facts) == shown, rekey
+
+
 def test_the_rotation_policy_asks_for_a_new_key_and_certifies_it_as_soon_as_it_arrives(plugin_ca, logs):
     world = World(plugin_ca, settings=replace(SETTINGS, key_rotation_renewals=3))
     old_key = world.join()
